@@ -1,0 +1,19 @@
+"""The one exception type for mistakes a user can fix.
+
+A ``UserError`` carries one sentence: what was wrong, where, and what to do. The CLI
+prints it without a traceback and exits with status 2; library code raises it at the
+boundary where bad input is first seen, before anything is written.
+"""
+
+import difflib
+from typing import Iterable
+
+
+class UserError(Exception):
+  """A mistake in configuration or input that the user can fix; str() is the message."""
+
+
+def close_names(name: str, candidates: Iterable[str], n: int = 3) -> str:
+  """Returns ' (did you mean: a, b?)' for the closest candidates, or '' if none is close."""
+  matches = difflib.get_close_matches(name, list(candidates), n=n, cutoff=0.5)
+  return f" (did you mean: {', '.join(matches)}?)" if matches else ""
