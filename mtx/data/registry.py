@@ -1,0 +1,149 @@
+"""Resolves a seqio task or mixture name into mtx's view of it: tasks, ids and groups.
+
+Any plain ``seqio.Task`` or ``seqio.Mixture`` works: mtx never asks for a special
+subclass or an extra feature. Task ids are the positions of the leaf task names in
+sorted order, so the id-to-name map is stable across runs and machines:
+
+    mixture "demo" = {demo_sort: 1, demo_copy: 2, demo_add: 1}
+    ->  task_names = ("demo_add", "demo_copy", "demo_sort"), ids 0, 1, 2
+
+Task groups (for many tasks) map task names to group names; groups are numbered the
+same way (sorted names). Without a mapping every task is its own group.
+"""
+
+import dataclasses
+import fnmatch
+import importlib
+from typing import Mapping, Optional, Sequence
+
+import seqio
+
+from mtx.errors import UserError, close_names
+
+
+@dataclasses.dataclass(frozen=True)
+class MixtureSpec:
+  """The leaf tasks of a mixture, their seqio rates, ids and groups.
+
+  Attributes:
+    name: the registered task or mixture name.
+    tasks: leaf ``seqio.Task`` objects sorted by name; a task's id is its index.
+    seqio_rates: f64 rates as seqio's ``Mixture.get_rate`` gives them (unnormalised;
+      1.0 for a single task). Rate functions that need example counts are resolved
+      later, once the examples are read (see ``mtx.data.mixing``).
+    group_names: sorted group names; ``group_of_task[i]`` is task i's group id.
+    group_of_task: tuple of group ids, one per task.
+  """
+  name: str
+  tasks: tuple
+  seqio_rates: tuple
+  group_names: tuple
+  group_of_task: tuple
+
+  @property
+  def task_names(self) -> tuple:
+    return tuple(t.name for t in self.tasks)
+
+  @property
+  def num_tasks(self) -> int:
+    return len(self.tasks)
+
+  @property
+  def num_groups(self) -> int:
+    return len(self.group_names)
+
+  @property
+  def vocabulary(self) -> seqio.Vocabulary:
+    return self.tasks[0].output_features["targets"].vocabulary
+
+  @property
+  def output_features(self) -> Mapping[str, seqio.Feature]:
+    return self.tasks[0].output_features
+
+
+def import_modules(modules: Sequence[str] | str | None) -> None:
+  """Imports user modules that register tasks (``MIXTURE_OR_TASK_MODULE``)."""
+  if not modules:
+    return
+  if isinstance(modules, str):
+    modules = [m for m in modules.replace(",", " ").split() if m]
+  for module in modules:
+    try:
+      importlib.import_module(module)
+    except ModuleNotFoundError as e:
+      raise UserError(
+          f"MIXTURE_OR_TASK_MODULE '{module}' could not be imported ({e}); check the "
+          "module name and that its folder is on PYTHONPATH or installed.") from e
+
+
+def _registered_names() -> list:
+  return sorted(set(seqio.TaskRegistry.names()) | set(seqio.MixtureRegistry.names()))
+
+
+def resolve(name: str, task_groups: Optional[Mapping[str, str]] = None) -> MixtureSpec:
+  """Looks up ``name`` in seqio's registries and checks its tasks can train together.
+
+  Args:
+    name: a registered seqio task or mixture name.
+    task_groups: optional ``{task name or fnmatch pattern: group name}``. Tasks that
+      match no pattern form a group of their own (named after the task).
+
+  Raises:
+    UserError: unknown name (with close names), tasks with different vocabularies or
+      features, or a mixture without an "inputs"/"targets" pair.
+  """
+  if name in seqio.MixtureRegistry.names():
+    mixture = seqio.get_mixture_or_task(name)
+    # seqio flattens sub-mixtures (rates multiplied through) into leaf tasks.
+    tasks = tuple(sorted(mixture.tasks, key=lambda t: t.name))
+    rates = tuple(float(mixture.get_rate(t)) for t in tasks)
+  elif name in seqio.TaskRegistry.names():
+    tasks = (seqio.get_mixture_or_task(name),)
+    rates = (1.0,)
+  else:
+    raise UserError(
+        f"No seqio task or mixture is registered as '{name}'"
+        f"{close_names(name, _registered_names())}; set MIXTURE_OR_TASK_MODULE to "
+        "the module that registers it.")
+  _check_compatible(name, tasks)
+  if all(r <= 0 for r in rates):
+    raise UserError(f"Every task of mixture '{name}' has rate 0; give at least one a "
+                    "positive rate.")
+  groups = _group_tasks([t.name for t in tasks], task_groups or {})
+  group_names = tuple(sorted(set(groups)))
+  group_of_task = tuple(group_names.index(g) for g in groups)
+  return MixtureSpec(name, tasks, rates, group_names, group_of_task)
+
+
+def _check_compatible(name: str, tasks: Sequence[seqio.Task]) -> None:
+  first = tasks[0]
+  for key in ("inputs", "targets"):
+    if key not in first.output_features:
+      raise UserError(
+          f"Task '{first.name}' has no '{key}' output feature (it has "
+          f"{sorted(first.output_features)}); mtx trains encoder-decoder models on "
+          "inputs -> targets.")
+  for task in tasks[1:]:
+    if set(task.output_features) != set(first.output_features):
+      raise UserError(
+          f"Tasks '{first.name}' and '{task.name}' in '{name}' have different output "
+          f"features ({sorted(first.output_features)} vs "
+          f"{sorted(task.output_features)}); give them the same features.")
+    for key, feature in first.output_features.items():
+      other = task.output_features[key]
+      if other.vocabulary != feature.vocabulary:
+        raise UserError(
+            f"Tasks '{first.name}' and '{task.name}' in '{name}' use different "
+            f"vocabularies for '{key}'; a mixture must share one vocabulary.")
+
+
+def _group_tasks(task_names: Sequence[str], task_groups: Mapping[str, str]) -> list:
+  groups = []
+  for task in task_names:
+    group = task
+    for pattern, g in task_groups.items():
+      if task == pattern or fnmatch.fnmatchcase(task, pattern):
+        group = g
+        break
+    groups.append(group)
+  return groups
