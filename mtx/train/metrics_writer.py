@@ -1,0 +1,234 @@
+"""Per-step scalars to ``MODEL_DIR/metrics.jsonl`` and to TensorBoard.
+
+``metrics.jsonl`` holds one JSON object per logged step, e.g.::
+
+  {"step": 100, "loss": 2.31, "loss/glue_cola": 2.05, "learning_rate": 0.01}
+
+Non-finite floats are written as the JSON strings ``"NaN"``, ``"Infinity"`` and
+``"-Infinity"`` (bare ``NaN`` is not JSON, and ``null`` would lose which one it was);
+``read_metrics`` turns those strings back into floats. Each line goes out in one
+``write`` on a file opened for appending, so a killed run leaves at most one partial
+last line, which ``read_metrics`` skips and the next ``MetricsWriter`` removes.
+
+TensorBoard events go to ``MODEL_DIR/tensorboard``, written by ``tf.summary.write`` on
+the CPU only: TensorFlow is told to see no GPU before it is first used, so it never
+takes accelerator memory from JAX.
+"""
+
+import json
+import logging
+import math
+import os
+import tempfile
+from typing import Any, Mapping
+
+METRICS_FILE = "metrics.jsonl"
+TENSORBOARD_DIR = "tensorboard"
+
+_NON_FINITE = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
+
+
+class MetricsWriter:
+  """Appends scalars to ``metrics.jsonl`` and TensorBoard; a no-op off the primary host.
+
+  Example::
+
+    writer = MetricsWriter(model_dir, is_primary=jax.process_index() == 0)
+    writer.write(100, {"loss": 2.31, "loss/cola": 2.05, "learning_rate": 0.01})
+    writer.close()
+  """
+
+  def __init__(self, model_dir: str, *, tensorboard: bool = True,
+               is_primary: bool = True):
+    self._path = os.path.join(model_dir, METRICS_FILE)
+    self._fd = None
+    self._tb_writer = None
+    if not is_primary:
+      return
+    os.makedirs(model_dir, exist_ok=True)
+    _drop_partial_last_line(self._path)
+    self._fd = os.open(self._path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    if tensorboard:
+      self._tb_writer = _tensorboard_writer(os.path.join(model_dir, TENSORBOARD_DIR))
+
+  def write(self, step: int, scalars: Mapping[str, Any]) -> None:
+    """Writes one line ``{"step": step, **scalars}`` and the same TensorBoard scalars.
+
+    Args:
+      step: the training step these values belong to.
+      scalars: name -> number (Python, NumPy or 0-d JAX values); ints stay ints.
+    """
+    if self._fd is None:
+      return
+    record = {"step": int(step)}
+    for name, value in scalars.items():
+      if name == "step":
+        raise ValueError("MetricsWriter.write: 'step' is reserved; pass it as step.")
+      record[name] = _to_number(value)
+    line = json.dumps({k: _encode(v) for k, v in record.items()}, allow_nan=False)
+    os.write(self._fd, (line + "\n").encode("utf-8"))
+    if self._tb_writer is not None:
+      self._tb_writer.write(step, record)
+
+  def flush(self) -> None:
+    """Flushes TensorBoard events (metrics.jsonl is unbuffered)."""
+    if self._tb_writer is not None:
+      self._tb_writer.flush()
+
+  def close(self) -> None:
+    if self._tb_writer is not None:
+      self._tb_writer.close()
+      self._tb_writer = None
+    if self._fd is not None:
+      os.close(self._fd)
+      self._fd = None
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self.close()
+
+
+def read_metrics(model_dir: str) -> list[dict[str, Any]]:
+  """Returns the objects of ``model_dir/metrics.jsonl`` in order ([] if it is missing).
+
+  A partial last line (a run killed mid-write) is skipped; "NaN", "Infinity" and
+  "-Infinity" strings come back as floats.
+  """
+  path = os.path.join(model_dir, METRICS_FILE)
+  if not os.path.exists(path):
+    return []
+  with open(path, "rb") as f:
+    data = f.read()
+  lines = data.split(b"\n")
+  records = []
+  for i, line in enumerate(lines):
+    if not line.strip():
+      continue
+    try:
+      record = json.loads(line)
+    except ValueError:
+      if i == len(lines) - 1:  # No newline after it: a write that was cut short.
+        continue
+      logging.warning("Skipping unreadable line %d of %s.", i + 1, path)
+      continue
+    records.append({k: _decode(v) for k, v in record.items()})
+  return records
+
+
+def truncate_after(model_dir: str, step: int) -> None:
+  """Drops the entries of ``metrics.jsonl`` with ``"step" > step``, atomically.
+
+  Used on resume from a checkpoint at ``step``, so that steps about to be trained again
+  are not logged twice. The file is rewritten to a temporary file and moved into place
+  with ``os.replace``, so a crash leaves either the old or the new file. Call it on the
+  primary host only, before opening a ``MetricsWriter``.
+  """
+  path = os.path.join(model_dir, METRICS_FILE)
+  if not os.path.exists(path):
+    return
+  with open(path, "rb") as f:
+    lines = f.read().split(b"\n")
+  kept = []
+  for line in lines:
+    try:
+      record = json.loads(line)
+    except ValueError:
+      continue  # Blank, or a partial last line.
+    if isinstance(record, dict) and record.get("step", math.inf) <= step:
+      kept.append(line + b"\n")
+  # A unique temporary name (O_EXCL), so that hosts sharing a file system never collide.
+  fd, tmp = tempfile.mkstemp(prefix=f".{METRICS_FILE}.tmp-", dir=model_dir)
+  try:
+    with os.fdopen(fd, "wb") as f:
+      f.write(b"".join(kept))
+      f.flush()
+      os.fsync(f.fileno())
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
+
+
+def _to_number(value):
+  if isinstance(value, bool):
+    return float(value)
+  if isinstance(value, int):
+    return value
+  if hasattr(value, "dtype") and getattr(value.dtype, "kind", "f") in "iu":
+    return int(value)
+  return float(value)
+
+
+def _encode(value):
+  if isinstance(value, float) and not math.isfinite(value):
+    return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
+  return value
+
+
+def _decode(value):
+  if isinstance(value, str) and value in _NON_FINITE:
+    return _NON_FINITE[value]
+  return value
+
+
+def _drop_partial_last_line(path: str) -> None:
+  """Cuts a partial last line (no trailing newline) so that appends start cleanly."""
+  if not os.path.exists(path):
+    return
+  with open(path, "rb+") as f:
+    size = f.seek(0, os.SEEK_END)
+    if size == 0:
+      return
+    f.seek(size - 1)
+    if f.read(1) == b"\n":
+      return
+    # Walk back to the last newline; metrics files are small enough to read whole.
+    f.seek(0)
+    data = f.read()
+    f.truncate(data.rfind(b"\n") + 1)
+
+
+class _TensorBoardWriter:
+  """Scalar events through TensorFlow core alone (the tensorboard package is optional).
+
+  ``tf.summary.scalar`` lives in the tensorboard package; this writes the same event
+  (a float32 scalar tensor tagged for the "scalars" plugin) with ``tf.summary.write``.
+  """
+
+  def __init__(self, logdir: str):
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    # pylint: disable-next=g-import-not-at-top
+    from tensorflow.core.framework import summary_pb2
+    try:
+      tf.config.set_visible_devices([], "GPU")
+    except RuntimeError:
+      pass  # TF was initialized earlier by other code; it keeps the devices it chose.
+    self._tf = tf
+    metadata = summary_pb2.SummaryMetadata()
+    metadata.plugin_data.plugin_name = "scalars"
+    metadata.data_class = summary_pb2.DATA_CLASS_SCALAR
+    self._metadata = metadata.SerializeToString()
+    with tf.device("/cpu:0"):
+      self._writer = tf.summary.create_file_writer(logdir)
+
+  def write(self, step: int, record: Mapping[str, Any]) -> None:
+    tf = self._tf
+    with tf.device("/cpu:0"), self._writer.as_default():
+      for name, value in record.items():
+        if name != "step":
+          tf.summary.write(name, tf.constant(float(value), tf.float32), step=int(step),
+                           metadata=self._metadata)
+
+  def flush(self) -> None:
+    self._writer.flush()
+
+  def close(self) -> None:
+    self._writer.close()
+
+
+def _tensorboard_writer(logdir: str) -> _TensorBoardWriter:
+  return _TensorBoardWriter(logdir)
