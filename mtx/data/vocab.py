@@ -1,0 +1,75 @@
+"""SentencePiece vocabularies from local files, checked before anything uses them.
+
+mtx ships one small model, ``mtx/data/assets/mtx_demo.model`` (about a thousand pieces,
+unigram, byte fallback so any text encodes), made by ``python tools/train_vocab.py``. Its
+ids follow T5: pad=0, eos=1, unk=2, no bos. Any other T5-compatible SentencePiece model
+(T5's own ``spiece.model``, say, with ``extra_ids=100``) loads the same way.
+
+seqio's ``SentencePieceVocabulary`` opens its file lazily, so a wrong path would only show
+up deep inside a ``tf.data`` pipeline; ``get_vocabulary`` opens it at once instead and
+turns every failure into one ``UserError``.
+"""
+
+import os
+from typing import Optional
+
+import seqio
+import sentencepiece as spm
+
+from mtx.errors import UserError
+
+DEFAULT_SPM_PATH = os.path.join(os.path.dirname(__file__), "assets", "mtx_demo.model")
+
+# T5's reserved ids; seqio's feature converters and T5 models assume them.
+PAD_ID = 0
+EOS_ID = 1
+UNK_ID = 2
+
+_FIX = "pass the path of a SentencePiece .model file or create one with `python tools/train_vocab.py`"
+
+
+def get_vocabulary(path: Optional[str] = None,
+                   extra_ids: int = 0) -> seqio.SentencePieceVocabulary:
+  """Loads a local SentencePiece model as a seqio vocabulary, failing early and clearly.
+
+  Args:
+    path: a local ``.model`` file; None means the shipped demo model
+      (``DEFAULT_SPM_PATH``).
+    extra_ids: sentinel ids appended after the model's pieces (T5 uses 100 for span
+      corruption; the demo tasks need none).
+
+  Returns:
+    A loaded ``seqio.SentencePieceVocabulary``.
+
+  Raises:
+    UserError: the path is remote, missing, unreadable, not a SentencePiece model, or its
+      pad/eos ids are not T5's 0 and 1.
+  """
+  path = DEFAULT_SPM_PATH if path is None else os.fspath(path)
+  if "://" in path:
+    raise UserError(f"Vocabulary path {path} is remote but mtx reads vocabularies only "
+                    f"from local files; copy the model to a local path and pass that.")
+  if not os.path.isfile(path):
+    raise UserError(f"Vocabulary file {path} does not exist; {_FIX}.")
+  if extra_ids < 0:
+    raise UserError(f"extra_ids={extra_ids} for vocabulary {path} is negative; "
+                    f"pass 0 or more.")
+  try:
+    with open(path, "rb") as f:
+      proto = f.read()
+  except OSError as e:
+    raise UserError(f"Vocabulary file {path} cannot be read ({e.strerror}); "
+                    f"fix its permissions or {_FIX}.") from e
+  processor = spm.SentencePieceProcessor()
+  try:
+    processor.LoadFromSerializedProto(proto)
+  except (RuntimeError, OSError, TypeError) as e:
+    raise UserError(f"Vocabulary file {path} is not a SentencePiece model; {_FIX}.") from e
+  if processor.pad_id() != PAD_ID or processor.eos_id() != EOS_ID:
+    raise UserError(
+        f"Vocabulary {path} has pad id {processor.pad_id()} and eos id "
+        f"{processor.eos_id()} but T5 models need pad=0 and eos=1; retrain it with "
+        f"`python tools/train_vocab.py` (or --pad_id=0 --eos_id=1).")
+  vocab = seqio.SentencePieceVocabulary(path, extra_ids=extra_ids)
+  vocab.tokenizer  # pylint: disable=pointless-statement  # Loads the model now.
+  return vocab

@@ -1,0 +1,196 @@
+"""seqio metric functions: ``fn(targets, predictions) -> {name: value}``, in percent.
+
+Each function takes the postprocessed targets and predictions of one task's eval split
+(lists of equal length) and returns a dict of floats scaled to 0-100, as T5 reports them.
+Keyword arguments configure a metric; bind them with ``functools.partial`` before handing
+the function to ``seqio.Task(metric_fns=...)``:
+
+    metric_fns=[accuracy, functools.partial(f1_binary, positive_label="duplicate")]
+
+Empty inputs give NaN rather than raising, so an eval of an empty shard still logs.
+"""
+
+import collections
+import re
+import string
+from typing import Any, Hashable, Mapping, Optional, Sequence
+
+import numpy as np
+import scipy.stats
+
+from mtx.errors import UserError
+
+
+def _check(targets: Sequence[Any], predictions: Sequence[Any], metric: str) -> None:
+  if len(targets) != len(predictions):
+    raise UserError(f"Metric {metric} got {len(targets)} targets but "
+                    f"{len(predictions)} predictions; pass one prediction per target.")
+
+
+def exact_match(targets: Sequence[Any], predictions: Sequence[Any]) -> Mapping[str, float]:
+  """Percent of predictions equal to their target (strings compared exactly)."""
+  _check(targets, predictions, "exact_match")
+  if not targets:
+    return {"exact_match": float("nan")}
+  hits = sum(t == p for t, p in zip(targets, predictions))
+  return {"exact_match": 100.0 * hits / len(targets)}
+
+
+def accuracy(targets: Sequence[Hashable], predictions: Sequence[Hashable]) -> Mapping[str, float]:
+  """Percent of predicted labels equal to the target label."""
+  _check(targets, predictions, "accuracy")
+  if not targets:
+    return {"accuracy": float("nan")}
+  hits = sum(t == p for t, p in zip(targets, predictions))
+  return {"accuracy": 100.0 * hits / len(targets)}
+
+
+def _f1(tp: int, fp: int, fn: int) -> float:
+  denom = 2 * tp + fp + fn
+  return 2.0 * tp / denom if denom else 0.0
+
+
+def f1_binary(targets: Sequence[Hashable], predictions: Sequence[Hashable],
+              positive_label: Hashable = 1) -> Mapping[str, float]:
+  """F1 of the positive class; any other value (including invalid ones) is negative.
+
+  Args:
+    targets: gold labels.
+    predictions: predicted labels.
+    positive_label: the label counted as positive (e.g. 1 after a label-to-id
+      postprocessor, or "duplicate" on raw text).
+
+  Returns:
+    ``{"f1": ...}`` in percent; 0 when there is no positive target or prediction.
+  """
+  _check(targets, predictions, "f1_binary")
+  t = np.array([x == positive_label for x in targets], dtype=bool)
+  p = np.array([x == positive_label for x in predictions], dtype=bool)
+  tp = int(np.sum(t & p))
+  fp = int(np.sum(~t & p))
+  fn = int(np.sum(t & ~p))
+  return {"f1": 100.0 * _f1(tp, fp, fn)}
+
+
+def mean_multiclass_f1(targets: Sequence[Hashable], predictions: Sequence[Hashable],
+                       labels: Optional[Sequence[Hashable]] = None) -> Mapping[str, float]:
+  """Unweighted mean over classes of one-vs-rest F1 (macro F1), as T5 uses for CB.
+
+  Args:
+    targets: gold labels.
+    predictions: predicted labels; values outside ``labels`` count as wrong.
+    labels: the classes to average over; None means every value seen in targets.
+
+  Returns:
+    ``{"mean_multiclass_f1": ...}`` in percent.
+  """
+  _check(targets, predictions, "mean_multiclass_f1")
+  if labels is None:
+    labels = sorted(set(targets), key=repr)
+  if not labels:
+    return {"mean_multiclass_f1": float("nan")}
+  scores = []
+  for label in labels:
+    tp = sum(t == label and p == label for t, p in zip(targets, predictions))
+    fp = sum(t != label and p == label for t, p in zip(targets, predictions))
+    fn = sum(t == label and p != label for t, p in zip(targets, predictions))
+    scores.append(_f1(tp, fp, fn))
+  return {"mean_multiclass_f1": 100.0 * float(np.mean(scores))}
+
+
+def matthews_corrcoef(targets: Sequence[Hashable],
+                      predictions: Sequence[Hashable]) -> Mapping[str, float]:
+  """Matthews correlation (multiclass form of Gorodkin 2004; the usual one for 2 classes).
+
+  Computed from the confusion matrix C as
+  ``(c*s - t.p) / sqrt((s^2 - p.p) * (s^2 - t.t))`` with c the correct count, s the total,
+  t and p the per-class target and prediction counts. 0 when either side is constant.
+  """
+  _check(targets, predictions, "matthews_corrcoef")
+  if not targets:
+    return {"matthews_corrcoef": float("nan")}
+  classes = sorted(set(targets) | set(predictions), key=repr)
+  t_counts = collections.Counter(targets)
+  p_counts = collections.Counter(predictions)
+  t = np.array([t_counts[c] for c in classes], dtype=np.float64)
+  p = np.array([p_counts[c] for c in classes], dtype=np.float64)
+  s = float(len(targets))
+  c = float(sum(x == y for x, y in zip(targets, predictions)))
+  denom = np.sqrt((s * s - p @ p) * (s * s - t @ t))
+  mcc = (c * s - t @ p) / denom if denom > 0 else 0.0
+  return {"matthews_corrcoef": 100.0 * float(mcc)}
+
+
+def _as_floats(values: Sequence[Any], metric: str) -> np.ndarray:
+  try:
+    return np.asarray(values, dtype=np.float64)
+  except (TypeError, ValueError) as e:
+    raise UserError(f"Metric {metric} needs numbers but got {values[:3]!r}...; add a "
+                    f"postprocess_fn to the task that turns text into floats.") from e
+
+
+def pearson(targets: Sequence[float], predictions: Sequence[float]) -> Mapping[str, float]:
+  """Pearson correlation times 100 (0 if either side is constant)."""
+  _check(targets, predictions, "pearson")
+  t, p = _as_floats(targets, "pearson"), _as_floats(predictions, "pearson")
+  if t.size < 2:
+    return {"pearson": float("nan")}
+  if np.ptp(t) == 0 or np.ptp(p) == 0:
+    return {"pearson": 0.0}
+  return {"pearson": 100.0 * float(scipy.stats.pearsonr(t, p)[0])}
+
+
+def spearman(targets: Sequence[float], predictions: Sequence[float]) -> Mapping[str, float]:
+  """Spearman rank correlation times 100 (0 if either side is constant)."""
+  _check(targets, predictions, "spearman")
+  t, p = _as_floats(targets, "spearman"), _as_floats(predictions, "spearman")
+  if t.size < 2:
+    return {"spearman": float("nan")}
+  if np.ptp(t) == 0 or np.ptp(p) == 0:
+    return {"spearman": 0.0}
+  return {"spearman": 100.0 * float(scipy.stats.spearmanr(t, p)[0])}
+
+
+_PUNCTUATION = frozenset(string.punctuation)
+
+
+def _normalize_answer(text: str) -> str:
+  """Lower case, drop punctuation and English articles, squeeze spaces (SQuAD's rule)."""
+  text = text.lower()
+  text = "".join(ch for ch in text if ch not in _PUNCTUATION)
+  text = re.sub(r"\b(a|an|the)\b", " ", text)
+  return " ".join(text.split())
+
+
+def _token_f1(target: str, prediction: str) -> float:
+  t, p = target.split(), prediction.split()
+  common = sum((collections.Counter(t) & collections.Counter(p)).values())
+  if not t or not p:
+    return float(t == p)
+  if common == 0:
+    return 0.0
+  precision, recall = common / len(p), common / len(t)
+  return 2 * precision * recall / (precision + recall)
+
+
+def max_over_answers_em_f1(targets: Sequence[Any],
+                           predictions: Sequence[str]) -> Mapping[str, float]:
+  """SQuAD-style exact match and token F1, each the best over a target's answers.
+
+  Each target is a string or a list of acceptable answers (as ReCoRD has); answers and
+  predictions are normalized (case, punctuation, articles, spaces) before comparing.
+
+  Returns:
+    ``{"em": ..., "f1": ...}`` in percent.
+  """
+  _check(targets, predictions, "max_over_answers_em_f1")
+  if not targets:
+    return {"em": float("nan"), "f1": float("nan")}
+  em, f1 = [], []
+  for target, prediction in zip(targets, predictions):
+    answers = [target] if isinstance(target, str) else list(target)
+    answers = [_normalize_answer(a) for a in answers] or [""]
+    prediction = _normalize_answer(prediction)
+    em.append(max(float(a == prediction) for a in answers))
+    f1.append(max(_token_f1(a, prediction) for a in answers))
+  return {"em": 100.0 * float(np.mean(em)), "f1": 100.0 * float(np.mean(f1))}
