@@ -1,0 +1,390 @@
+"""Building blocks of the T5 v1.1 model: norm, embedding, attention, MLP, masks.
+
+Conventions shared by every module here:
+
+* Parameters are created in float32 and carry logical axis names (boxed with
+  ``nn.with_logical_partitioning``) from this set: 'vocab', 'embed', 'heads',
+  'kv', 'mlp', 'relpos_buckets' (plus 'layers' added by ``nn.scan``).
+* Activations run in ``dtype`` (float32 or bfloat16); kernels are cast to it at the
+  point of use, so the optimizer always sees float32 master weights.
+* Shapes in docstrings: B batch, Lq / Lk query / key length, E embed, H heads,
+  D head dim, M mlp dim, V vocab.
+* No biases anywhere (T5 v1.1).
+"""
+
+import math
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+DType = Any
+
+# Attention logits of masked pairs. Logits are float32, so a large finite value is
+# safe (no inf - inf = nan when a whole row is masked, e.g. a padding query).
+_MASKED_LOGIT = -1e10
+
+
+def constrain(x: Array, names: Sequence[str]) -> Array:
+  """Logical sharding constraint on an activation; a no-op without axis rules.
+
+  Under ``jax.vmap`` (per-unit gradients in the trainer) JAX's batching rule adds
+  an unconstrained axis for the mapped dimension, so the names given here always
+  describe the unbatched rank.
+  """
+  return nn.with_logical_constraint(x, tuple(names))
+
+
+def _param(module: nn.Module, name: str, init, shape: Sequence[int],
+           names: Sequence[str]) -> Array:
+  """A float32 parameter with logical axis names."""
+  return module.param(
+      name, nn.with_logical_partitioning(init, tuple(names)), tuple(shape),
+      jnp.float32)
+
+
+# Initializers as in T5X's T5 v1.1 configs. Fan-in is given per axis so that
+# multi-axis kernels ([E, H, D] and [H, D, E]) see the fan-in of the flat matrix.
+def _fan_in_normal(in_axis, out_axis, truncated: bool = False):
+  return nn.initializers.variance_scaling(
+      1.0, "fan_in", "truncated_normal" if truncated else "normal",
+      in_axis=in_axis, out_axis=out_axis)
+
+
+class RMSNorm(nn.Module):
+  """T5 layer norm: scale by the root mean square, no mean subtraction, no bias.
+
+  [..., E] -> [..., E] in ``dtype``. The statistics are computed in float32
+  because bfloat16 sums of squares lose too much precision.
+  """
+  dtype: DType = jnp.float32
+  epsilon: float = 1e-6
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    scale = _param(self, "scale", nn.initializers.ones, (x.shape[-1],),
+                   ("embed",))
+    x32 = x.astype(jnp.float32)
+    mean_sq = jnp.mean(jnp.square(x32), axis=-1, keepdims=True)
+    y = (x32 * jax.lax.rsqrt(mean_sq + self.epsilon)).astype(self.dtype)
+    return y * scale.astype(self.dtype)
+
+
+class Embed(nn.Module):
+  """Token embedding, shared by encoder and decoder inputs.
+
+  Attributes:
+    vocab_size: V.
+    features: E.
+    dtype: activation dtype of the returned embeddings.
+  """
+  vocab_size: int
+  features: int
+  dtype: DType = jnp.float32
+
+  @nn.compact
+  def __call__(self, tokens: Array) -> Array:
+    """int32 [B, L] -> dtype [B, L, E]."""
+    table = _param(self, "embedding", nn.initializers.normal(stddev=1.0),
+                   (self.vocab_size, self.features), ("vocab", "embed"))
+    # Gather first, then cast: casting the whole [V, E] table costs more.
+    x = jnp.take(table, tokens, axis=0).astype(self.dtype)
+    return constrain(x, ("activation_batch", "activation_length",
+                         "activation_embed"))
+
+
+def relative_position_bucket(relative_position: Array, bidirectional: bool,
+                             num_buckets: int, max_distance: int) -> Array:
+  """Maps key-minus-query distances to T5's relative-position buckets.
+
+  Half of the buckets (per direction) hold exact distances 0, 1, 2, ...; the rest
+  cover larger distances logarithmically up to ``max_distance``, beyond which
+  everything shares the last bucket. A causal (unidirectional) stack has no use for
+  keys after the query, so it spends all buckets on distances to the past.
+
+  Example (bidirectional=False, num_buckets=4, max_distance=8): distances
+  key - query = [0, -1, -2, -4, -9, +3] -> buckets [0, 1, 2, 3, 3, 0].
+
+  Args:
+    relative_position: int32 [...], key position minus query position.
+    bidirectional: whether keys after the query get buckets of their own.
+    num_buckets: total number of buckets.
+    max_distance: distance at which the logarithmic range ends.
+
+  Returns:
+    int32 [...] bucket ids in [0, num_buckets).
+  """
+  bucket = jnp.zeros_like(relative_position)
+  # Distance into the past is positive from here on.
+  distance = -relative_position
+  if bidirectional:
+    num_buckets //= 2
+    bucket += (distance < 0).astype(jnp.int32) * num_buckets
+    distance = jnp.abs(distance)
+  else:
+    distance = jnp.maximum(distance, 0)
+  max_exact = num_buckets // 2
+  is_exact = distance < max_exact
+  # log(distance / max_exact) / log(max_distance / max_exact) runs 0..1 over the
+  # logarithmic range; the tiny epsilon avoids log(0) on the (unused) exact side.
+  log_ratio = (jnp.log(distance.astype(jnp.float32) / max_exact +
+                       jnp.finfo(jnp.float32).eps) /
+               math.log(max_distance / max_exact))
+  log_bucket = max_exact + (log_ratio * (num_buckets - max_exact)).astype(
+      jnp.int32)
+  log_bucket = jnp.minimum(log_bucket, num_buckets - 1)
+  return bucket + jnp.where(is_exact, distance, log_bucket)
+
+
+class RelativePositionBias(nn.Module):
+  """One learned scalar per (head, bucket), added to attention logits.
+
+  T5 keeps one table per stack and shares it across that stack's layers.
+
+  Attributes:
+    num_heads: H.
+    num_buckets: number of relative-position buckets.
+    max_distance: see ``relative_position_bucket``.
+    bidirectional: True for the encoder, False for the (causal) decoder.
+  """
+  num_heads: int
+  num_buckets: int
+  max_distance: int
+  bidirectional: bool
+
+  @nn.compact
+  def __call__(self, query_positions: Array, key_positions: Array) -> Array:
+    """int32 [Lq], int32 [Lk] -> float32 bias [1, H, Lq, Lk].
+
+    Only differences of positions matter, so within one packed segment the bias
+    equals that of the example alone whatever its offset in the row; the leading 1
+    broadcasts over the batch.
+    """
+    table = _param(
+        self, "rel_embedding",
+        nn.initializers.variance_scaling(1.0, "fan_avg", "uniform"),
+        (self.num_heads, self.num_buckets), ("heads", "relpos_buckets"))
+    relative = key_positions[None, :] - query_positions[:, None]  # [Lq, Lk]
+    buckets = relative_position_bucket(relative, self.bidirectional,
+                                       self.num_buckets, self.max_distance)
+    return jnp.take(table, buckets, axis=1)[None]  # [1, H, Lq, Lk]
+
+
+class MultiHeadAttention(nn.Module):
+  """T5 attention: no biases, no 1/sqrt(D) in the dot product.
+
+  The 1/sqrt(D) scaling lives in the query kernel's initialization instead (as in
+  Mesh TensorFlow T5 and T5X), which is equivalent at step 0 and lets the learned
+  query weights own the scale.
+
+  Decoding cache (only when ``decode=True``, self-attention only), in the 'cache'
+  collection:
+    cached_key, cached_value: dtype [B, L_max, H, D], batch first so that beam
+      search can reorder or expand it with a plain gather along axis 0.
+  The write position comes from the caller (one index per decoder stack).
+
+  Attributes:
+    num_heads: H.
+    head_dim: D.
+    dtype: activation dtype.
+    dropout_rate: dropout on the attention probabilities.
+    enable_dropout: whether dropout is applied (needs rng 'dropout').
+    decode: use the key/value cache.
+    decode_step: with ``decode``, the cache exists and this call feeds one new
+      token; otherwise (cache being created) the cache is zero-filled with
+      ``max_decode_length`` positions and the call attends like training.
+    max_decode_length: cache length when the cache is created.
+  """
+  num_heads: int
+  head_dim: int
+  dtype: DType = jnp.float32
+  dropout_rate: float = 0.0
+  enable_dropout: bool = False
+  decode: bool = False
+  decode_step: bool = False
+  max_decode_length: int = 0
+
+  @nn.compact
+  def __call__(self, inputs_q: Array, inputs_kv: Array, mask: Array,
+               bias: Array | None = None,
+               decode_index: Array | None = None) -> Array:
+    """Attends from queries to keys/values.
+
+    Args:
+      inputs_q: [B, Lq, E] in dtype.
+      inputs_kv: [B, Lk, E] in dtype (Lk = 1 and equal to Lq in a decode step).
+      mask: bool, broadcastable to [B, H, Lq, Lk'] where Lk' is Lk, or L_max in a
+        decode step; True where attention is allowed.
+      bias: float32 broadcastable to [B, H, Lq, Lk'] or None.
+      decode_index: int32 scalar, the position the new token is written to in a
+        decode step; ignored otherwise.
+
+    Returns:
+      [B, Lq, E] in dtype.
+    """
+    emb = inputs_q.shape[-1]
+    h, d = self.num_heads, self.head_dim
+    kv_init = _fan_in_normal(0, (1, 2))
+    depth_scale = math.sqrt(d)
+
+    def query_init(*args):
+      return kv_init(*args) / depth_scale
+
+    def project(name, init, x):
+      kernel = _param(self, name, init, (emb, h, d), ("embed", "heads", "kv"))
+      y = jnp.einsum("ble,ehd->blhd", x, kernel.astype(self.dtype))
+      return constrain(y, ("activation_batch", "activation_length",
+                           "activation_heads", "activation_kv"))
+
+    query = project("query", query_init, inputs_q)
+    key = project("key", kv_init, inputs_kv)
+    value = project("value", kv_init, inputs_kv)
+
+    if self.decode:
+      batch = inputs_kv.shape[0]
+      cache_shape = (batch, self.max_decode_length or inputs_kv.shape[1], h, d)
+      cached_key = self.variable("cache", "cached_key", jnp.zeros, cache_shape,
+                                 self.dtype)
+      cached_value = self.variable("cache", "cached_value", jnp.zeros,
+                                   cache_shape, self.dtype)
+      if self.decode_step:
+        if inputs_q.shape[1] != 1:
+          raise ValueError(
+              "A decode step takes exactly one token per row; got decoder "
+              f"inputs of length {inputs_q.shape[1]}.")
+        start = (0, decode_index, 0, 0)
+        cached_key.value = jax.lax.dynamic_update_slice(
+            cached_key.value, key.astype(self.dtype), start)
+        cached_value.value = jax.lax.dynamic_update_slice(
+            cached_value.value, value.astype(self.dtype), start)
+        key, value = cached_key.value, cached_value.value
+
+    # Logits and softmax in float32: bfloat16 softmax over long rows is lossy.
+    logits = jnp.einsum("bqhd,bkhd->bhqk", query, key,
+                        preferred_element_type=jnp.float32)
+    if bias is not None:
+      logits = logits + bias
+    logits = jnp.where(mask, logits, _MASKED_LOGIT)
+    weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
+    weights = nn.Dropout(self.dropout_rate)(
+        weights, deterministic=not self.enable_dropout)
+    out = jnp.einsum("bhqk,bkhd->bqhd", weights, value)
+    out = constrain(out, ("activation_batch", "activation_length",
+                          "activation_heads", "activation_kv"))
+    out_kernel = _param(self, "out", _fan_in_normal((0, 1), 2), (h, d, emb),
+                        ("heads", "kv", "embed"))
+    out = jnp.einsum("bqhd,hde->bqe", out, out_kernel.astype(self.dtype))
+    return constrain(out, ("activation_batch", "activation_length",
+                           "activation_embed"))
+
+
+class GatedGeluMlp(nn.Module):
+  """T5 v1.1 feed-forward: wo(gelu(x wi_0) * (x wi_1)), no biases.
+
+  GELU uses the tanh approximation, as T5X's ``nn.gelu`` default does.
+
+  Attributes:
+    mlp_dim: M.
+    dtype: activation dtype.
+    dropout_rate: dropout on the hidden activations.
+    enable_dropout: whether dropout is applied (needs rng 'dropout').
+  """
+  mlp_dim: int
+  dtype: DType = jnp.float32
+  dropout_rate: float = 0.0
+  enable_dropout: bool = False
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    """[B, L, E] -> [B, L, E], in dtype."""
+    emb = x.shape[-1]
+    init = _fan_in_normal(0, 1, truncated=True)
+    wi_0 = _param(self, "wi_0", init, (emb, self.mlp_dim), ("embed", "mlp"))
+    wi_1 = _param(self, "wi_1", init, (emb, self.mlp_dim), ("embed", "mlp"))
+    wo = _param(self, "wo", init, (self.mlp_dim, emb), ("mlp", "embed"))
+    gate = nn.gelu(x @ wi_0.astype(self.dtype), approximate=True)
+    hidden = gate * (x @ wi_1.astype(self.dtype))
+    hidden = constrain(hidden, ("activation_batch", "activation_length",
+                                "activation_mlp"))
+    hidden = nn.Dropout(self.dropout_rate)(
+        hidden, deterministic=not self.enable_dropout)
+    out = hidden @ wo.astype(self.dtype)
+    return constrain(out, ("activation_batch", "activation_length",
+                           "activation_embed"))
+
+
+class VocabProjection(nn.Module):
+  """Output layer, untied from the input embedding (T5 v1.1).
+
+  Attributes:
+    vocab_size: V.
+    dtype: dtype of the matmul inputs; the product accumulates and is returned in
+      float32 so that bfloat16 runs do not round the logits.
+  """
+  vocab_size: int
+  dtype: DType = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    """[B, L, E] -> float32 [B, L, V]."""
+    kernel = _param(self, "kernel", _fan_in_normal(0, 1, truncated=True),
+                    (x.shape[-1], self.vocab_size), ("embed", "vocab"))
+    logits = jnp.einsum("ble,ev->blv", x, kernel.astype(self.dtype),
+                        preferred_element_type=jnp.float32)
+    return constrain(logits, ("activation_batch", "activation_length",
+                              "activation_vocab"))
+
+
+# Masks. All are bool, True where attention is allowed, shaped [B, 1, Lq, Lk] (the
+# 1 broadcasts over heads) or broadcastable to it.
+
+
+def self_attention_mask(valid: Array, segment_ids: Array | None = None,
+                        causal: bool = False) -> Array:
+  """Mask for self-attention within rows that may pack several examples.
+
+  Example (causal=False): segment_ids [[1, 1, 2, 0]] gives, for row 0,
+      [[1, 1, 0, 0],
+       [1, 1, 0, 0],
+       [0, 0, 1, 0],
+       [0, 0, 0, 0]]
+  With causal=True the upper triangle is removed as well.
+
+  Args:
+    valid: bool [B, L], False at padding.
+    segment_ids: int32 [B, L] or None (one example per row).
+    causal: forbid attending to later positions.
+
+  Returns:
+    bool [B, 1, L, L].
+  """
+  mask = valid[:, None, :, None] & valid[:, None, None, :]
+  if segment_ids is not None:
+    mask &= segment_ids[:, None, :, None] == segment_ids[:, None, None, :]
+  if causal:
+    length = valid.shape[1]
+    mask &= jnp.tril(jnp.ones((length, length), jnp.bool_))[None, None]
+  return mask
+
+
+def cross_attention_mask(query_valid: Array, key_valid: Array,
+                         query_segment_ids: Array | None = None,
+                         key_segment_ids: Array | None = None) -> Array:
+  """Mask for decoder-to-encoder attention.
+
+  Args:
+    query_valid: bool [B, Lq] (decoder side).
+    key_valid: bool [B, Lk] (encoder side).
+    query_segment_ids: int32 [B, Lq] or None.
+    key_segment_ids: int32 [B, Lk] or None; given together with the query ones.
+
+  Returns:
+    bool [B, 1, Lq, Lk].
+  """
+  mask = query_valid[:, None, :, None] & key_valid[:, None, None, :]
+  if query_segment_ids is not None:
+    mask &= (query_segment_ids[:, None, :, None] ==
+             key_segment_ids[:, None, None, :])
+  return mask

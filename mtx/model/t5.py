@@ -1,0 +1,515 @@
+"""T5 v1.1 encoder-decoder in flax.linen, with packing, a decoding cache and SPMD names.
+
+The model maps token ids to float32 logits:
+
+    encoder_input_tokens int32 [B, Le] --encode--> encoded [B, Le, E]
+    encoded, decoder_input_tokens int32 [B, Ld] --decode--> logits float32 [B, Ld, V]
+
+What makes it T5 v1.1 (and what differs from the original T5): RMS pre-norm, gated-GELU
+MLP, relative position biases (one table per stack, shared by its layers), no biases,
+an output projection untied from the input embedding, no 1/sqrt(D) in attention.
+
+Parameter tree (``scan_layers=False``; with ``scan_layers=True`` the ``layers_i``
+subtrees become one ``layers`` subtree whose leaves have a leading layer axis with the
+logical name 'layers')::
+
+    token_embedder/embedding                      [V, E]  (vocab, embed)
+    encoder/relpos_bias/rel_embedding             [H, buckets]  (heads, relpos_buckets)
+    encoder/layers_i/pre_attention_layer_norm/scale
+    encoder/layers_i/attention/{query,key,value}  [E, H, D]  (embed, heads, kv)
+    encoder/layers_i/attention/out                [H, D, E]  (heads, kv, embed)
+    encoder/layers_i/pre_mlp_layer_norm/scale     [E]  (embed)
+    encoder/layers_i/mlp/{wi_0,wi_1}              [E, M]  (embed, mlp)
+    encoder/layers_i/mlp/wo                       [M, E]  (mlp, embed)
+    encoder/encoder_norm/scale
+    decoder/relpos_bias/rel_embedding
+    decoder/layers_i/{pre_self_attention_layer_norm, self_attention,
+                      pre_cross_attention_layer_norm, encoder_decoder_attention,
+                      pre_mlp_layer_norm, mlp}
+    decoder/decoder_norm/scale
+    decoder/logits_dense/kernel                   [E, V]  (embed, vocab)
+
+Decoding cache (the 'cache' collection; see ``init_cache``)::
+
+    decoder/cache_index                               int32 []  next write position
+    decoder/layers_i/self_attention/cached_key        dtype [B, L_max, H, D]
+    decoder/layers_i/self_attention/cached_value      dtype [B, L_max, H, D]
+    (scan_layers=True: decoder/layers/self_attention/cached_* [B, layers, L_max, H, D])
+
+Every cache leaf except the scalar ``cache_index`` has the batch on axis 0, so beam
+search can expand or reorder beams by gathering those leaves along axis 0 (and leave
+``cache_index`` alone: all rows decode in lockstep). Cross-attention keys/values are
+recomputed from ``encoded`` at every step rather than cached.
+"""
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from mtx.errors import UserError
+from mtx.model import layers
+
+Array = jax.Array
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+_REMAT_POLICIES = {
+    # Save the outputs of weight matmuls (no batch dims), recompute the rest
+    # (norms, activations, attention softmax) in the backward pass.
+    "minimal": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    # Save only each layer's input; recompute the whole layer.
+    "full": jax.checkpoint_policies.nothing_saveable,
+}
+_EMBED_AXES = ("activation_batch", "activation_length", "activation_embed")
+
+
+@dataclasses.dataclass(frozen=True)
+class T5Config:
+  """Hyperparameters of the T5 v1.1 model; gin binds them as ``model.T5Config.*``.
+
+  Attributes:
+    vocab_size: V; 0 means "set by the trainer from the vocabulary, padded to a
+      multiple of 128". The model refuses to build while it is 0.
+    emb_dim: E, width of the residual stream.
+    num_heads: H, attention heads.
+    head_dim: D, width of one head (H * D need not equal E).
+    mlp_dim: M, hidden width of the gated-GELU MLP.
+    num_encoder_layers: encoder depth.
+    num_decoder_layers: decoder depth.
+    dropout_rate: dropout on embeddings, residual branches, MLP hidden and
+      attention probabilities; applied only with ``enable_dropout=True``.
+    dtype: activation dtype, "float32" or "bfloat16". Parameters are always
+      float32 and logits are always returned in float32.
+    relative_attention_num_buckets: buckets of the relative position bias.
+    relative_attention_max_distance: distance where the log-spaced buckets end.
+    remat_policy: "none", "minimal" (save matmul outputs) or "full" (save nothing
+      but each layer's input).
+    scan_layers: run each stack's layers with ``nn.scan``; params get a leading
+      'layers' axis. Compile time stops growing with depth.
+  """
+  vocab_size: int = 0
+  emb_dim: int = 512
+  num_heads: int = 6
+  head_dim: int = 64
+  mlp_dim: int = 1024
+  num_encoder_layers: int = 8
+  num_decoder_layers: int = 8
+  dropout_rate: float = 0.0
+  dtype: str = "float32"
+  relative_attention_num_buckets: int = 32
+  relative_attention_max_distance: int = 128
+  remat_policy: str = "none"
+  scan_layers: bool = False
+
+  @property
+  def activation_dtype(self) -> Any:
+    return _DTYPES[self.dtype]
+
+
+def _validate_config(config: T5Config) -> None:
+  """Raises UserError for settings the model cannot run with."""
+  if config.vocab_size <= 0:
+    raise UserError(
+        f"T5Config.vocab_size is {config.vocab_size}; set it to the vocabulary "
+        "size (the trainer does this from the task vocabulary) before building "
+        "the model.")
+  if config.dtype not in _DTYPES:
+    raise UserError(
+        f"T5Config.dtype is {config.dtype!r}; use one of {sorted(_DTYPES)}.")
+  if config.remat_policy != "none" and config.remat_policy not in _REMAT_POLICIES:
+    raise UserError(
+        f"T5Config.remat_policy is {config.remat_policy!r}; use one of "
+        f"{['none'] + sorted(_REMAT_POLICIES)}.")
+  for name in ("emb_dim", "num_heads", "head_dim", "mlp_dim",
+               "num_encoder_layers", "num_decoder_layers"):
+    if getattr(config, name) <= 0:
+      raise UserError(f"T5Config.{name} is {getattr(config, name)}; it must be "
+                      "a positive integer.")
+  if not 0.0 <= config.dropout_rate < 1.0:
+    raise UserError(f"T5Config.dropout_rate is {config.dropout_rate}; it must "
+                    "be in [0, 1).")
+
+
+def _check_tokens(name: str, tokens: Array) -> None:
+  if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
+    raise ValueError(f"{name} must be integer [batch, length]; got "
+                     f"{tokens.dtype}{list(tokens.shape)}.")
+
+
+def _dropout(config: T5Config, enable_dropout: bool, x: Array) -> Array:
+  return nn.Dropout(config.dropout_rate)(x, deterministic=not enable_dropout)
+
+
+def _attention(config: T5Config, enable_dropout: bool, name: str,
+               **kwargs) -> layers.MultiHeadAttention:
+  return layers.MultiHeadAttention(
+      num_heads=config.num_heads, head_dim=config.head_dim,
+      dtype=config.activation_dtype, dropout_rate=config.dropout_rate,
+      enable_dropout=enable_dropout, name=name, **kwargs)
+
+
+def _mlp(config: T5Config, enable_dropout: bool) -> layers.GatedGeluMlp:
+  return layers.GatedGeluMlp(
+      mlp_dim=config.mlp_dim, dtype=config.activation_dtype,
+      dropout_rate=config.dropout_rate, enable_dropout=enable_dropout,
+      name="mlp")
+
+
+class EncoderLayer(nn.Module):
+  """Pre-norm self-attention + MLP block.
+
+  Returns ``(x, None)`` so that the same module runs unrolled and under ``nn.scan``
+  (carry, per-layer output).
+  """
+  config: T5Config
+  enable_dropout: bool = False
+
+  @nn.compact
+  def __call__(self, x: Array, mask: Array, bias: Array) -> tuple[Array, None]:
+    """x [B, L, E], mask bool [B, 1, L, L], bias f32 [1, H, L, L] -> [B, L, E]."""
+    cfg, dtype = self.config, self.config.activation_dtype
+    h = layers.RMSNorm(dtype, name="pre_attention_layer_norm")(x)
+    h = _attention(cfg, self.enable_dropout, "attention")(h, h, mask, bias)
+    x = x + _dropout(cfg, self.enable_dropout, h)
+    h = layers.RMSNorm(dtype, name="pre_mlp_layer_norm")(x)
+    h = _mlp(cfg, self.enable_dropout)(h)
+    x = x + _dropout(cfg, self.enable_dropout, h)
+    return layers.constrain(x, _EMBED_AXES), None
+
+
+class DecoderLayer(nn.Module):
+  """Pre-norm causal self-attention + cross-attention + MLP block.
+
+  Attributes:
+    config: model hyperparameters.
+    enable_dropout: apply dropout.
+    decode: use/create the self-attention key/value cache.
+    decode_step: the cache exists and this call feeds one token.
+    max_decode_length: cache length when the cache is created (0: input length).
+  """
+  config: T5Config
+  enable_dropout: bool = False
+  decode: bool = False
+  decode_step: bool = False
+  max_decode_length: int = 0
+
+  @nn.compact
+  def __call__(self, y: Array, encoded: Array, self_mask: Array,
+               cross_mask: Array, bias: Array,
+               decode_index: Array) -> tuple[Array, None]:
+    """Runs one decoder layer.
+
+    Args:
+      y: [B, Ld, E] decoder stream.
+      encoded: [B, Le, E] encoder output.
+      self_mask: bool, broadcastable to [B, 1, Ld, Ld] ([.., 1, L_max] in a step).
+      cross_mask: bool, broadcastable to [B, 1, Ld, Le].
+      bias: float32 [1, H, Ld, Ld] ([1, H, 1, L_max] in a step).
+      decode_index: int32 [] cache write position (used only in a decode step).
+
+    Returns:
+      ([B, Ld, E], None).
+    """
+    cfg, dtype = self.config, self.config.activation_dtype
+    h = layers.RMSNorm(dtype, name="pre_self_attention_layer_norm")(y)
+    h = _attention(cfg, self.enable_dropout, "self_attention",
+                   decode=self.decode, decode_step=self.decode_step,
+                   max_decode_length=self.max_decode_length)(
+                       h, h, self_mask, bias, decode_index)
+    y = y + _dropout(cfg, self.enable_dropout, h)
+    h = layers.RMSNorm(dtype, name="pre_cross_attention_layer_norm")(y)
+    h = _attention(cfg, self.enable_dropout, "encoder_decoder_attention")(
+        h, encoded, cross_mask)
+    y = y + _dropout(cfg, self.enable_dropout, h)
+    h = layers.RMSNorm(dtype, name="pre_mlp_layer_norm")(y)
+    h = _mlp(cfg, self.enable_dropout)(h)
+    y = y + _dropout(cfg, self.enable_dropout, h)
+    return layers.constrain(y, _EMBED_AXES), None
+
+
+def _run_layers(layer_cls, num_layers: int, config: T5Config,
+                layer_kwargs: dict[str, Any], remat: bool, x: Array,
+                *args: Array) -> Array:
+  """Applies ``num_layers`` layers, unrolled or scanned, optionally rematerialized.
+
+  Must be called from inside a compact method: the layers become children of the
+  calling stack, named ``layers_0``.. (unrolled) or ``layers`` (scanned).
+  """
+  if remat and config.remat_policy != "none":
+    # Under scan, CSE across iterations cannot happen, and prevent_cse would only
+    # block optimizations (as the flax docs advise).
+    layer_cls = nn.remat(layer_cls,
+                         policy=_REMAT_POLICIES[config.remat_policy],
+                         prevent_cse=not config.scan_layers)
+  if config.scan_layers:
+    scanned = nn.scan(
+        layer_cls,
+        # Params stack on a leading layer axis. The cache stacks on axis 1 so that
+        # its batch axis stays first (beam search gathers along axis 0).
+        variable_axes={"params": 0, "cache": 1},
+        split_rngs={"params": True, "dropout": True},
+        in_axes=(nn.broadcast,) * len(args),
+        length=num_layers,
+        metadata_params={nn.PARTITION_NAME: "layers"})
+    x, _ = scanned(config=config, name="layers", **layer_kwargs)(x, *args)
+    return x
+  for i in range(num_layers):
+    x, _ = layer_cls(config=config, name=f"layers_{i}", **layer_kwargs)(x, *args)
+  return x
+
+
+class Encoder(nn.Module):
+  """Encoder stack: dropout, layers, final norm, dropout."""
+  config: T5Config
+
+  @nn.compact
+  def __call__(self, x: Array, mask: Array, *,
+               enable_dropout: bool = False) -> Array:
+    """Embedded inputs [B, L, E], mask bool [B, 1, L, L] -> [B, L, E] in dtype."""
+    cfg = self.config
+    length = x.shape[1]
+    positions = jnp.arange(length, dtype=jnp.int32)
+    bias = layers.RelativePositionBias(
+        num_heads=cfg.num_heads,
+        num_buckets=cfg.relative_attention_num_buckets,
+        max_distance=cfg.relative_attention_max_distance,
+        bidirectional=True, name="relpos_bias")(positions, positions)
+    x = _dropout(cfg, enable_dropout, x)
+    x = _run_layers(EncoderLayer, cfg.num_encoder_layers, cfg,
+                    {"enable_dropout": enable_dropout}, True, x, mask, bias)
+    x = layers.RMSNorm(cfg.activation_dtype, name="encoder_norm")(x)
+    x = _dropout(cfg, enable_dropout, x)
+    return layers.constrain(x, _EMBED_AXES)
+
+
+def _cached_length(cache: Any) -> int:
+  """L_max of an existing self-attention cache (axis -3 of any cached_key)."""
+  for path, leaf in jax.tree_util.tree_leaves_with_path(cache):
+    if getattr(path[-1], "key", None) == "cached_key":
+      return leaf.shape[-3]
+  raise ValueError("decode=True found a 'cache' without cached_key entries; "
+                   "create the cache with mtx.model.init_cache.")
+
+
+class Decoder(nn.Module):
+  """Decoder stack: dropout, layers, final norm, dropout, output projection."""
+  config: T5Config
+
+  @nn.compact
+  def __call__(self, y: Array, encoded: Array, cross_mask: Array,
+               decoder_segment_ids: Array | None = None, *,
+               enable_dropout: bool = False, decode: bool = False,
+               max_decode_length: int | None = None) -> Array:
+    """Embedded decoder inputs [B, Ld, E] -> float32 logits [B, Ld, V].
+
+    Args:
+      y: [B, Ld, E] embedded decoder inputs (Ld = 1 in a decode step).
+      encoded: [B, Le, E] encoder output.
+      cross_mask: bool, broadcastable to [B, 1, Ld, Le].
+      decoder_segment_ids: int32 [B, Ld] or None (see ``T5.decode``).
+      enable_dropout: apply dropout.
+      decode: use the 'cache' collection (see module docstring).
+      max_decode_length: cache length when the cache is created.
+
+    Returns:
+      float32 [B, Ld, V].
+    """
+    cfg = self.config
+    relpos = layers.RelativePositionBias(
+        num_heads=cfg.num_heads,
+        num_buckets=cfg.relative_attention_num_buckets,
+        max_distance=cfg.relative_attention_max_distance,
+        bidirectional=False, name="relpos_bias")
+    # A step needs a cache; the first decode=True call (e.g. init) creates one.
+    decode_step = decode and self.has_variable("cache", "cache_index")
+    if decode:
+      cache_index = self.variable("cache", "cache_index",
+                                  lambda: jnp.zeros((), jnp.int32))
+    if decode_step:
+      # Query: the current position; keys: every cache slot. Slots not yet
+      # written (after the current position) are masked out.
+      index = cache_index.value
+      cache_length = _cached_length(self.variables["cache"])
+      key_positions = jnp.arange(cache_length, dtype=jnp.int32)
+      bias = relpos(index[None], key_positions)  # [1, H, 1, L_max]
+      self_mask = (key_positions <= index)[None, None, None, :]
+    else:
+      index = jnp.zeros((), jnp.int32)
+      positions = jnp.arange(y.shape[1], dtype=jnp.int32)
+      bias = relpos(positions, positions)  # [1, H, Ld, Ld]
+      # Without segment ids every position is a real query: the decoder inputs
+      # start with token 0 (BOS = pad id in T5), so tokens cannot mark padding;
+      # causality alone keeps real positions from seeing the trailing padding.
+      valid = (jnp.ones(y.shape[:2], jnp.bool_) if decoder_segment_ids is None
+               else decoder_segment_ids > 0)
+      self_mask = layers.self_attention_mask(valid, decoder_segment_ids,
+                                             causal=True)
+
+    y = _dropout(cfg, enable_dropout, y)
+    layer_kwargs = {"enable_dropout": enable_dropout, "decode": decode,
+                    "decode_step": decode_step,
+                    "max_decode_length": max_decode_length or 0}
+    # Remat only pays off when there is a backward pass; decoding has none.
+    y = _run_layers(DecoderLayer, cfg.num_decoder_layers, cfg, layer_kwargs,
+                    not decode, y, encoded, self_mask, cross_mask, bias, index)
+    y = layers.RMSNorm(cfg.activation_dtype, name="decoder_norm")(y)
+    y = _dropout(cfg, enable_dropout, y)
+    logits = layers.VocabProjection(cfg.vocab_size, cfg.activation_dtype,
+                                    name="logits_dense")(y)
+    if decode_step:
+      cache_index.value = index + 1
+    return logits
+
+
+class T5(nn.Module):
+  """T5 v1.1 encoder-decoder.
+
+  Token id 0 is padding (and, in ``decoder_input_tokens``, also T5's start token).
+  Rows may pack several examples: segment ids (0 = padding, 1, 2, ... = example
+  within the row) then keep examples from attending to each other, so each packed
+  example gets the logits it would get alone.
+
+  Attributes:
+    config: model hyperparameters; ``vocab_size`` must be set (> 0).
+  """
+  config: T5Config
+
+  def setup(self):
+    _validate_config(self.config)
+    cfg = self.config
+    self.token_embedder = layers.Embed(cfg.vocab_size, cfg.emb_dim,
+                                       cfg.activation_dtype)
+    self.encoder = Encoder(cfg)
+    self.decoder = Decoder(cfg)
+
+  def encode(self, encoder_input_tokens: Array,
+             encoder_segment_ids: Array | None = None, *,
+             enable_dropout: bool = False) -> Array:
+    """Runs the encoder.
+
+    Args:
+      encoder_input_tokens: int32 [B, Le]; 0 is padding.
+      encoder_segment_ids: int32 [B, Le] or None. Attention is allowed between
+        equal nonzero segment ids; None treats each row as one example whose
+        padding is where tokens are 0.
+      enable_dropout: apply dropout (needs rng 'dropout').
+
+    Returns:
+      [B, Le, E] in the activation dtype.
+    """
+    _check_tokens("encoder_input_tokens", encoder_input_tokens)
+    valid = _encoder_valid(encoder_input_tokens, encoder_segment_ids)
+    mask = layers.self_attention_mask(valid, encoder_segment_ids)
+    x = self.token_embedder(encoder_input_tokens)
+    return self.encoder(x, mask, enable_dropout=enable_dropout)
+
+  def decode(self, encoded: Array, encoder_input_tokens: Array,
+             decoder_input_tokens: Array,
+             encoder_segment_ids: Array | None = None,
+             decoder_segment_ids: Array | None = None, *,
+             enable_dropout: bool = False, decode: bool = False,
+             max_decode_length: int | None = None) -> Array:
+    """Runs the decoder, teacher-forced or one step at a time.
+
+    Teacher-forced (``decode=False``): logits for every decoder position.
+    Decoder self-attention is causal and, with segment ids, within a segment;
+    cross-attention is to encoder positions of the same segment.
+
+    Incremental (``decode=True``, apply with ``mutable=['cache']``): if the
+    'cache' collection holds no cache yet, one is created (zeros, length
+    ``max_decode_length`` or Ld) and the call otherwise acts like the
+    teacher-forced one; ``init_cache`` does this cheaply. With a cache,
+    ``decoder_input_tokens`` is [B, 1], the token at position ``cache_index``;
+    the call writes its keys/values to the cache, advances ``cache_index`` and
+    returns the logits [B, 1, V] for the next token. Stepping past L_max is not
+    checked (it would overwrite the last slot): stop after L_max steps.
+
+    Args:
+      encoded: [B, Le, E] from ``encode``.
+      encoder_input_tokens: int32 [B, Le], for the cross-attention padding mask.
+      decoder_input_tokens: int32 [B, Ld], targets shifted right (start token 0).
+      encoder_segment_ids: int32 [B, Le] or None.
+      decoder_segment_ids: int32 [B, Ld] or None; given together with the
+        encoder ones for packed rows; not allowed with ``decode=True``.
+      enable_dropout: apply dropout (needs rng 'dropout').
+      decode: incremental decoding with the 'cache' collection.
+      max_decode_length: cache length when the cache is created.
+
+    Returns:
+      float32 logits [B, Ld, V].
+    """
+    _check_tokens("encoder_input_tokens", encoder_input_tokens)
+    _check_tokens("decoder_input_tokens", decoder_input_tokens)
+    if (encoder_segment_ids is None) != (decoder_segment_ids is None) and (
+        not decode):
+      raise ValueError("Packed inputs need both encoder_segment_ids and "
+                       "decoder_segment_ids (or neither).")
+    if decode and decoder_segment_ids is not None:
+      raise ValueError("decode=True decodes one example per row; pass "
+                       "decoder_segment_ids=None.")
+    enc_valid = _encoder_valid(encoder_input_tokens, encoder_segment_ids)
+    if decoder_segment_ids is None:
+      # One example per row: mask only the encoder's padding.
+      cross_mask = enc_valid[:, None, None, :]
+    else:
+      cross_mask = layers.cross_attention_mask(
+          decoder_segment_ids > 0, enc_valid, decoder_segment_ids,
+          encoder_segment_ids)
+    y = self.token_embedder(decoder_input_tokens)
+    return self.decoder(y, encoded, cross_mask, decoder_segment_ids,
+                        enable_dropout=enable_dropout, decode=decode,
+                        max_decode_length=max_decode_length)
+
+  def __call__(self, encoder_input_tokens: Array, decoder_input_tokens: Array,
+               encoder_segment_ids: Array | None = None,
+               decoder_segment_ids: Array | None = None,
+               encoder_positions: Array | None = None,
+               decoder_positions: Array | None = None, *,
+               enable_dropout: bool = False, decode: bool = False) -> Array:
+    """Encodes and decodes; float32 logits [B, Ld, V].
+
+    ``encoder_positions`` / ``decoder_positions`` (int32 [B, L], restarting at 0
+    in each packed segment) are accepted for the packed-batch interface but not
+    needed: relative position biases only use position differences, which
+    within a segment equal those of ``arange`` (as in T5X).
+    """
+    del encoder_positions, decoder_positions  # See docstring.
+    encoded = self.encode(encoder_input_tokens, encoder_segment_ids,
+                          enable_dropout=enable_dropout)
+    return self.decode(encoded, encoder_input_tokens, decoder_input_tokens,
+                       encoder_segment_ids, decoder_segment_ids,
+                       enable_dropout=enable_dropout, decode=decode)
+
+
+def _encoder_valid(tokens: Array, segment_ids: Array | None) -> Array:
+  """bool [B, L]: True at real encoder tokens."""
+  return tokens != 0 if segment_ids is None else segment_ids > 0
+
+
+def init_cache(config: T5Config, batch_size: int,
+               max_decode_length: int) -> Any:
+  """An empty decoding cache for ``T5(config).decode(..., decode=True)``.
+
+  Only shapes are traced (no parameters are initialized or run).
+
+  Args:
+    config: model hyperparameters.
+    batch_size: B (rows decoded together, e.g. batch * beams).
+    max_decode_length: L_max, the number of decoder positions the cache holds.
+
+  Returns:
+    The 'cache' collection: zeros, with ``cache_index`` 0; layout in the module
+    docstring.
+  """
+  model = T5(config)
+
+  def _init():
+    encoder_tokens = jnp.ones((batch_size, 1), jnp.int32)
+    decoder_tokens = jnp.zeros((batch_size, max_decode_length), jnp.int32)
+    return model.init(jax.random.key(0), encoder_tokens, decoder_tokens,
+                      decode=True)["cache"]
+
+  shapes = jax.eval_shape(_init)
+  return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
