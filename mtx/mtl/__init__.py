@@ -1,0 +1,79 @@
+"""mtx.mtl: multi-task weightings and gradient aggregators as Optax transforms.
+
+Compose them with any optax optimizer; ``update`` takes per-task gradients (a
+pytree shaped like params with a leading task axis k) and the extra args
+``task_losses`` f32[k], ``task_present`` bool[k] and ``key``::
+
+    tx = optax.chain(mtl.uncertainty_weighting(k), mtl.pcgrad(), optax.adamw(1e-3))
+    state = tx.init(params)
+    updates, state = tx.update(per_task_grads, state, params,
+                               task_losses=losses, task_present=present, key=key)
+
+Weightings (keep the task axis; gradient-free, so the trainer can use one
+gradient of sum_t w_t L_t, see ``needs_task_grads`` / ``combined_weights``):
+``static_weights``, ``uncertainty_weighting``, ``dwa``, ``rlw``, ``famo``.
+
+Aggregators (reduce the task axis): ``sum_tasks``, ``mean_tasks``, ``pcgrad``,
+``mgda``, ``cagrad``, ``imtl_g``, ``gradvac``, ``nash_mtl``, ``aligned_mtl``,
+``upgrad``, ``gradnorm``; ``masked`` limits one to some parameters.
+
+A list holding only weightings gets ``sum_tasks()`` appended by the trainer
+(``ensure_aggregator``). See ``mtx/mtl/base.py`` for the protocol.
+"""
+
+from mtx.mtl.aggregators import aligned_mtl
+from mtx.mtl.aggregators import cagrad
+from mtx.mtl.aggregators import gradnorm
+from mtx.mtl.aggregators import GradNormState
+from mtx.mtl.aggregators import gradvac
+from mtx.mtl.aggregators import GradVacState
+from mtx.mtl.aggregators import imtl_g
+from mtx.mtl.aggregators import mgda
+from mtx.mtl.aggregators import nash_mtl
+from mtx.mtl.aggregators import NashMTLState
+from mtx.mtl.aggregators import pcgrad
+from mtx.mtl.aggregators import PCGradState
+from mtx.mtl.aggregators import upgrad
+from mtx.mtl.base import AGGREGATOR
+from mtx.mtl.base import chain
+from mtx.mtl.base import combine
+from mtx.mtl.base import combined_weights
+from mtx.mtl.base import diagnostics
+from mtx.mtl.base import EmptyState
+from mtx.mtl.base import ensure_aggregator
+from mtx.mtl.base import gram
+from mtx.mtl.base import kind
+from mtx.mtl.base import masked
+from mtx.mtl.base import mean_tasks
+from mtx.mtl.base import needs_task_grads
+from mtx.mtl.base import sum_tasks
+from mtx.mtl.base import WEIGHTING
+from mtx.mtl.weighting import dwa
+from mtx.mtl.weighting import DWAState
+from mtx.mtl.weighting import famo
+from mtx.mtl.weighting import FAMOState
+from mtx.mtl.weighting import rlw
+from mtx.mtl.weighting import RLWState
+from mtx.mtl.weighting import static_weights
+from mtx.mtl.weighting import uncertainty_weighting
+from mtx.mtl.weighting import UncertaintyState
+
+# Every method factory, by the name gin and the docs use.
+METHODS = {
+    'sum_tasks': sum_tasks,
+    'mean_tasks': mean_tasks,
+    'static_weights': static_weights,
+    'uncertainty_weighting': uncertainty_weighting,
+    'dwa': dwa,
+    'rlw': rlw,
+    'famo': famo,
+    'gradnorm': gradnorm,
+    'pcgrad': pcgrad,
+    'mgda': mgda,
+    'cagrad': cagrad,
+    'imtl_g': imtl_g,
+    'gradvac': gradvac,
+    'nash_mtl': nash_mtl,
+    'aligned_mtl': aligned_mtl,
+    'upgrad': upgrad,
+}

@@ -1,0 +1,455 @@
+"""Aggregators: per-task gradients f32[k, ...] in, one gradient f32[...] out.
+
+Each factory returns an ``optax.GradientTransformationExtraArgs`` whose
+``update.mtl_kind == 'aggregator'``. The gradient-surgery methods compute the
+k-by-k Gram matrix of the present tasks' gradients once (``base.gram``), solve
+for task coefficients ``c`` f32[k] with a k-sized solver (``solvers``), and
+return ``sum_i c_i g_i`` (``base.combine``). Absent tasks have zero rows and
+columns in the Gram matrix and a zero coefficient.
+
+``sum_tasks`` and ``mean_tasks`` live in ``base``; GradNorm is here because it
+reads per-task gradient norms.
+"""
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from mtx.errors import UserError
+from mtx.mtl import base
+from mtx.mtl import solvers
+
+
+def _check_reduction(reduction):
+  if reduction not in ('sum', 'mean'):
+    raise UserError(f"reduction must be 'sum' or 'mean', not {reduction!r}.")
+
+
+def _reduce(w_rows, present, reduction):
+  """Sums (or averages) the per-task rows of present tasks: f32[k, k] -> f32[k]."""
+  p = present.astype(jnp.float32)
+  c = jnp.sum(w_rows * p[:, None], axis=0)
+  if reduction == 'mean':
+    c = c / jnp.maximum(jnp.sum(p), 1.0)
+  return c
+
+
+# -------------------------------------------------------------------- PCGrad
+
+
+class PCGradState(NamedTuple):
+  """``count`` i32[]: steps taken (folds a fallback key when none is given)."""
+  count: jax.Array
+
+
+def pcgrad(reduction: str = 'sum',
+           seed: int = 0) -> optax.GradientTransformationExtraArgs:
+  """PCGrad: project conflicting gradients (Yu et al. 2020, NeurIPS).
+
+  For each present task i, in a random order of the others (drawn per task from
+  the ``key`` extra arg), whenever ``<g_i^PC, g_j> < 0``::
+
+      g_i^PC <- g_i^PC - <g_i^PC, g_j> / |g_j|^2  g_j          (eq. 7)
+
+  always projecting onto the ORIGINAL ``g_j``. The update is
+  ``sum_i g_i^PC`` (the paper), or their mean with ``reduction='mean'``.
+  Computed exactly in the Gram basis (``solvers.pcgrad_coefficients``).
+
+  Shapes: per-task f32[k, ...] -> f32[...].
+
+  Args:
+    reduction: 'sum' (paper) or 'mean'.
+    seed: folds the key with the step count when no ``key`` is passed.
+
+  Returns:
+    An aggregator with state ``PCGradState``.
+  """
+  _check_reduction(reduction)
+
+  def init_fn(params):
+    del params
+    return PCGradState(count=jnp.zeros([], jnp.int32))
+
+  def solve(g, present, state, *, key, task_losses):
+    del task_losses
+    orders = solvers.task_orders(base.step_key(key, seed, state.count),
+                                 g.shape[0])
+    w_rows = solvers.pcgrad_coefficients(g, present, orders)
+    return (_reduce(w_rows, present, reduction),
+            PCGradState(count=state.count + 1))
+
+  return base.gram_aggregator(init_fn, solve)
+
+
+# --------------------------------------------------------------------- MGDA
+
+
+def mgda(iterations: int = 100) -> optax.GradientTransformationExtraArgs:
+  """MGDA: the min-norm point of the task gradients' convex hull.
+
+  Sener & Koltun 2018 ("Multi-Task Learning as Multi-Objective Optimization"),
+  after Desideri 2012::
+
+      lambda* = argmin_{lambda in simplex} |sum_i lambda_i g_i|^2
+      d = sum_i lambda*_i g_i
+
+  ``d`` is a descent direction for every task (or 0 at a Pareto-stationary
+  point). Solved on the Gram matrix by pairwise Frank-Wolfe with exact line
+  search, a fixed number of iterations (``solvers.min_norm_weights``).
+
+  Shapes: per-task f32[k, ...] -> f32[...]. Stateless (``base.EmptyState``).
+  """
+
+  def solve(g, present, state, *, key, task_losses):
+    del key, task_losses
+    return solvers.min_norm_weights(g, present, iterations), state
+
+  return base.gram_aggregator(base.init_empty, solve)
+
+
+# ------------------------------------------------------------------- CAGrad
+
+
+def cagrad(c: float = 0.4, rescale: bool = True,
+           iterations: int = 100) -> optax.GradientTransformationExtraArgs:
+  """CAGrad: conflict-averse gradient descent (Liu et al. 2021, NeurIPS).
+
+  With ``g_0`` the mean gradient of present tasks::
+
+      w* = argmin_{w in simplex} <g_w, g_0> + c |g_0| |g_w|,  g_w = sum w_i g_i
+      d  = g_0 + c |g_0| / |g_w*| g_w*
+
+  the direction within the ball ``|d - g_0| <= c |g_0|`` that maximizes the worst
+  task's improvement. With ``rescale`` (the authors' default) d is divided by
+  ``1 + c^2``. ``c = 0`` gives the mean gradient.
+
+  Shapes: per-task f32[k, ...] -> f32[...]. Stateless.
+
+  Args:
+    c: radius of the ball, relative to |g_0|.
+    rescale: divide by 1 + c^2.
+    iterations: Frank-Wolfe iterations of the inner problem.
+  """
+  if c < 0:
+    raise UserError(f'cagrad: c must be >= 0, not {c}.')
+
+  def solve(g, present, state, *, key, task_losses):
+    del key, task_losses
+    p = present.astype(jnp.float32)
+    mean = p / jnp.maximum(jnp.sum(p), 1.0)
+    w = solvers.cagrad_weights(g, present, c, iterations)
+    norm0 = jnp.sqrt(jnp.maximum(mean @ g @ mean, 0.0))
+    norm_w = jnp.sqrt(jnp.maximum(w @ g @ w, 0.0))
+    lam = jnp.where(norm_w > 0, c * norm0 / jnp.where(norm_w > 0, norm_w, 1.0),
+                    0.0)
+    coef = mean + lam * w
+    if rescale:
+      coef = coef / (1.0 + c**2)
+    return coef, state
+
+  return base.gram_aggregator(base.init_empty, solve)
+
+
+# ------------------------------------------------------------------- IMTL-G
+
+
+def imtl_g() -> optax.GradientTransformationExtraArgs:
+  """IMTL-G: impartial gradients (Liu et al. 2021, ICLR, "Towards Impartial MTL").
+
+  ``d = sum_t alpha_t g_t`` with ``sum_t alpha_t = 1`` and equal projections
+  ``<d, g_t / |g_t|>`` on every task: ``alpha = G^+ n / (1^T G^+ n)``,
+  ``n_t = |g_t|`` (``solvers.imtl_g_weights``).
+
+  Shapes: per-task f32[k, ...] -> f32[...]. Stateless.
+  """
+
+  def solve(g, present, state, *, key, task_losses):
+    del key, task_losses
+    return solvers.imtl_g_weights(g, present), state
+
+  return base.gram_aggregator(base.init_empty, solve)
+
+
+# ------------------------------------------------------------------- GradVac
+
+
+class GradVacState(NamedTuple):
+  """``targets`` f32[k, k]: running cosine targets phi_hat[i, j] (init 0);
+  ``count`` i32[]: steps taken (fallback key)."""
+  targets: jax.Array
+  count: jax.Array
+
+
+def gradvac(num_tasks: int, beta: float = 0.01, reduction: str = 'sum',
+            seed: int = 0) -> optax.GradientTransformationExtraArgs:
+  """Gradient Vaccine (Wang et al. 2021, ICLR), at whole-model granularity.
+
+  PCGrad generalized to a positive target similarity: for each task i and each
+  j != i in a random order, with ``phi = cos(g_i', g_j)`` and target
+  ``phi_hat_ij``, if ``phi < phi_hat_ij``::
+
+      g_i' += |g_i'| (phi_hat sqrt(1-phi^2) - phi sqrt(1-phi_hat^2))
+              / (|g_j| sqrt(1-phi_hat^2)) g_j
+
+  then ``phi_hat_ij <- (1 - beta) phi_hat_ij + beta phi``. The update is
+  ``sum_i g_i'`` (or the mean). Limit it to some layers with ``masked``.
+
+  Shapes: per-task f32[k, ...] -> f32[...].
+
+  Args:
+    num_tasks: k.
+    beta: EMA rate of the targets.
+    reduction: 'sum' or 'mean'.
+    seed: folds the fallback key.
+
+  Returns:
+    An aggregator with state ``GradVacState``.
+  """
+  _check_reduction(reduction)
+
+  def init_fn(params):
+    del params
+    return GradVacState(targets=jnp.zeros((num_tasks, num_tasks), jnp.float32),
+                        count=jnp.zeros([], jnp.int32))
+
+  def solve(g, present, state, *, key, task_losses):
+    del task_losses
+    _check_k('gradvac', num_tasks, g.shape[0])
+    orders = solvers.task_orders(base.step_key(key, seed, state.count),
+                                 g.shape[0])
+    w_rows, targets = solvers.gradvac_coefficients(g, present, orders,
+                                                   state.targets, beta)
+    return (_reduce(w_rows, present, reduction),
+            GradVacState(targets=targets, count=state.count + 1))
+
+  return base.gram_aggregator(init_fn, solve)
+
+
+def _check_k(who, num_tasks, k):
+  if num_tasks != k:
+    raise UserError(f'{who} was built with num_tasks={num_tasks} but got '
+                    f'per-task gradients for {k} tasks; set num_tasks={k}.')
+
+
+# ----------------------------------------------------------------- Nash-MTL
+
+
+class NashMTLState(NamedTuple):
+  """``weights`` f32[k]: the last solved alpha (init 1), reused between solves
+  and as the warm start; ``count`` i32[]: steps taken."""
+  weights: jax.Array
+  count: jax.Array
+
+
+def nash_mtl(num_tasks: int, update_every: int = 1,
+             iterations: int = 20) -> optax.GradientTransformationExtraArgs:
+  """Nash-MTL: multi-task learning as a bargaining game (Navon et al. 2022).
+
+  The Nash bargaining solution ``d = sum_i alpha_i g_i`` with ``alpha > 0``
+  solving ``G alpha = 1 / alpha`` (their eq. 3; here on ``G / |G|_F``, see
+  ``solvers.nash_weights``). Every ``update_every`` steps alpha is solved
+  again; in between, the alpha stored in the state is reused and no Gram
+  matrix is computed (the authors' cheaper variant). If a solve fails (not
+  finite), the previous alpha is kept. The authors clip the update's norm; put
+  ``optax.clip_by_global_norm`` after it in the chain for that.
+
+  Shapes: per-task f32[k, ...] -> f32[...].
+
+  Args:
+    num_tasks: k.
+    update_every: solve every this many steps (1: every step).
+    iterations: damped Newton iterations per solve.
+
+  Returns:
+    An aggregator with state ``NashMTLState``.
+  """
+  if update_every < 1:
+    raise UserError(f'nash_mtl: update_every must be >= 1, not {update_every}.')
+
+  def init_fn(params):
+    del params
+    return NashMTLState(weights=jnp.ones((num_tasks,), jnp.float32),
+                        count=jnp.zeros([], jnp.int32))
+
+  def update_fn(updates, state, params=None, *, task_present=None,
+                **extra_args):
+    del params, extra_args
+    k = base.num_tasks_of(updates)
+    _check_k('nash_mtl', num_tasks, k)
+    p = base.presence(task_present, k)
+
+    def fresh(_):
+      g = base.masked_gram(updates, p)
+      alpha, ok = solvers.nash_weights(g, p, state.weights, iterations)
+      return jnp.where(ok & p, alpha, state.weights)
+
+    if update_every == 1:
+      alpha = fresh(None)
+    else:
+      alpha = jax.lax.cond(state.count % update_every == 0, fresh,
+                           lambda _: state.weights, None)
+    out = base.combine(updates, jnp.where(p, alpha, 0.0))
+    return out, NashMTLState(weights=alpha, count=state.count + 1)
+
+  base.mark_aggregator(update_fn)
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+# -------------------------------------------------------------- Aligned-MTL
+
+
+def aligned_mtl() -> optax.GradientTransformationExtraArgs:
+  """Aligned-MTL (Senushkin et al. 2023, CVPR, "Independent Component Alignment").
+
+  Replaces the task gradients by the closest orthogonal system with equal norms
+  ``sqrt(lambda_min(G))`` (condition number 1) and sums it:
+  ``d = sum_i g_hat_i``, ``g_hat = sqrt(lambda_min) V Lambda^{-1/2} V^T g``
+  (``solvers.aligned_mtl_weights``).
+
+  Shapes: per-task f32[k, ...] -> f32[...]. Stateless.
+  """
+
+  def solve(g, present, state, *, key, task_losses):
+    del key, task_losses
+    return solvers.aligned_mtl_weights(g, present), state
+
+  return base.gram_aggregator(base.init_empty, solve)
+
+
+# ------------------------------------------------------------------- UPGrad
+
+
+def upgrad(iterations: int = 100,
+           reg: float = 0.0) -> optax.GradientTransformationExtraArgs:
+  """UPGrad (Quinton & Rey 2024, "Jacobian Descent for Multi-Objective Opt.").
+
+  Projects each task gradient onto the dual cone of all of them,
+  ``{x : <x, g_j> >= 0 for all j}``, and averages the projections:
+  ``d = (1/|P|) sum_i pi(g_i)``, with ``pi(g_i) = sum_j w^(i)_j g_j`` and
+  ``w^(i) = argmin_{v >= e_i} v^T G v`` (``solvers.upgrad_weights``). ``d`` has
+  a non-negative inner product with every task gradient, and equals the mean
+  gradient when no pair conflicts.
+
+  Shapes: per-task f32[k, ...] -> f32[...]. Stateless.
+
+  Args:
+    iterations: coordinate-descent sweeps per projection.
+    reg: ridge on the normalized Gram matrix (0: exact).
+  """
+
+  def solve(g, present, state, *, key, task_losses):
+    del key, task_losses
+    return solvers.upgrad_weights(g, present, iterations, reg), state
+
+  return base.gram_aggregator(base.init_empty, solve)
+
+
+# ------------------------------------------------------------------ GradNorm
+
+
+class GradNormState(NamedTuple):
+  """``weights`` f32[k] (init 1, sum kept at k); ``initial_losses`` f32[k]:
+  L_i(0), the loss when task i was first present; ``has_initial`` bool[k];
+  ``opt_state``: Adam's state for the weights."""
+  weights: jax.Array
+  initial_losses: jax.Array
+  has_initial: jax.Array
+  opt_state: Any
+
+
+def gradnorm(num_tasks: int, alpha: float = 1.5, lr: float = 0.025,
+             mask: base.Mask = None) -> optax.GradientTransformationExtraArgs:
+  """GradNorm (Chen et al. 2018, ICML): balance gradient norms by loss ratios.
+
+  Learnable weights w (state). On the parameters W selected by ``mask``, with
+  ``G_i = w_i |grad_W L_i|``, ``G_bar`` their mean, ``r_i = L~_i / mean(L~)``
+  and ``L~_i = L_i(t) / L_i(0)``::
+
+      L_grad = sum_i | G_i - G_bar r_i^alpha |        (target held constant)
+      dL_grad/dw_i = sign(G_i - G_bar r_i^alpha) |grad_W L_i|
+
+  The step returns ``sum_i w_i g_i`` with the current w, then takes one Adam
+  step (learning rate ``lr``) on w, floors it at 1e-3 and renormalizes the
+  present tasks' weights to keep their sum (so sum w = k, as in the paper).
+  Absent tasks' weights are untouched. The method assumes positive losses (as
+  cross-entropy is): a task whose first loss is not positive keeps ratio 1, and
+  negative ratios are clipped to 0.
+
+  ``mask`` selects W. The default (None) is every parameter: in a T5-style
+  text-to-text model every layer is shared by all tasks, and the per-task
+  squared norms cost one pass over the gradients, like the combine itself. To
+  follow the paper's "last shared layer", pass a regex on the '/'-joined
+  parameter path (e.g. ``'decoder/final_layer_norm'``), a callable on that path,
+  or a pytree of bools.
+
+  Shapes: per-task f32[k, ...] -> f32[...]. Needs ``task_losses``.
+
+  Args:
+    num_tasks: k.
+    alpha: the asymmetry hyperparameter.
+    lr: Adam learning rate of the weights.
+    mask: which parameters the gradient norms are taken on.
+
+  Returns:
+    An aggregator with state ``GradNormState``.
+  """
+  opt = optax.adam(lr)
+
+  def init_fn(params):
+    del params
+    w = jnp.ones((num_tasks,), jnp.float32)
+    return GradNormState(weights=w,
+                         initial_losses=jnp.ones((num_tasks,), jnp.float32),
+                         has_initial=jnp.zeros((num_tasks,), bool),
+                         opt_state=opt.init(w))
+
+  def update_fn(updates, state, params=None, *, task_losses=None,
+                task_present=None, **extra_args):
+    del params, extra_args
+    k = base.num_tasks_of(updates)
+    _check_k('gradnorm', num_tasks, k)
+    p = base.presence(task_present, k)
+    pf = p.astype(jnp.float32)
+    losses = jnp.where(p, base.losses_of(task_losses, k, 'gradnorm'), 1.0)
+
+    m = base.leaf_mask(mask, updates)
+    if not any(jax.tree_util.tree_leaves(m)):
+      raise UserError('gradnorm: its mask selects no parameter; pass a mask '
+                      'that matches at least one parameter path.')
+    sq = jnp.zeros((k,), jnp.float32)
+    for g, keep in zip(jax.tree_util.tree_leaves(updates),
+                       jax.tree_util.tree_leaves(m)):
+      if keep:
+        sq = sq + jnp.sum(jnp.square(g.astype(jnp.float32)),
+                          axis=tuple(range(1, g.ndim)))
+    norms = jnp.where(p, jnp.sqrt(sq), 0.0)
+
+    first = p & ~state.has_initial
+    initial = jnp.where(first, losses, state.initial_losses)
+    n = jnp.maximum(jnp.sum(pf), 1.0)
+    w = state.weights
+    weighted = w * norms
+    mean_norm = jnp.sum(weighted * pf) / n
+    ratio = jnp.where(p & (initial > 0), losses / jnp.where(initial > 0,
+                                                            initial, 1.0), 1.0)
+    # Loss ratios below 0 (a loss that crossed zero) count as fully trained.
+    ratio = jnp.maximum(ratio, 0.0)
+    rel = ratio / jnp.maximum(jnp.sum(ratio * pf) / n, 1e-12)
+    target = mean_norm * rel**alpha
+    grad_w = jnp.where(p, jnp.sign(weighted - target) * norms, 0.0)
+
+    step, opt_state = opt.update(grad_w, state.opt_state, w)
+    new_w = jnp.where(p, jnp.maximum(w + step, 1e-3), w)
+    old_sum = jnp.sum(w * pf)
+    new_sum = jnp.sum(new_w * pf)
+    new_w = jnp.where(p, new_w * old_sum / jnp.maximum(new_sum, 1e-12), w)
+
+    out = base.combine(updates, jnp.where(p, w, 0.0))
+    return out, GradNormState(weights=new_w, initial_losses=initial,
+                              has_initial=state.has_initial | p,
+                              opt_state=opt_state)
+
+  base.mark_aggregator(update_fn)
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)

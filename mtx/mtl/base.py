@@ -1,0 +1,491 @@
+"""The mtl protocol: per-task gradients in, Optax transforms, shared helpers.
+
+Every method in ``mtx.mtl`` is an ``optax.GradientTransformationExtraArgs``
+whose ``update`` takes **per-task gradients**: a pytree shaped like the
+parameters with a leading task axis of size k (float32)::
+
+    params          {'w': f32[3, 4], 'b': f32[4]}
+    per_task_grads  {'w': f32[k, 3, 4], 'b': f32[k, 4]}
+
+``update(updates, state, params=None, **extra_args)`` reads these extra
+arguments (all optional; unknown ones are ignored):
+
+  task_losses:  f32[k], the mean loss of each task in this batch.
+  task_present: bool[k], False for a task with no rows in this batch. An absent
+    task contributes nothing, nothing is projected on it, and its learnable or
+    running state is left untouched. Default: every task present. The rows of
+    absent tasks in ``per_task_grads`` must be finite (the trainer gives zeros).
+  key:          a jax PRNG key for this step (random orders, random weights).
+    Transforms that need randomness fall back to a key folded from their own
+    step counter and ``seed`` when none is given.
+
+There are two kinds of transform, told apart by attributes of ``update``:
+
+  weighting  (``update.mtl_kind == 'weighting'``) scales along the task axis
+    and keeps it: ``update`` returns ``w[:, None, ...] * updates``. It also
+    carries ``update.mtl_weights``, a function
+    ``(state, *, task_losses, task_present, key) -> (w f32[k], new_state)``
+    that never looks at gradients. When every transform has ``mtl_weights``
+    (see ``needs_task_grads``), the trainer takes the cheap path: it calls
+    ``combined_weights`` and then takes ONE gradient of ``sum_t w_t L_t``
+    instead of k gradients. Both paths give the same update and share one state.
+  aggregator (``update.mtl_kind == 'aggregator'``) reduces the task axis away
+    and hands an ordinary gradient, shaped like params, to the rest of the chain.
+
+A user's list of mtl transforms is ``optax.chain``-ed before the optimizer. If it
+holds only weightings, the trainer appends ``sum_tasks()`` so that the optimizer
+receives a gradient shaped like params (``ensure_aggregator`` does this).
+
+Most gradient-surgery methods are a weighting of the task gradients computed
+from the k-by-k Gram matrix ``G_ij = <g_i, g_j>``: ``gram`` computes it once (one
+contraction per leaf, float32), a k-sized solver gives coefficients ``c f32[k]``,
+and ``combine`` forms ``sum_i c_i g_i``.
+"""
+
+import re
+from typing import Any, Callable, NamedTuple, Optional, Sequence, Union
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from mtx.errors import UserError
+
+PyTree = Any
+# A mask selects parameter leaves: None (all), a regex searched in the leaf's
+# '/'-joined path (e.g. 'decoder/.*final_layer_norm'), a callable taking that
+# path string and returning a bool, or a pytree of bools (or a prefix of one).
+Mask = Union[None, str, Callable[[str], bool], PyTree]
+
+WEIGHTING = 'weighting'
+AGGREGATOR = 'aggregator'
+
+chain = optax.chain
+
+
+# ------------------------------------------------------------------ protocol
+
+
+def weighting_transform(
+    init_fn: Callable[[PyTree], NamedTuple],
+    weights_fn: Callable[..., tuple[jax.Array, NamedTuple]],
+) -> optax.GradientTransformationExtraArgs:
+  """Builds a weighting transform from its (gradient-free) weights function.
+
+  Args:
+    init_fn: ``params -> state``.
+    weights_fn: ``(state, *, task_losses, task_present, key) -> (w, state)``
+      with ``w`` f32[k]; zero for absent tasks.
+
+  Returns:
+    A transform whose update returns ``w[:, None, ...] * updates`` and whose
+    ``update.mtl_kind`` / ``update.mtl_weights`` mark it as a weighting.
+  """
+
+  def update_fn(updates, state, params=None, *, task_losses=None,
+                task_present=None, key=None, **extra_args):
+    del params, extra_args
+    w, new_state = weights_fn(state, task_losses=task_losses,
+                              task_present=task_present, key=key)
+    k = num_tasks_of(updates)
+    if w.shape != (k,):
+      raise UserError(
+          f'A weighting produced weights of shape {w.shape} for per-task '
+          f'gradients with {k} tasks; set its num_tasks to {k}.')
+    return scale_tasks(updates, w), new_state
+
+  update_fn.mtl_kind = WEIGHTING
+  update_fn.mtl_weights = weights_fn
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def mark_aggregator(update_fn, weights_fn=None):
+  """Marks ``update_fn`` as an aggregator; ``weights_fn`` if gradient-free."""
+  update_fn.mtl_kind = AGGREGATOR
+  if weights_fn is not None:
+    update_fn.mtl_weights = weights_fn
+  return update_fn
+
+
+def kind(transform) -> Optional[str]:
+  """'weighting', 'aggregator', or None for a plain optax transform."""
+  return getattr(transform.update, 'mtl_kind', None)
+
+
+def needs_task_grads(transforms: Sequence[optax.GradientTransformation]) -> bool:
+  """Whether the chain of ``transforms`` needs one gradient per task.
+
+  False iff every transform has a gradient-free weights function: every
+  weighting, plus ``sum_tasks()`` and ``mean_tasks()``, which are aggregators
+  whose result is also a fixed weighting (so a list of weightings followed by the
+  appended ``sum_tasks()`` still takes the cheap path). An empty list needs none.
+  """
+  return not all(
+      getattr(t.update, 'mtl_weights', None) is not None for t in transforms)
+
+
+def ensure_aggregator(transforms: Sequence[optax.GradientTransformation]):
+  """Returns ``transforms`` with ``sum_tasks()`` appended if none aggregates.
+
+  A list that ends in weightings would hand the optimizer a gradient that still
+  has the task axis; summing over tasks afterwards is what ``sum_t w_t L_t`` means.
+  A plain optax transform (no ``mtl_kind``) is assumed to aggregate.
+  """
+  transforms = tuple(transforms)
+  if transforms and kind(transforms[-1]) != WEIGHTING:
+    return transforms
+  return transforms + (sum_tasks(),)
+
+
+def combined_weights(transforms, states, *, task_losses, task_present=None,
+                     key=None):
+  """The cheap path: the product of the transforms' task weights.
+
+  Args:
+    transforms: the mtl transforms, each with ``update.mtl_weights`` (see
+      ``needs_task_grads``).
+    states: their states as a tuple in transform order, the layout of
+      ``optax.chain(*transforms).init(params)``.
+    task_losses: f32[k].
+    task_present: bool[k] or None (all present).
+    key: PRNG key, given to every transform, as ``optax.chain`` does.
+
+  Returns:
+    ``(w f32[k], new_states)``: the gradient of ``sum_t w_t L_t`` equals what the
+    chain produces from per-task gradients, and ``new_states`` equals its state.
+  """
+  if len(transforms) != len(states):
+    raise UserError(
+        f'combined_weights got {len(transforms)} transforms but {len(states)} '
+        'states; pass the state of optax.chain(*transforms).')
+  task_losses = jnp.asarray(task_losses, jnp.float32)
+  w = jnp.ones(task_losses.shape, jnp.float32)
+  new_states = []
+  for t, s in zip(transforms, states):
+    fn = getattr(t.update, 'mtl_weights', None)
+    if fn is None:
+      raise UserError(
+          'combined_weights needs transforms whose weights do not depend on '
+          'gradients (weightings, sum_tasks, mean_tasks); use the per-task '
+          'gradient path when needs_task_grads(transforms) is True.')
+    wt, s = fn(s, task_losses=task_losses, task_present=task_present, key=key)
+    w = w * wt
+    new_states.append(s)
+  return w, tuple(new_states)
+
+
+# ------------------------------------------------------------ array helpers
+
+
+def num_tasks_of(per_task_grads: PyTree) -> int:
+  """The size of the leading task axis, checked equal across leaves."""
+  leaves = jax.tree_util.tree_leaves(per_task_grads)
+  if not leaves:
+    raise UserError('Per-task gradients have no leaves; nothing to aggregate.')
+  sizes = {x.shape[0] if x.ndim else None for x in leaves}
+  if len(sizes) != 1 or None in sizes:
+    raise UserError(
+        'Per-task gradients must have the same leading task axis on every '
+        f'leaf; got leading sizes {sorted(map(str, sizes))}.')
+  return sizes.pop()
+
+
+def presence(task_present, k: int) -> jax.Array:
+  """``task_present`` as bool[k]; all True when None."""
+  if task_present is None:
+    return jnp.ones((k,), bool)
+  p = jnp.asarray(task_present).astype(bool)
+  if p.shape != (k,):
+    raise UserError(f'task_present has shape {p.shape}; expected ({k},).')
+  return p
+
+
+def losses_of(task_losses, k: int, who: str) -> jax.Array:
+  """``task_losses`` as f32[k], or a UserError naming the transform ``who``."""
+  if task_losses is None:
+    raise UserError(
+        f'{who} needs task losses: pass task_losses=f32[{k}] to update().')
+  losses = jnp.asarray(task_losses, jnp.float32)
+  if losses.shape != (k,):
+    raise UserError(f'{who}: task_losses has shape {losses.shape}; '
+                    f'expected ({k},).')
+  return losses
+
+
+def step_key(key, seed: int, count: jax.Array) -> jax.Array:
+  """``key`` if given, else a key folded from ``seed`` and a step counter."""
+  if key is not None:
+    return key
+  return jax.random.fold_in(jax.random.PRNGKey(seed), count)
+
+
+def scale_tasks(per_task_grads: PyTree, w: jax.Array) -> PyTree:
+  """``w[:, None, ...] * g`` on every leaf; the task axis is kept."""
+
+  def scale(g):
+    return w.reshape((-1,) + (1,) * (g.ndim - 1)).astype(g.dtype) * g
+
+  return jax.tree_util.tree_map(scale, per_task_grads)
+
+
+def gram(per_task_grads: PyTree) -> jax.Array:
+  """The Gram matrix of the task gradients, f32[k, k].
+
+  ``G_ij = sum over leaves of <g_i, g_j>``, one contraction over all non-task
+  dimensions per leaf (``einsum('iab,jab->ij')`` for a 2-d leaf), accumulated in
+  float32 at highest precision.
+  """
+  k = num_tasks_of(per_task_grads)
+  total = jnp.zeros((k, k), jnp.float32)
+  letters = 'abcdefghmnopqrstuvwxyz'
+  for g in jax.tree_util.tree_leaves(per_task_grads):
+    dims = letters[:g.ndim - 1]
+    total = total + jnp.einsum(
+        f'i{dims},j{dims}->ij', g, g,
+        precision=jax.lax.Precision.HIGHEST,
+        preferred_element_type=jnp.float32)
+  return total
+
+
+def masked_gram(per_task_grads: PyTree, present: jax.Array) -> jax.Array:
+  """``gram`` with the rows and columns of absent tasks set to zero."""
+  g = gram(per_task_grads)
+  both = present[:, None] & present[None, :]
+  return jnp.where(both, g, 0.0)
+
+
+def combine(per_task_grads: PyTree, c: jax.Array) -> PyTree:
+  """``sum_i c_i g_i``: f32[k] coefficients -> a tree shaped like params."""
+
+  def comb(g):
+    out = jnp.tensordot(c.astype(jnp.float32), g, axes=1,
+                        precision=jax.lax.Precision.HIGHEST)
+    return out.astype(g.dtype)
+
+  return jax.tree_util.tree_map(comb, per_task_grads)
+
+
+def diagnostics(per_task_grads: PyTree, task_present=None, *,
+                gram_matrix: Optional[jax.Array] = None) -> dict[str, jax.Array]:
+  """Per-task gradient statistics for logging.
+
+  Args:
+    per_task_grads: tree with a leading task axis k.
+    task_present: bool[k] or None (all present).
+    gram_matrix: an already computed ``gram(per_task_grads)`` to reuse.
+
+  Returns:
+    ``grad_norm`` f32[k] (0 for absent tasks); ``grad_cos`` f32[k, k], the
+    pairwise cosines (0 where either task is absent or has a zero gradient, 1 on
+    the diagonal of present non-zero tasks); ``conflict_frac`` f32[], the
+    fraction of pairs i < j of present tasks whose cosine is negative (0 when
+    fewer than two tasks are present).
+  """
+  k = num_tasks_of(per_task_grads)
+  p = presence(task_present, k)
+  g = gram(per_task_grads) if gram_matrix is None else gram_matrix
+  g = jnp.where(p[:, None] & p[None, :], g, 0.0)
+  norm = jnp.sqrt(jnp.maximum(jnp.diag(g), 0.0))
+  denom = norm[:, None] * norm[None, :]
+  cos = jnp.where(denom > 0, g / jnp.where(denom > 0, denom, 1.0), 0.0)
+  upper = jnp.triu(jnp.ones((k, k), bool), 1) & p[:, None] & p[None, :]
+  pairs = jnp.sum(upper)
+  conflicts = jnp.sum(upper & (cos < 0))
+  frac = jnp.where(pairs > 0, conflicts / jnp.maximum(pairs, 1), 0.0)
+  return {'grad_norm': norm, 'grad_cos': cos,
+          'conflict_frac': frac.astype(jnp.float32)}
+
+
+# ------------------------------------------------------------------ masking
+
+
+def _path_str(path) -> str:
+  return jax.tree_util.keystr(path, simple=True, separator='/')
+
+
+def leaf_mask(mask: Mask, tree: PyTree) -> PyTree:
+  """Resolves ``mask`` against ``tree``: a tree of Python bools, one per leaf."""
+  if mask is None:
+    return jax.tree_util.tree_map(lambda _: True, tree)
+  if isinstance(mask, str):
+    pattern = re.compile(mask)
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: bool(pattern.search(_path_str(path))), tree)
+  if callable(mask):
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: bool(mask(_path_str(path))), tree)
+  try:
+    return jax.tree_util.tree_map(
+        lambda m, sub: jax.tree_util.tree_map(lambda _: bool(m), sub),
+        mask, tree)
+  except (ValueError, TypeError) as e:
+    raise UserError(
+        'A parameter mask must be None, a regex string, a callable on the '
+        "'/'-joined parameter path, or a pytree of bools shaped like params "
+        f'(or a prefix of it); it did not match the parameters: {e}') from e
+
+
+def _select(tree: PyTree, m: PyTree) -> PyTree:
+  return jax.tree_util.tree_map(
+      lambda x, keep: x if keep else optax.MaskedNode(), tree, m)
+
+
+def masked(inner: optax.GradientTransformation,
+           mask: Mask) -> optax.GradientTransformationExtraArgs:
+  """Limits an aggregating transform to some parameters, along the task axis.
+
+  Like ``optax.masked``, but for per-task gradients: leaves selected by ``mask``
+  go through ``inner`` together (so a Gram matrix, a projection or a norm inside
+  ``inner`` sees those leaves only), and every other leaf is **summed over
+  tasks** (what ``sum_tasks()`` does). The PCGrad paper applies surgery to shared
+  parameters only; ``masked(pcgrad(), 'encoder/')`` does that. ``inner`` must
+  reduce the task axis (an aggregator, or a chain ending in one); extra args are
+  passed through to it.
+
+      per_task {'enc': f32[k, d1], 'head': f32[k, d2]}, mask {'enc': True, 'head': False}
+      out      {'enc': inner({'enc': ...})['enc'] f32[d1], 'head': sum_t head[t] f32[d2]}
+
+  Args:
+    inner: the transform applied to the selected leaves.
+    mask: see ``Mask``: None, a regex on the '/'-joined parameter path, a
+      callable on that path, or a pytree of bools (or a prefix of one).
+
+  Returns:
+    An aggregator; its state is ``inner``'s state on the selected parameters.
+  """
+  inner = optax.with_extra_args_support(inner)
+
+  def init_fn(params):
+    return inner.init(_select(params, leaf_mask(mask, params)))
+
+  def update_fn(updates, state, params=None, **extra_args):
+    m = leaf_mask(mask, updates)
+    sub_params = None if params is None else _select(params, m)
+    inner_out, new_state = inner.update(_select(updates, m), state, sub_params,
+                                        **extra_args)
+    flat, treedef = jax.tree_util.tree_flatten(updates)
+    keep = jax.tree_util.tree_leaves(m)
+    inner_leaves = iter(jax.tree_util.tree_leaves(inner_out))
+    out = []
+    for g, kept in zip(flat, keep):
+      if kept:
+        r = next(inner_leaves)
+        if r.shape != g.shape[1:]:
+          raise UserError(
+              f'masked(): the inner transform returned a leaf of shape {r.shape} '
+              f'for per-task gradients of shape {g.shape}; the inner transform '
+              'must be an aggregator (reduce the task axis).')
+        out.append(r)
+      else:
+        out.append(jnp.sum(g, axis=0))
+    return treedef.unflatten(out), new_state
+
+  mark_aggregator(update_fn)
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+# ---------------------------------------------------- gram-based aggregators
+
+
+def gram_aggregator(
+    init_fn: Callable[[PyTree], NamedTuple],
+    solve: Callable[..., tuple[jax.Array, NamedTuple]],
+) -> optax.GradientTransformationExtraArgs:
+  """An aggregator ``sum_i c_i g_i`` with ``c`` solved from the Gram matrix.
+
+  Args:
+    init_fn: ``params -> state``.
+    solve: ``(G f32[k,k], present bool[k], state, *, key, task_losses) ->
+      (c f32[k], new_state)``; ``G`` has zero rows/columns for absent tasks.
+
+  Returns:
+    The aggregator transform.
+  """
+
+  def update_fn(updates, state, params=None, *, task_present=None, key=None,
+                task_losses=None, **extra_args):
+    del params, extra_args
+    p = presence(task_present, num_tasks_of(updates))
+    g = masked_gram(updates, p)
+    c, new_state = solve(g, p, state, key=key, task_losses=task_losses)
+    c = jnp.where(p, c, 0.0)
+    return combine(updates, c), new_state
+
+  mark_aggregator(update_fn)
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+class EmptyState(NamedTuple):
+  """State of a stateless transform."""
+
+
+class CountState(NamedTuple):
+  """A step counter ``count`` i32[], used to fold a fallback PRNG key."""
+  count: jax.Array
+
+
+def init_empty(params) -> EmptyState:
+  del params
+  return EmptyState()
+
+
+def init_count(params) -> CountState:
+  del params
+  return CountState(count=jnp.zeros([], jnp.int32))
+
+
+# ------------------------------------------------------ the plain reductions
+
+
+def _fixed_weights(fn):
+  """A gradient-free weights function for an aggregator without state."""
+
+  def weights_fn(state, *, task_losses=None, task_present=None, key=None):
+    del key
+    if task_present is not None:
+      k = jnp.shape(task_present)[0]
+    elif task_losses is not None:
+      k = jnp.shape(task_losses)[0]
+    else:
+      raise UserError('Pass task_losses (or task_present) to compute weights.')
+    return fn(presence(task_present, k)), state
+
+  return weights_fn
+
+
+def sum_tasks() -> optax.GradientTransformationExtraArgs:
+  """Sums the task axis away: ``sum_t g_t`` over present tasks.
+
+  The gradient of the summed loss ``sum_t L_t``; what the trainer appends after
+  a list of weightings. Shapes: f32[k, ...] -> f32[...]. Stateless.
+  """
+
+  def weights(p):
+    return p.astype(jnp.float32)
+
+  def update_fn(updates, state, params=None, *, task_present=None, **extra):
+    del params, extra
+    p = presence(task_present, num_tasks_of(updates))
+    return combine(updates, weights(p)), state
+
+  mark_aggregator(update_fn, _fixed_weights(weights))
+  return optax.GradientTransformationExtraArgs(init_empty, update_fn)
+
+
+def mean_tasks() -> optax.GradientTransformationExtraArgs:
+  """Averages over present tasks: ``(1/|P|) sum_{t in P} g_t``.
+
+  Shapes: f32[k, ...] -> f32[...]. Stateless. Zero when no task is present.
+  """
+
+  def weights(p):
+    p = p.astype(jnp.float32)
+    return p / jnp.maximum(jnp.sum(p), 1.0)
+
+  def update_fn(updates, state, params=None, *, task_present=None, **extra):
+    del params, extra
+    p = presence(task_present, num_tasks_of(updates))
+    return combine(updates, weights(p)), state
+
+  mark_aggregator(update_fn, _fixed_weights(weights))
+  return optax.GradientTransformationExtraArgs(init_empty, update_fn)
