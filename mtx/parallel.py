@@ -1,0 +1,138 @@
+"""The device mesh, logical-to-mesh axis rules, and how arrays are laid out on it.
+
+One ``jax.sharding.Mesh`` with axes ("data", "fsdp", "tensor"). Parameters and
+activations carry logical axis names (see ``mtx.model``); ``DEFAULT_RULES`` maps them to
+mesh axes, MaxText-style, and gin may replace them (``train.logical_axis_rules``).
+
+    batch rows       -> ("data", "fsdp")     data parallel, FSDP shards the batch too
+    param "embed"    -> "fsdp"               FSDP shards every weight's embed side
+    "mlp"/"heads"/"vocab" -> "tensor"        Megatron-style tensor parallelism
+"""
+
+import math
+from typing import Any, Mapping, Optional, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from mtx.errors import UserError
+
+MESH_AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")
+
+DEFAULT_RULES = (
+    ("activation_batch", BATCH_AXES),
+    ("activation_length", None),
+    ("activation_embed", None),
+    ("activation_heads", "tensor"),
+    ("activation_kv", None),
+    ("activation_mlp", "tensor"),
+    ("activation_vocab", "tensor"),
+    ("vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("heads", "tensor"),
+    ("kv", None),
+    ("mlp", "tensor"),
+    ("relpos_buckets", None),
+    ("layers", None),
+)
+
+
+def rules_without_batch(rules: Sequence) -> tuple:
+  """The rules with activation_batch unsharded: for use inside ``vmap(spmd_axis_name=
+  BATCH_AXES)`` over units, where the unit axis already takes the data axes."""
+  return tuple((name, None if name == "activation_batch" else axes)
+               for name, axes in rules)
+
+
+def make_mesh(shape: Optional[Mapping[str, int]] = None,
+              devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
+  """Builds the mesh; ``shape`` maps axis names to sizes, one of which may be -1.
+
+  The default puts every device on "data". Raises UserError when the sizes do not
+  multiply to the number of devices.
+  """
+  devices = list(devices if devices is not None else jax.devices())
+  shape = dict(shape or {"data": -1})
+  unknown = set(shape) - set(MESH_AXES)
+  if unknown:
+    raise UserError(f"Unknown mesh axes {sorted(unknown)} in MESH_SHAPE; use "
+                    f"{', '.join(MESH_AXES)}.")
+  sizes = {a: int(shape.get(a, 1)) for a in MESH_AXES}
+  free = [a for a, s in sizes.items() if s == -1]
+  known = math.prod(s for s in sizes.values() if s != -1)
+  if len(free) > 1 or any(s == 0 or s < -1 for s in sizes.values()):
+    raise UserError(f"MESH_SHAPE {dict(shape)} must have positive sizes and at most "
+                    "one -1.")
+  if free:
+    if len(devices) % known:
+      raise UserError(f"MESH_SHAPE {dict(shape)} does not divide the {len(devices)} "
+                      "devices; make the product of the fixed sizes divide it.")
+    sizes[free[0]] = len(devices) // known
+  if math.prod(sizes.values()) != len(devices):
+    raise UserError(f"MESH_SHAPE {dict(shape)} needs {math.prod(sizes.values())} "
+                    f"devices but {len(devices)} are present; make the sizes multiply "
+                    f"to {len(devices)} (or use -1 for one axis).")
+  arr = np.asarray(devices).reshape([sizes[a] for a in MESH_AXES])
+  return Mesh(arr, MESH_AXES)
+
+
+def data_parallel_size(mesh: Mesh) -> int:
+  return mesh.shape["data"] * mesh.shape["fsdp"]
+
+
+def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
+  """Leading axis over the data axes, the rest replicated."""
+  return NamedSharding(mesh, P(BATCH_AXES, *([None] * (ndim - 1))))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def host_to_global(local: Mapping[str, np.ndarray], mesh: Mesh) -> dict:
+  """Assembles each host's rows (or units) into global arrays sharded over data axes."""
+  out = {}
+  for key, value in local.items():
+    sharding = batch_sharding(mesh, value.ndim)
+    global_shape = (value.shape[0] * jax.process_count(),) + value.shape[1:]
+    out[key] = jax.make_array_from_process_local_data(sharding, value, global_shape)
+  return out
+
+
+def _path_key(path) -> tuple:
+  return tuple(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))))
+               for k in path)
+
+
+def like_params_shardings(abstract_tree: Any, params_abstract: Any,
+                          params_shardings: Any, mesh: Mesh) -> Any:
+  """Shardings for a tree whose leaves mirror params (optimizer and mtl states).
+
+  A leaf whose key path ends with a parameter's path and has that parameter's shape
+  gets the parameter's sharding (Adam's moments, say); a leaf with a leading task axis
+  and otherwise the parameter's shape gets it with the task axis unsharded; anything
+  else (Adafactor's factored rows and columns, counters) is replicated: small.
+  """
+  by_path = {}
+  for (path, leaf), sharding in zip(
+      jax.tree_util.tree_flatten_with_path(params_abstract)[0],
+      jax.tree_util.tree_leaves(params_shardings)):
+    by_path[_path_key(path)] = (tuple(leaf.shape), sharding)
+
+  def pick(path, leaf):
+    key = _path_key(path)
+    shape = tuple(getattr(leaf, "shape", ()))
+    for i in range(len(key)):
+      hit = by_path.get(key[i:])
+      if hit is None:
+        continue
+      pshape, sharding = hit
+      if shape == pshape:
+        return sharding
+      if shape[1:] == pshape:
+        return NamedSharding(mesh, P(None, *sharding.spec))
+    return replicated(mesh)
+
+  return jax.tree_util.tree_map_with_path(pick, abstract_tree)

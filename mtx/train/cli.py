@@ -1,0 +1,202 @@
+"""``mtx train|compile ...``: the command line, with T5X's gin flags.
+
+    mtx train --gin_file=gin_configs/demo.gin --gin.MODEL_DIR="'/tmp/demo'"
+    mtx train --gin_file=runs/train.gin --gin_file=mtl/pcgrad.gin \\
+        --gin.MIXTURE_OR_TASK_NAME="'demo'" --gin_bindings="train.seed = 3"
+
+Flags: ``--gin_file`` (repeatable, searched in ``--gin_search_paths`` and the repo's
+gin_configs/), ``--gin.NAME=VALUE`` (one binding; strings need quotes, as in T5X),
+``--gin_bindings`` (repeatable), and for several hosts ``--coordinator_address``,
+``--num_processes``, ``--process_id`` (passed to ``jax.distributed.initialize``).
+
+A mistake the user can fix prints one line and exits with status 2.
+"""
+
+import argparse
+import logging
+import os
+import re
+import sys
+from typing import Optional, Sequence
+
+from mtx.errors import UserError
+
+REPO_GIN_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__)))), "gin_configs")
+COMMANDS = ("train",)
+REQUIRED_MACROS = ("MIXTURE_OR_TASK_NAME", "TASK_FEATURE_LENGTHS", "TRAIN_STEPS",
+                   "MODEL_DIR")
+_MACRO = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def _parser() -> argparse.ArgumentParser:
+  p = argparse.ArgumentParser(prog="mtx", description="Multi-task T5 training in JAX.")
+  p.add_argument("command", choices=COMMANDS)
+  p.add_argument("--gin_file", action="append", default=[])
+  p.add_argument("--gin_bindings", action="append", default=[])
+  p.add_argument("--gin_search_paths", action="append", default=[])
+  p.add_argument("--coordinator_address", default=None)
+  p.add_argument("--num_processes", type=int, default=None)
+  p.add_argument("--process_id", type=int, default=None)
+  p.add_argument("--verbose", action="store_true")
+  return p
+
+
+def split_gin_flags(argv: Sequence[str]) -> tuple:
+  """Separates ``--gin.NAME=VALUE`` flags (T5X's shorthand) from the others."""
+  rest, bindings = [], []
+  it = iter(argv)
+  for arg in it:
+    if arg.startswith("--gin."):
+      body = arg[len("--gin."):]
+      if "=" not in body:
+        try:
+          body = body + "=" + next(it)
+        except StopIteration:
+          raise UserError(f"Flag {arg} has no value; write --gin.NAME=VALUE.") from None
+      name, value = body.split("=", 1)
+      bindings.append((name, value))
+    else:
+      rest.append(arg)
+  return rest, bindings
+
+
+def _macro_references() -> set:
+  """Names of the macros that some binding refers to (``%NAME``)."""
+  import gin  # pylint: disable=g-import-not-at-top
+  found = set()
+
+  def visit(value):
+    if isinstance(value, gin.config.ConfigurableReference):
+      if value.configurable.name == "macro" or value.configurable.selector == "gin.macro":
+        found.add(value.scoped_selector.split("/")[0])
+    elif isinstance(value, (list, tuple, set)):
+      for v in value:
+        visit(v)
+    elif isinstance(value, dict):
+      for v in value.values():
+        visit(v)
+
+  for bindings in gin.config._CONFIG.values():  # pylint: disable=protected-access
+    for v in bindings.values():
+      visit(v)
+  return found
+
+
+def parse_gin(gin_files: Sequence[str], flag_bindings: Sequence[tuple],
+              extra_bindings: Sequence[str], search_paths: Sequence[str]) -> None:
+  """Parses gin files and bindings, turning gin's errors into one-line UserErrors."""
+  import gin  # pylint: disable=g-import-not-at-top
+  import mtx.train.configurables  # pylint: disable=g-import-not-at-top,unused-import
+  search_paths = list(search_paths) + [REPO_GIN_DIR, os.getcwd()]
+  for path in search_paths:
+    gin.add_config_file_search_path(path)
+  if not gin_files:
+    raise UserError("No --gin_file given; start from --gin_file=gin_configs/demo.gin or "
+                    "gin_configs/runs/train.gin.")
+  for f in gin_files:
+    if not any(os.path.isfile(os.path.join(p, f)) for p in [""] + search_paths):
+      raise UserError(f"Gin file {f} was not found here or in the search paths "
+                      f"{search_paths}; check the path or add its folder with "
+                      "--gin_search_paths.")
+    try:
+      gin.parse_config_file(f)
+    except IOError as e:
+      raise UserError(f"Gin file {f} was not found ({e}); check the path or add its "
+                      "folder with --gin_search_paths.") from e
+    except (SyntaxError, ValueError) as e:
+      raise UserError(f"Gin file {f} does not parse: {_one_line(e)}; fix that line.") from e
+  for name, value in flag_bindings:
+    try:
+      gin.parse_config(f"{name} = {value}")
+    except (SyntaxError, ValueError) as e:
+      hint = (f" (strings need quotes: --gin.{name}=\"'{value}'\")"
+              if re.match(r"^[A-Za-z_][\w./-]*$", value) else "")
+      raise UserError(f"--gin.{name}={value} does not parse: {_one_line(e)}{hint}.") from e
+  for text in extra_bindings:
+    try:
+      gin.parse_config(text)
+    except (SyntaxError, ValueError) as e:
+      raise UserError(f"--gin_bindings '{text}' does not parse: {_one_line(e)}.") from e
+  missing = [name for name in REQUIRED_MACROS if _is_required(name)]
+  if missing:
+    raise UserError(f"Required setting(s) {', '.join(missing)} not given; set them in "
+                    f"your gin file or with --gin.{missing[0]}=VALUE.")
+  used = _macro_references()
+  for name, value in flag_bindings:
+    if _MACRO.match(name) and name not in used:
+      from mtx.errors import close_names  # pylint: disable=g-import-not-at-top
+      raise UserError(f"--gin.{name}={value} binds a macro that no configuration uses"
+                      f"{close_names(name, used)}; check its spelling.")
+
+
+def _is_required(macro: str) -> bool:
+  """Whether ``macro`` is defined and still bound to ``%gin.REQUIRED``."""
+  import gin  # pylint: disable=g-import-not-at-top
+  try:
+    value = gin.query_parameter(f"%{macro}")
+  except ValueError:
+    return False  # Not defined by the loaded files: gin reports its own uses.
+  return (isinstance(value, gin.config.ConfigurableReference)
+          and value.scoped_selector.split("/")[0] == "gin.REQUIRED")
+
+
+def _one_line(e: Exception) -> str:
+  return " ".join(str(e).split())
+
+
+def _init_distributed(args) -> None:
+  if args.coordinator_address is None and args.num_processes is None:
+    return
+  import jax  # pylint: disable=g-import-not-at-top
+  if args.coordinator_address is None or args.num_processes is None or \
+      args.process_id is None:
+    raise UserError("Multi-host runs need all of --coordinator_address, "
+                    "--num_processes and --process_id.")
+  jax.distributed.initialize(args.coordinator_address, args.num_processes,
+                             args.process_id)
+
+
+def run(argv: Sequence[str]) -> int:
+  """Runs a command; returns the exit status."""
+  rest, flag_bindings = split_gin_flags(argv)
+  args = _parser().parse_args(rest)
+  logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                      format="%(levelname)s %(name)s: %(message)s")
+  for noisy in ("absl", "orbax", "tensorflow", "jax._src"):
+    logging.getLogger(noisy).setLevel(logging.ERROR)
+  _init_distributed(args)
+  parse_gin(args.gin_file, flag_bindings, args.gin_bindings, args.gin_search_paths)
+  import gin  # pylint: disable=g-import-not-at-top
+  from mtx.train import loop  # pylint: disable=g-import-not-at-top
+  train = gin.get_configurable("train")
+  try:
+    result = train()
+  except ValueError as e:  # gin's missing-required-binding error
+    msg = _one_line(e)
+    if "Required bindings" in msg or "REQUIRED" in msg:
+      raise UserError(f"A required setting is missing ({msg}); set it in your gin file "
+                      "or with --gin.NAME=VALUE.") from e
+    raise
+  del loop
+  if result.preempted:
+    print(f"Preempted: saved step {result.step}.", flush=True)
+  else:
+    print(f"Done: {result.step} steps.", flush=True)
+  return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+  argv = sys.argv[1:] if argv is None else argv
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+  try:
+    status = run(argv)
+  except UserError as e:
+    # gin appends "In call to configurable ..." lines; the first line is the sentence.
+    print(f"mtx: error: {str(e).splitlines()[0]}", file=sys.stderr, flush=True)
+    status = 2
+  sys.exit(status)
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,85 @@
+"""Train state creation and sharding: params from logical axis names, the rest alike.
+
+The state is a plain dict pytree, checkpointed whole:
+
+    {"step": int32[], "params": {...}, "opt_state": ..., "mtl_state": ..., "rng": uint32[2]}
+"""
+
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from mtx import parallel
+
+
+def dummy_batch(batch_size: int, inputs_length: int, targets_length: int) -> dict:
+  """A [batch, length] batch of ones, enough to trace the model's shapes."""
+  enc = jnp.ones([batch_size, inputs_length], jnp.int32)
+  dec = jnp.ones([batch_size, targets_length], jnp.int32)
+  return dict(encoder_input_tokens=enc, decoder_input_tokens=dec,
+              encoder_segment_ids=enc, decoder_segment_ids=dec,
+              encoder_positions=enc * 0, decoder_positions=dec * 0)
+
+
+def abstract_params(model: nn.Module, inputs_length: int, targets_length: int):
+  """Returns (boxed abstract params with logical names, unboxed ShapeDtypeStructs)."""
+  def init(key):
+    return model.init(key, **dummy_batch(1, inputs_length, targets_length))["params"]
+  boxed = jax.eval_shape(init, jax.random.key(0))
+  return boxed, nn.unbox(boxed)
+
+
+def param_shardings(boxed_params, mesh, rules: Sequence) -> Any:
+  """NamedShardings for params from their logical axis names and the rules."""
+  specs = nn.get_partition_spec(boxed_params)
+  return nn.logical_to_mesh_sharding(specs, mesh, list(rules))
+
+
+def init_params(model: nn.Module, seed: int, inputs_length: int, targets_length: int,
+                shardings) -> Any:
+  """Initialises params directly into their shardings (no host-side full copy)."""
+  def init(key):
+    return nn.unbox(model.init(key, **dummy_batch(1, inputs_length, targets_length))
+                    ["params"])
+  return jax.jit(init, out_shardings=shardings)(jax.random.key(seed))
+
+
+def make_state(params, optimizer: optax.GradientTransformation, mtl_init, seed: int) -> dict:
+  """The full state around ``params`` (call under jit with out_shardings)."""
+  return {"step": jnp.zeros([], jnp.int32), "params": params,
+          "opt_state": optimizer.init(params), "mtl_state": mtl_init(params),
+          "rng": jax.random.key_data(jax.random.key(seed))}
+
+
+def state_shardings(abstract_state, params_abstract, params_shardings, mesh):
+  """Shardings of the whole state: params by rules, states mirroring params alike."""
+  out = {k: parallel.replicated(mesh) for k in ("step", "rng")}
+  out["params"] = params_shardings
+  for key in ("opt_state", "mtl_state"):
+    out[key] = parallel.like_params_shardings(abstract_state[key], params_abstract,
+                                              params_shardings, mesh)
+  return out
+
+
+def count_params(params_abstract) -> int:
+  return int(sum(np.prod(x.shape) for x in jax.tree.leaves(params_abstract)))
+
+
+def param_table(params_abstract, shardings) -> str:
+  """A table of parameter paths, shapes and mesh shardings, for the start of a run."""
+  rows = []
+  flat = jax.tree_util.tree_flatten_with_path(params_abstract)[0]
+  for (path, leaf), sharding in zip(flat, jax.tree.leaves(shardings)):
+    name = "/".join(str(getattr(k, "key", k)) for k in path)
+    spec = tuple(sharding.spec) if isinstance(sharding, NamedSharding) else ()
+    rows.append((name, "x".join(map(str, leaf.shape)), str(spec)))
+  w = [max(len(r[i]) for r in rows + [("parameter", "shape", "sharding")]) for i in range(3)]
+  lines = [f"{'parameter':<{w[0]}}  {'shape':<{w[1]}}  sharding"]
+  lines += [f"{a:<{w[0]}}  {b:<{w[1]}}  {c}" for a, b, c in rows]
+  lines.append(f"total parameters: {count_params(params_abstract):,}")
+  return "\n".join(lines)
