@@ -241,3 +241,38 @@ def test_mtl_gin_file_trains(tmp_path, method):
     assert "grad_cos/tiny_copy/tiny_rev" in rows[-1] and "conflict_frac" in rows[-1]
   else:
     assert "mtl/weight/tiny_copy" in rows[-1]
+
+
+@pytest.mark.parametrize("method", ["sum", "pcgrad"])
+def test_gradient_accumulation_matches_one_batch(tmp_path, method):
+  transforms = (mtl.pcgrad(),) if method == "pcgrad" else ()
+  one = _train(tmp_path / "one", jax.devices()[:1], transforms=transforms, units=4)
+  acc = _train(tmp_path / "acc", jax.devices()[:1], transforms=transforms, units=4,
+               grad_accum_steps=2)
+  assert one.step == acc.step == 4
+  np.testing.assert_allclose(_losses(tmp_path / "acc"), _losses(tmp_path / "one"),
+                             rtol=2e-5)
+
+
+def test_initial_checkpoint_path_and_tasks_json(tmp_path):
+  from mtx.errors import UserError
+  _train(tmp_path / "a", jax.devices()[:1], steps=2)
+  tasks = json.loads((tmp_path / "a" / "tasks.json").read_text())
+  assert [t["name"] for t in tasks["tasks"]] == ["tiny_copy", "tiny_rev"]
+  # Fine-tune from a's params with a zero learning rate: b's params stay a's.
+  loop.train(model_dir=str(tmp_path / "b"), mixture_or_task_name="tiny",
+             task_feature_lengths={"inputs": 16, "targets": 16}, train_steps=1,
+             batch_size=8, model_config=TINY, learning_rate=0.0,
+             optimizer_fn=lambda learning_rate: optim.make_optimizer("adamw", learning_rate),
+             initial_checkpoint_path=str(tmp_path / "a"), log_period=1,
+             checkpoint_period=0, devices=jax.devices()[:1], print_param_table=False,
+             tensorboard=False)
+  jax.tree.map(np.testing.assert_array_equal, _final_params(tmp_path / "a"),
+               _final_params(tmp_path / "b"))
+  with pytest.raises(UserError, match="shape"):
+    loop.train(model_dir=str(tmp_path / "c"), mixture_or_task_name="tiny",
+               task_feature_lengths={"inputs": 16, "targets": 16}, train_steps=1,
+               batch_size=8, model_config=TINY.__class__(**{**TINY.__dict__, "mlp_dim": 96}),
+               initial_checkpoint_path=str(tmp_path / "a"), devices=jax.devices()[:1],
+               print_param_table=False, tensorboard=False)
+  assert not [p for p in os.listdir(tmp_path / "c") if p.isdigit()]

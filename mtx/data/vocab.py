@@ -33,8 +33,9 @@ def get_vocabulary(path: Optional[str] = None,
   """Loads a local SentencePiece model as a seqio vocabulary, failing early and clearly.
 
   Args:
-    path: a local ``.model`` file; None means the shipped demo model
-      (``DEFAULT_SPM_PATH``).
+    path: a local ``.model`` file; None means ``$MTX_VOCAB`` if set (gin's
+      ``VOCABULARY`` sets it before task modules are imported), else the shipped demo
+      model (``DEFAULT_SPM_PATH``).
     extra_ids: sentinel ids appended after the model's pieces (T5 uses 100 for span
       corruption; the demo tasks need none).
 
@@ -45,7 +46,9 @@ def get_vocabulary(path: Optional[str] = None,
     UserError: the path is remote, missing, unreadable, not a SentencePiece model, or its
       pad/eos ids are not T5's 0 and 1.
   """
-  path = DEFAULT_SPM_PATH if path is None else os.fspath(path)
+  if path is None:  # The default can be redirected for a whole run (gin VOCABULARY).
+    path = os.environ.get("MTX_VOCAB") or DEFAULT_SPM_PATH
+  path = os.fspath(path)
   if "://" in path:
     raise UserError(f"Vocabulary path {path} is remote but mtx reads vocabularies only "
                     f"from local files; copy the model to a local path and pass that.")

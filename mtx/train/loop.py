@@ -25,6 +25,7 @@ from jax.experimental import multihost_utils
 from mtx import mtl, parallel
 from mtx.data import pipeline as data_pipeline
 from mtx.data import registry
+from mtx.data import vocab as vocab_lib
 from mtx.errors import UserError
 from mtx.model import T5, T5Config
 from mtx.train import checkpoint, metrics_writer, optim, progress, state as state_lib
@@ -188,6 +189,7 @@ def train(*,
           train_steps: int,
           batch_size: int = 32,
           mixture_or_task_module: Optional[str] = None,
+          vocabulary_path: Optional[str] = None,
           model_config: T5Config = T5Config(),
           mtl_transforms: Sequence = (),
           optimizer_fn: Callable = optim.make_optimizer,
@@ -224,6 +226,9 @@ def train(*,
     raise UserError(f"TRAIN_STEPS must be positive (got {train_steps}).")
   if grad_accum_steps < 1:
     raise UserError(f"grad_accum_steps must be >= 1 (got {grad_accum_steps}).")
+  if vocabulary_path:  # Tasks built on the default vocabulary pick this one up.
+    vocab_lib.get_vocabulary(vocabulary_path)  # fails early and clearly if bad
+    os.environ["MTX_VOCAB"] = vocabulary_path
   registry.import_modules(mixture_or_task_module)
 
   # ---- mesh, mtl route, data ----------------------------------------------------------
@@ -301,6 +306,7 @@ def train(*,
           lambda p: state_lib.make_state(p, optimizer, mtl_init, seed),
           out_shardings=s_shardings)(params)
 
+  _write_tasks(model_dir, pipe)
   # Lines logged after the last checkpoint by a run that died are not part of this run.
   if jax.process_index() == 0 and os.path.exists(os.path.join(model_dir, "metrics.jsonl")):
     metrics_writer.truncate_after(model_dir, start_step)
@@ -334,6 +340,22 @@ def _report_mixture(pipe) -> None:
   for i, (ex, rate) in enumerate(zip(pipe.examples, pipe.rates)):
     lines.append(f"{i:7d}  {rate:.4f}  {len(ex):8d}  {ex.num_truncated:9d}  {ex.name}")
   print("\n".join(lines), flush=True)
+
+
+def _write_tasks(model_dir: str, pipe) -> None:
+  """MODEL_DIR/tasks.json: the task id map (sorted names), groups and rates of the run."""
+  if jax.process_index() != 0:
+    return
+  spec = pipe.spec
+  info = {"mixture": spec.name,
+          "tasks": [{"id": i, "name": ex.name, "group": spec.group_names[g],
+                     "rate": float(r), "examples": len(ex)}
+                    for i, (ex, g, r) in enumerate(zip(pipe.examples, spec.group_of_task,
+                                                       pipe.rates))]}
+  tmp = os.path.join(model_dir, ".tasks.json.tmp")
+  with open(tmp, "w", encoding="utf-8") as f:
+    json.dump(info, f, indent=1)
+  os.replace(tmp, os.path.join(model_dir, "tasks.json"))
 
 
 def _write_config(model_dir: str) -> None:
