@@ -165,6 +165,9 @@ def run(argv: Sequence[str]) -> int:
                       format="%(levelname)s %(name)s: %(message)s")
   for noisy in ("absl", "orbax", "tensorflow", "jax._src"):
     logging.getLogger(noisy).setLevel(logging.ERROR)
+  # gin tries each search path in turn and logs every miss at ERROR: not an error here.
+  logging.getLogger().addFilter(
+      lambda record: not record.getMessage().startswith("Path not found:"))
   _init_distributed(args)
   parse_gin(args.gin_file, flag_bindings, args.gin_bindings, args.gin_search_paths)
   import gin  # pylint: disable=g-import-not-at-top
