@@ -3,42 +3,13 @@
 import numpy as np
 import pytest
 import seqio
-import tensorflow as tf
 
 from mtx.data import materialize, mixing, pipeline, registry
 from mtx.errors import UserError
 
-VOCAB = seqio.ByteVocabulary()  # byte ids + 3 specials: no model file needed.
-FEATURES = {k: seqio.Feature(VOCAB, add_eos=True) for k in ("inputs", "targets")}
-
-
-def _parse_tsv(ds):
-  """A plain TSV preprocessor, as a T5X user writes one."""
-  def parse(line):
-    fields = tf.strings.split(line, "\t")
-    return {"inputs": fields[0], "targets": fields[1]}
-  return ds.map(parse)
-
-
-def _register_tsv(name, path, rows):
-  with open(path, "w", encoding="utf-8") as f:
-    for inputs, targets in rows:
-      f.write(f"{inputs}\t{targets}\n")
-  seqio.TaskRegistry.remove(name)
-  seqio.TaskRegistry.add(
-      name,
-      source=seqio.TextLineDataSource({"train": str(path)}),
-      preprocessors=[
-          _parse_tsv,
-          seqio.preprocessors.tokenize,
-          seqio.preprocessors.append_eos_after_trim,
-      ],
-      output_features=FEATURES)
-
-
-def _register_mixture(name, tasks_and_rates):
-  seqio.MixtureRegistry.remove(name)
-  seqio.MixtureRegistry.add(name, tasks_and_rates)
+from tsv_tasks import VOCAB
+from tsv_tasks import register_mixture as _register_mixture
+from tsv_tasks import register_tsv as _register_tsv
 
 
 def _load(name, batch_size, units, lengths=(8, 8), **kw):
@@ -226,3 +197,8 @@ def test_bad_layout():
     pipeline.check_layout(pipeline.Layout(10, 4, 8, 8), 1)
   with pytest.raises(UserError, match="processes"):
     pipeline.check_layout(pipeline.Layout(6, 0, 8, 8), 4)
+
+
+def test_zero_rate_cap_is_an_error_not_no_cap():
+  with pytest.raises(UserError, match="rate_maximum must be positive"):
+    mixing.compute_rates("examples_proportional", [1, 1], [10, 20], maximum=0)

@@ -5,13 +5,10 @@ import os
 
 import pytest
 import seqio
-import tensorflow as tf
+from tsv_tasks import register_tsv as _register_tsv
 
 _TOOL = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                      "tools", "inspect_mixture.py")
-
-VOCAB = seqio.ByteVocabulary()
-FEATURES = {k: seqio.Feature(VOCAB, add_eos=True) for k in ("inputs", "targets")}
 
 
 def _load_tool():
@@ -19,25 +16,6 @@ def _load_tool():
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module
-
-
-def _parse_tsv(ds):
-  def parse(line):
-    fields = tf.strings.split(line, "\t")
-    return {"inputs": fields[0], "targets": fields[1]}
-  return ds.map(parse)
-
-
-def _register_tsv(name, path, rows):
-  with open(path, "w", encoding="utf-8") as f:
-    for inputs, targets in rows:
-      f.write(f"{inputs}\t{targets}\n")
-  seqio.TaskRegistry.remove(name)
-  seqio.TaskRegistry.add(
-      name, source=seqio.TextLineDataSource({"train": str(path)}),
-      preprocessors=[_parse_tsv, seqio.preprocessors.tokenize,
-                     seqio.preprocessors.append_eos_after_trim],
-      output_features=FEATURES)
 
 
 @pytest.fixture(scope="module")

@@ -47,7 +47,10 @@ def compute_rates(rate_fn: str, seqio_rates: Sequence[float],
     if temperature <= 0:
       raise UserError(f"Mixing temperature must be > 0 (got {temperature}); set "
                       "mixing.temperature to 1 for plain examples-proportional.")
-    capped = np.minimum(n, maximum) if (maximum and rate_fn != "temperature") else n
+    if maximum is not None and maximum <= 0:
+      raise UserError(f"rate_maximum must be positive (got {maximum}); leave it unset "
+                      "for no cap.")
+    capped = n if (maximum is None or rate_fn == "temperature") else np.minimum(n, maximum)
     rates = capped ** (1.0 / temperature)
   else:
     raise UserError(f"Unknown mixing rate function '{rate_fn}'; use one of "

@@ -190,7 +190,7 @@ def load(name: str, feature_lengths: Mapping[str, int], layout: Layout, *,
          process_count: int = 1) -> Pipeline:
   """Resolves ``name``, reads this host's shard of every task, and returns a Pipeline."""
   lengths = check_feature_lengths(feature_lengths)
-  check_layout(layout, process_count)
+  check_layout(layout, process_count)  # before the (slow) read, not only in Pipeline
   spec = registry.resolve(name, task_groups)
   examples = [materialize.read_task(t, split, lengths, process_index, process_count)
               for t in spec.tasks]

@@ -158,10 +158,10 @@ class _Preemption:
       signal.signal(signal.SIGTERM, self._previous)
 
 
-def _period_metrics(history: Sequence[dict], task_names: Sequence[str],
+def _period_metrics(h: Sequence[dict], task_names: Sequence[str],
                     group_names: Sequence[str]) -> dict:
-  """Means over the logging period; per-task losses weighted by their tokens."""
-  h = jax.device_get(list(history))
+  """Means over the logging period (host copies of the step metrics); per-task losses
+  weighted by their tokens."""
   sums = np.sum([m["task_loss_sums"] for m in h], axis=0)
   toks = np.sum([m["task_tokens"] for m in h], axis=0)
   out = {"loss": float(sums.sum() / max(toks.sum(), 1.0))}
@@ -392,8 +392,7 @@ def _run(jit_step, train_state, start_step, train_steps, pipe, mesh, rules, ckpt
         if t0 is None:  # The first step compiles: time from its end.
           jax.block_until_ready(metrics)
           t0, t0_step = time.time(), step
-          if step == start_step + 1:
-            _write_config(model_dir)
+          _write_config(model_dir)  # after tracing: the operative config is complete
         if step % log_period == 0 or step == train_steps:
           last = _log(writer, step, history, spec, pipe, data_state, schedule, t0,
                       t0_step)
@@ -424,12 +423,11 @@ def _agree(flag: bool) -> bool:
 
 
 def _log(writer, step, history, spec, pipe, data_state, schedule, t0, t0_step) -> dict:
-  scalars = _period_metrics(history, spec.task_names, spec.group_names)
-  jax.block_until_ready(history[-1])
+  host = jax.device_get(list(history))  # waits for the period's last step
   elapsed = time.time() - t0
   steps = step - t0_step
-  tokens = float(np.sum(jax.device_get([m["task_tokens"] for m in history[-steps:]]))) \
-      if steps > 0 else 0.0
+  scalars = _period_metrics(host, spec.task_names, spec.group_names)
+  tokens = float(np.sum([m["task_tokens"] for m in host[-steps:]])) if steps > 0 else 0.0
   scalars["learning_rate"] = float(schedule(step - 1))
   if steps > 0:
     scalars["timing/step_s"] = elapsed / steps

@@ -95,11 +95,10 @@ def _token_counts(cfg: StepConfig, batch) -> jax.Array:
   return jnp.sum(w, axis=tuple(range(w.ndim - 1)))
 
 
-def _one_gradient(model, cfg, transforms, params, mtl_state, batch, dkey, mkey):
+def _one_gradient(model, cfg, transforms, params, mtl_state, batch, group_counts, dkey,
+                  mkey):
   """Weighted-sum route: returns (grads like params, task sums, w[G], new mtl state)."""
   gm = _group_matrix(cfg)
-  counts = _token_counts(cfg, batch)
-  group_counts = counts @ gm
   m = cfg.grad_accum_steps
 
   def weights_for(group_losses):
@@ -134,10 +133,8 @@ def _one_gradient(model, cfg, transforms, params, mtl_state, batch, dkey, mkey):
   return grads, sums, w, new_state
 
 
-def _group_gradients(model, cfg, params, batch, dkey, param_shardings):
+def _group_gradients(model, cfg, params, batch, group_counts, dkey, param_shardings):
   """Task-major route: returns (per-group grads [G, *param], task sums f32[k])."""
-  gm = _group_matrix(cfg)
-  group_counts = _token_counts(cfg, batch) @ gm
   unit_task = batch["unit_task"]
   data = {k: v for k, v in batch.items() if k != "unit_task"}
   unit_scale = _safe_div(1.0, group_counts)[unit_task]  # [U]
@@ -199,11 +196,11 @@ def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation,
     base = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
     dkey, mkey = jax.random.split(base)
     metrics = {}
+    counts = _token_counts(cfg, batch)  # target tokens per task in the global batch
+    group_counts = counts @ _group_matrix(cfg)
     if cfg.task_grads:
-      group_grads, sums = _group_gradients(model, cfg, params, batch, dkey,
+      group_grads, sums = _group_gradients(model, cfg, params, batch, group_counts, dkey,
                                            param_shardings)
-      counts = _token_counts(cfg, batch)
-      group_counts = counts @ _group_matrix(cfg)
       present = group_counts > 0
       group_losses = _safe_div(sums @ _group_matrix(cfg), group_counts)
       grads, mtl_state = mtl_chain.update(group_grads, state["mtl_state"], params,
@@ -214,8 +211,8 @@ def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation,
                      conflict_frac=diag["conflict_frac"])
     else:
       grads, sums, w, mtl_state = _one_gradient(model, cfg, transforms, params,
-                                                state["mtl_state"], batch, dkey, mkey)
-      counts = _token_counts(cfg, batch)
+                                                state["mtl_state"], batch, group_counts,
+                                                dkey, mkey)
       metrics["group_weights"] = w
     updates, opt_state = optimizer.update(grads, state["opt_state"], params)
     new_params = optax.apply_updates(params, updates)
