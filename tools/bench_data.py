@@ -129,7 +129,7 @@ def build_step(spec: registry.MixtureSpec, lengths: tuple, seed: int):
   transforms = mtl.ensure_aggregator(())
   if mtl.needs_task_grads(transforms):
     raise UserError("bench_data measures the one-gradient route only.")
-  config = T5Config(vocab_size=loop.padded_vocab_size(spec.vocabulary.vocab_size), **TINY)
+  config = state_lib.resolve_model_config(T5Config(**TINY), spec.vocabulary.vocab_size)
   model = T5(config)
   optimizer = optim.make_optimizer("adamw", learning_rate=optim.as_schedule(1e-3))
   mtl_init = optax.chain(*transforms).init

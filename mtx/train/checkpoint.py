@@ -248,13 +248,15 @@ class Checkpointer:
     self.close()
 
 
-def load_params(path: str, abstract_params: Any) -> Any:
-  """Loads only the params of another run's checkpoint (INITIAL_CHECKPOINT_PATH).
+def load_params(path: str, abstract_params: Any,
+                what: str = "INITIAL_CHECKPOINT_PATH") -> Any:
+  """Loads only the params of a run's checkpoint (fine-tuning, eval, inference).
 
   Args:
     path: that run's MODEL_DIR (its newest committed step is used), one step directory
       in it (``MODEL_DIR/1000``), or that step's ``state`` directory.
     abstract_params: the model's params as ``jax.ShapeDtypeStruct`` with shardings.
+    what: how error messages name ``path`` (the setting the user gave it with).
 
   Returns:
     The params, placed on ``abstract_params``' shardings.
@@ -263,22 +265,22 @@ def load_params(path: str, abstract_params: Any) -> Any:
     UserError: ``path`` holds no checkpoint, or its params differ from the model's in
       tree, shape or dtype (the message names the first differing parameter).
   """
-  item_dir = _find_state_dir(path)
+  item_dir = _find_state_dir(path, what)
   try:
     on_disk = _tree_metadata(item_dir)
   except Exception as e:  # pylint: disable=broad-except
     raise UserError(
-        f"INITIAL_CHECKPOINT_PATH {path} is not a readable mtx checkpoint "
+        f"{what} {path} is not a readable mtx checkpoint "
         f"({_short(e)}); point it at a MODEL_DIR or a step directory of one.") from e
   if not isinstance(on_disk, dict) or "params" not in on_disk:
     raise UserError(
-        f"INITIAL_CHECKPOINT_PATH {path} holds no 'params' in {item_dir}; point it at "
+        f"{what} {path} holds no 'params' in {item_dir}; point it at "
         "a checkpoint written by mtx.")
   abstract_params = _with_default_sharding(abstract_params)
   mismatch = _first_mismatch(on_disk["params"], abstract_params, prefix="params/")
   if mismatch:
     raise UserError(
-        f"INITIAL_CHECKPOINT_PATH {path} does not fit the model: {mismatch}; use a "
+        f"{what} {path} does not fit the model: {mismatch}; use a "
         "checkpoint of the same model configuration.")
   item = {"params": abstract_params}
   checkpointer = ocp.Checkpointer(ocp.PyTreeCheckpointHandler())
@@ -288,7 +290,7 @@ def load_params(path: str, abstract_params: Any) -> Any:
         partial_restore=True))
   except Exception as e:  # pylint: disable=broad-except
     raise UserError(
-        f"INITIAL_CHECKPOINT_PATH {path}: the params in {item_dir} are damaged "
+        f"{what} {path}: the params in {item_dir} are damaged "
         f"({_short(e)}); point it at another step of that run.") from e
   finally:
     checkpointer.close()
@@ -400,12 +402,12 @@ def _all_processes_agree(ok: bool) -> bool:
   return bool(np.all(flags))
 
 
-def _find_state_dir(path: str) -> epath.Path:
+def _find_state_dir(path: str, what: str) -> epath.Path:
   """The ``state`` item directory that ``path`` names or contains (newest step)."""
   root = epath.Path(path)
   if not root.exists():
     raise UserError(
-        f"INITIAL_CHECKPOINT_PATH {path} does not exist; point it at the MODEL_DIR of "
+        f"{what} {path} does not exist; point it at the MODEL_DIR of "
         "a finished run or one of its step directories.")
   if (root / "_METADATA").exists() or (root / "manifest.ocdbt").exists():
     return root
@@ -413,7 +415,7 @@ def _find_state_dir(path: str) -> epath.Path:
     reason = _incomplete_reason(root)
     if reason:
       raise UserError(
-          f"INITIAL_CHECKPOINT_PATH {path} is not a finished checkpoint ({reason}); "
+          f"{what} {path} is not a finished checkpoint ({reason}); "
           "point it at another step.")
     return root / STATE_ITEM
   steps = []
@@ -422,7 +424,7 @@ def _find_state_dir(path: str) -> epath.Path:
       steps.append(int(child.name))
   if not steps:
     raise UserError(
-        f"INITIAL_CHECKPOINT_PATH {path} holds no finished checkpoint; point it at "
+        f"{what} {path} holds no finished checkpoint; point it at "
         "the MODEL_DIR of a run that saved one, or at one of its step directories.")
   return root / str(max(steps)) / STATE_ITEM
 

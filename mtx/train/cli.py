@@ -1,4 +1,4 @@
-"""``mtx train|compile ...``: the command line, with T5X's gin flags.
+"""``mtx train|eval|infer|compile ...``: the command line, with T5X's gin flags.
 
     mtx train --gin_file=gin_configs/demo.gin --gin.MODEL_DIR="'/tmp/demo'"
     mtx train --gin_file=runs/train.gin --gin_file=mtl/pcgrad.gin \\
@@ -23,15 +23,23 @@ from mtx.errors import UserError
 
 REPO_GIN_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
     os.path.abspath(__file__)))), "gin_configs")
-COMMANDS = ("train",)
 REQUIRED_MACROS = ("MIXTURE_OR_TASK_NAME", "TASK_FEATURE_LENGTHS", "TRAIN_STEPS",
                    "MODEL_DIR")
+# command -> (the gin configurable it calls, the macros it requires). Every command reads
+# the same gin files as ``mtx train`` (a run is described once); the configurables are
+# registered in mtx/train/configurables.py.
+COMMANDS = {
+    "train": ("train", REQUIRED_MACROS),
+    "eval": ("evaluate", ("MIXTURE_OR_TASK_NAME", "TASK_FEATURE_LENGTHS", "MODEL_DIR")),
+    "infer": ("infer", ("MIXTURE_OR_TASK_NAME", "TASK_FEATURE_LENGTHS", "MODEL_DIR")),
+    "compile": ("compile_train", ("MIXTURE_OR_TASK_NAME", "TASK_FEATURE_LENGTHS")),
+}
 _MACRO = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
 def _parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(prog="mtx", description="Multi-task T5 training in JAX.")
-  p.add_argument("command", choices=COMMANDS)
+  p.add_argument("command", choices=sorted(COMMANDS))
   p.add_argument("--gin_file", action="append", default=[])
   p.add_argument("--gin_bindings", action="append", default=[])
   p.add_argument("--gin_search_paths", action="append", default=[])
@@ -84,7 +92,8 @@ def _macro_references() -> set:
 
 
 def parse_gin(gin_files: Sequence[str], flag_bindings: Sequence[tuple],
-              extra_bindings: Sequence[str], search_paths: Sequence[str]) -> None:
+              extra_bindings: Sequence[str], search_paths: Sequence[str],
+              required: Sequence[str] = REQUIRED_MACROS) -> None:
   """Parses gin files and bindings, turning gin's errors into one-line UserErrors."""
   import gin  # pylint: disable=g-import-not-at-top
   import mtx.train.configurables  # pylint: disable=g-import-not-at-top,unused-import
@@ -118,7 +127,7 @@ def parse_gin(gin_files: Sequence[str], flag_bindings: Sequence[tuple],
       gin.parse_config(text)
     except (SyntaxError, ValueError) as e:
       raise UserError(f"--gin_bindings '{text}' does not parse: {_one_line(e)}.") from e
-  missing = [name for name in REQUIRED_MACROS if _is_required(name)]
+  missing = [name for name in required if _is_required(name)]
   if missing:
     raise UserError(f"Required setting(s) {', '.join(missing)} not given; set them in "
                     f"your gin file or with --gin.{missing[0]}=VALUE.")
@@ -169,24 +178,30 @@ def run(argv: Sequence[str]) -> int:
   logging.getLogger().addFilter(
       lambda record: not record.getMessage().startswith("Path not found:"))
   _init_distributed(args)
-  parse_gin(args.gin_file, flag_bindings, args.gin_bindings, args.gin_search_paths)
+  configurable, required = COMMANDS[args.command]
+  parse_gin(args.gin_file, flag_bindings, args.gin_bindings, args.gin_search_paths,
+            required)
   import gin  # pylint: disable=g-import-not-at-top
-  from mtx.train import loop  # pylint: disable=g-import-not-at-top
-  train = gin.get_configurable("train")
+  fn = gin.get_configurable(configurable)
   try:
-    result = train()
+    result = fn()
   except ValueError as e:  # gin's missing-required-binding error
     msg = _one_line(e)
     if "Required bindings" in msg or "REQUIRED" in msg:
       raise UserError(f"A required setting is missing ({msg}); set it in your gin file "
                       "or with --gin.NAME=VALUE.") from e
     raise
-  del loop
-  if result.preempted:
-    print(f"Preempted: saved step {result.step}.", flush=True)
-  else:
-    print(f"Done: {result.step} steps.", flush=True)
+  print(_summary(args.command, result), flush=True)
   return 0
+
+
+def _summary(command: str, result) -> str:
+  """The last line a command prints: what it did."""
+  if command == "train":
+    if result.preempted:
+      return f"Preempted: saved step {result.step}."
+    return f"Done: {result.step} steps."
+  return str(result)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:

@@ -6,6 +6,7 @@ Names as gin files use them:
   optim.make_optimizer.*  optimizer (Adafactor or AdamW, clipping, weight decay)
   optim.learning_rate_fn.*  schedule (rsqrt, warmup_cosine, constant)
   mtl.*                   multi-task methods (gin_configs/mtl/*.gin)
+Each command of the CLI (mtx.train.cli.COMMANDS) calls one configurable registered here.
 """
 
 import gin

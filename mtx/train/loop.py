@@ -42,10 +42,6 @@ class RunResult:
   last_metrics: dict
 
 
-def padded_vocab_size(vocab_size: int, multiple: int = 128) -> int:
-  return int(math.ceil(vocab_size / multiple) * multiple)
-
-
 def default_units(num_groups: int, batch_size: int, dp: int, processes: int) -> int:
   """Smallest multiple of the data-parallel size >= groups that divides the batch."""
   step = math.lcm(dp, processes)
@@ -260,9 +256,8 @@ def train(*,
   _report_mixture(pipe)
 
   # ---- model, optimizer, state --------------------------------------------------------
-  if not model_config.vocab_size:
-    model_config = dataclasses.replace(
-        model_config, vocab_size=padded_vocab_size(spec.vocabulary.vocab_size))
+  model_config = state_lib.resolve_model_config(model_config,
+                                                spec.vocabulary.vocab_size)
   model = T5(model_config)
   schedule = optim.as_schedule(learning_rate if learning_rate is not None
                                else optim.rsqrt_schedule())

@@ -83,3 +83,38 @@ def param_table(params_abstract, shardings) -> str:
   lines += [f"{a:<{w[0]}}  {b:<{w[1]}}  {c}" for a, b, c in rows]
   lines.append(f"total parameters: {count_params(params_abstract):,}")
   return "\n".join(lines)
+
+
+def resolve_model_config(config, vocab_size: int, multiple: int = 128):
+  """``config`` with ``vocab_size`` set from the vocabulary (padded) when it is 0."""
+  import dataclasses  # pylint: disable=g-import-not-at-top
+  if config.vocab_size:
+    return config
+  padded = -(-vocab_size // multiple) * multiple
+  return dataclasses.replace(config, vocab_size=padded)
+
+
+def load_trained(model_config, vocab_size: int, mesh, rules: Sequence, path: str,
+                 inputs_length: int = 8, targets_length: int = 8,
+                 what: str = "MODEL_DIR"):
+  """A trained model and its params, sharded on ``mesh``, for eval/inference.
+
+  Args:
+    model_config: the run's ``T5Config`` (vocab_size 0 = from the vocabulary).
+    vocab_size: the vocabulary's size (before padding).
+    mesh, rules: where the params go, by their logical axis names.
+    path: a MODEL_DIR (newest finished step), a step directory, or its state dir.
+    inputs_length, targets_length: only used to trace shapes.
+    what: how errors name ``path``.
+
+  Returns:
+    (model: T5, params: pytree of sharded arrays, param_shardings).
+  """
+  from mtx.model import T5  # pylint: disable=g-import-not-at-top
+  from mtx.train import checkpoint  # pylint: disable=g-import-not-at-top
+  model = T5(resolve_model_config(model_config, vocab_size))
+  boxed, abstract = abstract_params(model, inputs_length, targets_length)
+  shardings = param_shardings(boxed, mesh, rules)
+  target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                        abstract, shardings)
+  return model, checkpoint.load_params(path, target, what=what), shardings
