@@ -1,9 +1,13 @@
 """GLUE and SuperGLUE as text-to-text tasks, in T5's formats, over local TFDS data.
 
-Importing this module registers one ``seqio.Task`` per benchmark and two mixtures:
+Importing this module registers one ``seqio.Task`` per benchmark and three mixtures:
 
 - ``glue_v002_proportional``: the nine ``glue_*_v002`` tasks below.
 - ``super_glue_v102_proportional``: the seven ``super_glue_*_v102`` tasks below.
+- ``glue_v002_eval``: for evaluating a GLUE run (``EVAL_MIXTURE_OR_TASK_NAME``): the
+  GLUE tasks with MNLI replaced by the eval-only ``glue_mnli_matched_v002`` and
+  ``glue_mnli_mismatched_v002``, whose "validation" split is TFDS's
+  ``validation_matched`` / ``validation_mismatched`` (as in T5).
 
 Both mix examples-proportionally (``seqio.mixing_rate_num_examples``, no cap, the train
 split's size as TFDS reports it), as T5's mixtures of the same names do.
@@ -30,7 +34,8 @@ order; targets are the label as a word, as in T5 (section 2.4 of the T5 paper):
 | super_glue_multirc_v102 | super_glue/multirc:1.0.2   | multirc question: Q answer: A paragraph: P      | False, True                               | F1, accuracy         |
 | super_glue_record_v102  | super_glue/record:1.0.2    | record query: Q entities: E1, E2 passage: P     | an answer entity                          | EM, F1 (best answer) |
 
-MNLI keeps TFDS's split names (``validation_matched``, ``validation_mismatched``, ...).
+MNLI keeps TFDS's split names (``validation_matched``, ``validation_mismatched``, ...);
+its two eval-only tasks above name them "validation" and "test".
 Unlabelled (test) examples get the target ``<unk>``. Predictions are postprocessed from
 the label word to its class id (-1 for anything else), STS-B's to a float.
 
@@ -69,6 +74,7 @@ from mtx.eval import metrics
 GLUE_VERSION = "2.0.0"
 SUPER_GLUE_VERSION = "1.0.2"
 GLUE_MIXTURE = "glue_v002_proportional"
+GLUE_EVAL_MIXTURE = "glue_v002_eval"
 SUPER_GLUE_MIXTURE = "super_glue_v102_proportional"
 _ANSWER_SEPARATOR = "\t"  # Joins ReCoRD's answers into one string feature.
 
@@ -254,6 +260,8 @@ _SUPER_GLUE = {
 
 GLUE_TASKS = tuple(f"glue_{name}_v002" for name in
                    ("cola", "sst2", "mrpc", "qqp", "stsb", "mnli", "qnli", "rte", "wnli"))
+MNLI_EVAL_TASKS = ("glue_mnli_matched_v002", "glue_mnli_mismatched_v002")
+GLUE_EVAL_TASKS = tuple(t for t in GLUE_TASKS if t != "glue_mnli_v002") + MNLI_EVAL_TASKS
 SUPER_GLUE_TASKS = tuple(f"super_glue_{name}_v102" for name in
                          ("boolq", "cb", "copa", "rte", "wic", "multirc", "record"))
 
@@ -264,11 +272,13 @@ _MNLI_SPLITS = ("train", "validation_matched", "validation_mismatched", "test_ma
 
 
 def _add_task(name: str, tfds_name: str, text_preprocessor, output_features,
-              metric_fns, postprocess_fn, data_dir: Optional[str]) -> None:
+              metric_fns, postprocess_fn, data_dir: Optional[str],
+              splits: Any = None) -> None:
   if name in seqio.TaskRegistry.names():
     seqio.TaskRegistry.remove(name)
   # Naming the splits keeps registration free of TFDS metadata reads.
-  splits = _MNLI_SPLITS if tfds_name.startswith("glue/mnli:") else _SPLITS
+  if splits is None:
+    splits = _MNLI_SPLITS if tfds_name.startswith("glue/mnli:") else _SPLITS
   source = LocalTfdsSource(tfds_name, data_dir, splits)
   seqio.TaskRegistry.add_provider(name, seqio.Task(
       name, source=source, output_features=output_features,
@@ -278,10 +288,11 @@ def _add_task(name: str, tfds_name: str, text_preprocessor, output_features,
       postprocess_fn=postprocess_fn, metric_fns=metric_fns))
 
 
-def _add_mixture(name: str, tasks: Sequence[str]) -> None:
+def _add_mixture(name: str, tasks: Sequence[str],
+                 default_rate: Any = seqio.mixing_rate_num_examples) -> None:
   if name in seqio.MixtureRegistry.names():
     seqio.MixtureRegistry.remove(name)
-  seqio.MixtureRegistry.add(name, tasks, default_rate=seqio.mixing_rate_num_examples)
+  seqio.MixtureRegistry.add(name, tasks, default_rate=default_rate)
 
 
 def register(vocab_path: Optional[str] = None, extra_ids: Optional[int] = None) -> None:
@@ -307,6 +318,13 @@ def register(vocab_path: Optional[str] = None, extra_ids: Optional[int] = None) 
         postprocess_fn=functools.partial(label_to_class_id, label_names=labels))
   add("glue_stsb_v002", f"glue/stsb:{GLUE_VERSION}", stsb,
       metric_fns=[metrics.pearson, metrics.spearman], postprocess_fn=string_to_float)
+  keys, labels, metric_fns = _GLUE["mnli"]
+  for name, which in zip(MNLI_EVAL_TASKS, ("matched", "mismatched")):
+    add(name, f"glue/mnli:{GLUE_VERSION}",
+        functools.partial(classification, benchmark="mnli", keys=keys, label_names=labels),
+        metric_fns=metric_fns,
+        postprocess_fn=functools.partial(label_to_class_id, label_names=labels),
+        splits={"validation": f"validation_{which}", "test": f"test_{which}"})
 
   for benchmark, (keys, labels, metric_fns) in _SUPER_GLUE.items():
     add(f"super_glue_{benchmark}_v102", f"super_glue/{benchmark}:{SUPER_GLUE_VERSION}",
@@ -319,6 +337,7 @@ def register(vocab_path: Optional[str] = None, extra_ids: Optional[int] = None) 
       postprocess_fn=record_answers)
 
   _add_mixture(GLUE_MIXTURE, GLUE_TASKS)
+  _add_mixture(GLUE_EVAL_MIXTURE, GLUE_EVAL_TASKS, default_rate=1.0)
   _add_mixture(SUPER_GLUE_MIXTURE, SUPER_GLUE_TASKS)
 
 

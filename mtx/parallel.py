@@ -9,6 +9,7 @@ mesh axes, MaxText-style, and gin may replace them (``train.logical_axis_rules``
     "mlp"/"heads"/"vocab" -> "tensor"        Megatron-style tensor parallelism
 """
 
+import functools
 import math
 from typing import Any, Mapping, Optional, Sequence
 
@@ -91,12 +92,64 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
+def batch_block(mesh: Mesh, process_index: Optional[int] = None) -> tuple:
+  """Which block of the global batch rows this process's devices hold, of how many.
+
+  The batch's leading axis is split over the data axes; a process feeds the rows of
+  its own devices. Processes whose devices hold the same rows (a "tensor" axis across
+  processes, say) form one block and must build the same rows; the data pipeline gives
+  each block its own data shard(s). Returns ``(block index, number of blocks)``, with
+  blocks numbered in row order: ``(jax.process_index(), jax.process_count())`` when
+  every process holds its own rows, ``(0, 1)`` on one process.
+
+  Raises:
+    UserError: when a process's rows are not one contiguous block of equal size
+      (an unusual device order in a hand-made mesh).
+  """
+  process_index = jax.process_index() if process_index is None else process_index
+  return _batch_block(mesh, process_index)
+
+
+@functools.lru_cache(maxsize=8)
+def _batch_block(mesh: Mesh, process_index: int) -> tuple:
+  n = data_parallel_size(mesh)
+  rows_of = {}
+  for device, index in batch_sharding(mesh, 1).devices_indices_map((n,)).items():
+    start = index[0].start or 0
+    stop = n if index[0].stop is None else index[0].stop
+    rows_of.setdefault(device.process_index, set()).update(range(start, stop))
+  return row_blocks(rows_of)[process_index]
+
+
+def row_blocks(rows_of: Mapping[int, Any]) -> dict:
+  """``{process: (block index, number of blocks)}`` from the batch shards each holds.
+
+  Example: 4 processes, the batch in 2 shards, a "tensor" axis across process pairs:
+
+      rows_of = {0: {0}, 1: {0}, 2: {1}, 3: {1}}  ->  {0: (0, 2), 1: (0, 2),
+                                                       2: (1, 2), 3: (1, 2)}
+  """
+  blocks = sorted({tuple(sorted(r)) for r in rows_of.values()})
+  size = len(blocks[0])
+  contiguous = all(len(b) == size and b == tuple(range(b[0], b[0] + size))
+                   for b in blocks)
+  if not contiguous or len({r for b in blocks for r in b}) != size * len(blocks):
+    raise UserError(f"The mesh gives processes batch shards {blocks} that are not "
+                    "equal contiguous blocks; build the mesh from jax.devices() in "
+                    "their order (mtx.parallel.make_mesh does).")
+  return {p: (blocks.index(tuple(sorted(r))), len(blocks)) for p, r in rows_of.items()}
+
+
 def host_to_global(local: Mapping[str, np.ndarray], mesh: Mesh) -> dict:
-  """Assembles each host's rows (or units) into global arrays sharded over data axes."""
+  """Assembles each process's rows (or units) into global arrays over the data axes.
+
+  ``local`` holds this process's block of rows (``batch_block``): [rows/blocks, ...].
+  """
+  _, blocks = batch_block(mesh)
   out = {}
   for key, value in local.items():
     sharding = batch_sharding(mesh, value.ndim)
-    global_shape = (value.shape[0] * jax.process_count(),) + value.shape[1:]
+    global_shape = (value.shape[0] * blocks,) + value.shape[1:]
     out[key] = jax.make_array_from_process_local_data(sharding, value, global_shape)
   return out
 

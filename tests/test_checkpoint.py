@@ -289,3 +289,58 @@ def test_restore_onto_a_different_mesh_sharding(tmp_path):
   result = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=120)
   assert result.returncode == 0 and "OK" in result.stdout, result.stderr[-3000:]
+
+
+# ---- faults while saving -----------------------------------------------------------------
+def test_save_refuses_a_nonfinite_state(tmp_path):
+  ckpt = _save_steps(str(tmp_path), [1])
+  bad = _state(2)
+  bad["params"]["enc"]["w"] = bad["params"]["enc"]["w"].at[1, 2].set(jnp.nan)
+  bad["opt_state"][0].mu["emb"] = jnp.full((5, 3), jnp.inf, jnp.bfloat16)
+  with pytest.raises(checkpoint.NonFiniteStateError,
+                     match=r"step 2 .*opt_state/0/mu/emb, params/enc/w hold NaN or Inf "
+                           r"\(the newest intact checkpoint is step 1\)"):
+    ckpt.save(2, bad, {"position": 2})
+  ckpt.wait()
+  assert ckpt.all_steps() == [1] and sorted(os.listdir(tmp_path)) == ["1"]
+  ckpt.close()
+
+
+def test_failed_async_save_names_the_step_and_keeps_the_previous_one(tmp_path,
+                                                                     monkeypatch):
+  """A save that fails in the background (here: ENOSPC at the commit) is reported by
+  the next save, wait or close as a CheckpointWriteError; older steps survive even
+  with keep=1, and the next run restores them and clears the leftovers."""
+  import errno
+  from orbax.checkpoint._src.path import atomicity
+  ckpt = _save_steps(str(tmp_path), [1], keep=1)
+  original = atomicity.AtomicRenameTemporaryPath.finalize
+
+  async def no_space(self):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+  monkeypatch.setattr(atomicity.AtomicRenameTemporaryPath, "finalize", no_space)
+  assert ckpt.save(2, _state(2), {"position": 20})  # Returns: the write is async.
+  with pytest.raises(checkpoint.CheckpointWriteError,
+                     match=r"checkpoint step 2 .*No space left on device.*newest "
+                           r"intact checkpoint is step 1"):
+    ckpt.wait()
+  monkeypatch.setattr(atomicity.AtomicRenameTemporaryPath, "finalize", original)
+  ckpt.close()
+  again = checkpoint.Checkpointer(str(tmp_path), save_period=1, keep=1)
+  step, restored, data_state = again.restore(_abstract(_state()))
+  assert step == 1 and data_state == {"position": 10}
+  _assert_same(restored, _state(1))
+  assert again.save(2, _state(2), {"position": 20})
+  again.close()
+  assert sorted(os.listdir(tmp_path)) == ["2"]
+
+
+def test_save_into_a_directory_that_went_away(tmp_path):
+  run = tmp_path / "run"
+  ckpt = checkpoint.Checkpointer(str(run), save_period=1)
+  shutil.rmtree(run)
+  run.write_text("a file where the directory was")
+  with pytest.raises(checkpoint.CheckpointWriteError,
+                     match=r"checkpoint step 1 to .*run \(.*\); no intact checkpoint"):
+    ckpt.save(1, _state(1), {})
+    ckpt.wait()

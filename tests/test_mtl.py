@@ -352,11 +352,25 @@ def test_nash_mtl_decreases_both_losses_and_solves_bargaining():
   assert np.all(hist[-1] < 0.5 * hist[0])
   jac = _conflicting(3, 6, seed=9)
   gram = jac @ jac.T
+  # The paper's system G alpha = 1 / alpha on the raw Gram matrix: |d|^2 = k.
   alpha, ok = solvers.nash_weights(jnp.asarray(gram, jnp.float32),
                                    jnp.ones(3, bool), jnp.ones(3), 30)
+  assert ok
+  alpha = np.asarray(alpha, np.float64)
+  np.testing.assert_allclose(alpha * (gram @ alpha), 1.0, rtol=1e-3)
+  out, _ = _aggregate(mtl.nash_mtl(3), jnp.asarray(jac, jnp.float32))
+  np.testing.assert_allclose(out, alpha @ jac, rtol=1e-3, atol=1e-5)
+  # Invariant to rescaling a task's loss (the paper's Theorem 5.4 property).
+  scaled = jac * np.array([[10.0], [1.0], [0.1]])
+  out_scaled, _ = _aggregate(mtl.nash_mtl(3), jnp.asarray(scaled, jnp.float32))
+  np.testing.assert_allclose(out_scaled, out, rtol=2e-3, atol=1e-5)
+  # normalize=True solves it on G / |G|_F instead.
+  alpha_n, ok = solvers.nash_weights(jnp.asarray(gram, jnp.float32),
+                                     jnp.ones(3, bool), jnp.ones(3), 30,
+                                     normalize=True)
   gn = gram / np.linalg.norm(gram)
   assert ok
-  np.testing.assert_allclose(np.asarray(alpha) * (gn @ np.asarray(alpha)),
+  np.testing.assert_allclose(np.asarray(alpha_n) * (gn @ np.asarray(alpha_n)),
                              1.0, rtol=1e-3)
 
 

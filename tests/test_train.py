@@ -124,28 +124,6 @@ def _logged_steps(model_dir):
   return len(metrics_writer.read_metrics(str(model_dir)))
 
 
-def test_kill_9_and_restart_is_bit_identical(tmp_path):
-  env = dict(os.environ, PYTHONPATH=TESTS)
-  straight = tmp_path / "straight"
-  subprocess.run(_cli(straight), cwd=REPO, env=env, check=True, capture_output=True,
-                 timeout=300)
-  killed = tmp_path / "killed"
-  proc = subprocess.Popen(_cli(killed, "--gin.LOG_PERIOD=1"), cwd=REPO, env=env,
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-  # Kill once step 4's checkpoint is committed and training has gone past it.
-  _wait_for(lambda: _logged_steps(killed) >= 6
-            and os.path.exists(killed / "4" / "commit_success.txt"), proc)
-  proc.send_signal(signal.SIGKILL)
-  proc.wait()
-  subprocess.run(_cli(killed), cwd=REPO, env=env, check=True, capture_output=True,
-                 timeout=300)
-  a, b = _losses(straight), _losses(killed)
-  assert a.shape == b.shape == (12, 3)
-  np.testing.assert_array_equal(a, b)  # bit for bit, every logged step
-  pa, pb = _final_params(straight), _final_params(killed)
-  jax.tree.map(np.testing.assert_array_equal, pa, pb)
-
-
 def test_sigterm_saves_and_exits_zero(tmp_path):
   env = dict(os.environ, PYTHONPATH=TESTS)
   model_dir = tmp_path / "term"
@@ -174,27 +152,106 @@ def _run_cli(tmp_path, capsys, *args):
   return e.value.code, err
 
 
-BAD = [
-    (["--gin_file=tests/tiny.gin", "--gin.train.no_such_knob=1"], "no_such_knob"),
-    (["--gin_file=gin_configs/runs/train.gin"], "required"),
-    (["--gin_file=tests/tiny.gin", "--gin.TRAIN_STEP=100"], "TRAIN_STEP.*did you mean: TRAIN_STEPS"),
-    (["--gin_file=tests/tiny.gin", "--gin.MIXTURE_OR_TASK_NAME=tiny"], "strings need quotes"),
-    (["--gin_file=tests/tiny.gin", "--gin.MIXTURE_OR_TASK_NAME='tinyy'"], "did you mean: tiny"),
-    (["--gin_file=tests/tiny.gin", "--gin.BATCH_SIZE=6", "--gin.MESH_SHAPE={'data': 4}"], "devices"),
-    (["--gin_file=tests/tiny.gin", "--gin.BATCH_SIZE=6"], "divisible"),
-    (["--gin_file=tests/tiny.gin", "--gin.TASK_FEATURE_LENGTHS={'inputs': 0, 'targets': 8}"], "TASK_FEATURE_LENGTHS"),
-    (["--gin_file=tests/no_such.gin"], "not found"),
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+  """A MODEL_DIR holding a finished 2-step run of tests/tiny.gin's model."""
+  model_dir = tmp_path_factory.mktemp("finished")
+  _train(model_dir, jax.devices()[:1], steps=2)
+  return model_dir
+
+
+@pytest.fixture(scope="module")
+def bad_files(tmp_path_factory):
+  """Broken inputs, and task modules (on sys.path) whose tasks read the data files."""
+  d = tmp_path_factory.mktemp("bad_files")
+  (d / "cols.tsv").write_text("a\tb\nc\td\ne f\n")
+  (d / "latin1.tsv").write_bytes("a\tb\ncaf\u00e9\tx\n".encode("latin-1"))
+  (d / "garbage.model").write_bytes(b"not a sentencepiece model")
+  (d / "locked.model").write_bytes(b"")
+  os.chmod(d / "locked.model", 0)
+  for name, path in (("bad_missing", d / "missing.tsv"), ("bad_cols", d / "cols.tsv"),
+                     ("bad_utf8", d / "latin1.tsv")):
+    (d / f"{name}.py").write_text(
+        "import seqio\nfrom mtx.data import sources\nimport tsv_tasks\n"
+        f"seqio.TaskRegistry.remove({name!r})\n"
+        f"seqio.TaskRegistry.add({name!r}, source=sources.tsv_source("
+        f"{{'train': {str(path)!r}}}), preprocessors=[seqio.preprocessors.tokenize, "
+        "seqio.preprocessors.append_eos_after_trim], output_features=tsv_tasks.FEATURES)\n")
+  sys.path.insert(0, str(d))
+  yield d
+  sys.path.remove(str(d))
+
+
+def _task(name):
+  return [f"--gin.MIXTURE_OR_TASK_MODULE='{name}'", f"--gin.MIXTURE_OR_TASK_NAME='{name}'"]
+
+
+# Every mistake of issue #7's table: the arguments after tests/tiny.gin, and what the one
+# sentence must say. {d} is the bad_files folder.
+_BAD = [
+    ("unknown_configurable", ["--gin_bindings=nosuch.fn.x = 1"], "No configurable.*nosuch"),
+    ("unknown_parameter", ["--gin.train.no_such_knob=1"], "no_such_knob"),
+    ("undefined_macro", ["--gin_bindings=train.seed = %NO_SUCH_MACRO"], "NO_SUCH_MACRO"),
+    ("missing_required", ["--gin_file=gin_configs/runs/train.gin"], "required"),
+    ("flag_binds_nothing", ["--gin.TRAIN_STEP=100"], "TRAIN_STEP.*did you mean: TRAIN_STEPS"),
+    ("unquoted_string", ["--gin.MIXTURE_OR_TASK_NAME=tiny"], "strings need quotes"),
+    ("unknown_mixture", ["--gin.MIXTURE_OR_TASK_NAME='tinyy'"], "did you mean: tiny"),
+    ("unknown_task", ["--gin.MIXTURE_OR_TASK_NAME='tiny_cpy'"], "did you mean: tiny_copy"),
+    ("unknown_module", ["--gin.MIXTURE_OR_TASK_MODULE='tiny_mixtur'"],
+     "MIXTURE_OR_TASK_MODULE 'tiny_mixtur' could not be imported"),
+    ("vocabulary_missing", ["--gin.VOCABULARY='{d}/none.model'"],
+     r"Vocabulary file .*none.model does not exist"),
+    ("vocabulary_not_a_model", ["--gin.VOCABULARY='{d}/garbage.model'"],
+     "not a SentencePiece model"),
+    ("vocabulary_unreadable", ["--gin.VOCABULARY='{d}/locked.model'"], "cannot be read"),
+    ("data_file_missing", _task("bad_missing"), r"missing.tsv .*does not exist"),
+    ("data_file_malformed", _task("bad_cols"), r"cols.tsv:3 has 1 .*fields"),
+    ("data_file_not_utf8", _task("bad_utf8"), r"latin1.tsv:2 is not valid UTF-8"),
+    ("feature_length_zero", ["--gin.TASK_FEATURE_LENGTHS={'inputs': 0, 'targets': 8}"],
+     r"TASK_FEATURE_LENGTHS\['inputs'\] must be a positive"),
+    ("feature_length_negative", ["--gin.TASK_FEATURE_LENGTHS={'inputs': 8, 'targets': -2}"],
+     r"TASK_FEATURE_LENGTHS\['targets'\] must be a positive"),
+    ("train_steps_zero", ["--gin.TRAIN_STEPS=0"], "TRAIN_STEPS must be positive"),
+    ("batch_not_divisible", ["--gin.BATCH_SIZE=6"], "divisible"),
+    ("mesh_not_devices", ["--gin.BATCH_SIZE=6", "--gin.MESH_SHAPE={'data': 4}"], "devices"),
+    ("mesh_unknown_axis", ["--gin.MESH_SHAPE={'dta': 8}"], "Unknown mesh axes"),
+    ("checkpoint_of_another_shape", ["--gin.model.T5Config.mlp_dim=96"],
+     r"does not fit the state being restored: .*mlp"),
+    ("nonfinite_policy", ["--gin_bindings=train.nonfinite_policy = 'stp'"],
+     "did you mean: stop"),
+    ("gin_file_missing", ["--gin_file=tests/no_such.gin"], "not found"),
 ]
+_MARKS = {"undefined_macro": pytest.mark.xfail(
+    reason="needs the mtx/train/cli.py change in H6's report (gin raises a TypeError "
+    "for an undefined macro today)", strict=False)}
+BAD = [pytest.param(*c, id=c[0], marks=_MARKS.get(c[0], ())) for c in _BAD]
 
 
-@pytest.mark.parametrize("args,pattern", BAD)
-def test_bad_input_one_sentence(tmp_path, capsys, args, pattern):
+def _snapshot(root):
+  """{relative path: file bytes} of everything under root."""
+  out = {}
+  for folder, _, files in os.walk(root):
+    for name in files:
+      path = os.path.join(folder, name)
+      with open(path, "rb") as f:
+        out[os.path.relpath(path, root)] = f.read()
+  return out
+
+
+@pytest.mark.parametrize("case,args,pattern", BAD)
+def test_bad_input_one_sentence(finished_run, bad_files, capsys, case, args, pattern):
+  """One line 'mtx: error: ...' naming the problem, exit 2, the run's files untouched."""
   import re
-  code, err = _run_cli(tmp_path, capsys, *args, f"--gin.MODEL_DIR='{tmp_path}/m'")
-  assert code == 2
+  if case == "vocabulary_unreadable" and os.geteuid() == 0:
+    pytest.skip("root reads any file")
+  before = _snapshot(finished_run)
+  args = [a.replace("{d}", str(bad_files)) for a in args]
+  code, err = _run_cli(None, capsys, "--gin_file=tests/tiny.gin",
+                       f"--gin.MODEL_DIR='{finished_run}'", *args)
+  assert code == 2, err
   assert err.startswith("mtx: error: ") and "\n" not in err, err
   assert re.search(pattern, err, re.I), err
-  assert not any(p.isdigit() for p in os.listdir(tmp_path / "m")) if (tmp_path / "m").exists() else True
+  assert _snapshot(finished_run) == before
 
 
 def test_gin_syntax_error_names_file_and_line(tmp_path, capsys):

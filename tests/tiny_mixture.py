@@ -2,12 +2,15 @@
 
 ``tiny_copy`` and ``tiny_rev`` read the same random letter strings and copy or reverse
 them; the mixture ``tiny`` has rates 2:1. Byte vocabulary, so no model file is needed.
+Both are scored by exact match (eval tests).
 """
 
 import random
 
 import seqio
 import tensorflow as tf
+
+from mtx.eval import metrics
 
 VOCAB = seqio.ByteVocabulary()
 FEATURES = {k: seqio.Feature(VOCAB, add_eos=True) for k in ("inputs", "targets")}
@@ -33,7 +36,7 @@ def _register():
     seqio.TaskRegistry.add(name, source=_source(fn),
                            preprocessors=[seqio.preprocessors.tokenize,
                                           seqio.preprocessors.append_eos_after_trim],
-                           output_features=FEATURES)
+                           output_features=FEATURES, metric_fns=[metrics.exact_match])
   seqio.MixtureRegistry.remove("tiny")
   seqio.MixtureRegistry.add("tiny", [("tiny_copy", 2.0), ("tiny_rev", 1.0)])
 

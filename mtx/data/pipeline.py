@@ -17,18 +17,30 @@ Example, 2 tasks as 2 groups, batch 4, units 2 (rows_per_unit 2), targets length
 
 **Determinism and resume.** The batch sequence is a pure function of the seed and
 the per-task cursors, and the cursors after batch s are a pure function of (seed, s).
-mtx checkpoints the iterator position (``get_state``: k integers per host) with the
-model, so a restart at step s continues with exactly the batches an uninterrupted run
-sees, at O(1) cost: nothing is replayed.
+mtx checkpoints the iterator position (``get_state``: k integers per data shard) with
+the model, so a restart at step s continues with exactly the batches an uninterrupted
+run sees, at O(1) cost: nothing is replayed.
 
-**Multi-host.** Each process reads only its shard of every task (``seqio.ShardInfo``
-from ``jax.process_index()``/``process_count()``), builds its own rows (flat) or units
-(task-major) with its own cursors, and the trainer assembles the global batch as one
-``jax.Array`` sharded over the mesh's data axes.
+**Multi-host: data shards.** The data is split into ``num_shards`` shards
+(``seqio.ShardInfo``); shard s has its own example streams and cursors and builds rows
+(flat) or units (task-major) ``[s * B/S, (s+1) * B/S)`` of every global batch. A process
+reads only the shards of the batch rows its devices hold (``mtx.parallel.batch_block``:
+with the default ``num_shards`` = number of such blocks, one shard per process) and the
+trainer assembles the global batch as one ``jax.Array`` sharded over the data axes. So the
+batches depend on ``num_shards``, not on how many processes read them: one process that
+reads both shards of a 2-shard run builds exactly the batches two processes build, and a
+data position saved by one layout restores exactly in the other (``merge_states``).
+
+Every shard runs its own scheduler; in task-major batches shard s starts with a head
+start of ``s * units/S`` units (computed by a dry run of its scheduler), so that the
+shards stand at successive points of the group sequence instead of all choosing the
+same group in the same step: the global batch holds the mixture's groups even when
+each shard builds fewer units than there are groups.
 """
 
 import dataclasses
-from typing import Mapping, Optional, Sequence
+import logging
+from typing import Callable, Mapping, Optional, Sequence
 
 import numpy as np
 
@@ -75,74 +87,84 @@ def check_feature_lengths(feature_lengths: Mapping[str, int]) -> dict:
   return out
 
 
-def check_layout(layout: Layout, process_count: int) -> None:
-  """Checks the batch splits evenly into units and processes."""
+def check_layout(layout: Layout, num_shards: int) -> None:
+  """Checks the batch splits evenly into units and data shards (>= 1 per process)."""
   if layout.batch_size <= 0:
     raise UserError(f"BATCH_SIZE must be positive (got {layout.batch_size}).")
-  if layout.batch_size % process_count:
+  if layout.batch_size % num_shards:
     raise UserError(f"BATCH_SIZE {layout.batch_size} is not divisible by the "
-                    f"{process_count} processes; choose a multiple of {process_count}.")
+                    f"{num_shards} data shards (processes); choose a multiple of "
+                    f"{num_shards}.")
   if layout.units:
     if layout.batch_size % layout.units:
       raise UserError(f"BATCH_SIZE {layout.batch_size} is not divisible by UNITS "
                       f"{layout.units}; choose UNITS that divides it.")
-    if layout.units % process_count:
-      raise UserError(f"UNITS {layout.units} is not divisible by the {process_count} "
-                      f"processes; choose a multiple of {process_count}.")
+    if layout.units % num_shards:
+      raise UserError(f"UNITS {layout.units} is not divisible by the {num_shards} data "
+                      f"shards (processes); choose a multiple of {num_shards}.")
 
 
-class Pipeline:
-  """Builds this host's part of every batch from materialised task examples.
+def local_shards(process_index: int, process_count: int,
+                 num_shards: Optional[int] = None) -> range:
+  """The data shards one process reads: a contiguous run, so its rows are contiguous.
 
-  Args:
-    spec: the resolved mixture.
-    examples: this host's ``TaskExamples``, one per task, in task-id order.
-    rates: f64[k] example shares (``mixing.compute_rates``).
-    layout: the global batch layout.
-    seed: data seed.
-    process_index, process_count: this host's place among the processes.
+  ``process_index``/``process_count`` count the processes that feed distinct batch
+  rows (``mtx.parallel.batch_block``); ``num_shards`` defaults to ``process_count``.
+  """
+  num_shards = process_count if num_shards is None else num_shards
+  if num_shards < 1 or num_shards % process_count:
+    raise UserError(f"The number of data shards ({num_shards}) must be a positive "
+                    f"multiple of the {process_count} processes that read data; set "
+                    f"train.data_shards to a multiple of {process_count}.")
+  per = num_shards // process_count
+  return range(process_index * per, (process_index + 1) * per)
+
+
+class _StaggeredScheduler(mixing.DeficitScheduler):
+  """A deficit scheduler whose group choice counts ``head_start`` extra examples.
+
+  The head start moves the shard to a later point of the group sequence (see the
+  module docstring); the cursors, which index the example streams, are untouched.
   """
 
-  def __init__(self, spec: registry.MixtureSpec, examples: Sequence[materialize.TaskExamples],
-               rates: np.ndarray, layout: Layout, seed: int = 0,
-               process_index: int = 0, process_count: int = 1):
-    check_layout(layout, process_count)
-    self.spec = spec
+  def __init__(self, rates, group_of_task, head_start=None):
+    super().__init__(rates, group_of_task)
+    self.head_start = (np.zeros(len(self.rates), np.int64) if head_start is None
+                       else np.asarray(head_start, np.int64))
+
+  def next_group(self) -> int:
+    real = self.cursors
+    self.cursors = real + self.head_start
+    try:
+      return super().next_group()
+    finally:
+      self.cursors = real
+
+
+@dataclasses.dataclass(frozen=True)
+class LocalTask:
+  """A task as this process sees it over its shards: name, examples, truncated."""
+  name: str
+  num_examples: int
+  num_truncated: int
+
+  def __len__(self) -> int:
+    return self.num_examples
+
+
+class _Shard:
+  """One data shard: its examples of every task, their streams, and the cursors."""
+
+  def __init__(self, index: int, examples: Sequence[materialize.TaskExamples],
+               rates: np.ndarray, group_of_task: Sequence[int], seed: int):
+    self.index = index
     self.examples = list(examples)
-    self.layout = layout
-    self.process_index = process_index
-    self.process_count = process_count
-    self.scheduler = mixing.DeficitScheduler(rates, spec.group_of_task)
-    self.streams = [mixing.TaskStream(ex.name, len(ex), seed, process_index)
+    self.scheduler = _StaggeredScheduler(rates, group_of_task)
+    self.streams = [mixing.TaskStream(ex.name, len(ex), seed, index)
                     for ex in self.examples]
-    self.batches = 0
-    self.rates = np.asarray(rates)
 
-  # ---- state ---------------------------------------------------------------------
-  def get_state(self) -> dict:
-    """The iterator position after the last batch: JSON-able, k ints + a counter."""
-    return {"batches": self.batches,
-            "cursors": {ex.name: int(c) for ex, c in
-                        zip(self.examples, self.scheduler.cursors)}}
-
-  def set_state(self, state: Mapping) -> None:
-    cursors = state["cursors"]
-    missing = [ex.name for ex in self.examples if ex.name not in cursors]
-    if missing:
-      raise UserError(f"The checkpoint's data position has no cursor for task(s) "
-                      f"{missing}: the mixture changed since it was saved; restart in "
-                      "a new MODEL_DIR or keep the mixture's tasks.")
-    self.scheduler.cursors = np.array([int(cursors[ex.name]) for ex in self.examples],
-                                      np.int64)
-    self.batches = int(state["batches"])
-
-  def epochs(self) -> dict:
-    """Completed passes over each task's (host shard of) data, as a float."""
-    return {ex.name: float(c) / len(ex)
-            for ex, c in zip(self.examples, self.scheduler.cursors)}
-
-  # ---- batches -------------------------------------------------------------------
-  def _fill(self, packer: packing.UnitPacker, group: Optional[int]) -> None:
+  def fill(self, packer: packing.UnitPacker, group: Optional[int]) -> None:
+    """Adds examples (of ``group``, or any task) until the next one does not fit."""
     sched = self.scheduler
     while True:
       t = sched.next_task(group)
@@ -152,48 +174,224 @@ class Pipeline:
         return
       sched.cursors[t] += 1
 
-  def next_batch(self) -> dict:
-    """This host's part of the next batch, as numpy int32 arrays.
+  def units(self, out: dict, unit_task: np.ndarray, layout: Layout) -> None:
+    """Fills ``len(unit_task)`` task-major units in ``out`` ([units, rows, length])."""
+    for u in range(len(unit_task)):
+      g = self.scheduler.next_group()
+      unit_task[u] = g
+      self.fill(packing.UnitPacker(layout.rows_per_unit, layout.inputs_length,
+                                   layout.targets_length,
+                                   out={k: v[u] for k, v in out.items()}), g)
 
-    Returns:
-      flat: features [batch/processes, length];
-      task-major: features [units/processes, rows_per_unit, length] and
-        ``unit_task`` int32 [units/processes], the group id of each unit.
+  def dry_run(self, units: int, layout: Layout) -> np.ndarray:
+    """Examples per task that choosing ``units`` units consumes (state restored)."""
+    saved = self.scheduler.cursors.copy()
+    scratch = packing.empty_rows(layout.rows_per_unit, layout.inputs_length,
+                                 layout.targets_length)
+    scratch = {k: v[None] for k, v in scratch.items()}
+    for _ in range(units):
+      self.units(scratch, np.zeros([1], np.int32), layout)
+    consumed = self.scheduler.cursors - saved
+    self.scheduler.cursors = saved
+    return consumed
+
+
+class Pipeline:
+  """Builds this process's part of every batch from materialised task examples.
+
+  Args:
+    spec: the resolved mixture.
+    examples: one shard's ``TaskExamples`` (one per task, in task-id order), or a
+      mapping ``{shard index: [TaskExamples per task]}`` for the shards this process
+      reads (``local_shards``).
+    rates: f64[k] example shares (``mixing.compute_rates``), the same in every process.
+    layout: the global batch layout.
+    seed: data seed.
+    process_index, process_count: with a plain list of examples, its shard index and
+      the number of shards.
+    num_shards: the number of shards when ``examples`` is a mapping.
+  """
+
+  def __init__(self, spec: registry.MixtureSpec, examples, rates: np.ndarray,
+               layout: Layout, seed: int = 0, process_index: int = 0,
+               process_count: int = 1, *, num_shards: Optional[int] = None):
+    if not isinstance(examples, Mapping):
+      examples, num_shards = {process_index: examples}, process_count
+    num_shards = len(examples) if num_shards is None else num_shards
+    check_layout(layout, num_shards)
+    self.spec = spec
+    self.layout = layout
+    self.num_shards = num_shards
+    self.rates = np.asarray(rates)
+    self.shards = [_Shard(i, examples[i], self.rates, spec.group_of_task, seed)
+                   for i in sorted(examples)]
+    if len(self.shards) == 1:
+      self.examples = self.shards[0].examples
+    else:
+      self.examples = [
+          LocalTask(exs[0].name, sum(len(e) for e in exs),
+                    -1 if any(e.num_truncated < 0 for e in exs)
+                    else sum(e.num_truncated for e in exs))
+          for exs in zip(*(s.examples for s in self.shards))]
+    self.batches = 0
+    if layout.task_major:
+      per_shard = layout.units // num_shards
+      for s in self.shards:
+        if s.index:
+          s.scheduler.head_start = s.dry_run(s.index * per_shard, layout)
+
+  # ---- state ---------------------------------------------------------------------
+  def get_state(self) -> dict:
+    """The position after the last batch: JSON-able, k ints per shard + a counter.
+
+    ``cursors`` (summed over this process's shards) is what logs use; ``shards``
+    holds each shard's cursors and example counts, which is what restores.
+    """
+    names = [ex.name for ex in self.examples]
+    return {
+        "batches": self.batches,
+        "num_shards": self.num_shards,
+        "cursors": {n: int(c) for n, c in zip(
+            names, np.sum([s.scheduler.cursors for s in self.shards], axis=0))},
+        "shards": {str(s.index): {
+            "cursors": {n: int(c) for n, c in zip(names, s.scheduler.cursors)},
+            "examples": {n: len(ex) for n, ex in zip(names, s.examples)}}
+                   for s in self.shards}}
+
+  def set_state(self, state: Mapping) -> None:
+    """Continues from ``state`` (``get_state``, or ``merge_states`` of all processes).
+
+    Saved with the same number of shards, the position is exact. Saved with a
+    different number, every task's examples consumed so far are split evenly over
+    the new shards (same epochs and mixing position; other examples, so not exact).
+    """
+    state = merge_states([state])
+    shards = state["shards"]
+    names = [ex.name for ex in self.examples]
+    missing = sorted({n for sh in shards.values() for n in names
+                      if n not in sh["cursors"]})
+    if missing:
+      raise UserError(f"The checkpoint's data position has no cursor for task(s) "
+                      f"{missing}: the mixture changed since it was saved; restart in "
+                      "a new MODEL_DIR or keep the mixture's tasks.")
+    self.batches = int(state["batches"])
+    if (state["num_shards"] == self.num_shards
+        and all(str(s.index) in shards for s in self.shards)):
+      for s in self.shards:
+        saved = shards[str(s.index)]["cursors"]
+        s.scheduler.cursors = np.array([int(saved[n]) for n in names], np.int64)
+      return
+    if len(shards) != state["num_shards"]:
+      logging.warning("The checkpoint's data position lacks some of its %d shards; "
+                      "the data order restarts from the beginning.",
+                      state["num_shards"])
+      return
+    totals = np.array([sum(int(s["cursors"][n]) for s in shards.values())
+                       for n in names], np.int64)
+    logging.warning("The checkpoint's data position has %d data shards and this run "
+                    "%d: each task's %s examples consumed so far are split evenly over "
+                    "the new shards (same epochs, not the same examples). Set "
+                    "train.data_shards=%d to continue exactly.", state["num_shards"],
+                    self.num_shards, totals.tolist(), state["num_shards"])
+    for s in self.shards:
+      s.scheduler.cursors = totals // self.num_shards + (
+          s.index < totals % self.num_shards)
+
+  def epochs(self) -> dict:
+    """Completed passes over each task's data (this process's shards), as a float."""
+    cursors = np.sum([s.scheduler.cursors for s in self.shards], axis=0)
+    return {ex.name: float(c) / len(ex) for ex, c in zip(self.examples, cursors)}
+
+  # ---- batches -------------------------------------------------------------------
+  def next_batch(self) -> dict:
+    """This process's part of the next batch, as numpy int32 arrays.
+
+    Returns (S_local = this process's shards, S = all shards):
+      flat: features [batch * S_local/S, length];
+      task-major: features [units * S_local/S, rows_per_unit, length] and
+        ``unit_task`` int32 [units * S_local/S], the group id of each unit.
+      Shard by shard in shard order, each shard's rows contiguous.
     """
     lay = self.layout
+    n = len(self.shards)
     if lay.task_major:
-      units = lay.units // self.process_count
-      out = packing.empty_rows(units * lay.rows_per_unit, lay.inputs_length,
+      per = lay.units // self.num_shards
+      out = packing.empty_rows(n * per * lay.rows_per_unit, lay.inputs_length,
                                lay.targets_length)
-      out = {k: v.reshape(units, lay.rows_per_unit, -1) for k, v in out.items()}
-      unit_task = np.zeros([units], np.int32)
-      for u in range(units):
-        g = self.scheduler.next_group()
-        unit_task[u] = g
-        self._fill(packing.UnitPacker(lay.rows_per_unit, lay.inputs_length,
-                                      lay.targets_length,
-                                      out={k: v[u] for k, v in out.items()}), g)
+      out = {k: v.reshape(n * per, lay.rows_per_unit, -1) for k, v in out.items()}
+      unit_task = np.zeros([n * per], np.int32)
+      for j, shard in enumerate(self.shards):
+        part = slice(j * per, (j + 1) * per)
+        shard.units({k: v[part] for k, v in out.items()}, unit_task[part], lay)
       out["unit_task"] = unit_task
     else:
-      rows = lay.batch_size // self.process_count
-      packer = packing.UnitPacker(rows, lay.inputs_length, lay.targets_length)
-      self._fill(packer, None)
-      out = packer.arrays
+      per = lay.batch_size // self.num_shards
+      out = packing.empty_rows(n * per, lay.inputs_length, lay.targets_length)
+      for j, shard in enumerate(self.shards):
+        part = slice(j * per, (j + 1) * per)
+        shard.fill(packing.UnitPacker(per, lay.inputs_length, lay.targets_length,
+                                      out={k: v[part] for k, v in out.items()}), None)
     self.batches += 1
     return out
+
+
+def merge_states(states: Sequence[Mapping]) -> dict:
+  """One data position from every process's ``get_state`` (shards united).
+
+  Also reads positions saved before data shards existed (one ``cursors`` dict per
+  process, process i reading shard i of as many shards as processes).
+  """
+  merged, batches, num_shards = {}, 0, None
+  for i, st in enumerate(states):
+    if "shards" in st:
+      merged.update(st["shards"])
+      num_shards = int(st["num_shards"])
+    else:
+      merged[str(i)] = {"cursors": dict(st["cursors"])}
+      num_shards = len(states)
+    batches = max(batches, int(st.get("batches", 0)))
+  return {"batches": batches, "num_shards": num_shards or 1, "shards": merged}
+
+
+def _global_counts(local: np.ndarray, process_index: int,
+                   allgather: Optional[Callable]) -> np.ndarray:
+  """Examples per task over all shards: a sum over distinct readers' local counts."""
+  if allgather is None:
+    return local
+  mine = np.concatenate([[process_index], local]).astype(np.int64)
+  rows = np.asarray(allgather(mine))
+  by_reader = {int(r[0]): r[1:] for r in rows.reshape(-1, len(local) + 1)}
+  return np.sum(list(by_reader.values()), axis=0)
 
 
 def load(name: str, feature_lengths: Mapping[str, int], layout: Layout, *,
          split: str = "train", seed: int = 0, rate_fn: str = "mixture",
          rate_maximum: float | None = None, rate_temperature: float = 1.0,
          task_groups: Mapping[str, str] | None = None, process_index: int = 0,
-         process_count: int = 1) -> Pipeline:
-  """Resolves ``name``, reads this host's shard of every task, and returns a Pipeline."""
+         process_count: int = 1, num_shards: Optional[int] = None,
+         allgather: Optional[Callable] = None) -> Pipeline:
+  """Resolves ``name``, reads this process's shards of every task, returns a Pipeline.
+
+  Args:
+    process_index, process_count: this process's place among the processes that feed
+      distinct batch rows (``mtx.parallel.batch_block``; processes whose devices hold
+      the same rows read the same shards).
+    num_shards: data shards (a multiple of ``process_count``; default one per process).
+    allgather: with several processes, ``multihost_utils.process_allgather`` (called
+      once by every process): rates then use every shard's example counts.
+  Other arguments: see ``mixing.compute_rates`` and ``materialize.read_task``.
+  """
   lengths = check_feature_lengths(feature_lengths)
-  check_layout(layout, process_count)  # before the (slow) read, not only in Pipeline
+  shard_ids = local_shards(process_index, process_count, num_shards)
+  num_shards = process_count if num_shards is None else num_shards
+  check_layout(layout, num_shards)  # before the (slow) read, not only in Pipeline
   spec = registry.resolve(name, task_groups)
-  examples = [materialize.read_task(t, split, lengths, process_index, process_count)
-              for t in spec.tasks]
-  rates = mixing.compute_rates(rate_fn, spec.seqio_rates, [len(e) for e in examples],
-                               rate_maximum, rate_temperature)
-  return Pipeline(spec, examples, rates, layout, seed, process_index, process_count)
+  examples = {s: [materialize.read_task(t, split, lengths, s, num_shards)
+                  for t in spec.tasks] for s in shard_ids}
+  local = np.sum([[len(e) for e in exs] for exs in examples.values()], axis=0)
+  logging.info("Data shard(s) %s of %d read here: %s examples.", list(shard_ids),
+               num_shards, dict(zip(spec.task_names, local.tolist())))
+  counts = _global_counts(local, process_index, allgather)
+  rates = mixing.compute_rates(rate_fn, spec.seqio_rates, counts, rate_maximum,
+                               rate_temperature)
+  return Pipeline(spec, examples, rates, layout, seed, num_shards=num_shards)

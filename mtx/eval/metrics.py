@@ -8,6 +8,9 @@ the function to ``seqio.Task(metric_fns=...)``:
     metric_fns=[accuracy, functools.partial(f1_binary, positive_label="duplicate")]
 
 Empty inputs give NaN rather than raising, so an eval of an empty shard still logs.
+
+``bleu`` and ``rouge`` use sacrebleu and rouge-score, which are optional
+(``pip install "mtx[text-metrics]"``); they are imported when first called.
 """
 
 import collections
@@ -194,3 +197,72 @@ def max_over_answers_em_f1(targets: Sequence[Any],
     em.append(max(float(a == prediction) for a in answers))
     f1.append(max(_token_f1(a, prediction) for a in answers))
   return {"em": 100.0 * float(np.mean(em)), "f1": 100.0 * float(np.mean(f1))}
+
+
+_TEXT_METRICS_HINT = 'pip install "mtx[text-metrics]"'
+
+
+def _import_optional(module: str, metric: str):
+  """Imports an optional metric package or says how to install it."""
+  import importlib  # pylint: disable=g-import-not-at-top
+  try:
+    return importlib.import_module(module)
+  except ImportError as e:
+    raise UserError(f"Metric {metric} needs the package {module.split('.')[0]}, which "
+                    f"is not installed; run {_TEXT_METRICS_HINT}.") from e
+
+
+def bleu(targets: Sequence[Any], predictions: Sequence[str],
+         tokenize: str = "intl") -> Mapping[str, float]:
+  """Corpus BLEU (sacrebleu, T5's settings: exp smoothing, "intl" tokenization).
+
+  Args:
+    targets: one reference string per example, or per example a list of references
+      (every example with the same number).
+    predictions: one string per example.
+    tokenize: sacrebleu's tokenizer ("intl", "13a", "zh", ...).
+
+  Returns:
+    ``{"bleu": ...}``, 0-100.
+  """
+  _check(targets, predictions, "bleu")
+  if not targets:
+    return {"bleu": float("nan")}
+  sacrebleu = _import_optional("sacrebleu", "bleu")
+  if isinstance(targets[0], str):
+    streams = [list(targets)]
+  else:
+    counts = {len(t) for t in targets}
+    if len(counts) != 1:
+      raise UserError(f"Metric bleu got examples with {sorted(counts)} references; give "
+                      "every example the same number.")
+    streams = [list(refs) for refs in zip(*targets)]
+  score = sacrebleu.corpus_bleu(list(predictions), streams, smooth_method="exp",
+                                smooth_value=0.0, force=False, lowercase=False,
+                                tokenize=tokenize, use_effective_order=False)
+  return {"bleu": float(score.score)}
+
+
+def rouge(targets: Sequence[str], predictions: Sequence[str],
+          score_keys: Sequence[str] = ("rouge1", "rouge2", "rougeLsum")
+          ) -> Mapping[str, float]:
+  """Mean ROUGE F-measures (rouge-score), as T5 reports them for summarization.
+
+  As in T5, " . " ends a sentence for rougeLsum. The mean over examples is reported
+  (T5 takes the middle of a bootstrap, which is the mean up to resampling noise).
+
+  Returns:
+    ``{"rouge1": ..., "rouge2": ..., "rougeLsum": ...}``, 0-100.
+  """
+  _check(targets, predictions, "rouge")
+  if not targets:
+    return {k: float("nan") for k in score_keys}
+  rouge_scorer = _import_optional("rouge_score.rouge_scorer", "rouge")
+  scorer = rouge_scorer.RougeScorer(list(score_keys))
+  totals = collections.defaultdict(float)
+  for target, prediction in zip(targets, predictions):
+    scores = scorer.score(target=target.replace(" . ", " .\n"),
+                          prediction=prediction.replace(" . ", " .\n"))
+    for key in score_keys:
+      totals[key] += scores[key].fmeasure
+  return {k: 100.0 * totals[k] / len(targets) for k in score_keys}

@@ -19,8 +19,15 @@ Aggregators (reduce the task axis): ``sum_tasks``, ``mean_tasks``, ``pcgrad``,
 
 A list holding only weightings gets ``sum_tasks()`` appended by the trainer
 (``ensure_aggregator``). See ``mtx/mtl/base.py`` for the protocol.
+
+In the trainer: ``combined_weights`` (one gradient of ``sum_t w_t L_t``) or
+``aggregate`` (per-task gradients: the chain's update with one shared Gram
+matrix, the task weights it applied, and the gradient diagnostics);
+``tag_affinity`` measures TAG's inter-task affinity (Fifty et al. 2021).
 """
 
+from mtx.mtl.affinity import affinity_metrics
+from mtx.mtl.affinity import tag_affinity
 from mtx.mtl.aggregators import aligned_mtl
 from mtx.mtl.aggregators import cagrad
 from mtx.mtl.aggregators import gradnorm
@@ -34,7 +41,10 @@ from mtx.mtl.aggregators import NashMTLState
 from mtx.mtl.aggregators import pcgrad
 from mtx.mtl.aggregators import PCGradState
 from mtx.mtl.aggregators import upgrad
+from mtx.mtl.base import aggregate
 from mtx.mtl.base import AGGREGATOR
+from mtx.mtl.base import aggregator_transform
+from mtx.mtl.base import build
 from mtx.mtl.base import chain
 from mtx.mtl.base import combine
 from mtx.mtl.base import combined_weights

@@ -243,17 +243,23 @@ class NashMTLState(NamedTuple):
   count: jax.Array
 
 
-def nash_mtl(num_tasks: int, update_every: int = 1,
-             iterations: int = 20) -> optax.GradientTransformationExtraArgs:
+def nash_mtl(num_tasks: int, update_every: int = 1, iterations: int = 20,
+             normalize: bool = False) -> optax.GradientTransformationExtraArgs:
   """Nash-MTL: multi-task learning as a bargaining game (Navon et al. 2022).
 
   The Nash bargaining solution ``d = sum_i alpha_i g_i`` with ``alpha > 0``
-  solving ``G alpha = 1 / alpha`` (their eq. 3; here on ``G / |G|_F``, see
-  ``solvers.nash_weights``). Every ``update_every`` steps alpha is solved
-  again; in between, the alpha stored in the state is reused and no Gram
-  matrix is computed (the authors' cheaper variant). If a solve fails (not
-  finite), the previous alpha is kept. The authors clip the update's norm; put
-  ``optax.clip_by_global_norm`` after it in the chain for that.
+  solving ``G alpha = 1 / alpha`` (their eq. 3, Algorithm 1;
+  ``solvers.nash_weights``). Like the paper's, the update has norm sqrt(k)
+  whatever the gradients' scale, and is invariant to rescaling any task's loss;
+  the authors clip its norm to 1: put ``optax.clip_by_global_norm(1.0)`` after
+  it in the chain (or rely on Adam/Adafactor's own normalization).
+  ``normalize=True`` solves ``(G / |G|_F) alpha = 1 / alpha`` instead (the
+  same direction, scaled like the gradients; not the paper).
+
+  Every ``update_every`` steps alpha is solved again; in between, the alpha
+  stored in the state is reused (the authors' cheaper variant; no Gram matrix
+  is computed unless the caller already has one). If a solve fails (not
+  finite), the previous alpha is kept.
 
   Shapes: per-task f32[k, ...] -> f32[...].
 
@@ -261,6 +267,7 @@ def nash_mtl(num_tasks: int, update_every: int = 1,
     num_tasks: k.
     update_every: solve every this many steps (1: every step).
     iterations: damped Newton iterations per solve.
+    normalize: solve on the Frobenius-normalized Gram matrix.
 
   Returns:
     An aggregator with state ``NashMTLState``.
@@ -273,16 +280,18 @@ def nash_mtl(num_tasks: int, update_every: int = 1,
     return NashMTLState(weights=jnp.ones((num_tasks,), jnp.float32),
                         count=jnp.zeros([], jnp.int32))
 
-  def update_fn(updates, state, params=None, *, task_present=None,
-                **extra_args):
-    del params, extra_args
+  def aggregate_fn(updates, state, params=None, *, gram_matrix=None,
+                   task_losses=None, task_present=None, key=None):
+    del params, task_losses, key
     k = base.num_tasks_of(updates)
     _check_k('nash_mtl', num_tasks, k)
     p = base.presence(task_present, k)
 
     def fresh(_):
-      g = base.masked_gram(updates, p)
-      alpha, ok = solvers.nash_weights(g, p, state.weights, iterations)
+      g = base.mask_gram(
+          base.gram(updates) if gram_matrix is None else gram_matrix, p)
+      alpha, ok = solvers.nash_weights(g, p, state.weights, iterations,
+                                       normalize=normalize)
       return jnp.where(ok & p, alpha, state.weights)
 
     if update_every == 1:
@@ -290,11 +299,11 @@ def nash_mtl(num_tasks: int, update_every: int = 1,
     else:
       alpha = jax.lax.cond(state.count % update_every == 0, fresh,
                            lambda _: state.weights, None)
-    out = base.combine(updates, jnp.where(p, alpha, 0.0))
-    return out, NashMTLState(weights=alpha, count=state.count + 1)
+    c = jnp.where(p, alpha, 0.0)
+    return (base.combine(updates, c),
+            NashMTLState(weights=alpha, count=state.count + 1), c)
 
-  base.mark_aggregator(update_fn)
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return base.aggregator_transform(init_fn, aggregate_fn)
 
 
 # -------------------------------------------------------------- Aligned-MTL
@@ -405,9 +414,9 @@ def gradnorm(num_tasks: int, alpha: float = 1.5, lr: float = 0.025,
                          has_initial=jnp.zeros((num_tasks,), bool),
                          opt_state=opt.init(w))
 
-  def update_fn(updates, state, params=None, *, task_losses=None,
-                task_present=None, **extra_args):
-    del params, extra_args
+  def aggregate_fn(updates, state, params=None, *, gram_matrix=None,
+                   task_losses=None, task_present=None, key=None):
+    del params, key
     k = base.num_tasks_of(updates)
     _check_k('gradnorm', num_tasks, k)
     p = base.presence(task_present, k)
@@ -415,16 +424,19 @@ def gradnorm(num_tasks: int, alpha: float = 1.5, lr: float = 0.025,
     losses = jnp.where(p, base.losses_of(task_losses, k, 'gradnorm'), 1.0)
 
     m = base.leaf_mask(mask, updates)
-    if not any(jax.tree_util.tree_leaves(m)):
+    keep_leaves = jax.tree_util.tree_leaves(m)
+    if not any(keep_leaves):
       raise UserError('gradnorm: its mask selects no parameter; pass a mask '
                       'that matches at least one parameter path.')
-    sq = jnp.zeros((k,), jnp.float32)
-    for g, keep in zip(jax.tree_util.tree_leaves(updates),
-                       jax.tree_util.tree_leaves(m)):
-      if keep:
-        sq = sq + jnp.sum(jnp.square(g.astype(jnp.float32)),
-                          axis=tuple(range(1, g.ndim)))
-    norms = jnp.where(p, jnp.sqrt(sq), 0.0)
+    if gram_matrix is not None and all(keep_leaves):
+      sq = jnp.diag(gram_matrix)  # the squared norms on every parameter
+    else:
+      sq = jnp.zeros((k,), jnp.float32)
+      for g, keep in zip(jax.tree_util.tree_leaves(updates), keep_leaves):
+        if keep:
+          sq = sq + jnp.sum(jnp.square(g.astype(jnp.float32)),
+                            axis=tuple(range(1, g.ndim)))
+    norms = jnp.where(p, jnp.sqrt(jnp.maximum(sq, 0.0)), 0.0)
 
     first = p & ~state.has_initial
     initial = jnp.where(first, losses, state.initial_losses)
@@ -446,10 +458,9 @@ def gradnorm(num_tasks: int, alpha: float = 1.5, lr: float = 0.025,
     new_sum = jnp.sum(new_w * pf)
     new_w = jnp.where(p, new_w * old_sum / jnp.maximum(new_sum, 1e-12), w)
 
-    out = base.combine(updates, jnp.where(p, w, 0.0))
-    return out, GradNormState(weights=new_w, initial_losses=initial,
-                              has_initial=state.has_initial | p,
-                              opt_state=opt_state)
+    c = jnp.where(p, w, 0.0)
+    return base.combine(updates, c), GradNormState(
+        weights=new_w, initial_losses=initial,
+        has_initial=state.has_initial | p, opt_state=opt_state), c
 
-  base.mark_aggregator(update_fn)
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return base.aggregator_transform(init_fn, aggregate_fn)

@@ -31,6 +31,12 @@ There are two kinds of transform, told apart by attributes of ``update``:
     instead of k gradients. Both paths give the same update and share one state.
   aggregator (``update.mtl_kind == 'aggregator'``) reduces the task axis away
     and hands an ordinary gradient, shaped like params, to the rest of the chain.
+    Every aggregator in ``mtx.mtl`` also carries ``update.mtl_aggregate``, the
+    same update that (a) may reuse a Gram matrix computed by the caller and (b)
+    reports the task coefficients ``c`` f32[k] it applied, ``out = sum_i c_i g_i``
+    (see ``aggregator_transform``). ``aggregate`` runs a whole list of
+    transforms through these hooks: one Gram matrix for the step's diagnostics
+    and the aggregator, and the chain's task weights for the metrics.
 
 A user's list of mtl transforms is ``optax.chain``-ed before the optimizer. If it
 holds only weightings, the trainer appends ``sum_tasks()`` so that the optimizer
@@ -42,6 +48,7 @@ contraction per leaf, float32), a k-sized solver gives coefficients ``c f32[k]``
 and ``combine`` forms ``sum_i c_i g_i``.
 """
 
+import inspect
 import re
 from typing import Any, Callable, NamedTuple, Optional, Sequence, Union
 
@@ -85,26 +92,67 @@ def weighting_transform(
   def update_fn(updates, state, params=None, *, task_losses=None,
                 task_present=None, key=None, **extra_args):
     del params, extra_args
-    w, new_state = weights_fn(state, task_losses=task_losses,
-                              task_present=task_present, key=key)
-    k = num_tasks_of(updates)
-    if w.shape != (k,):
-      raise UserError(
-          f'A weighting produced weights of shape {w.shape} for per-task '
-          f'gradients with {k} tasks; set its num_tasks to {k}.')
-    return scale_tasks(updates, w), new_state
+    out, _, new_state = _apply_weighting(weights_fn, updates, state,
+                                         task_losses=task_losses,
+                                         task_present=task_present, key=key)
+    return out, new_state
 
   update_fn.mtl_kind = WEIGHTING
   update_fn.mtl_weights = weights_fn
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-def mark_aggregator(update_fn, weights_fn=None):
-  """Marks ``update_fn`` as an aggregator; ``weights_fn`` if gradient-free."""
+def _apply_weighting(weights_fn, updates, state, *, task_losses, task_present,
+                     key):
+  """``(w[:, None, ...] * updates, w, new_state)`` for a weighting's weights_fn."""
+  w, new_state = weights_fn(state, task_losses=task_losses,
+                            task_present=task_present, key=key)
+  k = num_tasks_of(updates)
+  if w.shape != (k,):
+    raise UserError(
+        f'A weighting produced weights of shape {w.shape} for per-task '
+        f'gradients with {k} tasks; set its num_tasks to {k}.')
+  return scale_tasks(updates, w), w, new_state
+
+
+def aggregator_transform(
+    init_fn: Callable[[PyTree], Any],
+    aggregate_fn: Callable[..., tuple[PyTree, Any, Optional[jax.Array]]],
+    weights_fn: Optional[Callable[..., tuple[jax.Array, Any]]] = None,
+) -> optax.GradientTransformationExtraArgs:
+  """Builds an aggregator from its ``aggregate_fn``.
+
+  Args:
+    init_fn: ``params -> state``.
+    aggregate_fn: ``(updates, state, params, *, gram_matrix, task_losses,
+      task_present, key) -> (out, new_state, c)``: ``updates`` the per-task
+      gradients f32[k, ...], ``gram_matrix`` None or their Gram matrix f32[k, k]
+      already computed by the caller (to reuse instead of computing it), ``out``
+      the aggregated gradient shaped like params, ``c`` f32[k] the coefficients
+      applied (``out == sum_i c_i updates[i]``, zero for absent tasks) or None
+      when the output is not such a combination.
+    weights_fn: for an aggregator whose ``c`` is gradient-free (sum, mean), the
+      weights function of ``weighting_transform`` (enables the one-gradient
+      route; see ``needs_task_grads``).
+
+  Returns:
+    The transform; ``update`` ignores unknown extra args (``gram_matrix``
+    among them: only ``aggregate`` passes one, when it is known to be right).
+  """
+
+  def update_fn(updates, state, params=None, *, task_losses=None,
+                task_present=None, key=None, **extra_args):
+    del extra_args
+    out, new_state, _ = aggregate_fn(updates, state, params, gram_matrix=None,
+                                     task_losses=task_losses,
+                                     task_present=task_present, key=key)
+    return out, new_state
+
   update_fn.mtl_kind = AGGREGATOR
+  update_fn.mtl_aggregate = aggregate_fn
   if weights_fn is not None:
     update_fn.mtl_weights = weights_fn
-  return update_fn
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 def kind(transform) -> Optional[str]:
@@ -172,6 +220,136 @@ def combined_weights(transforms, states, *, task_losses, task_present=None,
     w = w * wt
     new_states.append(s)
   return w, tuple(new_states)
+
+
+def aggregate(transforms: Sequence[optax.GradientTransformation], states,
+              per_task_grads: PyTree, params: PyTree = None, *,
+              task_losses=None, task_present=None, key=None, **extra_args):
+  """The per-task-gradient route: the chain's update, its task weights, diagnostics.
+
+  Runs ``transforms`` in order exactly as ``optax.chain(*transforms).update``
+  does (same result, same state), but with ONE Gram matrix of the per-task
+  gradients, computed here and shared by the diagnostics and by the first
+  aggregator (rescaled by the weights of any weightings before it; a ``masked``
+  aggregator reuses it only when its mask selects every parameter), and it
+  reports the task weights the chain applied.
+
+      per_task_grads {'w': f32[k, 3, 4]}  ->  updates {'w': f32[3, 4]}
+      info['weights'] f32[k]: updates == sum_i weights_i * per_task_grads[i]
+
+  What ``info['weights']`` means for a chain: the product of the weightings'
+  weights and the first aggregator's coefficients (e.g. uncertainty weighting
+  then PCGrad gives ``w_uw * c_pcgrad``). For ``masked`` it is the inner
+  method's weights, which apply to the selected parameters (the others are
+  summed). Plain optax transforms after the aggregator act on the aggregated
+  gradient and do not change the weights. It is absent when the aggregator
+  does not report coefficients (a plain optax transform in its place).
+
+  Args:
+    transforms: the mtl transforms, in chain order.
+    states: their states as a tuple in transform order, the layout of
+      ``optax.chain(*transforms).init(params)``.
+    per_task_grads: tree with a leading task (or group) axis k.
+    params: the parameters (passed on to the transforms).
+    task_losses: f32[k].
+    task_present: bool[k] or None (all present).
+    key: PRNG key, given to every transform, as ``optax.chain`` does.
+    **extra_args: passed on to plain optax transforms in the chain.
+
+  Returns:
+    ``(updates, new_states, info)``: ``info`` holds ``diagnostics``'s
+    ``grad_norm`` f32[k], ``grad_cos`` f32[k, k], ``conflict_frac`` f32[], and
+    ``weights`` f32[k] when known.
+  """
+  transforms = tuple(transforms)
+  states = tuple(states)
+  if len(transforms) != len(states):
+    raise UserError(
+        f'aggregate got {len(transforms)} transforms but {len(states)} states; '
+        'pass the state of optax.chain(*transforms).')
+  k = num_tasks_of(per_task_grads)
+  p = presence(task_present, k)
+  g = gram(per_task_grads)
+  out, new_states, w = _run_chain(
+      transforms, states, per_task_grads, params, gram_matrix=g,
+      task_losses=task_losses, task_present=p, key=key, extra_args=extra_args)
+  info = diagnostics(per_task_grads, p, gram_matrix=g)
+  if w is not None:
+    info['weights'] = w
+  return out, new_states, info
+
+
+def _run_chain(transforms, states, updates, params, *, gram_matrix,
+               task_losses, task_present, key, extra_args):
+  """``optax.chain`` through the mtl hooks: ``(out, new_states, weights|None)``.
+
+  ``gram_matrix`` is the Gram matrix of ``updates`` (or None); it follows the
+  task axis through weightings (``G * outer(w, w)``) and is handed to the first
+  aggregator. ``weights`` is the product of the weightings' weights and that
+  aggregator's coefficients (None if it reports none).
+  """
+  k = num_tasks_of(updates)
+  w = jnp.ones((k,), jnp.float32)
+  out, reduced, new_states = updates, False, []
+  for t, s in zip(transforms, states):
+    if reduced:
+      out, s = optax.with_extra_args_support(t).update(
+          out, s, params, task_losses=task_losses, task_present=task_present,
+          key=key, **extra_args)
+    elif kind(t) == WEIGHTING:
+      out, wt, s = _apply_weighting(t.update.mtl_weights, out, s,
+                                    task_losses=task_losses,
+                                    task_present=task_present, key=key)
+      if gram_matrix is not None:
+        gram_matrix = gram_matrix * wt[:, None] * wt[None, :]
+      w = w * wt
+    else:
+      out, s, c = _aggregate_one(t, out, s, params, gram_matrix=gram_matrix,
+                                 task_losses=task_losses,
+                                 task_present=task_present, key=key,
+                                 extra_args=extra_args)
+      w = None if c is None else w * c
+      reduced = True
+    new_states.append(s)
+  return out, tuple(new_states), w
+
+
+def _aggregate_one(t, updates, state, params, *, gram_matrix, task_losses,
+                   task_present, key, extra_args):
+  """One aggregating transform: ``(out, new_state, c|None)``."""
+  hook = getattr(t.update, 'mtl_aggregate', None)
+  if hook is not None:
+    return hook(updates, state, params, gram_matrix=gram_matrix,
+                task_losses=task_losses, task_present=task_present, key=key)
+  # A plain optax transform in the aggregator's place: no coefficients.
+  out, state = optax.with_extra_args_support(t).update(
+      updates, state, params, task_losses=task_losses,
+      task_present=task_present, key=key, **extra_args)
+  return out, state, None
+
+
+def _is_transform(item) -> bool:
+  return hasattr(item, 'init') and hasattr(item, 'update')
+
+
+def build(item, num_tasks: Optional[int] = None):
+  """A transform as given, or built from a factory (gin's ``@mtl.pcgrad``).
+
+  A factory whose signature has ``num_tasks`` gets it (when known), so that
+  methods with per-task state need not repeat the number of tasks.
+  """
+  if _is_transform(item):
+    return item
+  if not callable(item):
+    raise UserError(f'{item!r} is neither an optax transform nor a factory of '
+                    'one; name an mtl method, e.g. @mtl.pcgrad.')
+  try:
+    takes_k = 'num_tasks' in inspect.signature(item).parameters
+  except (TypeError, ValueError):
+    takes_k = False
+  if takes_k and num_tasks is not None:
+    return item(num_tasks=num_tasks)
+  return item()
 
 
 # ------------------------------------------------------------ array helpers
@@ -247,11 +425,9 @@ def gram(per_task_grads: PyTree) -> jax.Array:
   return total
 
 
-def masked_gram(per_task_grads: PyTree, present: jax.Array) -> jax.Array:
-  """``gram`` with the rows and columns of absent tasks set to zero."""
-  g = gram(per_task_grads)
-  both = present[:, None] & present[None, :]
-  return jnp.where(both, g, 0.0)
+def mask_gram(g: jax.Array, present: jax.Array) -> jax.Array:
+  """A Gram matrix with the rows and columns of absent tasks set to zero."""
+  return jnp.where(present[:, None] & present[None, :], g, 0.0)
 
 
 def combine(per_task_grads: PyTree, c: jax.Array) -> PyTree:
@@ -283,8 +459,7 @@ def diagnostics(per_task_grads: PyTree, task_present=None, *,
   """
   k = num_tasks_of(per_task_grads)
   p = presence(task_present, k)
-  g = gram(per_task_grads) if gram_matrix is None else gram_matrix
-  g = jnp.where(p[:, None] & p[None, :], g, 0.0)
+  g = mask_gram(gram(per_task_grads) if gram_matrix is None else gram_matrix, p)
   norm = jnp.sqrt(jnp.maximum(jnp.diag(g), 0.0))
   denom = norm[:, None] * norm[None, :]
   cos = jnp.where(denom > 0, g / jnp.where(denom > 0, denom, 1.0), 0.0)
@@ -330,8 +505,8 @@ def _select(tree: PyTree, m: PyTree) -> PyTree:
       lambda x, keep: x if keep else optax.MaskedNode(), tree, m)
 
 
-def masked(inner: optax.GradientTransformation,
-           mask: Mask) -> optax.GradientTransformationExtraArgs:
+def masked(inner, mask: Mask,
+           num_tasks: Optional[int] = None) -> optax.GradientTransformationExtraArgs:
   """Limits an aggregating transform to some parameters, along the task axis.
 
   Like ``optax.masked``, but for per-task gradients: leaves selected by ``mask``
@@ -339,32 +514,53 @@ def masked(inner: optax.GradientTransformation,
   ``inner`` sees those leaves only), and every other leaf is **summed over
   tasks** (what ``sum_tasks()`` does). The PCGrad paper applies surgery to shared
   parameters only; ``masked(pcgrad(), 'encoder/')`` does that. ``inner`` must
-  reduce the task axis (an aggregator, or a chain ending in one); extra args are
-  passed through to it.
+  reduce the task axis (an aggregator, or a list of transforms ending in one,
+  chained); it gets the extra args ``task_losses``, ``task_present``, ``key``.
 
       per_task {'enc': f32[k, d1], 'head': f32[k, d2]}, mask {'enc': True, 'head': False}
       out      {'enc': inner({'enc': ...})['enc'] f32[d1], 'head': sum_t head[t] f32[d2]}
 
+  Its task weights (``aggregate``'s ``info['weights']``) are the inner
+  method's, on the selected leaves.
+
   Args:
-    inner: the transform applied to the selected leaves.
+    inner: the transform applied to the selected leaves, a factory of one
+      (gin's ``@mtl.pcgrad`` without parentheses: built here with
+      ``num_tasks``), or a list of those, chained.
     mask: see ``Mask``: None, a regex on the '/'-joined parameter path, a
       callable on that path, or a pytree of bools (or a prefix of one).
+    num_tasks: k, given to inner factories that take it (the trainer sets it).
 
   Returns:
-    An aggregator; its state is ``inner``'s state on the selected parameters.
+    An aggregator; its state is ``inner``'s state on the selected parameters
+    (a tuple of states when ``inner`` is a list).
   """
-  inner = optax.with_extra_args_support(inner)
+  # A transform is a NamedTuple, hence a tuple: tell it from a list of them.
+  single = _is_transform(inner) or not isinstance(inner, (list, tuple))
+  inner_list = tuple(build(t, num_tasks)
+                     for t in ((inner,) if single else inner))
+  if not inner_list:
+    raise UserError('masked() got an empty list of inner transforms; give it '
+                    'an aggregator such as mtl.pcgrad().')
 
   def init_fn(params):
-    return inner.init(_select(params, leaf_mask(mask, params)))
+    sub = _select(params, leaf_mask(mask, params))
+    states = tuple(t.init(sub) for t in inner_list)
+    return states[0] if single else states
 
-  def update_fn(updates, state, params=None, **extra_args):
+  def aggregate_fn(updates, state, params=None, *, gram_matrix=None,
+                   task_losses=None, task_present=None, key=None):
     m = leaf_mask(mask, updates)
-    sub_params = None if params is None else _select(params, m)
-    inner_out, new_state = inner.update(_select(updates, m), state, sub_params,
-                                        **extra_args)
-    flat, treedef = jax.tree_util.tree_flatten(updates)
     keep = jax.tree_util.tree_leaves(m)
+    # The caller's Gram matrix covers every leaf; it is this one only if all are kept.
+    sub_gram = gram_matrix if all(keep) else None
+    sub_params = None if params is None else _select(params, m)
+    states = (state,) if single else state
+    inner_out, new_states, c = _run_chain(
+        inner_list, states, _select(updates, m), sub_params,
+        gram_matrix=sub_gram, task_losses=task_losses,
+        task_present=task_present, key=key, extra_args={})
+    flat, treedef = jax.tree_util.tree_flatten(updates)
     inner_leaves = iter(jax.tree_util.tree_leaves(inner_out))
     out = []
     for g, kept in zip(flat, keep):
@@ -378,10 +574,10 @@ def masked(inner: optax.GradientTransformation,
         out.append(r)
       else:
         out.append(jnp.sum(g, axis=0))
-    return treedef.unflatten(out), new_state
+    return (treedef.unflatten(out), new_states[0] if single else new_states,
+            c)
 
-  mark_aggregator(update_fn)
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return aggregator_transform(init_fn, aggregate_fn)
 
 
 # ---------------------------------------------------- gram-based aggregators
@@ -399,20 +595,19 @@ def gram_aggregator(
       (c f32[k], new_state)``; ``G`` has zero rows/columns for absent tasks.
 
   Returns:
-    The aggregator transform.
+    The aggregator transform (it reuses a Gram matrix passed by ``aggregate``).
   """
 
-  def update_fn(updates, state, params=None, *, task_present=None, key=None,
-                task_losses=None, **extra_args):
-    del params, extra_args
+  def aggregate_fn(updates, state, params=None, *, gram_matrix=None,
+                   task_losses=None, task_present=None, key=None):
+    del params
     p = presence(task_present, num_tasks_of(updates))
-    g = masked_gram(updates, p)
+    g = mask_gram(gram(updates) if gram_matrix is None else gram_matrix, p)
     c, new_state = solve(g, p, state, key=key, task_losses=task_losses)
     c = jnp.where(p, c, 0.0)
-    return combine(updates, c), new_state
+    return combine(updates, c), new_state, c
 
-  mark_aggregator(update_fn)
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return aggregator_transform(init_fn, aggregate_fn)
 
 
 class EmptyState(NamedTuple):
@@ -453,6 +648,19 @@ def _fixed_weights(fn):
   return weights_fn
 
 
+def _fixed_aggregator(weights) -> optax.GradientTransformationExtraArgs:
+  """A stateless aggregator ``sum_t c_t g_t`` with ``c = weights(present)``."""
+
+  def aggregate_fn(updates, state, params=None, *, gram_matrix=None,
+                   task_losses=None, task_present=None, key=None):
+    del params, gram_matrix, task_losses, key
+    c = weights(presence(task_present, num_tasks_of(updates)))
+    return combine(updates, c), state, c
+
+  return aggregator_transform(init_empty, aggregate_fn,
+                              _fixed_weights(weights))
+
+
 def sum_tasks() -> optax.GradientTransformationExtraArgs:
   """Sums the task axis away: ``sum_t g_t`` over present tasks.
 
@@ -463,13 +671,7 @@ def sum_tasks() -> optax.GradientTransformationExtraArgs:
   def weights(p):
     return p.astype(jnp.float32)
 
-  def update_fn(updates, state, params=None, *, task_present=None, **extra):
-    del params, extra
-    p = presence(task_present, num_tasks_of(updates))
-    return combine(updates, weights(p)), state
-
-  mark_aggregator(update_fn, _fixed_weights(weights))
-  return optax.GradientTransformationExtraArgs(init_empty, update_fn)
+  return _fixed_aggregator(weights)
 
 
 def mean_tasks() -> optax.GradientTransformationExtraArgs:
@@ -482,10 +684,4 @@ def mean_tasks() -> optax.GradientTransformationExtraArgs:
     p = p.astype(jnp.float32)
     return p / jnp.maximum(jnp.sum(p), 1.0)
 
-  def update_fn(updates, state, params=None, *, task_present=None, **extra):
-    del params, extra
-    p = presence(task_present, num_tasks_of(updates))
-    return combine(updates, weights(p)), state
-
-  mark_aggregator(update_fn, _fixed_weights(weights))
-  return optax.GradientTransformationExtraArgs(init_empty, update_fn)
+  return _fixed_aggregator(weights)

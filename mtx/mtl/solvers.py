@@ -259,38 +259,79 @@ def imtl_g_weights(g, present):
 # ----------------------------------------------------------------- Nash-MTL
 
 
-def nash_weights(g, present, alpha0, iterations=20, ridge=1e-6):
+def nash_weights(g, present, alpha0, iterations=20, ridge=1e-6,
+                 normalize=False, tol=1e-2):
   """Nash-MTL's bargaining weights (Navon et al. 2022, ICML).
 
-  Solves ``G alpha = 1 / alpha`` (elementwise, alpha > 0) on the normalized Gram
-  matrix ``G / |G|_F``: the minimizer of the strictly convex, self-concordant
-  ``phi(alpha) = 1/2 alpha^T G alpha - sum_i log alpha_i``, by damped Newton
-  (step ``1 / (1 + lambda)``, lambda the Newton decrement, which stays in
-  alpha > 0), warm-started from ``alpha0``. A small ridge keeps the solution
-  bounded when gradients conflict exactly. Normalizing G (as the authors' code
-  does) makes ``d = sum alpha_i g_i`` scale like the gradients rather than have
-  norm sqrt(k).
+  The paper's Nash bargaining solution: ``alpha > 0`` with ``G alpha = 1 / alpha``
+  (elementwise; their eq. 3 / Algorithm 1), so ``d = sum alpha_i g_i`` has
+  ``|d|^2 = alpha^T G alpha = k`` whatever the scale of the gradients, and d does
+  not change when one task's loss is rescaled. (The authors' code normalizes G
+  by |G|_F for its solver but multiplies the factor back into its constraint
+  ``alpha_i (G alpha)_i >= 1``: the same system.)
+
+  Solved scale-free: with ``D = diag(1 / |g_i|)`` and the cosine matrix
+  ``C = D G D``, ``beta`` solving ``C beta = 1 / beta`` gives ``alpha = D beta``.
+  ``beta`` minimizes the strictly convex, self-concordant
+  ``phi(b) = 1/2 b^T C b - sum_i log b_i``: damped Newton (step
+  ``1 / (1 + lambda)``, lambda the Newton decrement, which stays in b > 0),
+  warm-started from ``alpha0``. A small ridge on C keeps the solution bounded
+  when gradients conflict exactly. Tasks with a zero gradient get alpha = 0
+  (they add nothing to d).
+
+  With ``normalize=True`` (an mtx variant, not the paper) alpha is multiplied by
+  ``sqrt(|G|_F)``: it solves ``(G / |G|_F) alpha = 1 / alpha``, and d has the
+  same direction but scales like the gradients instead of having norm sqrt(k).
+
+  Args:
+    g: f32[k, k] Gram matrix (zero rows/columns for absent tasks).
+    present: bool[k].
+    alpha0: f32[k], the previous alpha (same convention), the warm start.
+    iterations: damped Newton iterations.
+    ridge: added to the diagonal of C.
+    normalize: see above.
+    tol: the solve is ok when ``max_i |beta_i (C beta)_i - 1| <= tol``.
 
   Returns:
     ``(alpha f32[k], ok bool[])``; alpha is 0 for absent tasks; ok is False when
-    the solve failed (the caller keeps its previous weights).
+    the solve failed or did not converge (the caller keeps its previous weights).
   """
+  k = g.shape[0]
+  norms = jnp.sqrt(jnp.maximum(jnp.diag(g), 0.0))
+  active = present & (norms > 0)
+  inv = jnp.where(active, 1.0 / jnp.where(active, norms, 1.0), 0.0)
+  c = g * inv[:, None] * inv[None, :]
+  c = jnp.where(active[:, None] & active[None, :], c, 0.0)
+  c = c + jnp.diag(jnp.where(active, ridge, 1.0))
   both = present[:, None] & present[None, :]
   fro = jnp.sqrt(jnp.sum(jnp.where(both, g, 0.0) ** 2))
-  gn = jnp.where(both, g / jnp.where(fro > 0, fro, 1.0), 0.0)
-  gn = gn + jnp.diag(jnp.where(present, ridge, 1.0))
-  start = jnp.where(present & (alpha0 > 0) & jnp.isfinite(alpha0), alpha0, 1.0)
+  scale = jnp.sqrt(jnp.where(fro > 0, fro, 1.0)) if normalize else 1.0
+  b0 = alpha0 / scale * norms
+  n_active = jnp.maximum(jnp.sum(active), 1)
+  uniform = jnp.full((k,), 1.0, jnp.float32) / jnp.sqrt(
+      n_active.astype(jnp.float32))
+  warm = jnp.where(active & (b0 > 0) & jnp.isfinite(b0), b0, uniform)
 
-  def body(_, alpha):
-    grad = gn @ alpha - 1.0 / alpha
-    hess = gn + jnp.diag(1.0 / alpha**2)
+  def phi(b):
+    return 0.5 * b @ (c @ b) - jnp.sum(jnp.where(active, jnp.log(b), 0.0))
+
+  # The previous solution is a good start only if the tasks' scales did not move.
+  start = jnp.where(phi(warm) < phi(uniform), warm, uniform)
+  eye_inactive = jnp.diag(jnp.where(active, 0.0, 1.0))
+
+  def body(_, b):
+    grad = jnp.where(active, c @ b - 1.0 / b, 0.0)
+    hess = c + jnp.diag(jnp.where(active, 1.0 / b**2, 0.0)) + eye_inactive
     step = jnp.linalg.solve(hess, grad)
     decrement = jnp.sqrt(jnp.maximum(grad @ step, 0.0))
-    return alpha - step / (1.0 + decrement)
+    return b - step / (1.0 + decrement)
 
-  alpha = jax.lax.fori_loop(0, iterations, body, start)
-  ok = jnp.all(jnp.isfinite(alpha)) & jnp.all(alpha > 0) & (fro > 0)
-  return jnp.where(present, alpha, 0.0), ok
+  b = jax.lax.fori_loop(0, iterations, body, start)
+  residual = jnp.max(jnp.where(active, jnp.abs(b * (c @ b) - 1.0), 0.0))
+  alpha = jnp.where(active, b * inv, 0.0) * scale
+  ok = (jnp.all(jnp.isfinite(alpha)) & jnp.all(jnp.where(active, b > 0, True))
+        & jnp.any(active) & (residual <= tol))
+  return alpha, ok
 
 
 # -------------------------------------------------------------- Aligned-MTL

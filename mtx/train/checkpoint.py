@@ -4,12 +4,12 @@ Layout (orbax's, one directory per saved step)::
 
   MODEL_DIR/
     1000/                    a finished step: orbax wrote it as
-      commit_success.txt       1000.orbax-checkpoint-tmp-<ts>/ and renamed it when
+      commit_success.txt       1000.orbax-checkpoint-tmp/ and renamed it when
       _CHECKPOINT_METADATA     complete (on GCS it writes commit_success.txt last)
       state/                 the state pytree (params, opt_state, step, rng, ...):
                              OCDBT/zarr arrays, each host writing its own shards
       data_state/metadata    the data position, JSON, written by the primary host
-    2000.orbax-checkpoint-tmp-<ts>/   a save in progress, or cut short: never a step
+    2000.orbax-checkpoint-tmp/   a save in progress, or cut short: never a step
 
 Nothing is pickled. Saves are asynchronous: ``save`` returns once the arrays are copied
 off the devices and the files are written in a background thread; ``wait`` blocks until
@@ -28,23 +28,34 @@ that:
   reports a decode or out-of-range read; the data files are zstd-compressed, whose
   frames detect most damage), or a truncated ``data_state`` JSON.
 
-Temporary ``*.orbax-checkpoint-tmp-*`` directories are never taken for steps, and are
-deleted when a ``Checkpointer`` is created. A bit flip inside an array's payload that
-still decompresses is not detected (OCDBT keeps no checksums). Skipped steps newer
-than the one restored are renamed ``<step>.corrupt`` (kept for inspection) so that
-training can write those steps again. A checkpoint that is intact but does not fit the
-state being restored (a changed model or optimizer) is not corruption: it raises a
-``UserError``.
+Temporary ``*.orbax-checkpoint-tmp*`` directories are never taken for steps; a new
+``Checkpointer`` deletes them in the background (its first save waits for that). A bit
+flip inside an array's payload that still decompresses is not detected (OCDBT keeps no
+checksums). Skipped steps newer than the one restored are renamed ``<step>.corrupt``
+(kept for inspection) so that training can write those steps again. A checkpoint that
+is intact but does not fit the state being restored (a changed model or optimizer) is
+not corruption: it raises a ``UserError``.
+
+Failed saves. ``save`` refuses a state holding a NaN or an Inf (``NonFiniteStateError``,
+naming the leaf), so a checkpoint is always finite. A save that cannot be written (a full
+disk, a directory gone read-only) raises ``CheckpointWriteError`` from ``save``, ``wait``
+or ``close`` (an asynchronous save fails in the background and is reported by the next
+of these), naming the step and the newest intact one. Orbax deletes old steps only after
+a new one is committed, so the steps already on disk stay restorable, and the cut-short
+``<step>.orbax-checkpoint-tmp`` directory goes like any other temporary one.
 """
 
+import errno
 import json
 import logging
 import os
+import re
 import tempfile
 from typing import Any
 
 from etils import epath
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
@@ -54,6 +65,18 @@ STATE_ITEM = "state"
 DATA_STATE_ITEM = "data_state"
 _COMMIT_FILE = "commit_success.txt"
 _CORRUPT_SUFFIX = ".corrupt"
+# How tensorstore and orbax word an OS error in the exceptions they raise.
+_IO_ERROR = re.compile(r"No space left|Read-only file system|Permission denied|"
+                       r"Disk quota|os_error_code|RESOURCE_EXHAUSTED|PERMISSION_DENIED|"
+                       r"Input/output error", re.I)
+
+
+class CheckpointWriteError(UserError):
+  """A checkpoint could not be written (disk full, unwritable directory, I/O error)."""
+
+
+class NonFiniteStateError(UserError):
+  """``save`` was given a state holding NaN or Inf; nothing was written."""
 
 
 class Checkpointer:
@@ -93,10 +116,15 @@ class Checkpointer:
     options = ocp.CheckpointManagerOptions(
         preservation_policy=preservation,
         enable_async_checkpointing=async_save,
+        # Step directories are made before ``save`` returns: when that fails (a full or
+        # read-only disk) the error is raised there, and no background thread is left
+        # waiting minutes for a directory that never came (which blocks the exit).
+        async_options=ocp.AsyncOptions(create_directories_asynchronously=False),
         cleanup_tmp_directories=True,
         create=True)
     self._manager = ocp.CheckpointManager(
         self.directory, item_names=(STATE_ITEM, DATA_STATE_ITEM), options=options)
+    self._pending = None  # The step of a save that may still be running.
 
   def latest_step(self) -> int | None:
     """The newest committed step, or None; ``restore`` may still find it damaged."""
@@ -123,10 +151,15 @@ class Checkpointer:
       step: the number of finished training steps the state reflects.
       state: a pytree of ``jax.Array`` (any sharding) and numbers.
       data_state: a JSON-able dict, the position of the input pipeline(s).
+
+    Raises:
+      NonFiniteStateError: a floating leaf of ``state`` holds NaN or Inf.
+      CheckpointWriteError: this save, or the previous one still running, failed.
     """
     periodic = self.save_period > 0 and step % self.save_period == 0
     if not (periodic or force):
       return False
+    self.wait()  # Orbax would wait too; this way a failure names the step it belongs to.
     if step in self._manager.all_steps():
       logging.info("Checkpoint step %d already exists in %s; not saving it again.",
                    step, self.directory)
@@ -135,11 +168,29 @@ class Checkpointer:
       json.dumps(data_state, allow_nan=False)
     except (TypeError, ValueError) as e:
       raise ValueError(f"Checkpointer.save: data_state is not plain JSON: {e}") from e
+    bad = _nonfinite_leaves(state)
+    if bad:
+      raise NonFiniteStateError(
+          f"Checkpoint step {step} was not saved to {self.directory} because "
+          f"{', '.join(bad[:3])}{' and more' if len(bad) > 3 else ''} hold NaN or Inf "
+          f"({self._newest_intact()}); lower the learning rate or set "
+          "train.nonfinite_policy, and resume from that checkpoint.")
     args = ocp.args.Composite(**{
         STATE_ITEM: ocp.args.StandardSave(state),
         DATA_STATE_ITEM: ocp.args.JsonSave(data_state),
     })
-    return self._manager.save(step, args=args, force=True)
+    self._pending = step
+    try:
+      started = self._manager.save(step, args=args, force=True)
+    except Exception as e:  # pylint: disable=broad-except
+      self._pending = None
+      error = self._write_error(step, e)
+      if error is None:
+        raise
+      raise error from e
+    if not started:
+      self._pending = None
+    return started
 
   def restore(self, abstract_state: Any,
               step: int | None = None) -> tuple[int, Any, dict] | None:
@@ -227,19 +278,60 @@ class Checkpointer:
         while target.exists():
           target = self.directory / f"{step}{_CORRUPT_SUFFIX}.{n}"
           n += 1
-        source.rename(target)
+        try:
+          source.rename(target)
+        except OSError as e:
+          raise CheckpointWriteError(
+              f"Could not move the damaged checkpoint {source} aside ({e.strerror}); "
+              f"make {self.directory} writable, then run the same command again.") from e
         logging.warning("Moved damaged checkpoint %s to %s.", source, target)
     if jax.process_count() > 1:
       ocp.multihost.sync_global_processes("mtx_checkpoint_quarantine")
     self._manager.reload()
 
   def wait(self) -> None:
-    """Blocks until every started save is final (re-raises a failed async save)."""
-    self._manager.wait_until_finished()
+    """Blocks until every started save is final.
+
+    Raises:
+      CheckpointWriteError: a save failed to write (orbax's error is its cause).
+    """
+    step, self._pending = self._pending, None
+    try:
+      self._manager.wait_until_finished()
+    except Exception as e:  # pylint: disable=broad-except
+      error = self._write_error(step, e)
+      if error is None:
+        raise
+      raise error from e
 
   def close(self) -> None:
-    """Waits for pending saves and releases orbax's threads."""
-    self._manager.close()
+    """Waits for pending saves and releases orbax's threads (raises like ``wait``)."""
+    try:
+      self.wait()
+    finally:
+      self._manager.close()
+
+  def _newest_intact(self) -> str:
+    """'the newest intact checkpoint is step N' (or that there is none), for errors."""
+    try:
+      steps = [int(p.name) for p in self.directory.iterdir()
+               if p.name.isdigit() and _incomplete_reason(p) is None]
+    except OSError:
+      steps = []
+    if not steps:
+      return "no intact checkpoint is on disk yet"
+    return f"the newest intact checkpoint is step {max(steps)}"
+
+  def _write_error(self, step: int | None, error: Exception):
+    """A ``CheckpointWriteError`` if ``error`` is an I/O failure, else None."""
+    reason = _io_reason(error)
+    if reason is None:
+      return None
+    what = f"checkpoint step {step}" if step is not None else "a checkpoint"
+    return CheckpointWriteError(
+        f"Could not write {what} to {self.directory} ({reason}); "
+        f"{self._newest_intact()}: free some space or make the directory writable, then "
+        "run the same command again to resume from it.")
 
   def __enter__(self):
     return self
@@ -295,6 +387,40 @@ def load_params(path: str, abstract_params: Any,
   finally:
     checkpointer.close()
   return restored["params"]
+
+
+def _io_reason(error: BaseException) -> str | None:
+  """The OS-level reason if ``error`` (or its causes) is a failed write, else None."""
+  seen = set()
+  while error is not None and id(error) not in seen:
+    seen.add(id(error))
+    if isinstance(error, OSError) and error.errno is not None:
+      return error.strerror or os.strerror(error.errno)
+    text = str(error)
+    if _IO_ERROR.search(text):
+      for code in (errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EDQUOT, errno.EIO):
+        if os.strerror(code).lower() in text.lower():
+          return os.strerror(code)
+      return " ".join(text.split())[:200]
+    error = error.__cause__ or error.__context__
+  return None
+
+
+def _nonfinite_leaves(state: Any) -> list[str]:
+  """Paths of the floating leaves of ``state`` that hold a NaN or an Inf."""
+  flat = jax.tree_util.tree_flatten_with_path(state)[0]
+  floats = [(p, x) for p, x in flat if jnp.issubdtype(
+      x.dtype if hasattr(x, "dtype") else np.asarray(x).dtype, jnp.inexact)]
+  if not floats:
+    return []
+  flags = jax.device_get(_finite_flags([x for _, x in floats]))
+  return [_path_str(p) for (p, _), ok in zip(floats, flags) if not ok]
+
+
+@jax.jit
+def _finite_flags(leaves: list) -> list:
+  """One bool[] per leaf: all finite (one program for the whole state, run in place)."""
+  return [jnp.all(jnp.isfinite(x)) for x in leaves]
 
 
 def _check_writable(directory: str) -> None:

@@ -7,7 +7,8 @@
 Flags: ``--gin_file`` (repeatable, searched in ``--gin_search_paths`` and the repo's
 gin_configs/), ``--gin.NAME=VALUE`` (one binding; strings need quotes, as in T5X),
 ``--gin_bindings`` (repeatable), and for several hosts ``--coordinator_address``,
-``--num_processes``, ``--process_id`` (passed to ``jax.distributed.initialize``).
+``--num_processes``, ``--process_id`` (passed to ``jax.distributed.initialize``), or
+``--distributed`` to let JAX detect them (TPU pods, SLURM, Open MPI).
 
 A mistake the user can fix prints one line and exits with status 2.
 """
@@ -46,6 +47,9 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--coordinator_address", default=None)
   p.add_argument("--num_processes", type=int, default=None)
   p.add_argument("--process_id", type=int, default=None)
+  p.add_argument("--distributed", action="store_true",
+                 help="jax.distributed.initialize() with what it detects (TPU pods, "
+                      "SLURM, Open MPI), completed by the three flags above if given.")
   p.add_argument("--verbose", action="store_true")
   return p
 
@@ -155,15 +159,21 @@ def _one_line(e: Exception) -> str:
 
 
 def _init_distributed(args) -> None:
-  if args.coordinator_address is None and args.num_processes is None:
+  """Starts JAX's multi-process runtime when asked (before anything else uses JAX)."""
+  given = (args.coordinator_address, args.num_processes, args.process_id)
+  if not args.distributed and all(v is None for v in given):
     return
   import jax  # pylint: disable=g-import-not-at-top
-  if args.coordinator_address is None or args.num_processes is None or \
-      args.process_id is None:
+  if not args.distributed and any(v is None for v in given):
     raise UserError("Multi-host runs need all of --coordinator_address, "
-                    "--num_processes and --process_id.")
-  jax.distributed.initialize(args.coordinator_address, args.num_processes,
-                             args.process_id)
+                    "--num_processes and --process_id (or --distributed to detect "
+                    "them on a TPU pod, SLURM or Open MPI).")
+  try:
+    jax.distributed.initialize(*given)
+  except (ValueError, RuntimeError) as e:
+    raise UserError(f"jax.distributed.initialize failed ({_one_line(e)[:300]}); check "
+                    "--coordinator_address (host:port reachable from every process), "
+                    "--num_processes and --process_id.") from e
 
 
 def run(argv: Sequence[str]) -> int:
@@ -192,6 +202,10 @@ def run(argv: Sequence[str]) -> int:
                       "or with --gin.NAME=VALUE.") from e
     raise
   print(_summary(args.command, result), flush=True)
+  failure = getattr(result, "failure", None)  # e.g. `mtx compile`: does not fit
+  if failure:
+    print(f"mtx: error: {failure}", file=sys.stderr, flush=True)
+    return 1
   return 0
 
 

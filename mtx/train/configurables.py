@@ -20,3 +20,20 @@ gin.external_configurable(optim.make_optimizer, name="make_optimizer", module="o
 gin.external_configurable(optim.learning_rate_fn, name="learning_rate_fn", module="optim")
 
 import mtx.mtl.configurables  # pylint: disable=g-import-not-at-top,unused-import,wrong-import-position
+
+# Evaluation (gin_configs/runs/eval.gin): `mtx eval` and the options of periodic eval.
+from mtx.eval import evaluate as eval_command  # pylint: disable=g-import-not-at-top,wrong-import-position
+from mtx.eval import evaluator as eval_evaluator  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+gin.external_configurable(eval_command.evaluate, name="evaluate")
+gin.external_configurable(eval_evaluator.EvalOptions, name="EvalOptions", module="eval")
+
+# `mtx compile` (gin_configs/runs/compile.gin): the train step compiled for a target mesh.
+from mtx.train import compile as compile_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+gin.external_configurable(compile_lib.compile_train, name="compile_train")
+
+# `mtx infer` (gin_configs/runs/infer.gin): predictions for a task's inputs, as JSONL.
+from mtx.infer import run as infer_command  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+gin.external_configurable(infer_command.infer, name="infer")

@@ -26,12 +26,19 @@ from mtx import mtl, parallel
 from mtx.data import pipeline as data_pipeline
 from mtx.data import registry
 from mtx.data import vocab as vocab_lib
-from mtx.errors import UserError
+from mtx.errors import UserError, close_names
 from mtx.model import T5, T5Config
 from mtx.train import checkpoint, metrics_writer, optim, progress, state as state_lib
 from mtx.train import step as step_lib
+from mtx.eval import periodic as eval_periodic
 
 log = logging.getLogger("mtx")
+
+NONFINITE_POLICIES = ("skip", "stop")
+
+
+class NonFiniteStepError(UserError):
+  """A step had a non-finite loss or gradient and ``nonfinite_policy`` is 'stop'."""
 
 
 @dataclasses.dataclass
@@ -124,13 +131,10 @@ def gather_data_state(state: dict) -> dict:
 
 
 def local_data_state(data_state: dict) -> Optional[dict]:
+  """The saved position of every data shard (any process count; the pipeline picks its
+  own shards, or re-splits the position when the number of shards changed)."""
   procs = data_state.get("processes", [])
-  if len(procs) != jax.process_count():
-    log.warning("The checkpoint's data position was written by %d processes and this "
-                "run has %d; the data order restarts from the beginning.", len(procs),
-                jax.process_count())
-    return None
-  return procs[jax.process_index()]
+  return data_pipeline.merge_states(procs) if procs else None
 
 
 class _Preemption:
@@ -157,7 +161,10 @@ class _Preemption:
 def _period_metrics(h: Sequence[dict], task_names: Sequence[str],
                     group_names: Sequence[str]) -> dict:
   """Means over the logging period (host copies of the step metrics); per-task losses
-  weighted by their tokens."""
+  weighted by their tokens. Skipped (non-finite) steps are left out of the means; a
+  period of only skipped steps reports their (non-finite) values."""
+  if "nonfinite" in h[-1]:
+    h = [m for m in h if not m["nonfinite"]] or h
   sums = np.sum([m["task_loss_sums"] for m in h], axis=0)
   toks = np.sum([m["task_tokens"] for m in h], axis=0)
   out = {"loss": float(sums.sum() / max(toks.sum(), 1.0))}
@@ -175,6 +182,9 @@ def _period_metrics(h: Sequence[dict], task_names: Sequence[str],
       for b in range(a + 1, len(group_names)):
         out[f"grad_cos/{name_a}/{group_names[b]}"] = float(cos[a, b])
     out["conflict_frac"] = float(np.mean([m["conflict_frac"] for m in h]))
+  measured = [m["tag_affinity"] for m in h if m.get("tag_due", False)]
+  if measured:  # TAG affinity, averaged over the period's measurements
+    out.update(mtl.affinity_metrics(group_names, np.mean(measured, axis=0)))
   return out
 
 
@@ -208,20 +218,41 @@ def train(*,
           async_checkpoint: bool = True,
           initial_checkpoint_path: Optional[str] = None,
           eval_period: int = 0,
+          eval_options: Optional[Any] = None,
+          tag_affinity_period: int = 0,
+          tag_affinity_lr: Optional[float] = None,
           split: str = "train",
           tensorboard: bool = True,
           print_param_table: bool = True,
+          data_shards: Optional[int] = None,
+          nonfinite_policy: str = "skip",
+          debug_inject_nonfinite_steps: Sequence[int] = (),
+          debug_inject_nonfinite_task: Optional[str] = None,
           devices: Optional[Sequence[jax.Device]] = None) -> RunResult:
   """Trains a T5 on a seqio mixture; resumes from MODEL_DIR's latest checkpoint.
 
   See gin_configs/runs/train.gin for every argument's meaning. Returns when
   ``train_steps`` are done, or after saving on SIGTERM (``preempted=True``).
+
+  Raises:
+    UserError: bad settings or input (before anything is written); a write that fails
+      mid-run (``metrics_writer.WriteError``, ``checkpoint.CheckpointWriteError``);
+      a non-finite step under ``nonfinite_policy='stop'`` (``NonFiniteStepError``).
   """
-  del eval_period  # Evaluation during training arrives with mtx.eval.
   if train_steps <= 0:
     raise UserError(f"TRAIN_STEPS must be positive (got {train_steps}).")
   if grad_accum_steps < 1:
     raise UserError(f"grad_accum_steps must be >= 1 (got {grad_accum_steps}).")
+  if tag_affinity_period < 0 or (tag_affinity_lr is not None and tag_affinity_lr <= 0):
+    raise UserError(
+        f"train.tag_affinity_period must be >= 0 (got {tag_affinity_period}) and "
+        f"train.tag_affinity_lr positive or None (got {tag_affinity_lr}); 0 turns "
+        "TAG off and None uses the schedule's learning rate.")
+  if nonfinite_policy not in NONFINITE_POLICIES:
+    raise UserError(
+        f"train.nonfinite_policy is '{nonfinite_policy}'"
+        f"{close_names(str(nonfinite_policy), NONFINITE_POLICIES)}; use 'skip' (skip "
+        "the update, count it) or 'stop' (stop the run, naming the step).")
   if vocabulary_path:  # Tasks built on the default vocabulary pick this one up.
     vocab_lib.get_vocabulary(vocabulary_path)  # fails early and clearly if bad
     os.environ["MTX_VOCAB"] = vocabulary_path
@@ -232,13 +263,17 @@ def train(*,
   dp = parallel.data_parallel_size(mesh)
   spec = registry.resolve(mixture_or_task_name, task_groups)
   transforms = mtl.ensure_aggregator(build_transforms(mtl_transforms, spec.num_groups))
-  task_grads = mtl.needs_task_grads(transforms)
+  # TAG's lookahead needs per-group gradients, so it takes the per-group route.
+  task_grads = mtl.needs_task_grads(transforms) or tag_affinity_period > 0
   lengths = data_pipeline.check_feature_lengths(task_feature_lengths)
   if batch_size % dp:
     raise UserError(f"BATCH_SIZE {batch_size} is not divisible by the mesh's data axes "
                     f"(data x fsdp = {dp}); use a multiple of {dp}.")
+  # Processes whose devices hold the same batch rows read the same data shards.
+  block, blocks = parallel.batch_block(mesh)
+  num_shards = blocks if data_shards is None else data_shards
   if task_grads and units is None:
-    units = default_units(spec.num_groups, batch_size, dp, jax.process_count())
+    units = default_units(spec.num_groups, batch_size, dp, num_shards)
   num_units = units if task_grads else 0
   if task_grads and (num_units % dp or num_units % grad_accum_steps):
     raise UserError(f"UNITS {num_units} must be a multiple of the data-parallel size "
@@ -246,13 +281,16 @@ def train(*,
   if not task_grads and (batch_size // dp) % grad_accum_steps:
     raise UserError(f"Rows per device {batch_size // dp} are not divisible by "
                     f"grad_accum_steps {grad_accum_steps}.")
+  inject_task = _inject_task_id(spec, debug_inject_nonfinite_steps,
+                                debug_inject_nonfinite_task)
   layout = data_pipeline.Layout(batch_size, num_units, lengths["inputs"], lengths["targets"])
   pipe = data_pipeline.load(
       mixture_or_task_name, lengths, layout, split=split,
       seed=seed if data_seed is None else data_seed, rate_fn=rate_fn,
       rate_maximum=rate_maximum, rate_temperature=rate_temperature,
-      task_groups=task_groups, process_index=jax.process_index(),
-      process_count=jax.process_count())
+      task_groups=task_groups, process_index=block, process_count=blocks,
+      num_shards=num_shards,
+      allgather=multihost_utils.process_allgather if jax.process_count() > 1 else None)
   _report_mixture(pipe)
 
   # ---- model, optimizer, state --------------------------------------------------------
@@ -267,10 +305,12 @@ def train(*,
                                                      lengths["targets"])
   rules = tuple(logical_axis_rules)
   p_shardings = state_lib.param_shardings(boxed, mesh, rules)
-  abstract_state = jax.eval_shape(
-      lambda p: state_lib.make_state(p, optimizer, mtl_init, seed), params_abstract)
-  s_shardings = state_lib.state_shardings(abstract_state, params_abstract, p_shardings,
-                                          mesh)
+  def make_state(p):
+    return _with_counters(state_lib.make_state(p, optimizer, mtl_init, seed))
+  abstract_state = jax.eval_shape(make_state, params_abstract)
+  s_shardings = dict(state_lib.state_shardings(abstract_state, params_abstract,
+                                               p_shardings, mesh))
+  s_shardings.setdefault("nonfinite_steps", parallel.replicated(mesh))
   if print_param_table and jax.process_index() == 0:
     print(state_lib.param_table(params_abstract, p_shardings), flush=True)
 
@@ -297,9 +337,7 @@ def train(*,
       else:
         params = state_lib.init_params(model, seed, lengths["inputs"],
                                        lengths["targets"], p_shardings)
-      train_state = jax.jit(
-          lambda p: state_lib.make_state(p, optimizer, mtl_init, seed),
-          out_shardings=s_shardings)(params)
+      train_state = jax.jit(make_state, out_shardings=s_shardings)(params)
 
   _write_tasks(model_dir, pipe)
   # Lines logged after the last checkpoint by a run that died are not part of this run.
@@ -310,14 +348,92 @@ def train(*,
   cfg = step_lib.StepConfig(
       num_tasks=spec.num_tasks, group_of_task=spec.group_of_task, task_grads=task_grads,
       grad_accum_steps=grad_accum_steps, z_loss=z_loss, label_smoothing=label_smoothing,
-      dropout=model_config.dropout_rate > 0, rules=rules)
-  step_fn = step_lib.make_train_step(model, optimizer, transforms, cfg, p_shardings)
+      dropout=model_config.dropout_rate > 0, rules=rules,
+      tag_affinity_period=tag_affinity_period, tag_affinity_lr=tag_affinity_lr or 0.0,
+      inject_nonfinite_steps=tuple(int(s) for s in debug_inject_nonfinite_steps),
+      inject_nonfinite_task=inject_task)
+  step_fn = step_lib.make_train_step(model, optimizer, transforms, cfg, p_shardings,
+                                     learning_rate_fn=schedule)
   batch_shardings = _batch_shardings(layout, mesh)
   jit_step = jax.jit(step_fn, in_shardings=(s_shardings, batch_shardings),
                      out_shardings=(s_shardings, None), donate_argnums=(0,))
 
+  watch = _NonFiniteWatch(nonfinite_policy, spec, ckpt)
+  # Reads the eval data now, so that a bad eval setting fails before training.
+  evaluation = eval_periodic.PeriodicEval(eval_period, model_dir, model, mesh, rules,
+                                          p_shardings, mixture_or_task_name, lengths,
+                                          eval_options)
   return _run(jit_step, train_state, start_step, train_steps, pipe, mesh, rules, ckpt,
-              model_dir, schedule, spec, log_period, tensorboard)
+              model_dir, schedule, spec, log_period, tensorboard, watch, evaluation)
+
+
+def _with_counters(state: dict) -> dict:
+  """The train state plus ``nonfinite_steps`` (skipped steps, kept across resumes)."""
+  if "nonfinite_steps" in state:
+    return state
+  return dict(state, nonfinite_steps=jnp.zeros([], jnp.int32))
+
+
+def _inject_task_id(spec, steps: Sequence[int], task: Optional[str]) -> int:
+  """The task id for ``debug_inject_nonfinite_task`` (None: the first task)."""
+  if not steps or task is None:
+    return 0
+  if task not in spec.task_names:
+    raise UserError(
+        f"train.debug_inject_nonfinite_task '{task}' is not a task of "
+        f"'{spec.name}'{close_names(task, spec.task_names)}; name one of its tasks.")
+  return spec.task_names.index(task)
+
+
+class _NonFiniteWatch:
+  """Reports skipped (non-finite) steps from the step metrics; under 'stop', raises.
+
+  The step itself never applies a non-finite update; this only reads the per-step
+  ``nonfinite`` flags, at log and checkpoint steps (reading them every step would
+  stall the device queue), so 'stop' stops there, naming the first bad step, before
+  anything after it is saved.
+  """
+
+  def __init__(self, policy: str, spec, ckpt):
+    self.policy = policy
+    self._spec, self._ckpt = spec, ckpt
+    self._reviewed = -1  # Steps up to this one have been looked at.
+
+  def review(self, history: Sequence[dict], first_step: int) -> None:
+    """Looks at ``history`` (step metrics of steps first_step, first_step + 1, ...)."""
+    flags = jax.device_get([m["nonfinite"] for m in history])
+    bad = [first_step + i for i, f in enumerate(flags)
+           if f and first_step + i > self._reviewed]
+    self._reviewed = max(self._reviewed, first_step + len(history) - 1)
+    if not bad:
+      return
+    what = self._describe(history[bad[0] - first_step])
+    if self.policy == "stop":
+      self._ckpt.wait()  # A save still in flight is of a step before the bad one.
+      latest = self._ckpt.latest_step()
+      saved = (f"the newest checkpoint is step {latest}" if latest is not None
+               else "no checkpoint was saved")
+      raise NonFiniteStepError(
+          f"Step {bad[0]} had {what} and train.nonfinite_policy is 'stop', so training "
+          f"stopped without saving it ({saved}); lower the learning rate or set "
+          "train.nonfinite_policy = 'skip', then run the same command again.")
+    log.warning("Skipped %d step(s) with a non-finite loss or gradient (step %d had "
+                "%s); their updates were not applied.", len(bad), bad[0], what)
+
+  def _describe(self, metrics: dict) -> str:
+    """'a non-finite loss in task(s) a, b' or 'a non-finite gradient (...)'."""
+    host = jax.device_get({k: metrics[k] for k in ("task_loss_sums", "group_grad_norm")
+                           if k in metrics})
+    sums = np.asarray(host["task_loss_sums"])
+    tasks = [n for n, v in zip(self._spec.task_names, sums) if not np.isfinite(v)]
+    if tasks:
+      return f"a non-finite loss in task(s) {', '.join(tasks)}"
+    if "group_grad_norm" in host:
+      groups = [n for n, v in zip(self._spec.group_names, host["group_grad_norm"])
+                if not np.isfinite(v)]
+      if groups:
+        return f"a non-finite gradient of group(s) {', '.join(groups)}"
+    return "a non-finite gradient or update (every task's loss was finite)"
 
 
 def _batch_shardings(layout, mesh) -> dict:
@@ -347,26 +463,26 @@ def _write_tasks(model_dir: str, pipe) -> None:
                      "rate": float(r), "examples": len(ex)}
                     for i, (ex, g, r) in enumerate(zip(pipe.examples, spec.group_of_task,
                                                        pipe.rates))]}
-  tmp = os.path.join(model_dir, ".tasks.json.tmp")
-  with open(tmp, "w", encoding="utf-8") as f:
-    json.dump(info, f, indent=1)
-  os.replace(tmp, os.path.join(model_dir, "tasks.json"))
+  metrics_writer.write_atomically(os.path.join(model_dir, "tasks.json"),
+                                  json.dumps(info, indent=1))
 
 
 def _write_config(model_dir: str) -> None:
   import gin  # pylint: disable=g-import-not-at-top
   if jax.process_index() != 0:
     return
-  text = gin.operative_config_str()
-  tmp = os.path.join(model_dir, ".config.gin.tmp")
-  with open(tmp, "w", encoding="utf-8") as f:
-    f.write(text)
-  os.replace(tmp, os.path.join(model_dir, "config.gin"))
+  metrics_writer.write_atomically(os.path.join(model_dir, "config.gin"),
+                                  gin.operative_config_str())
 
 
 def _run(jit_step, train_state, start_step, train_steps, pipe, mesh, rules, ckpt,
-         model_dir, schedule, spec, log_period, tensorboard) -> RunResult:
-  """Steps until ``train_steps`` or preemption; logs, checkpoints, saves at the end."""
+         model_dir, schedule, spec, log_period, tensorboard, watch,
+         evaluation) -> RunResult:
+  """Steps until ``train_steps`` or preemption; logs, checkpoints, saves at the end.
+
+  A failed write (disk full, MODEL_DIR gone read-only) raises a ``UserError`` naming
+  the file; checkpoints already committed stay as they were.
+  """
   import flax.linen as nn  # pylint: disable=g-import-not-at-top
   writer = metrics_writer.MetricsWriter(model_dir, tensorboard=tensorboard,
                                         is_primary=jax.process_index() == 0)
@@ -377,6 +493,7 @@ def _run(jit_step, train_state, start_step, train_steps, pipe, mesh, rules, ckpt
   history, last, data_state = [], {}, pipe.get_state()
   t0, t0_step = None, step
   preempted = False
+  failed = True
   try:
     with _Preemption() as preemption, mesh, nn.logical_axis_rules(list(rules)):
       while step < train_steps:
@@ -391,6 +508,7 @@ def _run(jit_step, train_state, start_step, train_steps, pipe, mesh, rules, ckpt
         if step % log_period == 0 or step == train_steps:
           last = _log(writer, step, history, spec, pipe, data_state, schedule, t0,
                       t0_step)
+          watch.review(history, step - len(history) + 1)
           history = []
           t0, t0_step = time.time(), step
           bar.update(step, {k: v for k, v in last.items() if k.startswith("loss")})
@@ -399,15 +517,31 @@ def _run(jit_step, train_state, start_step, train_steps, pipe, mesh, rules, ckpt
           preempted = _agree(preemption.requested)
         periodic = ckpt.save_period > 0 and step % ckpt.save_period == 0
         if periodic or preempted or step == train_steps:
+          if history:
+            watch.review(history, step - len(history) + 1)
           ckpt.save(step, train_state, gather_data_state(data_state), force=True)
+        if not preempted and evaluation.due(step, last=step == train_steps):
+          evaluation(train_state["params"], step, writer)
+          t0, t0_step = time.time(), step  # eval time is not step time
         if preempted:
           log.warning("SIGTERM: saved step %d and stopping.", step)
           break
+    failed = False
   finally:
     prefetch.close()
     bar.close()
-    ckpt.close()
-    writer.close()
+    # Closing waits for the last save, which may fail too; every closer runs, and when
+    # the run already failed, a second error must not hide the first.
+    errors = []
+    for close in (evaluation.close, ckpt.close, writer.close):
+      try:
+        close()
+      except Exception as e:  # pylint: disable=broad-except
+        errors.append(e)
+    if errors and failed:
+      log.error("While stopping after an error: %s", errors[0])
+    elif errors:
+      raise errors[0]
   return RunResult(step, preempted, last)
 
 
@@ -424,6 +558,8 @@ def _log(writer, step, history, spec, pipe, data_state, schedule, t0, t0_step) -
   scalars = _period_metrics(host, spec.task_names, spec.group_names)
   tokens = float(np.sum([m["task_tokens"] for m in host[-steps:]])) if steps > 0 else 0.0
   scalars["learning_rate"] = float(schedule(step - 1))
+  if "nonfinite_steps" in host[-1]:
+    scalars["nonfinite_steps"] = int(host[-1]["nonfinite_steps"])
   if steps > 0:
     scalars["timing/step_s"] = elapsed / steps
     scalars["timing/tokens_per_s"] = tokens / max(elapsed, 1e-9)

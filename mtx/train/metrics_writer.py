@@ -10,11 +10,18 @@ Non-finite floats are written as the JSON strings ``"NaN"``, ``"Infinity"`` and
 ``write`` on a file opened for appending, so a killed run leaves at most one partial
 last line, which ``read_metrics`` skips and the next ``MetricsWriter`` removes.
 
+Failed writes (a full disk, a file system gone read-only) raise ``WriteError``, a
+``UserError`` naming the file. Whole files of a run (``config.gin``, ``tasks.json``)
+are written with ``write_atomically``: a temporary file in the same directory,
+fsynced, then renamed over the old one, so a reader sees the old or the new file,
+never part of one.
+
 TensorBoard events go to ``MODEL_DIR/tensorboard``, written by ``tf.summary.write`` on
 the CPU only: TensorFlow is told to see no GPU before it is first used, so it never
 takes accelerator memory from JAX.
 """
 
+import errno
 import json
 import logging
 import math
@@ -22,10 +29,52 @@ import os
 import tempfile
 from typing import Any, Mapping
 
+from mtx.errors import UserError
+
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
 
 _NON_FINITE = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
+
+
+class WriteError(UserError):
+  """A run output (metrics, TensorBoard, config.gin, tasks.json) could not be written."""
+
+
+def write_error(path: str, error: BaseException) -> WriteError:
+  """A one-sentence ``WriteError`` for a failed write of ``path``."""
+  reason = getattr(error, "strerror", None) or " ".join(str(error).split())[:200]
+  hint = ("free some space" if getattr(error, "errno", None) == errno.ENOSPC
+          else "make it writable (or free some space)")
+  return WriteError(
+      f"Could not write {path} ({reason}); {hint}, then run the same command again: "
+      "training resumes from the newest checkpoint.")
+
+
+def write_atomically(path: str, text: str | bytes) -> None:
+  """Replaces ``path`` with ``text`` (str as UTF-8) atomically: temp file, fsync, rename.
+
+  Raises:
+    WriteError: the directory does not take the file (full, read-only, missing).
+  """
+  directory = os.path.dirname(os.path.abspath(path))
+  tmp = None
+  try:
+    # A unique name (O_EXCL), so that hosts sharing a file system never collide.
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.tmp-", dir=directory)
+    with os.fdopen(fd, "wb") as f:
+      f.write(text.encode("utf-8") if isinstance(text, str) else text)
+      f.flush()
+      os.fsync(f.fileno())
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, path)
+    _fsync_directory(directory)  # The rename itself survives a power cut too.
+  except BaseException as e:
+    if tmp is not None and os.path.exists(tmp):
+      os.remove(tmp)
+    if isinstance(e, OSError):
+      raise write_error(path, e) from e
+    raise
 
 
 class MetricsWriter:
@@ -45,11 +94,18 @@ class MetricsWriter:
     self._tb_writer = None
     if not is_primary:
       return
-    os.makedirs(model_dir, exist_ok=True)
-    _drop_partial_last_line(self._path)
-    self._fd = os.open(self._path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+      os.makedirs(model_dir, exist_ok=True)
+      _drop_partial_last_line(self._path)
+      self._fd = os.open(self._path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    except OSError as e:
+      raise write_error(self._path, e) from e
     if tensorboard:
-      self._tb_writer = _tensorboard_writer(os.path.join(model_dir, TENSORBOARD_DIR))
+      self._tb_dir = os.path.join(model_dir, TENSORBOARD_DIR)
+      try:
+        self._tb_writer = _tensorboard_writer(self._tb_dir)
+      except Exception as e:  # pylint: disable=broad-except  # TF raises its own types.
+        raise write_error(self._tb_dir, e) from e
 
   def write(self, step: int, scalars: Mapping[str, Any]) -> None:
     """Writes one line ``{"step": step, **scalars}`` and the same TensorBoard scalars.
@@ -66,22 +122,41 @@ class MetricsWriter:
         raise ValueError("MetricsWriter.write: 'step' is reserved; pass it as step.")
       record[name] = _to_number(value)
     line = json.dumps({k: _encode(v) for k, v in record.items()}, allow_nan=False)
-    os.write(self._fd, (line + "\n").encode("utf-8"))
+    try:
+      self._append((line + "\n").encode("utf-8"))
+    except OSError as e:
+      raise write_error(self._path, e) from e
     if self._tb_writer is not None:
-      self._tb_writer.write(step, record)
+      self._tensorboard("write", step, record)
+
+  def _append(self, data: bytes) -> None:
+    """Appends ``data``; a short write (a nearly full disk) is continued or raises."""
+    while data:
+      n = os.write(self._fd, data)
+      if n <= 0:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+      data = data[n:]
+
+  def _tensorboard(self, method: str, *args) -> None:
+    try:
+      getattr(self._tb_writer, method)(*args)
+    except Exception as e:  # pylint: disable=broad-except  # TF raises its own types.
+      raise write_error(self._tb_dir, e) from e
 
   def flush(self) -> None:
     """Flushes TensorBoard events (metrics.jsonl is unbuffered)."""
     if self._tb_writer is not None:
-      self._tb_writer.flush()
+      self._tensorboard("flush")
 
   def close(self) -> None:
-    if self._tb_writer is not None:
-      self._tb_writer.close()
+    try:
+      if self._tb_writer is not None:
+        self._tensorboard("close")
+    finally:
       self._tb_writer = None
-    if self._fd is not None:
-      os.close(self._fd)
-      self._fd = None
+      if self._fd is not None:
+        os.close(self._fd)
+        self._fd = None
 
   def __enter__(self):
     return self
@@ -138,19 +213,20 @@ def truncate_after(model_dir: str, step: int) -> None:
       continue  # Blank, or a partial last line.
     if isinstance(record, dict) and record.get("step", math.inf) <= step:
       kept.append(line + b"\n")
-  # A unique temporary name (O_EXCL), so that hosts sharing a file system never collide.
-  fd, tmp = tempfile.mkstemp(prefix=f".{METRICS_FILE}.tmp-", dir=model_dir)
+  write_atomically(path, b"".join(kept))
+
+
+def _fsync_directory(directory: str) -> None:
   try:
-    with os.fdopen(fd, "wb") as f:
-      f.write(b"".join(kept))
-      f.flush()
-      os.fsync(f.fileno())
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
+    fd = os.open(directory, os.O_RDONLY)
+  except OSError:
+    return  # Some platforms and file systems do not open directories.
+  try:
+    os.fsync(fd)
+  except OSError:
+    pass
+  finally:
+    os.close(fd)
 
 
 def _to_number(value):

@@ -17,10 +17,21 @@ batch), so a group's weight does not depend on how many units it got this step.
 Gradient accumulation splits the batch into ``grad_accum_steps`` microbatches (rows b
 with b % M == m, so each device keeps its own rows) and sums exactly the same quantities.
 With M > 1 on the one-gradient route the losses for w come from an extra forward pass.
+
+On the per-group route ``mtl.aggregate`` runs the mtl chain with one Gram matrix shared
+by the method and the diagnostics, and reports the task weights the method applied; TAG's
+inter-task affinity (``tag_affinity_period``) is measured there too, every N steps.
+
+Non-finite steps. A step whose task losses, gradient or update hold a NaN or an Inf
+changes nothing: params, optimizer and mtl state keep their old values (a select, fused
+into the update), while ``step`` still advances and ``nonfinite_steps`` counts it. The
+optimizer's own step count therefore lags ``step`` by the skipped steps, as with
+``optax.apply_if_finite``. Whether the run goes on or stops is the loop's choice
+(``train.nonfinite_policy``); the device program is the same.
 """
 
 import dataclasses
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import flax.linen as nn
 import jax
@@ -47,6 +58,13 @@ class StepConfig:
     z_loss, label_smoothing: loss options.
     dropout: whether the model applies dropout in training.
     rules: logical-to-mesh axis rules.
+    tag_affinity_period: every this many steps (per-group route), TAG's affinity
+      f32[G, G] (``mtl.tag_affinity``) on the step's batch; 0 = never.
+    tag_affinity_lr: its lookahead SGD learning rate; 0 = the schedule's at the step.
+    inject_nonfinite_steps, inject_nonfinite_task: a testing aid: at these (1-based)
+      steps the loss weights of task ``inject_nonfinite_task``'s target tokens become
+      +Inf, so that task's loss and the gradient are non-finite (a step where the task
+      has no tokens is left alone). Empty in real runs, and then not in the program.
   """
   num_tasks: int
   group_of_task: tuple
@@ -56,6 +74,10 @@ class StepConfig:
   label_smoothing: float = 0.0
   dropout: bool = False
   rules: tuple = parallel.DEFAULT_RULES
+  tag_affinity_period: int = 0
+  tag_affinity_lr: float = 0.0
+  inject_nonfinite_steps: tuple = ()
+  inject_nonfinite_task: int = 0
 
   @property
   def num_groups(self) -> int:
@@ -93,6 +115,31 @@ def _token_counts(cfg: StepConfig, batch) -> jax.Array:
   onehot = jax.nn.one_hot(batch["decoder_task_ids"], cfg.num_tasks, dtype=jnp.float32)
   w = batch["decoder_loss_weights"].astype(jnp.float32)[..., None] * onehot
   return jnp.sum(w, axis=tuple(range(w.ndim - 1)))
+
+
+def _inject_nonfinite(cfg: StepConfig, batch: dict, step: jax.Array) -> dict:
+  """Testing aid: at the configured steps, one task's token loss weights become +Inf.
+
+  The token counts are taken from the original batch, so the task's loss is +Inf (not
+  Inf / Inf) and its gradient non-finite, as a real overflow would make them.
+  """
+  hit = jnp.any(step == jnp.asarray(cfg.inject_nonfinite_steps))
+  w = batch["decoder_loss_weights"].astype(jnp.float32)
+  bad = hit & (batch["decoder_task_ids"] == cfg.inject_nonfinite_task) & (w > 0)
+  return dict(batch, decoder_loss_weights=jnp.where(bad, jnp.inf, w))
+
+
+def _all_finite(*trees) -> jax.Array:
+  """True iff every floating leaf of the trees is finite (one reduction per leaf)."""
+  flags = [jnp.all(jnp.isfinite(x)) for t in trees for x in jax.tree.leaves(t)
+           if jnp.issubdtype(x.dtype, jnp.inexact)]
+  return jnp.all(jnp.stack(flags)) if flags else jnp.asarray(True)
+
+
+def _keep_if(ok: jax.Array, new, old):
+  """``new`` where ``ok`` else ``old``, leaf by leaf (a select XLA fuses into the update)."""
+  return jax.tree.map(lambda a, b: jax.lax.select(jnp.broadcast_to(ok, a.shape), a, b),
+                      new, old)
 
 
 def _one_gradient(model, cfg, transforms, params, mtl_state, batch, group_counts, dkey,
@@ -178,18 +225,48 @@ def _group_gradients(model, cfg, params, batch, group_counts, dkey, param_shardi
   return grads, sums
 
 
+def _tag_affinity(model, cfg, params, batch, group_counts, group_grads, present, lr,
+                  due, key):
+  """TAG affinity f32[G, G] on this batch when ``due`` (zeros otherwise): G + 1 forward
+  passes without dropout, under ``lax.cond`` so that other steps pay nothing."""
+  rows = {k: v.reshape((-1,) + v.shape[2:]) for k, v in batch.items() if k != "unit_task"}
+  no_dropout = dataclasses.replace(cfg, dropout=False)
+
+  def group_losses(p):
+    sums, _ = _sums(model, no_dropout, p, rows, key)
+    return _safe_div(sums @ _group_matrix(cfg), group_counts)
+
+  def affinity(_):
+    return mtl.tag_affinity(group_losses, params, group_grads, lr, task_present=present)
+
+  zeros = jnp.zeros((cfg.num_groups, cfg.num_groups), jnp.float32)
+  return jax.lax.cond(due, affinity, lambda _: zeros, None)
+
+
 def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation,
                     transforms: Sequence, cfg: StepConfig,
-                    param_shardings: Any) -> Callable:
+                    param_shardings: Any,
+                    learning_rate_fn: Optional[Callable] = None) -> Callable:
   """Returns ``step(state, batch) -> (state, metrics)`` (not yet jitted).
 
-  ``state`` is ``{"step", "params", "opt_state", "mtl_state", "rng"}``; metrics hold
-  ``task_loss_sums``/``task_tokens`` f32[k], ``group_weights`` f32[G] (one-gradient
-  route), ``grad_norm``, and on the per-group route ``group_grad_norm`` f32[G],
-  ``group_grad_cos`` f32[G, G] and ``conflict_frac``.
+  ``state`` is ``{"step", "params", "opt_state", "mtl_state", "rng"}`` plus, when
+  present, ``nonfinite_steps`` (int32[], the count of skipped steps; see the module
+  docstring). Metrics hold ``task_loss_sums``/``task_tokens`` f32[k],
+  ``group_weights`` f32[G] (one-gradient route), ``grad_norm``, ``nonfinite``
+  (bool[], this step was skipped), ``nonfinite_steps`` (with the state's counter),
+  and on the per-group route ``group_grad_norm`` f32[G], ``group_grad_cos`` f32[G, G]
+  and ``conflict_frac``.
+
+  With ``tag_affinity_period`` metrics also hold ``tag_affinity`` f32[G, G] and
+  ``tag_due`` (bool[], whether it was measured at this step); ``learning_rate_fn``
+  (step -> lr) gives its lookahead learning rate when ``tag_affinity_lr`` is 0. On the
+  per-group route ``group_weights`` holds the weights the method applied, when it
+  reports them (``mtl.aggregate``).
   """
   transforms = tuple(transforms)
-  mtl_chain = optax.chain(*transforms) if cfg.task_grads else None
+  if cfg.tag_affinity_period and not (cfg.task_grads and (
+      cfg.tag_affinity_lr > 0 or learning_rate_fn is not None)):
+    raise ValueError("TAG affinity needs the per-group route and a learning rate.")
 
   def step(state, batch):
     params = state["params"]
@@ -198,17 +275,28 @@ def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation,
     metrics = {}
     counts = _token_counts(cfg, batch)  # target tokens per task in the global batch
     group_counts = counts @ _group_matrix(cfg)
+    if cfg.inject_nonfinite_steps:
+      batch = _inject_nonfinite(cfg, batch, state["step"] + 1)
     if cfg.task_grads:
       group_grads, sums = _group_gradients(model, cfg, params, batch, group_counts, dkey,
                                            param_shardings)
       present = group_counts > 0
       group_losses = _safe_div(sums @ _group_matrix(cfg), group_counts)
-      grads, mtl_state = mtl_chain.update(group_grads, state["mtl_state"], params,
-                                          task_losses=group_losses, task_present=present,
-                                          key=mkey)
-      diag = mtl.diagnostics(group_grads, present)
-      metrics.update(group_grad_norm=diag["grad_norm"], group_grad_cos=diag["grad_cos"],
-                     conflict_frac=diag["conflict_frac"])
+      grads, mtl_state, info = mtl.aggregate(transforms, state["mtl_state"],
+                                             group_grads, params,
+                                             task_losses=group_losses,
+                                             task_present=present, key=mkey)
+      metrics.update(group_grad_norm=info["grad_norm"], group_grad_cos=info["grad_cos"],
+                     conflict_frac=info["conflict_frac"])
+      if "weights" in info:
+        metrics["group_weights"] = info["weights"]
+      if cfg.tag_affinity_period:
+        due = (state["step"] + 1) % cfg.tag_affinity_period == 0
+        lr = (cfg.tag_affinity_lr if cfg.tag_affinity_lr > 0
+              else learning_rate_fn(state["step"]))
+        metrics["tag_affinity"] = _tag_affinity(model, cfg, params, batch, group_counts,
+                                                group_grads, present, lr, due, dkey)
+        metrics["tag_due"] = due
     else:
       grads, sums, w, mtl_state = _one_gradient(model, cfg, transforms, params,
                                                 state["mtl_state"], batch, group_counts,
@@ -216,10 +304,18 @@ def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation,
       metrics["group_weights"] = w
     updates, opt_state = optimizer.update(grads, state["opt_state"], params)
     new_params = optax.apply_updates(params, updates)
-    metrics.update(task_loss_sums=sums, task_tokens=counts,
-                   grad_norm=optax.global_norm(grads))
-    new_state = dict(state, step=state["step"] + 1, params=new_params,
-                     opt_state=opt_state, mtl_state=mtl_state)
+    grad_norm = optax.global_norm(grads)
+    # The update is checked too: a finite gradient can still overflow in the optimizer.
+    ok = _all_finite(sums, grad_norm, updates)
+    metrics.update(task_loss_sums=sums, task_tokens=counts, grad_norm=grad_norm,
+                   nonfinite=jnp.logical_not(ok))
+    new_state = dict(state, step=state["step"] + 1,
+                     params=_keep_if(ok, new_params, params),
+                     opt_state=_keep_if(ok, opt_state, state["opt_state"]),
+                     mtl_state=_keep_if(ok, mtl_state, state["mtl_state"]))
+    if "nonfinite_steps" in state:
+      new_state["nonfinite_steps"] = state["nonfinite_steps"] + (1 - ok.astype(jnp.int32))
+      metrics["nonfinite_steps"] = new_state["nonfinite_steps"]
     return new_state, metrics
 
   return step

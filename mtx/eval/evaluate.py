@@ -1,0 +1,121 @@
+"""``mtx eval``: evaluate a run's checkpoint on every task of its mixture.
+
+Reads the same gin files as ``mtx train`` (``runs/eval.gin`` holds the EVAL_* settings;
+``runs/train.gin`` includes it)::
+
+    mtx eval --gin_file=gin_configs/demo.gin
+    mtx eval ... --gin.EVAL_CHECKPOINT_STEP=500 --gin.EVAL_BASELINE_DIR="'/tmp/base'"
+
+loads MODEL_DIR's newest finished checkpoint (or EVAL_CHECKPOINT_STEP), evaluates it
+(``mtx.eval.evaluator``), writes ``MODEL_DIR/eval/step_N.json``, the ``eval/...`` lines
+of metrics.jsonl and TensorBoard (``mtx.eval.results``), prints a per-task table, and
+returns an ``EvalReport`` whose ``str()`` is a one-line summary.
+"""
+
+import dataclasses
+import logging
+import os
+from typing import Mapping, Optional, Sequence
+
+import jax
+
+from mtx import parallel
+from mtx.data import pipeline as data_pipeline
+from mtx.data import registry
+from mtx.data import vocab as vocab_lib
+from mtx.eval import results
+from mtx.eval.evaluator import EvalOptions, Evaluator
+from mtx.model import T5Config
+from mtx.train import checkpoint, metrics_writer, state as state_lib
+
+log = logging.getLogger("mtx")
+
+
+@dataclasses.dataclass
+class EvalReport:
+  """What ``mtx eval`` did: the step, where it wrote, and the results object."""
+  step: int
+  path: str
+  record: dict
+
+  def __str__(self) -> str:
+    s = self.record["summary"]
+    line = (f"Evaluated step {self.step} on {len(self.record['tasks'])} tasks "
+            f"({self.record['split']}): mean primary {s['mean_primary']:.2f}")
+    if s["baseline"]:
+      delta = "n/a" if s["delta_m"] is None else f"{s['delta_m']:+.2f}%"
+      line += f", delta_m {delta} vs {s['baseline']}"
+    return line + f"; wrote {self.path}."
+
+
+def find_checkpoint_step(model_dir: str, step: Optional[int] = None) -> int:
+  """The step ``mtx eval`` reads: ``step`` if that checkpoint is finished, else the newest.
+
+  Raises:
+    UserError: no finished checkpoint (or not that step) in ``model_dir``.
+  """
+  path = model_dir if step is None else os.path.join(model_dir, str(int(step)))
+  what = "MODEL_DIR" if step is None else "EVAL_CHECKPOINT_STEP"
+  state_dir = checkpoint._find_state_dir(path, what)  # pylint: disable=protected-access
+  return int(state_dir.parent.name)
+
+
+def evaluate(*,
+             model_dir: str,
+             mixture_or_task_name: str,
+             task_feature_lengths: Mapping[str, int],
+             mixture_or_task_module: Optional[str] = None,
+             vocabulary_path: Optional[str] = None,
+             model_config: T5Config = T5Config(),
+             options: EvalOptions = EvalOptions(),
+             checkpoint_step: Optional[int] = None,
+             mesh_shape: Optional[Mapping[str, int]] = None,
+             logical_axis_rules: Sequence = parallel.DEFAULT_RULES,
+             tensorboard: bool = True,
+             print_table: bool = True,
+             devices: Optional[Sequence[jax.Device]] = None,
+             predictor=None) -> EvalReport:
+  """Evaluates MODEL_DIR's checkpoint; see the module docstring and runs/eval.gin.
+
+  Args:
+    model_dir: the run to evaluate (results are written there too).
+    mixture_or_task_name, task_feature_lengths, mixture_or_task_module,
+      vocabulary_path, model_config, mesh_shape, logical_axis_rules: as for training.
+    options: what and how to evaluate (``EvalOptions``).
+    checkpoint_step: the step to evaluate; None = the newest finished checkpoint.
+    tensorboard: also write the scalars to TensorBoard.
+    print_table: print the per-task table (process 0).
+    devices: the devices of the mesh (default all).
+    predictor: a stand-in for ``mtx.infer.predict.Predictor`` (tests).
+  """
+  if vocabulary_path:
+    vocab_lib.get_vocabulary(vocabulary_path)
+    os.environ["MTX_VOCAB"] = vocabulary_path
+  registry.import_modules(mixture_or_task_module)
+  lengths = data_pipeline.check_feature_lengths(task_feature_lengths)
+  spec = registry.resolve(mixture_or_task_name)
+  if options.baseline_dir:  # Fail before the slow part.
+    results.read_results(options.baseline_dir)
+  step = find_checkpoint_step(model_dir, checkpoint_step)
+  mesh = parallel.make_mesh(mesh_shape, devices)
+  rules = tuple(logical_axis_rules)
+  model, params, shardings = state_lib.load_trained(
+      model_config, spec.vocabulary.vocab_size, mesh, rules,
+      os.path.join(model_dir, str(step)), lengths["inputs"], lengths["targets"],
+      what="MODEL_DIR")
+  evaluator = Evaluator(model, mesh, rules, shardings, mixture_or_task_name, lengths,
+                        options, predictor=predictor)
+  try:
+    result = evaluator.evaluate(params, step)
+  finally:
+    evaluator.close()
+  writer = metrics_writer.MetricsWriter(model_dir, tensorboard=tensorboard,
+                                        is_primary=jax.process_index() == 0)
+  try:
+    record = results.write_results(model_dir, result, writer, options.baseline_dir)
+  finally:
+    writer.close()
+  if print_table and jax.process_index() == 0:
+    print(results.format_table(record), flush=True)
+  log.info("Evaluated step %d in %.1f s.", step, result.seconds)
+  return EvalReport(step, results.result_path(model_dir, step), record)

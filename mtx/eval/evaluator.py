@@ -1,0 +1,375 @@
+"""Per-task evaluation of a model's params: seqio's Evaluator plus teacher-forced loss.
+
+One ``Evaluator`` is built once (it reads and caches every task's eval split) and
+called as often as wanted, during training or on a checkpoint::
+
+    evaluator = Evaluator(model, mesh, rules, param_shardings, "demo",
+                          {"inputs": 32, "targets": 16}, EvalOptions(max_examples=200))
+    result = evaluator.evaluate(params, step=1000)
+    result.tasks["demo_sort"]  # {"exact_match": 71.5, "loss": 0.42, "num_examples": 200}
+
+For each leaf task of the mixture that has the eval split:
+
+- **metrics**: seqio's ``Evaluator`` (as T5X uses it) feeds the task's examples,
+  converted by ``seqio.EncDecFeatureConverter(pack=False)``, to a predict function
+  (greedy or sampled or beam decoding by ``mtx.infer.predict.Predictor``) and a score
+  function (log-likelihood of the targets), decodes and postprocesses the outputs with
+  the task's ``postprocess_fn`` and applies its ``metric_fns``. Tasks without
+  ``metric_fns`` get no metrics.
+- **loss**: the mean token cross-entropy of the targets given the inputs
+  (teacher-forced, no z-loss, no label smoothing), computed in fixed-size batches by
+  one jitted function on the mesh.
+
+The primary metric of a task is the first metric its first metric_fn returns; a task
+without metric_fns is scored by its loss. Examples are truncated to the eval lengths
+(the run's TASK_FEATURE_LENGTHS unless ``EvalOptions.task_feature_lengths`` is set);
+targets are compared with the untruncated target text.
+
+Every process reads and scores every example (eval splits are small); only process 0
+writes results (``mtx.eval.results``).
+"""
+
+import dataclasses
+import logging
+import time
+from typing import Any, Mapping, Optional, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import seqio
+
+from mtx import parallel
+from mtx.errors import UserError
+from mtx.train import losses
+
+log = logging.getLogger("mtx")
+
+_MODEL_FEATURES = ("encoder_input_tokens", "decoder_input_tokens", "decoder_target_tokens",
+                   "decoder_loss_weights")
+LOSS = "loss"
+NUM_EXAMPLES = "num_examples"
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalOptions:
+  """How to evaluate; gin binds these as ``eval.EvalOptions.*`` (runs/eval.gin).
+
+  Attributes:
+    split: the seqio split to evaluate ("validation").
+    batch_size: global rows per decoding / loss batch; rounded up to a multiple of the
+      mesh's data-parallel size.
+    max_examples: at most this many examples per task, the first ones of the split
+      (None = all).
+    task_feature_lengths: {"inputs": N, "targets": M} for eval; None = the run's.
+      ``targets`` also bounds the decoded length.
+    mixture_or_task_name: evaluate this task or mixture instead of the run's (e.g.
+      one with eval-only tasks); None = the run's.
+    decode_method: "greedy", "sample" or "beam" (``mtx.infer.predict.Predictor``).
+    num_beams, length_penalty: beam search.
+    temperature, top_k: sampling.
+    seed: sampling seed.
+    loss: also compute the teacher-forced per-task loss.
+    baseline_dir: another run's MODEL_DIR whose newest ``eval/step_N.json`` is the
+      baseline of Delta-m (None = no Delta-m).
+  """
+  split: str = "validation"
+  batch_size: int = 128
+  max_examples: Optional[int] = None
+  task_feature_lengths: Optional[Mapping[str, int]] = None
+  mixture_or_task_name: Optional[str] = None
+  decode_method: str = "greedy"
+  num_beams: int = 4
+  length_penalty: float = 0.6
+  temperature: float = 1.0
+  top_k: int = 0
+  seed: int = 0
+  loss: bool = True
+  baseline_dir: Optional[str] = None
+
+
+@dataclasses.dataclass
+class EvalResult:
+  """One evaluation of one set of params.
+
+  Attributes:
+    step: the training step of the params.
+    split: the evaluated split.
+    tasks: task name -> {metric name: value in percent, ..., "loss": mean token
+      cross-entropy, "num_examples": int}, tasks in sorted order.
+    primary: task name -> the name of its primary metric (a key of ``tasks[name]``).
+    seconds: wall time of the evaluation.
+  """
+  step: int
+  split: str
+  tasks: dict
+  primary: dict
+  seconds: float = 0.0
+
+
+def _as_float(value: Any) -> Optional[float]:
+  """A metric value as a float; None for values that are not one number (text, arrays)."""
+  value = getattr(value, "value", value)  # seqio/clu MetricValue wrappers
+  try:
+    array = np.asarray(value, dtype=np.float64)
+  except (TypeError, ValueError):
+    return None
+  return float(array) if array.ndim == 0 else None
+
+
+def _length_key(feature: str) -> str:
+  """The task feature whose length a model feature has."""
+  return "inputs" if feature.startswith("encoder") else "targets"
+
+
+def _round_up(n: int, multiple: int) -> int:
+  return -(-n // multiple) * multiple
+
+
+def _to_numpy(dataset, with_index: bool, lengths: Mapping[str, int]) -> dict:
+  """Stacks a converted (optionally enumerated) dataset into [N, L] arrays."""
+  parts = {k: [] for k in _MODEL_FEATURES}
+  indices = []
+  for element in dataset.batch(4096).as_numpy_iterator():
+    if with_index:
+      index, element = element
+      indices.append(index)
+    for k in _MODEL_FEATURES:
+      parts[k].append(element[k])
+  out = {}
+  for k, v in parts.items():
+    empty = np.zeros([0, lengths[_length_key(k)]], np.int32)
+    out[k] = np.concatenate(v) if v else empty
+  if with_index:
+    out["index"] = np.concatenate(indices) if indices else np.zeros([0], np.int64)
+  return out
+
+
+def _used_lengths(all_arrays) -> dict:
+  """{"inputs": longest encoder input, "targets": longest target} over all examples."""
+  def longest(matrix):
+    if matrix is None or not matrix.size:
+      return 1
+    nonzero = matrix != 0
+    last = matrix.shape[1] - np.argmax(nonzero[:, ::-1], axis=1)
+    return int(np.max(np.where(nonzero.any(axis=1), last, 1)))
+  all_arrays = list(all_arrays)
+  return {"inputs": max(longest(a["encoder_input_tokens"]) for a in all_arrays),
+          "targets": max(longest(a["decoder_target_tokens"]) for a in all_arrays)}
+
+
+def _trim(row: np.ndarray) -> list:
+  """Token ids up to the last nonzero one (drops the feature converter's padding)."""
+  nonzero = np.flatnonzero(row)
+  return row[:nonzero[-1] + 1].tolist() if nonzero.size else []
+
+
+def make_loss_fn(model: nn.Module):
+  """``fn(params, batch) -> (loss_sum f32[], token_count f32[])``, teacher-forced.
+
+  ``batch`` holds the unpacked model features, each int32 [B, L]: encoder_input_tokens,
+  decoder_input_tokens, decoder_target_tokens, decoder_loss_weights. Rows whose
+  weights are all 0 (batch padding) add nothing.
+  """
+  def fn(params, batch):
+    logits = model.apply({"params": params}, batch["encoder_input_tokens"],
+                         batch["decoder_input_tokens"])
+    token_loss = losses.cross_entropy(logits, batch["decoder_target_tokens"])
+    weights = batch["decoder_loss_weights"].astype(jnp.float32)
+    # An all-padding row may give non-finite logits; 0 * NaN would still be NaN.
+    token_loss = jnp.where(weights > 0, token_loss, 0.0)
+    return jnp.sum(token_loss * weights), jnp.sum(weights)
+  return fn
+
+
+class Evaluator:
+  """Evaluates params on every eval task of a mixture (see the module docstring).
+
+  Args:
+    model: the ``mtx.model.T5`` being trained.
+    mesh, rules: the mesh and logical axis rules params are sharded by.
+    param_shardings: the params' shardings (a pytree like params).
+    mixture_or_task_name: the run's seqio task or mixture.
+    task_feature_lengths: the run's {"inputs": N, "targets": M}.
+    options: ``EvalOptions``.
+    predictor: anything with ``predict(params, inputs)`` (and ``score`` for score
+      metrics) as ``mtx.infer.predict.Predictor`` has; None builds that Predictor from
+      the options.
+  """
+
+  def __init__(self, model: nn.Module, mesh, rules: Sequence, param_shardings,
+               mixture_or_task_name: str, task_feature_lengths: Mapping[str, int],
+               options: EvalOptions = EvalOptions(), *, predictor: Any = None):
+    self.options = options
+    self._model, self._mesh, self._rules = model, mesh, tuple(rules)
+    name = options.mixture_or_task_name or mixture_or_task_name
+    lengths = dict(options.task_feature_lengths or task_feature_lengths)
+    if set(lengths) != {"inputs", "targets"} or min(lengths.values()) <= 0:
+      raise UserError(f"Eval task_feature_lengths {lengths} must be positive lengths "
+                      "for exactly 'inputs' and 'targets'.")
+    self.lengths = lengths
+    dp = parallel.data_parallel_size(mesh)
+    if options.batch_size <= 0:
+      raise UserError(f"EVAL_BATCH_SIZE must be positive (got {options.batch_size}).")
+    self.batch_size = _round_up(options.batch_size, dp * jax.process_count())
+    if options.baseline_dir:  # Fail now rather than at the first evaluation.
+      from mtx.eval import results  # pylint: disable=g-import-not-at-top
+      results.read_results(options.baseline_dir)
+    start = time.time()
+    try:
+      tasks = seqio.get_subtasks(seqio.get_mixture_or_task(name))
+    except ValueError as e:
+      raise UserError(f"Eval mixture or task '{name}' is not registered ({e}); set "
+                      "MIXTURE_OR_TASK_MODULE to the module that registers it.") from e
+    split = options.split
+    self.task_names = tuple(sorted(t.name for t in tasks if split in t.splits))
+    if not self.task_names:
+      splits = sorted({s for t in tasks for s in t.splits})
+      raise UserError(f"No task of '{name}' has a '{split}' split; set EVAL_SPLIT to "
+                      f"one of their splits ({', '.join(splits)}).")
+    self._seqio = seqio.Evaluator(
+        name, seqio.EncDecFeatureConverter(pack=False), eval_split=split,
+        sequence_length=lengths, num_examples=options.max_examples,
+        use_memory_cache=True, async_compute_metrics=False, logger_cls=())
+    scored = {t.name for t in self._seqio.eval_tasks}
+    self._metric_tasks = tuple(n for n in self.task_names if n in scored)
+    # task -> its examples as unpacked model features, [N, L] arrays.
+    self._arrays = {t.name: self._read_examples(t, t.name in scored) for t in tasks
+                    if t.name in self.task_names}
+    # Shapes as long as the longest example, not the configured bound: the decoder
+    # runs fewer steps and nothing is cut that the bound would keep.
+    self.shapes = _used_lengths(self._arrays.values())
+    for arrays in self._arrays.values():
+      for k in _MODEL_FEATURES:
+        arrays[k] = arrays[k][:, :self.shapes[_length_key(k)]]
+    vocabulary = tasks[0].output_features["targets"].vocabulary
+    self._eos_id = vocabulary.eos_id
+    self._predictor = predictor
+    if self._predictor is None and self._metric_tasks:
+      self._predictor = self._make_predictor(param_shardings, vocabulary.vocab_size)
+    rows = parallel.batch_sharding(mesh, 2)
+    self._loss_fn = jax.jit(make_loss_fn(model), in_shardings=(
+        param_shardings, {k: rows for k in _MODEL_FEATURES}))
+    log.info("Eval data for %d tasks of '%s' (%s) read in %.1f s.", len(self.task_names),
+             name, split, time.time() - start)
+
+  def _read_examples(self, task: seqio.Task, scored: bool) -> dict:
+    """A task's eval examples as [N, L] arrays of unpacked model features."""
+    if scored:  # seqio has read and cached it already.
+      return _to_numpy(self._seqio.cached_model_datasets[task.name], True, self.lengths)
+    # No metric_fns: seqio skips the task, but its loss is still worth reporting.
+    ds = task.get_dataset(self.lengths, split=self.options.split, shuffle=False,
+                          num_epochs=1)
+    if self.options.max_examples:
+      ds = ds.take(self.options.max_examples)
+    converted = seqio.EncDecFeatureConverter(pack=False)(ds, self.lengths)
+    return _to_numpy(converted, False, self.lengths)
+
+  def _make_predictor(self, param_shardings, vocab_size: int):
+    from mtx.infer.predict import Predictor  # pylint: disable=g-import-not-at-top
+    o = self.options
+    return Predictor(
+        self._model, self._mesh, self._rules, param_shardings, batch_size=self.batch_size,
+        inputs_length=self.shapes["inputs"], max_decode_length=self.shapes["targets"],
+        method=o.decode_method, num_beams=o.num_beams, length_penalty=o.length_penalty,
+        temperature=o.temperature, top_k=o.top_k, seed=o.seed, eos_id=self._eos_id,
+        vocab_size=vocab_size)
+
+  def num_examples(self, task_name: str) -> int:
+    return len(self._arrays[task_name]["encoder_input_tokens"])
+
+  # ---- seqio's model functions -------------------------------------------------------
+
+  def _examples(self, dataset) -> Mapping[str, np.ndarray]:
+    """The arrays of one of seqio's cached datasets (read once, at construction)."""
+    for name, cached in self._seqio.cached_model_datasets.items():
+      if cached is dataset:
+        return self._arrays[name]
+    return _to_numpy(dataset, True, self.lengths)
+
+  def _predict_fn(self, params):
+    """seqio's predict_fn: (index, token ids) per example, ids padded to one width."""
+    width = self.shapes["targets"] + 1
+
+    def predict(dataset, model_feature_shapes=None):
+      del model_feature_shapes
+      arrays = self._examples(dataset)
+      inputs = [_trim(row) for row in arrays["encoder_input_tokens"]]
+      outputs = self._predictor.predict(params, inputs) if inputs else []
+      out = []
+      for index, ids in zip(arrays["index"], outputs):
+        # EOS, then padding: seqio decodes up to the first EOS, and stacks the
+        # outputs into one 2-D array, so every row needs the same width.
+        ids = list(ids)[:width - 1] + [self._eos_id]
+        out.append((int(index), np.array(ids + [0] * (width - len(ids)), np.int32)))
+      return out
+    return predict
+
+  def _score_fn(self, params):
+    """seqio's score_fn: (index, log-likelihood of the targets) per example."""
+    def score(dataset, model_feature_shapes=None):
+      del model_feature_shapes
+      arrays = self._examples(dataset)
+      inputs = [_trim(row) for row in arrays["encoder_input_tokens"]]
+      targets = [_trim(row) for row in arrays["decoder_target_tokens"]]
+      scores = self._predictor.score(params, inputs, targets) if inputs else []
+      return [(int(i), float(s)) for i, s in zip(arrays["index"], scores)]
+    return score
+
+  # ---- loss --------------------------------------------------------------------------
+
+  def _task_loss(self, params, arrays: Mapping[str, np.ndarray]) -> float:
+    n = len(arrays["encoder_input_tokens"])
+    if n == 0:
+      return float("nan")
+    total, count = 0.0, 0.0
+    sharding = parallel.batch_sharding(self._mesh, 2)
+    for start in range(0, n, self.batch_size):
+      batch = {}
+      for k in _MODEL_FEATURES:
+        rows = arrays[k][start:start + self.batch_size]
+        pad = self.batch_size - len(rows)
+        if pad:
+          rows = np.concatenate([rows, np.zeros((pad,) + rows.shape[1:], rows.dtype)])
+        # Every process holds all rows: each device takes its slice of them.
+        batch[k] = jax.make_array_from_callback(rows.shape, sharding,
+                                                lambda idx, r=rows: r[idx])
+      loss_sum, tokens = self._loss_fn(params, batch)
+      total += float(loss_sum)
+      count += float(tokens)
+    return total / count if count else float("nan")
+
+  # ---- the evaluation ----------------------------------------------------------------
+
+  def evaluate(self, params, step: int) -> EvalResult:
+    """Scores ``params`` on every task; returns per-task metrics, loss and counts."""
+    start = time.time()
+    tasks, primary = {}, {}
+    with self._mesh, nn.logical_axis_rules(list(self._rules)):
+      scores = {}
+      if self._metric_tasks:
+        future, _ = self._seqio.evaluate(
+            compute_metrics=True, step=int(step), predict_fn=self._predict_fn(params),
+            score_fn=self._score_fn(params))
+        scores = future.result() or {}
+      for name in self.task_names:
+        values = {}
+        for metric, value in (scores.get(name) or {}).items():
+          number = _as_float(value)
+          if number is not None:
+            values[metric] = number
+        if values:
+          primary[name] = next(iter(values))
+        if self.options.loss:
+          values[LOSS] = self._task_loss(params, self._arrays[name])
+        primary.setdefault(name, LOSS if self.options.loss else None)
+        if primary[name] is None:
+          del primary[name]
+        values[NUM_EXAMPLES] = self.num_examples(name)
+        tasks[name] = values
+    return EvalResult(step=int(step), split=self.options.split, tasks=tasks,
+                      primary=primary, seconds=time.time() - start)
+
+  def close(self) -> None:
+    self._seqio.close()

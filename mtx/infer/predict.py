@@ -1,0 +1,196 @@
+"""Batched, sharded prediction and scoring of token-id lists: ``Predictor``.
+
+    predictor = Predictor(model, mesh, rules, param_shardings, batch_size=32,
+                          inputs_length=64, max_decode_length=32, method="beam")
+    predictor.predict(params, [[37, 8, 1], [5, 1]])       # -> [[12, 9], [4]]
+    predictor.score(params, [[37, 8, 1]], [[12, 9, 1]])   # -> [-1.73]
+
+Inputs are lists of token ids (tokenized, EOS included). Each batch is padded to the
+fixed shape [batch_size, inputs_length] (rows of zeros fill the last batch; zeros fill
+each row), so every batch runs the same compiled function: one compilation per
+(batch_size, lengths, method). The batch rows are sharded over the mesh's data axes
+and the params stay as trained.
+"""
+
+import math
+from typing import Any, Callable, Optional, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mtx import parallel
+from mtx.infer import decoding
+
+Array = jax.Array
+
+
+def fit_length(ids: Sequence[int], length: int, eos_id: int) -> list:
+  """``ids`` cut to ``length`` tokens, keeping a final EOS: [5, 6, 7, 1] -> [5, 6, 1]."""
+  ids = [int(t) for t in ids]
+  if len(ids) <= length:
+    return ids
+  if ids and ids[-1] == eos_id:
+    return ids[:length - 1] + [eos_id]
+  return ids[:length]
+
+
+def strip_output(ids: Sequence[int], eos_id: int) -> list:
+  """Decoded ids up to (not including) the first EOS (or the 0s that follow it)."""
+  out = []
+  for t in ids:
+    t = int(t)
+    if t == eos_id or t == 0:
+      break
+    out.append(t)
+  return out
+
+
+def pad_rows(rows: Sequence[Sequence[int]], num_rows: int, length: int) -> np.ndarray:
+  """int32 [num_rows, length]: the rows, zero-padded on the right and below."""
+  out = np.zeros((num_rows, length), np.int32)
+  for i, row in enumerate(rows):
+    out[i, :len(row)] = row
+  return out
+
+
+def sequence_log_probs(model, params: Any, encoder_input_tokens: Array,
+                       targets: Array, vocab_size: int = 0) -> Array:
+  """Teacher-forced sum of log p(target token) per row; float32 [B].
+
+  ``targets`` int32 [B, L] (0 = padding, not scored); the decoder input is the targets
+  shifted right behind the start token 0. The log-probabilities are over the ids
+  decoding may emit (``decoding.allowed_tokens_mask``), so that the score of a
+  decoded sequence is the score decoding reported.
+  """
+  decoder_inputs = jnp.pad(targets[:, :-1], ((0, 0), (1, 0)))
+  logits = model.apply({"params": params}, encoder_input_tokens, decoder_inputs)
+  logits = decoding.allowed_tokens_mask(logits.astype(jnp.float32), vocab_size)
+  log_probs = jax.nn.log_softmax(logits, axis=-1)
+  token_lp = jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
+  return jnp.sum(jnp.where(targets > 0, token_lp, 0.0), axis=-1)
+
+
+class Predictor:
+  """Jitted decoding on a mesh (batch sharded over the data axes, params as trained),
+  with batch and length padding.
+
+  Args:
+    model: an ``mtx.model.T5``.
+    mesh: the device mesh; ``rules`` map the model's logical axis names onto it.
+    param_shardings: the params' shardings (as ``mtx.train.state.load_trained``
+      returns them).
+    batch_size: rows per decoding batch; rounded up to a multiple of the mesh's
+      data-parallel size.
+    inputs_length: encoder length; longer inputs are cut (keeping their EOS).
+    max_decode_length: the most tokens decoded (and the target length of ``score``).
+    method, num_beams, length_penalty, temperature, top_k: see
+      ``mtx.infer.decoding.decode``.
+    seed: sampling seed; batch i samples with ``fold_in(key(seed), i)``.
+    eos_id: the end-of-sequence token.
+    vocab_size: when > 0, ids at or above it (the trainer's vocabulary padding) are
+      never emitted and not counted by ``score``.
+  """
+
+  def __init__(self, model, mesh, rules, param_shardings, *, batch_size: int,
+               inputs_length: int, max_decode_length: int, method: str = "greedy",
+               num_beams: int = 4, length_penalty: float = 0.6,
+               temperature: float = 1.0, top_k: int = 0, seed: int = 0,
+               eos_id: int = 1, vocab_size: int = 0):
+    if method not in decoding.METHODS:
+      raise ValueError(f"Unknown decoding method {method!r}; use one of "
+                       f"{decoding.METHODS}.")
+    dp = parallel.data_parallel_size(mesh)
+    self.batch_size = max(1, math.ceil(batch_size / dp)) * dp
+    self.inputs_length = int(inputs_length)
+    self.max_decode_length = int(max_decode_length)
+    self.method = method
+    self.eos_id = int(eos_id)
+    self._model = model
+    self._mesh = mesh
+    self._rules = list(rules)
+    self._seed = int(seed)
+    self._rows = parallel.batch_sharding(mesh, 2)
+    self._scalars = parallel.batch_sharding(mesh, 1)
+    options = dict(max_decode_length=self.max_decode_length, method=method,
+                   num_beams=num_beams, length_penalty=length_penalty,
+                   temperature=temperature, top_k=top_k, eos_id=self.eos_id,
+                   vocab_size=vocab_size)
+
+    def decode_fn(params, tokens, key):
+      return decoding.decode(model, params, tokens, key=key, **options)
+
+    def score_fn(params, tokens, targets):
+      return sequence_log_probs(model, params, tokens, targets, vocab_size)
+
+    replicated = parallel.replicated(mesh)
+    self._decode = jax.jit(decode_fn,
+                           in_shardings=(param_shardings, self._rows, replicated),
+                           out_shardings=(self._rows, self._scalars))
+    self._score = jax.jit(score_fn,
+                          in_shardings=(param_shardings, self._rows, self._rows),
+                          out_shardings=self._scalars)
+
+  # ---- host side -----------------------------------------------------------------------
+
+  def _device_rows(self, rows: np.ndarray) -> Array:
+    # Every process holds all rows: each device takes its slice of them.
+    return jax.make_array_from_callback(rows.shape, self._rows, lambda idx: rows[idx])
+
+  def _batches(self, n: int):
+    for start in range(0, n, self.batch_size):
+      yield start, min(start + self.batch_size, n)
+
+  def _to_host(self, x: Array) -> np.ndarray:
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(x)
+
+  def predict_with_scores(
+      self, params, inputs: Sequence[Sequence[int]],
+      on_batch: Optional[Callable[[int], None]] = None) -> tuple[list, list]:
+    """Decodes every input; returns (list of id lists without EOS, list of scores).
+
+    ``on_batch(n)`` is called after each batch with the number of inputs done.
+    """
+    outputs, scores = [], []
+    base_key = jax.random.key(self._seed)
+    with jax.set_mesh(self._mesh), nn.logical_axis_rules(self._rules):
+      for i, (start, end) in enumerate(self._batches(len(inputs))):
+        rows = [fit_length(x, self.inputs_length, self.eos_id) for x in inputs[start:end]]
+        tokens = self._device_rows(pad_rows(rows, self.batch_size, self.inputs_length))
+        key = jax.random.fold_in(base_key, i)
+        out, score = self._decode(params, tokens, key)
+        out, score = self._to_host(out), self._to_host(score)
+        outputs += [strip_output(row, self.eos_id) for row in out[:end - start]]
+        scores += [float(s) for s in score[:end - start]]
+        if on_batch is not None:
+          on_batch(end)
+    return outputs, scores
+
+  def predict(self, params, inputs: Sequence[Sequence[int]]) -> list:
+    """Decodes every input; a list of id lists, each up to (not including) EOS."""
+    return self.predict_with_scores(params, inputs)[0]
+
+  def score(self, params, inputs: Sequence[Sequence[int]],
+            targets: Sequence[Sequence[int]]) -> list:
+    """Sum of log-probabilities of each target given its input (teacher-forced).
+
+    Targets are cut to ``max_decode_length`` tokens (keeping a final EOS); padding
+    zeros are not scored.
+    """
+    if len(inputs) != len(targets):
+      raise ValueError(f"score got {len(inputs)} inputs but {len(targets)} targets.")
+    out = []
+    with jax.set_mesh(self._mesh), nn.logical_axis_rules(self._rules):
+      for start, end in self._batches(len(inputs)):
+        rows = [fit_length(x, self.inputs_length, self.eos_id) for x in inputs[start:end]]
+        tgts = [fit_length(t, self.max_decode_length, self.eos_id)
+                for t in targets[start:end]]
+        tokens = self._device_rows(pad_rows(rows, self.batch_size, self.inputs_length))
+        tgt = self._device_rows(pad_rows(tgts, self.batch_size, self.max_decode_length))
+        scores = self._to_host(self._score(params, tokens, tgt))
+        out += [float(s) for s in scores[:end - start]]
+    return out

@@ -1,0 +1,488 @@
+"""``mtx infer``: predictions of a trained run for a task's inputs, as JSONL.
+
+Reads the same gin files as ``mtx train`` plus ``runs/infer.gin``::
+
+    mtx infer --gin_file=gin_configs/demo.gin --gin_file=runs/infer.gin \\
+        --gin.INFER_TASK="'demo_sort'" --gin.INFER_INPUT="'in.txt'" \\
+        --gin.INFER_OUTPUT="'out.jsonl'"
+
+Input (``INFER_INPUT``; '-' is stdin): a text file, one input per line, or JSONL, one
+object per line (by the file's extension, or ``INFER_INPUT_FORMAT``). Each input goes
+through the task's own preprocessing (seqio), in one of two ways (``INFER_PREPROCESS``):
+
+- ``'tokenize'``: the input is the model's input text ("sort: 42 7 19", or for GLUE
+  "rte sentence1: ... sentence2: ..."); the task's preprocessors from tokenization on
+  run (tokenize, EOS, truncation), its text preprocessors are skipped.
+- ``'task'``: JSONL objects are examples as the task's source gives them (for GLUE
+  ``{"sentence1": ..., "sentence2": ..., "label": -1}``) and every preprocessor runs.
+- ``'auto'`` (default): ``'tokenize'`` when the inputs have an "inputs" field (text lines
+  always do), ``'task'`` for JSONL objects without one on tasks with text preprocessors.
+
+Output (``INFER_OUTPUT``, written atomically, in input order): one JSON object per input,
+``{"inputs": text, "prediction": text, "score": float, ...}`` plus the input object's
+other fields. ``score`` is the sum of the prediction's token log-probabilities
+(length-penalised for beam search). Decoding (``mtx.infer.predict.Predictor``) is
+greedy, sampled or beam search, jitted on the run's mesh, with the newest checkpoint of
+MODEL_DIR (or ``INFER_CHECKPOINT_PATH`` / ``INFER_CHECKPOINT_STEP``).
+"""
+
+import dataclasses
+import functools
+import io
+import json
+import logging
+import math
+import os
+import re
+import sys
+import tempfile
+import time
+from typing import Any, Mapping, Optional, Sequence, TextIO
+
+import jax
+import seqio
+import tensorflow as tf
+
+from mtx import parallel
+from mtx.data import pipeline as data_pipeline
+from mtx.data import registry
+from mtx.data import vocab as vocab_lib
+from mtx.errors import UserError, close_names
+from mtx.infer import decoding
+from mtx.infer.predict import Predictor
+from mtx.model import T5Config
+from mtx.train import progress as progress_lib
+from mtx.train import state as state_lib
+
+log = logging.getLogger("mtx")
+
+FORMATS = ("auto", "text", "jsonl")
+PREPROCESS_MODES = ("auto", "tokenize", "task")
+_JSONL_EXTENSIONS = (".jsonl", ".json", ".ndjson")
+_TOKENIZERS = (seqio.preprocessors.tokenize, seqio.preprocessors.tokenize_and_append_eos)
+# Fields of the output that the predictor owns; an input's own fields never replace them.
+_OUTPUT_FIELDS = ("inputs", "prediction", "score")
+
+
+@dataclasses.dataclass
+class InferResult:
+  """What ``mtx infer`` did; ``str()`` is the line the CLI prints."""
+  count: int
+  path: str
+  task: str
+  seconds: float
+
+  def __str__(self) -> str:
+    return f"Wrote {self.count} predictions to {self.path}."
+
+
+# ---- reading inputs -------------------------------------------------------------------
+
+
+def read_records(path: str, input_format: str = "auto",
+                 stdin: Optional[TextIO] = None) -> list:
+  """The inputs as a list of dicts: text lines become ``{"inputs": line}``.
+
+  Args:
+    path: a file, or '-' for ``stdin``.
+    input_format: "text", "jsonl", or "auto" (by extension: .jsonl/.json/.ndjson are
+      JSONL; for stdin, JSONL when the first non-blank line starts with '{').
+    stdin: the stream '-' reads (default ``sys.stdin``).
+
+  Raises:
+    UserError: a missing file, an unknown format, or a JSONL line that is not an
+      object (with its line number).
+  """
+  if input_format not in FORMATS:
+    raise UserError(f"INFER_INPUT_FORMAT {input_format!r} is not one of {FORMATS}; "
+                    "set it to one of them.")
+  if path == "-":
+    text = (stdin if stdin is not None else sys.stdin).read()
+    where = "stdin"
+  else:
+    if not os.path.isfile(path):
+      raise UserError(f"INFER_INPUT {path} does not exist; point it at a text or JSONL "
+                      "file of inputs (or '-' for stdin).")
+    with open(path, encoding="utf-8") as f:
+      text = f.read()
+    where = path
+  lines = text.splitlines()
+  if input_format == "auto":
+    if path == "-":
+      first = next((line for line in lines if line.strip()), "")
+      input_format = "jsonl" if first.lstrip().startswith("{") else "text"
+    else:
+      input_format = ("jsonl" if path.lower().endswith(_JSONL_EXTENSIONS) else "text")
+  if input_format == "text":
+    return [{"inputs": line} for line in lines]
+  records = []
+  for number, line in enumerate(lines, 1):
+    if not line.strip():
+      continue
+    try:
+      record = json.loads(line)
+    except json.JSONDecodeError as e:
+      raise UserError(f"Line {number} of {where} is not valid JSON ({e.msg}); write "
+                      "one JSON object per line.") from e
+    if not isinstance(record, dict):
+      raise UserError(f"Line {number} of {where} is a JSON {type(record).__name__}, "
+                      "not an object; write one object with an \"inputs\" field per "
+                      "line.")
+    record["_line"] = number
+    records.append(record)
+  return records
+
+
+# ---- preprocessing --------------------------------------------------------------------
+
+
+def _is_tokenizer(prep: Any) -> bool:
+  fn = prep
+  while isinstance(fn, functools.partial):
+    fn = fn.func
+  return fn in _TOKENIZERS
+
+
+def split_preprocessors(task: seqio.Task) -> tuple:
+  """(text preprocessors, the rest from tokenization on), cache placeholders dropped."""
+  preps = [p for p in task.preprocessors
+           if not isinstance(p, seqio.CacheDatasetPlaceholder)]
+  for i, prep in enumerate(preps):
+    if _is_tokenizer(prep):
+      return preps[:i], preps[i:]
+  return [], preps  # No seqio tokenizer: run everything on the inputs.
+
+
+def choose_preprocess(records: Sequence[dict], has_text_preprocessors: bool,
+                      preprocess: str, task_name: str, where: str) -> str:
+  """Resolves ``INFER_PREPROCESS`` ('auto') to 'tokenize' or 'task'; checks "inputs"."""
+  if preprocess not in PREPROCESS_MODES:
+    raise UserError(f"INFER_PREPROCESS {preprocess!r} is not one of "
+                    f"{PREPROCESS_MODES}; set it to one of them.")
+  without = [r for r in records if "inputs" not in r]
+  if preprocess == "auto":
+    if not without:
+      return "tokenize"
+    if has_text_preprocessors and len(without) == len(records):
+      return "task"
+  if preprocess == "task":
+    return "task"
+  if without:
+    line = without[0].get("_line", "?")
+    hint = (" (or give every line the task's source fields and set "
+            "INFER_PREPROCESS='task')" if has_text_preprocessors else "")
+    raise UserError(f"Line {line} of {where} has no \"inputs\" field; give every JSONL "
+                    f"object the input text of task '{task_name}' as \"inputs\"{hint}.")
+  return "tokenize"
+
+
+def _kind(value: Any) -> Any:
+  """The tf dtype of a JSON scalar, or None."""
+  if isinstance(value, bool):
+    return tf.bool
+  if isinstance(value, int):
+    return tf.int64
+  if isinstance(value, float):
+    return tf.float32
+  if isinstance(value, str):
+    return tf.string
+  return None
+
+
+def _tf_spec(values: Sequence[Any]) -> Optional[tf.TensorSpec]:
+  """A TensorSpec that fits every value (scalars, or lists of scalars), or None.
+
+  Ints mixed with floats are floats; lists that are all empty are strings.
+  """
+  def unify(kinds):
+    if kinds <= {tf.int64, tf.float32} and len(kinds) == 2:
+      return tf.float32
+    return next(iter(kinds)) if len(kinds) == 1 else None
+
+  if all(isinstance(v, list) for v in values):
+    inner = {_kind(x) for v in values for x in v}
+    kind = unify(inner) if inner else tf.string
+    return None if kind is None else tf.TensorSpec([None], kind)
+  if any(isinstance(v, list) for v in values):
+    return None
+  kind = unify({_kind(v) for v in values})
+  return None if kind is None else tf.TensorSpec([], kind)
+
+
+def _source_dataset(records: Sequence[dict], mode: str,
+                    has_text_preprocessors: bool) -> tf.data.Dataset:
+  """The records as a tf.data source for the task's preprocessors."""
+  if mode == "tokenize":
+    rows = [{"inputs": str(r["inputs"]), "targets": ""} for r in records]
+  else:
+    rows = [{k: v for k, v in r.items() if k != "_line"} for r in records]
+    if not has_text_preprocessors:
+      rows = [dict(r, targets=r.get("targets", "")) for r in rows]
+  keys = sorted(set.intersection(*(set(r) for r in rows))) if rows else []
+  signature = {}
+  for key in keys:
+    spec = _tf_spec([r[key] for r in rows])
+    if spec is not None:
+      signature[key] = spec
+
+  def generate():
+    for r in rows:
+      yield {k: r[k] for k in signature}
+
+  return tf.data.Dataset.from_generator(generate, output_signature=signature)
+
+
+def preprocess(task: seqio.Task, records: Sequence[dict], mode: str,
+               inputs_length: int, targets_length: int) -> tuple:
+  """Runs the task's preprocessing on the records.
+
+  Returns:
+    (token id lists of the inputs, EOS included and cut to ``inputs_length``;
+     the input texts: the record's "inputs", or the text the task's preprocessors
+     made when ``mode == 'task'``).
+
+  Raises:
+    UserError: the preprocessors fail on the records or drop some of them.
+  """
+  text_preps, token_preps = split_preprocessors(task)
+  preps = token_preps if mode == "tokenize" else text_preps + token_preps
+  source_ds = _source_dataset(records, mode, bool(text_preps))
+  source = seqio.FunctionDataSource(
+      lambda split, shuffle_files, seed=None: source_ds, splits=("infer",))
+  adhoc = seqio.Task(task.name, source=source, output_features=task.output_features,
+                     preprocessors=preps, shuffle_buffer_size=None)
+  try:
+    ds = adhoc.get_dataset({"inputs": inputs_length, "targets": targets_length},
+                           split="infer", shuffle=False, seed=0,
+                           try_in_mem_cache=False)
+    examples = list(ds.as_numpy_iterator())
+  except (KeyError, ValueError, TypeError, tf.errors.OpError) as e:
+    text = " ".join(str(e).split())
+    missing = re.findall(r"KeyError: '([^']+)'", text)
+    if isinstance(e, KeyError) and missing:
+      reason = f"no field '{missing[-1]}'"
+    else:
+      reason = f"{type(e).__name__}: {text[-200:]}"
+    raise UserError(f"The preprocessors of task '{task.name}' failed on the inputs "
+                    f"({reason}); give each input the fields the task's source has, "
+                    "or set INFER_PREPROCESS='tokenize' with an \"inputs\" text.") from e
+  if len(examples) != len(records):
+    raise UserError(f"The preprocessors of task '{task.name}' turned {len(records)} inputs "
+                    f"into {len(examples)} examples; inference needs one example per "
+                    "input (use INFER_PREPROCESS='tokenize').")
+  tokens = [[int(t) for t in ex["inputs"]] for ex in examples]
+  if mode == "tokenize":
+    texts = [str(r["inputs"]) for r in records]
+  else:
+    texts = [_text(ex.get("inputs_pretokenized", r.get("inputs", "")))
+             for ex, r in zip(examples, records)]
+  return tokens, texts
+
+
+def _text(value: Any) -> str:
+  return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+
+# ---- output ---------------------------------------------------------------------------
+
+
+def output_rows(records: Sequence[dict], texts: Sequence[str],
+                predictions: Sequence[str], scores: Sequence[float]) -> list:
+  """The output objects: inputs, prediction, score, then the input's other fields."""
+  rows = []
+  for record, text, prediction, score in zip(records, texts, predictions, scores):
+    row = {"inputs": text, "prediction": prediction, "score": float(score)}
+    row.update({k: v for k, v in record.items()
+                if k not in _OUTPUT_FIELDS and k != "_line"})
+    rows.append(row)
+  return rows
+
+
+def write_jsonl(path: str, rows: Sequence[Mapping[str, Any]]) -> None:
+  """Writes the rows as JSONL atomically: a temporary file, then a rename."""
+  directory = os.path.dirname(os.path.abspath(path))
+  try:
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".jsonl", dir=directory)
+  except OSError as e:
+    raise UserError(f"INFER_OUTPUT {path} cannot be written ({e.strerror}); choose a "
+                    "writable path.") from e
+  try:
+    with io.open(fd, "w", encoding="utf-8") as f:
+      for row in rows:
+        f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
+
+
+class _InputsProgress(progress_lib.Progress):
+  """The training progress bar, counting inputs instead of steps."""
+
+  def line(self, step, info, now=None):
+    return super().line(step, info, now).replace(" steps/s", " inputs/s", 1)
+
+
+# ---- the command ----------------------------------------------------------------------
+
+
+def _find_task(task_name: Optional[str], mixture_or_task_name: str,
+               spec: registry.MixtureSpec) -> seqio.Task:
+  """The task whose preprocessing the inputs get: INFER_TASK or the run's only task."""
+  if task_name is None:
+    if spec.num_tasks == 1:
+      return spec.tasks[0]
+    raise UserError(f"'{mixture_or_task_name}' has {spec.num_tasks} tasks; set "
+                    f"INFER_TASK to the one whose inputs these are (e.g. "
+                    f"--gin.INFER_TASK=\"'{spec.task_names[0]}'\").")
+  if task_name not in seqio.TaskRegistry.names():
+    if task_name in seqio.MixtureRegistry.names():
+      names = sorted(t.name for t in seqio.get_mixture_or_task(task_name).tasks)
+      listed = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
+      raise UserError(f"INFER_TASK '{task_name}' is a mixture; set it to one of its "
+                      f"tasks ({listed}).")
+    candidates = set(spec.task_names) | set(seqio.TaskRegistry.names())
+    raise UserError(f"INFER_TASK '{task_name}' is not a registered seqio task"
+                    f"{close_names(task_name, candidates)}; set it to a task of "
+                    f"'{mixture_or_task_name}' or set MIXTURE_OR_TASK_MODULE to the "
+                    "module that registers it.")
+  task = seqio.get_mixture_or_task(task_name)
+  for key in ("inputs", "targets"):
+    if key not in task.output_features:
+      raise UserError(f"INFER_TASK '{task_name}' has no '{key}' output feature; choose "
+                      "an inputs -> targets task.")
+  if task.output_features["targets"].vocabulary != spec.vocabulary:
+    raise UserError(f"INFER_TASK '{task_name}' uses another vocabulary than the run's "
+                    f"'{mixture_or_task_name}'; choose a task with the run's vocabulary.")
+  return task
+
+
+def _check_options(decode_method, num_beams, temperature, top_k, batch_size) -> None:
+  if decode_method not in decoding.METHODS:
+    raise UserError(f"INFER_DECODE_METHOD {decode_method!r} is not one of "
+                    f"{decoding.METHODS}; set it to one of them.")
+  if num_beams < 1 or batch_size < 1 or top_k < 0 or temperature < 0:
+    raise UserError(f"Decoding options out of range (num_beams {num_beams}, batch size "
+                    f"{batch_size}, top_k {top_k}, temperature {temperature}); use "
+                    "num_beams >= 1, batch size >= 1, top_k >= 0 and temperature >= 0.")
+
+
+def _default_output(model_dir: str, input_path: str, task_name: str) -> str:
+  stem = "stdin" if input_path == "-" else os.path.splitext(
+      os.path.basename(input_path))[0]
+  return os.path.join(model_dir, "infer", f"{stem}.{task_name}.jsonl")
+
+
+def infer(*,
+          model_dir: str,
+          mixture_or_task_name: str,
+          task_feature_lengths: Mapping[str, int],
+          input_path: Optional[str] = None,
+          output_path: Optional[str] = None,
+          task_name: Optional[str] = None,
+          input_format: str = "auto",
+          preprocess_mode: str = "auto",
+          mixture_or_task_module: Optional[str] = None,
+          vocabulary_path: Optional[str] = None,
+          model_config: T5Config = T5Config(),
+          checkpoint_path: Optional[str] = None,
+          checkpoint_step: Optional[int] = None,
+          batch_size: int = 32,
+          inputs_length: Optional[int] = None,
+          max_decode_length: Optional[int] = None,
+          decode_method: str = "greedy",
+          num_beams: int = 4,
+          length_penalty: float = 0.6,
+          temperature: float = 1.0,
+          top_k: int = 0,
+          seed: int = 0,
+          mesh_shape: Optional[Mapping[str, int]] = None,
+          logical_axis_rules: Sequence = parallel.DEFAULT_RULES,
+          show_progress: Optional[bool] = None,
+          devices: Optional[Sequence[jax.Device]] = None,
+          stdin: Optional[TextIO] = None) -> InferResult:
+  """Predicts a task's outputs for the given inputs; see the module docstring.
+
+  Args:
+    model_dir: the trained run (its newest checkpoint is used).
+    mixture_or_task_name, task_feature_lengths, mixture_or_task_module,
+      vocabulary_path, model_config, mesh_shape, logical_axis_rules: as for training.
+    input_path: the inputs (INFER_INPUT); '-' reads stdin.
+    output_path: the JSONL to write; None = MODEL_DIR/infer/<input name>.<task>.jsonl.
+    task_name: the task whose preprocessing the inputs get; None = the run's task
+      when it has only one.
+    input_format: "auto", "text" or "jsonl".
+    preprocess_mode: "auto", "tokenize" or "task" (module docstring).
+    checkpoint_path: another MODEL_DIR or step directory to read the params from.
+    checkpoint_step: the step to read; None = the newest finished one.
+    batch_size: rows decoded together (rounded up to the data-parallel size).
+    inputs_length: encoder length; None = TASK_FEATURE_LENGTHS['inputs'].
+    max_decode_length: the most tokens predicted; None = TASK_FEATURE_LENGTHS['targets'].
+    decode_method, num_beams, length_penalty, temperature, top_k, seed: decoding
+      (``mtx.infer.decoding.decode``).
+    show_progress: draw a progress bar on stderr; None = when stderr is a terminal.
+    devices: the mesh's devices (default all).
+    stdin: the stream '-' reads (tests).
+
+  Returns:
+    An ``InferResult``; ``str()`` is "Wrote N predictions to PATH."
+  """
+  start = time.time()
+  if not input_path:
+    raise UserError("INFER_INPUT is not set; set it to a text or JSONL file of inputs "
+                    "(or '-' for stdin), e.g. --gin.INFER_INPUT=\"'inputs.txt'\".")
+  _check_options(decode_method, num_beams, temperature, top_k, batch_size)
+  if vocabulary_path:
+    vocab_lib.get_vocabulary(vocabulary_path)
+    os.environ["MTX_VOCAB"] = vocabulary_path
+  registry.import_modules(mixture_or_task_module)
+  lengths = data_pipeline.check_feature_lengths(task_feature_lengths)
+  inputs_length = int(inputs_length or lengths["inputs"])
+  max_decode_length = int(max_decode_length or lengths["targets"])
+  spec = registry.resolve(mixture_or_task_name)
+  task = _find_task(task_name, mixture_or_task_name, spec)
+  output_path = output_path or _default_output(model_dir, input_path, task.name)
+
+  # Inputs first: their mistakes show before the slow part.
+  records = read_records(input_path, input_format, stdin)
+  where = "stdin" if input_path == "-" else input_path
+  text_preps, _ = split_preprocessors(task)
+  mode = choose_preprocess(records, bool(text_preps), preprocess_mode, task.name, where)
+  tokens, texts = (preprocess(task, records, mode, inputs_length, max_decode_length)
+                   if records else ([], []))
+
+  mesh = parallel.make_mesh(mesh_shape, devices)
+  rules = tuple(logical_axis_rules)
+  path = checkpoint_path or model_dir
+  what = "INFER_CHECKPOINT_PATH" if checkpoint_path else "MODEL_DIR"
+  if checkpoint_step is not None:
+    path = os.path.join(path, str(int(checkpoint_step)))
+    what = f"INFER_CHECKPOINT_STEP {checkpoint_step} in {what}"
+  model, params, shardings = state_lib.load_trained(
+      model_config, spec.vocabulary.vocab_size, mesh, rules, path, inputs_length,
+      max_decode_length, what=what)
+
+  vocabulary = task.output_features["targets"].vocabulary
+  dp = parallel.data_parallel_size(mesh)
+  # A handful of inputs needs no batch of the full size.
+  rows = min(batch_size, max(1, math.ceil(len(tokens) / dp)) * dp)
+  predictor = Predictor(model, mesh, rules, shardings, batch_size=rows,
+                        inputs_length=inputs_length, max_decode_length=max_decode_length,
+                        method=decode_method, num_beams=num_beams,
+                        length_penalty=length_penalty, temperature=temperature,
+                        top_k=top_k, seed=seed, eos_id=vocabulary.eos_id,
+                        vocab_size=vocabulary.vocab_size)
+  bar = _InputsProgress(len(tokens), enabled=(
+      show_progress if jax.process_index() == 0 else False))
+  try:
+    ids, scores = predictor.predict_with_scores(params, tokens, on_batch=bar.update)
+  finally:
+    bar.close()
+  predictions = [_text(vocabulary.decode(x)) for x in ids]
+  if jax.process_index() == 0:
+    write_jsonl(output_path, output_rows(records, texts, predictions, scores))
+  seconds = time.time() - start
+  log.info("Predicted %d inputs of '%s' in %.1f s.", len(tokens), task.name, seconds)
+  return InferResult(len(tokens), output_path, task.name, seconds)
