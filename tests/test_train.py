@@ -221,9 +221,7 @@ _BAD = [
      "did you mean: stop"),
     ("gin_file_missing", ["--gin_file=tests/no_such.gin"], "not found"),
 ]
-_MARKS = {"undefined_macro": pytest.mark.xfail(
-    reason="needs the mtx/train/cli.py change in H6's report (gin raises a TypeError "
-    "for an undefined macro today)", strict=False)}
+_MARKS = {}
 BAD = [pytest.param(*c, id=c[0], marks=_MARKS.get(c[0], ())) for c in _BAD]
 
 

@@ -136,6 +136,15 @@ def parse_gin(gin_files: Sequence[str], flag_bindings: Sequence[tuple],
     raise UserError(f"Required setting(s) {', '.join(missing)} not given; set them in "
                     f"your gin file or with --gin.{missing[0]}=VALUE.")
   used = _macro_references()
+  defined = {scope for scope, selector in gin.config._CONFIG  # pylint: disable=protected-access
+             if selector == "gin.macro"}
+  undefined = sorted(used - defined)
+  if undefined:
+    from mtx.errors import close_names  # pylint: disable=g-import-not-at-top
+    name = undefined[0]
+    raise UserError(f"Macro %{name} is used but never defined"
+                    f"{close_names(name, defined)}; define it in a gin file "
+                    f"({name} = ...) or with --gin.{name}=VALUE.")
   for name, value in flag_bindings:
     if _MACRO.match(name) and name not in used:
       from mtx.errors import close_names  # pylint: disable=g-import-not-at-top
