@@ -1,6 +1,7 @@
 """What per-task gradients cost: the train step of every mtl route, side by side.
 
-    python tools/bench.py                          # tiny and small T5, k = 2, 4, 8
+    python tools/bench.py --scan_layers small     # README's table: tiny and small T5,
+                                                  # k = 2, 4, 8 (~18 min on 2 cores)
     python tools/bench.py --model tiny --tasks 2 --steps 1 --repeats 1   # smoke run
     python tools/bench.py --model base,large --dtype bfloat16 --batch 64 \\
         --inputs_length 512 --targets_length 128 --vocab_size 32128        # a GPU
@@ -26,8 +27,8 @@ shardings and donation of ``mtx.train.loop.train``, then compiled ahead of time:
 all of them alike; ``ratio`` is the median over rounds of (variant's round time / plain's
 round time). ``cpu ratio`` is the same with process CPU time (all threads): the work
 done, which barely moves when other processes share the cores, so it stays readable on a
-busy machine; on an idle one the two agree. ``step ms`` and ``tok/s`` (non-padding target
-tokens) use the median round.
+busy machine; on an idle one the two agree (on a GPU or TPU it is host time, so not
+shown). ``step ms`` and ``tok/s`` (non-padding target tokens) use the median round.
 
 **FLOPs and MFU.** ``mtx.train.flops`` counts the model's matmul FLOPs per step
 (3x forward); ``XLA GF`` is XLA's cost analysis of the compiled step (per device x
@@ -39,9 +40,9 @@ every device of the mesh, in the activation dtype).
 
 **Memory.** ``mem MiB``: the compiled step's per-device footprint (arguments + temporaries
 + outputs - donated aliases, ``compiled.memory_analysis()``); device memory stats
-(GPU/TPU) and the process RSS are in the JSON. ``stack MiB``: the measured per-device
-bytes of the per-task gradient stack [k, *params] (``_group_gradients``' output), in
-the header line of each table.
+(GPU/TPU) and the process RSS are in the JSON. Each table's header gives the measured
+per-device bytes of the per-task gradient stack [k, *params] (``_group_gradients``'
+output) next to the parameters'.
 
 **Input pipeline.** The demo mixture through ``mtx.data.pipeline`` at the same lengths
 and batch (``tools/bench_data.py``'s measurement), next to the plain step's consumption.
@@ -107,8 +108,8 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--mesh", default="",
                  help="mesh axis sizes, e.g. 'data=4,tensor=2' (default: all devices "
                       "on data)")
-  p.add_argument("--steps", type=int, default=2, help="steps per variant per round")
-  p.add_argument("--repeats", type=int, default=5, help="rounds (variants interleaved)")
+  p.add_argument("--steps", type=int, default=1, help="steps per variant per round")
+  p.add_argument("--repeats", type=int, default=3, help="rounds (variants interleaved)")
   p.add_argument("--variants", default=",".join(VARIANTS),
                  help="comma-separated subset of " + ",".join(VARIANTS) +
                  " (plain is always measured: ratios are to it)")
@@ -662,18 +663,19 @@ def bench_input_pipeline(args, lengths: tuple) -> list:
 
 
 # ---- report ----------------------------------------------------------------------------
-def _fmt_table(result: dict, config: T5Config, peak: float) -> list:
+def _fmt_table(result: dict, config: T5Config, peak: float, on_cpu: bool) -> list:
   """The per-variant rows of one (model, k)."""
   r = result
-  lines = [f"{'variant':<13} {'step ms':>9} {'ratio':>6} {'cpu ratio':>9} {'tok/s':>9} {'MFU':>6} "
-           f"{'XLA GF':>8} {'XLA/an':>6} {'compile s':>9} {'mem MiB':>8}"]
+  lines = [f"{'variant':<13} {'step ms':>9} {'ratio':>6} {'cpu ratio':>9} {'tok/s':>9} "
+           f"{'MFU':>6} {'XLA GF':>8} {'XLA/an':>6} {'compile s':>9} {'mem MiB':>8}"]
   for v, row in r["variants"].items():
     if row.get("failed"):
       lines.append(f"{v:<13} {'failed to build':>9}")
       continue
     mfu = row["model_flops_per_s"] / peak
     lines.append(
-        f"{v:<13} {row['step_ms']:9.1f} {row['ratio']:5.2f}x {row['cpu_ratio']:8.2f}x "
+        f"{v:<13} {row['step_ms']:9.1f} {row['ratio']:5.2f}x "
+        + (f"{row['cpu_ratio']:8.2f}x " if on_cpu else f"{'-':>9} ") +
         f"{row['target_tokens_per_s']:9,.0f} {mfu:6.1%} {row['xla_flops'] / 1e9:8.2f} "
         + (f"{'loop':>6}" if config.scan_layers else f"{row['xla_over_analytic']:6.2f}")
         + f" {row['compile_s']:9.1f} "
@@ -681,7 +683,7 @@ def _fmt_table(result: dict, config: T5Config, peak: float) -> list:
   return lines
 
 
-def _goals(results: list) -> list:
+def _goals(results: list, on_cpu: bool) -> list:
   """The issue's goals, checked on T5-small rows (or the last model measured).
 
   Judged on the wall-clock ratio; the CPU-time ratio is printed beside it.
@@ -704,7 +706,8 @@ def _goals(results: list) -> list:
       if row is None or row.get("failed"):
         continue
       got = row["ratio"]
-      text = f"  {target} k={k}: {v} {got:.2f}x (CPU time {row['cpu_ratio']:.2f}x)"
+      text = f"  {target} k={k}: {v} {got:.2f}x" + (
+          f" (CPU time {row['cpu_ratio']:.2f}x)" if on_cpu else "")
       if goal is None:
         text += f" reference; jacrev's FLOPs are (1 + 2k) / 3 = {(1 + 2 * k) / 3:.1f}x"
       else:
@@ -776,7 +779,7 @@ def run(args: argparse.Namespace) -> dict:
         f"{r['param_bytes'] / MIB:.1f} MiB"
         + (f"; task-grad stack {stack / MIB:.1f} MiB/device "
            f"({stack / max(r['param_bytes'], 1):.2f}x params)" if stack else "")]
-    lines += _fmt_table(r, c, peak)
+    lines += _fmt_table(r, c, peak, dev.platform == "cpu")
     if "breakdown" in r:
       b = r["breakdown"]
       lines.append("  breakdown, ms wall (CPU): " + ", ".join(
@@ -791,7 +794,7 @@ def run(args: argparse.Namespace) -> dict:
                  + f"; the fastest plain step consumes {plain_best:,.0f} tok/s "
                  f"({min(p['target_tokens_per_s'] for p in pipe) / max(plain_best, 1e-9):.1f}x "
                  "headroom)")
-  goals = _goals(results)
+  goals = _goals(results, dev.platform == "cpu")
   if goals:
     lines += ["goals (ratio to plain, median of rounds):"] + goals
   print("\n".join(lines), flush=True)

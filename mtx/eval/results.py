@@ -24,6 +24,7 @@ import jax
 from mtx.errors import UserError
 from mtx.eval import summary
 from mtx.eval.evaluator import NUM_EXAMPLES, EvalResult
+from mtx.train import metrics_writer
 
 EVAL_DIR = "eval"
 _STEP_FILE = re.compile(r"^step_(\d+)\.json$")
@@ -127,10 +128,9 @@ def write_results(model_dir: str, result: EvalResult, writer,
     return record
   path = result_path(model_dir, result.step)
   os.makedirs(os.path.dirname(path), exist_ok=True)
-  tmp = path + ".tmp"
-  with open(tmp, "w", encoding="utf-8") as f:
-    json.dump(_encode(record), f, indent=1, allow_nan=False)
-  os.replace(tmp, path)
+  # Unique temp file, fsync, rename; a full disk is a one-line WriteError (a UserError).
+  metrics_writer.write_atomically(
+      path, json.dumps(_encode(record), indent=1, allow_nan=False))
   if writer is not None:
     writer.write(result.step, scalars(record))
     writer.flush()

@@ -416,7 +416,13 @@ def gram(per_task_grads: PyTree) -> jax.Array:
   k = num_tasks_of(per_task_grads)
   total = jnp.zeros((k, k), jnp.float32)
   letters = 'abcdefghmnopqrstuvwxyz'
+  # On CPU, XLA runs a dot with several contracting dimensions ~2x slower than the
+  # same dot on [k, n] (tools/bench.py --breakdown). Elsewhere the reshape could make
+  # XLA regather a leaf sharded on a trailing dimension, so it is CPU only.
+  flatten = jax.default_backend() == 'cpu'
   for g in jax.tree_util.tree_leaves(per_task_grads):
+    if flatten and g.ndim > 2:
+      g = g.reshape(k, -1)
     dims = letters[:g.ndim - 1]
     total = total + jnp.einsum(
         f'i{dims},j{dims}->ij', g, g,
@@ -573,7 +579,9 @@ def masked(inner, mask: Mask,
               'must be an aggregator (reduce the task axis).')
         out.append(r)
       else:
-        out.append(jnp.sum(g, axis=0))
+        # sum over tasks as a contraction: XLA's CPU reduce over the leading axis of a
+        # large array is ~20x slower than this (tools/bench.py, T5-small stack).
+        out.append(combine(g, jnp.ones((g.shape[0],), jnp.float32)))
     return (treedef.unflatten(out), new_states[0] if single else new_states,
             c)
 

@@ -180,6 +180,22 @@ def _one_gradient(model, cfg, transforms, params, mtl_state, batch, group_counts
   return grads, sums, w, new_state
 
 
+def _sum_units_by_group(per_unit, unit_task, num_groups: int):
+  """Per-unit gradients [U, *param] -> per-group sums [G, *param].
+
+  A contraction with the one-hot unit-to-group matrix [G, U] rather than
+  ``jax.ops.segment_sum``: XLA lowers segment_sum to a scatter, which on CPU is slower
+  and keeps an extra copy of the stack alive (T5-small, k=8: 3.9 -> 2.6 GB per device,
+  step 1.55x -> 1.34x of plain; tools/bench.py). HIGHEST precision keeps the sum exact
+  in float32 on TPU/GPU (no bf16/TF32 passes); the unit axis is data-sharded, so the
+  contraction ends in the same all-reduce a scatter would need.
+  """
+  onehot = jax.nn.one_hot(unit_task, num_groups, dtype=jnp.float32).T  # [G, U]
+  return jax.tree.map(
+      lambda g: jnp.tensordot(onehot.astype(g.dtype), g, axes=1,
+                              precision=jax.lax.Precision.HIGHEST), per_unit)
+
+
 def _group_gradients(model, cfg, params, batch, group_counts, dkey, param_shardings):
   """Task-major route: returns (per-group grads [G, *param], task sums f32[k])."""
   unit_task = batch["unit_task"]
@@ -199,9 +215,7 @@ def _group_gradients(model, cfg, params, batch, group_counts, dkey, param_shardi
   def chunk(p, units, scales, keys, tasks):
     with nn.logical_axis_rules(parallel.rules_without_batch(cfg.rules)):
       grads, sums = per_unit(p, units, scales, keys)
-    grads = jax.tree.map(
-        lambda g: jax.ops.segment_sum(g, tasks, num_segments=cfg.num_groups), grads)
-    return grads, sums.sum(0)
+    return _sum_units_by_group(grads, tasks, cfg.num_groups), sums.sum(0)
 
   def constrain(grads):
     return jax.tree.map(
