@@ -23,7 +23,6 @@ differently, so temporaries may differ (usually fewer on accelerators); leave a 
 import dataclasses
 import inspect
 import logging
-import math
 import os
 import time
 from typing import Any, Callable, Mapping, Optional, Sequence
@@ -39,7 +38,7 @@ from mtx.data import registry
 from mtx.data import vocab as vocab_lib
 from mtx.errors import UserError
 from mtx.model import T5, T5Config
-from mtx.train import optim, state as state_lib
+from mtx.train import loop as loop_lib, optim, state as state_lib
 from mtx.train import step as step_lib
 
 log = logging.getLogger("mtx")
@@ -99,30 +98,6 @@ class StepBuild:
     return out
 
 
-def default_units(num_groups: int, batch_size: int, dp: int, shards: int) -> int:
-  """Smallest multiple of the data-parallel size and shards >= groups dividing the batch."""
-  step = math.lcm(dp, shards)
-  for units in range(step, batch_size + 1, step):
-    if units >= num_groups and batch_size % units == 0:
-      return units
-  raise UserError(
-      f"No number of units divides BATCH_SIZE {batch_size} into at least {num_groups} "
-      f"task groups and is a multiple of the {dp} data-parallel devices; raise "
-      "BATCH_SIZE, set UNITS, or group tasks (train.task_groups).")
-
-
-def build_transforms(items: Sequence, num_tasks: int) -> tuple:
-  """Transforms as given, or built from factories (gin's ``@mtl.pcgrad``) with k tasks."""
-  out = []
-  for item in items:
-    if hasattr(item, "init") and hasattr(item, "update"):
-      out.append(item)
-      continue
-    params = inspect.signature(item).parameters
-    out.append(item(num_tasks=num_tasks) if "num_tasks" in params else item())
-  return tuple(out)
-
-
 def batch_shardings(layout: data_pipeline.Layout, mesh) -> dict:
   ndim = 3 if layout.task_major else 2
   out = {k: parallel.batch_sharding(mesh, ndim) for k in packing.FEATURES}
@@ -164,14 +139,15 @@ def build_train_step(*,
     mesh = parallel.make_mesh(mesh_shape, devices)
   dp = parallel.data_parallel_size(mesh)
   spec = registry.resolve(mixture_or_task_name, task_groups)
-  transforms = mtl.ensure_aggregator(build_transforms(mtl_transforms, spec.num_groups))
+  transforms = mtl.ensure_aggregator(loop_lib.build_transforms(mtl_transforms,
+                                                            spec.num_groups))
   task_grads = mtl.needs_task_grads(transforms)
   lengths = data_pipeline.check_feature_lengths(task_feature_lengths)
   if batch_size % dp:
     raise UserError(f"BATCH_SIZE {batch_size} is not divisible by the mesh's data axes "
                     f"(data x fsdp = {dp}); use a multiple of {dp}.")
   if task_grads and units is None:
-    units = default_units(spec.num_groups, batch_size, dp, num_shards)
+    units = loop_lib.default_units(spec.num_groups, batch_size, dp, num_shards)
   num_units = units if task_grads else 0
   if task_grads and (num_units % dp or num_units % grad_accum_steps):
     raise UserError(f"UNITS {num_units} must be a multiple of the data-parallel size "
