@@ -546,8 +546,8 @@ def test_gin_files_bind_every_method():
                                       'mtl_test_probe.mtl_transforms')
       gin.parse_config(text + '\nmtl.static_weights.weights = [1.0, 1.0, 1.0]\n')
       # Gin files name factories; the trainer builds them with the number of tasks.
-      from mtx.train import loop  # pylint: disable=g-import-not-at-top
-      transforms = loop.build_transforms(probe(), 3)
+      from mtx.train import build as build_lib  # pylint: disable=g-import-not-at-top
+      transforms = build_lib.build_transforms(probe(), 3)
       assert transforms and all(mtl.kind(t) for t in transforms), path.name
   finally:
     gin.clear_config()

@@ -101,7 +101,7 @@ def test_one_gram_matrix_per_step(transforms, grams, monkeypatch):
 def test_masked_builds_inner_factories_with_num_tasks_from_gin():
   gin = pytest.importorskip('gin')
   import mtx.mtl.configurables  # pylint: disable=g-import-not-at-top,unused-import
-  from mtx.train import loop  # pylint: disable=g-import-not-at-top
+  from mtx.train import build as build_lib  # pylint: disable=g-import-not-at-top
 
   @gin.configurable('mtl_masked_probe')
   def probe(mtl_transforms):
@@ -112,7 +112,7 @@ def test_masked_builds_inner_factories_with_num_tasks_from_gin():
     gin.parse_config('mtl_masked_probe.mtl_transforms = [@mtl.masked]\n'
                      'mtl.masked.inner = [@mtl.dwa, @mtl.gradvac]\n'
                      "mtl.masked.mask = 'w'\n")
-    transforms = loop.build_transforms(probe(), K)
+    transforms = build_lib.build_transforms(probe(), K)
   finally:
     gin.clear_config()
   grads = _grads(2)

@@ -8,7 +8,7 @@
 
 For each model (``gin_configs/models/<name>.gin``) and each number of tasks k, one
 synthetic task-major batch (random tokens packed by ``mtx.data.packing`` like the
-pipeline packs, units as ``loop.default_units`` picks them) feeds every variant; the
+pipeline packs, units as ``build.default_units`` picks them) feeds every variant; the
 one-gradient variants get the same rows as a flat batch. Each variant's step is built
 through ``mtx.train.step.make_train_step`` and jitted with the state and batch
 shardings and donation of ``mtx.train.loop.train``, then compiled ahead of time:
@@ -88,7 +88,7 @@ from mtx.data import packing, pipeline, registry
 from mtx.errors import UserError
 from mtx.model import T5, T5Config
 from mtx.train import flops as flops_lib
-from mtx.train import loop, optim, state as state_lib, step as step_lib
+from mtx.train import build as build_lib, optim, state as state_lib, step as step_lib
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
 VARIANTS = ("plain", "static", "famo", "pcgrad_vmap", "pcgrad_naive")
@@ -266,7 +266,7 @@ def variant_transforms(variant: str, num_tasks: int) -> tuple:
            "static": (lambda: mtl.static_weights(
                [float(w) for w in np.linspace(0.5, 1.5, num_tasks)]),),
            "famo": (mtl.famo,)}[variant]
-  return mtl.ensure_aggregator(loop.build_transforms(items, num_tasks))
+  return mtl.ensure_aggregator(build_lib.build_transforms(items, num_tasks))
 
 
 # ---- building the steps ----------------------------------------------------------------
@@ -309,7 +309,7 @@ def make_setup(config: T5Config, mesh, rules: tuple, optimizer, lengths: tuple,
   if batch_size % dp:
     raise UserError(f"--batch {batch_size} is not divisible by the mesh's data axes "
                     f"({dp}); use a multiple of {dp}.")
-  units = loop.default_units(num_tasks, batch_size, dp, jax.process_count())
+  units = build_lib.default_units(num_tasks, batch_size, dp, jax.process_count())
   model = T5(config)
   boxed, params_abstract = state_lib.abstract_params(model, *lengths)
   p_shardings = state_lib.param_shardings(boxed, mesh, rules)
@@ -366,7 +366,7 @@ def lower_variant(setup: Setup, variant: str, seed: int) -> tuple:
   layout = pipeline.Layout(s.batch_size, s.units if task_grads else 0, *s.lengths)
   host = s.batch_np if task_grads else flat_batch(s.batch_np)
   batch = parallel.host_to_global(host, s.mesh)
-  jit_step = jax.jit(step_fn, in_shardings=(s_shardings, loop._batch_shardings(
+  jit_step = jax.jit(step_fn, in_shardings=(s_shardings, build_lib.batch_shardings(
       layout, s.mesh)), out_shardings=(s_shardings, None), donate_argnums=(0,))
   route = naive_route() if variant == "pcgrad_naive" else contextlib.nullcontext()
   t0 = time.perf_counter()
@@ -652,7 +652,7 @@ def bench_input_pipeline(args, lengths: tuple) -> list:
   """Target tokens/s of the mixture's pipeline at the bench's lengths and batch."""
   registry.import_modules(args.module)
   data = bench_data._Data(args.mixture)
-  units = loop.default_units(data.spec.num_groups, args.batch, 1, 1)
+  units = build_lib.default_units(data.spec.num_groups, args.batch, 1, 1)
   out = []
   for layout, u in (("flat", 0), ("task-major", units)):
     r = bench_data.bench_pipeline(data.pipeline(lengths, args.batch, u, args.seed),

@@ -5,7 +5,7 @@
 
 (a) **Pipeline throughput**: non-padding target tokens per second that
 ``Pipeline.next_batch`` produces on this host, for the flat and the task-major layout
-(units as ``loop.default_units`` picks them), for the mixture at T5's lengths
+(units as ``build.default_units`` picks them), for the mixture at T5's lengths
 (512/114, batch ``--data_batch_size``) and at the demo's lengths (32/16, batch
 ``--batch_size``). Only the time inside ``next_batch`` counts.
 
@@ -44,7 +44,7 @@ from mtx import mtl, parallel
 from mtx.data import materialize, mixing, packing, pipeline, registry
 from mtx.errors import UserError
 from mtx.model import T5, T5Config
-from mtx.train import loop, optim, state as state_lib, step as step_lib
+from mtx.train import build as build_lib, loop, optim, state as state_lib, step as step_lib
 # pylint: enable=g-import-not-at-top
 
 T5_LENGTHS = (512, 114)
@@ -226,7 +226,7 @@ def run(args: argparse.Namespace) -> dict:
   cases = []
   for lengths, batch in ((T5_LENGTHS, args.data_batch_size),
                          (DEMO_LENGTHS, args.batch_size)):
-    units = loop.default_units(data.spec.num_groups, batch, 1, 1)
+    units = build_lib.default_units(data.spec.num_groups, batch, 1, 1)
     for layout, u in (("flat", 0), ("task-major", units)):
       r = bench_pipeline(data.pipeline(lengths, batch, u, args.seed), args.data_seconds)
       r.update(lengths=list(lengths), batch=batch, layout=layout, units=u)

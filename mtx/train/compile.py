@@ -25,166 +25,19 @@ import inspect
 import logging
 import os
 import time
-from typing import Any, Callable, Mapping, Optional, Sequence
+from typing import Any, Optional
 
 import jax
 import numpy as np
-import optax
 
-from mtx import mtl, parallel
-from mtx.data import packing
-from mtx.data import pipeline as data_pipeline
 from mtx.data import registry
 from mtx.data import vocab as vocab_lib
 from mtx.errors import UserError
-from mtx.model import T5, T5Config
-from mtx.train import loop as loop_lib, optim, state as state_lib
-from mtx.train import step as step_lib
+from mtx.train import state as state_lib
+from mtx.train.build import StepBuild, build_train_step
 
 log = logging.getLogger("mtx")
 GIB = 1024 ** 3
-
-
-@dataclasses.dataclass
-class StepBuild:
-  """The train step and everything around it, as ``mtx train`` builds it (no arrays).
-
-  Attributes:
-    mesh, spec, layout: the device mesh, the resolved mixture, the global batch layout.
-    transforms: the mtl transforms (aggregator ensured); task_grads: per-task route.
-    model_config, model, schedule, optimizer, mtl_init: the model and its optimizer.
-    params_abstract, param_shardings: parameter ShapeDtypeStructs and NamedShardings.
-    abstract_state, state_shardings: the whole train state, abstract, and its shardings.
-    step_config: the step's static settings; rules: the logical axis rules.
-    jit_step: ``jax.jit(step, in/out shardings, donated state)``.
-    batch_shardings: NamedShardings of the batch features.
-  """
-  mesh: Any
-  spec: registry.MixtureSpec
-  layout: data_pipeline.Layout
-  transforms: tuple
-  task_grads: bool
-  model_config: T5Config
-  model: T5
-  schedule: Callable
-  optimizer: optax.GradientTransformation
-  mtl_init: Callable
-  params_abstract: Any
-  param_shardings: Any
-  abstract_state: Any
-  state_shardings: Any
-  step_config: step_lib.StepConfig
-  rules: tuple
-  jit_step: Callable
-  batch_shardings: dict
-
-  def sharded_state(self) -> Any:
-    """The abstract state with its shardings: what restore and lower take."""
-    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                        self.abstract_state, self.state_shardings)
-
-  def abstract_batch(self) -> dict:
-    """ShapeDtypeStructs of one global batch ([U, R, L] task-major, or [B, L])."""
-    lay = self.layout
-    lead = (lay.units, lay.rows_per_unit) if lay.task_major else (lay.batch_size,)
-    out = {}
-    for name in packing.FEATURES:
-      length = lay.inputs_length if name.startswith("encoder") else lay.targets_length
-      out[name] = jax.ShapeDtypeStruct(lead + (length,), np.int32,
-                                       sharding=self.batch_shardings[name])
-    if lay.task_major:
-      out["unit_task"] = jax.ShapeDtypeStruct(
-          (lay.units,), np.int32, sharding=self.batch_shardings["unit_task"])
-    return out
-
-
-def batch_shardings(layout: data_pipeline.Layout, mesh) -> dict:
-  ndim = 3 if layout.task_major else 2
-  out = {k: parallel.batch_sharding(mesh, ndim) for k in packing.FEATURES}
-  if layout.task_major:
-    out["unit_task"] = parallel.batch_sharding(mesh, 1)
-  return out
-
-
-def build_train_step(*,
-                     mixture_or_task_name: str,
-                     task_feature_lengths: Mapping[str, int],
-                     batch_size: int = 32,
-                     model_config: T5Config = T5Config(),
-                     mtl_transforms: Sequence = (),
-                     optimizer_fn: Callable = optim.make_optimizer,
-                     learning_rate: Any = None,
-                     mesh_shape: Optional[Mapping[str, int]] = None,
-                     logical_axis_rules: Sequence = parallel.DEFAULT_RULES,
-                     units: Optional[int] = None,
-                     task_groups: Optional[Mapping[str, str]] = None,
-                     grad_accum_steps: int = 1,
-                     z_loss: float = 1e-4,
-                     label_smoothing: float = 0.0,
-                     seed: int = 0,
-                     num_shards: int = 1,
-                     devices: Optional[Sequence[jax.Device]] = None,
-                     mesh: Optional[jax.sharding.Mesh] = None) -> StepBuild:
-  """Builds the jitted train step and its abstract state, reading no data.
-
-  Arguments mean what they mean for ``mtx.train.loop.train`` (gin_configs/runs/
-  train.gin); ``num_shards`` is the number of data shards (processes reading data),
-  which default UNITS must be a multiple of; ``mesh``, if given, replaces
-  ``mesh_shape`` and ``devices``. Raises UserError on settings that do not fit
-  together (batch vs mesh, units, accumulation).
-  """
-  if grad_accum_steps < 1:
-    raise UserError(f"grad_accum_steps must be >= 1 (got {grad_accum_steps}).")
-  if mesh is None:
-    mesh = parallel.make_mesh(mesh_shape, devices)
-  dp = parallel.data_parallel_size(mesh)
-  spec = registry.resolve(mixture_or_task_name, task_groups)
-  transforms = mtl.ensure_aggregator(loop_lib.build_transforms(mtl_transforms,
-                                                            spec.num_groups))
-  task_grads = mtl.needs_task_grads(transforms)
-  lengths = data_pipeline.check_feature_lengths(task_feature_lengths)
-  if batch_size % dp:
-    raise UserError(f"BATCH_SIZE {batch_size} is not divisible by the mesh's data axes "
-                    f"(data x fsdp = {dp}); use a multiple of {dp}.")
-  if task_grads and units is None:
-    units = loop_lib.default_units(spec.num_groups, batch_size, dp, num_shards)
-  num_units = units if task_grads else 0
-  if task_grads and (num_units % dp or num_units % grad_accum_steps):
-    raise UserError(f"UNITS {num_units} must be a multiple of the data-parallel size "
-                    f"{dp} and of grad_accum_steps {grad_accum_steps}.")
-  if not task_grads and (batch_size // dp) % grad_accum_steps:
-    raise UserError(f"Rows per device {batch_size // dp} are not divisible by "
-                    f"grad_accum_steps {grad_accum_steps}.")
-  layout = data_pipeline.Layout(batch_size, num_units, lengths["inputs"],
-                                lengths["targets"])
-  data_pipeline.check_layout(layout, num_shards)
-
-  model_config = state_lib.resolve_model_config(model_config,
-                                                spec.vocabulary.vocab_size)
-  model = T5(model_config)
-  schedule = optim.as_schedule(learning_rate if learning_rate is not None
-                               else optim.rsqrt_schedule())
-  optimizer = optimizer_fn(learning_rate=schedule)
-  mtl_init = optax.chain(*transforms).init
-  boxed, params_abstract = state_lib.abstract_params(model, lengths["inputs"],
-                                                     lengths["targets"])
-  rules = tuple(logical_axis_rules)
-  p_shardings = state_lib.param_shardings(boxed, mesh, rules)
-  abstract_state = jax.eval_shape(
-      lambda p: state_lib.make_state(p, optimizer, mtl_init, seed), params_abstract)
-  s_shardings = state_lib.state_shardings(abstract_state, params_abstract, p_shardings,
-                                          mesh)
-  cfg = step_lib.StepConfig(
-      num_tasks=spec.num_tasks, group_of_task=spec.group_of_task, task_grads=task_grads,
-      grad_accum_steps=grad_accum_steps, z_loss=z_loss, label_smoothing=label_smoothing,
-      dropout=model_config.dropout_rate > 0, rules=rules)
-  step_fn = step_lib.make_train_step(model, optimizer, transforms, cfg, p_shardings)
-  b_shardings = batch_shardings(layout, mesh)
-  jit_step = jax.jit(step_fn, in_shardings=(s_shardings, b_shardings),
-                     out_shardings=(s_shardings, None), donate_argnums=(0,))
-  return StepBuild(mesh, spec, layout, transforms, task_grads, model_config, model,
-                   schedule, optimizer, mtl_init, params_abstract, p_shardings,
-                   abstract_state, s_shardings, cfg, rules, jit_step, b_shardings)
 
 
 # ---- the report ---------------------------------------------------------------------
@@ -243,7 +96,7 @@ class CompileReport:
     mesh = ", ".join(f"{k}={v}" for k, v in self.mesh_shape.items())
     lines = [f"Compiled the train step for {self.num_devices} devices (mesh {mesh}), "
              f"{self.model}, {self.num_params:,} parameters, {self.route}.",
-             f"Memory per device (XLA's analysis of the CPU compile):"]
+             "Memory per device (XLA's analysis of the CPU compile):"]
     lines += [f"  {name:<{width}}  {_gib(n):>10}" for name, n in rows]
     flops = f"{self.flops:.3e}" if self.flops is not None else "n/a"
     lines.append(f"XLA FLOPs per device per step: {flops}{self.flops_note}; lowering "

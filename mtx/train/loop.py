@@ -5,10 +5,8 @@ knob); the work is done by small functions below it, each usable on its own.
 """
 
 import dataclasses
-import inspect
 import json
 import logging
-import math
 import os
 import queue
 import signal
@@ -17,9 +15,7 @@ import time
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
 from jax.experimental import multihost_utils
 
 from mtx import mtl, parallel
@@ -27,9 +23,9 @@ from mtx.data import pipeline as data_pipeline
 from mtx.data import registry
 from mtx.data import vocab as vocab_lib
 from mtx.errors import UserError, close_names
-from mtx.model import T5, T5Config
+from mtx.model import T5Config
 from mtx.train import checkpoint, metrics_writer, optim, progress, state as state_lib
-from mtx.train import step as step_lib
+from mtx.train import build as build_lib
 from mtx.eval import periodic as eval_periodic
 
 log = logging.getLogger("mtx")
@@ -47,34 +43,6 @@ class RunResult:
   step: int
   preempted: bool
   last_metrics: dict
-
-
-def default_units(num_groups: int, batch_size: int, dp: int, processes: int) -> int:
-  """Smallest multiple of the data-parallel size >= groups that divides the batch."""
-  step = math.lcm(dp, processes)
-  for units in range(step, batch_size + 1, step):
-    if units >= num_groups and batch_size % units == 0:
-      return units
-  raise UserError(
-      f"No number of units divides BATCH_SIZE {batch_size} into at least {num_groups} "
-      f"task groups and is a multiple of the {dp} data-parallel devices; raise "
-      "BATCH_SIZE, set UNITS, or group tasks (train.task_groups).")
-
-
-def build_transforms(items: Sequence, num_tasks: int) -> tuple:
-  """Transforms as given, or built from factories (gin's ``@mtl.pcgrad``) with k tasks.
-
-  A gin file names a factory without calling it, so that methods with per-task state
-  get ``num_tasks`` (the number of task groups) from the mixture, not from the user.
-  """
-  out = []
-  for item in items:
-    if hasattr(item, "init") and hasattr(item, "update"):
-      out.append(item)
-      continue
-    params = inspect.signature(item).parameters
-    out.append(item(num_tasks=num_tasks) if "num_tasks" in params else item())
-  return tuple(out)
 
 
 class Prefetcher:
@@ -241,13 +209,6 @@ def train(*,
   """
   if train_steps <= 0:
     raise UserError(f"TRAIN_STEPS must be positive (got {train_steps}).")
-  if grad_accum_steps < 1:
-    raise UserError(f"grad_accum_steps must be >= 1 (got {grad_accum_steps}).")
-  if tag_affinity_period < 0 or (tag_affinity_lr is not None and tag_affinity_lr <= 0):
-    raise UserError(
-        f"train.tag_affinity_period must be >= 0 (got {tag_affinity_period}) and "
-        f"train.tag_affinity_lr positive or None (got {tag_affinity_lr}); 0 turns "
-        "TAG off and None uses the schedule's learning rate.")
   if nonfinite_policy not in NONFINITE_POLICIES:
     raise UserError(
         f"train.nonfinite_policy is '{nonfinite_policy}'"
@@ -258,68 +219,37 @@ def train(*,
     os.environ["MTX_VOCAB"] = vocabulary_path
   registry.import_modules(mixture_or_task_module)
 
-  # ---- mesh, mtl route, data ----------------------------------------------------------
+  # ---- mesh, the step, data -----------------------------------------------------------
   mesh = parallel.make_mesh(mesh_shape, devices)
-  dp = parallel.data_parallel_size(mesh)
-  spec = registry.resolve(mixture_or_task_name, task_groups)
-  transforms = mtl.ensure_aggregator(build_transforms(mtl_transforms, spec.num_groups))
-  # TAG's lookahead needs per-group gradients, so it takes the per-group route.
-  task_grads = mtl.needs_task_grads(transforms) or tag_affinity_period > 0
-  lengths = data_pipeline.check_feature_lengths(task_feature_lengths)
-  if batch_size % dp:
-    raise UserError(f"BATCH_SIZE {batch_size} is not divisible by the mesh's data axes "
-                    f"(data x fsdp = {dp}); use a multiple of {dp}.")
   # Processes whose devices hold the same batch rows read the same data shards.
   block, blocks = parallel.batch_block(mesh)
   num_shards = blocks if data_shards is None else data_shards
-  if task_grads and units is None:
-    units = default_units(spec.num_groups, batch_size, dp, num_shards)
-  num_units = units if task_grads else 0
-  if task_grads and (num_units % dp or num_units % grad_accum_steps):
-    raise UserError(f"UNITS {num_units} must be a multiple of the data-parallel size "
-                    f"{dp} and of grad_accum_steps {grad_accum_steps}.")
-  if not task_grads and (batch_size // dp) % grad_accum_steps:
-    raise UserError(f"Rows per device {batch_size // dp} are not divisible by "
-                    f"grad_accum_steps {grad_accum_steps}.")
-  inject_task = _inject_task_id(spec, debug_inject_nonfinite_steps,
-                                debug_inject_nonfinite_task)
-  layout = data_pipeline.Layout(batch_size, num_units, lengths["inputs"], lengths["targets"])
+  build = build_lib.build_train_step(
+      mixture_or_task_name=mixture_or_task_name, task_feature_lengths=task_feature_lengths,
+      batch_size=batch_size, model_config=model_config, mtl_transforms=mtl_transforms,
+      optimizer_fn=optimizer_fn, learning_rate=learning_rate,
+      logical_axis_rules=logical_axis_rules, units=units, task_groups=task_groups,
+      grad_accum_steps=grad_accum_steps, z_loss=z_loss, label_smoothing=label_smoothing,
+      seed=seed, tag_affinity_period=tag_affinity_period, tag_affinity_lr=tag_affinity_lr,
+      debug_inject_nonfinite_steps=debug_inject_nonfinite_steps,
+      debug_inject_nonfinite_task=debug_inject_nonfinite_task, num_shards=num_shards,
+      mesh=mesh)
+  spec, rules = build.spec, build.rules
+  lengths = {"inputs": build.layout.inputs_length, "targets": build.layout.targets_length}
   pipe = data_pipeline.load(
-      mixture_or_task_name, lengths, layout, split=split,
+      mixture_or_task_name, lengths, build.layout, split=split,
       seed=seed if data_seed is None else data_seed, rate_fn=rate_fn,
       rate_maximum=rate_maximum, rate_temperature=rate_temperature,
       task_groups=task_groups, process_index=block, process_count=blocks,
       num_shards=num_shards,
       allgather=multihost_utils.process_allgather if jax.process_count() > 1 else None)
   _report_mixture(pipe)
-
-  # ---- model, optimizer, state --------------------------------------------------------
-  model_config = state_lib.resolve_model_config(model_config,
-                                                spec.vocabulary.vocab_size)
-  model = T5(model_config)
-  schedule = optim.as_schedule(learning_rate if learning_rate is not None
-                               else optim.rsqrt_schedule())
-  optimizer = optimizer_fn(learning_rate=schedule)
-  mtl_init = optax.chain(*transforms).init
-  boxed, params_abstract = state_lib.abstract_params(model, lengths["inputs"],
-                                                     lengths["targets"])
-  rules = tuple(logical_axis_rules)
-  p_shardings = state_lib.param_shardings(boxed, mesh, rules)
-  def make_state(p):
-    return _with_counters(state_lib.make_state(p, optimizer, mtl_init, seed))
-  abstract_state = jax.eval_shape(make_state, params_abstract)
-  s_shardings = dict(state_lib.state_shardings(abstract_state, params_abstract,
-                                               p_shardings, mesh))
-  s_shardings.setdefault("nonfinite_steps", parallel.replicated(mesh))
   if print_param_table and jax.process_index() == 0:
-    print(state_lib.param_table(params_abstract, p_shardings), flush=True)
+    print(state_lib.param_table(build.params_abstract, build.param_shardings), flush=True)
 
   ckpt = checkpoint.Checkpointer(model_dir, save_period=checkpoint_period,
                                  keep=keep_checkpoints, async_save=async_checkpoint)
-  abstract_with_sharding = jax.tree.map(
-      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-      abstract_state, s_shardings)
-  restored = ckpt.restore(abstract_with_sharding)
+  restored = ckpt.restore(build.sharded_state())
   if restored is not None:
     start_step, train_state, data_state = restored
     local = local_data_state(data_state)
@@ -330,59 +260,27 @@ def train(*,
     start_step = 0
     with mesh:
       if initial_checkpoint_path:
-        params_sharded = jax.tree.map(
-            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-            params_abstract, p_shardings)
+        params_sharded = build.sharded_state()["params"]
         params = checkpoint.load_params(initial_checkpoint_path, params_sharded)
       else:
-        params = state_lib.init_params(model, seed, lengths["inputs"],
-                                       lengths["targets"], p_shardings)
-      train_state = jax.jit(make_state, out_shardings=s_shardings)(params)
+        params = state_lib.init_params(build.model, seed, lengths["inputs"],
+                                       lengths["targets"], build.param_shardings)
+      train_state = jax.jit(build.make_state,
+                            out_shardings=build.state_shardings)(params)
 
   _write_tasks(model_dir, pipe)
   # Lines logged after the last checkpoint by a run that died are not part of this run.
   if jax.process_index() == 0 and os.path.exists(os.path.join(model_dir, "metrics.jsonl")):
     metrics_writer.truncate_after(model_dir, start_step)
 
-  # ---- the step -----------------------------------------------------------------------
-  cfg = step_lib.StepConfig(
-      num_tasks=spec.num_tasks, group_of_task=spec.group_of_task, task_grads=task_grads,
-      grad_accum_steps=grad_accum_steps, z_loss=z_loss, label_smoothing=label_smoothing,
-      dropout=model_config.dropout_rate > 0, rules=rules,
-      tag_affinity_period=tag_affinity_period, tag_affinity_lr=tag_affinity_lr or 0.0,
-      inject_nonfinite_steps=tuple(int(s) for s in debug_inject_nonfinite_steps),
-      inject_nonfinite_task=inject_task)
-  step_fn = step_lib.make_train_step(model, optimizer, transforms, cfg, p_shardings,
-                                     learning_rate_fn=schedule)
-  batch_shardings = _batch_shardings(layout, mesh)
-  jit_step = jax.jit(step_fn, in_shardings=(s_shardings, batch_shardings),
-                     out_shardings=(s_shardings, None), donate_argnums=(0,))
-
   watch = _NonFiniteWatch(nonfinite_policy, spec, ckpt)
   # Reads the eval data now, so that a bad eval setting fails before training.
-  evaluation = eval_periodic.PeriodicEval(eval_period, model_dir, model, mesh, rules,
-                                          p_shardings, mixture_or_task_name, lengths,
-                                          eval_options)
-  return _run(jit_step, train_state, start_step, train_steps, pipe, mesh, rules, ckpt,
-              model_dir, schedule, spec, log_period, tensorboard, watch, evaluation)
-
-
-def _with_counters(state: dict) -> dict:
-  """The train state plus ``nonfinite_steps`` (skipped steps, kept across resumes)."""
-  if "nonfinite_steps" in state:
-    return state
-  return dict(state, nonfinite_steps=jnp.zeros([], jnp.int32))
-
-
-def _inject_task_id(spec, steps: Sequence[int], task: Optional[str]) -> int:
-  """The task id for ``debug_inject_nonfinite_task`` (None: the first task)."""
-  if not steps or task is None:
-    return 0
-  if task not in spec.task_names:
-    raise UserError(
-        f"train.debug_inject_nonfinite_task '{task}' is not a task of "
-        f"'{spec.name}'{close_names(task, spec.task_names)}; name one of its tasks.")
-  return spec.task_names.index(task)
+  evaluation = eval_periodic.PeriodicEval(eval_period, model_dir, build.model, mesh,
+                                          rules, build.param_shardings,
+                                          mixture_or_task_name, lengths, eval_options)
+  return _run(build.jit_step, train_state, start_step, train_steps, pipe, mesh, rules,
+              ckpt, model_dir, build.schedule, spec, log_period, tensorboard, watch,
+              evaluation)
 
 
 class _NonFiniteWatch:
@@ -434,14 +332,6 @@ class _NonFiniteWatch:
       if groups:
         return f"a non-finite gradient of group(s) {', '.join(groups)}"
     return "a non-finite gradient or update (every task's loss was finite)"
-
-
-def _batch_shardings(layout, mesh) -> dict:
-  ndim = 3 if layout.task_major else 2
-  out = {k: parallel.batch_sharding(mesh, ndim) for k in data_pipeline.packing.FEATURES}
-  if layout.task_major:
-    out["unit_task"] = parallel.batch_sharding(mesh, 1)
-  return out
 
 
 def _report_mixture(pipe) -> None:

@@ -1,0 +1,229 @@
+"""The train step and everything around it, built once for ``mtx train`` and ``mtx compile``.
+
+``build_train_step`` turns a run's settings into the jitted step, its abstract state and
+shardings, and the batch layout, reading no data and allocating no array, so that the
+trainer (``mtx.train.loop``) and the ahead-of-time compiler (``mtx.train.compile``)
+compile exactly the same program.
+"""
+
+import dataclasses
+import inspect
+import math
+from typing import Any, Callable, Mapping, Optional, Sequence
+
+import jax
+import numpy as np
+import optax
+
+from mtx import mtl, parallel
+from mtx.data import packing
+from mtx.data import pipeline as data_pipeline
+from mtx.data import registry
+from mtx.errors import UserError, close_names
+from mtx.model import T5, T5Config
+from mtx.train import optim, state as state_lib
+from mtx.train import step as step_lib
+
+
+def default_units(num_groups: int, batch_size: int, dp: int, shards: int) -> int:
+  """Smallest multiple of the data-parallel size and of the data shards that is at
+  least the number of groups and divides the batch."""
+  step = math.lcm(dp, shards)
+  for units in range(step, batch_size + 1, step):
+    if units >= num_groups and batch_size % units == 0:
+      return units
+  raise UserError(
+      f"No number of units divides BATCH_SIZE {batch_size} into at least {num_groups} "
+      f"task groups and is a multiple of the {dp} data-parallel devices; raise "
+      "BATCH_SIZE, set UNITS, or group tasks (train.task_groups).")
+
+
+def build_transforms(items: Sequence, num_tasks: int) -> tuple:
+  """Transforms as given, or built from factories (gin's ``@mtl.pcgrad``) with k tasks.
+
+  A gin file names a factory without calling it, so that methods with per-task state
+  get ``num_tasks`` (the number of task groups) from the mixture, not from the user.
+  """
+  out = []
+  for item in items:
+    if hasattr(item, "init") and hasattr(item, "update"):
+      out.append(item)
+      continue
+    params = inspect.signature(item).parameters
+    out.append(item(num_tasks=num_tasks) if "num_tasks" in params else item())
+  return tuple(out)
+
+
+def batch_shardings(layout: data_pipeline.Layout, mesh) -> dict:
+  """NamedShardings of the batch features: rows (or units) over the data axes."""
+  ndim = 3 if layout.task_major else 2
+  out = {k: parallel.batch_sharding(mesh, ndim) for k in packing.FEATURES}
+  if layout.task_major:
+    out["unit_task"] = parallel.batch_sharding(mesh, 1)
+  return out
+
+
+@dataclasses.dataclass
+class StepBuild:
+  """The train step and everything around it, as ``mtx train`` builds it (no arrays).
+
+  Attributes:
+    mesh, spec, layout: the device mesh, the resolved mixture, the global batch layout.
+    transforms: the mtl transforms (aggregator ensured); task_grads: per-task route.
+    model_config, model, schedule, optimizer, mtl_init: the model and its optimizer.
+    params_abstract, param_shardings: parameter ShapeDtypeStructs and NamedShardings.
+    abstract_state, state_shardings: the whole train state, abstract, and its shardings.
+    step_config: the step's static settings; rules: the logical axis rules.
+    jit_step: ``jax.jit(step, in/out shardings, donated state)``.
+    batch_shardings: NamedShardings of the batch features.
+    seed: the state's initial RNG seed.
+  """
+  mesh: Any
+  spec: registry.MixtureSpec
+  layout: data_pipeline.Layout
+  transforms: tuple
+  task_grads: bool
+  model_config: T5Config
+  model: T5
+  schedule: Callable
+  optimizer: optax.GradientTransformation
+  mtl_init: Callable
+  params_abstract: Any
+  param_shardings: Any
+  abstract_state: Any
+  state_shardings: Any
+  step_config: step_lib.StepConfig
+  rules: tuple
+  jit_step: Callable
+  batch_shardings: dict
+  seed: int
+
+  def make_state(self, params) -> dict:
+    """The full train state around ``params`` (jit it with ``state_shardings``)."""
+    return state_lib.make_state(params, self.optimizer, self.mtl_init, self.seed)
+
+  def sharded_state(self) -> Any:
+    """The abstract state with its shardings: what restore and lower take."""
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                        self.abstract_state, self.state_shardings)
+
+  def abstract_batch(self) -> dict:
+    """ShapeDtypeStructs of one global batch ([U, R, L] task-major, or [B, L])."""
+    lay = self.layout
+    lead = (lay.units, lay.rows_per_unit) if lay.task_major else (lay.batch_size,)
+    out = {}
+    for name in packing.FEATURES:
+      length = lay.inputs_length if name.startswith("encoder") else lay.targets_length
+      out[name] = jax.ShapeDtypeStruct(lead + (length,), np.int32,
+                                       sharding=self.batch_shardings[name])
+    if lay.task_major:
+      out["unit_task"] = jax.ShapeDtypeStruct(
+          (lay.units,), np.int32, sharding=self.batch_shardings["unit_task"])
+    return out
+
+
+def build_train_step(*,
+                     mixture_or_task_name: str,
+                     task_feature_lengths: Mapping[str, int],
+                     batch_size: int = 32,
+                     model_config: T5Config = T5Config(),
+                     mtl_transforms: Sequence = (),
+                     optimizer_fn: Callable = optim.make_optimizer,
+                     learning_rate: Any = None,
+                     mesh_shape: Optional[Mapping[str, int]] = None,
+                     logical_axis_rules: Sequence = parallel.DEFAULT_RULES,
+                     units: Optional[int] = None,
+                     task_groups: Optional[Mapping[str, str]] = None,
+                     grad_accum_steps: int = 1,
+                     z_loss: float = 1e-4,
+                     label_smoothing: float = 0.0,
+                     seed: int = 0,
+                     tag_affinity_period: int = 0,
+                     tag_affinity_lr: Optional[float] = None,
+                     debug_inject_nonfinite_steps: Sequence[int] = (),
+                     debug_inject_nonfinite_task: Optional[str] = None,
+                     num_shards: int = 1,
+                     devices: Optional[Sequence[jax.Device]] = None,
+                     mesh: Optional[jax.sharding.Mesh] = None) -> StepBuild:
+  """Builds the jitted train step and its abstract state, reading no data.
+
+  Arguments mean what they mean for ``mtx.train.loop.train`` (gin_configs/runs/
+  train.gin); ``num_shards`` is the number of data shards, which default UNITS must
+  be a multiple of; ``mesh``, if given, replaces ``mesh_shape`` and ``devices``.
+  Raises UserError on settings that do not fit together (batch vs mesh, units,
+  accumulation, TAG).
+  """
+  if grad_accum_steps < 1:
+    raise UserError(f"grad_accum_steps must be >= 1 (got {grad_accum_steps}).")
+  if tag_affinity_period < 0 or (tag_affinity_lr is not None and tag_affinity_lr <= 0):
+    raise UserError(
+        f"train.tag_affinity_period must be >= 0 (got {tag_affinity_period}) and "
+        f"train.tag_affinity_lr positive or None (got {tag_affinity_lr}); 0 turns "
+        "TAG off and None uses the schedule's learning rate.")
+  if mesh is None:
+    mesh = parallel.make_mesh(mesh_shape, devices)
+  dp = parallel.data_parallel_size(mesh)
+  spec = registry.resolve(mixture_or_task_name, task_groups)
+  transforms = mtl.ensure_aggregator(build_transforms(mtl_transforms, spec.num_groups))
+  # TAG's lookahead needs per-group gradients, so it takes the per-group route.
+  task_grads = mtl.needs_task_grads(transforms) or tag_affinity_period > 0
+  lengths = data_pipeline.check_feature_lengths(task_feature_lengths)
+  if batch_size % dp:
+    raise UserError(f"BATCH_SIZE {batch_size} is not divisible by the mesh's data axes "
+                    f"(data x fsdp = {dp}); use a multiple of {dp}.")
+  if task_grads and units is None:
+    units = default_units(spec.num_groups, batch_size, dp, num_shards)
+  num_units = units if task_grads else 0
+  if task_grads and (num_units % dp or num_units % grad_accum_steps):
+    raise UserError(f"UNITS {num_units} must be a multiple of the data-parallel size "
+                    f"{dp} and of grad_accum_steps {grad_accum_steps}.")
+  if not task_grads and (batch_size // dp) % grad_accum_steps:
+    raise UserError(f"Rows per device {batch_size // dp} are not divisible by "
+                    f"grad_accum_steps {grad_accum_steps}.")
+  layout = data_pipeline.Layout(batch_size, num_units, lengths["inputs"],
+                                lengths["targets"])
+  data_pipeline.check_layout(layout, num_shards)
+  inject_task = _inject_task_id(spec, debug_inject_nonfinite_steps,
+                                debug_inject_nonfinite_task)
+
+  model_config = state_lib.resolve_model_config(model_config,
+                                                spec.vocabulary.vocab_size)
+  model = T5(model_config)
+  schedule = optim.as_schedule(learning_rate if learning_rate is not None
+                               else optim.rsqrt_schedule())
+  optimizer = optimizer_fn(learning_rate=schedule)
+  mtl_init = optax.chain(*transforms).init
+  boxed, params_abstract = state_lib.abstract_params(model, lengths["inputs"],
+                                                     lengths["targets"])
+  rules = tuple(logical_axis_rules)
+  p_shardings = state_lib.param_shardings(boxed, mesh, rules)
+  abstract_state = jax.eval_shape(
+      lambda p: state_lib.make_state(p, optimizer, mtl_init, seed), params_abstract)
+  s_shardings = state_lib.state_shardings(abstract_state, params_abstract, p_shardings,
+                                          mesh)
+  cfg = step_lib.StepConfig(
+      num_tasks=spec.num_tasks, group_of_task=spec.group_of_task, task_grads=task_grads,
+      grad_accum_steps=grad_accum_steps, z_loss=z_loss, label_smoothing=label_smoothing,
+      dropout=model_config.dropout_rate > 0, rules=rules,
+      tag_affinity_period=tag_affinity_period, tag_affinity_lr=tag_affinity_lr or 0.0,
+      inject_nonfinite_steps=tuple(int(s) for s in debug_inject_nonfinite_steps),
+      inject_nonfinite_task=inject_task)
+  step_fn = step_lib.make_train_step(model, optimizer, transforms, cfg, p_shardings,
+                                     learning_rate_fn=schedule)
+  b_shardings = batch_shardings(layout, mesh)
+  jit_step = jax.jit(step_fn, in_shardings=(s_shardings, b_shardings),
+                     out_shardings=(s_shardings, None), donate_argnums=(0,))
+  return StepBuild(mesh, spec, layout, transforms, task_grads, model_config, model,
+                   schedule, optimizer, mtl_init, params_abstract, p_shardings,
+                   abstract_state, s_shardings, cfg, rules, jit_step, b_shardings, seed)
+
+
+def _inject_task_id(spec, steps: Sequence[int], task: Optional[str]) -> int:
+  """The task id for ``debug_inject_nonfinite_task`` (None: the first task)."""
+  if not steps or task is None:
+    return 0
+  if task not in spec.task_names:
+    raise UserError(
+        f"train.debug_inject_nonfinite_task '{task}' is not a task of "
+        f"'{spec.name}'{close_names(task, spec.task_names)}; name one of its tasks.")
+  return spec.task_names.index(task)
