@@ -196,6 +196,11 @@ def test_mtx_eval_writes_json_metrics_and_delta_m(tmp_path, capsys):
 @pytest.mark.parametrize("extra, pattern", [
     ((), "holds no finished checkpoint"),
     (("--gin.EVAL_BASELINE_DIR='{tmp}'",), "has no eval results"),
+    (("--gin.EVAL_DECODE_METHOD='beem'",), "EVAL_DECODE_METHOD 'beem' is not one of"),
+    (("--gin_bindings=eval.EvalOptions.num_beams = 0",),
+     "EVAL decoding settings are out of range .num_beams 0"),
+    (("--gin.EVAL_TASK_FEATURE_LENGTHS={{'inputs': '8', 'targets': 8}}",),
+     r"EVAL_TASK_FEATURE_LENGTHS\['inputs'\] must be a positive integer"),
 ])
 def test_mtx_eval_bad_input_one_sentence(tmp_path, capsys, extra, pattern):
   import re

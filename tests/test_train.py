@@ -220,6 +220,17 @@ _BAD = [
     ("nonfinite_policy", ["--gin_bindings=train.nonfinite_policy = 'stp'"],
      "did you mean: stop"),
     ("gin_file_missing", ["--gin_file=tests/no_such.gin"], "not found"),
+    ("task_group_matches_nothing",
+     ["--gin_bindings=train.task_groups = {'tiny_cpy': 'g'}"],
+     "pattern 'tiny_cpy' matches no task.*did you mean: tiny_copy"),
+    ("weighting_after_aggregator",
+     ["--gin_bindings=train.mtl_transforms = [@mtl.pcgrad, @mtl.uncertainty_weighting]"],
+     "weighting placed after an aggregator"),
+    ("negative_seed", ["--gin_bindings=train.seed = -1"], "seed must be >= 0"),
+    ("relpos_buckets", ["--gin_bindings=model.T5Config.relative_attention_num_buckets = 2"],
+     "at least 4 buckets"),
+    ("vocab_size_too_small", ["--gin_bindings=model.T5Config.vocab_size = 64"],
+     "smaller than the vocabulary"),
 ]
 _MARKS = {}
 BAD = [pytest.param(*c, id=c[0], marks=_MARKS.get(c[0], ())) for c in _BAD]

@@ -21,6 +21,7 @@ Prints a table and one JSON line (prefixed ``JSON: ``).
 """
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -38,13 +39,12 @@ if _REPO not in sys.path:
 # pylint: disable=g-import-not-at-top
 import flax.linen as nn
 import jax
-import optax
 
-from mtx import mtl, parallel
-from mtx.data import materialize, mixing, packing, pipeline, registry
+from mtx import parallel
+from mtx.data import materialize, mixing, pipeline, registry
 from mtx.errors import UserError
-from mtx.model import T5, T5Config
-from mtx.train import build as build_lib, loop, optim, state as state_lib, step as step_lib
+from mtx.model import T5Config
+from mtx.train import build as build_lib, loop, optim, state as state_lib
 # pylint: enable=g-import-not-at-top
 
 T5_LENGTHS = (512, 114)
@@ -122,34 +122,19 @@ def bench_pipeline(pipe: pipeline.Pipeline, seconds: float, min_batches: int = 3
 
 
 # ---- train step ------------------------------------------------------------------------
-def build_step(spec: registry.MixtureSpec, lengths: tuple, seed: int):
-  """(mesh, rules, jit_step, train_state) for the tiny T5, as ``loop.train`` builds them."""
-  mesh = parallel.make_mesh(None)
-  rules = tuple(parallel.DEFAULT_RULES)
-  transforms = mtl.ensure_aggregator(())
-  if mtl.needs_task_grads(transforms):
-    raise UserError("bench_data measures the one-gradient route only.")
-  config = state_lib.resolve_model_config(T5Config(**TINY), spec.vocabulary.vocab_size)
-  model = T5(config)
-  optimizer = optim.make_optimizer("adamw", learning_rate=optim.as_schedule(1e-3))
-  mtl_init = optax.chain(*transforms).init
-  boxed, params_abstract = state_lib.abstract_params(model, *lengths)
-  p_shardings = state_lib.param_shardings(boxed, mesh, rules)
-  abstract_state = jax.eval_shape(
-      lambda p: state_lib.make_state(p, optimizer, mtl_init, seed), params_abstract)
-  s_shardings = state_lib.state_shardings(abstract_state, params_abstract, p_shardings,
-                                          mesh)
-  with mesh:
-    params = state_lib.init_params(model, seed, *lengths, p_shardings)
-    train_state = jax.jit(lambda p: state_lib.make_state(p, optimizer, mtl_init, seed),
-                          out_shardings=s_shardings)(params)
-  cfg = step_lib.StepConfig(num_tasks=spec.num_tasks, group_of_task=spec.group_of_task,
-                            z_loss=1e-4, rules=rules)
-  step_fn = step_lib.make_train_step(model, optimizer, transforms, cfg, p_shardings)
-  batch_shardings = {k: parallel.batch_sharding(mesh, 2) for k in packing.FEATURES}
-  jit_step = jax.jit(step_fn, in_shardings=(s_shardings, batch_shardings),
-                     out_shardings=(s_shardings, None), donate_argnums=(0,))
-  return mesh, rules, jit_step, train_state
+def build_step(spec: registry.MixtureSpec, lengths: tuple, batch_size: int, seed: int):
+  """(mesh, rules, jit_step, train_state) for the tiny T5 with AdamW, built by the
+  trainer's own builder (``mtx.train.build``), one-gradient route."""
+  build = build_lib.build_train_step(
+      mixture_or_task_name=spec.name,
+      task_feature_lengths={"inputs": lengths[0], "targets": lengths[1]},
+      batch_size=batch_size, model_config=T5Config(**TINY),
+      optimizer_fn=functools.partial(optim.make_optimizer, "adamw"), learning_rate=1e-3,
+      seed=seed)
+  with build.mesh:
+    params = state_lib.init_params(build.model, seed, *lengths, build.param_shardings)
+    train_state = jax.jit(build.make_state, out_shardings=build.state_shardings)(params)
+  return build.mesh, build.rules, build.jit_step, train_state
 
 
 def _steps(jit_step, state, next_batch, n: int):
@@ -168,7 +153,7 @@ def _steps(jit_step, state, next_batch, n: int):
 def bench_step(data: _Data, batch_size: int, steps: int, warmup: int, rounds: int,
                seed: int) -> dict:
   spec = data.spec
-  mesh, rules, jit_step, state = build_step(spec, DEMO_LENGTHS, seed)
+  mesh, rules, jit_step, state = build_step(spec, DEMO_LENGTHS, batch_size, seed)
   const_pipe = data.pipeline(DEMO_LENGTHS, batch_size, 0, seed)
   real_pipe = data.pipeline(DEMO_LENGTHS, batch_size, 0, seed)
   per_round = max(1, steps // rounds)

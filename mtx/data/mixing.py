@@ -101,6 +101,11 @@ class DeficitScheduler:
     self.num_groups = int(self.group_of_task.max()) + 1
     self.group_rates = np.bincount(self.group_of_task, self.rates, self.num_groups)
     self.cursors = np.zeros(len(self.rates), np.int64)
+    # next_task runs once per example: its masks are computed once here.
+    base = np.where(self.rates > 0, 0.0, -np.inf)
+    self._task_masks = [base] + [np.where(self.group_of_task == g, base, -np.inf)
+                                 for g in range(self.num_groups)]
+    self._group_mask = np.where(self.group_rates > 0, 0.0, -np.inf)
 
   def _deficit(self) -> np.ndarray:
     total = self.cursors.sum() + 1
@@ -110,12 +115,9 @@ class DeficitScheduler:
     """The group furthest behind its share (ties: lowest id); never a rate-0 group."""
     total = self.cursors.sum() + 1
     consumed = np.bincount(self.group_of_task, self.cursors, self.num_groups)
-    deficit = np.where(self.group_rates > 0, self.group_rates * total - consumed, -np.inf)
-    return int(np.argmax(deficit))
+    return int(np.argmax(self.group_rates * total - consumed + self._group_mask))
 
   def next_task(self, group: int | None = None) -> int:
     """The task furthest behind its share, within ``group`` if given."""
-    deficit = np.where(self.rates > 0, self._deficit(), -np.inf)
-    if group is not None:
-      deficit = np.where(self.group_of_task == group, deficit, -np.inf)
-    return int(np.argmax(deficit))
+    mask = self._task_masks[0 if group is None else group + 1]
+    return int(np.argmax(self._deficit() + mask))

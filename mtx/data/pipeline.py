@@ -71,17 +71,19 @@ class Layout:
     return self.batch_size // self.units if self.units else self.batch_size
 
 
-def check_feature_lengths(feature_lengths: Mapping[str, int]) -> dict:
-  """Validates TASK_FEATURE_LENGTHS: needs positive 'inputs' and 'targets' ints."""
+def check_feature_lengths(feature_lengths: Mapping[str, int],
+                          what: str = "TASK_FEATURE_LENGTHS") -> dict:
+  """Validates feature lengths (``what`` names the setting): positive 'inputs' and
+  'targets' ints."""
   if not isinstance(feature_lengths, Mapping):
-    raise UserError(f"TASK_FEATURE_LENGTHS must be a dict like {{'inputs': 64, "
+    raise UserError(f"{what} must be a dict like {{'inputs': 64, "
                     f"'targets': 32}} (got {feature_lengths!r}).")
   out = {}
   for key in ("inputs", "targets"):
     value = feature_lengths.get(key)
     if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value <= 0:
-      raise UserError(f"TASK_FEATURE_LENGTHS['{key}'] must be a positive integer (got "
-                      f"{value!r}); set e.g. --gin.TASK_FEATURE_LENGTHS=\"{{'inputs': "
+      raise UserError(f"{what}['{key}'] must be a positive integer (got "
+                      f"{value!r}); set e.g. --gin.{what}=\"{{'inputs': "
                       "64, 'targets': 32}\".")
     out[key] = int(value)
   return out
@@ -382,6 +384,9 @@ def load(name: str, feature_lengths: Mapping[str, int], layout: Layout, *,
   Other arguments: see ``mixing.compute_rates`` and ``materialize.read_task``.
   """
   lengths = check_feature_lengths(feature_lengths)
+  if seed < 0:
+    raise UserError(f"The data seed must be >= 0 (got {seed}); set train.seed (or "
+                    "train.data_seed) to 0 or more.")
   shard_ids = local_shards(process_index, process_count, num_shards)
   num_shards = process_count if num_shards is None else num_shards
   check_layout(layout, num_shards)  # before the (slow) read, not only in Pipeline

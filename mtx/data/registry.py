@@ -138,12 +138,17 @@ def _check_compatible(name: str, tasks: Sequence[seqio.Task]) -> None:
 
 
 def _group_tasks(task_names: Sequence[str], task_groups: Mapping[str, str]) -> list:
-  groups = []
+  groups, used = [], set()
   for task in task_names:
     group = task
     for pattern, g in task_groups.items():
       if task == pattern or fnmatch.fnmatchcase(task, pattern):
         group = g
+        used.add(pattern)
         break
     groups.append(group)
+  for pattern in task_groups:
+    if pattern not in used:
+      raise UserError(f"train.task_groups pattern '{pattern}' matches no task"
+                      f"{close_names(pattern, task_names)}; fix it or remove it.")
   return groups

@@ -41,7 +41,9 @@ import numpy as np
 import seqio
 
 from mtx import parallel
+from mtx.data import pipeline as data_pipeline
 from mtx.errors import UserError
+from mtx.infer import decoding
 from mtx.train import losses
 
 log = logging.getLogger("mtx")
@@ -87,6 +89,13 @@ class EvalOptions:
   seed: int = 0
   loss: bool = True
   baseline_dir: Optional[str] = None
+
+  def __post_init__(self):  # Bad settings fail where they are given, before any work.
+    decoding.check_options("EVAL", self.decode_method, self.num_beams,
+                           self.temperature, self.top_k, self.batch_size)
+    if self.task_feature_lengths is not None:
+      data_pipeline.check_feature_lengths(self.task_feature_lengths,
+                                          "EVAL_TASK_FEATURE_LENGTHS")
 
 
 @dataclasses.dataclass
@@ -204,14 +213,11 @@ class Evaluator:
     self.options = options
     self._model, self._mesh, self._rules = model, mesh, tuple(rules)
     name = options.mixture_or_task_name or mixture_or_task_name
-    lengths = dict(options.task_feature_lengths or task_feature_lengths)
-    if set(lengths) != {"inputs", "targets"} or min(lengths.values()) <= 0:
-      raise UserError(f"Eval task_feature_lengths {lengths} must be positive lengths "
-                      "for exactly 'inputs' and 'targets'.")
-    self.lengths = lengths
+    self.lengths = data_pipeline.check_feature_lengths(
+        options.task_feature_lengths or task_feature_lengths,
+        "EVAL_TASK_FEATURE_LENGTHS" if options.task_feature_lengths
+        else "TASK_FEATURE_LENGTHS")
     dp = parallel.data_parallel_size(mesh)
-    if options.batch_size <= 0:
-      raise UserError(f"EVAL_BATCH_SIZE must be positive (got {options.batch_size}).")
     self.batch_size = _round_up(options.batch_size, dp * jax.process_count())
     if options.baseline_dir:  # Fail now rather than at the first evaluation.
       from mtx.eval import results  # pylint: disable=g-import-not-at-top
@@ -230,7 +236,7 @@ class Evaluator:
                       f"one of their splits ({', '.join(splits)}).")
     self._seqio = seqio.Evaluator(
         name, seqio.EncDecFeatureConverter(pack=False), eval_split=split,
-        sequence_length=lengths, num_examples=options.max_examples,
+        sequence_length=self.lengths, num_examples=options.max_examples,
         use_memory_cache=True, async_compute_metrics=False, logger_cls=())
     scored = {t.name for t in self._seqio.eval_tasks}
     self._metric_tasks = tuple(n for n in self.task_names if n in scored)

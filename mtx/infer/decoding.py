@@ -31,6 +31,23 @@ Array = jax.Array
 StepFn = Callable[[Array, Any], tuple[Array, Any]]
 
 METHODS = ("greedy", "sample", "beam")
+
+
+def check_options(prefix: str, method: str, num_beams: int, temperature: float,
+                  top_k: int, batch_size: int) -> None:
+  """Raises a one-sentence UserError for decoding settings out of range.
+
+  ``prefix`` names the user's settings (``INFER`` or ``EVAL``: INFER_* / EVAL_* macros).
+  """
+  from mtx.errors import UserError  # pylint: disable=g-import-not-at-top
+  if method not in METHODS:
+    raise UserError(f"{prefix}_DECODE_METHOD {method!r} is not one of {METHODS}; set "
+                    "it to one of them.")
+  if num_beams < 1 or batch_size < 1 or top_k < 0 or temperature < 0:
+    raise UserError(f"{prefix} decoding settings are out of range (num_beams "
+                    f"{num_beams}, batch_size {batch_size}, top_k {top_k}, temperature "
+                    f"{temperature}); use num_beams >= 1, batch_size >= 1, top_k >= 0 "
+                    "and temperature >= 0.")
 # A finite "minus infinity": -inf would turn into NaN in (-inf) - (-inf) or 0 * -inf.
 NEG_INF = -1.0e7
 

@@ -28,14 +28,12 @@ MODEL_DIR (or ``INFER_CHECKPOINT_PATH`` / ``INFER_CHECKPOINT_STEP``).
 
 import dataclasses
 import functools
-import io
 import json
 import logging
 import math
 import os
 import re
 import sys
-import tempfile
 import time
 from typing import Any, Mapping, Optional, Sequence, TextIO
 
@@ -51,7 +49,7 @@ from mtx.errors import UserError, close_names
 from mtx.infer import decoding
 from mtx.infer.predict import Predictor
 from mtx.model import T5Config
-from mtx.train import progress as progress_lib
+from mtx.train import metrics_writer, progress as progress_lib
 from mtx.train import state as state_lib
 
 log = logging.getLogger("mtx")
@@ -300,22 +298,14 @@ def output_rows(records: Sequence[dict], texts: Sequence[str],
 
 def write_jsonl(path: str, rows: Sequence[Mapping[str, Any]]) -> None:
   """Writes the rows as JSONL atomically: a temporary file, then a rename."""
-  directory = os.path.dirname(os.path.abspath(path))
   try:
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".jsonl", dir=directory)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   except OSError as e:
     raise UserError(f"INFER_OUTPUT {path} cannot be written ({e.strerror}); choose a "
                     "writable path.") from e
-  try:
-    with io.open(fd, "w", encoding="utf-8") as f:
-      for row in rows:
-        f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
+  # Temp file, fsync, rename; a failed write is one sentence (WriteError, a UserError).
+  metrics_writer.write_atomically(
+      path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
 
 
 class _InputsProgress(progress_lib.Progress):
@@ -357,16 +347,6 @@ def _find_task(task_name: Optional[str], mixture_or_task_name: str,
     raise UserError(f"INFER_TASK '{task_name}' uses another vocabulary than the run's "
                     f"'{mixture_or_task_name}'; choose a task with the run's vocabulary.")
   return task
-
-
-def _check_options(decode_method, num_beams, temperature, top_k, batch_size) -> None:
-  if decode_method not in decoding.METHODS:
-    raise UserError(f"INFER_DECODE_METHOD {decode_method!r} is not one of "
-                    f"{decoding.METHODS}; set it to one of them.")
-  if num_beams < 1 or batch_size < 1 or top_k < 0 or temperature < 0:
-    raise UserError(f"Decoding options out of range (num_beams {num_beams}, batch size "
-                    f"{batch_size}, top_k {top_k}, temperature {temperature}); use "
-                    "num_beams >= 1, batch size >= 1, top_k >= 0 and temperature >= 0.")
 
 
 def _default_output(model_dir: str, input_path: str, task_name: str) -> str:
@@ -433,7 +413,8 @@ def infer(*,
   if not input_path:
     raise UserError("INFER_INPUT is not set; set it to a text or JSONL file of inputs "
                     "(or '-' for stdin), e.g. --gin.INFER_INPUT=\"'inputs.txt'\".")
-  _check_options(decode_method, num_beams, temperature, top_k, batch_size)
+  decoding.check_options("INFER", decode_method, num_beams, temperature, top_k,
+                         batch_size)
   if vocabulary_path:
     vocab_lib.get_vocabulary(vocabulary_path)
     os.environ["MTX_VOCAB"] = vocabulary_path

@@ -127,6 +127,13 @@ def _validate_config(config: T5Config) -> None:
     if getattr(config, name) <= 0:
       raise UserError(f"T5Config.{name} is {getattr(config, name)}; it must be "
                       "a positive integer.")
+  buckets = config.relative_attention_num_buckets
+  distance = config.relative_attention_max_distance
+  if buckets < 4 or distance <= buckets // 2:
+    raise UserError(
+        f"T5Config.relative_attention_num_buckets is {buckets} and "
+        f"relative_attention_max_distance {distance}; use at least 4 buckets and a "
+        "max distance above half of them (T5: 32 and 128).")
   if not 0.0 <= config.dropout_rate < 1.0:
     raise UserError(f"T5Config.dropout_rate is {config.dropout_rate}; it must "
                     "be in [0, 1).")

@@ -180,7 +180,14 @@ def ensure_aggregator(transforms: Sequence[optax.GradientTransformation]):
   A plain optax transform (no ``mtl_kind``) is assumed to aggregate.
   """
   transforms = tuple(transforms)
-  if transforms and kind(transforms[-1]) != WEIGHTING:
+  kinds = [kind(t) for t in transforms]
+  for i, k in enumerate(kinds):
+    if k == WEIGHTING and any(other != WEIGHTING for other in kinds[:i]):
+      raise UserError(
+          f'mtl transform {i} is a loss weighting placed after an aggregator, which '
+          'has already reduced the task axis; put weightings before the aggregator '
+          '(e.g. [@mtl.uncertainty_weighting, @mtl.pcgrad]).')
+  if transforms and kinds[-1] != WEIGHTING:
     return transforms
   return transforms + (sum_tasks(),)
 

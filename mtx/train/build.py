@@ -7,7 +7,6 @@ compile exactly the same program.
 """
 
 import dataclasses
-import inspect
 import math
 from typing import Any, Callable, Mapping, Optional, Sequence
 
@@ -44,14 +43,7 @@ def build_transforms(items: Sequence, num_tasks: int) -> tuple:
   A gin file names a factory without calling it, so that methods with per-task state
   get ``num_tasks`` (the number of task groups) from the mixture, not from the user.
   """
-  out = []
-  for item in items:
-    if hasattr(item, "init") and hasattr(item, "update"):
-      out.append(item)
-      continue
-    params = inspect.signature(item).parameters
-    out.append(item(num_tasks=num_tasks) if "num_tasks" in params else item())
-  return tuple(out)
+  return tuple(mtl.build(item, num_tasks) for item in items)
 
 
 def batch_shardings(layout: data_pipeline.Layout, mesh) -> dict:

@@ -246,11 +246,12 @@ def compile_train(num_devices: int = 0, device_memory_gib: float = 0.0,
   """
   use_fake_devices(num_devices)
   kwargs = _train_bindings()
-  registry.import_modules(kwargs.pop("mixture_or_task_module", None))
   vocabulary_path = kwargs.pop("vocabulary_path", None)
   if vocabulary_path:  # as the trainer does: tasks on the default vocabulary use it
     vocab_lib.get_vocabulary(vocabulary_path)
     os.environ["MTX_VOCAB"] = vocabulary_path
+  # After the vocabulary: task modules may build their features on import.
+  registry.import_modules(kwargs.pop("mixture_or_task_module", None))
   data_shards = kwargs.pop("data_shards", None)
   known = inspect.signature(build_train_step).parameters
   ignored = sorted(set(kwargs) - set(known))

@@ -59,20 +59,22 @@ class Prefetcher:
     self._thread = threading.Thread(target=self._run, daemon=True)
     self._thread.start()
 
+  def _put(self, item) -> None:
+    while not self._stop.is_set():  # never blocks past close()
+      try:
+        self._queue.put(item, timeout=0.1)
+        return
+      except queue.Full:
+        pass
+
   def _run(self):
     try:
       while not self._stop.is_set():
         local = self._pipe.next_batch()
         state = self._pipe.get_state()
-        batch = parallel.host_to_global(local, self._mesh)
-        while not self._stop.is_set():
-          try:
-            self._queue.put((batch, state, None), timeout=0.1)
-            break
-          except queue.Full:
-            pass
+        self._put((parallel.host_to_global(local, self._mesh), state, None))
     except Exception as e:  # pylint: disable=broad-except
-      self._queue.put((None, None, e))
+      self._put((None, None, e))
 
   def next(self):
     batch, state, error = self._queue.get()

@@ -16,6 +16,7 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from mtx import parallel
+from mtx.errors import UserError
 
 
 def dummy_batch(batch_size: int, inputs_length: int, targets_length: int) -> dict:
@@ -92,6 +93,11 @@ def resolve_model_config(config, vocab_size: int, multiple: int = 128):
   """``config`` with ``vocab_size`` set from the vocabulary (padded) when it is 0."""
   import dataclasses  # pylint: disable=g-import-not-at-top
   if config.vocab_size:
+    if config.vocab_size < vocab_size:
+      raise UserError(
+          f"T5Config.vocab_size {config.vocab_size} is smaller than the vocabulary "
+          f"({vocab_size} ids); set it to at least {vocab_size}, or to 0 to follow "
+          "the vocabulary.")
     return config
   padded = -(-vocab_size // multiple) * multiple
   return dataclasses.replace(config, vocab_size=padded)

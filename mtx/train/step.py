@@ -263,11 +263,11 @@ def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation,
                     learning_rate_fn: Optional[Callable] = None) -> Callable:
   """Returns ``step(state, batch) -> (state, metrics)`` (not yet jitted).
 
-  ``state`` is ``{"step", "params", "opt_state", "mtl_state", "rng"}`` plus, when
-  present, ``nonfinite_steps`` (int32[], the count of skipped steps; see the module
-  docstring). Metrics hold ``task_loss_sums``/``task_tokens`` f32[k],
+  ``state`` is ``{"step", "params", "opt_state", "mtl_state", "rng",
+  "nonfinite_steps"}`` (``mtx.train.state.make_state``; the last is the int32[] count
+  of skipped steps, see the module docstring). Metrics hold ``task_loss_sums``/``task_tokens`` f32[k],
   ``group_weights`` f32[G] (one-gradient route), ``grad_norm``, ``nonfinite``
-  (bool[], this step was skipped), ``nonfinite_steps`` (with the state's counter),
+  (bool[], this step was skipped), ``nonfinite_steps``,
   and on the per-group route ``group_grad_norm`` f32[G], ``group_grad_cos`` f32[G, G]
   and ``conflict_frac``.
 
@@ -327,9 +327,8 @@ def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation,
                      params=_keep_if(ok, new_params, params),
                      opt_state=_keep_if(ok, opt_state, state["opt_state"]),
                      mtl_state=_keep_if(ok, mtl_state, state["mtl_state"]))
-    if "nonfinite_steps" in state:
-      new_state["nonfinite_steps"] = state["nonfinite_steps"] + (1 - ok.astype(jnp.int32))
-      metrics["nonfinite_steps"] = new_state["nonfinite_steps"]
+    new_state["nonfinite_steps"] = state["nonfinite_steps"] + (1 - ok.astype(jnp.int32))
+    metrics["nonfinite_steps"] = new_state["nonfinite_steps"]
     return new_state, metrics
 
   return step
