@@ -9,8 +9,13 @@ import difflib
 from typing import Iterable
 
 
-class UserError(Exception):
-  """A mistake in configuration or input that the user can fix; str() is the message."""
+class UserError(ValueError):
+  """A mistake in configuration or input that the user can fix; str() is the message.
+
+  A ValueError, so that library users catching ValueError (the usual exception for
+  a bad argument) also catch ``mtx.mtl``'s shape and argument errors; the CLI still
+  prints it as one sentence.
+  """
 
 
 def close_names(name: str, candidates: Iterable[str], n: int = 3) -> str:
