@@ -289,17 +289,16 @@ def test_uncertainty_weighting_gradient_on_log_variance():
 
 def test_static_dwa_and_rlw_weights():
   tx = mtl.static_weights([1.0, 2.0, 3.0])
-  w, _ = tx.update.mtl_weights(tx.init(None), task_losses=jnp.ones(3),
-                               task_present=jnp.array([True, False, True]),
-                               key=None)
+  w, _ = tx.weights(tx.init(None), task_losses=jnp.ones(3),
+                    task_present=jnp.array([True, False, True]), key=None)
   np.testing.assert_allclose(w, [1.0, 0.0, 3.0])
 
   tx = mtl.dwa(2, temperature=2.0)
   state = tx.init(None)
   history = [[1.0, 4.0], [0.5, 3.0], [0.4, 2.9]]
   for step, losses in enumerate(history):
-    w, state = tx.update.mtl_weights(state, task_losses=jnp.asarray(losses),
-                                     task_present=None, key=None)
+    w, state = tx.weights(state, task_losses=jnp.asarray(losses),
+                          task_present=None, key=None)
     if step < 2:
       np.testing.assert_allclose(w, [1.0, 1.0])
   # At step t=2 the ratios use L(1)/L(0).
@@ -308,10 +307,10 @@ def test_static_dwa_and_rlw_weights():
 
   tx = mtl.rlw(3)
   present = jnp.array([True, False, True])
-  w1, _ = tx.update.mtl_weights(tx.init(None), task_losses=None,
-                                task_present=present, key=jax.random.PRNGKey(1))
-  w2, _ = tx.update.mtl_weights(tx.init(None), task_losses=None,
-                                task_present=present, key=jax.random.PRNGKey(2))
+  w1, _ = tx.weights(tx.init(None), task_losses=None, task_present=present,
+                     key=jax.random.PRNGKey(1))
+  w2, _ = tx.weights(tx.init(None), task_losses=None, task_present=present,
+                     key=jax.random.PRNGKey(2))
   np.testing.assert_allclose(w1.sum(), 1.0, rtol=1e-6)
   assert w1[1] == 0.0 and not np.allclose(w1, w2)
 

@@ -9,16 +9,25 @@ pytree shaped like params with a leading task axis k) and the extra args
     updates, state = tx.update(per_task_grads, state, params,
                                task_losses=losses, task_present=present, key=key)
 
-Weightings (keep the task axis; gradient-free, so the trainer can use one
-gradient of sum_t w_t L_t, see ``needs_task_grads`` / ``combined_weights``):
-``static_weights``, ``uncertainty_weighting``, ``dwa``, ``rlw``, ``famo``.
+Every method is an ``optax.GradientTransformationExtraArgs`` of one of two
+types, which ``kind`` reads:
 
-Aggregators (reduce the task axis): ``sum_tasks``, ``mean_tasks``, ``pcgrad``,
+``Weighting`` (keeps the task axis; its ``weights`` are gradient-free, so the
+trainer can use one gradient of sum_t w_t L_t, see ``needs_task_grads`` /
+``combined_weights``): ``static_weights``, ``uncertainty_weighting``, ``dwa``,
+``rlw``, ``famo``.
+
+``Aggregator`` (reduces the task axis; its ``aggregate`` reuses a Gram matrix
+and reports the task coefficients): ``sum_tasks``, ``mean_tasks``, ``pcgrad``,
 ``mgda``, ``cagrad``, ``imtl_g``, ``gradvac``, ``nash_mtl``, ``aligned_mtl``,
 ``upgrad``, ``gradnorm``; ``masked`` limits one to some parameters.
 
-A list holding only weightings gets ``sum_tasks()`` appended by the trainer
-(``ensure_aggregator``). See ``mtx/mtl/base.py`` for the protocol.
+The trainer takes a list, not a chain: weightings, one aggregator, then plain
+optax transforms. ``ensure_aggregator`` refuses any other order (an
+``optax.chain`` of mtl transforms is of neither type) and appends
+``sum_tasks()`` to a list of weightings only. Errors in shapes or arguments are
+``ValueError``s (``mtx.errors.UserError``). See ``mtx/mtl/base.py`` for the
+protocol.
 
 In the trainer: ``combined_weights`` (one gradient of ``sum_t w_t L_t``) or
 ``aggregate`` (per-task gradients: the chain's update with one shared Gram
@@ -43,9 +52,9 @@ from mtx.mtl.aggregators import PCGradState
 from mtx.mtl.aggregators import upgrad
 from mtx.mtl.base import aggregate
 from mtx.mtl.base import AGGREGATOR
+from mtx.mtl.base import Aggregator
 from mtx.mtl.base import aggregator_transform
 from mtx.mtl.base import build
-from mtx.mtl.base import chain
 from mtx.mtl.base import combine
 from mtx.mtl.base import combined_weights
 from mtx.mtl.base import diagnostics
@@ -58,6 +67,7 @@ from mtx.mtl.base import mean_tasks
 from mtx.mtl.base import needs_task_grads
 from mtx.mtl.base import sum_tasks
 from mtx.mtl.base import WEIGHTING
+from mtx.mtl.base import Weighting
 from mtx.mtl.weighting import dwa
 from mtx.mtl.weighting import DWAState
 from mtx.mtl.weighting import famo

@@ -1,10 +1,10 @@
 """Aggregators: per-task gradients f32[k, ...] in, one gradient f32[...] out.
 
-Each factory returns an ``optax.GradientTransformationExtraArgs`` whose
-``update.mtl_kind == 'aggregator'``. The gradient-surgery methods compute the
-k-by-k Gram matrix of the present tasks' gradients once (``base.gram``), solve
-for task coefficients ``c`` f32[k] with a k-sized solver (``solvers``), and
-return ``sum_i c_i g_i`` (``base.combine``). Absent tasks have zero rows and
+Each factory returns a ``base.Aggregator`` (an
+``optax.GradientTransformationExtraArgs``). The gradient-surgery methods compute
+the k-by-k Gram matrix of the present tasks' gradients once (``base.gram``),
+solve for task coefficients ``c`` f32[k] with a k-sized solver (``solvers``),
+and return ``sum_i c_i g_i`` (``base.combine``). Absent tasks have zero rows and
 columns in the Gram matrix and a zero coefficient.
 
 ``sum_tasks`` and ``mean_tasks`` live in ``base``; GradNorm is here because it
@@ -45,7 +45,7 @@ class PCGradState(NamedTuple):
 
 
 def pcgrad(reduction: str = 'sum',
-           seed: int = 0) -> optax.GradientTransformationExtraArgs:
+           seed: int = 0) -> base.Aggregator:
   """PCGrad: project conflicting gradients (Yu et al. 2020, NeurIPS).
 
   For each present task i, in a random order of the others (drawn per task from
@@ -86,7 +86,7 @@ def pcgrad(reduction: str = 'sum',
 # --------------------------------------------------------------------- MGDA
 
 
-def mgda(iterations: int = 100) -> optax.GradientTransformationExtraArgs:
+def mgda(iterations: int = 100) -> base.Aggregator:
   """MGDA: the min-norm point of the task gradients' convex hull.
 
   Sener & Koltun 2018 ("Multi-Task Learning as Multi-Objective Optimization"),
@@ -113,7 +113,7 @@ def mgda(iterations: int = 100) -> optax.GradientTransformationExtraArgs:
 
 
 def cagrad(c: float = 0.4, rescale: bool = True,
-           iterations: int = 100) -> optax.GradientTransformationExtraArgs:
+           iterations: int = 100) -> base.Aggregator:
   """CAGrad: conflict-averse gradient descent (Liu et al. 2021, NeurIPS).
 
   With ``g_0`` the mean gradient of present tasks::
@@ -155,7 +155,7 @@ def cagrad(c: float = 0.4, rescale: bool = True,
 # ------------------------------------------------------------------- IMTL-G
 
 
-def imtl_g() -> optax.GradientTransformationExtraArgs:
+def imtl_g() -> base.Aggregator:
   """IMTL-G: impartial gradients (Liu et al. 2021, ICLR, "Towards Impartial MTL").
 
   ``d = sum_t alpha_t g_t`` with ``sum_t alpha_t = 1`` and equal projections
@@ -183,7 +183,7 @@ class GradVacState(NamedTuple):
 
 
 def gradvac(num_tasks: int, beta: float = 0.01, reduction: str = 'sum',
-            seed: int = 0) -> optax.GradientTransformationExtraArgs:
+            seed: int = 0) -> base.Aggregator:
   """Gradient Vaccine (Wang et al. 2021, ICLR), at whole-model granularity.
 
   PCGrad generalized to a positive target similarity: for each task i and each
@@ -244,7 +244,7 @@ class NashMTLState(NamedTuple):
 
 
 def nash_mtl(num_tasks: int, update_every: int = 1, iterations: int = 20,
-             normalize: bool = False) -> optax.GradientTransformationExtraArgs:
+             normalize: bool = False) -> base.Aggregator:
   """Nash-MTL: multi-task learning as a bargaining game (Navon et al. 2022).
 
   The Nash bargaining solution ``d = sum_i alpha_i g_i`` with ``alpha > 0``
@@ -303,13 +303,13 @@ def nash_mtl(num_tasks: int, update_every: int = 1, iterations: int = 20,
     return (base.combine(updates, c),
             NashMTLState(weights=alpha, count=state.count + 1), c)
 
-  return base.aggregator_transform(init_fn, aggregate_fn)
+  return base.Aggregator(init_fn, aggregate_fn)
 
 
 # -------------------------------------------------------------- Aligned-MTL
 
 
-def aligned_mtl() -> optax.GradientTransformationExtraArgs:
+def aligned_mtl() -> base.Aggregator:
   """Aligned-MTL (Senushkin et al. 2023, CVPR, "Independent Component Alignment").
 
   Replaces the task gradients by the closest orthogonal system with equal norms
@@ -331,7 +331,7 @@ def aligned_mtl() -> optax.GradientTransformationExtraArgs:
 
 
 def upgrad(iterations: int = 100,
-           reg: float = 0.0) -> optax.GradientTransformationExtraArgs:
+           reg: float = 0.0) -> base.Aggregator:
   """UPGrad (Quinton & Rey 2024, "Jacobian Descent for Multi-Objective Opt.").
 
   Projects each task gradient onto the dual cone of all of them,
@@ -369,7 +369,7 @@ class GradNormState(NamedTuple):
 
 
 def gradnorm(num_tasks: int, alpha: float = 1.5, lr: float = 0.025,
-             mask: base.Mask = None) -> optax.GradientTransformationExtraArgs:
+             mask: base.Mask = None) -> base.Aggregator:
   """GradNorm (Chen et al. 2018, ICML): balance gradient norms by loss ratios.
 
   Learnable weights w (state). On the parameters W selected by ``mask``, with
@@ -463,4 +463,4 @@ def gradnorm(num_tasks: int, alpha: float = 1.5, lr: float = 0.025,
         weights=new_w, initial_losses=initial,
         has_initial=state.has_initial | p, opt_state=opt_state), c
 
-  return base.aggregator_transform(init_fn, aggregate_fn)
+  return base.Aggregator(init_fn, aggregate_fn)

@@ -19,28 +19,34 @@ arguments (all optional; unknown ones are ignored):
     Transforms that need randomness fall back to a key folded from their own
     step counter and ``seed`` when none is given.
 
-There are two kinds of transform, told apart by attributes of ``update``:
+There are two kinds of transform, told apart by their type (``kind``):
 
-  weighting  (``update.mtl_kind == 'weighting'``) scales along the task axis
-    and keeps it: ``update`` returns ``w[:, None, ...] * updates``. It also
-    carries ``update.mtl_weights``, a function
+  ``Weighting`` scales along the task axis and keeps it: ``update`` returns
+    ``w[:, None, ...] * updates``. Its ``weights`` attribute is a function
     ``(state, *, task_losses, task_present, key) -> (w f32[k], new_state)``
-    that never looks at gradients. When every transform has ``mtl_weights``
-    (see ``needs_task_grads``), the trainer takes the cheap path: it calls
-    ``combined_weights`` and then takes ONE gradient of ``sum_t w_t L_t``
-    instead of k gradients. Both paths give the same update and share one state.
-  aggregator (``update.mtl_kind == 'aggregator'``) reduces the task axis away
-    and hands an ordinary gradient, shaped like params, to the rest of the chain.
-    Every aggregator in ``mtx.mtl`` also carries ``update.mtl_aggregate``, the
-    same update that (a) may reuse a Gram matrix computed by the caller and (b)
-    reports the task coefficients ``c`` f32[k] it applied, ``out = sum_i c_i g_i``
-    (see ``aggregator_transform``). ``aggregate`` runs a whole list of
-    transforms through these hooks: one Gram matrix for the step's diagnostics
-    and the aggregator, and the chain's task weights for the metrics.
+    that never looks at gradients, and ``update`` is derived from it. When
+    every transform has such weights (see ``needs_task_grads``), the trainer
+    takes the cheap path: it calls ``combined_weights`` and then takes ONE
+    gradient of ``sum_t w_t L_t`` instead of k gradients. Both paths give the
+    same update and share one state.
+  ``Aggregator`` reduces the task axis away and hands an ordinary gradient,
+    shaped like params, to the rest of the chain. Its ``aggregate`` attribute is
+    the same update that (a) may reuse a Gram matrix computed by the caller and
+    (b) reports the task coefficients ``c`` f32[k] it applied, ``out = sum_i c_i
+    g_i``; ``update`` is derived from it. ``sum_tasks`` and ``mean_tasks`` also
+    carry gradient-free ``weights``. The function ``aggregate`` runs a whole list
+    of transforms through these attributes: one Gram matrix for the step's
+    diagnostics and the aggregator, and the chain's task weights for the metrics.
 
-A user's list of mtl transforms is ``optax.chain``-ed before the optimizer. If it
-holds only weightings, the trainer appends ``sum_tasks()`` so that the optimizer
-receives a gradient shaped like params (``ensure_aggregator`` does this).
+Both types are still ``optax.GradientTransformationExtraArgs``, so
+``optax.chain(mtl.pcgrad(), optax.sgd(0.1))`` works and passes the extra args
+through; but the transform ``optax.chain`` returns is a plain one, of neither
+kind. So the trainer takes a LIST of transforms, in this order: weightings, then
+one aggregator, then any plain optax transforms (they act on the aggregated
+gradient). ``ensure_aggregator`` checks that order, refusing anything before the
+aggregator that is neither kind (``optax.chain(mtl.uncertainty_weighting(3))``
+among them), and appends ``sum_tasks()`` to a list of weightings only, so that
+the optimizer receives a gradient shaped like params.
 
 Most gradient-surgery methods are a weighting of the task gradients computed
 from the k-by-k Gram matrix ``G_ij = <g_i, g_j>``: ``gram`` computes it once (one
@@ -48,6 +54,7 @@ contraction per leaf, float32), a k-sized solver gives coefficients ``c f32[k]``
 and ``combine`` forms ``sum_i c_i g_i``.
 """
 
+import functools
 import inspect
 import re
 from typing import Any, Callable, NamedTuple, Optional, Sequence, Union
@@ -67,39 +74,154 @@ Mask = Union[None, str, Callable[[str], bool], PyTree]
 WEIGHTING = 'weighting'
 AGGREGATOR = 'aggregator'
 
-chain = optax.chain
-
 
 # ------------------------------------------------------------------ protocol
 
 
-def weighting_transform(
-    init_fn: Callable[[PyTree], NamedTuple],
-    weights_fn: Callable[..., tuple[jax.Array, NamedTuple]],
-) -> optax.GradientTransformationExtraArgs:
-  """Builds a weighting transform from its (gradient-free) weights function.
+class _TypedTransform(optax.GradientTransformationExtraArgs):
+  """What ``Weighting`` and ``Aggregator`` share: mtl attributes that survive.
 
-  Args:
-    init_fn: ``params -> state``.
-    weights_fn: ``(state, *, task_losses, task_present, key) -> (w, state)``
-      with ``w`` f32[k]; zero for absent tasks.
-
-  Returns:
-    A transform whose update returns ``w[:, None, ...] * updates`` and whose
-    ``update.mtl_kind`` / ``update.mtl_weights`` mark it as a weighting.
+  Not a NamedTuple with more fields: ``optax.chain`` unpacks every transform as
+  an ``(init, update)`` pair (optax 0.2.8: ``init_fns, update_fns =
+  zip(*transforms)``), so the tuple keeps exactly those two elements and the
+  mtl functions (named in ``_attrs``) are instance attributes. The NamedTuple
+  machinery would drop them: ``copy``/``pickle`` rebuild from the two fields,
+  ``_make``/``_replace`` build a bare tuple, and ``jax.tree_util`` rebuilds a
+  NamedTuple as ``cls(init, update)``. Hence ``__reduce__``, ``_replace`` and
+  the pytree methods below, which carry the attributes along (``pickle`` works
+  when the functions themselves pickle, e.g. module-level functions).
   """
 
-  def update_fn(updates, state, params=None, *, task_losses=None,
-                task_present=None, key=None, **extra_args):
-    del params, extra_args
-    out, _, new_state = _apply_weighting(weights_fn, updates, state,
-                                         task_losses=task_losses,
-                                         task_present=task_present, key=key)
-    return out, new_state
+  _attrs: tuple[str, ...] = ()
 
-  update_fn.mtl_kind = WEIGHTING
-  update_fn.mtl_weights = weights_fn
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  def tree_flatten(self):
+    # The leaves are init and update, as for any optax transform; the mtl
+    # functions ride along as static data.
+    return (self.init, self.update), tuple(getattr(self, a) for a in self._attrs)
+
+  @classmethod
+  def tree_unflatten(cls, attrs, children):
+    init, update = children
+    return cls(init, *attrs, update=update)
+
+  def __reduce__(self):
+    attrs = tuple(getattr(self, a) for a in self._attrs)
+    return (type(self), (self.init, *attrs, self.update))
+
+  def _replace(self, **changes):
+    """A NamedTuple's ``_replace`` for ``init`` and ``update``; same attributes."""
+    unknown = sorted(set(changes) - {'init', 'update'})
+    if unknown:
+      raise ValueError(f'{type(self).__name__}._replace takes init and update '
+                       f'only, not {unknown}; build a new {type(self).__name__} '
+                       'to change them.')
+    children = (changes.get('init', self.init),
+                changes.get('update', self.update))
+    return self.tree_unflatten(self.tree_flatten()[1], children)
+
+  @classmethod
+  def _make(cls, iterable):
+    raise TypeError(f'{cls.__name__} is not built from (init, update) alone; '
+                    f'call {cls.__name__}(...) with its functions.')
+
+
+@jax.tree_util.register_pytree_node_class
+class Weighting(_TypedTransform):
+  """A transform that scales the task axis by gradient-free task weights.
+
+  Shapes: per-task f32[k, ...] -> f32[k, ...] (task axis kept); w f32[k].
+
+  ``update`` returns ``w[:, None, ...] * updates``, with ``w`` and the new state
+  from ``weights``; deriving it from ``weights`` keeps the per-task route
+  (``update``, ``aggregate``) and the one-gradient route (``combined_weights``)
+  equal by construction. It is a ``GradientTransformationExtraArgs``, a 2-tuple
+  ``(init, update)`` with ``weights`` an attribute, not a NamedTuple with a third
+  field, because ``optax.chain`` unpacks transforms as ``(init, update)`` pairs.
+
+  Attributes:
+    init: ``params -> state``.
+    update: ``(updates, state, params=None, *, task_losses=None,
+      task_present=None, key=None, **ignored) -> (updates, state)``.
+    weights: ``(state, *, task_losses, task_present, key) -> (w f32[k],
+      new_state)``; zero for absent tasks; never reads gradients.
+  """
+
+  _attrs = ('weights',)
+
+  def __new__(cls, init: Callable[[PyTree], Any],
+              weights: Callable[..., tuple[jax.Array, Any]],
+              update: Optional[Callable[..., Any]] = None):
+    """``update`` is derived from ``weights``; pass one only to restore a copy."""
+    if update is None:
+      update = functools.partial(_weighting_update, weights)
+    self = super().__new__(cls, init, update)
+    self.weights = weights
+    return self
+
+
+@jax.tree_util.register_pytree_node_class
+class Aggregator(_TypedTransform):
+  """A transform that reduces the task axis away and reports its coefficients.
+
+  Shapes: per-task f32[k, ...] -> f32[...]; c f32[k] (or None).
+
+  ``update`` is ``aggregate`` without a Gram matrix, minus ``c``. It is a
+  ``GradientTransformationExtraArgs``, a 2-tuple ``(init, update)`` with
+  ``aggregate``/``weights`` attributes, not a NamedTuple with more fields,
+  because ``optax.chain`` unpacks transforms as ``(init, update)`` pairs.
+
+  Attributes:
+    init: ``params -> state``.
+    update: ``(updates, state, params=None, *, task_losses=None,
+      task_present=None, key=None, **ignored) -> (out, state)``.
+    aggregate: ``(updates, state, params, *, gram_matrix, task_losses,
+      task_present, key) -> (out, new_state, c)``: ``updates`` the per-task
+      gradients f32[k, ...], ``gram_matrix`` None or their Gram matrix f32[k, k]
+      already computed by the caller (to reuse instead of computing it), ``out``
+      the aggregated gradient shaped like params, ``c`` f32[k] the coefficients
+      applied (``out == sum_i c_i updates[i]``, zero for absent tasks) or None
+      when the output is not such a combination.
+    weights: None, or for an aggregator whose ``c`` is gradient-free (sum,
+      mean) a ``Weighting``'s weights function giving ``c`` (it enables the
+      one-gradient route; see ``needs_task_grads``).
+  """
+
+  _attrs = ('aggregate', 'weights')
+
+  def __new__(cls, init: Callable[[PyTree], Any],
+              aggregate: Callable[..., tuple[PyTree, Any, Optional[jax.Array]]],
+              weights: Optional[Callable[..., tuple[jax.Array, Any]]] = None,
+              update: Optional[Callable[..., Any]] = None):
+    """``update`` is derived from ``aggregate``; pass one only to restore a copy."""
+    if update is None:
+      update = functools.partial(_aggregator_update, aggregate)
+    self = super().__new__(cls, init, update)
+    self.aggregate = aggregate
+    self.weights = weights
+    return self
+
+
+def _weighting_update(weights_fn, updates, state, params=None, *,
+                      task_losses=None, task_present=None, key=None,
+                      **extra_args):
+  """``Weighting.update`` (module level, so that a Weighting can pickle)."""
+  del params, extra_args
+  out, _, new_state = _apply_weighting(weights_fn, updates, state,
+                                       task_losses=task_losses,
+                                       task_present=task_present, key=key)
+  return out, new_state
+
+
+def _aggregator_update(aggregate_fn, updates, state, params=None, *,
+                       task_losses=None, task_present=None, key=None,
+                       **extra_args):
+  """``Aggregator.update``; ignores unknown extra args, ``gram_matrix`` among
+  them: only ``aggregate`` passes one, when it is known to be right."""
+  del extra_args
+  out, new_state, _ = aggregate_fn(updates, state, params, gram_matrix=None,
+                                   task_losses=task_losses,
+                                   task_present=task_present, key=key)
+  return out, new_state
 
 
 def _apply_weighting(weights_fn, updates, state, *, task_losses, task_present,
@@ -115,49 +237,40 @@ def _apply_weighting(weights_fn, updates, state, *, task_losses, task_present,
   return scale_tasks(updates, w), w, new_state
 
 
+def weighting_transform(
+    init_fn: Callable[[PyTree], NamedTuple],
+    weights_fn: Callable[..., tuple[jax.Array, NamedTuple]],
+) -> Weighting:
+  """``Weighting(init_fn, weights_fn)``; see ``Weighting``."""
+  return Weighting(init_fn, weights_fn)
+
+
 def aggregator_transform(
     init_fn: Callable[[PyTree], Any],
     aggregate_fn: Callable[..., tuple[PyTree, Any, Optional[jax.Array]]],
     weights_fn: Optional[Callable[..., tuple[jax.Array, Any]]] = None,
-) -> optax.GradientTransformationExtraArgs:
-  """Builds an aggregator from its ``aggregate_fn``.
-
-  Args:
-    init_fn: ``params -> state``.
-    aggregate_fn: ``(updates, state, params, *, gram_matrix, task_losses,
-      task_present, key) -> (out, new_state, c)``: ``updates`` the per-task
-      gradients f32[k, ...], ``gram_matrix`` None or their Gram matrix f32[k, k]
-      already computed by the caller (to reuse instead of computing it), ``out``
-      the aggregated gradient shaped like params, ``c`` f32[k] the coefficients
-      applied (``out == sum_i c_i updates[i]``, zero for absent tasks) or None
-      when the output is not such a combination.
-    weights_fn: for an aggregator whose ``c`` is gradient-free (sum, mean), the
-      weights function of ``weighting_transform`` (enables the one-gradient
-      route; see ``needs_task_grads``).
-
-  Returns:
-    The transform; ``update`` ignores unknown extra args (``gram_matrix``
-    among them: only ``aggregate`` passes one, when it is known to be right).
-  """
-
-  def update_fn(updates, state, params=None, *, task_losses=None,
-                task_present=None, key=None, **extra_args):
-    del extra_args
-    out, new_state, _ = aggregate_fn(updates, state, params, gram_matrix=None,
-                                     task_losses=task_losses,
-                                     task_present=task_present, key=key)
-    return out, new_state
-
-  update_fn.mtl_kind = AGGREGATOR
-  update_fn.mtl_aggregate = aggregate_fn
-  if weights_fn is not None:
-    update_fn.mtl_weights = weights_fn
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+) -> Aggregator:
+  """``Aggregator(init_fn, aggregate_fn, weights_fn)``; see ``Aggregator``."""
+  return Aggregator(init_fn, aggregate_fn, weights_fn)
 
 
 def kind(transform) -> Optional[str]:
-  """'weighting', 'aggregator', or None for a plain optax transform."""
-  return getattr(transform.update, 'mtl_kind', None)
+  """'weighting', 'aggregator', or None for any other transform.
+
+  Read from the type: ``optax.chain`` of mtl transforms is of neither kind.
+  """
+  if isinstance(transform, Weighting):
+    return WEIGHTING
+  if isinstance(transform, Aggregator):
+    return AGGREGATOR
+  return None
+
+
+def _weights_of(transform):
+  """The gradient-free weights function of ``transform``, or None."""
+  if isinstance(transform, (Weighting, Aggregator)):
+    return transform.weights
+  return None
 
 
 def needs_task_grads(transforms: Sequence[optax.GradientTransformation]) -> bool:
@@ -168,8 +281,37 @@ def needs_task_grads(transforms: Sequence[optax.GradientTransformation]) -> bool
   whose result is also a fixed weighting (so a list of weightings followed by the
   appended ``sum_tasks()`` still takes the cheap path). An empty list needs none.
   """
-  return not all(
-      getattr(t.update, 'mtl_weights', None) is not None for t in transforms)
+  return not all(_weights_of(t) is not None for t in transforms)
+
+
+def _check_order(transforms, what: str) -> Optional[int]:
+  """The index of the first aggregator (None if none), or a UserError.
+
+  Before it: weightings only; after it: plain optax transforms only, since the
+  task axis is gone (a second aggregator or a weighting would silently treat a
+  parameter axis as the task axis). ``what`` names an item in the message.
+  """
+  first = None
+  for i, t in enumerate(transforms):
+    if first is None and isinstance(t, Aggregator):
+      first = i
+    elif first is None and not isinstance(t, Weighting):
+      raise UserError(
+          f'{what} {i} ({type(t).__name__}) is neither an mtx.mtl weighting nor '
+          'an aggregator, so it cannot come before the aggregator: pass the mtl '
+          'transforms themselves in the list (optax.chain of them hides their '
+          'kind) and put plain optax transforms after the aggregator.')
+    elif first is not None and isinstance(t, Weighting):
+      raise UserError(
+          f'{what} {i} is a loss weighting placed after an aggregator, which '
+          'has already reduced the task axis; put weightings before the aggregator '
+          '(e.g. [@mtl.uncertainty_weighting, @mtl.pcgrad]).')
+    elif first is not None and isinstance(t, Aggregator):
+      raise UserError(
+          f'{what} {i} is an aggregator placed after aggregator {first}, which '
+          'has already reduced the task axis; keep one aggregator (mtl.masked '
+          'limits one to some parameters).')
+  return first
 
 
 def ensure_aggregator(transforms: Sequence[optax.GradientTransformation]):
@@ -177,17 +319,13 @@ def ensure_aggregator(transforms: Sequence[optax.GradientTransformation]):
 
   A list that ends in weightings would hand the optimizer a gradient that still
   has the task axis; summing over tasks afterwards is what ``sum_t w_t L_t`` means.
-  A plain optax transform (no ``mtl_kind``) is assumed to aggregate.
+  Raises a UserError (a ValueError) unless the list is weightings, then at most
+  one aggregator, then plain optax transforms: a transform of neither kind before
+  the aggregator (``optax.chain`` of mtl transforms, ``optax.scale``) would get
+  per-task gradients it cannot know about.
   """
   transforms = tuple(transforms)
-  kinds = [kind(t) for t in transforms]
-  for i, k in enumerate(kinds):
-    if k == WEIGHTING and any(other != WEIGHTING for other in kinds[:i]):
-      raise UserError(
-          f'mtl transform {i} is a loss weighting placed after an aggregator, which '
-          'has already reduced the task axis; put weightings before the aggregator '
-          '(e.g. [@mtl.uncertainty_weighting, @mtl.pcgrad]).')
-  if transforms and kinds[-1] != WEIGHTING:
+  if _check_order(transforms, 'mtl transform') is not None:
     return transforms
   return transforms + (sum_tasks(),)
 
@@ -197,7 +335,7 @@ def combined_weights(transforms, states, *, task_losses, task_present=None,
   """The cheap path: the product of the transforms' task weights.
 
   Args:
-    transforms: the mtl transforms, each with ``update.mtl_weights`` (see
+    transforms: the mtl transforms, each with gradient-free ``weights`` (see
       ``needs_task_grads``).
     states: their states as a tuple in transform order, the layout of
       ``optax.chain(*transforms).init(params)``.
@@ -217,7 +355,7 @@ def combined_weights(transforms, states, *, task_losses, task_present=None,
   w = jnp.ones(task_losses.shape, jnp.float32)
   new_states = []
   for t, s in zip(transforms, states):
-    fn = getattr(t.update, 'mtl_weights', None)
+    fn = _weights_of(t)
     if fn is None:
       raise UserError(
           'combined_weights needs transforms whose weights do not depend on '
@@ -236,24 +374,25 @@ def aggregate(transforms: Sequence[optax.GradientTransformation], states,
 
   Runs ``transforms`` in order exactly as ``optax.chain(*transforms).update``
   does (same result, same state), but with ONE Gram matrix of the per-task
-  gradients, computed here and shared by the diagnostics and by the first
-  aggregator (rescaled by the weights of any weightings before it; a ``masked``
-  aggregator reuses it only when its mask selects every parameter), and it
-  reports the task weights the chain applied.
+  gradients, computed here and shared by the diagnostics and by the aggregator
+  (rescaled by the weights of any weightings before it; a ``masked`` aggregator
+  reuses it only when its mask selects every parameter), and it reports the task
+  weights the chain applied.
 
       per_task_grads {'w': f32[k, 3, 4]}  ->  updates {'w': f32[3, 4]}
       info['weights'] f32[k]: updates == sum_i weights_i * per_task_grads[i]
 
   What ``info['weights']`` means for a chain: the product of the weightings'
-  weights and the first aggregator's coefficients (e.g. uncertainty weighting
-  then PCGrad gives ``w_uw * c_pcgrad``). For ``masked`` it is the inner
-  method's weights, which apply to the selected parameters (the others are
-  summed). Plain optax transforms after the aggregator act on the aggregated
-  gradient and do not change the weights. It is absent when the aggregator
-  does not report coefficients (a plain optax transform in its place).
+  weights and the aggregator's coefficients (e.g. uncertainty weighting then
+  PCGrad gives ``w_uw * c_pcgrad``). For ``masked`` it is the inner method's
+  weights, which apply to the selected parameters (the others are summed).
+  Plain optax transforms after the aggregator act on the aggregated gradient and
+  do not change the weights. It is absent when the aggregator reports no
+  coefficients (its ``aggregate`` returns None for ``c``).
 
   Args:
-    transforms: the mtl transforms, in chain order.
+    transforms: the mtl transforms, in chain order: weightings, at most one
+      aggregator, then plain optax transforms (see ``ensure_aggregator``).
     states: their states as a tuple in transform order, the layout of
       ``optax.chain(*transforms).init(params)``.
     per_task_grads: tree with a leading task (or group) axis k.
@@ -274,6 +413,7 @@ def aggregate(transforms: Sequence[optax.GradientTransformation], states,
     raise UserError(
         f'aggregate got {len(transforms)} transforms but {len(states)} states; '
         'pass the state of optax.chain(*transforms).')
+  _check_order(transforms, 'mtl transform')
   k = num_tasks_of(per_task_grads)
   p = presence(task_present, k)
   g = gram(per_task_grads)
@@ -288,51 +428,37 @@ def aggregate(transforms: Sequence[optax.GradientTransformation], states,
 
 def _run_chain(transforms, states, updates, params, *, gram_matrix,
                task_losses, task_present, key, extra_args):
-  """``optax.chain`` through the mtl hooks: ``(out, new_states, weights|None)``.
+  """``optax.chain`` through the mtl attributes: ``(out, new_states, w|None)``.
 
-  ``gram_matrix`` is the Gram matrix of ``updates`` (or None); it follows the
-  task axis through weightings (``G * outer(w, w)``) and is handed to the first
-  aggregator. ``weights`` is the product of the weightings' weights and that
-  aggregator's coefficients (None if it reports none).
+  ``transforms`` passed ``_check_order``. ``gram_matrix`` is the Gram matrix of
+  ``updates`` (or None); it follows the task axis through weightings
+  (``G * outer(w, w)``) and is handed to the aggregator. ``w`` is the product of
+  the weightings' weights and the aggregator's coefficients (None if it reports
+  none).
   """
   k = num_tasks_of(updates)
   w = jnp.ones((k,), jnp.float32)
   out, reduced, new_states = updates, False, []
   for t, s in zip(transforms, states):
     if reduced:
+      # A plain optax transform on the aggregated gradient, as optax.chain runs it.
       out, s = optax.with_extra_args_support(t).update(
           out, s, params, task_losses=task_losses, task_present=task_present,
           key=key, **extra_args)
-    elif kind(t) == WEIGHTING:
-      out, wt, s = _apply_weighting(t.update.mtl_weights, out, s,
-                                    task_losses=task_losses,
+    elif isinstance(t, Weighting):
+      out, wt, s = _apply_weighting(t.weights, out, s, task_losses=task_losses,
                                     task_present=task_present, key=key)
       if gram_matrix is not None:
         gram_matrix = gram_matrix * wt[:, None] * wt[None, :]
       w = w * wt
-    else:
-      out, s, c = _aggregate_one(t, out, s, params, gram_matrix=gram_matrix,
-                                 task_losses=task_losses,
-                                 task_present=task_present, key=key,
-                                 extra_args=extra_args)
+    else:  # the aggregator: _check_order lets nothing else come first
+      out, s, c = t.aggregate(out, s, params, gram_matrix=gram_matrix,
+                              task_losses=task_losses,
+                              task_present=task_present, key=key)
       w = None if c is None else w * c
       reduced = True
     new_states.append(s)
   return out, tuple(new_states), w
-
-
-def _aggregate_one(t, updates, state, params, *, gram_matrix, task_losses,
-                   task_present, key, extra_args):
-  """One aggregating transform: ``(out, new_state, c|None)``."""
-  hook = getattr(t.update, 'mtl_aggregate', None)
-  if hook is not None:
-    return hook(updates, state, params, gram_matrix=gram_matrix,
-                task_losses=task_losses, task_present=task_present, key=key)
-  # A plain optax transform in the aggregator's place: no coefficients.
-  out, state = optax.with_extra_args_support(t).update(
-      updates, state, params, task_losses=task_losses,
-      task_present=task_present, key=key, **extra_args)
-  return out, state, None
 
 
 def _is_transform(item) -> bool:
@@ -357,7 +483,6 @@ def build(item, num_tasks: Optional[int] = None):
   if takes_k and num_tasks is not None:
     return item(num_tasks=num_tasks)
   return item()
-
 
 # ------------------------------------------------------------ array helpers
 
@@ -518,8 +643,7 @@ def _select(tree: PyTree, m: PyTree) -> PyTree:
       lambda x, keep: x if keep else optax.MaskedNode(), tree, m)
 
 
-def masked(inner, mask: Mask,
-           num_tasks: Optional[int] = None) -> optax.GradientTransformationExtraArgs:
+def masked(inner, mask: Mask, num_tasks: Optional[int] = None) -> Aggregator:
   """Limits an aggregating transform to some parameters, along the task axis.
 
   Like ``optax.masked``, but for per-task gradients: leaves selected by ``mask``
@@ -527,8 +651,11 @@ def masked(inner, mask: Mask,
   ``inner`` sees those leaves only), and every other leaf is **summed over
   tasks** (what ``sum_tasks()`` does). The PCGrad paper applies surgery to shared
   parameters only; ``masked(pcgrad(), 'encoder/')`` does that. ``inner`` must
-  reduce the task axis (an aggregator, or a list of transforms ending in one,
-  chained); it gets the extra args ``task_losses``, ``task_present``, ``key``.
+  reduce the task axis: an aggregator, or a list in the order the trainer takes
+  (weightings, one aggregator, plain optax transforms), chained; it gets the
+  extra args ``task_losses``, ``task_present``, ``key``.
+
+  Shapes: per-task f32[k, ...] -> f32[...].
 
       per_task {'enc': f32[k, d1], 'head': f32[k, d2]}, mask {'enc': True, 'head': False}
       out      {'enc': inner({'enc': ...})['enc'] f32[d1], 'head': sum_t head[t] f32[d2]}
@@ -555,6 +682,10 @@ def masked(inner, mask: Mask,
   if not inner_list:
     raise UserError('masked() got an empty list of inner transforms; give it '
                     'an aggregator such as mtl.pcgrad().')
+  if _check_order(inner_list, 'masked(): inner transform') is None:
+    raise UserError('masked() got inner transforms without an aggregator, so '
+                    'the selected parameters would keep the task axis; end the '
+                    'weightings with an aggregator such as mtl.pcgrad().')
 
   def init_fn(params):
     sub = _select(params, leaf_mask(mask, params))
@@ -579,7 +710,7 @@ def masked(inner, mask: Mask,
     for g, kept in zip(flat, keep):
       if kept:
         r = next(inner_leaves)
-        if r.shape != g.shape[1:]:
+        if r.shape != g.shape[1:]:  # a user's Aggregator that does not reduce
           raise UserError(
               f'masked(): the inner transform returned a leaf of shape {r.shape} '
               f'for per-task gradients of shape {g.shape}; the inner transform '
@@ -592,7 +723,7 @@ def masked(inner, mask: Mask,
     return (treedef.unflatten(out), new_states[0] if single else new_states,
             c)
 
-  return aggregator_transform(init_fn, aggregate_fn)
+  return Aggregator(init_fn, aggregate_fn)
 
 
 # ---------------------------------------------------- gram-based aggregators
@@ -601,8 +732,10 @@ def masked(inner, mask: Mask,
 def gram_aggregator(
     init_fn: Callable[[PyTree], NamedTuple],
     solve: Callable[..., tuple[jax.Array, NamedTuple]],
-) -> optax.GradientTransformationExtraArgs:
+) -> Aggregator:
   """An aggregator ``sum_i c_i g_i`` with ``c`` solved from the Gram matrix.
+
+  Shapes: per-task f32[k, ...] -> f32[...]; G f32[k, k] -> c f32[k].
 
   Args:
     init_fn: ``params -> state``.
@@ -622,26 +755,16 @@ def gram_aggregator(
     c = jnp.where(p, c, 0.0)
     return combine(updates, c), new_state, c
 
-  return aggregator_transform(init_fn, aggregate_fn)
+  return Aggregator(init_fn, aggregate_fn)
 
 
 class EmptyState(NamedTuple):
   """State of a stateless transform."""
 
 
-class CountState(NamedTuple):
-  """A step counter ``count`` i32[], used to fold a fallback PRNG key."""
-  count: jax.Array
-
-
 def init_empty(params) -> EmptyState:
   del params
   return EmptyState()
-
-
-def init_count(params) -> CountState:
-  del params
-  return CountState(count=jnp.zeros([], jnp.int32))
 
 
 # ------------------------------------------------------ the plain reductions
@@ -663,7 +786,7 @@ def _fixed_weights(fn):
   return weights_fn
 
 
-def _fixed_aggregator(weights) -> optax.GradientTransformationExtraArgs:
+def _fixed_aggregator(weights) -> Aggregator:
   """A stateless aggregator ``sum_t c_t g_t`` with ``c = weights(present)``."""
 
   def aggregate_fn(updates, state, params=None, *, gram_matrix=None,
@@ -672,15 +795,16 @@ def _fixed_aggregator(weights) -> optax.GradientTransformationExtraArgs:
     c = weights(presence(task_present, num_tasks_of(updates)))
     return combine(updates, c), state, c
 
-  return aggregator_transform(init_empty, aggregate_fn,
-                              _fixed_weights(weights))
+  return Aggregator(init_empty, aggregate_fn, _fixed_weights(weights))
 
 
-def sum_tasks() -> optax.GradientTransformationExtraArgs:
+def sum_tasks() -> Aggregator:
   """Sums the task axis away: ``sum_t g_t`` over present tasks.
 
   The gradient of the summed loss ``sum_t L_t``; what the trainer appends after
-  a list of weightings. Shapes: f32[k, ...] -> f32[...]. Stateless.
+  a list of weightings. Stateless.
+
+  Shapes: per-task f32[k, ...] -> f32[...]; c f32[k].
   """
 
   def weights(p):
@@ -689,10 +813,12 @@ def sum_tasks() -> optax.GradientTransformationExtraArgs:
   return _fixed_aggregator(weights)
 
 
-def mean_tasks() -> optax.GradientTransformationExtraArgs:
+def mean_tasks() -> Aggregator:
   """Averages over present tasks: ``(1/|P|) sum_{t in P} g_t``.
 
-  Shapes: f32[k, ...] -> f32[...]. Stateless. Zero when no task is present.
+  Stateless. Zero when no task is present.
+
+  Shapes: per-task f32[k, ...] -> f32[...]; c f32[k].
   """
 
   def weights(p):

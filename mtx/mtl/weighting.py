@@ -1,12 +1,12 @@
 """Weightings: scale the task axis by weights that never look at gradients.
 
-Each factory returns an ``optax.GradientTransformationExtraArgs`` built by
-``base.weighting_transform``: ``update`` returns ``w[:, None, ...] * updates``
-(the task axis is kept, f32[k, ...] -> f32[k, ...]) and ``update.mtl_weights``
-computes ``w`` f32[k] from the state and the extra args alone, so the trainer can
-take one gradient of ``sum_t w_t L_t`` instead of k gradients. Weights of absent
-tasks are 0 and their state is left as it was. An aggregator must follow (the
-trainer appends ``sum_tasks()`` when none does).
+Each factory returns a ``base.Weighting`` (an
+``optax.GradientTransformationExtraArgs``): its ``weights`` computes ``w``
+f32[k] from the state and the extra args alone, so the trainer can take one
+gradient of ``sum_t w_t L_t`` instead of k gradients, and its ``update``
+returns ``w[:, None, ...] * updates`` (the task axis is kept, f32[k, ...] ->
+f32[k, ...]). Weights of absent tasks are 0 and their state is left as it was.
+An aggregator must follow (the trainer appends ``sum_tasks()`` when none does).
 """
 
 from typing import Any, NamedTuple, Optional, Sequence
@@ -39,7 +39,7 @@ def _masked_softmax(logits, present):
 # ------------------------------------------------------------ static weights
 
 
-def static_weights(weights: Sequence[float]) -> optax.GradientTransformationExtraArgs:
+def static_weights(weights: Sequence[float]) -> base.Weighting:
   """Fixed task weights: ``w_t`` given, 0 for absent tasks. Stateless.
 
   Shapes: per-task f32[k, ...] -> f32[k, ...] (task axis kept); w f32[k].
@@ -57,7 +57,7 @@ def static_weights(weights: Sequence[float]) -> optax.GradientTransformationExtr
     p = _k_of(task_losses, task_present, w_fixed.shape[0])
     return jnp.where(p, w_fixed, 0.0), state
 
-  return base.weighting_transform(base.init_empty, weights_fn)
+  return base.Weighting(base.init_empty, weights_fn)
 
 
 # ----------------------------------------------------- uncertainty weighting
@@ -69,7 +69,7 @@ class UncertaintyState(NamedTuple):
 
 
 def uncertainty_weighting(num_tasks: int,
-                          lr: float = 1e-2) -> optax.GradientTransformationExtraArgs:
+                          lr: float = 1e-2) -> base.Weighting:
   """Homoscedastic uncertainty weighting (Kendall, Gal & Cipolla 2018, CVPR).
 
   With learnable ``s_t = log sigma_t^2`` (state), the paper's objective (eq. 7,
@@ -110,7 +110,7 @@ def uncertainty_weighting(num_tasks: int,
     new_s = jnp.where(p, s - lr * grad_s, s)
     return jnp.where(p, w, 0.0), UncertaintyState(log_vars=new_s)
 
-  return base.weighting_transform(init_fn, weights_fn)
+  return base.Weighting(init_fn, weights_fn)
 
 
 # ---------------------------------------------------------------------- DWA
@@ -133,7 +133,7 @@ class DWAState(NamedTuple):
 
 
 def dwa(num_tasks: int, temperature: float = 2.0,
-        window: int = 1) -> optax.GradientTransformationExtraArgs:
+        window: int = 1) -> base.Weighting:
   """Dynamic Weight Average (Liu, Johns & Davison 2019, CVPR, MTAN).
 
   ``w_t = K exp(r_t / T) / sum_i exp(r_i / T)``, ``r_t = L_t(t-1) / L_t(t-2)``,
@@ -188,7 +188,7 @@ def dwa(num_tasks: int, temperature: float = 2.0,
         step=step)
     return w, new_state
 
-  return base.weighting_transform(init_fn, weights_fn)
+  return base.Weighting(init_fn, weights_fn)
 
 
 # ---------------------------------------------------------------------- RLW
@@ -199,7 +199,7 @@ class RLWState(NamedTuple):
   count: jax.Array
 
 
-def rlw(num_tasks: int, seed: int = 0) -> optax.GradientTransformationExtraArgs:
+def rlw(num_tasks: int, seed: int = 0) -> base.Weighting:
   """Random Loss Weighting (Lin et al. 2022, TMLR, "Reasonable Effectiveness
   of Random Weighting").
 
@@ -221,7 +221,7 @@ def rlw(num_tasks: int, seed: int = 0) -> optax.GradientTransformationExtraArgs:
     z = jax.random.normal(base.step_key(key, seed, state.count), (num_tasks,))
     return _masked_softmax(z, p), RLWState(count=state.count + 1)
 
-  return base.weighting_transform(init_fn, weights_fn)
+  return base.Weighting(init_fn, weights_fn)
 
 
 # --------------------------------------------------------------------- FAMO
@@ -238,7 +238,7 @@ class FAMOState(NamedTuple):
 
 def famo(num_tasks: int, lr: float = 0.025, weight_decay: float = 0.01,
          min_losses: Optional[Sequence[float]] = None,
-         eps: float = 1e-8) -> optax.GradientTransformationExtraArgs:
+         eps: float = 1e-8) -> base.Weighting:
   """FAMO: Fast Adaptive Multitask Optimization (Liu et al. 2023, NeurIPS).
 
   O(1) in k: no per-task gradient. Logits xi (state), ``z = softmax(xi)``,
@@ -307,4 +307,4 @@ def famo(num_tasks: int, lr: float = 0.025, weight_decay: float = 0.01,
                           has_prev=state.has_prev | p, opt_state=opt_state)
     return w, new_state
 
-  return base.weighting_transform(init_fn, weights_fn)
+  return base.Weighting(init_fn, weights_fn)
