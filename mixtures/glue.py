@@ -53,8 +53,8 @@ Data: TFDS reads ``$TFDS_DATA_DIR`` if set, else its local default
 never tried. Prepare the datasets beforehand (``tfds build glue/cola`` on a machine with
 network, then copy the directory).
 
-Vocabulary: ``$MTX_VOCAB`` (a local SentencePiece model; default the shipped demo model)
-and ``$MTX_VOCAB_EXTRA_IDS`` (default 0), read on import. To point the tasks elsewhere
+Vocabulary: the run's ``VOCABULARY`` (gin; a local SentencePiece model, default the
+shipped demo model) and ``$MTX_VOCAB_EXTRA_IDS`` (default 0), read on import. To point the tasks elsewhere
 from Python or gin, call ``register(vocab_path=..., extra_ids=...)`` again; it replaces
 every task and mixture of this module (for T5's checkpoints: T5's ``spiece.model``, 100
 extra ids).
@@ -90,8 +90,9 @@ def tfds_data_dir() -> Optional[str]:
 
 
 def default_vocab_path() -> Optional[str]:
-  """The SentencePiece model for these tasks: ``$MTX_VOCAB`` or None (the demo model)."""
-  return os.environ.get("MTX_VOCAB") or None
+  """The SentencePiece model for these tasks: the run's VOCABULARY (see
+  ``mtx.data.vocab.default_vocabulary_path``), else the shipped demo model."""
+  return vocab.default_path()
 
 
 def _vocab_extra_ids() -> int:
@@ -299,8 +300,8 @@ def register(vocab_path: Optional[str] = None, extra_ids: Optional[int] = None) 
   """(Re)registers every GLUE/SuperGLUE task and both mixtures with this vocabulary.
 
   Args:
-    vocab_path: a local SentencePiece model; None reads ``$MTX_VOCAB`` and falls back
-      to the shipped demo model.
+    vocab_path: a local SentencePiece model; None takes the run's VOCABULARY (gin) and
+      falls back to the shipped demo model.
     extra_ids: sentinel ids of the vocabulary; None reads ``$MTX_VOCAB_EXTRA_IDS`` (0).
   """
   spm = vocab.get_vocabulary(vocab_path or default_vocab_path(),

@@ -1,4 +1,4 @@
 """``python -m mtx train ...`` is the same as ``mtx train ...``."""
-from mtx.train.cli import main
+from mtx.cli.main import main
 
 main()

@@ -77,14 +77,7 @@ def test_command_line_errors_are_one_line(tmp_path, capsys):
   assert len(ablate.choose_methods("")) == len(ablate.available_methods()) - 1
 
 
-def _has_mtx_eval() -> bool:
-  return (importlib.util.find_spec("mtx.eval.evaluate") is not None
-          and (REPO / "gin_configs" / "runs" / "eval.gin").exists())
-
-
 @pytest.mark.slow
-@pytest.mark.skipif(not _has_mtx_eval(),
-                    reason="`mtx eval` (mtx/eval/evaluate.py, runs/eval.gin) is not here")
 def test_smoke_two_methods_on_the_tiny_mixture(tmp_path, monkeypatch, capsys):
   monkeypatch.setenv("PYTHONPATH", os.pathsep.join(
       [str(REPO / "tests"), os.environ.get("PYTHONPATH", "")]))

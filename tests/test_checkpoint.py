@@ -1,4 +1,4 @@
-"""Tests for mtx.train.checkpoint: round trip, retention, damage, load_params."""
+"""Tests for mtx.runtime.checkpoint: round trip, retention, damage, load_params."""
 
 import glob
 import logging
@@ -15,7 +15,7 @@ import optax
 import pytest
 
 from mtx.errors import UserError
-from mtx.train import checkpoint
+from mtx.runtime import checkpoint
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -172,7 +172,7 @@ def test_interrupted_save_leftovers_are_not_steps(tmp_path):
 def test_killed_during_async_save_restores_a_complete_step(tmp_path):
   script = textwrap.dedent(f"""
       import os, jax.numpy as jnp
-      from mtx.train import checkpoint
+      from mtx.runtime import checkpoint
       ckpt = checkpoint.Checkpointer({str(tmp_path)!r}, save_period=1)
       ckpt.save(1, {{"w": jnp.full((256, 256), 1.0)}}, {{"position": 1}})
       ckpt.wait()
@@ -263,7 +263,7 @@ def test_restore_onto_a_different_mesh_sharding(tmp_path):
   script = textwrap.dedent(f"""
       import jax, jax.numpy as jnp, numpy as np
       from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-      from mtx.train import checkpoint
+      from mtx.runtime import checkpoint
       assert jax.device_count() == 2
       mesh = Mesh(np.array(jax.devices()), ("data",))
       rows = NamedSharding(mesh, P("data", None))

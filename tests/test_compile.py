@@ -10,7 +10,7 @@ import gin
 import psutil
 import pytest
 
-from mtx.train import cli
+from mtx.cli import main as cli
 from mtx.train import compile as compile_lib
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
@@ -71,7 +71,7 @@ def test_base_model_compiles_without_allocating_its_parameters():
   Layers are scanned: the CPU compiler's own memory grows with unrolled layers (about
   0.15 GiB per layer here), which would blur what this test looks at.
   """
-  cmd = [sys.executable, "-m", "mtx.train", "compile", "--gin_file=tests/tiny.gin",
+  cmd = [sys.executable, "-m", "mtx", "compile", "--gin_file=tests/tiny.gin",
          "--gin_file=models/base.gin", "--gin_file=runs/compile.gin",
          "--gin.COMPILE_NUM_DEVICES=4", "--gin.MESH_SHAPE={'fsdp': 4}",
          "--gin.BATCH_SIZE=8", "--gin.model.T5Config.scan_layers=True"]

@@ -8,11 +8,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from mtx.runtime import params as params_lib
 from mtx import parallel
 from mtx.infer import decoding
+from mtx.infer.decoding import DecodeOptions
 from mtx.infer.predict import Predictor, fit_length, sequence_log_probs
 from mtx.model import T5, T5Config
-from mtx.train import state as state_lib
+
 
 TINY = T5Config(vocab_size=64, emb_dim=16, num_heads=2, head_dim=8, mlp_dim=32,
                 num_encoder_layers=1, num_decoder_layers=2)
@@ -208,12 +210,13 @@ def test_sampling_limits_and_keys():
 
 def _predictor(mesh, method):
   model = T5(TINY)
-  boxed, _ = state_lib.abstract_params(model, 8, 8)
-  shardings = state_lib.param_shardings(boxed, mesh, parallel.DEFAULT_RULES)
+  boxed, _ = params_lib.abstract_params(model, 8, 8)
+  shardings = params_lib.param_shardings(boxed, mesh, parallel.DEFAULT_RULES)
   params = jax.device_put(_params(), shardings)
   predictor = Predictor(model, mesh, parallel.DEFAULT_RULES, shardings, batch_size=4,
-                        inputs_length=6, max_decode_length=5, method=method,
-                        num_beams=2, eos_id=EOS, vocab_size=60)
+                        inputs_length=6, max_decode_length=5,
+                        decode=DecodeOptions(method=method, num_beams=2), eos_id=EOS,
+                        vocab_size=60)
   return predictor, params
 
 

@@ -9,13 +9,15 @@ import numpy as np
 import pytest
 
 import tiny_mixture
+from mtx.runtime import params as params_lib
 from mtx import parallel
 from mtx.errors import UserError
 from mtx.eval import metrics, results, summary
 from mtx.eval.evaluator import EvalOptions, Evaluator
 from mtx.model import T5, T5Config
-from mtx.train import cli, metrics_writer
-from mtx.train import state as state_lib
+from mtx.runtime import metrics_writer
+from mtx.cli import main as cli
+
 
 TINY = T5Config(vocab_size=384, emb_dim=32, num_heads=2, head_dim=16, mlp_dim=64,
                 num_encoder_layers=1, num_decoder_layers=1)
@@ -100,9 +102,9 @@ def test_evaluator_scores_per_task_and_computes_the_loss_on_a_mesh():
   model = T5(TINY)
   mesh = parallel.make_mesh({"data": 4, "tensor": 2})
   rules = parallel.DEFAULT_RULES
-  boxed, _ = state_lib.abstract_params(model, 8, 8)
-  shardings = state_lib.param_shardings(boxed, mesh, rules)
-  params = state_lib.init_params(model, 0, 8, 8, shardings)
+  boxed, _ = params_lib.abstract_params(model, 8, 8)
+  shardings = params_lib.param_shardings(boxed, mesh, rules)
+  params = params_lib.init_params(model, 0, 8, 8, shardings)
   # 64 examples per task in batches of 24: the last batch is padded.
   evaluator = Evaluator(model, mesh, rules, shardings, "tiny", LENGTHS,
                         EvalOptions(batch_size=24), predictor=_CopyPredictor())

@@ -25,7 +25,9 @@ import tiny_mixture  # noqa: F401  (registers the 'tiny' mixture)
 from mtx import mtl
 from mtx.errors import UserError
 from mtx.model import T5Config
-from mtx.train import checkpoint, loop, metrics_writer, optim
+from mtx.train import loop, optim
+from mtx.train.settings import TrainConfig
+from mtx.runtime import checkpoint, metrics_writer
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(TESTS)
@@ -33,10 +35,15 @@ TINY = T5Config(emb_dim=32, num_heads=2, head_dim=16, mlp_dim=64, num_encoder_la
                 num_decoder_layers=1)
 
 
+def _loop_train(devices=None, **settings):
+  """``loop.train`` of the TrainConfig with these settings."""
+  return loop.train(TrainConfig(**settings), devices=devices)
+
+
 def _train(model_dir, steps, **kw):
   kw.setdefault("log_period", 1)
   kw.setdefault("checkpoint_period", 0)
-  return loop.train(
+  return _loop_train(
       model_dir=str(model_dir), mixture_or_task_name="tiny",
       task_feature_lengths={"inputs": 16, "targets": 16}, train_steps=steps,
       batch_size=8, model_config=TINY,
@@ -226,7 +233,7 @@ async def slow_finalize(self):
   await asyncio.sleep(delay)
   await finalize(self)
 atomicity.AtomicRenameTemporaryPath.finalize = slow_finalize
-from mtx.train import cli
+from mtx.cli import main as cli
 cli.main()
 """
 
@@ -237,7 +244,7 @@ def _env():
 
 
 def _cli(model_dir, *extra, save_delay=None):
-  main = (["-m", "mtx.train"] if save_delay is None
+  main = (["-m", "mtx", "train"] if save_delay is None
           else ["-c", SLOW_SAVE_MAIN, str(save_delay), "train"])
   return [sys.executable, *main, "--gin_file=tests/tiny.gin",
           f"--gin.MODEL_DIR='{model_dir}'", *extra]

@@ -7,11 +7,12 @@ import seqio
 import tensorflow_datasets as tfds
 
 from mixtures import glue
+from mtx.runtime import params as params_lib
 from mtx import parallel
 from mtx.eval import results
 from mtx.eval.evaluator import EvalOptions, Evaluator
 from mtx.model import T5, T5Config
-from mtx.train import state as state_lib
+
 
 _LENGTHS = {"inputs": 48, "targets": 8}
 _NUM_EXAMPLES = 4
@@ -39,12 +40,12 @@ def test_glue_and_super_glue_evaluate_on_mock_data(tmp_path, monkeypatch, task_n
   config = T5Config(vocab_size=0, emb_dim=32, num_heads=2, head_dim=16, mlp_dim=64,
                     num_encoder_layers=1, num_decoder_layers=1)
   vocab = seqio.get_mixture_or_task(glue.GLUE_MIXTURE).output_features["targets"].vocabulary
-  model = T5(state_lib.resolve_model_config(config, vocab.vocab_size))
+  model = T5(params_lib.resolve_model_config(config, vocab.vocab_size))
   mesh = parallel.make_mesh({"data": 2}, jax.devices()[:2])
   rules = parallel.DEFAULT_RULES
-  boxed, _ = state_lib.abstract_params(model, 8, 8)
-  shardings = state_lib.param_shardings(boxed, mesh, rules)
-  params = state_lib.init_params(model, 0, 8, 8, shardings)
+  boxed, _ = params_lib.abstract_params(model, 8, 8)
+  shardings = params_lib.param_shardings(boxed, mesh, rules)
+  params = params_lib.init_params(model, 0, 8, 8, shardings)
   # One mixture of the tasks: one evaluator, one compilation.
   seqio.MixtureRegistry.remove("test_glue_eval")
   seqio.MixtureRegistry.add("test_glue_eval", task_names, default_rate=1.0)

@@ -12,8 +12,8 @@ import seqio
 
 import tiny_mixture  # noqa: F401  (registers the 'tiny' mixture)
 from mtx.errors import UserError
-from mtx.infer import run as infer_lib
-from mtx.train import cli
+from mtx.cli import infer as infer_lib
+from mtx.cli import main as cli
 
 
 def _cli(*args):

@@ -1,4 +1,4 @@
-"""Tests for mtx.train.metrics_writer and mtx.train.progress."""
+"""Tests for mtx.runtime.metrics_writer and mtx.runtime.progress."""
 
 import io
 import json
@@ -7,8 +7,8 @@ import os
 
 import numpy as np
 
-from mtx.train import metrics_writer
-from mtx.train.progress import Progress
+from mtx.runtime import metrics_writer
+from mtx.runtime.progress import Progress
 
 
 def _lines(model_dir):

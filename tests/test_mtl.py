@@ -527,7 +527,7 @@ def test_masked_surgery_on_selected_leaves_sum_elsewhere():
 
 def test_gin_files_bind_every_method():
   gin = pytest.importorskip('gin')
-  import mtx.mtl.configurables  # pylint: disable=g-import-not-at-top,unused-import
+  import mtx.cli.configurables  # pylint: disable=g-import-not-at-top,unused-import
 
   @gin.configurable('mtl_test_probe')
   def probe(mtl_transforms):

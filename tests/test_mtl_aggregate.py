@@ -100,7 +100,7 @@ def test_one_gram_matrix_per_step(transforms, grams, monkeypatch):
 
 def test_masked_builds_inner_factories_with_num_tasks_from_gin():
   gin = pytest.importorskip('gin')
-  import mtx.mtl.configurables  # pylint: disable=g-import-not-at-top,unused-import
+  import mtx.cli.configurables  # pylint: disable=g-import-not-at-top,unused-import
   from mtx.train import build as build_lib  # pylint: disable=g-import-not-at-top
 
   @gin.configurable('mtl_masked_probe')

@@ -1,6 +1,5 @@
 """The mtl method inside the trainer: task weights of aggregators and TAG affinity."""
 
-import inspect
 import math
 import os
 
@@ -12,21 +11,25 @@ import tiny_mixture  # noqa: F401  (registers the 'tiny' mixture)
 from mtx import mtl
 from mtx.errors import UserError
 from mtx.model import T5Config
-from mtx.train import loop, metrics_writer, optim
+from mtx.train import loop, optim
+from mtx.train.settings import TrainConfig
 
-# Until /tmp/h7/step.patch is applied the trainer has no TAG setting nor aggregator weights.
-pytestmark = pytest.mark.skipif(
-    "tag_affinity_period" not in inspect.signature(loop.train).parameters,
-    reason="the trainer lacks train.tag_affinity_period (H7's step/loop patch)")
+from mtx.runtime import metrics_writer
+
 
 TINY = T5Config(emb_dim=32, num_heads=2, head_dim=16, mlp_dim=64, num_encoder_layers=1,
                 num_decoder_layers=1)
+
+
+def _loop_train(devices=None, **settings):
+  """``loop.train`` of the TrainConfig with these settings."""
+  return loop.train(TrainConfig(**settings), devices=devices)
 PAIRS = ("tag/tiny_copy/tiny_rev", "tag/tiny_rev/tiny_copy")
 WEIGHTS = ("mtl/weight/tiny_copy", "mtl/weight/tiny_rev")
 
 
 def _train(model_dir, devices, mesh_shape=None, transforms=(), steps=4, **kw):
-  loop.train(
+  _loop_train(
       model_dir=str(model_dir), mixture_or_task_name="tiny",
       task_feature_lengths={"inputs": 16, "targets": 16}, train_steps=steps,
       batch_size=8, model_config=TINY, mtl_transforms=transforms,

@@ -103,7 +103,7 @@ def _env(devices: int) -> dict:
 
 
 def _command(model_dir, steps, *extra):
-  return [sys.executable, "-m", "mtx.train", "--gin_file=tests/tiny.gin",
+  return [sys.executable, "-m", "mtx", "train", "--gin_file=tests/tiny.gin",
           "--gin_file=mtl/pcgrad.gin", f"--gin.MODEL_DIR='{model_dir}'",
           f"--gin.TRAIN_STEPS={steps}", MESH, "--verbose", *extra]
 

@@ -13,9 +13,12 @@ import orbax.checkpoint as ocp
 import pytest
 
 import tiny_mixture  # noqa: F401  (registers the 'tiny' mixture)
+from mtx.runtime import params as params_lib
 from mtx import mtl
 from mtx.model import T5Config
-from mtx.train import loop, metrics_writer, optim
+from mtx.train import loop, optim
+from mtx.train.settings import TrainConfig
+from mtx.runtime import metrics_writer
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(TESTS)
@@ -23,9 +26,14 @@ TINY = T5Config(emb_dim=32, num_heads=2, head_dim=16, mlp_dim=64, num_encoder_la
                 num_decoder_layers=1)
 
 
+def _loop_train(devices=None, **settings):
+  """``loop.train`` of the TrainConfig with these settings."""
+  return loop.train(TrainConfig(**settings), devices=devices)
+
+
 def _train(model_dir, devices, mesh_shape=None, transforms=(), steps=4, **kw):
   kw.setdefault("batch_size", 8)
-  return loop.train(
+  return _loop_train(
       model_dir=str(model_dir), mixture_or_task_name="tiny",
       task_feature_lengths={"inputs": 16, "targets": 16}, train_steps=steps,
       model_config=TINY, mtl_transforms=transforms,
@@ -61,11 +69,11 @@ def test_sharded_mesh_matches_one_device(tmp_path, method):
 def test_parameters_are_sharded(tmp_path):
   from mtx import parallel
   from mtx.model import T5
-  from mtx.train import state as state_lib
+
   mesh = parallel.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
-  boxed, abstract = state_lib.abstract_params(T5(TINY.__class__(**{**TINY.__dict__, "vocab_size": 384})), 16, 16)
-  shardings = state_lib.param_shardings(boxed, mesh, parallel.DEFAULT_RULES)
-  params = state_lib.init_params(T5(TINY.__class__(**{**TINY.__dict__, "vocab_size": 384})),
+  boxed, abstract = params_lib.abstract_params(T5(TINY.__class__(**{**TINY.__dict__, "vocab_size": 384})), 16, 16)
+  shardings = params_lib.param_shardings(boxed, mesh, parallel.DEFAULT_RULES)
+  params = params_lib.init_params(T5(TINY.__class__(**{**TINY.__dict__, "vocab_size": 384})),
                                  0, 16, 16, shardings)
   specs = {jax.tree_util.keystr(p): leaf.sharding.spec
            for p, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}
@@ -92,7 +100,7 @@ def test_config_gin_written(tmp_path):
   env = dict(os.environ, PYTHONPATH=TESTS)
   model_dir = tmp_path / "cfg"
   out = subprocess.run(
-      [sys.executable, "-m", "mtx.train", "--gin_file=tests/tiny.gin",
+      [sys.executable, "-m", "mtx", "train", "--gin_file=tests/tiny.gin",
        f"--gin.MODEL_DIR='{model_dir}'", "--gin.TRAIN_STEPS=2"],
       cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
   assert out.returncode == 0, out.stderr[-2000:]
@@ -102,7 +110,7 @@ def test_config_gin_written(tmp_path):
 
 
 def _cli(model_dir, *extra):
-  return [sys.executable, "-m", "mtx.train", "--gin_file=tests/tiny.gin",
+  return [sys.executable, "-m", "mtx", "train", "--gin_file=tests/tiny.gin",
           f"--gin.MODEL_DIR='{model_dir}'", *extra]
 
 
@@ -143,7 +151,7 @@ def test_sigterm_saves_and_exits_zero(tmp_path):
 # ---- the CLI: bad input gets one sentence and exit status 2 ------------------------------
 def _run_cli(tmp_path, capsys, *args):
   import gin
-  from mtx.train import cli
+  from mtx.cli import main as cli
   gin.clear_config()
   with pytest.raises(SystemExit) as e:
     cli.main(["train", *args])
@@ -291,7 +299,7 @@ FAST_MTL = {"pcgrad", "uncertainty", "famo"}
     pytest.param(m, marks=() if m in FAST_MTL else pytest.mark.slow) for m in MTL_FILES])
 def test_mtl_gin_file_trains(tmp_path, method):
   import gin
-  from mtx.train import cli
+  from mtx.cli import main as cli
   gin.clear_config()
   extra = ["--gin.mtl.static_weights.weights=[1.0, 0.5]"] if method == "static_weights" else []
   try:
@@ -326,7 +334,7 @@ def test_initial_checkpoint_path_and_tasks_json(tmp_path):
   tasks = json.loads((tmp_path / "a" / "tasks.json").read_text())
   assert [t["name"] for t in tasks["tasks"]] == ["tiny_copy", "tiny_rev"]
   # Fine-tune from a's params with a zero learning rate: b's params stay a's.
-  loop.train(model_dir=str(tmp_path / "b"), mixture_or_task_name="tiny",
+  _loop_train(model_dir=str(tmp_path / "b"), mixture_or_task_name="tiny",
              task_feature_lengths={"inputs": 16, "targets": 16}, train_steps=1,
              batch_size=8, model_config=TINY, learning_rate=0.0,
              optimizer_fn=lambda learning_rate: optim.make_optimizer("adamw", learning_rate),
@@ -336,7 +344,7 @@ def test_initial_checkpoint_path_and_tasks_json(tmp_path):
   jax.tree.map(np.testing.assert_array_equal, _final_params(tmp_path / "a"),
                _final_params(tmp_path / "b"))
   with pytest.raises(UserError, match="shape"):
-    loop.train(model_dir=str(tmp_path / "c"), mixture_or_task_name="tiny",
+    _loop_train(model_dir=str(tmp_path / "c"), mixture_or_task_name="tiny",
                task_feature_lengths={"inputs": 16, "targets": 16}, train_steps=1,
                batch_size=8, model_config=TINY.__class__(**{**TINY.__dict__, "mlp_dim": 96}),
                initial_checkpoint_path=str(tmp_path / "a"), devices=jax.devices()[:1],

@@ -29,7 +29,7 @@ import numpy as np
 
 from mtx.errors import UserError
 from mtx.eval import summary as eval_summary
-from mtx.train.metrics_writer import read_metrics
+from mtx.runtime.metrics_writer import read_metrics
 
 _EVAL_SUMMARY_KEYS = ("eval/mean_primary", "eval/delta_m")
 _NOT_METRICS = frozenset({"num_examples"})

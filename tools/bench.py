@@ -83,6 +83,7 @@ import jax.numpy as jnp
 import optax
 
 import bench_data
+from mtx.runtime import params as params_lib
 from mtx import mtl, parallel
 from mtx.data import packing, pipeline, registry
 from mtx.errors import UserError
@@ -183,7 +184,7 @@ def model_config(name: str, vocab_size: int, dtype: str = "",
     values["dtype"] = dtype
   if scan_layers:
     values["scan_layers"] = scan_layers == "true"
-  return state_lib.resolve_model_config(T5Config(**values), vocab_size)
+  return params_lib.resolve_model_config(T5Config(**values), vocab_size)
 
 
 def synthetic_batch(num_tasks: int, batch_size: int, units: int, inputs_length: int,
@@ -311,11 +312,11 @@ def make_setup(config: T5Config, mesh, rules: tuple, optimizer, lengths: tuple,
                     f"({dp}); use a multiple of {dp}.")
   units = build_lib.default_units(num_tasks, batch_size, dp, jax.process_count())
   model = T5(config)
-  boxed, params_abstract = state_lib.abstract_params(model, *lengths)
-  p_shardings = state_lib.param_shardings(boxed, mesh, rules)
+  boxed, params_abstract = params_lib.abstract_params(model, *lengths)
+  p_shardings = params_lib.param_shardings(boxed, mesh, rules)
   if params is None:
     with mesh:
-      params = state_lib.init_params(model, seed, *lengths, p_shardings)
+      params = params_lib.init_params(model, seed, *lengths, p_shardings)
   batch_np = synthetic_batch(num_tasks, batch_size, units, *lengths, config.vocab_size,
                              seed)
   return Setup(model, config, mesh, rules, optimizer, lengths, params_abstract,

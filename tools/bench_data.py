@@ -40,11 +40,12 @@ if _REPO not in sys.path:
 import flax.linen as nn
 import jax
 
+from mtx.runtime import params as params_lib
 from mtx import parallel
 from mtx.data import materialize, mixing, pipeline, registry
 from mtx.errors import UserError
 from mtx.model import T5Config
-from mtx.train import build as build_lib, loop, optim, state as state_lib
+from mtx.train import build as build_lib, loop, optim
 # pylint: enable=g-import-not-at-top
 
 T5_LENGTHS = (512, 114)
@@ -132,7 +133,7 @@ def build_step(spec: registry.MixtureSpec, lengths: tuple, batch_size: int, seed
       optimizer_fn=functools.partial(optim.make_optimizer, "adamw"), learning_rate=1e-3,
       seed=seed)
   with build.mesh:
-    params = state_lib.init_params(build.model, seed, *lengths, build.param_shardings)
+    params = params_lib.init_params(build.model, seed, *lengths, build.param_shardings)
     train_state = jax.jit(build.make_state, out_shardings=build.state_shardings)(params)
   return build.mesh, build.rules, build.jit_step, train_state
 

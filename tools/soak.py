@@ -41,7 +41,7 @@ import time
 
 import psutil
 
-from mtx.train import metrics_writer
+from mtx.runtime import metrics_writer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -79,7 +79,7 @@ def has_periodic_eval() -> bool:
 
 
 def trainer_command(args, model_dir: str, evaluate: bool) -> list:
-  cmd = [sys.executable, "-m", "mtx.train"]
+  cmd = [sys.executable, "-m", "mtx", "train"]
   cmd += [f"--gin_file={f}" for f in (args.gin_file or ["gin_configs/demo.gin"])]
   cmd += [f"--gin.MODEL_DIR='{model_dir}'", f"--gin.TRAIN_STEPS={args.steps}",
           f"--gin.CHECKPOINT_PERIOD={args.period}", f"--gin.LOG_PERIOD={args.log_period}"]

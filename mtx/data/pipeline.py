@@ -7,7 +7,7 @@ Two layouts, both carrying ``decoder_task_ids`` (task id per target token, -1 on
 * **task-major** ``[units, rows_per_unit, length]`` plus ``unit_task`` ``[units]``: every
   unit holds packed rows of one task group only, so ``vmap(grad)`` over units gives one
   gradient per unit at the FLOPs of one gradient, and a segment-sum over ``unit_task``
-  gives one gradient per group (DESIGN.md, "Per-task gradients, cheaply").
+  gives one gradient per group (README, "Concepts": two batch layouts).
 
 Example, 2 tasks as 2 groups, batch 4, units 2 (rows_per_unit 2), targets length 4:
 

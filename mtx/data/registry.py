@@ -18,6 +18,7 @@ from typing import Mapping, Optional, Sequence
 
 import seqio
 
+from mtx.data import vocab
 from mtx.errors import UserError, close_names
 
 
@@ -61,15 +62,23 @@ class MixtureSpec:
     return self.tasks[0].output_features
 
 
-def import_modules(modules: Sequence[str] | str | None) -> None:
-  """Imports user modules that register tasks (``MIXTURE_OR_TASK_MODULE``)."""
+def import_modules(modules: Sequence[str] | str | None,
+                   vocabulary_path: Optional[str] = None) -> None:
+  """Imports user modules that register tasks (``MIXTURE_OR_TASK_MODULE``).
+
+  Tasks they build on the default vocabulary (``vocab.get_vocabulary()``) get
+  ``vocabulary_path`` (gin's ``VOCABULARY``), checked first; None keeps the default.
+  """
+  if vocabulary_path:
+    vocab.get_vocabulary(vocabulary_path)  # fails early and clearly if bad
   if not modules:
     return
   if isinstance(modules, str):
     modules = [m for m in modules.replace(",", " ").split() if m]
   for module in modules:
     try:
-      importlib.import_module(module)
+      with vocab.default_vocabulary_path(vocabulary_path):
+        importlib.import_module(module)
     except ModuleNotFoundError as e:
       raise UserError(
           f"MIXTURE_OR_TASK_MODULE '{module}' could not be imported ({e}); check the "

@@ -10,8 +10,9 @@ up deep inside a ``tf.data`` pipeline; ``get_vocabulary`` opens it at once inste
 turns every failure into one ``UserError``.
 """
 
+import contextlib
 import os
-from typing import Optional
+from typing import Iterator, Optional
 
 import seqio
 import sentencepiece as spm
@@ -25,6 +26,10 @@ PAD_ID = 0
 EOS_ID = 1
 UNK_ID = 2
 
+# The default vocabulary's path while task modules are imported (gin's VOCABULARY):
+# set only by ``default_vocabulary_path``, for the duration of that import.
+_default_path: Optional[str] = None
+
 _FIX = "pass the path of a SentencePiece .model file or create one with `python tools/train_vocab.py`"
 
 
@@ -33,9 +38,9 @@ def get_vocabulary(path: Optional[str] = None,
   """Loads a local SentencePiece model as a seqio vocabulary, failing early and clearly.
 
   Args:
-    path: a local ``.model`` file; None means ``$MTX_VOCAB`` if set (gin's
-      ``VOCABULARY`` sets it before task modules are imported), else the shipped demo
-      model (``DEFAULT_SPM_PATH``).
+    path: a local ``.model`` file; None means the default: the path given to
+      ``default_vocabulary_path`` while task modules are imported (gin's
+      ``VOCABULARY``), else the shipped demo model (``DEFAULT_SPM_PATH``).
     extra_ids: sentinel ids appended after the model's pieces (T5 uses 100 for span
       corruption; the demo tasks need none).
 
@@ -46,8 +51,8 @@ def get_vocabulary(path: Optional[str] = None,
     UserError: the path is remote, missing, unreadable, not a SentencePiece model, or its
       pad/eos ids are not T5's 0 and 1.
   """
-  if path is None:  # The default can be redirected for a whole run (gin VOCABULARY).
-    path = os.environ.get("MTX_VOCAB") or DEFAULT_SPM_PATH
+  if path is None:
+    path = default_path()
   path = os.fspath(path)
   if "://" in path:
     raise UserError(f"Vocabulary path {path} is remote but mtx reads vocabularies only "
@@ -76,3 +81,24 @@ def get_vocabulary(path: Optional[str] = None,
   vocab = seqio.SentencePieceVocabulary(path, extra_ids=extra_ids)
   vocab.tokenizer  # pylint: disable=pointless-statement  # Loads the model now.
   return vocab
+
+
+def default_path() -> str:
+  """The default vocabulary's path: the one in force (``default_vocabulary_path``), or
+  the shipped demo model."""
+  return _default_path or DEFAULT_SPM_PATH
+
+
+@contextlib.contextmanager
+def default_vocabulary_path(path: Optional[str]) -> Iterator[None]:
+  """Within the block, ``get_vocabulary()`` without a path loads ``path`` (None: no
+  change). ``mtx.data.registry.import_modules`` imports task modules inside it, so
+  tasks built on the default vocabulary get the run's VOCABULARY."""
+  global _default_path  # pylint: disable=global-statement
+  previous = _default_path
+  if path:
+    _default_path = os.fspath(path)
+  try:
+    yield
+  finally:
+    _default_path = previous

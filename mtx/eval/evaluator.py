@@ -44,14 +44,15 @@ from mtx import parallel
 from mtx.data import pipeline as data_pipeline
 from mtx.errors import UserError
 from mtx.infer import decoding
-from mtx.train import losses
+from mtx.eval import results
+from mtx.eval.results import LOSS, NUM_EXAMPLES, EvalResult
+from mtx.infer.predict import Predictor
+from mtx.model import losses
 
 log = logging.getLogger("mtx")
 
 _MODEL_FEATURES = ("encoder_input_tokens", "decoder_input_tokens", "decoder_target_tokens",
                    "decoder_loss_weights")
-LOSS = "loss"
-NUM_EXAMPLES = "num_examples"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,30 +92,18 @@ class EvalOptions:
   baseline_dir: Optional[str] = None
 
   def __post_init__(self):  # Bad settings fail where they are given, before any work.
-    decoding.check_options("EVAL", self.decode_method, self.num_beams,
-                           self.temperature, self.top_k, self.batch_size)
+    self.decode.check("EVAL", self.batch_size)
     if self.task_feature_lengths is not None:
       data_pipeline.check_feature_lengths(self.task_feature_lengths,
                                           "EVAL_TASK_FEATURE_LENGTHS")
 
-
-@dataclasses.dataclass
-class EvalResult:
-  """One evaluation of one set of params.
-
-  Attributes:
-    step: the training step of the params.
-    split: the evaluated split.
-    tasks: task name -> {metric name: value in percent, ..., "loss": mean token
-      cross-entropy, "num_examples": int}, tasks in sorted order.
-    primary: task name -> the name of its primary metric (a key of ``tasks[name]``).
-    seconds: wall time of the evaluation.
-  """
-  step: int
-  split: str
-  tasks: dict
-  primary: dict
-  seconds: float = 0.0
+  @property
+  def decode(self) -> decoding.DecodeOptions:
+    """The decoding options among these."""
+    return decoding.DecodeOptions(
+        method=self.decode_method, num_beams=self.num_beams,
+        length_penalty=self.length_penalty, temperature=self.temperature,
+        top_k=self.top_k, seed=self.seed)
 
 
 def _as_float(value: Any) -> Optional[float]:
@@ -220,7 +209,6 @@ class Evaluator:
     dp = parallel.data_parallel_size(mesh)
     self.batch_size = _round_up(options.batch_size, dp * jax.process_count())
     if options.baseline_dir:  # Fail now rather than at the first evaluation.
-      from mtx.eval import results  # pylint: disable=g-import-not-at-top
       results.read_results(options.baseline_dir)
     start = time.time()
     try:
@@ -273,13 +261,11 @@ class Evaluator:
     return _to_numpy(converted, False, self.lengths)
 
   def _make_predictor(self, param_shardings, vocab_size: int):
-    from mtx.infer.predict import Predictor  # pylint: disable=g-import-not-at-top
     o = self.options
     return Predictor(
         self._model, self._mesh, self._rules, param_shardings, batch_size=self.batch_size,
         inputs_length=self.shapes["inputs"], max_decode_length=self.shapes["targets"],
-        method=o.decode_method, num_beams=o.num_beams, length_penalty=o.length_penalty,
-        temperature=o.temperature, top_k=o.top_k, seed=o.seed, eos_id=self._eos_id,
+        decode=o.decode, eos_id=self._eos_id,
         vocab_size=vocab_size)
 
   def num_examples(self, task_name: str) -> int:

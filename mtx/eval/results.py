@@ -13,6 +13,7 @@ metrics.jsonl (``read_results`` turns them back into floats). The same numbers g
 ``eval/mean_primary`` and (with a baseline) ``eval/delta_m``.
 """
 
+import dataclasses
 import json
 import math
 import os
@@ -23,13 +24,33 @@ import jax
 
 from mtx.errors import UserError
 from mtx.eval import summary
-from mtx.eval.evaluator import NUM_EXAMPLES, EvalResult
-from mtx.train import metrics_writer
+from mtx.runtime import metrics_writer
 
 EVAL_DIR = "eval"
+LOSS = "loss"  # the teacher-forced per-task loss among the metrics
+NUM_EXAMPLES = "num_examples"
 _STEP_FILE = re.compile(r"^step_(\d+)\.json$")
 _NON_FINITE = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
 
+
+
+@dataclasses.dataclass
+class EvalResult:
+  """One evaluation of one set of params.
+
+  Attributes:
+    step: the training step of the params.
+    split: the evaluated split.
+    tasks: task name -> {metric name: value in percent, ..., "loss": mean token
+      cross-entropy, "num_examples": int}, tasks in sorted order.
+    primary: task name -> the name of its primary metric (a key of ``tasks[name]``).
+    seconds: wall time of the evaluation.
+  """
+  step: int
+  split: str
+  tasks: dict
+  primary: dict
+  seconds: float = 0.0
 
 def _encode(value: Any) -> Any:
   if isinstance(value, float) and not math.isfinite(value):
@@ -117,7 +138,7 @@ def write_results(model_dir: str, result: EvalResult, writer,
   Args:
     model_dir: the run's MODEL_DIR.
     result: what ``Evaluator.evaluate`` returned.
-    writer: a ``mtx.train.metrics_writer.MetricsWriter`` for metrics.jsonl and
+    writer: a ``mtx.runtime.metrics_writer.MetricsWriter`` for metrics.jsonl and
       TensorBoard (or None to write only the JSON file).
     baseline_dir: a baseline run's MODEL_DIR (or one of its results files) for Delta-m.
 

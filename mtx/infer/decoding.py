@@ -21,11 +21,15 @@ Example (B = 2, max_decode_length = 5, EOS = 1)::
               [ 8,  8, 8, 8, 8]]     # no EOS within 5 tokens
 """
 
+import dataclasses
 from typing import Any, Callable, Optional
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from mtx.errors import UserError
+from mtx.model import init_cache
 
 Array = jax.Array
 StepFn = Callable[[Array, Any], tuple[Array, Any]]
@@ -33,21 +37,37 @@ StepFn = Callable[[Array, Any], tuple[Array, Any]]
 METHODS = ("greedy", "sample", "beam")
 
 
-def check_options(prefix: str, method: str, num_beams: int, temperature: float,
-                  top_k: int, batch_size: int) -> None:
-  """Raises a one-sentence UserError for decoding settings out of range.
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DecodeOptions:
+  """How to decode (``decode``'s options), for ``mtx infer`` and evaluation alike.
 
-  ``prefix`` names the user's settings (``INFER`` or ``EVAL``: INFER_* / EVAL_* macros).
+  Attributes:
+    method: "greedy", "sample" or "beam".
+    num_beams, length_penalty: beam search (T5's alpha in ((5 + len) / 6) ** alpha).
+    temperature, top_k: sampling (top_k 0 = the whole vocabulary).
+    seed: sampling seed.
   """
-  from mtx.errors import UserError  # pylint: disable=g-import-not-at-top
-  if method not in METHODS:
-    raise UserError(f"{prefix}_DECODE_METHOD {method!r} is not one of {METHODS}; set "
-                    "it to one of them.")
-  if num_beams < 1 or batch_size < 1 or top_k < 0 or temperature < 0:
-    raise UserError(f"{prefix} decoding settings are out of range (num_beams "
-                    f"{num_beams}, batch_size {batch_size}, top_k {top_k}, temperature "
-                    f"{temperature}); use num_beams >= 1, batch_size >= 1, top_k >= 0 "
-                    "and temperature >= 0.")
+  method: str = "greedy"
+  num_beams: int = 4
+  length_penalty: float = 0.6
+  temperature: float = 1.0
+  top_k: int = 0
+  seed: int = 0
+
+  def check(self, prefix: str, batch_size: int) -> None:
+    """Raises a one-sentence UserError for settings out of range; ``prefix`` names the
+    user's settings (``INFER`` or ``EVAL``: the INFER_* / EVAL_* macros)."""
+    if self.method not in METHODS:
+      raise UserError(f"{prefix}_DECODE_METHOD {self.method!r} is not one of {METHODS}; "
+                      "set it to one of them.")
+    if self.num_beams < 1 or batch_size < 1 or self.top_k < 0 or self.temperature < 0:
+      raise UserError(
+          f"{prefix} decoding settings are out of range (num_beams {self.num_beams}, "
+          f"batch_size {batch_size}, top_k {self.top_k}, temperature "
+          f"{self.temperature}); use num_beams >= 1, batch_size >= 1, top_k >= 0 and "
+          "temperature >= 0.")
+
+
 # A finite "minus infinity": -inf would turn into NaN in (-inf) - (-inf) or 0 * -inf.
 NEG_INF = -1.0e7
 
@@ -374,7 +394,6 @@ def decode(model, params: Any, encoder_input_tokens: Array, *,
   if method == "beam":
     encoded, encoder_input_tokens = expand_beams((encoded, encoder_input_tokens),
                                                  num_beams)
-  from mtx.model import init_cache  # pylint: disable=g-import-not-at-top
   cache = constrain_cache(init_cache(model.config, rows, max_decode_length))
   step = model_step_fn(model, params, encoded, encoder_input_tokens, vocab_size)
   if method == "beam":

@@ -1,7 +1,8 @@
 """Batched, sharded prediction and scoring of token-id lists: ``Predictor``.
 
     predictor = Predictor(model, mesh, rules, param_shardings, batch_size=32,
-                          inputs_length=64, max_decode_length=32, method="beam")
+                          inputs_length=64, max_decode_length=32,
+                          decode=DecodeOptions(method="beam"))
     predictor.predict(params, [[37, 8, 1], [5, 1]])       # -> [[12, 9], [4]]
     predictor.score(params, [[37, 8, 1]], [[12, 9, 1]])   # -> [-1.73]
 
@@ -79,44 +80,40 @@ class Predictor:
   Args:
     model: an ``mtx.model.T5``.
     mesh: the device mesh; ``rules`` map the model's logical axis names onto it.
-    param_shardings: the params' shardings (as ``mtx.train.state.load_trained``
+    param_shardings: the params' shardings (as ``mtx.runtime.params.load_trained``
       returns them).
     batch_size: rows per decoding batch; rounded up to a multiple of the mesh's
       data-parallel size.
     inputs_length: encoder length; longer inputs are cut (keeping their EOS).
     max_decode_length: the most tokens decoded (and the target length of ``score``).
-    method, num_beams, length_penalty, temperature, top_k: see
-      ``mtx.infer.decoding.decode``.
-    seed: sampling seed; batch i samples with ``fold_in(key(seed), i)``.
+    decode: how to decode (``mtx.infer.decoding.DecodeOptions``); sampling batch i
+      uses ``fold_in(key(decode.seed), i)``.
     eos_id: the end-of-sequence token.
     vocab_size: when > 0, ids at or above it (the trainer's vocabulary padding) are
       never emitted and not counted by ``score``.
   """
 
   def __init__(self, model, mesh, rules, param_shardings, *, batch_size: int,
-               inputs_length: int, max_decode_length: int, method: str = "greedy",
-               num_beams: int = 4, length_penalty: float = 0.6,
-               temperature: float = 1.0, top_k: int = 0, seed: int = 0,
+               inputs_length: int, max_decode_length: int,
+               decode: decoding.DecodeOptions = decoding.DecodeOptions(),
                eos_id: int = 1, vocab_size: int = 0):
-    if method not in decoding.METHODS:
-      raise ValueError(f"Unknown decoding method {method!r}; use one of "
-                       f"{decoding.METHODS}.")
+    decode.check("Decoding", batch_size)
     dp = parallel.data_parallel_size(mesh)
     self.batch_size = max(1, math.ceil(batch_size / dp)) * dp
     self.inputs_length = int(inputs_length)
     self.max_decode_length = int(max_decode_length)
-    self.method = method
+    self.method = decode.method
     self.eos_id = int(eos_id)
     self._model = model
     self._mesh = mesh
     self._rules = list(rules)
-    self._seed = int(seed)
+    self._seed = int(decode.seed)
     self._rows = parallel.batch_sharding(mesh, 2)
     self._scalars = parallel.batch_sharding(mesh, 1)
-    options = dict(max_decode_length=self.max_decode_length, method=method,
-                   num_beams=num_beams, length_penalty=length_penalty,
-                   temperature=temperature, top_k=top_k, eos_id=self.eos_id,
-                   vocab_size=vocab_size)
+    options = dict(max_decode_length=self.max_decode_length, method=decode.method,
+                   num_beams=decode.num_beams, length_penalty=decode.length_penalty,
+                   temperature=decode.temperature, top_k=decode.top_k,
+                   eos_id=self.eos_id, vocab_size=vocab_size)
 
     def decode_fn(params, tokens, key):
       return decoding.decode(model, params, tokens, key=key, **options)

@@ -8,19 +8,21 @@ compile exactly the same program.
 
 import dataclasses
 import math
-from typing import Any, Callable, Mapping, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import jax
 import numpy as np
 import optax
 
+from mtx.runtime import params as params_lib
 from mtx import mtl, parallel
 from mtx.data import packing
 from mtx.data import pipeline as data_pipeline
 from mtx.data import registry
 from mtx.errors import UserError, close_names
 from mtx.model import T5, T5Config
-from mtx.train import optim, state as state_lib
+from mtx.train import settings as settings_lib
+from mtx.train import state as state_lib
 from mtx.train import step as step_lib
 
 
@@ -55,11 +57,12 @@ def batch_shardings(layout: data_pipeline.Layout, mesh) -> dict:
   return out
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class StepBuild:
   """The train step and everything around it, as ``mtx train`` builds it (no arrays).
 
   Attributes:
+    data, settings: the run's ``DataSettings`` and ``StepSettings``.
     mesh, spec, layout: the device mesh, the resolved mixture, the global batch layout.
     transforms: the mtl transforms (aggregator ensured); task_grads: per-task route.
     model_config, model, schedule, optimizer, mtl_init: the model and its optimizer.
@@ -68,8 +71,9 @@ class StepBuild:
     step_config: the step's static settings; rules: the logical axis rules.
     jit_step: ``jax.jit(step, in/out shardings, donated state)``.
     batch_shardings: NamedShardings of the batch features.
-    seed: the state's initial RNG seed.
   """
+  data: settings_lib.DataSettings
+  settings: settings_lib.StepSettings
   mesh: Any
   spec: registry.MixtureSpec
   layout: data_pipeline.Layout
@@ -88,11 +92,15 @@ class StepBuild:
   rules: tuple
   jit_step: Callable
   batch_shardings: dict
-  seed: int
+
+  @property
+  def lengths(self) -> dict:
+    """``{"inputs": N, "targets": M}`` of the batch layout."""
+    return {"inputs": self.layout.inputs_length, "targets": self.layout.targets_length}
 
   def make_state(self, params) -> dict:
     """The full train state around ``params`` (jit it with ``state_shardings``)."""
-    return state_lib.make_state(params, self.optimizer, self.mtl_init, self.seed)
+    return state_lib.make_state(params, self.optimizer, self.mtl_init, self.settings.seed)
 
   def sharded_state(self) -> Any:
     """The abstract state with its shardings: what restore and lower take."""
@@ -114,57 +122,19 @@ class StepBuild:
     return out
 
 
-def build_train_step(*,
-                     mixture_or_task_name: str,
-                     task_feature_lengths: Mapping[str, int],
-                     batch_size: int = 32,
-                     model_config: T5Config = T5Config(),
-                     mtl_transforms: Sequence = (),
-                     optimizer_fn: Callable = optim.make_optimizer,
-                     learning_rate: Any = None,
-                     mesh_shape: Optional[Mapping[str, int]] = None,
-                     logical_axis_rules: Sequence = parallel.DEFAULT_RULES,
-                     units: Optional[int] = None,
-                     task_groups: Optional[Mapping[str, str]] = None,
-                     grad_accum_steps: int = 1,
-                     z_loss: float = 1e-4,
-                     label_smoothing: float = 0.0,
-                     seed: int = 0,
-                     tag_affinity_period: int = 0,
-                     tag_affinity_lr: Optional[float] = None,
-                     debug_inject_nonfinite_steps: Sequence[int] = (),
-                     debug_inject_nonfinite_task: Optional[str] = None,
-                     num_shards: int = 1,
-                     devices: Optional[Sequence[jax.Device]] = None,
-                     mesh: Optional[jax.sharding.Mesh] = None) -> StepBuild:
-  """Builds the jitted train step and its abstract state, reading no data.
-
-  Arguments mean what they mean for ``mtx.train.loop.train`` (gin_configs/runs/
-  train.gin); ``num_shards`` is the number of data shards, which default UNITS must
-  be a multiple of; ``mesh``, if given, replaces ``mesh_shape`` and ``devices``.
-  Raises UserError on settings that do not fit together (batch vs mesh, units,
-  accumulation, TAG).
-  """
-  if grad_accum_steps < 1:
-    raise UserError(f"grad_accum_steps must be >= 1 (got {grad_accum_steps}).")
-  if tag_affinity_period < 0 or (tag_affinity_lr is not None and tag_affinity_lr <= 0):
-    raise UserError(
-        f"train.tag_affinity_period must be >= 0 (got {tag_affinity_period}) and "
-        f"train.tag_affinity_lr positive or None (got {tag_affinity_lr}); 0 turns "
-        "TAG off and None uses the schedule's learning rate.")
-  if mesh is None:
-    mesh = parallel.make_mesh(mesh_shape, devices)
+def batch_layout(data: settings_lib.DataSettings, grad_accum_steps: int, num_groups: int,
+                 task_grads: bool, mesh, num_shards: int) -> data_pipeline.Layout:
+  """The global batch layout: flat [B, L], or task-major [U, B/U, L] for the per-group
+  route (default UNITS: ``default_units``). Raises UserError when the batch, units,
+  accumulation and mesh do not fit together."""
   dp = parallel.data_parallel_size(mesh)
-  spec = registry.resolve(mixture_or_task_name, task_groups)
-  transforms = mtl.ensure_aggregator(build_transforms(mtl_transforms, spec.num_groups))
-  # TAG's lookahead needs per-group gradients, so it takes the per-group route.
-  task_grads = mtl.needs_task_grads(transforms) or tag_affinity_period > 0
-  lengths = data_pipeline.check_feature_lengths(task_feature_lengths)
+  batch_size, units = data.batch_size, data.units
+  lengths = data_pipeline.check_feature_lengths(data.task_feature_lengths)
   if batch_size % dp:
     raise UserError(f"BATCH_SIZE {batch_size} is not divisible by the mesh's data axes "
                     f"(data x fsdp = {dp}); use a multiple of {dp}.")
   if task_grads and units is None:
-    units = default_units(spec.num_groups, batch_size, dp, num_shards)
+    units = default_units(num_groups, batch_size, dp, num_shards)
   num_units = units if task_grads else 0
   if task_grads and (num_units % dp or num_units % grad_accum_steps):
     raise UserError(f"UNITS {num_units} must be a multiple of the data-parallel size "
@@ -175,39 +145,81 @@ def build_train_step(*,
   layout = data_pipeline.Layout(batch_size, num_units, lengths["inputs"],
                                 lengths["targets"])
   data_pipeline.check_layout(layout, num_shards)
-  inject_task = _inject_task_id(spec, debug_inject_nonfinite_steps,
-                                debug_inject_nonfinite_task)
+  return layout
 
-  model_config = state_lib.resolve_model_config(model_config,
-                                                spec.vocabulary.vocab_size)
+
+def build_train_step(data: settings_lib.DataSettings, settings: settings_lib.StepSettings,
+                     *, num_shards: int = 1, mesh: Optional[jax.sharding.Mesh] = None,
+                     devices: Optional[Sequence[jax.Device]] = None,
+                     group_gradients_fn: Callable = step_lib.group_gradients) -> StepBuild:
+  """Builds the jitted train step and its abstract state, reading no data.
+
+  Args:
+    data: which mixture, its lengths, the batch size, units and task groups.
+    settings: the model, optimizer, loss, mtl transforms, mesh and rules.
+    num_shards: the number of data shards, which default UNITS must be a multiple of.
+    mesh: the mesh to build on; None makes one from ``settings.mesh_shape`` and
+      ``devices``.
+    devices: the devices of that mesh (default all).
+    group_gradients_fn: the per-group route's gradients (``step.make_train_step``);
+      benchmarks pass another to compare routes.
+
+  Raises:
+    UserError: settings that do not fit together (batch vs mesh, units, accumulation).
+  """
+  if mesh is None:
+    mesh = parallel.make_mesh(settings.mesh_shape, devices)
+  spec = registry.resolve(data.mixture_or_task_name, data.task_groups)
+  transforms = mtl.ensure_aggregator(build_transforms(settings.mtl_transforms,
+                                                      spec.num_groups))
+  # TAG's lookahead needs per-group gradients, so it takes the per-group route.
+  task_grads = mtl.needs_task_grads(transforms) or settings.tag_affinity_period > 0
+  layout = batch_layout(data, settings.grad_accum_steps, spec.num_groups, task_grads,
+                        mesh, num_shards)
+  model_config = params_lib.resolve_model_config(settings.model_config,
+                                                 spec.vocabulary.vocab_size)
   model = T5(model_config)
-  schedule = optim.as_schedule(learning_rate if learning_rate is not None
-                               else optim.rsqrt_schedule())
-  optimizer = optimizer_fn(learning_rate=schedule)
+  schedule = settings.schedule
+  optimizer = settings.optimizer_fn(learning_rate=schedule)
   mtl_init = optax.chain(*transforms).init
-  boxed, params_abstract = state_lib.abstract_params(model, lengths["inputs"],
-                                                     lengths["targets"])
-  rules = tuple(logical_axis_rules)
-  p_shardings = state_lib.param_shardings(boxed, mesh, rules)
+  boxed, params_abstract = params_lib.abstract_params(model, layout.inputs_length,
+                                                      layout.targets_length)
+  rules = tuple(settings.logical_axis_rules)
+  p_shardings = params_lib.param_shardings(boxed, mesh, rules)
   abstract_state = jax.eval_shape(
-      lambda p: state_lib.make_state(p, optimizer, mtl_init, seed), params_abstract)
+      lambda p: state_lib.make_state(p, optimizer, mtl_init, settings.seed),
+      params_abstract)
   s_shardings = state_lib.state_shardings(abstract_state, params_abstract, p_shardings,
                                           mesh)
-  cfg = step_lib.StepConfig(
-      num_tasks=spec.num_tasks, group_of_task=spec.group_of_task, task_grads=task_grads,
-      grad_accum_steps=grad_accum_steps, z_loss=z_loss, label_smoothing=label_smoothing,
-      dropout=model_config.dropout_rate > 0, rules=rules,
-      tag_affinity_period=tag_affinity_period, tag_affinity_lr=tag_affinity_lr or 0.0,
-      inject_nonfinite_steps=tuple(int(s) for s in debug_inject_nonfinite_steps),
-      inject_nonfinite_task=inject_task)
+  cfg = step_config(settings, spec, task_grads, model_config.dropout_rate > 0)
   step_fn = step_lib.make_train_step(model, optimizer, transforms, cfg, p_shardings,
-                                     learning_rate_fn=schedule)
+                                     learning_rate_fn=schedule,
+                                     group_gradients_fn=group_gradients_fn)
   b_shardings = batch_shardings(layout, mesh)
   jit_step = jax.jit(step_fn, in_shardings=(s_shardings, b_shardings),
                      out_shardings=(s_shardings, None), donate_argnums=(0,))
-  return StepBuild(mesh, spec, layout, transforms, task_grads, model_config, model,
-                   schedule, optimizer, mtl_init, params_abstract, p_shardings,
-                   abstract_state, s_shardings, cfg, rules, jit_step, b_shardings, seed)
+  return StepBuild(
+      data=data, settings=settings, mesh=mesh, spec=spec, layout=layout,
+      transforms=transforms, task_grads=task_grads, model_config=model_config,
+      model=model, schedule=schedule, optimizer=optimizer, mtl_init=mtl_init,
+      params_abstract=params_abstract, param_shardings=p_shardings,
+      abstract_state=abstract_state, state_shardings=s_shardings, step_config=cfg,
+      rules=rules, jit_step=jit_step, batch_shardings=b_shardings)
+
+
+def step_config(settings: settings_lib.StepSettings, spec: registry.MixtureSpec,
+                task_grads: bool, dropout: bool) -> step_lib.StepConfig:
+  """The jitted step's static settings for a resolved mixture."""
+  return step_lib.StepConfig(
+      num_tasks=spec.num_tasks, group_of_task=spec.group_of_task, task_grads=task_grads,
+      grad_accum_steps=settings.grad_accum_steps, z_loss=settings.z_loss,
+      label_smoothing=settings.label_smoothing, dropout=dropout,
+      rules=tuple(settings.logical_axis_rules),
+      tag_affinity_period=settings.tag_affinity_period,
+      tag_affinity_lr=settings.tag_affinity_lr or 0.0,
+      inject_nonfinite_steps=tuple(int(s) for s in settings.debug_inject_nonfinite_steps),
+      inject_nonfinite_task=_inject_task_id(spec, settings.debug_inject_nonfinite_steps,
+                                            settings.debug_inject_nonfinite_task))
 
 
 def _inject_task_id(spec, steps: Sequence[int], task: Optional[str]) -> int:

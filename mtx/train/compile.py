@@ -1,12 +1,12 @@
-"""``mtx compile``: the train step compiled for a target mesh on the CPU, before a run.
+"""The train step compiled for a target mesh on the CPU, before a run (``mtx compile``).
 
     mtx compile --gin_file=gin_configs/demo.gin --gin_file=models/xxl.gin \\
       --gin.COMPILE_NUM_DEVICES=256 \\
       --gin.MESH_SHAPE="{'data': 16, 'fsdp': 16, 'tensor': 1}" \\
       --gin.COMPILE_DEVICE_MEMORY_GIB=95
 
-reads the same gin files as ``mtx train`` (the ``train.*`` bindings), builds the step
-as the trainer builds it (``build_train_step``), and lowers and compiles it with
+reads the same gin files as ``mtx train`` (the ``train.*`` bindings; ``mtx.cli.compile``),
+builds the step as the trainer builds it (``build_train_step``), and ``compile_step`` lowers and compiles it with
 abstract inputs only (``jax.ShapeDtypeStruct`` with shardings: no parameter is ever
 materialised, so a T5-XXL compile allocates nothing of its 11B parameters) on
 ``COMPILE_NUM_DEVICES`` fake CPU devices, set before JAX starts: no accelerator is
@@ -21,20 +21,17 @@ differently, so temporaries may differ (usually fewer on accelerators); leave a 
 """
 
 import dataclasses
-import inspect
 import logging
-import os
 import time
 from typing import Any, Optional
 
 import jax
 import numpy as np
 
-from mtx.data import registry
-from mtx.data import vocab as vocab_lib
+from mtx.runtime import params as params_lib
 from mtx.errors import UserError
-from mtx.train import state as state_lib
-from mtx.train.build import StepBuild, build_train_step
+from mtx.train.build import StepBuild
+
 
 log = logging.getLogger("mtx")
 GIB = 1024 ** 3
@@ -162,7 +159,7 @@ def compile_step(build: StepBuild, device_memory_gib: float = 0.0) -> CompileRep
            if build.task_grads else "one gradient")
   report = CompileReport(
       mesh_shape=dict(build.mesh.shape), num_devices=build.mesh.size,
-      num_params=state_lib.count_params(build.params_abstract), model=model,
+      num_params=params_lib.count_params(build.params_abstract), model=model,
       route=route, bytes=nbytes,
       device_memory=int(device_memory_gib * GIB) if device_memory_gib else None,
       lower_s=t1 - t0, compile_s=t2 - t1, flops=_flops(compiled),
@@ -177,7 +174,7 @@ def compile_step(build: StepBuild, device_memory_gib: float = 0.0) -> CompileRep
   return report
 
 
-# ---- the gin edge -------------------------------------------------------------------
+# ---- fake devices -------------------------------------------------------------------
 def use_fake_devices(num_devices: int) -> None:
   """Makes JAX start on ``num_devices`` CPU devices and nothing else.
 
@@ -196,68 +193,3 @@ def use_fake_devices(num_devices: int) -> None:
   jax.config.update("jax_platforms", "cpu")
   if num_devices:
     jax.config.update("jax_num_cpu_devices", int(num_devices))
-
-
-# train.* settings that do not shape the step (evaluated only when the step needs them).
-_NOT_FOR_THE_STEP = ("model_dir", "train_steps", "rate_fn", "rate_maximum",
-                     "rate_temperature", "data_seed", "log_period", "checkpoint_period",
-                     "keep_checkpoints", "async_checkpoint", "initial_checkpoint_path",
-                     "eval_period", "split", "tensorboard", "print_param_table",
-                     "devices")
-
-
-def _train_bindings() -> dict:
-  """The gin bindings of ``train`` (what ``mtx train`` would be called with).
-
-  Values are evaluated one by one, and only those the step needs, so settings the
-  step does not need (MODEL_DIR, TRAIN_STEPS) may stay REQUIRED.
-  """
-  import copy  # pylint: disable=g-import-not-at-top
-  import gin  # pylint: disable=g-import-not-at-top
-  out = {}
-  for name, value in gin.get_bindings("train", resolve_references=False).items():
-    if name in _NOT_FOR_THE_STEP:
-      continue
-    try:
-      out[name] = copy.deepcopy(value)  # evaluates @references and %MACROS
-    except Exception as e:  # pylint: disable=broad-except
-      if name == "learning_rate":  # a schedule of TRAIN_STEPS, say: any will do here
-        log.info("The learning rate schedule could not be built (%s); compiling with a "
-                 "constant one (the same program).", " ".join(str(e).split()))
-        out[name] = 1e-3
-        continue
-      raise UserError(f"Setting train.{name} could not be evaluated "
-                      f"({' '.join(str(e).split())[:300]}); set it for mtx compile as "
-                      "for mtx train.") from e
-  return out
-
-
-def compile_train(num_devices: int = 0, device_memory_gib: float = 0.0,
-                  num_processes: int = 1) -> CompileReport:
-  """``mtx compile``: the gin-configured run's train step, compiled for a target.
-
-  Args:
-    num_devices: fake CPU devices to compile for (COMPILE_NUM_DEVICES); 0 keeps the
-      devices JAX finds (the CPU's, unless set otherwise).
-    device_memory_gib: memory of one target device (COMPILE_DEVICE_MEMORY_GIB); 0
-      skips the fit check.
-    num_processes: processes of the target run (hosts), which default UNITS must be a
-      multiple of (COMPILE_NUM_PROCESSES).
-  """
-  use_fake_devices(num_devices)
-  kwargs = _train_bindings()
-  vocabulary_path = kwargs.pop("vocabulary_path", None)
-  if vocabulary_path:  # as the trainer does: tasks on the default vocabulary use it
-    vocab_lib.get_vocabulary(vocabulary_path)
-    os.environ["MTX_VOCAB"] = vocabulary_path
-  # After the vocabulary: task modules may build their features on import.
-  registry.import_modules(kwargs.pop("mixture_or_task_module", None))
-  data_shards = kwargs.pop("data_shards", None)
-  known = inspect.signature(build_train_step).parameters
-  ignored = sorted(set(kwargs) - set(known))
-  if ignored:
-    log.info("mtx compile ignores train.%s (not part of the step).",
-             ", train.".join(ignored))
-  build = build_train_step(num_shards=data_shards or num_processes,
-                           **{k: v for k, v in kwargs.items() if k in known})
-  return compile_step(build, device_memory_gib)

@@ -1,7 +1,8 @@
 """The training loop: data, mesh, state, the jitted step, logging and checkpoints.
 
-``train`` is the gin-configured entry (``gin_configs/runs/train.gin`` documents every
-knob); the work is done by small functions below it, each usable on its own.
+``train(config)`` runs a ``mtx.train.settings.TrainConfig`` (gin's ``train.*``;
+``gin_configs/runs/train.gin`` documents every knob); the work is done by small
+functions below it, each usable on its own.
 """
 
 import dataclasses
@@ -12,25 +13,25 @@ import queue
 import signal
 import threading
 import time
-from typing import Any, Callable, Mapping, Optional, Sequence
+from typing import Callable, Optional, Sequence
 
+import flax.linen as nn
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
+from mtx.runtime import params as params_lib
 from mtx import mtl, parallel
 from mtx.data import pipeline as data_pipeline
 from mtx.data import registry
-from mtx.data import vocab as vocab_lib
-from mtx.errors import UserError, close_names
-from mtx.model import T5Config
-from mtx.train import checkpoint, metrics_writer, optim, progress, state as state_lib
+from mtx.errors import UserError
+from mtx.train import settings as settings_lib
+from mtx.runtime import checkpoint, metrics_writer, progress
 from mtx.train import build as build_lib
 from mtx.eval import periodic as eval_periodic
 
 log = logging.getLogger("mtx")
 
-NONFINITE_POLICIES = ("skip", "stop")
 
 
 class NonFiniteStepError(UserError):
@@ -133,8 +134,7 @@ def _period_metrics(h: Sequence[dict], task_names: Sequence[str],
   """Means over the logging period (host copies of the step metrics); per-task losses
   weighted by their tokens. Skipped (non-finite) steps are left out of the means; a
   period of only skipped steps reports their (non-finite) values."""
-  if "nonfinite" in h[-1]:
-    h = [m for m in h if not m["nonfinite"]] or h
+  h = [m for m in h if not m["nonfinite"]] or h
   sums = np.sum([m["task_loss_sums"] for m in h], axis=0)
   toks = np.sum([m["task_tokens"] for m in h], axis=0)
   out = {"loss": float(sums.sum() / max(toks.sum(), 1.0))}
@@ -158,131 +158,100 @@ def _period_metrics(h: Sequence[dict], task_names: Sequence[str],
   return out
 
 
-def train(*,
-          model_dir: str,
-          mixture_or_task_name: str,
-          task_feature_lengths: Mapping[str, int],
-          train_steps: int,
-          batch_size: int = 32,
-          mixture_or_task_module: Optional[str] = None,
-          vocabulary_path: Optional[str] = None,
-          model_config: T5Config = T5Config(),
-          mtl_transforms: Sequence = (),
-          optimizer_fn: Callable = optim.make_optimizer,
-          learning_rate: Any = None,
-          mesh_shape: Optional[Mapping[str, int]] = None,
-          logical_axis_rules: Sequence = parallel.DEFAULT_RULES,
-          units: Optional[int] = None,
-          task_groups: Optional[Mapping[str, str]] = None,
-          rate_fn: str = "mixture",
-          rate_maximum: Optional[float] = None,
-          rate_temperature: float = 1.0,
-          grad_accum_steps: int = 1,
-          z_loss: float = 1e-4,
-          label_smoothing: float = 0.0,
-          seed: int = 0,
-          data_seed: Optional[int] = None,
-          log_period: int = 100,
-          checkpoint_period: int = 1000,
-          keep_checkpoints: int = 3,
-          async_checkpoint: bool = True,
-          initial_checkpoint_path: Optional[str] = None,
-          eval_period: int = 0,
-          eval_options: Optional[Any] = None,
-          tag_affinity_period: int = 0,
-          tag_affinity_lr: Optional[float] = None,
-          split: str = "train",
-          tensorboard: bool = True,
-          print_param_table: bool = True,
-          data_shards: Optional[int] = None,
-          nonfinite_policy: str = "skip",
-          debug_inject_nonfinite_steps: Sequence[int] = (),
-          debug_inject_nonfinite_task: Optional[str] = None,
-          devices: Optional[Sequence[jax.Device]] = None) -> RunResult:
+def train(config: settings_lib.TrainConfig,
+          devices: Optional[Sequence[jax.Device]] = None,
+          operative_config: Optional[Callable[[], str]] = None) -> RunResult:
   """Trains a T5 on a seqio mixture; resumes from MODEL_DIR's latest checkpoint.
 
-  See gin_configs/runs/train.gin for every argument's meaning. Returns when
-  ``train_steps`` are done, or after saving on SIGTERM (``preempted=True``).
+  Args:
+    config: the run's settings (gin's ``train.*``; ``mtx.train.settings``).
+    devices: the devices of the mesh (default all).
+    operative_config: returns the text of MODEL_DIR/config.gin, called once the first
+      step has been traced (the CLI passes gin's ``operative_config_str``); None
+      writes no config.gin.
+
+  Returns when ``train_steps`` are done, or after saving on SIGTERM (``preempted=True``).
 
   Raises:
     UserError: bad settings or input (before anything is written); a write that fails
       mid-run (``metrics_writer.WriteError``, ``checkpoint.CheckpointWriteError``);
       a non-finite step under ``nonfinite_policy='stop'`` (``NonFiniteStepError``).
   """
-  if train_steps <= 0:
-    raise UserError(f"TRAIN_STEPS must be positive (got {train_steps}).")
-  if nonfinite_policy not in NONFINITE_POLICIES:
-    raise UserError(
-        f"train.nonfinite_policy is '{nonfinite_policy}'"
-        f"{close_names(str(nonfinite_policy), NONFINITE_POLICIES)}; use 'skip' (skip "
-        "the update, count it) or 'stop' (stop the run, naming the step).")
-  if vocabulary_path:  # Tasks built on the default vocabulary pick this one up.
-    vocab_lib.get_vocabulary(vocabulary_path)  # fails early and clearly if bad
-    os.environ["MTX_VOCAB"] = vocabulary_path
-  registry.import_modules(mixture_or_task_module)
-
-  # ---- mesh, the step, data -----------------------------------------------------------
-  mesh = parallel.make_mesh(mesh_shape, devices)
+  data, settings, run = config.data, config.step, config.loop
+  registry.import_modules(data.mixture_or_task_module, data.vocabulary_path)
+  mesh = parallel.make_mesh(settings.mesh_shape, devices)
   # Processes whose devices hold the same batch rows read the same data shards.
   block, blocks = parallel.batch_block(mesh)
-  num_shards = blocks if data_shards is None else data_shards
-  build = build_lib.build_train_step(
-      mixture_or_task_name=mixture_or_task_name, task_feature_lengths=task_feature_lengths,
-      batch_size=batch_size, model_config=model_config, mtl_transforms=mtl_transforms,
-      optimizer_fn=optimizer_fn, learning_rate=learning_rate,
-      logical_axis_rules=logical_axis_rules, units=units, task_groups=task_groups,
-      grad_accum_steps=grad_accum_steps, z_loss=z_loss, label_smoothing=label_smoothing,
-      seed=seed, tag_affinity_period=tag_affinity_period, tag_affinity_lr=tag_affinity_lr,
-      debug_inject_nonfinite_steps=debug_inject_nonfinite_steps,
-      debug_inject_nonfinite_task=debug_inject_nonfinite_task, num_shards=num_shards,
-      mesh=mesh)
-  spec, rules = build.spec, build.rules
-  lengths = {"inputs": build.layout.inputs_length, "targets": build.layout.targets_length}
+  num_shards = blocks if data.data_shards is None else data.data_shards
+  build = build_lib.build_train_step(data, settings, num_shards=num_shards, mesh=mesh)
   pipe = data_pipeline.load(
-      mixture_or_task_name, lengths, build.layout, split=split,
-      seed=seed if data_seed is None else data_seed, rate_fn=rate_fn,
-      rate_maximum=rate_maximum, rate_temperature=rate_temperature,
-      task_groups=task_groups, process_index=block, process_count=blocks,
-      num_shards=num_shards,
+      data.mixture_or_task_name, build.lengths, build.layout, split=data.split,
+      seed=settings.seed if data.data_seed is None else data.data_seed,
+      rate_fn=data.rate_fn, rate_maximum=data.rate_maximum,
+      rate_temperature=data.rate_temperature, task_groups=data.task_groups,
+      process_index=block, process_count=blocks, num_shards=num_shards,
       allgather=multihost_utils.process_allgather if jax.process_count() > 1 else None)
   _report_mixture(pipe)
-  if print_param_table and jax.process_index() == 0:
-    print(state_lib.param_table(build.params_abstract, build.param_shardings), flush=True)
+  if run.print_param_table and jax.process_index() == 0:
+    print(params_lib.param_table(build.params_abstract, build.param_shardings), flush=True)
 
-  ckpt = checkpoint.Checkpointer(model_dir, save_period=checkpoint_period,
-                                 keep=keep_checkpoints, async_save=async_checkpoint)
+  ckpt = checkpoint.Checkpointer(run.model_dir,
+                                 save_period=config.checkpoint.checkpoint_period,
+                                 keep=config.checkpoint.keep_checkpoints,
+                                 async_save=config.checkpoint.async_checkpoint)
+  start_step, train_state = _restore_or_init(build, ckpt, pipe,
+                                             config.checkpoint.initial_checkpoint_path)
+  _write_tasks(run.model_dir, pipe)
+  # Lines logged after the last checkpoint by a run that died are not part of this run.
+  if jax.process_index() == 0 and os.path.exists(
+      os.path.join(run.model_dir, "metrics.jsonl")):
+    metrics_writer.truncate_after(run.model_dir, start_step)
+
+  job = _Job(build=build, pipe=pipe, ckpt=ckpt, settings=run,
+             operative_config=operative_config,
+             watch=_NonFiniteWatch(run.nonfinite_policy, build.spec, ckpt),
+             # Reads the eval data now, so that a bad eval setting fails before training.
+             evaluation=eval_periodic.PeriodicEval(
+                 run.eval_period, run.model_dir, build.model, mesh, build.rules,
+                 build.param_shardings, data.mixture_or_task_name, build.lengths,
+                 run.eval_options))
+  return _run(job, train_state, start_step)
+
+
+def _restore_or_init(build: build_lib.StepBuild, ckpt: checkpoint.Checkpointer,
+                     pipe: data_pipeline.Pipeline,
+                     initial_checkpoint_path: Optional[str]) -> tuple:
+  """(start step, train state): MODEL_DIR's newest checkpoint (and the data position),
+  or step 0 from ``initial_checkpoint_path``'s params or a fresh init."""
   restored = ckpt.restore(build.sharded_state())
   if restored is not None:
     start_step, train_state, data_state = restored
     local = local_data_state(data_state)
     if local is not None:
       pipe.set_state(local)
-    log.info("Resumed from step %d in %s.", start_step, model_dir)
-  else:
-    start_step = 0
-    with mesh:
-      if initial_checkpoint_path:
-        params_sharded = build.sharded_state()["params"]
-        params = checkpoint.load_params(initial_checkpoint_path, params_sharded)
-      else:
-        params = state_lib.init_params(build.model, seed, lengths["inputs"],
-                                       lengths["targets"], build.param_shardings)
-      train_state = jax.jit(build.make_state,
-                            out_shardings=build.state_shardings)(params)
+    log.info("Resumed from step %d in %s.", start_step, ckpt.directory)
+    return start_step, train_state
+  with build.mesh:
+    if initial_checkpoint_path:
+      params = checkpoint.load_params(initial_checkpoint_path,
+                                      build.sharded_state()["params"])
+    else:
+      params = params_lib.init_params(build.model, build.settings.seed,
+                                      build.layout.inputs_length,
+                                      build.layout.targets_length, build.param_shardings)
+    return 0, jax.jit(build.make_state, out_shardings=build.state_shardings)(params)
 
-  _write_tasks(model_dir, pipe)
-  # Lines logged after the last checkpoint by a run that died are not part of this run.
-  if jax.process_index() == 0 and os.path.exists(os.path.join(model_dir, "metrics.jsonl")):
-    metrics_writer.truncate_after(model_dir, start_step)
 
-  watch = _NonFiniteWatch(nonfinite_policy, spec, ckpt)
-  # Reads the eval data now, so that a bad eval setting fails before training.
-  evaluation = eval_periodic.PeriodicEval(eval_period, model_dir, build.model, mesh,
-                                          rules, build.param_shardings,
-                                          mixture_or_task_name, lengths, eval_options)
-  return _run(build.jit_step, train_state, start_step, train_steps, pipe, mesh, rules,
-              ckpt, model_dir, build.schedule, spec, log_period, tensorboard, watch,
-              evaluation)
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class _Job:
+  """What a training run's loop works with, built once by ``train``."""
+  build: build_lib.StepBuild
+  pipe: data_pipeline.Pipeline
+  ckpt: checkpoint.Checkpointer
+  settings: settings_lib.LoopSettings
+  operative_config: Optional[Callable[[], str]]
+  watch: "_NonFiniteWatch"
+  evaluation: eval_periodic.PeriodicEval
 
 
 class _NonFiniteWatch:
@@ -359,48 +328,45 @@ def _write_tasks(model_dir: str, pipe) -> None:
                                   json.dumps(info, indent=1))
 
 
-def _write_config(model_dir: str) -> None:
-  import gin  # pylint: disable=g-import-not-at-top
+def _write_config(model_dir: str, text: str) -> None:
+  """MODEL_DIR/config.gin: the configuration the run used (process 0)."""
   if jax.process_index() != 0:
     return
-  metrics_writer.write_atomically(os.path.join(model_dir, "config.gin"),
-                                  gin.operative_config_str())
+  metrics_writer.write_atomically(os.path.join(model_dir, "config.gin"), text)
 
 
-def _run(jit_step, train_state, start_step, train_steps, pipe, mesh, rules, ckpt,
-         model_dir, schedule, spec, log_period, tensorboard, watch,
-         evaluation) -> RunResult:
+def _run(job: _Job, train_state, start_step: int) -> RunResult:
   """Steps until ``train_steps`` or preemption; logs, checkpoints, saves at the end.
 
   A failed write (disk full, MODEL_DIR gone read-only) raises a ``UserError`` naming
   the file; checkpoints already committed stay as they were.
   """
-  import flax.linen as nn  # pylint: disable=g-import-not-at-top
-  writer = metrics_writer.MetricsWriter(model_dir, tensorboard=tensorboard,
+  run, build, ckpt = job.settings, job.build, job.ckpt
+  writer = metrics_writer.MetricsWriter(run.model_dir, tensorboard=run.tensorboard,
                                         is_primary=jax.process_index() == 0)
-  bar = progress.Progress(train_steps, start_step,
+  bar = progress.Progress(run.train_steps, start_step,
                           enabled=jax.process_index() == 0 and os.isatty(2))
-  prefetch = Prefetcher(pipe, mesh)
+  prefetch = Prefetcher(job.pipe, build.mesh)
   step = start_step
-  history, last, data_state = [], {}, pipe.get_state()
+  history, last, data_state = [], {}, job.pipe.get_state()
   t0, t0_step = None, step
   preempted = False
   failed = True
   try:
-    with _Preemption() as preemption, mesh, nn.logical_axis_rules(list(rules)):
-      while step < train_steps:
+    with _Preemption() as preemption, build.mesh, nn.logical_axis_rules(list(build.rules)):
+      while step < run.train_steps:
         batch, data_state = prefetch.next()
-        train_state, metrics = jit_step(train_state, batch)
+        train_state, metrics = build.jit_step(train_state, batch)
         step += 1
         history.append(metrics)
         if t0 is None:  # The first step compiles: time from its end.
           jax.block_until_ready(metrics)
           t0, t0_step = time.time(), step
-          _write_config(model_dir)  # after tracing: the operative config is complete
-        if step % log_period == 0 or step == train_steps:
-          last = _log(writer, step, history, spec, pipe, data_state, schedule, t0,
-                      t0_step)
-          watch.review(history, step - len(history) + 1)
+          if job.operative_config is not None:  # after tracing: it is complete now
+            _write_config(run.model_dir, job.operative_config())
+        if step % run.log_period == 0 or step == run.train_steps:
+          last = _log(job, writer, step, history, data_state, t0, t0_step)
+          job.watch.review(history, step - len(history) + 1)
           history = []
           t0, t0_step = time.time(), step
           bar.update(step, {k: v for k, v in last.items() if k.startswith("loss")})
@@ -408,12 +374,12 @@ def _run(jit_step, train_state, start_step, train_steps, pipe, mesh, rules, ckpt
         if jax.process_count() == 1 or step % 10 == 0:
           preempted = _agree(preemption.requested)
         periodic = ckpt.save_period > 0 and step % ckpt.save_period == 0
-        if periodic or preempted or step == train_steps:
+        if periodic or preempted or step == run.train_steps:
           if history:
-            watch.review(history, step - len(history) + 1)
+            job.watch.review(history, step - len(history) + 1)
           ckpt.save(step, train_state, gather_data_state(data_state), force=True)
-        if not preempted and evaluation.due(step, last=step == train_steps):
-          evaluation(train_state["params"], step, writer)
+        if not preempted and job.evaluation.due(step, last=step == run.train_steps):
+          job.evaluation(train_state["params"], step, writer)
           t0, t0_step = time.time(), step  # eval time is not step time
         if preempted:
           log.warning("SIGTERM: saved step %d and stopping.", step)
@@ -422,19 +388,23 @@ def _run(jit_step, train_state, start_step, train_steps, pipe, mesh, rules, ckpt
   finally:
     prefetch.close()
     bar.close()
-    # Closing waits for the last save, which may fail too; every closer runs, and when
-    # the run already failed, a second error must not hide the first.
-    errors = []
-    for close in (evaluation.close, ckpt.close, writer.close):
-      try:
-        close()
-      except Exception as e:  # pylint: disable=broad-except
-        errors.append(e)
-    if errors and failed:
-      log.error("While stopping after an error: %s", errors[0])
-    elif errors:
-      raise errors[0]
+    _close_all((job.evaluation.close, ckpt.close, writer.close), failed)
   return RunResult(step, preempted, last)
+
+
+def _close_all(closers: Sequence[Callable], failed: bool) -> None:
+  """Runs every closer. Closing waits for the last save, which may fail too; when the
+  run already failed, a second error must not hide the first."""
+  errors = []
+  for close in closers:
+    try:
+      close()
+    except Exception as e:  # pylint: disable=broad-except
+      errors.append(e)
+  if errors and failed:
+    log.error("While stopping after an error: %s", errors[0])
+  elif errors:
+    raise errors[0]
 
 
 def _agree(flag: bool) -> bool:
@@ -443,19 +413,21 @@ def _agree(flag: bool) -> bool:
   return bool(np.max(multihost_utils.process_allgather(np.array([int(flag)]))))
 
 
-def _log(writer, step, history, spec, pipe, data_state, schedule, t0, t0_step) -> dict:
+def _log(job: _Job, writer, step: int, history: Sequence, data_state: dict, t0: float,
+         t0_step: int) -> dict:
+  """Writes the period's metrics line (means over ``history``) and returns it."""
   host = jax.device_get(list(history))  # waits for the period's last step
   elapsed = time.time() - t0
   steps = step - t0_step
+  spec = job.build.spec
   scalars = _period_metrics(host, spec.task_names, spec.group_names)
   tokens = float(np.sum([m["task_tokens"] for m in host[-steps:]])) if steps > 0 else 0.0
-  scalars["learning_rate"] = float(schedule(step - 1))
-  if "nonfinite_steps" in host[-1]:
-    scalars["nonfinite_steps"] = int(host[-1]["nonfinite_steps"])
+  scalars["learning_rate"] = float(job.build.schedule(step - 1))
+  scalars["nonfinite_steps"] = int(host[-1]["nonfinite_steps"])
   if steps > 0:
     scalars["timing/step_s"] = elapsed / steps
     scalars["timing/tokens_per_s"] = tokens / max(elapsed, 1e-9)
-  for ex in pipe.examples:  # Epochs of this host's shard at the trained position.
+  for ex in job.pipe.examples:  # Epochs of this host's shard at the trained position.
     scalars[f"data/epochs/{ex.name}"] = data_state["cursors"][ex.name] / len(ex)
   writer.write(step, scalars)
   return scalars

@@ -1,54 +1,18 @@
-"""Train state creation and sharding: params from logical axis names, the rest alike.
+"""The train state and its shardings: params, optimizer and mtl state, step, RNG.
 
 The state is a plain dict pytree, checkpointed whole:
 
     {"step": int32[], "params": {...}, "opt_state": ..., "mtl_state": ..., "rng": uint32[2],
      "nonfinite_steps": int32[]}   (steps skipped for a NaN/Inf; mtx.train.step)
+
+Parameters themselves (shapes, shardings, init) are ``mtx.runtime.params``.
 """
 
-from typing import Any, Sequence
-
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
-from jax.sharding import NamedSharding, PartitionSpec as P
 
 from mtx import parallel
-from mtx.errors import UserError
-
-
-def dummy_batch(batch_size: int, inputs_length: int, targets_length: int) -> dict:
-  """A [batch, length] batch of ones, enough to trace the model's shapes."""
-  enc = jnp.ones([batch_size, inputs_length], jnp.int32)
-  dec = jnp.ones([batch_size, targets_length], jnp.int32)
-  return dict(encoder_input_tokens=enc, decoder_input_tokens=dec,
-              encoder_segment_ids=enc, decoder_segment_ids=dec,
-              encoder_positions=enc * 0, decoder_positions=dec * 0)
-
-
-def abstract_params(model: nn.Module, inputs_length: int, targets_length: int):
-  """Returns (boxed abstract params with logical names, unboxed ShapeDtypeStructs)."""
-  def init(key):
-    return model.init(key, **dummy_batch(1, inputs_length, targets_length))["params"]
-  boxed = jax.eval_shape(init, jax.random.key(0))
-  return boxed, nn.unbox(boxed)
-
-
-def param_shardings(boxed_params, mesh, rules: Sequence) -> Any:
-  """NamedShardings for params from their logical axis names and the rules."""
-  specs = nn.get_partition_spec(boxed_params)
-  return nn.logical_to_mesh_sharding(specs, mesh, list(rules))
-
-
-def init_params(model: nn.Module, seed: int, inputs_length: int, targets_length: int,
-                shardings) -> Any:
-  """Initialises params directly into their shardings (no host-side full copy)."""
-  def init(key):
-    return nn.unbox(model.init(key, **dummy_batch(1, inputs_length, targets_length))
-                    ["params"])
-  return jax.jit(init, out_shardings=shardings)(jax.random.key(seed))
 
 
 def make_state(params, optimizer: optax.GradientTransformation, mtl_init, seed: int) -> dict:
@@ -68,62 +32,3 @@ def state_shardings(abstract_state, params_abstract, params_shardings, mesh):
     out[key] = parallel.like_params_shardings(abstract_state[key], params_abstract,
                                               params_shardings, mesh)
   return out
-
-
-def count_params(params_abstract) -> int:
-  return int(sum(np.prod(x.shape) for x in jax.tree.leaves(params_abstract)))
-
-
-def param_table(params_abstract, shardings) -> str:
-  """A table of parameter paths, shapes and mesh shardings, for the start of a run."""
-  rows = []
-  flat = jax.tree_util.tree_flatten_with_path(params_abstract)[0]
-  for (path, leaf), sharding in zip(flat, jax.tree.leaves(shardings)):
-    name = "/".join(str(getattr(k, "key", k)) for k in path)
-    spec = tuple(sharding.spec) if isinstance(sharding, NamedSharding) else ()
-    rows.append((name, "x".join(map(str, leaf.shape)), str(spec)))
-  w = [max(len(r[i]) for r in rows + [("parameter", "shape", "sharding")]) for i in range(3)]
-  lines = [f"{'parameter':<{w[0]}}  {'shape':<{w[1]}}  sharding"]
-  lines += [f"{a:<{w[0]}}  {b:<{w[1]}}  {c}" for a, b, c in rows]
-  lines.append(f"total parameters: {count_params(params_abstract):,}")
-  return "\n".join(lines)
-
-
-def resolve_model_config(config, vocab_size: int, multiple: int = 128):
-  """``config`` with ``vocab_size`` set from the vocabulary (padded) when it is 0."""
-  import dataclasses  # pylint: disable=g-import-not-at-top
-  if config.vocab_size:
-    if config.vocab_size < vocab_size:
-      raise UserError(
-          f"T5Config.vocab_size {config.vocab_size} is smaller than the vocabulary "
-          f"({vocab_size} ids); set it to at least {vocab_size}, or to 0 to follow "
-          "the vocabulary.")
-    return config
-  padded = -(-vocab_size // multiple) * multiple
-  return dataclasses.replace(config, vocab_size=padded)
-
-
-def load_trained(model_config, vocab_size: int, mesh, rules: Sequence, path: str,
-                 inputs_length: int = 8, targets_length: int = 8,
-                 what: str = "MODEL_DIR"):
-  """A trained model and its params, sharded on ``mesh``, for eval/inference.
-
-  Args:
-    model_config: the run's ``T5Config`` (vocab_size 0 = from the vocabulary).
-    vocab_size: the vocabulary's size (before padding).
-    mesh, rules: where the params go, by their logical axis names.
-    path: a MODEL_DIR (newest finished step), a step directory, or its state dir.
-    inputs_length, targets_length: only used to trace shapes.
-    what: how errors name ``path``.
-
-  Returns:
-    (model: T5, params: pytree of sharded arrays, param_shardings).
-  """
-  from mtx.model import T5  # pylint: disable=g-import-not-at-top
-  from mtx.train import checkpoint  # pylint: disable=g-import-not-at-top
-  model = T5(resolve_model_config(model_config, vocab_size))
-  boxed, abstract = abstract_params(model, inputs_length, targets_length)
-  shardings = param_shardings(boxed, mesh, rules)
-  target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                        abstract, shardings)
-  return model, checkpoint.load_params(path, target, what=what), shardings

@@ -40,7 +40,7 @@ import numpy as np
 import optax
 
 from mtx import mtl, parallel
-from mtx.train import losses
+from mtx.model import losses
 
 MODEL_KEYS = ("encoder_input_tokens", "decoder_input_tokens", "encoder_segment_ids",
               "decoder_segment_ids", "encoder_positions", "decoder_positions")
@@ -84,7 +84,7 @@ class StepConfig:
     return max(self.group_of_task) + 1
 
 
-def _sums(model, cfg: StepConfig, params, batch, key):
+def task_loss_sums(model, cfg: StepConfig, params, batch, key):
   """(loss sums f32[k], token counts f32[k]) of a chunk of rows [..., rows, L]."""
   logits = model.apply({"params": params}, **{k: batch[k] for k in MODEL_KEYS},
                        enable_dropout=cfg.dropout, rngs={"dropout": key})
@@ -94,7 +94,7 @@ def _sums(model, cfg: StepConfig, params, batch, key):
                           cfg.num_tasks)
 
 
-def _microbatches(batch: dict, m: int) -> dict:
+def microbatches(batch: dict, m: int) -> dict:
   """[N, ...] -> [m, N/m, ...] taking rows b with b % m == i, so no row changes device."""
   def split(x):
     x = x.reshape((x.shape[0] // m, m) + x.shape[1:])
@@ -102,15 +102,15 @@ def _microbatches(batch: dict, m: int) -> dict:
   return jax.tree.map(split, batch)
 
 
-def _group_matrix(cfg: StepConfig) -> jax.Array:
+def group_matrix(cfg: StepConfig) -> jax.Array:
   return jax.nn.one_hot(jnp.asarray(cfg.group_of_task), cfg.num_groups, dtype=jnp.float32)
 
 
-def _safe_div(a, b):
+def safe_div(a, b):
   return jnp.where(b > 0, a / jnp.maximum(b, 1e-9), 0.0)
 
 
-def _token_counts(cfg: StepConfig, batch) -> jax.Array:
+def token_counts(cfg: StepConfig, batch) -> jax.Array:
   """Target tokens per task in the whole (global) batch, f32[k]; no model needed."""
   onehot = jax.nn.one_hot(batch["decoder_task_ids"], cfg.num_tasks, dtype=jnp.float32)
   w = batch["decoder_loss_weights"].astype(jnp.float32)[..., None] * onehot
@@ -142,10 +142,10 @@ def _keep_if(ok: jax.Array, new, old):
                       new, old)
 
 
-def _one_gradient(model, cfg, transforms, params, mtl_state, batch, group_counts, dkey,
+def one_gradient(model, cfg, transforms, params, mtl_state, batch, group_counts, dkey,
                   mkey):
   """Weighted-sum route: returns (grads like params, task sums, w[G], new mtl state)."""
-  gm = _group_matrix(cfg)
+  gm = group_matrix(cfg)
   m = cfg.grad_accum_steps
 
   def weights_for(group_losses):
@@ -154,33 +154,33 @@ def _one_gradient(model, cfg, transforms, params, mtl_state, batch, group_counts
 
   if m == 1:
     def group_losses(p):
-      sums, _ = _sums(model, cfg, p, batch, dkey)
-      return _safe_div(sums @ gm, group_counts), sums
+      sums, _ = task_loss_sums(model, cfg, p, batch, dkey)
+      return safe_div(sums @ gm, group_counts), sums
     lg, vjp_fn, sums = jax.vjp(group_losses, params, has_aux=True)
     w, new_state = weights_for(jax.lax.stop_gradient(lg))
     (grads,) = vjp_fn(w.astype(lg.dtype))
     return grads, sums, w, new_state
 
-  micro = _microbatches(batch, m)
+  micro = microbatches(batch, m)
   keys = jax.random.split(dkey, m)
 
   def fwd(carry, xs):
     mb, key = xs
-    sums, _ = _sums(model, cfg, params, mb, key)
+    sums, _ = task_loss_sums(model, cfg, params, mb, key)
     return carry + sums, None
   sums, _ = jax.lax.scan(fwd, jnp.zeros([cfg.num_tasks]), (micro, keys))
-  w, new_state = weights_for(_safe_div(sums @ gm, group_counts))
-  scale = _safe_div(w, group_counts)  # d/dp sum_g w_g S_g / N_g
+  w, new_state = weights_for(safe_div(sums @ gm, group_counts))
+  scale = safe_div(w, group_counts)  # d/dp sum_g w_g S_g / N_g
 
   def bwd(acc, xs):
     mb, key = xs
-    g = jax.grad(lambda p: _sums(model, cfg, p, mb, key)[0] @ gm @ scale)(params)
+    g = jax.grad(lambda p: task_loss_sums(model, cfg, p, mb, key)[0] @ gm @ scale)(params)
     return jax.tree.map(jnp.add, acc, g), None
   grads, _ = jax.lax.scan(bwd, jax.tree.map(jnp.zeros_like, params), (micro, keys))
   return grads, sums, w, new_state
 
 
-def _sum_units_by_group(per_unit, unit_task, num_groups: int):
+def sum_units_by_group(per_unit, unit_task, num_groups: int):
   """Per-unit gradients [U, *param] -> per-group sums [G, *param].
 
   A contraction with the one-hot unit-to-group matrix [G, U] rather than
@@ -196,17 +196,17 @@ def _sum_units_by_group(per_unit, unit_task, num_groups: int):
                               precision=jax.lax.Precision.HIGHEST), per_unit)
 
 
-def _group_gradients(model, cfg, params, batch, group_counts, dkey, param_shardings):
+def group_gradients(model, cfg, params, batch, group_counts, dkey, param_shardings):
   """Task-major route: returns (per-group grads [G, *param], task sums f32[k])."""
   unit_task = batch["unit_task"]
   data = {k: v for k, v in batch.items() if k != "unit_task"}
-  unit_scale = _safe_div(1.0, group_counts)[unit_task]  # [U]
+  unit_scale = safe_div(1.0, group_counts)[unit_task]  # [U]
   num_units = unit_task.shape[0]
   unit_keys = jax.random.split(dkey, num_units)
   m = cfg.grad_accum_steps
 
   def unit_objective(p, unit, scale, key):
-    sums, _ = _sums(model, cfg, p, unit, key)
+    sums, _ = task_loss_sums(model, cfg, p, unit, key)
     return scale * jnp.sum(sums), sums
 
   per_unit = jax.vmap(jax.grad(unit_objective, has_aux=True), in_axes=(None, 0, 0, 0),
@@ -215,7 +215,7 @@ def _group_gradients(model, cfg, params, batch, group_counts, dkey, param_shardi
   def chunk(p, units, scales, keys, tasks):
     with nn.logical_axis_rules(parallel.rules_without_batch(cfg.rules)):
       grads, sums = per_unit(p, units, scales, keys)
-    return _sum_units_by_group(grads, tasks, cfg.num_groups), sums.sum(0)
+    return sum_units_by_group(grads, tasks, cfg.num_groups), sums.sum(0)
 
   def constrain(grads):
     return jax.tree.map(
@@ -227,7 +227,7 @@ def _group_gradients(model, cfg, params, batch, group_counts, dkey, param_shardi
     grads, sums = chunk(params, data, unit_scale, unit_keys, unit_task)
     return constrain(grads), sums
 
-  xs = _microbatches({"d": data, "s": unit_scale, "k": unit_keys, "t": unit_task}, m)
+  xs = microbatches({"d": data, "s": unit_scale, "k": unit_keys, "t": unit_task}, m)
 
   def body(carry, x):
     acc, acc_sums = carry
@@ -247,8 +247,8 @@ def _tag_affinity(model, cfg, params, batch, group_counts, group_grads, present,
   no_dropout = dataclasses.replace(cfg, dropout=False)
 
   def group_losses(p):
-    sums, _ = _sums(model, no_dropout, p, rows, key)
-    return _safe_div(sums @ _group_matrix(cfg), group_counts)
+    sums, _ = task_loss_sums(model, no_dropout, p, rows, key)
+    return safe_div(sums @ group_matrix(cfg), group_counts)
 
   def affinity(_):
     return mtl.tag_affinity(group_losses, params, group_grads, lr, task_present=present)
@@ -260,7 +260,8 @@ def _tag_affinity(model, cfg, params, batch, group_counts, group_grads, present,
 def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation,
                     transforms: Sequence, cfg: StepConfig,
                     param_shardings: Any,
-                    learning_rate_fn: Optional[Callable] = None) -> Callable:
+                    learning_rate_fn: Optional[Callable] = None,
+                    group_gradients_fn: Callable = group_gradients) -> Callable:
   """Returns ``step(state, batch) -> (state, metrics)`` (not yet jitted).
 
   ``state`` is ``{"step", "params", "opt_state", "mtl_state", "rng",
@@ -276,6 +277,10 @@ def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation,
   (step -> lr) gives its lookahead learning rate when ``tag_affinity_lr`` is 0. On the
   per-group route ``group_weights`` holds the weights the method applied, when it
   reports them (``mtl.aggregate``).
+
+  ``group_gradients_fn`` computes the per-group route's gradients, with
+  ``group_gradients``' arguments and results; another one (``jax.jacrev`` of the loss
+  vector in tools/bench.py) lets a benchmark compare routes inside the same step.
   """
   transforms = tuple(transforms)
   if cfg.tag_affinity_period and not (cfg.task_grads and (
@@ -287,15 +292,15 @@ def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation,
     base = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
     dkey, mkey = jax.random.split(base)
     metrics = {}
-    counts = _token_counts(cfg, batch)  # target tokens per task in the global batch
-    group_counts = counts @ _group_matrix(cfg)
+    counts = token_counts(cfg, batch)  # target tokens per task in the global batch
+    group_counts = counts @ group_matrix(cfg)
     if cfg.inject_nonfinite_steps:
       batch = _inject_nonfinite(cfg, batch, state["step"] + 1)
     if cfg.task_grads:
-      group_grads, sums = _group_gradients(model, cfg, params, batch, group_counts, dkey,
-                                           param_shardings)
+      group_grads, sums = group_gradients_fn(model, cfg, params, batch, group_counts,
+                                             dkey, param_shardings)
       present = group_counts > 0
-      group_losses = _safe_div(sums @ _group_matrix(cfg), group_counts)
+      group_losses = safe_div(sums @ group_matrix(cfg), group_counts)
       grads, mtl_state, info = mtl.aggregate(transforms, state["mtl_state"],
                                              group_grads, params,
                                              task_losses=group_losses,
@@ -312,7 +317,7 @@ def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation,
                                                 group_grads, present, lr, due, dkey)
         metrics["tag_due"] = due
     else:
-      grads, sums, w, mtl_state = _one_gradient(model, cfg, transforms, params,
+      grads, sums, w, mtl_state = one_gradient(model, cfg, transforms, params,
                                                 state["mtl_state"], batch, group_counts,
                                                 dkey, mkey)
       metrics["group_weights"] = w

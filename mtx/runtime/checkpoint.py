@@ -357,7 +357,7 @@ def load_params(path: str, abstract_params: Any,
     UserError: ``path`` holds no checkpoint, or its params differ from the model's in
       tree, shape or dtype (the message names the first differing parameter).
   """
-  item_dir = _find_state_dir(path, what)
+  item_dir = find_state_dir(path, what)
   try:
     on_disk = _tree_metadata(item_dir)
   except Exception as e:  # pylint: disable=broad-except
@@ -528,7 +528,7 @@ def _all_processes_agree(ok: bool) -> bool:
   return bool(np.all(flags))
 
 
-def _find_state_dir(path: str, what: str) -> epath.Path:
+def find_state_dir(path: str, what: str) -> epath.Path:
   """The ``state`` item directory that ``path`` names or contains (newest step)."""
   root = epath.Path(path)
   if not root.exists():

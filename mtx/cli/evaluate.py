@@ -19,14 +19,14 @@ from typing import Mapping, Optional, Sequence
 
 import jax
 
+from mtx.runtime import params as params_lib
 from mtx import parallel
 from mtx.data import pipeline as data_pipeline
 from mtx.data import registry
-from mtx.data import vocab as vocab_lib
 from mtx.eval import results
 from mtx.eval.evaluator import EvalOptions, Evaluator
 from mtx.model import T5Config
-from mtx.train import checkpoint, metrics_writer, state as state_lib
+from mtx.runtime import checkpoint, metrics_writer
 
 log = logging.getLogger("mtx")
 
@@ -56,7 +56,7 @@ def find_checkpoint_step(model_dir: str, step: Optional[int] = None) -> int:
   """
   path = model_dir if step is None else os.path.join(model_dir, str(int(step)))
   what = "MODEL_DIR" if step is None else "EVAL_CHECKPOINT_STEP"
-  state_dir = checkpoint._find_state_dir(path, what)  # pylint: disable=protected-access
+  state_dir = checkpoint.find_state_dir(path, what)
   return int(state_dir.parent.name)
 
 
@@ -88,10 +88,7 @@ def evaluate(*,
     devices: the devices of the mesh (default all).
     predictor: a stand-in for ``mtx.infer.predict.Predictor`` (tests).
   """
-  if vocabulary_path:
-    vocab_lib.get_vocabulary(vocabulary_path)
-    os.environ["MTX_VOCAB"] = vocabulary_path
-  registry.import_modules(mixture_or_task_module)
+  registry.import_modules(mixture_or_task_module, vocabulary_path)
   lengths = data_pipeline.check_feature_lengths(task_feature_lengths)
   spec = registry.resolve(mixture_or_task_name)
   if options.baseline_dir:  # Fail before the slow part.
@@ -99,7 +96,7 @@ def evaluate(*,
   step = find_checkpoint_step(model_dir, checkpoint_step)
   mesh = parallel.make_mesh(mesh_shape, devices)
   rules = tuple(logical_axis_rules)
-  model, params, shardings = state_lib.load_trained(
+  model, params, shardings = params_lib.load_trained(
       model_config, spec.vocabulary.vocab_size, mesh, rules,
       os.path.join(model_dir, str(step)), lengths["inputs"], lengths["targets"],
       what="MODEL_DIR")

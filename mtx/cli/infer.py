@@ -41,16 +41,16 @@ import jax
 import seqio
 import tensorflow as tf
 
+from mtx.runtime import params as params_lib
 from mtx import parallel
 from mtx.data import pipeline as data_pipeline
 from mtx.data import registry
-from mtx.data import vocab as vocab_lib
 from mtx.errors import UserError, close_names
 from mtx.infer import decoding
 from mtx.infer.predict import Predictor
 from mtx.model import T5Config
-from mtx.train import metrics_writer, progress as progress_lib
-from mtx.train import state as state_lib
+from mtx.runtime import metrics_writer, progress as progress_lib
+
 
 log = logging.getLogger("mtx")
 
@@ -413,12 +413,11 @@ def infer(*,
   if not input_path:
     raise UserError("INFER_INPUT is not set; set it to a text or JSONL file of inputs "
                     "(or '-' for stdin), e.g. --gin.INFER_INPUT=\"'inputs.txt'\".")
-  decoding.check_options("INFER", decode_method, num_beams, temperature, top_k,
-                         batch_size)
-  if vocabulary_path:
-    vocab_lib.get_vocabulary(vocabulary_path)
-    os.environ["MTX_VOCAB"] = vocabulary_path
-  registry.import_modules(mixture_or_task_module)
+  decode = decoding.DecodeOptions(method=decode_method, num_beams=num_beams,
+                                  length_penalty=length_penalty, temperature=temperature,
+                                  top_k=top_k, seed=seed)
+  decode.check("INFER", batch_size)
+  registry.import_modules(mixture_or_task_module, vocabulary_path)
   lengths = data_pipeline.check_feature_lengths(task_feature_lengths)
   inputs_length = int(inputs_length or lengths["inputs"])
   max_decode_length = int(max_decode_length or lengths["targets"])
@@ -441,7 +440,7 @@ def infer(*,
   if checkpoint_step is not None:
     path = os.path.join(path, str(int(checkpoint_step)))
     what = f"INFER_CHECKPOINT_STEP {checkpoint_step} in {what}"
-  model, params, shardings = state_lib.load_trained(
+  model, params, shardings = params_lib.load_trained(
       model_config, spec.vocabulary.vocab_size, mesh, rules, path, inputs_length,
       max_decode_length, what=what)
 
@@ -451,9 +450,7 @@ def infer(*,
   rows = min(batch_size, max(1, math.ceil(len(tokens) / dp)) * dp)
   predictor = Predictor(model, mesh, rules, shardings, batch_size=rows,
                         inputs_length=inputs_length, max_decode_length=max_decode_length,
-                        method=decode_method, num_beams=num_beams,
-                        length_penalty=length_penalty, temperature=temperature,
-                        top_k=top_k, seed=seed, eos_id=vocabulary.eos_id,
+                        decode=decode, eos_id=vocabulary.eos_id,
                         vocab_size=vocabulary.vocab_size)
   bar = _InputsProgress(len(tokens), enabled=(
       show_progress if jax.process_index() == 0 else False))

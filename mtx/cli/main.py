@@ -20,7 +20,7 @@ import re
 import sys
 from typing import Optional, Sequence
 
-from mtx.errors import UserError
+from mtx.errors import UserError, close_names
 
 REPO_GIN_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
     os.path.abspath(__file__)))), "gin_configs")
@@ -28,7 +28,7 @@ REQUIRED_MACROS = ("MIXTURE_OR_TASK_NAME", "TASK_FEATURE_LENGTHS", "TRAIN_STEPS"
                    "MODEL_DIR")
 # command -> (the gin configurable it calls, the macros it requires). Every command reads
 # the same gin files as ``mtx train`` (a run is described once); the configurables are
-# registered in mtx/train/configurables.py.
+# registered in mtx/cli/configurables.py.
 COMMANDS = {
     "train": ("train", REQUIRED_MACROS),
     "eval": ("evaluate", ("MIXTURE_OR_TASK_NAME", "TASK_FEATURE_LENGTHS", "MODEL_DIR")),
@@ -100,7 +100,8 @@ def parse_gin(gin_files: Sequence[str], flag_bindings: Sequence[tuple],
               required: Sequence[str] = REQUIRED_MACROS) -> None:
   """Parses gin files and bindings, turning gin's errors into one-line UserErrors."""
   import gin  # pylint: disable=g-import-not-at-top
-  import mtx.train.configurables  # pylint: disable=g-import-not-at-top,unused-import
+  # lazy: the configurables import JAX and TensorFlow; `mtx --help` should not wait.
+  import mtx.cli.configurables  # pylint: disable=g-import-not-at-top,unused-import # lazy: JAX/TF
   search_paths = list(search_paths) + [REPO_GIN_DIR, os.getcwd()]
   for path in search_paths:
     gin.add_config_file_search_path(path)
@@ -140,14 +141,12 @@ def parse_gin(gin_files: Sequence[str], flag_bindings: Sequence[tuple],
              if selector == "gin.macro"}
   undefined = sorted(used - defined)
   if undefined:
-    from mtx.errors import close_names  # pylint: disable=g-import-not-at-top
     name = undefined[0]
     raise UserError(f"Macro %{name} is used but never defined"
                     f"{close_names(name, defined)}; define it in a gin file "
                     f"({name} = ...) or with --gin.{name}=VALUE.")
   for name, value in flag_bindings:
     if _MACRO.match(name) and name not in used:
-      from mtx.errors import close_names  # pylint: disable=g-import-not-at-top
       raise UserError(f"--gin.{name}={value} binds a macro that no configuration uses"
                       f"{close_names(name, used)}; check its spelling.")
 
@@ -204,6 +203,12 @@ def run(argv: Sequence[str]) -> int:
   fn = gin.get_configurable(configurable)
   try:
     result = fn()
+    if args.command == "train":
+      # lazy: JAX and TensorFlow load only once the gin files are known to parse.
+      from mtx.train import loop  # pylint: disable=g-import-not-at-top # lazy: JAX/TF
+      result = loop.train(result, operative_config=gin.operative_config_str)
+  except UserError:
+    raise
   except ValueError as e:  # gin's missing-required-binding error
     msg = _one_line(e)
     if "Required bindings" in msg or "REQUIRED" in msg:

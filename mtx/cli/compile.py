@@ -1,0 +1,80 @@
+"""``mtx compile``: the gin-configured run's train step, compiled for a target mesh.
+
+    mtx compile --gin_file=gin_configs/demo.gin --gin_file=models/xxl.gin \\
+      --gin.COMPILE_NUM_DEVICES=256 \\
+      --gin.MESH_SHAPE="{'data': 16, 'fsdp': 16, 'tensor': 1}" \\
+      --gin.COMPILE_DEVICE_MEMORY_GIB=95
+
+reads the ``train.*`` bindings that shape the step, the fields of ``DataSettings`` and
+``StepSettings`` (``mtx.train.settings``), builds the step as ``mtx train`` builds it and
+compiles it (``mtx.train.compile``). The other settings (MODEL_DIR, TRAIN_STEPS, ...)
+are never evaluated, so they may stay REQUIRED.
+"""
+
+import copy
+import dataclasses
+import logging
+
+import gin
+
+from mtx.data import registry
+from mtx.errors import UserError
+from mtx.train import build as build_lib
+from mtx.train import compile as compile_lib
+from mtx.train import settings as settings_lib
+
+log = logging.getLogger("mtx")
+
+
+def _step_bindings(names: frozenset) -> dict:
+  """The gin bindings of ``train`` among ``names``, evaluated one by one.
+
+  A learning rate schedule that cannot be built here (one of TRAIN_STEPS, say) is
+  replaced by a constant: the compiled program is the same.
+  """
+  out = {}
+  for name, value in gin.get_bindings("train", resolve_references=False).items():
+    if name not in names:
+      continue
+    try:
+      out[name] = copy.deepcopy(value)  # evaluates @references and %MACROS
+    except Exception as e:  # pylint: disable=broad-except
+      if name == "learning_rate":
+        log.info("The learning rate schedule could not be built (%s); compiling with a "
+                 "constant one (the same program).", " ".join(str(e).split()))
+        out[name] = 1e-3
+        continue
+      raise UserError(f"Setting train.{name} could not be evaluated "
+                      f"({' '.join(str(e).split())[:300]}); set it for mtx compile as "
+                      "for mtx train.") from e
+  return out
+
+
+def _fields(cls) -> frozenset:
+  return frozenset(f.name for f in dataclasses.fields(cls))
+
+
+def compile_train(num_devices: int = 0, device_memory_gib: float = 0.0,
+                  num_processes: int = 1) -> compile_lib.CompileReport:
+  """``mtx compile`` (gin_configs/runs/compile.gin).
+
+  Args:
+    num_devices: fake CPU devices to compile for (COMPILE_NUM_DEVICES); 0 keeps the
+      devices JAX finds (the CPU's, unless set otherwise).
+    device_memory_gib: memory of one target device (COMPILE_DEVICE_MEMORY_GIB); 0
+      skips the fit check.
+    num_processes: processes of the target run (hosts), which default UNITS must be a
+      multiple of (COMPILE_NUM_PROCESSES).
+  """
+  compile_lib.use_fake_devices(num_devices)
+  data_names = _fields(settings_lib.DataSettings)
+  step_names = _fields(settings_lib.StepSettings)
+  bindings = _step_bindings(data_names | step_names)
+  data = settings_lib.DataSettings(**{k: v for k, v in bindings.items()
+                                      if k in data_names})
+  settings = settings_lib.StepSettings(**{k: v for k, v in bindings.items()
+                                          if k in step_names})
+  registry.import_modules(data.mixture_or_task_module, data.vocabulary_path)
+  build = build_lib.build_train_step(data, settings,
+                                     num_shards=data.data_shards or num_processes)
+  return compile_lib.compile_step(build, device_memory_gib)

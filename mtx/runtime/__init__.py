@@ -1,0 +1,1 @@
+"""Shared runtime of every command: checkpoints, metrics writing, progress, loading a trained model."""

@@ -1,0 +1,201 @@
+"""A training run's settings, in a few frozen objects passed whole.
+
+Gin binds them as ``train.*`` (``gin_configs/runs/train.gin`` comments every knob);
+``TrainConfig`` is that flat, gin-facing object, and the library takes its groups:
+
+    DataSettings        which examples, how they are mixed and laid out (mtx.data)
+    StepSettings        what the jitted step computes: model, optimizer, loss, mtl, mesh
+    CheckpointSettings  how often to save, how many to keep, where to start from
+    LoopSettings        where the run writes, how long it runs, logging and evaluation
+
+Each setting is defined once, with its default, in its group; ``TrainConfig`` holds
+every group's fields (it inherits them), and ``config.data`` etc. return the groups.
+``mtx compile`` builds only ``DataSettings`` and ``StepSettings``: the fields of those two
+are what shapes the compiled step. (T5X's ``DatasetConfig`` / ``CheckpointConfig`` and
+MaxText's one config object are the models.)
+
+    config = TrainConfig(model_dir="/tmp/run", mixture_or_task_name="demo",
+                         task_feature_lengths={"inputs": 32, "targets": 16},
+                         train_steps=100, mixture_or_task_module="mixtures.demo")
+    mtx.train.loop.train(config)
+"""
+
+import dataclasses
+from typing import Any, Callable, Mapping, Optional, Sequence
+
+from mtx import parallel
+from mtx.errors import UserError, close_names
+from mtx.eval.evaluator import EvalOptions
+from mtx.model import T5Config
+from mtx.train import optim
+
+NONFINITE_POLICIES = ("skip", "stop")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DataSettings:
+  """Which examples a run trains on, how they are mixed, and the batch layout.
+
+  Attributes:
+    mixture_or_task_name: a registered seqio task or mixture.
+    task_feature_lengths: ``{"inputs": N, "targets": M}``, packed row lengths.
+    batch_size: global rows per step; divisible by the data x fsdp devices.
+    mixture_or_task_module: module(s) to import that register the tasks.
+    vocabulary_path: a SentencePiece model for tasks built on the default vocabulary.
+    units: task-major units per batch (per-task gradients only); None = automatic.
+    task_groups: ``{task name or fnmatch pattern: group}``; mtl acts on groups.
+    rate_fn: "mixture", "equal", "examples_proportional" or "temperature".
+    rate_maximum: the examples-proportional cap.
+    rate_temperature: the temperature of "temperature".
+    split: the seqio split to train on.
+    data_seed: the data order's seed; None = StepSettings.seed.
+    data_shards: data shards (a multiple of the processes); None = one per process.
+  """
+  mixture_or_task_name: str
+  task_feature_lengths: Mapping[str, int]
+  batch_size: int = 32
+  mixture_or_task_module: Optional[str] = None
+  vocabulary_path: Optional[str] = None
+  units: Optional[int] = None
+  task_groups: Optional[Mapping[str, str]] = None
+  rate_fn: str = "mixture"
+  rate_maximum: Optional[float] = None
+  rate_temperature: float = 1.0
+  split: str = "train"
+  data_seed: Optional[int] = None
+  data_shards: Optional[int] = None
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class StepSettings:
+  """What the jitted train step computes.
+
+  Attributes:
+    model_config: the model (gin_configs/models/*.gin).
+    mtl_transforms: mtl transforms or their factories (gin's ``@mtl.pcgrad``).
+    optimizer_fn: ``(learning_rate=schedule) -> optax transform``.
+    learning_rate: a float or a schedule; None = T5's rsqrt schedule.
+    mesh_shape: ``{"data": d, "fsdp": f, "tensor": t}``; None = all devices on data.
+    logical_axis_rules: logical axis name -> mesh axes.
+    grad_accum_steps: microbatches per step.
+    z_loss: PaLM's z-loss coefficient on log(Z)^2; 0 turns it off.
+    label_smoothing: the cross-entropy's label smoothing.
+    seed: params init, dropout and the mtl methods' randomness.
+    tag_affinity_period: every N steps, TAG's inter-task affinity; 0 = off.
+    tag_affinity_lr: its lookahead learning rate; None = the schedule's.
+    debug_inject_nonfinite_steps, debug_inject_nonfinite_task: a testing aid (the
+      named task's loss is +Inf at these steps); empty in real runs.
+  """
+  model_config: T5Config = T5Config()
+  mtl_transforms: Sequence = ()
+  optimizer_fn: Callable = optim.make_optimizer
+  learning_rate: Any = None
+  mesh_shape: Optional[Mapping[str, int]] = None
+  logical_axis_rules: Sequence = parallel.DEFAULT_RULES
+  grad_accum_steps: int = 1
+  z_loss: float = 1e-4
+  label_smoothing: float = 0.0
+  seed: int = 0
+  tag_affinity_period: int = 0
+  tag_affinity_lr: Optional[float] = None
+  debug_inject_nonfinite_steps: Sequence[int] = ()
+  debug_inject_nonfinite_task: Optional[str] = None
+
+  def __post_init__(self):
+    if self.grad_accum_steps < 1:
+      raise UserError(f"grad_accum_steps must be >= 1 (got {self.grad_accum_steps}).")
+    period, lr = self.tag_affinity_period, self.tag_affinity_lr
+    if period < 0 or (lr is not None and lr <= 0):
+      raise UserError(
+          f"train.tag_affinity_period must be >= 0 (got {period}) and "
+          f"train.tag_affinity_lr positive or None (got {lr}); 0 turns TAG off and "
+          "None uses the schedule's learning rate.")
+
+  @property
+  def schedule(self) -> Callable:
+    """The learning rate as a schedule (step -> lr)."""
+    return optim.as_schedule(self.learning_rate if self.learning_rate is not None
+                             else optim.rsqrt_schedule())
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class CheckpointSettings:
+  """Checkpoints of a run (orbax, in MODEL_DIR).
+
+  Attributes:
+    checkpoint_period: steps between checkpoints (one is also saved at the end and
+      on SIGTERM).
+    keep_checkpoints: how many to keep.
+    async_checkpoint: write in the background while training goes on.
+    initial_checkpoint_path: another run's MODEL_DIR (or step dir) to start from.
+  """
+  checkpoint_period: int = 1000
+  keep_checkpoints: int = 3
+  async_checkpoint: bool = True
+  initial_checkpoint_path: Optional[str] = None
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LoopSettings:
+  """Where a run writes, how long it runs, what it logs and evaluates.
+
+  Attributes:
+    model_dir: checkpoints, metrics.jsonl, config.gin, tasks.json, TensorBoard.
+    train_steps: total steps (a resumed run stops here too).
+    log_period: steps between metrics.jsonl / TensorBoard lines.
+    eval_period: steps between evaluations; 0 = none.
+    eval_options: what and how to evaluate (``EvalOptions``); None = its defaults.
+    tensorboard: also write TensorBoard events.
+    print_param_table: print the parameter table at the start.
+    nonfinite_policy: "skip" or "stop" on a step with a NaN/Inf (runs/train.gin).
+  """
+  model_dir: str
+  train_steps: int
+  log_period: int = 100
+  eval_period: int = 0
+  eval_options: Optional[EvalOptions] = None
+  tensorboard: bool = True
+  print_param_table: bool = True
+  nonfinite_policy: str = "skip"
+
+  def __post_init__(self):
+    if self.train_steps <= 0:
+      raise UserError(f"TRAIN_STEPS must be positive (got {self.train_steps}).")
+    if self.nonfinite_policy not in NONFINITE_POLICIES:
+      raise UserError(
+          f"train.nonfinite_policy is '{self.nonfinite_policy}'"
+          f"{close_names(str(self.nonfinite_policy), NONFINITE_POLICIES)}; use 'skip' "
+          "(skip the update, count it) or 'stop' (stop the run, naming the step).")
+
+
+def _group(config, cls):
+  return cls(**{f.name: getattr(config, f.name) for f in dataclasses.fields(cls)})
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TrainConfig(LoopSettings, CheckpointSettings, StepSettings, DataSettings):
+  """Every ``train.*`` setting: what gin's ``train`` builds and ``mtx train`` runs.
+
+  The fields are the groups' (see each group for their meaning); ``data``, ``step``,
+  ``checkpoint`` and ``loop`` return the groups, which check their values.
+  """
+
+  def __post_init__(self):
+    # Building each group checks its values now, before any work.
+    _ = (self.data, self.step, self.checkpoint, self.loop)
+
+  @property
+  def data(self) -> DataSettings:
+    return _group(self, DataSettings)
+
+  @property
+  def step(self) -> StepSettings:
+    return _group(self, StepSettings)
+
+  @property
+  def checkpoint(self) -> CheckpointSettings:
+    return _group(self, CheckpointSettings)
+
+  @property
+  def loop(self) -> LoopSettings:
+    return _group(self, LoopSettings)
