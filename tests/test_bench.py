@@ -1,17 +1,17 @@
 """tools/bench.py: the tool runs every variant; its naive route and FLOPs are right."""
-# pylint: disable=protected-access  (the naive route is checked against step internals)
 
 import importlib.util
 import json
 import os
 
+import flax.linen as nn
 import jax
 import numpy as np
 import pytest
 
 from mtx import parallel
 from mtx.train import flops as flops_lib
-from mtx.train import optim
+from mtx.train import step as step_lib
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _TOOL = os.path.join(_ROOT, "tools", "bench.py")
@@ -29,10 +29,32 @@ def bench():
 @pytest.mark.slow  # five XLA compiles: ~1 min on 2 idle cores
 def test_smoke_every_variant(bench, tmp_path, capsys):
   path = tmp_path / "bench.json"
-  status = bench.main(["--model", _TINY, "--tasks", "2", "--steps", "1", "--repeats", "1",
-                       "--batch", "8", "--inputs_length", "16", "--targets_length", "8",
-                       "--mixture", "tiny", "--module", "tiny_mixture",
-                       "--pipeline_seconds", "0.1", "--json", str(path)])
+  status = bench.main(
+    [
+      "--model",
+      _TINY,
+      "--tasks",
+      "2",
+      "--steps",
+      "1",
+      "--repeats",
+      "1",
+      "--batch",
+      "8",
+      "--inputs_length",
+      "16",
+      "--targets_length",
+      "8",
+      "--mixture",
+      "tiny",
+      "--module",
+      "tiny_mixture",
+      "--pipeline_seconds",
+      "0.1",
+      "--json",
+      str(path),
+    ]
+  )
   out = capsys.readouterr().out
   assert status == 0
   for variant in bench.VARIANTS:
@@ -55,12 +77,14 @@ def test_analytic_flops_match_xla(bench):
   """mtx.train.flops counts what XLA counts in the tiny model's step, within 15%."""
   mesh = parallel.make_mesh(None, jax.devices()[:1])  # 1 device: no replicated work
   config = bench.model_config("tiny", vocab_size=768)
-  optimizer = optim.make_optimizer("adafactor", learning_rate=1e-3)
-  setup = bench.make_setup(config, mesh, tuple(parallel.DEFAULT_RULES), optimizer,
-                           (32, 16), num_tasks=2, batch_size=16, seed=0)
+  setup = bench.make_setup(
+    bench.step_settings(config, "adafactor"), mesh, (32, 16), num_tasks=2, batch_size=16
+  )
+  build = bench.build_step(setup.data, setup.settings, mesh, "plain")
+  assert not build.task_grads and build.step_config.num_tasks == 2
   # XLA's HLO cost analysis of the lowered step (the tool reports the compiled one,
   # which agrees within a few percent but takes ~10x longer to get).
-  lowered, _, _, _ = bench.lower_variant(setup, "plain", seed=0)
+  lowered, _, _, _ = bench.lower_variant(setup, build)
   cost = lowered.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   analytic = flops_lib.t5_train_step_flops(config, 16, 32, 16)
@@ -77,17 +101,26 @@ def test_naive_route_equals_vmap_route(bench):
   """jacrev of the task-loss vector gives the per-task gradients of vmap + segment-sum."""
   mesh = parallel.make_mesh({"data": 2}, jax.devices()[:2])
   config = bench.model_config(_TINY, vocab_size=200)
-  optimizer = optim.make_optimizer("adamw", learning_rate=1e-3)
   # k=3 with 4 units on 2 devices: tasks hold 2, 1 and 1 units, so the segment-sum
   # really sums.
-  setup = bench.make_setup(config, mesh, tuple(parallel.DEFAULT_RULES), optimizer,
-                           (16, 8), num_tasks=3, batch_size=16, seed=0)
+  setup = bench.make_setup(
+    bench.step_settings(config, "adamw"), mesh, (16, 8), num_tasks=3, batch_size=16
+  )
   assert setup.units == 4
+  cfg = setup.step_config  # built by build_train_step for the synthetic 3-task mixture
+  assert (cfg.task_grads, cfg.group_of_task) == (True, (0, 1, 2))
   vmap_stack, _, (params, batch) = bench.grad_stack(setup, seed=0)
-  naive = jax.jit(lambda p, b: bench.naive_group_gradients(
-      setup.model, _step_config(bench, setup), p, b, _counts(bench, setup, b), jax.random.key(0),
-      setup.p_shardings)[0])
-  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  naive = jax.jit(
+    lambda p, b: bench.naive_group_gradients(
+      setup.model,
+      cfg,
+      p,
+      b,
+      bench.group_token_counts(cfg, b),
+      jax.random.key(0),
+      setup.p_shardings,
+    )[0]
+  )
   with mesh, nn.logical_axis_rules(list(setup.rules)):
     naive_stack = naive(params, batch)
   flat_v, _ = jax.tree.flatten(vmap_stack)
@@ -102,23 +135,45 @@ def test_naive_route_equals_vmap_route(bench):
   assert not np.allclose(leaf[0], leaf[1])
 
 
-def _step_config(bench, setup):
-  return bench.step_lib.StepConfig(num_tasks=setup.num_tasks,
-                                   group_of_task=tuple(range(setup.num_tasks)),
-                                   task_grads=True, z_loss=1e-4, rules=setup.rules)
+def test_naive_variant_puts_jacrev_in_the_step_through_the_builder_seam(
+  bench, monkeypatch
+):
+  """pcgrad_naive's step is pcgrad_vmap's with ``naive_group_gradients`` passed to
+  ``build_train_step`` as the per-group route (no patching of mtx.train.step)."""
+  mesh = parallel.make_mesh(None, jax.devices()[:1])
+  config = bench.model_config(_TINY, vocab_size=200)
+  setup = bench.make_setup(
+    bench.step_settings(config), mesh, (16, 8), num_tasks=2, batch_size=8
+  )
+  calls = []
 
+  def recording(*args):
+    calls.append(args[1])  # the StepConfig it was given
+    return naive_group_gradients(*args)
 
-def _counts(bench, setup, batch):
-  cfg = _step_config(bench, setup)
-  step_lib = bench.step_lib
-  return step_lib._token_counts(cfg, batch) @ step_lib._group_matrix(cfg)
+  naive_group_gradients = bench.naive_group_gradients
+  monkeypatch.setattr(bench, "naive_group_gradients", recording)
+  build = bench.build_step(setup.data, setup.settings, mesh, "pcgrad_naive")
+  assert build.step_config == setup.reference.step_config  # same step otherwise
+  with mesh, nn.logical_axis_rules(list(setup.rules)):
+    bench.lower_variant(setup, build)
+  assert calls == [setup.reference.step_config]
+  assert step_lib.group_gradients.__module__ == "mtx.train.step"  # left unpatched
 
 
 def test_analytic_flops_formula():
   """The docstring's worked example, and linearity in the batch."""
   from mtx.model import T5Config  # pylint: disable=g-import-not-at-top
-  c = T5Config(vocab_size=768, emb_dim=128, num_heads=4, head_dim=32, mlp_dim=256,
-               num_encoder_layers=2, num_decoder_layers=2)
+
+  c = T5Config(
+    vocab_size=768,
+    emb_dim=128,
+    num_heads=4,
+    head_dim=32,
+    mlp_dim=256,
+    num_encoder_layers=2,
+    num_decoder_layers=2,
+  )
   fwd = flops_lib.t5_forward_flops(c, 16, 32, 16)
   assert fwd["total"] == pytest.approx(0.6837e9, rel=1e-3)
   assert flops_lib.t5_train_step_flops(c, 32, 32, 16) == pytest.approx(6 * fwd["total"])

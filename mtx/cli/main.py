@@ -20,6 +20,8 @@ import re
 import sys
 from typing import Optional, Sequence
 
+import gin
+
 from mtx.errors import UserError, close_names
 
 REPO_GIN_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
@@ -75,7 +77,6 @@ def split_gin_flags(argv: Sequence[str]) -> tuple:
 
 def _macro_references() -> set:
   """Names of the macros that some binding refers to (``%NAME``)."""
-  import gin  # pylint: disable=g-import-not-at-top
   found = set()
 
   def visit(value):
@@ -99,7 +100,6 @@ def parse_gin(gin_files: Sequence[str], flag_bindings: Sequence[tuple],
               extra_bindings: Sequence[str], search_paths: Sequence[str],
               required: Sequence[str] = REQUIRED_MACROS) -> None:
   """Parses gin files and bindings, turning gin's errors into one-line UserErrors."""
-  import gin  # pylint: disable=g-import-not-at-top
   # lazy: the configurables import JAX and TensorFlow; `mtx --help` should not wait.
   import mtx.cli.configurables  # pylint: disable=g-import-not-at-top,unused-import # lazy: JAX/TF
   search_paths = list(search_paths) + [REPO_GIN_DIR, os.getcwd()]
@@ -153,7 +153,6 @@ def parse_gin(gin_files: Sequence[str], flag_bindings: Sequence[tuple],
 
 def _is_required(macro: str) -> bool:
   """Whether ``macro`` is defined and still bound to ``%gin.REQUIRED``."""
-  import gin  # pylint: disable=g-import-not-at-top
   try:
     value = gin.query_parameter(f"%{macro}")
   except ValueError:
@@ -171,6 +170,7 @@ def _init_distributed(args) -> None:
   given = (args.coordinator_address, args.num_processes, args.process_id)
   if not args.distributed and all(v is None for v in given):
     return
+  # JAX only for multi-host runs: `mtx --help` and gin errors should not wait for it.
   import jax  # pylint: disable=g-import-not-at-top
   if not args.distributed and any(v is None for v in given):
     raise UserError("Multi-host runs need all of --coordinator_address, "
@@ -199,7 +199,6 @@ def run(argv: Sequence[str]) -> int:
   configurable, required = COMMANDS[args.command]
   parse_gin(args.gin_file, flag_bindings, args.gin_bindings, args.gin_search_paths,
             required)
-  import gin  # pylint: disable=g-import-not-at-top
   fn = gin.get_configurable(configurable)
   try:
     result = fn()

@@ -13,6 +13,7 @@ Empty inputs give NaN rather than raising, so an eval of an empty shard still lo
 (``pip install "mtx[text-metrics]"``); they are imported when first called.
 """
 
+import importlib
 import collections
 import re
 import string
@@ -204,7 +205,6 @@ _TEXT_METRICS_HINT = 'pip install "mtx[text-metrics]"'
 
 def _import_optional(module: str, metric: str):
   """Imports an optional metric package or says how to install it."""
-  import importlib  # pylint: disable=g-import-not-at-top
   try:
     return importlib.import_module(module)
   except ImportError as e:

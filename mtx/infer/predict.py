@@ -19,6 +19,7 @@ from typing import Any, Callable, Optional, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.experimental import multihost_utils
 import numpy as np
 
 from mtx import parallel
@@ -141,7 +142,6 @@ class Predictor:
 
   def _to_host(self, x: Array) -> np.ndarray:
     if jax.process_count() > 1:
-      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
       return np.asarray(multihost_utils.process_allgather(x, tiled=True))
     return np.asarray(x)
 

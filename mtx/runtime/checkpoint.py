@@ -55,6 +55,7 @@ from typing import Any
 
 from etils import epath
 import jax
+from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
@@ -523,7 +524,6 @@ def _all_processes_agree(ok: bool) -> bool:
   """True iff ``ok`` on every process (so that all fall back to the same step)."""
   if jax.process_count() == 1:
     return ok
-  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
   flags = multihost_utils.process_allgather(np.asarray([int(ok)], np.int32))
   return bool(np.all(flags))
 

@@ -276,6 +276,7 @@ class _TensorBoardWriter:
   """
 
   def __init__(self, logdir: str):
+    # TensorFlow (slow to import) only when TensorBoard is on.
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
     # pylint: disable-next=g-import-not-at-top
     from tensorflow.core.framework import summary_pb2

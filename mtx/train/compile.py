@@ -25,6 +25,7 @@ import logging
 import time
 from typing import Any, Optional
 
+import flax.linen as nn
 import jax
 import numpy as np
 
@@ -123,7 +124,6 @@ def _flops(compiled) -> Optional[float]:
 
 def compile_step(build: StepBuild, device_memory_gib: float = 0.0) -> CompileReport:
   """Lowers and compiles ``build.jit_step`` on abstract inputs; returns the report."""
-  import flax.linen as nn  # pylint: disable=g-import-not-at-top
   t0 = time.time()
   with build.mesh, nn.logical_axis_rules(list(build.rules)):
     lowered = build.jit_step.lower(build.sharded_state(), build.abstract_batch())

@@ -28,6 +28,24 @@ into the update), while ``step`` still advances and ``nonfinite_steps`` counts i
 optimizer's own step count therefore lags ``step`` by the skipped steps, as with
 ``optax.apply_if_finite``. Whether the run goes on or stops is the loop's choice
 (``train.nonfinite_policy``); the device program is the same.
+
+The pieces are public, pure functions of arrays and pytrees (``StepConfig`` is their
+static, hashable configuration), so that tests and tools/bench.py can call or time them
+apart:
+
+    task_loss_sums      loss sums and target tokens per task of some rows, f32[k] each
+    token_counts        target tokens per task of a batch, no model needed
+    group_matrix        the task -> group one-hot matrix f32[k, G]
+    safe_div            a / b, 0 where b is 0 (a group absent from the batch)
+    microbatches        [N, ...] -> [M, N/M, ...], each device keeping its rows
+    one_gradient        the one-gradient route
+    group_gradients     the per-group route: f32[G, *param], one gradient per group
+    sum_units_by_group  its per-unit gradients summed by group
+    make_train_step     the whole step; ``group_gradients_fn`` replaces the per-group
+                        route (tools/bench.py passes ``jax.jacrev``'s, to compare)
+
+``mtx.train.build.build_train_step`` is how the trainer, ``mtx compile`` and the bench
+tools build and jit the step from a run's settings.
 """
 
 import dataclasses
@@ -36,14 +54,19 @@ from typing import Any, Callable, Optional, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from mtx import mtl, parallel
 from mtx.model import losses
 
-MODEL_KEYS = ("encoder_input_tokens", "decoder_input_tokens", "encoder_segment_ids",
-              "decoder_segment_ids", "encoder_positions", "decoder_positions")
+MODEL_KEYS = (
+  "encoder_input_tokens",
+  "decoder_input_tokens",
+  "encoder_segment_ids",
+  "decoder_segment_ids",
+  "encoder_positions",
+  "decoder_positions",
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,6 +89,7 @@ class StepConfig:
       +Inf, so that task's loss and the gradient are non-finite (a step where the task
       has no tokens is left alone). Empty in real runs, and then not in the program.
   """
+
   num_tasks: int
   group_of_task: tuple
   task_grads: bool = False
@@ -85,33 +109,95 @@ class StepConfig:
 
 
 def task_loss_sums(model, cfg: StepConfig, params, batch, key):
-  """(loss sums f32[k], token counts f32[k]) of a chunk of rows [..., rows, L]."""
-  logits = model.apply({"params": params}, **{k: batch[k] for k in MODEL_KEYS},
-                       enable_dropout=cfg.dropout, rngs={"dropout": key})
-  tok = losses.cross_entropy(logits, batch["decoder_target_tokens"], z_loss=cfg.z_loss,
-                             label_smoothing=cfg.label_smoothing)
-  return losses.task_sums(tok, batch["decoder_task_ids"], batch["decoder_loss_weights"],
-                          cfg.num_tasks)
+  """Loss sums and target tokens per task of some packed rows.
+
+  Args:
+    model: the ``mtx.model.T5`` module.
+    cfg: the step's settings; uses ``num_tasks``, ``z_loss``, ``label_smoothing`` and
+      ``dropout``.
+    params: the model's params pytree.
+    batch: int32 features [..., rows, length]: ``MODEL_KEYS`` and
+      ``decoder_target_tokens``, ``decoder_loss_weights``, ``decoder_task_ids`` (the
+      task id of every target token, -1 on padding; ``mtx.data.packing``).
+    key: the dropout PRNG key (unused unless ``cfg.dropout``).
+
+  Returns:
+    (loss_sums f32[k], token_counts f32[k]): per task, the sum of its token losses
+    (cross-entropy, plus z-loss and label smoothing as configured) times
+    ``decoder_loss_weights``, and the sum of those weights. A task's mean loss over
+    these rows is ``safe_div(loss_sums, token_counts)``.
+  """
+  logits = model.apply(
+    {"params": params},
+    **{k: batch[k] for k in MODEL_KEYS},
+    enable_dropout=cfg.dropout,
+    rngs={"dropout": key},
+  )
+  tok = losses.cross_entropy(
+    logits,
+    batch["decoder_target_tokens"],
+    z_loss=cfg.z_loss,
+    label_smoothing=cfg.label_smoothing,
+  )
+  return losses.task_sums(
+    tok, batch["decoder_task_ids"], batch["decoder_loss_weights"], cfg.num_tasks
+  )
 
 
 def microbatches(batch: dict, m: int) -> dict:
-  """[N, ...] -> [m, N/m, ...] taking rows b with b % m == i, so no row changes device."""
+  """Splits every leaf [N, ...] into m microbatches [m, N/m, ...] (N divisible by m).
+
+  Microbatch i takes rows b with b % m == i. The batch's leading axis is sharded over
+  the data axes in contiguous blocks; a reshape to [N/m, m] keeps each row on its
+  device, so accumulation moves no data (taking contiguous rows would).
+
+      >>> microbatches({"x": jnp.arange(6)}, 2)["x"]
+      Array([[0, 2, 4],
+             [1, 3, 5]], dtype=int32)
+
+  Args:
+    batch: a pytree of arrays with the same leading size N.
+    m: the number of microbatches (``StepConfig.grad_accum_steps``).
+
+  Returns:
+    The same pytree, each leaf [m, N/m, ...], ready for ``jax.lax.scan``.
+  """
+
   def split(x):
     x = x.reshape((x.shape[0] // m, m) + x.shape[1:])
     return jnp.swapaxes(x, 0, 1)
+
   return jax.tree.map(split, batch)
 
 
 def group_matrix(cfg: StepConfig) -> jax.Array:
+  """The task-to-group one-hot matrix f32[k, G]: row t is task t's group.
+
+  Per-task sums [k] times it are per-group sums [G]. With ``group_of_task`` (0, 0, 1):
+  ``[[1, 0], [1, 0], [0, 1]]``.
+  """
   return jax.nn.one_hot(jnp.asarray(cfg.group_of_task), cfg.num_groups, dtype=jnp.float32)
 
 
 def safe_div(a, b):
+  """``a / b`` where ``b > 0``, else 0 (broadcasting).
+
+  A group with no target tokens in the batch gets loss 0 and weight 0, not NaN.
+  """
   return jnp.where(b > 0, a / jnp.maximum(b, 1e-9), 0.0)
 
 
 def token_counts(cfg: StepConfig, batch) -> jax.Array:
-  """Target tokens per task in the whole (global) batch, f32[k]; no model needed."""
+  """Target tokens per task, f32[k], in ``batch`` (of any shape); no model needed.
+
+  Given the whole global batch, these are the denominators of the task losses, so a
+  task's loss does not depend on how its rows were split among devices, units or
+  microbatches. Per-group counts: ``token_counts(cfg, batch) @ group_matrix(cfg)``.
+
+  Args:
+    cfg: uses ``num_tasks``.
+    batch: ``decoder_task_ids`` and ``decoder_loss_weights``, int [..., length].
+  """
   onehot = jax.nn.one_hot(batch["decoder_task_ids"], cfg.num_tasks, dtype=jnp.float32)
   w = batch["decoder_loss_weights"].astype(jnp.float32)[..., None] * onehot
   return jnp.sum(w, axis=tuple(range(w.ndim - 1)))
@@ -131,31 +217,72 @@ def _inject_nonfinite(cfg: StepConfig, batch: dict, step: jax.Array) -> dict:
 
 def _all_finite(*trees) -> jax.Array:
   """True iff every floating leaf of the trees is finite (one reduction per leaf)."""
-  flags = [jnp.all(jnp.isfinite(x)) for t in trees for x in jax.tree.leaves(t)
-           if jnp.issubdtype(x.dtype, jnp.inexact)]
+  flags = [
+    jnp.all(jnp.isfinite(x))
+    for t in trees
+    for x in jax.tree.leaves(t)
+    if jnp.issubdtype(x.dtype, jnp.inexact)
+  ]
   return jnp.all(jnp.stack(flags)) if flags else jnp.asarray(True)
 
 
 def _keep_if(ok: jax.Array, new, old):
   """``new`` where ``ok`` else ``old``, leaf by leaf (a select XLA fuses into the update)."""
-  return jax.tree.map(lambda a, b: jax.lax.select(jnp.broadcast_to(ok, a.shape), a, b),
-                      new, old)
+  return jax.tree.map(
+    lambda a, b: jax.lax.select(jnp.broadcast_to(ok, a.shape), a, b), new, old
+  )
 
 
-def one_gradient(model, cfg, transforms, params, mtl_state, batch, group_counts, dkey,
-                  mkey):
-  """Weighted-sum route: returns (grads like params, task sums, w[G], new mtl state)."""
+def one_gradient(
+  model, cfg, transforms, params, mtl_state, batch, group_counts, dkey, mkey
+):
+  """The one-gradient route: grad of sum_g w_g L_g, with the weights w from the losses.
+
+  L_g = (loss sum of group g's target tokens) / ``group_counts[g]``. The weights w [G]
+  are the product of the mtl transforms' weights (``mtl.combined_weights``: a
+  weighting's, such as static weights or FAMO, times the aggregator's) computed from L
+  with no gradient through them, and the backward pass takes w as its cotangent: the
+  cost of one plain gradient.
+  With ``cfg.grad_accum_steps`` M > 1, a forward pass over the M microbatches gives L
+  and w first, then a second pass accumulates the gradient of sum_g w_g L_g.
+
+  Equivalently, for the w it returns (with ``gm = group_matrix(cfg)``)::
+
+      grads == jax.grad(lambda p: w @ safe_div(
+          task_loss_sums(model, cfg, p, batch, dkey)[0] @ gm, group_counts))(params)
+
+  Args:
+    model, cfg, params: as for ``task_loss_sums``.
+    transforms: the mtl transforms (a weighting, then an aggregator).
+    mtl_state: their state (``optax.chain(*transforms).init(params)``).
+    batch: flat features int32 [rows, length] (``task_loss_sums``' keys); rows divisible
+      by M.
+    group_counts: f32[G], target tokens per group in the global batch
+      (``token_counts(cfg, batch) @ group_matrix(cfg)``).
+    dkey: the dropout key (split among microbatches when M > 1).
+    mkey: the mtl transforms' key (randomised weightings).
+
+  Returns:
+    (grads like params, task loss sums f32[k], w f32[G], the new mtl state).
+  """
   gm = group_matrix(cfg)
   m = cfg.grad_accum_steps
 
   def weights_for(group_losses):
-    return mtl.combined_weights(transforms, mtl_state, task_losses=group_losses,
-                                task_present=group_counts > 0, key=mkey)
+    return mtl.combined_weights(
+      transforms,
+      mtl_state,
+      task_losses=group_losses,
+      task_present=group_counts > 0,
+      key=mkey,
+    )
 
   if m == 1:
+
     def group_losses(p):
       sums, _ = task_loss_sums(model, cfg, p, batch, dkey)
       return safe_div(sums @ gm, group_counts), sums
+
     lg, vjp_fn, sums = jax.vjp(group_losses, params, has_aux=True)
     w, new_state = weights_for(jax.lax.stop_gradient(lg))
     (grads,) = vjp_fn(w.astype(lg.dtype))
@@ -168,6 +295,7 @@ def one_gradient(model, cfg, transforms, params, mtl_state, batch, group_counts,
     mb, key = xs
     sums, _ = task_loss_sums(model, cfg, params, mb, key)
     return carry + sums, None
+
   sums, _ = jax.lax.scan(fwd, jnp.zeros([cfg.num_tasks]), (micro, keys))
   w, new_state = weights_for(safe_div(sums @ gm, group_counts))
   scale = safe_div(w, group_counts)  # d/dp sum_g w_g S_g / N_g
@@ -176,12 +304,22 @@ def one_gradient(model, cfg, transforms, params, mtl_state, batch, group_counts,
     mb, key = xs
     g = jax.grad(lambda p: task_loss_sums(model, cfg, p, mb, key)[0] @ gm @ scale)(params)
     return jax.tree.map(jnp.add, acc, g), None
+
   grads, _ = jax.lax.scan(bwd, jax.tree.map(jnp.zeros_like, params), (micro, keys))
   return grads, sums, w, new_state
 
 
 def sum_units_by_group(per_unit, unit_task, num_groups: int):
   """Per-unit gradients [U, *param] -> per-group sums [G, *param].
+
+  ``out[g] = sum of per_unit[u] over the units u with unit_task[u] == g``, per leaf:
+  with ``unit_task`` [0, 1, 0] and G 2, ``out[0] = per_unit[0] + per_unit[2]`` and
+  ``out[1] = per_unit[1]``.
+
+  Args:
+    per_unit: a pytree of f32[U, *param_shape] leaves.
+    unit_task: int32[U], the group id of each unit (ids outside [0, G) count nowhere).
+    num_groups: G.
 
   A contraction with the one-hot unit-to-group matrix [G, U] rather than
   ``jax.ops.segment_sum``: XLA lowers segment_sum to a scatter, which on CPU is slower
@@ -192,12 +330,45 @@ def sum_units_by_group(per_unit, unit_task, num_groups: int):
   """
   onehot = jax.nn.one_hot(unit_task, num_groups, dtype=jnp.float32).T  # [G, U]
   return jax.tree.map(
-      lambda g: jnp.tensordot(onehot.astype(g.dtype), g, axes=1,
-                              precision=jax.lax.Precision.HIGHEST), per_unit)
+    lambda g: jnp.tensordot(
+      onehot.astype(g.dtype), g, axes=1, precision=jax.lax.Precision.HIGHEST
+    ),
+    per_unit,
+  )
 
 
 def group_gradients(model, cfg, params, batch, group_counts, dkey, param_shardings):
-  """Task-major route: returns (per-group grads [G, *param], task sums f32[k])."""
+  """The per-group route: the gradient of every group's mean loss, stacked.
+
+  ``grads[g] = jax.grad(L_g)(params)`` with L_g = (loss sum of group g's target
+  tokens) / ``group_counts[g]`` (0 for a group with no tokens). The batch is task-major:
+  unit u holds examples of group ``unit_task[u]`` only. ``vmap(grad)`` over units, with
+  params unbatched, gives one gradient per unit for the FLOPs of one gradient; each
+  unit's loss is pre-scaled by 1 / (its group's tokens), so that summing the units by
+  group (``sum_units_by_group``) gives the groups' mean-loss gradients. With
+  ``cfg.grad_accum_steps`` M > 1 the units are split into M microbatches
+  (``microbatches``) and the group sums accumulated over them.
+
+  Example, G 2 groups in U 4 units of R rows each::
+
+      counts = token_counts(cfg, batch) @ group_matrix(cfg)   # f32[2]
+      grads, sums = group_gradients(model, cfg, params, batch, counts, key,
+                                    param_shardings)
+      # batch["unit_task"] [0, 1, 0, 1]; every leaf of grads is [2, *param_shape]
+
+  Args:
+    model, cfg, params: as for ``task_loss_sums``.
+    batch: int32 features [U, R, length] (``task_loss_sums``' keys) and ``unit_task``
+      int32[U], the group id of each unit's examples (tasks are their own groups
+      unless ``task_groups`` says otherwise); U divisible by M.
+    group_counts: f32[G], target tokens per group in the global batch.
+    dkey: the dropout key, split into one key per unit.
+    param_shardings: the params' ``NamedSharding`` pytree; each group's gradient is
+      sharded like its param (the group axis is not sharded).
+
+  Returns:
+    (grads: a params-like pytree of f32[G, *param_shape], task loss sums f32[k]).
+  """
   unit_task = batch["unit_task"]
   data = {k: v for k, v in batch.items() if k != "unit_task"}
   unit_scale = safe_div(1.0, group_counts)[unit_task]  # [U]
@@ -209,8 +380,11 @@ def group_gradients(model, cfg, params, batch, group_counts, dkey, param_shardin
     sums, _ = task_loss_sums(model, cfg, p, unit, key)
     return scale * jnp.sum(sums), sums
 
-  per_unit = jax.vmap(jax.grad(unit_objective, has_aux=True), in_axes=(None, 0, 0, 0),
-                      spmd_axis_name=parallel.BATCH_AXES)
+  per_unit = jax.vmap(
+    jax.grad(unit_objective, has_aux=True),
+    in_axes=(None, 0, 0, 0),
+    spmd_axis_name=parallel.BATCH_AXES,
+  )
 
   def chunk(p, units, scales, keys, tasks):
     with nn.logical_axis_rules(parallel.rules_without_batch(cfg.rules)):
@@ -219,28 +393,36 @@ def group_gradients(model, cfg, params, batch, group_counts, dkey, param_shardin
 
   def constrain(grads):
     return jax.tree.map(
-        lambda g, s: jax.lax.with_sharding_constraint(
-            g, jax.sharding.NamedSharding(s.mesh, jax.sharding.PartitionSpec(None, *s.spec))),
-        grads, param_shardings)
+      lambda g, s: jax.lax.with_sharding_constraint(
+        g, jax.sharding.NamedSharding(s.mesh, jax.sharding.PartitionSpec(None, *s.spec))
+      ),
+      grads,
+      param_shardings,
+    )
 
   if m == 1:
     grads, sums = chunk(params, data, unit_scale, unit_keys, unit_task)
     return constrain(grads), sums
 
-  xs = microbatches({"d": data, "s": unit_scale, "k": unit_keys, "t": unit_task}, m)
+  xs = microbatches(
+    {"units": data, "scales": unit_scale, "keys": unit_keys, "groups": unit_task}, m
+  )
 
   def body(carry, x):
     acc, acc_sums = carry
-    g, s = chunk(params, x["d"], x["s"], x["k"], x["t"])
+    g, s = chunk(params, x["units"], x["scales"], x["keys"], x["groups"])
     return (jax.tree.map(jnp.add, acc, constrain(g)), acc_sums + s), None
-  zeros = constrain(jax.tree.map(
-      lambda p: jnp.zeros((cfg.num_groups,) + p.shape, jnp.float32), params))
+
+  zeros = constrain(
+    jax.tree.map(lambda p: jnp.zeros((cfg.num_groups,) + p.shape, jnp.float32), params)
+  )
   (grads, sums), _ = jax.lax.scan(body, (zeros, jnp.zeros([cfg.num_tasks])), xs)
   return grads, sums
 
 
-def _tag_affinity(model, cfg, params, batch, group_counts, group_grads, present, lr,
-                  due, key):
+def _tag_affinity(
+  model, cfg, params, batch, group_counts, group_grads, present, lr, due, key
+):
   """TAG affinity f32[G, G] on this batch when ``due`` (zeros otherwise): G + 1 forward
   passes without dropout, under ``lax.cond`` so that other steps pay nothing."""
   rows = {k: v.reshape((-1,) + v.shape[2:]) for k, v in batch.items() if k != "unit_task"}
@@ -257,81 +439,139 @@ def _tag_affinity(model, cfg, params, batch, group_counts, group_grads, present,
   return jax.lax.cond(due, affinity, lambda _: zeros, None)
 
 
-def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation,
-                    transforms: Sequence, cfg: StepConfig,
-                    param_shardings: Any,
-                    learning_rate_fn: Optional[Callable] = None,
-                    group_gradients_fn: Callable = group_gradients) -> Callable:
+def make_train_step(
+  model: nn.Module,
+  optimizer: optax.GradientTransformation,
+  transforms: Sequence,
+  cfg: StepConfig,
+  param_shardings: Any,
+  learning_rate_fn: Optional[Callable] = None,
+  group_gradients_fn: Callable = group_gradients,
+) -> Callable:
   """Returns ``step(state, batch) -> (state, metrics)`` (not yet jitted).
+
+  ``mtx.train.build.build_train_step`` calls this and jits the step with the state and
+  batch shardings; call it directly only to build a step outside a run's settings.
+
+  Args:
+    model: the ``mtx.model.T5`` module.
+    optimizer: the optax optimizer the combined gradient goes to.
+    transforms: the mtl transforms, aggregator included (``mtl.ensure_aggregator``);
+      ``cfg.task_grads`` says which route they need (``mtl.needs_task_grads``).
+    cfg: the step's static settings.
+    param_shardings: the params' ``NamedSharding`` pytree (per-group gradients are
+      sharded like it).
+    learning_rate_fn: step -> learning rate; TAG's lookahead uses it when
+      ``cfg.tag_affinity_lr`` is 0.
+    group_gradients_fn: the per-group route's gradients, with ``group_gradients``'
+      arguments and results; another one (``jax.jacrev`` of the group-loss vector in
+      tools/bench.py) lets a benchmark compare routes inside the same step.
 
   ``state`` is ``{"step", "params", "opt_state", "mtl_state", "rng",
   "nonfinite_steps"}`` (``mtx.train.state.make_state``; the last is the int32[] count
-  of skipped steps, see the module docstring). Metrics hold ``task_loss_sums``/``task_tokens`` f32[k],
-  ``group_weights`` f32[G] (one-gradient route), ``grad_norm``, ``nonfinite``
-  (bool[], this step was skipped), ``nonfinite_steps``,
-  and on the per-group route ``group_grad_norm`` f32[G], ``group_grad_cos`` f32[G, G]
-  and ``conflict_frac``.
+  of skipped steps, see the module docstring). ``batch`` is flat [B, length] on the
+  one-gradient route and task-major [U, B/U, length] plus ``unit_task`` on the
+  per-group route (``mtx.data.pipeline``).
 
-  With ``tag_affinity_period`` metrics also hold ``tag_affinity`` f32[G, G] and
-  ``tag_due`` (bool[], whether it was measured at this step); ``learning_rate_fn``
-  (step -> lr) gives its lookahead learning rate when ``tag_affinity_lr`` is 0. On the
-  per-group route ``group_weights`` holds the weights the method applied, when it
-  reports them (``mtl.aggregate``).
+  Metrics hold ``task_loss_sums``/``task_tokens`` f32[k], ``group_weights`` f32[G]
+  (one-gradient route), ``grad_norm``, ``nonfinite`` (bool[], this step was skipped),
+  ``nonfinite_steps``, and on the per-group route ``group_grad_norm`` f32[G],
+  ``group_grad_cos`` f32[G, G] and ``conflict_frac``. On the per-group route
+  ``group_weights`` holds the weights the method applied, when it reports them
+  (``mtl.aggregate``). With ``tag_affinity_period`` metrics also hold ``tag_affinity``
+  f32[G, G] and ``tag_due`` (bool[], whether it was measured at this step).
 
-  ``group_gradients_fn`` computes the per-group route's gradients, with
-  ``group_gradients``' arguments and results; another one (``jax.jacrev`` of the loss
-  vector in tools/bench.py) lets a benchmark compare routes inside the same step.
+  Raises:
+    ValueError: TAG affinity without the per-group route or a learning rate.
   """
   transforms = tuple(transforms)
-  if cfg.tag_affinity_period and not (cfg.task_grads and (
-      cfg.tag_affinity_lr > 0 or learning_rate_fn is not None)):
+  if cfg.tag_affinity_period and not (
+    cfg.task_grads and (cfg.tag_affinity_lr > 0 or learning_rate_fn is not None)
+  ):
     raise ValueError("TAG affinity needs the per-group route and a learning rate.")
+
+  def per_group_route(state, batch, group_counts, dkey, mkey):
+    """Per-group gradients and ``mtl.aggregate``: (grads, task sums, mtl state,
+    metrics), TAG's affinity included when configured."""
+    params = state["params"]
+    metrics = {}
+    group_grads, sums = group_gradients_fn(
+      model, cfg, params, batch, group_counts, dkey, param_shardings
+    )
+    present = group_counts > 0
+    group_losses = safe_div(sums @ group_matrix(cfg), group_counts)
+    grads, mtl_state, info = mtl.aggregate(
+      transforms,
+      state["mtl_state"],
+      group_grads,
+      params,
+      task_losses=group_losses,
+      task_present=present,
+      key=mkey,
+    )
+    metrics.update(
+      group_grad_norm=info["grad_norm"],
+      group_grad_cos=info["grad_cos"],
+      conflict_frac=info["conflict_frac"],
+    )
+    if "weights" in info:
+      metrics["group_weights"] = info["weights"]
+    if cfg.tag_affinity_period:
+      due = (state["step"] + 1) % cfg.tag_affinity_period == 0
+      lr = (
+        cfg.tag_affinity_lr
+        if cfg.tag_affinity_lr > 0
+        else learning_rate_fn(state["step"])
+      )
+      metrics["tag_affinity"] = _tag_affinity(
+        model, cfg, params, batch, group_counts, group_grads, present, lr, due, dkey
+      )
+      metrics["tag_due"] = due
+    return grads, sums, mtl_state, metrics
 
   def step(state, batch):
     params = state["params"]
     base = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
     dkey, mkey = jax.random.split(base)
-    metrics = {}
     counts = token_counts(cfg, batch)  # target tokens per task in the global batch
     group_counts = counts @ group_matrix(cfg)
     if cfg.inject_nonfinite_steps:
       batch = _inject_nonfinite(cfg, batch, state["step"] + 1)
     if cfg.task_grads:
-      group_grads, sums = group_gradients_fn(model, cfg, params, batch, group_counts,
-                                             dkey, param_shardings)
-      present = group_counts > 0
-      group_losses = safe_div(sums @ group_matrix(cfg), group_counts)
-      grads, mtl_state, info = mtl.aggregate(transforms, state["mtl_state"],
-                                             group_grads, params,
-                                             task_losses=group_losses,
-                                             task_present=present, key=mkey)
-      metrics.update(group_grad_norm=info["grad_norm"], group_grad_cos=info["grad_cos"],
-                     conflict_frac=info["conflict_frac"])
-      if "weights" in info:
-        metrics["group_weights"] = info["weights"]
-      if cfg.tag_affinity_period:
-        due = (state["step"] + 1) % cfg.tag_affinity_period == 0
-        lr = (cfg.tag_affinity_lr if cfg.tag_affinity_lr > 0
-              else learning_rate_fn(state["step"]))
-        metrics["tag_affinity"] = _tag_affinity(model, cfg, params, batch, group_counts,
-                                                group_grads, present, lr, due, dkey)
-        metrics["tag_due"] = due
+      grads, sums, mtl_state, metrics = per_group_route(
+        state, batch, group_counts, dkey, mkey
+      )
     else:
-      grads, sums, w, mtl_state = one_gradient(model, cfg, transforms, params,
-                                                state["mtl_state"], batch, group_counts,
-                                                dkey, mkey)
-      metrics["group_weights"] = w
+      grads, sums, w, mtl_state = one_gradient(
+        model,
+        cfg,
+        transforms,
+        params,
+        state["mtl_state"],
+        batch,
+        group_counts,
+        dkey,
+        mkey,
+      )
+      metrics = {"group_weights": w}
     updates, opt_state = optimizer.update(grads, state["opt_state"], params)
     new_params = optax.apply_updates(params, updates)
     grad_norm = optax.global_norm(grads)
     # The update is checked too: a finite gradient can still overflow in the optimizer.
     ok = _all_finite(sums, grad_norm, updates)
-    metrics.update(task_loss_sums=sums, task_tokens=counts, grad_norm=grad_norm,
-                   nonfinite=jnp.logical_not(ok))
-    new_state = dict(state, step=state["step"] + 1,
-                     params=_keep_if(ok, new_params, params),
-                     opt_state=_keep_if(ok, opt_state, state["opt_state"]),
-                     mtl_state=_keep_if(ok, mtl_state, state["mtl_state"]))
+    metrics.update(
+      task_loss_sums=sums,
+      task_tokens=counts,
+      grad_norm=grad_norm,
+      nonfinite=jnp.logical_not(ok),
+    )
+    new_state = dict(
+      state,
+      step=state["step"] + 1,
+      params=_keep_if(ok, new_params, params),
+      opt_state=_keep_if(ok, opt_state, state["opt_state"]),
+      mtl_state=_keep_if(ok, mtl_state, state["mtl_state"]),
+    )
     new_state["nonfinite_steps"] = state["nonfinite_steps"] + (1 - ok.astype(jnp.int32))
     metrics["nonfinite_steps"] = new_state["nonfinite_steps"]
     return new_state, metrics
