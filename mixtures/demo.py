@@ -51,17 +51,85 @@ from mtx.eval import metrics
 
 Example = Tuple[str, str]
 
-_WORDS = ("cat", "dog", "fox", "owl", "bee", "cow", "pig", "hen", "ant", "bat", "red",
-          "blue", "green", "gold", "pink", "gray", "sun", "moon", "star", "tree", "rock",
-          "lake", "hill", "rain", "snow", "wind", "fire", "ice", "sea", "sky")
-_SUBJECTS = ("the movie", "the food", "the service", "the book", "the game", "the hotel",
-             "the song", "the show", "the room", "the coffee", "the soup", "the film",
-             "the staff", "the music", "the story", "the trip")
+_WORDS = (
+  "cat",
+  "dog",
+  "fox",
+  "owl",
+  "bee",
+  "cow",
+  "pig",
+  "hen",
+  "ant",
+  "bat",
+  "red",
+  "blue",
+  "green",
+  "gold",
+  "pink",
+  "gray",
+  "sun",
+  "moon",
+  "star",
+  "tree",
+  "rock",
+  "lake",
+  "hill",
+  "rain",
+  "snow",
+  "wind",
+  "fire",
+  "ice",
+  "sea",
+  "sky",
+)
+_SUBJECTS = (
+  "the movie",
+  "the food",
+  "the service",
+  "the book",
+  "the game",
+  "the hotel",
+  "the song",
+  "the show",
+  "the room",
+  "the coffee",
+  "the soup",
+  "the film",
+  "the staff",
+  "the music",
+  "the story",
+  "the trip",
+)
 _ADVERBS = ("", "really ", "very ", "quite ", "so ", "truly ")
-_POSITIVE = ("great", "good", "tasty", "lovely", "fun", "nice", "amazing", "wonderful",
-             "excellent", "pleasant", "fresh", "friendly")
-_NEGATIVE = ("bad", "awful", "boring", "terrible", "dull", "poor", "cold", "slow",
-             "rude", "bland", "noisy", "sad")
+_POSITIVE = (
+  "great",
+  "good",
+  "tasty",
+  "lovely",
+  "fun",
+  "nice",
+  "amazing",
+  "wonderful",
+  "excellent",
+  "pleasant",
+  "fresh",
+  "friendly",
+)
+_NEGATIVE = (
+  "bad",
+  "awful",
+  "boring",
+  "terrible",
+  "dull",
+  "poor",
+  "cold",
+  "slow",
+  "rude",
+  "bland",
+  "noisy",
+  "sad",
+)
 
 
 def _numbers(rng: random.Random) -> List[int]:
@@ -122,13 +190,13 @@ def _sentiment(rng: random.Random) -> Example:
 # name -> (generator, train size, validation size, seed, metric fns). The seed belongs to
 # the generator's input stream: demo_copy and demo_reverse share 1001 on purpose.
 _TASKS: Dict[str, Tuple[Callable[[random.Random], Example], int, int, int, tuple]] = {
-    "demo_sort": (_sort, 50_000, 1_000, 1000, (metrics.exact_match,)),
-    "demo_copy": (_copy, 20_000, 500, 1001, (metrics.exact_match,)),
-    "demo_reverse": (_reverse, 20_000, 500, 1001, (metrics.exact_match,)),
-    "demo_sentiment": (_sentiment, 8_000, 500, 1002, (metrics.accuracy,)),
-    "demo_min": (_min, 5_000, 500, 1003, (metrics.exact_match,)),
-    "demo_max": (_max, 5_000, 500, 1004, (metrics.exact_match,)),
-    "demo_count": (_count, 2_000, 200, 1005, (metrics.accuracy,)),
+  "demo_sort": (_sort, 50_000, 1_000, 1000, (metrics.exact_match,)),
+  "demo_copy": (_copy, 20_000, 500, 1001, (metrics.exact_match,)),
+  "demo_reverse": (_reverse, 20_000, 500, 1001, (metrics.exact_match,)),
+  "demo_sentiment": (_sentiment, 8_000, 500, 1002, (metrics.accuracy,)),
+  "demo_min": (_min, 5_000, 500, 1003, (metrics.exact_match,)),
+  "demo_max": (_max, 5_000, 500, 1004, (metrics.exact_match,)),
+  "demo_count": (_count, 2_000, 200, 1005, (metrics.accuracy,)),
 }
 TASK_NAMES = tuple(_TASKS)
 RATE_CAP = 10_000
@@ -165,13 +233,17 @@ def demo_texts(examples_per_task: int = 2000) -> Iterator[str]:
       yield targets
 
 
-def _dataset_fn(split: str, shuffle_files: bool, seed=None, *, task_name: str) -> tf.data.Dataset:
+def _dataset_fn(
+  split: str, shuffle_files: bool, seed=None, *, task_name: str
+) -> tf.data.Dataset:
   del shuffle_files, seed  # One in-memory "file"; seqio's Task shuffles examples.
   pairs = examples(task_name, split)
-  return tf.data.Dataset.from_tensor_slices({
+  return tf.data.Dataset.from_tensor_slices(
+    {
       "inputs": tf.constant([p[0] for p in pairs], dtype=tf.string),
       "targets": tf.constant([p[1] for p in pairs], dtype=tf.string),
-  })
+    }
+  )
 
 
 def _replace_task(task: seqio.Task) -> None:
@@ -190,20 +262,30 @@ def register() -> None:
   """Registers (or re-registers) the demo tasks and mixtures; runs on import."""
   spm = vocab.get_vocabulary()
   output_features = {
-      "inputs": seqio.Feature(vocabulary=spm, add_eos=True),
-      "targets": seqio.Feature(vocabulary=spm, add_eos=True),
+    "inputs": seqio.Feature(vocabulary=spm, add_eos=True),
+    "targets": seqio.Feature(vocabulary=spm, add_eos=True),
   }
   for name, (_, num_train, num_validation, _, metric_fns) in _TASKS.items():
     dataset_fn = functools.partial(_dataset_fn, task_name=name)
     # seqio validates the signature by name; a partial keeps split/shuffle_files/seed.
     source = seqio.FunctionDataSource(
-        dataset_fn=dataset_fn, splits=("train", "validation"),
-        num_input_examples={"train": num_train, "validation": num_validation})
-    _replace_task(seqio.Task(
-        name, source=source, output_features=output_features,
-        preprocessors=[seqio.preprocessors.tokenize, seqio.CacheDatasetPlaceholder(),
-                       seqio.preprocessors.append_eos_after_trim],
-        metric_fns=list(metric_fns)))
+      dataset_fn=dataset_fn,
+      splits=("train", "validation"),
+      num_input_examples={"train": num_train, "validation": num_validation},
+    )
+    _replace_task(
+      seqio.Task(
+        name,
+        source=source,
+        output_features=output_features,
+        preprocessors=[
+          seqio.preprocessors.tokenize,
+          seqio.CacheDatasetPlaceholder(),
+          seqio.preprocessors.append_eos_after_trim,
+        ],
+        metric_fns=list(metric_fns),
+      )
+    )
   proportional = functools.partial(seqio.mixing_rate_num_examples, maximum=RATE_CAP)
   _replace_mixture("demo", TASK_NAMES, proportional)
   _replace_mixture("demo_conflict", ("demo_copy", "demo_reverse"), 1.0)

@@ -83,9 +83,11 @@ def tfds_data_dir() -> Optional[str]:
   """The local TFDS directory: ``$TFDS_DATA_DIR`` or None (TFDS's local default)."""
   data_dir = os.environ.get("TFDS_DATA_DIR") or None
   if data_dir and "://" in data_dir:
-    raise UserError(f"TFDS_DATA_DIR={data_dir} is remote but mtx reads TFDS data only "
-                    f"from local directories; copy the prepared datasets to a local "
-                    f"directory and set TFDS_DATA_DIR to it.")
+    raise UserError(
+      f"TFDS_DATA_DIR={data_dir} is remote but mtx reads TFDS data only "
+      f"from local directories; copy the prepared datasets to a local "
+      f"directory and set TFDS_DATA_DIR to it."
+    )
   return data_dir
 
 
@@ -100,8 +102,9 @@ def _vocab_extra_ids() -> int:
   try:
     return int(raw)
   except ValueError as e:
-    raise UserError(f"MTX_VOCAB_EXTRA_IDS={raw!r} is not an integer; set it to e.g. 0 "
-                    f"or 100.") from e
+    raise UserError(
+      f"MTX_VOCAB_EXTRA_IDS={raw!r} is not an integer; set it to e.g. 0 or 100."
+    ) from e
 
 
 # --- text formats ---------------------------------------------------------------------
@@ -114,32 +117,46 @@ def _label_word(label: tf.Tensor, label_names: Sequence[str]) -> tf.Tensor:
   return tf.where(tf.equal(label, -1), tf.constant("<unk>"), tf.gather(names, safe))
 
 
-def _prompt(benchmark: str, ex: Mapping[str, tf.Tensor], keys: Sequence[str]) -> tf.Tensor:
+def _prompt(
+  benchmark: str, ex: Mapping[str, tf.Tensor], keys: Sequence[str]
+) -> tf.Tensor:
   parts = [benchmark]
   for key in keys:
     parts += [f"{key}:", ex[key]]
   return tf.strings.join(parts, separator=" ")
 
 
-def classification(dataset: tf.data.Dataset, benchmark: str, keys: Sequence[str],
-                   label_names: Sequence[str]) -> tf.data.Dataset:
+def classification(
+  dataset: tf.data.Dataset,
+  benchmark: str,
+  keys: Sequence[str],
+  label_names: Sequence[str],
+) -> tf.data.Dataset:
   """T5's GLUE format: "<benchmark> k1: v1 k2: v2 ..." -> the label's name.
 
   For example ``{"sentence1": "A", "sentence2": "B", "label": 0}`` with benchmark "rte"
   becomes ``{"inputs": "rte sentence1: A sentence2: B", "targets": "entailment"}``.
   """
+
   def fn(ex):
-    return {"inputs": _prompt(benchmark, ex, keys),
-            "targets": _label_word(ex["label"], label_names)}
+    return {
+      "inputs": _prompt(benchmark, ex, keys),
+      "targets": _label_word(ex["label"], label_names),
+    }
+
   return dataset.map(fn, num_parallel_calls=tf.data.AUTOTUNE)
 
 
 def stsb(dataset: tf.data.Dataset) -> tf.data.Dataset:
   """STS-B: the 0-5 similarity rounded to the nearest 0.2, as text ("3.8")."""
+
   def fn(ex):
     score = tf.round(tf.cast(ex["label"], tf.float32) * 5.0) / 5.0
-    return {"inputs": _prompt("stsb", ex, ("sentence1", "sentence2")),
-            "targets": tf.strings.as_string(score, precision=1)}
+    return {
+      "inputs": _prompt("stsb", ex, ("sentence1", "sentence2")),
+      "targets": tf.strings.as_string(score, precision=1),
+    }
+
   return dataset.map(fn, num_parallel_calls=tf.data.AUTOTUNE)
 
 
@@ -149,25 +166,39 @@ def record(dataset: tf.data.Dataset) -> tf.data.Dataset:
   The passage's "@highlight" lines become sentences. Every example also keeps
   "answers" (all answers, tab-joined) so that eval can score the best match.
   """
+
   def fn(ex):
-    passage = tf.strings.regex_replace(ex["passage"], r"(\.|\?|\!|\"|\')?\n@highlight\n",
-                                       r"\1. ")
+    passage = tf.strings.regex_replace(
+      ex["passage"], r"(\.|\?|\!|\"|\')?\n@highlight\n", r"\1. "
+    )
     inputs = tf.strings.join(
-        ["record query:", ex["query"], "entities:",
-         tf.strings.reduce_join(ex["entities"], separator=", "), "passage:", passage],
-        separator=" ")
+      [
+        "record query:",
+        ex["query"],
+        "entities:",
+        tf.strings.reduce_join(ex["entities"], separator=", "),
+        "passage:",
+        passage,
+      ],
+      separator=" ",
+    )
     answers = ex["answers"]
     first = tf.concat([answers, tf.constant(["<unk>"])], axis=0)[0]
-    return {"inputs": inputs, "targets": first,
-            "answers": tf.strings.reduce_join(answers, separator=_ANSWER_SEPARATOR)}
+    return {
+      "inputs": inputs,
+      "targets": first,
+      "answers": tf.strings.reduce_join(answers, separator=_ANSWER_SEPARATOR),
+    }
+
   return dataset.map(fn, num_parallel_calls=tf.data.AUTOTUNE)
 
 
 # --- postprocessing -------------------------------------------------------------------
 
 
-def label_to_class_id(output: Any, label_names: Sequence[str], example=None,
-                      is_target: bool = False) -> int:
+def label_to_class_id(
+  output: Any, label_names: Sequence[str], example=None, is_target: bool = False
+) -> int:
   """Label word -> its index in ``label_names``; anything else -> -1."""
   del example, is_target
   text = output.decode("utf-8") if isinstance(output, bytes) else str(output)
@@ -177,9 +208,10 @@ def label_to_class_id(output: Any, label_names: Sequence[str], example=None,
     return -1
 
 
-def string_to_float(output: Any, example=None, is_target: bool = False,
-                    default: float = -1.0) -> float:
-  """"3.8" -> 3.8; text that is not a number -> ``default``."""
+def string_to_float(
+  output: Any, example=None, is_target: bool = False, default: float = -1.0
+) -> float:
+  """ "3.8" -> 3.8; text that is not a number -> ``default``."""
   del example, is_target
   text = output.decode("utf-8") if isinstance(output, bytes) else str(output)
   try:
@@ -201,16 +233,19 @@ class LocalTfdsSource(seqio.TfdsDataSource):
   """``seqio.TfdsDataSource`` that never downloads and says how to prepare missing data."""
 
   def __init__(self, tfds_name: str, tfds_data_dir: Optional[str], splits: Sequence[str]):
-    super().__init__(tfds_name, tfds_data_dir=tfds_data_dir, splits=splits,
-                     read_only=True)
+    super().__init__(
+      tfds_name, tfds_data_dir=tfds_data_dir, splits=splits, read_only=True
+    )
     self._name = tfds_name
     self._data_dir = tfds_data_dir
 
   def _not_prepared(self) -> UserError:
     where = self._data_dir or "TFDS's default data directory (~/tensorflow_datasets)"
-    return UserError(f"TFDS dataset {self._name} is not prepared in {where}; "
-                     f"run `tfds build {self._name.split(':')[0]}` on a machine with "
-                     f"network, copy the result there, or set TFDS_DATA_DIR to it.")
+    return UserError(
+      f"TFDS dataset {self._name} is not prepared in {where}; "
+      f"run `tfds build {self._name.split(':')[0]}` on a machine with "
+      f"network, copy the result there, or set TFDS_DATA_DIR to it."
+    )
 
   def num_input_examples(self, split: str) -> Optional[int]:
     try:
@@ -229,68 +264,123 @@ class LocalTfdsSource(seqio.TfdsDataSource):
 
 # name -> (benchmark, text keys, label names, metric fns)
 _GLUE = {
-    "cola": (("sentence",), ("unacceptable", "acceptable"),
-             [metrics.matthews_corrcoef]),
-    "sst2": (("sentence",), ("negative", "positive"), [metrics.accuracy]),
-    "mrpc": (("sentence1", "sentence2"), ("not_equivalent", "equivalent"),
-             [metrics.f1_binary, metrics.accuracy]),
-    "qqp": (("question1", "question2"), ("not_duplicate", "duplicate"),
-            [metrics.f1_binary, metrics.accuracy]),
-    "mnli": (("hypothesis", "premise"), ("entailment", "neutral", "contradiction"),
-             [metrics.accuracy]),
-    "qnli": (("question", "sentence"), ("entailment", "not_entailment"),
-             [metrics.accuracy]),
-    "rte": (("sentence1", "sentence2"), ("entailment", "not_entailment"),
-            [metrics.accuracy]),
-    "wnli": (("sentence1", "sentence2"), ("not_entailment", "entailment"),
-             [metrics.accuracy]),
+  "cola": (("sentence",), ("unacceptable", "acceptable"), [metrics.matthews_corrcoef]),
+  "sst2": (("sentence",), ("negative", "positive"), [metrics.accuracy]),
+  "mrpc": (
+    ("sentence1", "sentence2"),
+    ("not_equivalent", "equivalent"),
+    [metrics.f1_binary, metrics.accuracy],
+  ),
+  "qqp": (
+    ("question1", "question2"),
+    ("not_duplicate", "duplicate"),
+    [metrics.f1_binary, metrics.accuracy],
+  ),
+  "mnli": (
+    ("hypothesis", "premise"),
+    ("entailment", "neutral", "contradiction"),
+    [metrics.accuracy],
+  ),
+  "qnli": (
+    ("question", "sentence"),
+    ("entailment", "not_entailment"),
+    [metrics.accuracy],
+  ),
+  "rte": (
+    ("sentence1", "sentence2"),
+    ("entailment", "not_entailment"),
+    [metrics.accuracy],
+  ),
+  "wnli": (
+    ("sentence1", "sentence2"),
+    ("not_entailment", "entailment"),
+    [metrics.accuracy],
+  ),
 }
 _SUPER_GLUE = {
-    "boolq": (("passage", "question"), ("False", "True"), [metrics.accuracy]),
-    "cb": (("hypothesis", "premise"), ("entailment", "contradiction", "neutral"),
-           [metrics.accuracy, functools.partial(metrics.mean_multiclass_f1,
-                                                labels=(0, 1, 2))]),
-    "copa": (("choice1", "choice2", "premise", "question"), ("choice1", "choice2"),
-             [metrics.accuracy]),
-    "rte": (("hypothesis", "premise"), ("entailment", "not_entailment"),
-            [metrics.accuracy]),
-    "wic": (("sentence1", "sentence2", "word"), ("False", "True"), [metrics.accuracy]),
-    "multirc": (("question", "answer", "paragraph"), ("False", "True"),
-                [metrics.f1_binary, metrics.accuracy]),
+  "boolq": (("passage", "question"), ("False", "True"), [metrics.accuracy]),
+  "cb": (
+    ("hypothesis", "premise"),
+    ("entailment", "contradiction", "neutral"),
+    [metrics.accuracy, functools.partial(metrics.mean_multiclass_f1, labels=(0, 1, 2))],
+  ),
+  "copa": (
+    ("choice1", "choice2", "premise", "question"),
+    ("choice1", "choice2"),
+    [metrics.accuracy],
+  ),
+  "rte": (
+    ("hypothesis", "premise"),
+    ("entailment", "not_entailment"),
+    [metrics.accuracy],
+  ),
+  "wic": (("sentence1", "sentence2", "word"), ("False", "True"), [metrics.accuracy]),
+  "multirc": (
+    ("question", "answer", "paragraph"),
+    ("False", "True"),
+    [metrics.f1_binary, metrics.accuracy],
+  ),
 }
 
-GLUE_TASKS = tuple(f"glue_{name}_v002" for name in
-                   ("cola", "sst2", "mrpc", "qqp", "stsb", "mnli", "qnli", "rte", "wnli"))
+GLUE_TASKS = tuple(
+  f"glue_{name}_v002"
+  for name in ("cola", "sst2", "mrpc", "qqp", "stsb", "mnli", "qnli", "rte", "wnli")
+)
 MNLI_EVAL_TASKS = ("glue_mnli_matched_v002", "glue_mnli_mismatched_v002")
 GLUE_EVAL_TASKS = tuple(t for t in GLUE_TASKS if t != "glue_mnli_v002") + MNLI_EVAL_TASKS
-SUPER_GLUE_TASKS = tuple(f"super_glue_{name}_v102" for name in
-                         ("boolq", "cb", "copa", "rte", "wic", "multirc", "record"))
+SUPER_GLUE_TASKS = tuple(
+  f"super_glue_{name}_v102"
+  for name in ("boolq", "cb", "copa", "rte", "wic", "multirc", "record")
+)
 
 
 _SPLITS = ("train", "validation", "test")
-_MNLI_SPLITS = ("train", "validation_matched", "validation_mismatched", "test_matched",
-                "test_mismatched")
+_MNLI_SPLITS = (
+  "train",
+  "validation_matched",
+  "validation_mismatched",
+  "test_matched",
+  "test_mismatched",
+)
 
 
-def _add_task(name: str, tfds_name: str, text_preprocessor, output_features,
-              metric_fns, postprocess_fn, data_dir: Optional[str],
-              splits: Any = None) -> None:
+def _add_task(
+  name: str,
+  tfds_name: str,
+  text_preprocessor,
+  output_features,
+  metric_fns,
+  postprocess_fn,
+  data_dir: Optional[str],
+  splits: Any = None,
+) -> None:
   if name in seqio.TaskRegistry.names():
     seqio.TaskRegistry.remove(name)
   # Naming the splits keeps registration free of TFDS metadata reads.
   if splits is None:
     splits = _MNLI_SPLITS if tfds_name.startswith("glue/mnli:") else _SPLITS
   source = LocalTfdsSource(tfds_name, data_dir, splits)
-  seqio.TaskRegistry.add_provider(name, seqio.Task(
-      name, source=source, output_features=output_features,
-      preprocessors=[text_preprocessor, seqio.preprocessors.tokenize,
-                     seqio.CacheDatasetPlaceholder(),
-                     seqio.preprocessors.append_eos_after_trim],
-      postprocess_fn=postprocess_fn, metric_fns=metric_fns))
+  seqio.TaskRegistry.add_provider(
+    name,
+    seqio.Task(
+      name,
+      source=source,
+      output_features=output_features,
+      preprocessors=[
+        text_preprocessor,
+        seqio.preprocessors.tokenize,
+        seqio.CacheDatasetPlaceholder(),
+        seqio.preprocessors.append_eos_after_trim,
+      ],
+      postprocess_fn=postprocess_fn,
+      metric_fns=metric_fns,
+    ),
+  )
 
 
-def _add_mixture(name: str, tasks: Sequence[str],
-                 default_rate: Any = seqio.mixing_rate_num_examples) -> None:
+def _add_mixture(
+  name: str, tasks: Sequence[str], default_rate: Any = seqio.mixing_rate_num_examples
+) -> None:
   if name in seqio.MixtureRegistry.names():
     seqio.MixtureRegistry.remove(name)
   seqio.MixtureRegistry.add(name, tasks, default_rate=default_rate)
@@ -304,38 +394,62 @@ def register(vocab_path: Optional[str] = None, extra_ids: Optional[int] = None) 
       falls back to the shipped demo model.
     extra_ids: sentinel ids of the vocabulary; None reads ``$MTX_VOCAB_EXTRA_IDS`` (0).
   """
-  spm = vocab.get_vocabulary(vocab_path or default_vocab_path(),
-                             _vocab_extra_ids() if extra_ids is None else extra_ids)
-  output_features = {"inputs": seqio.Feature(vocabulary=spm, add_eos=True),
-                     "targets": seqio.Feature(vocabulary=spm, add_eos=True)}
+  spm = vocab.get_vocabulary(
+    vocab_path or default_vocab_path(),
+    _vocab_extra_ids() if extra_ids is None else extra_ids,
+  )
+  output_features = {
+    "inputs": seqio.Feature(vocabulary=spm, add_eos=True),
+    "targets": seqio.Feature(vocabulary=spm, add_eos=True),
+  }
   data_dir = tfds_data_dir()
   add = functools.partial(_add_task, output_features=output_features, data_dir=data_dir)
 
   for benchmark, (keys, labels, metric_fns) in _GLUE.items():
-    add(f"glue_{benchmark}_v002", f"glue/{benchmark}:{GLUE_VERSION}",
-        functools.partial(classification, benchmark=benchmark, keys=keys,
-                          label_names=labels),
-        metric_fns=metric_fns,
-        postprocess_fn=functools.partial(label_to_class_id, label_names=labels))
-  add("glue_stsb_v002", f"glue/stsb:{GLUE_VERSION}", stsb,
-      metric_fns=[metrics.pearson, metrics.spearman], postprocess_fn=string_to_float)
+    add(
+      f"glue_{benchmark}_v002",
+      f"glue/{benchmark}:{GLUE_VERSION}",
+      functools.partial(
+        classification, benchmark=benchmark, keys=keys, label_names=labels
+      ),
+      metric_fns=metric_fns,
+      postprocess_fn=functools.partial(label_to_class_id, label_names=labels),
+    )
+  add(
+    "glue_stsb_v002",
+    f"glue/stsb:{GLUE_VERSION}",
+    stsb,
+    metric_fns=[metrics.pearson, metrics.spearman],
+    postprocess_fn=string_to_float,
+  )
   keys, labels, metric_fns = _GLUE["mnli"]
   for name, which in zip(MNLI_EVAL_TASKS, ("matched", "mismatched")):
-    add(name, f"glue/mnli:{GLUE_VERSION}",
-        functools.partial(classification, benchmark="mnli", keys=keys, label_names=labels),
-        metric_fns=metric_fns,
-        postprocess_fn=functools.partial(label_to_class_id, label_names=labels),
-        splits={"validation": f"validation_{which}", "test": f"test_{which}"})
+    add(
+      name,
+      f"glue/mnli:{GLUE_VERSION}",
+      functools.partial(classification, benchmark="mnli", keys=keys, label_names=labels),
+      metric_fns=metric_fns,
+      postprocess_fn=functools.partial(label_to_class_id, label_names=labels),
+      splits={"validation": f"validation_{which}", "test": f"test_{which}"},
+    )
 
   for benchmark, (keys, labels, metric_fns) in _SUPER_GLUE.items():
-    add(f"super_glue_{benchmark}_v102", f"super_glue/{benchmark}:{SUPER_GLUE_VERSION}",
-        functools.partial(classification, benchmark=benchmark, keys=keys,
-                          label_names=labels),
-        metric_fns=metric_fns,
-        postprocess_fn=functools.partial(label_to_class_id, label_names=labels))
-  add("super_glue_record_v102", f"super_glue/record:{SUPER_GLUE_VERSION}",
-      record, metric_fns=[metrics.max_over_answers_em_f1],
-      postprocess_fn=record_answers)
+    add(
+      f"super_glue_{benchmark}_v102",
+      f"super_glue/{benchmark}:{SUPER_GLUE_VERSION}",
+      functools.partial(
+        classification, benchmark=benchmark, keys=keys, label_names=labels
+      ),
+      metric_fns=metric_fns,
+      postprocess_fn=functools.partial(label_to_class_id, label_names=labels),
+    )
+  add(
+    "super_glue_record_v102",
+    f"super_glue/record:{SUPER_GLUE_VERSION}",
+    record,
+    metric_fns=[metrics.max_over_answers_em_f1],
+    postprocess_fn=record_answers,
+  )
 
   _add_mixture(GLUE_MIXTURE, GLUE_TASKS)
   _add_mixture(GLUE_EVAL_MIXTURE, GLUE_EVAL_TASKS, default_rate=1.0)

@@ -15,7 +15,8 @@ from typing import Any, Mapping, Optional, Sequence
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from mtx.errors import UserError
 
@@ -23,32 +24,35 @@ MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
 
 DEFAULT_RULES = (
-    ("activation_batch", BATCH_AXES),
-    ("activation_length", None),
-    ("activation_embed", None),
-    ("activation_heads", "tensor"),
-    ("activation_kv", None),
-    ("activation_mlp", "tensor"),
-    ("activation_vocab", "tensor"),
-    ("vocab", "tensor"),
-    ("embed", "fsdp"),
-    ("heads", "tensor"),
-    ("kv", None),
-    ("mlp", "tensor"),
-    ("relpos_buckets", None),
-    ("layers", None),
+  ("activation_batch", BATCH_AXES),
+  ("activation_length", None),
+  ("activation_embed", None),
+  ("activation_heads", "tensor"),
+  ("activation_kv", None),
+  ("activation_mlp", "tensor"),
+  ("activation_vocab", "tensor"),
+  ("vocab", "tensor"),
+  ("embed", "fsdp"),
+  ("heads", "tensor"),
+  ("kv", None),
+  ("mlp", "tensor"),
+  ("relpos_buckets", None),
+  ("layers", None),
 )
 
 
 def rules_without_batch(rules: Sequence) -> tuple:
   """The rules with activation_batch unsharded: for use inside ``vmap(spmd_axis_name=
   BATCH_AXES)`` over units, where the unit axis already takes the data axes."""
-  return tuple((name, None if name == "activation_batch" else axes)
-               for name, axes in rules)
+  return tuple(
+    (name, None if name == "activation_batch" else axes) for name, axes in rules
+  )
 
 
-def make_mesh(shape: Optional[Mapping[str, int]] = None,
-              devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
+def make_mesh(
+  shape: Optional[Mapping[str, int]] = None,
+  devices: Optional[Sequence[jax.Device]] = None,
+) -> Mesh:
   """Builds the mesh; ``shape`` maps axis names to sizes, one of which may be -1.
 
   The default puts every device on "data". Raises UserError when the sizes do not
@@ -58,23 +62,29 @@ def make_mesh(shape: Optional[Mapping[str, int]] = None,
   shape = dict(shape or {"data": -1})
   unknown = set(shape) - set(MESH_AXES)
   if unknown:
-    raise UserError(f"Unknown mesh axes {sorted(unknown)} in MESH_SHAPE; use "
-                    f"{', '.join(MESH_AXES)}.")
+    raise UserError(
+      f"Unknown mesh axes {sorted(unknown)} in MESH_SHAPE; use {', '.join(MESH_AXES)}."
+    )
   sizes = {a: int(shape.get(a, 1)) for a in MESH_AXES}
   free = [a for a, s in sizes.items() if s == -1]
   known = math.prod(s for s in sizes.values() if s != -1)
   if len(free) > 1 or any(s == 0 or s < -1 for s in sizes.values()):
-    raise UserError(f"MESH_SHAPE {dict(shape)} must have positive sizes and at most "
-                    "one -1.")
+    raise UserError(
+      f"MESH_SHAPE {dict(shape)} must have positive sizes and at most one -1."
+    )
   if free:
     if len(devices) % known:
-      raise UserError(f"MESH_SHAPE {dict(shape)} does not divide the {len(devices)} "
-                      "devices; make the product of the fixed sizes divide it.")
+      raise UserError(
+        f"MESH_SHAPE {dict(shape)} does not divide the {len(devices)} "
+        "devices; make the product of the fixed sizes divide it."
+      )
     sizes[free[0]] = len(devices) // known
   if math.prod(sizes.values()) != len(devices):
-    raise UserError(f"MESH_SHAPE {dict(shape)} needs {math.prod(sizes.values())} "
-                    f"devices but {len(devices)} are present; make the sizes multiply "
-                    f"to {len(devices)} (or use -1 for one axis).")
+    raise UserError(
+      f"MESH_SHAPE {dict(shape)} needs {math.prod(sizes.values())} "
+      f"devices but {len(devices)} are present; make the sizes multiply "
+      f"to {len(devices)} (or use -1 for one axis)."
+    )
   arr = np.asarray(devices).reshape([sizes[a] for a in MESH_AXES])
   return Mesh(arr, MESH_AXES)
 
@@ -131,12 +141,15 @@ def row_blocks(rows_of: Mapping[int, Any]) -> dict:
   """
   blocks = sorted({tuple(sorted(r)) for r in rows_of.values()})
   size = len(blocks[0])
-  contiguous = all(len(b) == size and b == tuple(range(b[0], b[0] + size))
-                   for b in blocks)
+  contiguous = all(
+    len(b) == size and b == tuple(range(b[0], b[0] + size)) for b in blocks
+  )
   if not contiguous or len({r for b in blocks for r in b}) != size * len(blocks):
-    raise UserError(f"The mesh gives processes batch shards {blocks} that are not "
-                    "equal contiguous blocks; build the mesh from jax.devices() in "
-                    "their order (mtx.parallel.make_mesh does).")
+    raise UserError(
+      f"The mesh gives processes batch shards {blocks} that are not "
+      "equal contiguous blocks; build the mesh from jax.devices() in "
+      "their order (mtx.parallel.make_mesh does)."
+    )
   return {p: (blocks.index(tuple(sorted(r))), len(blocks)) for p, r in rows_of.items()}
 
 
@@ -155,12 +168,14 @@ def host_to_global(local: Mapping[str, np.ndarray], mesh: Mesh) -> dict:
 
 
 def _path_key(path) -> tuple:
-  return tuple(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))))
-               for k in path)
+  return tuple(
+    str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path
+  )
 
 
-def like_params_shardings(abstract_tree: Any, params_abstract: Any,
-                          params_shardings: Any, mesh: Mesh) -> Any:
+def like_params_shardings(
+  abstract_tree: Any, params_abstract: Any, params_shardings: Any, mesh: Mesh
+) -> Any:
   """Shardings for a tree whose leaves mirror params (optimizer and mtl states).
 
   A leaf whose key path ends with a parameter's path and has that parameter's shape
@@ -170,8 +185,9 @@ def like_params_shardings(abstract_tree: Any, params_abstract: Any,
   """
   by_path = {}
   for (path, leaf), sharding in zip(
-      jax.tree_util.tree_flatten_with_path(params_abstract)[0],
-      jax.tree_util.tree_leaves(params_shardings)):
+    jax.tree_util.tree_flatten_with_path(params_abstract)[0],
+    jax.tree_util.tree_leaves(params_shardings),
+  ):
     by_path[_path_key(path)] = (tuple(leaf.shape), sharding)
 
   def pick(path, leaf):

@@ -1,4 +1,5 @@
 """Test setup: fake CPU devices for sharding tests, quiet TensorFlow."""
+
 import os
 
 # Eight fake CPU devices, set before JAX initialises (README, Sharding: tested on one machine).

@@ -19,28 +19,44 @@ def _run(root, name, step, tasks, step_times, older=None):
   (d / "eval").mkdir(parents=True)
 
   def record(s, values):
-    return {"step": s, "split": "validation",
-            "tasks": {t: {"loss": 1.0, "num_examples": 10, m: v}
-                      for t, (m, v) in values.items()},
-            "primary": {t: m for t, (m, v) in values.items()},
-            "summary": {"mean_primary": 0.0, "delta_m": None, "baseline": None}}
+    return {
+      "step": s,
+      "split": "validation",
+      "tasks": {
+        t: {"loss": 1.0, "num_examples": 10, m: v} for t, (m, v) in values.items()
+      },
+      "primary": {t: m for t, (m, v) in values.items()},
+      "summary": {"mean_primary": 0.0, "delta_m": None, "baseline": None},
+    }
 
   (d / "eval" / f"step_{step}.json").write_text(json.dumps(record(step, tasks)))
   if older:
     (d / "eval" / "step_5.json").write_text(json.dumps(record(5, older)))
-  lines = [json.dumps({"step": i + 1, "loss": 1.0, "timing/step_s": t})
-           for i, t in enumerate(step_times)]
+  lines = [
+    json.dumps({"step": i + 1, "loss": 1.0, "timing/step_s": t})
+    for i, t in enumerate(step_times)
+  ]
   lines.append(json.dumps({"step": 9, "eval/mean_primary": 1.0}))
   (d / "metrics.jsonl").write_text("\n".join(lines) + '\n{"step": 10, "lo')  # torn
   return d
 
 
 def test_table_numbers_from_fabricated_runs(tmp_path):
-  _run(tmp_path, "sum", 20, {"a": ("exact_match", 40.0), "b": ("accuracy", 80.0),
-                             "c": ("loss", 2.0)}, [0.5, 0.1, 0.2],
-       older={"a": ("exact_match", 1.0), "b": ("accuracy", 1.0), "c": ("loss", 9.0)})
-  _run(tmp_path, "pcgrad", 20, {"a": ("exact_match", 50.0), "b": ("accuracy", 60.0),
-                                "c": ("loss", 1.0)}, [0.3, 0.4])
+  _run(
+    tmp_path,
+    "sum",
+    20,
+    {"a": ("exact_match", 40.0), "b": ("accuracy", 80.0), "c": ("loss", 2.0)},
+    [0.5, 0.1, 0.2],
+    older={"a": ("exact_match", 1.0), "b": ("accuracy", 1.0), "c": ("loss", 9.0)},
+  )
+  _run(
+    tmp_path,
+    "pcgrad",
+    20,
+    {"a": ("exact_match", 50.0), "b": ("accuracy", 60.0), "c": ("loss", 1.0)},
+    [0.3, 0.4],
+  )
   (tmp_path / "mgda").mkdir()  # started, never evaluated
   runs = [(m, ablate.summarize(str(tmp_path / m))) for m in ("sum", "pcgrad", "mgda")]
   s, p, none = (r[1] for r in runs)
@@ -59,7 +75,8 @@ def test_table_numbers_from_fabricated_runs(tmp_path):
   assert lines[2] == ("| method | a | b | c | mean primary | Δm% vs sum | step (s) |")
   assert lines[4] == ("| sum | 40.0 | **80.0** | 2.0 | **60.00** | +0.00 | **0.200** |")
   assert lines[5] == (
-      "| pcgrad | **50.0** | 60.0 | **1.0** | 55.00 | **+16.67** | 0.350 |")
+    "| pcgrad | **50.0** | 60.0 | **1.0** | 55.00 | **+16.67** | 0.350 |"
+  )
   assert lines[6].startswith("| mgda (no eval) | — |")
   assert "a: exact_match, b: accuracy, c: loss" in table
 
@@ -79,10 +96,21 @@ def test_command_line_errors_are_one_line(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_smoke_two_methods_on_the_tiny_mixture(tmp_path, monkeypatch, capsys):
-  monkeypatch.setenv("PYTHONPATH", os.pathsep.join(
-      [str(REPO / "tests"), os.environ.get("PYTHONPATH", "")]))
-  args = ["--out", str(tmp_path), "--gin_file", str(REPO / "tests" / "tiny.gin"),
-          "--methods", "sum,pcgrad", "--steps", "3", "--eval_max_examples", "4"]
+  monkeypatch.setenv(
+    "PYTHONPATH", os.pathsep.join([str(REPO / "tests"), os.environ.get("PYTHONPATH", "")])
+  )
+  args = [
+    "--out",
+    str(tmp_path),
+    "--gin_file",
+    str(REPO / "tests" / "tiny.gin"),
+    "--methods",
+    "sum,pcgrad",
+    "--steps",
+    "3",
+    "--eval_max_examples",
+    "4",
+  ]
   logs = tmp_path / "logs"
   assert ablate.main(args) == 0, [p.read_text()[-2000:] for p in logs.glob("*.log")]
   table = (tmp_path / "ablation.md").read_text()

@@ -51,8 +51,10 @@ def _imports(path: pathlib.Path, modules: set) -> Iterator[tuple]:
       names = [a.name for a in node.names]
     elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
       # `from mtx.train import step` imports mtx.train.step; `from mtx.x import f`, mtx.x.
-      names = [f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in modules
-               else node.module for a in node.names]
+      names = [
+        f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in modules else node.module
+        for a in node.names
+      ]
     for name in names:
       if name.split(".")[0] == "mtx" and name in modules:
         yield name, node.lineno, id(node) in inside
@@ -82,7 +84,7 @@ def _find_cycle(edges: dict):
     stack.append(node)
     for nxt in sorted(edges.get(node, ())):
       if state.get(nxt) == "open":
-        return stack[stack.index(nxt):] + [nxt]
+        return stack[stack.index(nxt) :] + [nxt]
       if nxt not in state:
         found = visit(nxt)
         if found:
@@ -118,8 +120,10 @@ def test_no_import_cycle_between_packages():
 
 def test_no_mtx_import_hidden_in_a_function():
   _, hidden = _graph()
-  assert not hidden, ("imports inside functions (fix the cycle, or say why with "
-                      "'# lazy: ...'):\n" + "\n".join(hidden))
+  assert not hidden, (
+    "imports inside functions (fix the cycle, or say why with "
+    "'# lazy: ...'):\n" + "\n".join(hidden)
+  )
 
 
 def _private_uses(path: pathlib.Path, modules: set) -> Iterator[str]:
@@ -138,11 +142,17 @@ def _private_uses(path: pathlib.Path, modules: set) -> Iterator[str]:
         if a.name.startswith("mtx") and a.asname:
           aliases[a.asname] = a.name
   for node in ast.walk(tree):
-    if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name)
-        and node.value.id in aliases and node.attr.startswith("_")
-        and not node.attr.startswith("__")):
-      yield (f"{path.relative_to(REPO)}:{node.lineno} uses "
-             f"{aliases[node.value.id]}.{node.attr}")
+    if (
+      isinstance(node, ast.Attribute)
+      and isinstance(node.value, ast.Name)
+      and node.value.id in aliases
+      and node.attr.startswith("_")
+      and not node.attr.startswith("__")
+    ):
+      yield (
+        f"{path.relative_to(REPO)}:{node.lineno} uses "
+        f"{aliases[node.value.id]}.{node.attr}"
+      )
 
 
 def test_no_private_name_used_across_modules():
@@ -155,13 +165,17 @@ def _code_lines(node, lines: list) -> int:
   """Lines of code of a function: no docstring, blank or comment lines, nor nested defs."""
   skip = set()
   body = node.body
-  if body and isinstance(body[0], ast.Expr) and isinstance(
-      getattr(body[0], "value", None), ast.Constant) and isinstance(
-          body[0].value.value, str):
+  if (
+    body
+    and isinstance(body[0], ast.Expr)
+    and isinstance(getattr(body[0], "value", None), ast.Constant)
+    and isinstance(body[0].value.value, str)
+  ):
     skip.update(range(body[0].lineno, body[0].end_lineno + 1))
   for child in ast.walk(node):
-    if child is not node and isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef,
-                                                ast.ClassDef)):
+    if child is not node and isinstance(
+      child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)
+    ):
       skip.update(range(child.lineno, child.end_lineno + 1))
   count = 0
   for n in range(body[0].lineno, node.end_lineno + 1):
@@ -179,11 +193,13 @@ def test_no_long_function_without_a_reason():
     for node in ast.walk(ast.parse(text, str(path))):
       if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
         n = _code_lines(node, lines)
-        own = "\n".join(lines[node.lineno - 1:node.end_lineno])
+        own = "\n".join(lines[node.lineno - 1 : node.end_lineno])
         if n > MAX_LINES and "# long:" not in own:
           long.append(f"{path.relative_to(REPO)}:{node.lineno} {node.name}: {n} lines")
-  assert not long, (f"functions over {MAX_LINES} lines of code without a '# long:' "
-                    "reason:\n" + "\n".join(long))
+  assert not long, (
+    f"functions over {MAX_LINES} lines of code without a '# long:' "
+    "reason:\n" + "\n".join(long)
+  )
 
 
 def test_the_cycle_finder_finds_a_cycle():
@@ -203,9 +219,16 @@ def test_the_tree_is_formatted_by_its_one_formatter():
   """`ruff format` (configured in pyproject.toml) leaves every file as it is."""
   import subprocess  # pylint: disable=g-import-not-at-top
   import sys  # pylint: disable=g-import-not-at-top
+
   for args in (["format", "--check"], ["check", "--select", "I"]):
-    done = subprocess.run([sys.executable, "-m", "ruff", *args, "."], cwd=REPO,
-                          capture_output=True, text=True, check=False)
-    assert done.returncode == 0, (f"`ruff {' '.join(args)} .` wants changes (run "
-                                  f"`ruff format . && ruff check --select I --fix .`):\n"
-                                  + done.stdout[-3000:])
+    done = subprocess.run(
+      [sys.executable, "-m", "ruff", *args, "."],
+      cwd=REPO,
+      capture_output=True,
+      text=True,
+      check=False,
+    )
+    assert done.returncode == 0, (
+      f"`ruff {' '.join(args)} .` wants changes (run "
+      f"`ruff format . && ruff check --select I --fix .`):\n" + done.stdout[-3000:]
+    )

@@ -21,17 +21,24 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _state(seed=0):
-  params = {"enc": {"w": jnp.arange(12.0).reshape(4, 3) + seed, "scale": jnp.ones(3)},
-            "emb": jnp.full((5, 3), seed, jnp.bfloat16)}
+  params = {
+    "enc": {"w": jnp.arange(12.0).reshape(4, 3) + seed, "scale": jnp.ones(3)},
+    "emb": jnp.full((5, 3), seed, jnp.bfloat16),
+  }
   tx = optax.adamw(1e-3)
-  return {"params": params, "opt_state": tx.init(params),
-          "step": jnp.asarray(seed, jnp.int32), "rng": jax.random.key(seed)}
+  return {
+    "params": params,
+    "opt_state": tx.init(params),
+    "step": jnp.asarray(seed, jnp.int32),
+    "rng": jax.random.key(seed),
+  }
 
 
 def _abstract(state):
   sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   return jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), state)
+    lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), state
+  )
 
 
 def _assert_same(a, b):
@@ -66,7 +73,8 @@ def test_round_trip_with_data_state(tmp_path):
   assert data_state == {"position": [1, 2], "epoch": 0, "name": "x"}
   _assert_same(restored, state)
   assert restored["params"]["enc"]["w"].sharding == jax.sharding.SingleDeviceSharding(
-      jax.devices()[0])
+    jax.devices()[0]
+  )
   ckpt.close()
   # A new Checkpointer (a restarted run) sees the same checkpoint.
   with checkpoint.Checkpointer(str(tmp_path), save_period=10) as again:
@@ -137,10 +145,16 @@ def _remove_state_dir(step_dir):
 
 # A failed tensorstore read leaves a callback on orbax's closed event loop; harmless.
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
-@pytest.mark.parametrize("damage", [
-    _truncate_data_files, _remove_commit_marker, _truncate_json,
-    _truncate_tree_metadata, _remove_state_dir,
-])
+@pytest.mark.parametrize(
+  "damage",
+  [
+    _truncate_data_files,
+    _remove_commit_marker,
+    _truncate_json,
+    _truncate_tree_metadata,
+    _remove_state_dir,
+  ],
+)
 def test_damaged_latest_falls_back_to_previous_with_warning(tmp_path, caplog, damage):
   _save_steps(str(tmp_path), [1, 2, 3]).close()
   damage(str(tmp_path / "3"))
@@ -179,8 +193,13 @@ def test_killed_during_async_save_restores_a_complete_step(tmp_path):
       ckpt.save(2, {{"w": jnp.full((256, 256), 2.0)}}, {{"position": 2}})
       os._exit(9)  # Killed while the async save runs.
   """)
-  subprocess.run([sys.executable, "-c", script], cwd=REPO, check=False,
-                 capture_output=True, timeout=120)
+  subprocess.run(
+    [sys.executable, "-c", script],
+    cwd=REPO,
+    check=False,
+    capture_output=True,
+    timeout=120,
+  )
   ckpt = checkpoint.Checkpointer(str(tmp_path), save_period=1)
   sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   abstract = {"w": jax.ShapeDtypeStruct((256, 256), jnp.float32, sharding=sharding)}
@@ -231,10 +250,10 @@ def test_load_params_from_run_dir_and_step_dir(tmp_path):
   _save_steps(str(tmp_path), [1, 2]).close()
   abstract = _abstract(_state())["params"]
   _assert_same(checkpoint.load_params(str(tmp_path), abstract), _state(2)["params"])
-  _assert_same(checkpoint.load_params(str(tmp_path / "1"), abstract),
-               _state(1)["params"])
-  _assert_same(checkpoint.load_params(str(tmp_path / "1" / "state"), abstract),
-               _state(1)["params"])
+  _assert_same(checkpoint.load_params(str(tmp_path / "1"), abstract), _state(1)["params"])
+  _assert_same(
+    checkpoint.load_params(str(tmp_path / "1" / "state"), abstract), _state(1)["params"]
+  )
 
 
 def test_load_params_is_strict(tmp_path):
@@ -284,10 +303,17 @@ def test_restore_onto_a_different_mesh_sharding(tmp_path):
       ckpt.close()
       print("OK")
   """)
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
-             JAX_PLATFORMS="cpu")
-  result = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=120)
+  env = dict(
+    os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu"
+  )
+  result = subprocess.run(
+    [sys.executable, "-c", script],
+    cwd=REPO,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
   assert result.returncode == 0 and "OK" in result.stdout, result.stderr[-3000:]
 
 
@@ -297,32 +323,40 @@ def test_save_refuses_a_nonfinite_state(tmp_path):
   bad = _state(2)
   bad["params"]["enc"]["w"] = bad["params"]["enc"]["w"].at[1, 2].set(jnp.nan)
   bad["opt_state"][0].mu["emb"] = jnp.full((5, 3), jnp.inf, jnp.bfloat16)
-  with pytest.raises(checkpoint.NonFiniteStateError,
-                     match=r"step 2 .*opt_state/0/mu/emb, params/enc/w hold NaN or Inf "
-                           r"\(the newest intact checkpoint is step 1\)"):
+  with pytest.raises(
+    checkpoint.NonFiniteStateError,
+    match=r"step 2 .*opt_state/0/mu/emb, params/enc/w hold NaN or Inf "
+    r"\(the newest intact checkpoint is step 1\)",
+  ):
     ckpt.save(2, bad, {"position": 2})
   ckpt.wait()
   assert ckpt.all_steps() == [1] and sorted(os.listdir(tmp_path)) == ["1"]
   ckpt.close()
 
 
-def test_failed_async_save_names_the_step_and_keeps_the_previous_one(tmp_path,
-                                                                     monkeypatch):
+def test_failed_async_save_names_the_step_and_keeps_the_previous_one(
+  tmp_path, monkeypatch
+):
   """A save that fails in the background (here: ENOSPC at the commit) is reported by
   the next save, wait or close as a CheckpointWriteError; older steps survive even
   with keep=1, and the next run restores them and clears the leftovers."""
   import errno
+
   from orbax.checkpoint._src.path import atomicity
+
   ckpt = _save_steps(str(tmp_path), [1], keep=1)
   original = atomicity.AtomicRenameTemporaryPath.finalize
 
   async def no_space(self):
     raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
   monkeypatch.setattr(atomicity.AtomicRenameTemporaryPath, "finalize", no_space)
   assert ckpt.save(2, _state(2), {"position": 20})  # Returns: the write is async.
-  with pytest.raises(checkpoint.CheckpointWriteError,
-                     match=r"checkpoint step 2 .*No space left on device.*newest "
-                           r"intact checkpoint is step 1"):
+  with pytest.raises(
+    checkpoint.CheckpointWriteError,
+    match=r"checkpoint step 2 .*No space left on device.*newest "
+    r"intact checkpoint is step 1",
+  ):
     ckpt.wait()
   monkeypatch.setattr(atomicity.AtomicRenameTemporaryPath, "finalize", original)
   ckpt.close()
@@ -340,7 +374,9 @@ def test_save_into_a_directory_that_went_away(tmp_path):
   ckpt = checkpoint.Checkpointer(str(run), save_period=1)
   shutil.rmtree(run)
   run.write_text("a file where the directory was")
-  with pytest.raises(checkpoint.CheckpointWriteError,
-                     match=r"checkpoint step 1 to .*run \(.*\); no intact checkpoint"):
+  with pytest.raises(
+    checkpoint.CheckpointWriteError,
+    match=r"checkpoint step 1 to .*run \(.*\); no intact checkpoint",
+  ):
     ckpt.save(1, _state(1), {})
     ckpt.wait()

@@ -31,23 +31,38 @@ def _gib(text, row):
 
 
 def test_tiny_step_compiles_on_a_mesh_and_does_not_fit_a_tiny_device(
-    clean_gin, capsys, monkeypatch):
+  clean_gin, capsys, monkeypatch
+):
   monkeypatch.syspath_prepend(TESTS)
-  status = cli.run(["compile", "--gin_file=tests/tiny.gin", "--gin_file=runs/compile.gin",
-                    "--gin_file=mtl/pcgrad.gin", "--gin.COMPILE_NUM_DEVICES=8", MESH,
-                    "--gin.COMPILE_DEVICE_MEMORY_GIB=0.0001"])
+  status = cli.run(
+    [
+      "compile",
+      "--gin_file=tests/tiny.gin",
+      "--gin_file=runs/compile.gin",
+      "--gin_file=mtl/pcgrad.gin",
+      "--gin.COMPILE_NUM_DEVICES=8",
+      MESH,
+      "--gin.COMPILE_DEVICE_MEMORY_GIB=0.0001",
+    ]
+  )
   out, err = capsys.readouterr()
   assert "8 devices (mesh data=2, fsdp=2, tensor=2)" in out
   assert "per-task gradients over 2 groups" in out
-  for row in ("parameters", "optimizer state", "per-task gradients (2 x params)",
-              "other activations/temporaries", "total"):
+  for row in (
+    "parameters",
+    "optimizer state",
+    "per-task gradients (2 x params)",
+    "other activations/temporaries",
+    "total",
+  ):
     assert row in out, row
   # AdamW keeps two moments of every (f32) parameter; the step keeps 2 gradient copies.
   params = _gib(out, "parameters")
   assert params > 0
   assert _gib(out, "optimizer state") == pytest.approx(2 * params, rel=0.05)
-  assert _gib(out, "per-task gradients (2 x params)") == pytest.approx(2 * params,
-                                                                        rel=0.05)
+  assert _gib(out, "per-task gradients (2 x params)") == pytest.approx(
+    2 * params, rel=0.05
+  )
   assert "XLA FLOPs per device per step: " in out and "compile" in out
   assert "does not fit" in out
   assert status == 1 and err.startswith("mtx: error: The train step needs")
@@ -56,11 +71,28 @@ def test_tiny_step_compiles_on_a_mesh_and_does_not_fit_a_tiny_device(
 
 def test_report_fits_when_memory_is_enough():
   report = compile_lib.CompileReport(
-      mesh_shape={"data": 1}, num_devices=1, num_params=1, model="m", route="r",
-      bytes={"params": 4, "optimizer": 8, "mtl": 0, "batch": 1, "groups": 0,
-             "task_grads": 0, "other_temp": 10, "unaliased_output": 0, "code": 0,
-             "total": 23},
-      device_memory=1024, lower_s=0.0, compile_s=0.0, flops=1.0)
+    mesh_shape={"data": 1},
+    num_devices=1,
+    num_params=1,
+    model="m",
+    route="r",
+    bytes={
+      "params": 4,
+      "optimizer": 8,
+      "mtl": 0,
+      "batch": 1,
+      "groups": 0,
+      "task_grads": 0,
+      "other_temp": 10,
+      "unaliased_output": 0,
+      "code": 0,
+      "total": 23,
+    },
+    device_memory=1024,
+    lower_s=0.0,
+    compile_s=0.0,
+    flops=1.0,
+  )
   assert report.fits and "fits (2% used)" in str(report)
 
 
@@ -71,14 +103,24 @@ def test_base_model_compiles_without_allocating_its_parameters():
   Layers are scanned: the CPU compiler's own memory grows with unrolled layers (about
   0.15 GiB per layer here), which would blur what this test looks at.
   """
-  cmd = [sys.executable, "-m", "mtx", "compile", "--gin_file=tests/tiny.gin",
-         "--gin_file=models/base.gin", "--gin_file=runs/compile.gin",
-         "--gin.COMPILE_NUM_DEVICES=4", "--gin.MESH_SHAPE={'fsdp': 4}",
-         "--gin.BATCH_SIZE=8", "--gin.model.T5Config.scan_layers=True"]
+  cmd = [
+    sys.executable,
+    "-m",
+    "mtx",
+    "compile",
+    "--gin_file=tests/tiny.gin",
+    "--gin_file=models/base.gin",
+    "--gin_file=runs/compile.gin",
+    "--gin.COMPILE_NUM_DEVICES=4",
+    "--gin.MESH_SHAPE={'fsdp': 4}",
+    "--gin.BATCH_SIZE=8",
+    "--gin.model.T5Config.scan_layers=True",
+  ]
   env = dict(os.environ, PYTHONPATH=TESTS, TF_CPP_MIN_LOG_LEVEL="3")
   env.pop("XLA_FLAGS", None)  # the command chooses its devices itself
-  proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, text=True)
+  proc = subprocess.Popen(
+    cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+  )
   peak, ps = 0, psutil.Process(proc.pid)
   while proc.poll() is None:
     try:
@@ -94,4 +136,4 @@ def test_base_model_compiles_without_allocating_its_parameters():
   assert state_gib > 2.0, out
   # Python, TensorFlow and JAX take ~0.9 GiB; had the state been allocated, the peak
   # would be above that plus state_gib.
-  assert 0 < peak / 2 ** 30 < state_gib, (peak, out)
+  assert 0 < peak / 2**30 < state_gib, (peak, out)

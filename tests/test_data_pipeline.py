@@ -3,13 +3,12 @@
 import numpy as np
 import pytest
 import seqio
-
-from mtx.data import materialize, mixing, pipeline, registry
-from mtx.errors import UserError
-
 from tsv_tasks import VOCAB
 from tsv_tasks import register_mixture as _register_mixture
 from tsv_tasks import register_tsv as _register_tsv
+
+from mtx.data import materialize, mixing, pipeline, registry
+from mtx.errors import UserError
 
 
 def _load(name, batch_size, units, lengths=(8, 8), **kw):
@@ -39,11 +38,14 @@ def test_task_ids_survive_mixing_and_packing(two_tsv_tasks):
   batch = p.next_batch()
   x, y, z = (VOCAB.encode(c)[0] for c in "xyz")
   eos = 1
-  np.testing.assert_array_equal(batch["decoder_target_tokens"][0],
-                                [x, y, eos, z, eos, x, y, eos])
+  np.testing.assert_array_equal(
+    batch["decoder_target_tokens"][0], [x, y, eos, z, eos, x, y, eos]
+  )
   np.testing.assert_array_equal(batch["decoder_task_ids"][0], [0, 0, 0, 1, 1, 0, 0, 0])
   np.testing.assert_array_equal(batch["decoder_segment_ids"][0], [1, 1, 1, 2, 2, 3, 3, 3])
-  np.testing.assert_array_equal(batch["decoder_input_tokens"][0], [0, x, y, 0, z, 0, x, y])
+  np.testing.assert_array_equal(
+    batch["decoder_input_tokens"][0], [0, x, y, 0, z, 0, x, y]
+  )
   np.testing.assert_array_equal(batch["encoder_segment_ids"][0], [1, 1, 1, 2, 2, 3, 3, 3])
   assert p.get_state()["cursors"] == {"t_a": 2, "t_b": 1}
 
@@ -61,10 +63,16 @@ def test_task_major_units_hold_one_task(two_tsv_tasks):
 @pytest.fixture
 def three_tasks(tmp_path):
   rng = np.random.default_rng(0)
+
   def rows(n, max_len):
-    return [("".join(rng.choice(list("abcdef"), rng.integers(1, max_len))),
-             "".join(rng.choice(list("ghij"), rng.integers(1, max_len))))
-            for _ in range(n)]
+    return [
+      (
+        "".join(rng.choice(list("abcdef"), rng.integers(1, max_len))),
+        "".join(rng.choice(list("ghij"), rng.integers(1, max_len))),
+      )
+      for _ in range(n)
+    ]
+
   _register_tsv("r_long", tmp_path / "l.tsv", rows(40, 14))
   _register_tsv("r_mid", tmp_path / "m.tsv", rows(25, 8))
   _register_tsv("r_short", tmp_path / "s.tsv", rows(7, 3))
@@ -76,8 +84,9 @@ def _examples_per_task(batch, k):
   seg, ids = batch["decoder_segment_ids"], batch["decoder_task_ids"]
   seg = seg.reshape(-1, seg.shape[-1])
   ids = ids.reshape(-1, ids.shape[-1])
-  starts = (seg > 0) & np.concatenate([np.ones_like(seg[:, :1], bool),
-                                       seg[:, 1:] != seg[:, :-1]], axis=1)
+  starts = (seg > 0) & np.concatenate(
+    [np.ones_like(seg[:, :1], bool), seg[:, 1:] != seg[:, :-1]], axis=1
+  )
   return np.bincount(ids[starts], minlength=k)
 
 
@@ -92,8 +101,13 @@ def test_realised_rates_match(three_tasks, units):
 
 
 def test_unit_assignment_varies_and_is_exact_for_groups(three_tasks):
-  p = _load(three_tasks, batch_size=8, units=4, lengths=(16, 16),
-            task_groups={"r_long": "g1", "r_mid": "g1"})
+  p = _load(
+    three_tasks,
+    batch_size=8,
+    units=4,
+    lengths=(16, 16),
+    task_groups={"r_long": "g1", "r_mid": "g1"},
+  )
   assert p.spec.group_names == ("g1", "r_short")
   seen = set()
   counts = np.zeros(3)
@@ -136,8 +150,9 @@ def test_two_process_shards_cover_every_example_once(three_tasks):
   lengths = {"inputs": 16, "targets": 16}
   whole = materialize.read_task(task, "train", lengths)
   parts = [materialize.read_task(task, "train", lengths, i, 2) for i in range(2)]
-  as_set = lambda ex: [tuple(ex.inputs.get(i)) + (-1,) + tuple(ex.targets.get(i))
-                       for i in range(len(ex))]
+  as_set = lambda ex: [
+    tuple(ex.inputs.get(i)) + (-1,) + tuple(ex.targets.get(i)) for i in range(len(ex))
+  ]
   combined = as_set(parts[0]) + as_set(parts[1])
   assert sorted(combined) == sorted(as_set(whole))
   assert len(parts[0]) + len(parts[1]) == len(whole) and min(map(len, parts)) > 0
@@ -145,20 +160,25 @@ def test_two_process_shards_cover_every_example_once(three_tasks):
 
 def test_over_long_examples_are_truncated_and_counted(tmp_path):
   _register_tsv("t_long", tmp_path / "x.tsv", [("abcdefghij", "klmnopqrst"), ("a", "b")])
-  ex = materialize.read_task(seqio.get_mixture_or_task("t_long"), "train",
-                             {"inputs": 4, "targets": 5})
+  ex = materialize.read_task(
+    seqio.get_mixture_or_task("t_long"), "train", {"inputs": 4, "targets": 5}
+  )
   assert ex.num_truncated == 1
   assert ex.targets.get(0).tolist()[-1] == 1 and len(ex.targets.get(0)) == 5
   assert len(ex.inputs.get(0)) == 4
 
 
 def test_rate_functions():
-  r = mixing.compute_rates("examples_proportional", [1, 1, 1], [100, 10, 1000], maximum=500)
+  r = mixing.compute_rates(
+    "examples_proportional", [1, 1, 1], [100, 10, 1000], maximum=500
+  )
   np.testing.assert_allclose(r, np.array([100, 10, 500]) / 610)
   r = mixing.compute_rates("temperature", [1, 1], [100, 400], temperature=2.0)
   np.testing.assert_allclose(r, [10 / 30, 20 / 30])
   np.testing.assert_allclose(mixing.compute_rates("equal", [5, 1], [1, 2]), [0.5, 0.5])
-  np.testing.assert_allclose(mixing.compute_rates("mixture", [3, 1], [1, 2]), [0.75, 0.25])
+  np.testing.assert_allclose(
+    mixing.compute_rates("mixture", [3, 1], [1, 2]), [0.75, 0.25]
+  )
 
 
 # ---- bad input: one sentence naming the culprit and the fix ---------------------------
@@ -169,11 +189,17 @@ def test_unknown_name_suggests_close_names(two_tsv_tasks):
 
 def test_different_vocabularies_rejected(tmp_path):
   _register_tsv("v_1", tmp_path / "1.tsv", [("a", "b")])
-  other = {k: seqio.Feature(seqio.PassThroughVocabulary(300), add_eos=True)
-           for k in ("inputs", "targets")}
+  other = {
+    k: seqio.Feature(seqio.PassThroughVocabulary(300), add_eos=True)
+    for k in ("inputs", "targets")
+  }
   seqio.TaskRegistry.remove("v_2")
-  seqio.TaskRegistry.add("v_2", source=seqio.TextLineDataSource({"train": str(tmp_path / "1.tsv")}),
-                         preprocessors=[], output_features=other)
+  seqio.TaskRegistry.add(
+    "v_2",
+    source=seqio.TextLineDataSource({"train": str(tmp_path / "1.tsv")}),
+    preprocessors=[],
+    output_features=other,
+  )
   _register_mixture("v_mix", [("v_1", 1), ("v_2", 1)])
   with pytest.raises(UserError, match="different vocabularies"):
     registry.resolve("v_mix")
@@ -185,8 +211,10 @@ def test_empty_task_rejected(tmp_path):
     _load("t_empty", 2, 0)
 
 
-@pytest.mark.parametrize("lengths", [{"inputs": 0, "targets": 8}, {"inputs": 8},
-                                     {"inputs": 8, "targets": -1}, [8, 8]])
+@pytest.mark.parametrize(
+  "lengths",
+  [{"inputs": 0, "targets": 8}, {"inputs": 8}, {"inputs": 8, "targets": -1}, [8, 8]],
+)
 def test_bad_feature_lengths(lengths):
   with pytest.raises(UserError, match="TASK_FEATURE_LENGTHS"):
     pipeline.check_feature_lengths(lengths)

@@ -8,16 +8,22 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mtx.runtime import params as params_lib
 from mtx import parallel
 from mtx.infer import decoding
 from mtx.infer.decoding import DecodeOptions
 from mtx.infer.predict import Predictor, fit_length, sequence_log_probs
 from mtx.model import T5, T5Config
+from mtx.runtime import params as params_lib
 
-
-TINY = T5Config(vocab_size=64, emb_dim=16, num_heads=2, head_dim=8, mlp_dim=32,
-                num_encoder_layers=1, num_decoder_layers=2)
+TINY = T5Config(
+  vocab_size=64,
+  emb_dim=16,
+  num_heads=2,
+  head_dim=8,
+  mlp_dim=32,
+  num_encoder_layers=1,
+  num_decoder_layers=2,
+)
 EOS = 1
 
 
@@ -37,12 +43,21 @@ def _params():
 def _inputs(batch=6, length=7, seed=1):
   rng = np.random.default_rng(seed)
   enc = rng.integers(2, TINY.vocab_size, (batch, length))
-  enc[0, length - 3:] = 0  # Padding in row 0.
+  enc[0, length - 3 :] = 0  # Padding in row 0.
   return jnp.asarray(enc, jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("method", "max_decode_length", "num_beams",
-                                             "length_penalty", "temperature", "top_k"))
+@functools.partial(
+  jax.jit,
+  static_argnames=(
+    "method",
+    "max_decode_length",
+    "num_beams",
+    "length_penalty",
+    "temperature",
+    "top_k",
+  ),
+)
 def _decode(params, tokens, key=None, **kwargs):
   return decoding.decode(T5(TINY), params, tokens, key=key, eos_id=EOS, **kwargs)
 
@@ -74,7 +89,8 @@ def test_greedy_with_cache_equals_teacher_forced_argmax():
   argmax = np.argmax(logits[..., 1:], -1) + 1
   np.testing.assert_array_equal(argmax[emitted], tokens[emitted])
   expected = jax.jit(functools.partial(sequence_log_probs, T5(TINY)))(
-      params, enc, jnp.asarray(tokens))
+    params, enc, jnp.asarray(tokens)
+  )
   np.testing.assert_allclose(scores, expected, rtol=1e-5, atol=1e-5)
 
 
@@ -82,14 +98,14 @@ def test_greedy_with_cache_equals_teacher_forced_argmax():
 def test_beam_of_one_equals_greedy(alpha):
   params, enc = _params(), _inputs()
   greedy = _decode(params, enc, method="greedy", max_decode_length=6)
-  beam = _decode(params, enc, method="beam", num_beams=1, length_penalty=alpha,
-                 max_decode_length=6)
+  beam = _decode(
+    params, enc, method="beam", num_beams=1, length_penalty=alpha, max_decode_length=6
+  )
   # Rows that end early and rows that do not (a done row must not change while
   # the others go on).
   np.testing.assert_array_equal(beam[0], greedy[0])
   lengths = np.where(np.any(greedy[0] == EOS, 1), np.argmax(greedy[0] == EOS, 1) + 1, 6)
-  np.testing.assert_allclose(beam[1], greedy[1] / ((5 + lengths) / 6) ** alpha,
-                             rtol=1e-6)
+  np.testing.assert_allclose(beam[1], greedy[1] / ((5 + lengths) / 6) ** alpha, rtol=1e-6)
 
 
 # A synthetic step over tokens {0, EOS=1, A=2, B=3}: the first token is A (0.6) or B
@@ -117,16 +133,32 @@ def _synthetic_cache(rows):
 @pytest.mark.parametrize("alpha", [0.0, 0.6])
 def test_beam_finds_a_better_sequence_than_myopic_greedy(alpha):
   batch, length = 2, 4
-  greedy_tokens, greedy_scores = jax.jit(functools.partial(
-      decoding.sample_loop, _synthetic_step, _synthetic_cache(batch), batch,
-      max_decode_length=length, eos_id=EOS))()
+  greedy_tokens, greedy_scores = jax.jit(
+    functools.partial(
+      decoding.sample_loop,
+      _synthetic_step,
+      _synthetic_cache(batch),
+      batch,
+      max_decode_length=length,
+      eos_id=EOS,
+    )
+  )()
   np.testing.assert_array_equal(greedy_tokens, [[A, EOS, 0, 0]] * batch)
   np.testing.assert_allclose(greedy_scores, np.log(0.6 * 0.34), rtol=1e-5)
 
   k = 2
-  beam_tokens, beam_scores = jax.jit(functools.partial(
-      decoding.beam_search, _synthetic_step, _synthetic_cache(batch * k), batch,
-      max_decode_length=length, num_beams=k, length_penalty=alpha, eos_id=EOS))()
+  beam_tokens, beam_scores = jax.jit(
+    functools.partial(
+      decoding.beam_search,
+      _synthetic_step,
+      _synthetic_cache(batch * k),
+      batch,
+      max_decode_length=length,
+      num_beams=k,
+      length_penalty=alpha,
+      eos_id=EOS,
+    )
+  )()
   np.testing.assert_array_equal(beam_tokens, [[B, EOS, 0, 0]] * batch)
   penalty = ((5 + 2) / 6) ** alpha
   np.testing.assert_allclose(beam_scores, np.log(0.4 * 0.99) / penalty, rtol=1e-5)
@@ -134,8 +166,14 @@ def test_beam_finds_a_better_sequence_than_myopic_greedy(alpha):
 
   # One beam is greedy again.
   one_tokens, one_scores = decoding.beam_search(
-      _synthetic_step, _synthetic_cache(batch), batch, max_decode_length=length,
-      num_beams=1, length_penalty=alpha, eos_id=EOS)
+    _synthetic_step,
+    _synthetic_cache(batch),
+    batch,
+    max_decode_length=length,
+    num_beams=1,
+    length_penalty=alpha,
+    eos_id=EOS,
+  )
   np.testing.assert_array_equal(one_tokens, greedy_tokens)
   np.testing.assert_allclose(one_scores, greedy_scores / penalty, rtol=1e-6)
 
@@ -144,8 +182,11 @@ def _two_row_step(tokens, cache):
   """Row 0: EOS (0.5) or A (0.49) then surely EOS; row 1: never EOS."""
   del tokens
   index, row = cache["index"], cache["row"]
-  row0 = jnp.where(index == 0, jnp.log(jnp.array([1e-6, 0.5, 0.49, 0.01])),
-                   jnp.log(jnp.array([1e-6, 0.98, 0.01, 0.01])))
+  row0 = jnp.where(
+    index == 0,
+    jnp.log(jnp.array([1e-6, 0.5, 0.49, 0.01])),
+    jnp.log(jnp.array([1e-6, 0.98, 0.01, 0.01])),
+  )
   row1 = jnp.log(jnp.array([1e-6, 1e-6, 0.9, 0.1]))
   log_probs = jnp.where((row == 0)[:, None], row0, row1)
   return jax.nn.log_softmax(log_probs), {"index": index + 1, "row": row}
@@ -156,10 +197,18 @@ def test_one_beam_is_greedy_even_when_a_longer_hypothesis_scores_higher():
   # would score higher (log 0.48 / (7/6)^2 > log 0.5), but one beam is greedy, and
   # row 1 (still going) must not change row 0's result.
   cache = {"index": jnp.zeros((), jnp.int32), "row": jnp.arange(2, dtype=jnp.int32)}
-  tokens, scores = decoding.beam_search(_two_row_step, cache, 2, max_decode_length=4,
-                                        num_beams=1, length_penalty=2.0, eos_id=EOS)
-  greedy, greedy_scores = decoding.sample_loop(_two_row_step, cache, 2,
-                                               max_decode_length=4, eos_id=EOS)
+  tokens, scores = decoding.beam_search(
+    _two_row_step,
+    cache,
+    2,
+    max_decode_length=4,
+    num_beams=1,
+    length_penalty=2.0,
+    eos_id=EOS,
+  )
+  greedy, greedy_scores = decoding.sample_loop(
+    _two_row_step, cache, 2, max_decode_length=4, eos_id=EOS
+  )
   np.testing.assert_array_equal(tokens, greedy)
   np.testing.assert_array_equal(tokens[0], [EOS, 0, 0, 0])
   np.testing.assert_allclose(scores[0], greedy_scores[0], rtol=1e-6)
@@ -175,9 +224,17 @@ def _markov_step(tokens, cache):
 
 @functools.partial(jax.jit, static_argnames=("method", "temperature", "top_k"))
 def _markov_decode(key, method="sample", temperature=1.0, top_k=0):
-  return decoding.sample_loop(_markov_step, (), 8, max_decode_length=6,
-                              method=method, temperature=temperature, top_k=top_k,
-                              key=key, eos_id=EOS)
+  return decoding.sample_loop(
+    _markov_step,
+    (),
+    8,
+    max_decode_length=6,
+    method=method,
+    temperature=temperature,
+    top_k=top_k,
+    key=key,
+    eos_id=EOS,
+  )
 
 
 def test_sampling_limits_and_keys():
@@ -203,8 +260,9 @@ def test_sampling_limits_and_keys():
   # The model's own sampling at a very low temperature is greedy too.
   params, enc = _params(), _inputs()
   model_greedy, _ = _decode(params, enc, method="greedy", max_decode_length=6)
-  model_cold, _ = _decode(params, enc, key, method="sample", temperature=1e-4,
-                          max_decode_length=6)
+  model_cold, _ = _decode(
+    params, enc, key, method="sample", temperature=1e-4, max_decode_length=6
+  )
   np.testing.assert_array_equal(model_cold, model_greedy)
 
 
@@ -213,10 +271,18 @@ def _predictor(mesh, method):
   boxed, _ = params_lib.abstract_params(model, 8, 8)
   shardings = params_lib.param_shardings(boxed, mesh, parallel.DEFAULT_RULES)
   params = jax.device_put(_params(), shardings)
-  predictor = Predictor(model, mesh, parallel.DEFAULT_RULES, shardings, batch_size=4,
-                        inputs_length=6, max_decode_length=5,
-                        decode=DecodeOptions(method=method, num_beams=2), eos_id=EOS,
-                        vocab_size=60)
+  predictor = Predictor(
+    model,
+    mesh,
+    parallel.DEFAULT_RULES,
+    shardings,
+    batch_size=4,
+    inputs_length=6,
+    max_decode_length=5,
+    decode=DecodeOptions(method=method, num_beams=2),
+    eos_id=EOS,
+    vocab_size=60,
+  )
   return predictor, params
 
 
@@ -227,8 +293,10 @@ def test_predictions_on_a_mesh_equal_one_device(method):
   inputs = [list(rng.integers(2, 60, n)) + [EOS] for n in (3, 8, 1, 5, 2)]
   assert fit_length(inputs[1], 6, EOS) == inputs[1][:5] + [EOS]
   results = []
-  for mesh in (parallel.make_mesh({"data": 2, "fsdp": 2, "tensor": 2}),
-               parallel.make_mesh({"data": 1}, jax.devices()[:1])):
+  for mesh in (
+    parallel.make_mesh({"data": 2, "fsdp": 2, "tensor": 2}),
+    parallel.make_mesh({"data": 1}, jax.devices()[:1]),
+  ):
     predictor, params = _predictor(mesh, method)
     outputs, scores = predictor.predict_with_scores(params, inputs)
     results.append((outputs, np.asarray(scores)))
@@ -236,7 +304,8 @@ def test_predictions_on_a_mesh_equal_one_device(method):
     if method == "greedy":
       # The score of a greedy prediction is its teacher-forced log-likelihood.
       targets = [out + [EOS] if len(out) < 5 else out for out in outputs]
-      np.testing.assert_allclose(predictor.score(params, inputs, targets), scores,
-                                 rtol=1e-4, atol=1e-4)
+      np.testing.assert_allclose(
+        predictor.score(params, inputs, targets), scores, rtol=1e-4, atol=1e-4
+      )
   assert results[0][0] == results[1][0]
   np.testing.assert_allclose(results[0][1], results[1][1], rtol=1e-5, atol=1e-5)

@@ -7,27 +7,36 @@ import gin
 import jax
 import numpy as np
 import pytest
-
 import tiny_mixture
-from mtx.runtime import params as params_lib
+
 from mtx import parallel
+from mtx.cli import main as cli
 from mtx.errors import UserError
 from mtx.eval import metrics, results, summary
 from mtx.eval.evaluator import EvalOptions, Evaluator
 from mtx.model import T5, T5Config
 from mtx.runtime import metrics_writer
-from mtx.cli import main as cli
+from mtx.runtime import params as params_lib
 
-
-TINY = T5Config(vocab_size=384, emb_dim=32, num_heads=2, head_dim=16, mlp_dim=64,
-                num_encoder_layers=1, num_decoder_layers=1)
+TINY = T5Config(
+  vocab_size=384,
+  emb_dim=32,
+  num_heads=2,
+  head_dim=16,
+  mlp_dim=64,
+  num_encoder_layers=1,
+  num_decoder_layers=1,
+)
 LENGTHS = {"inputs": 16, "targets": 16}
 
 
 # ---- numbers by hand -------------------------------------------------------------------
 def test_mean_primary_and_delta_m_by_hand():
-  tasks = {"a": {"exact_match": 80.0, "loss": 0.5}, "b": {"accuracy": 50.0, "loss": 1.0},
-           "c": {"loss": 0.5}}
+  tasks = {
+    "a": {"exact_match": 80.0, "loss": 0.5},
+    "b": {"accuracy": 50.0, "loss": 1.0},
+    "c": {"loss": 0.5},
+  }
   primary = {"a": "exact_match", "b": "accuracy", "c": "loss"}
   # Tasks scored only by loss stay out of the mean of percentages.
   assert summary.mean_primary(tasks, primary) == pytest.approx(65.0)
@@ -36,8 +45,9 @@ def test_mean_primary_and_delta_m_by_hand():
   # a: +25%, b: +25%, c: loss up 25% is worse: -25%.  Mean: 25/3.
   assert summary.delta_m(tasks, primary, base) == pytest.approx(25.0 / 3)
   # A task missing from the baseline or with a zero baseline is left out.
-  assert summary.delta_m(tasks, primary, {"a": {"exact_match": 0.0},
-                                          "b": {"accuracy": 40.0}}) == pytest.approx(25.0)
+  assert summary.delta_m(
+    tasks, primary, {"a": {"exact_match": 0.0}, "b": {"accuracy": 40.0}}
+  ) == pytest.approx(25.0)
   assert summary.delta_m(tasks, primary, {"z": {"loss": 1.0}}) is None
 
 
@@ -46,18 +56,22 @@ def test_text_metrics_by_hand():
   pytest.importorskip("rouge_score")
   same = ["the cat sat on the mat", "a dog ran . it was fast"]
   assert metrics.bleu(same, same)["bleu"] == pytest.approx(100.0)
-  assert metrics.bleu([[s, "other words"] for s in same], same)["bleu"] == pytest.approx(100.0)
+  assert metrics.bleu([[s, "other words"] for s in same], same)["bleu"] == pytest.approx(
+    100.0
+  )
   assert metrics.bleu(same, ["nothing alike here", "zzz"])["bleu"] < 1.0
   # rouge1: P = 1, R = 2/3 -> F = 0.8;  rouge2: P = 1, R = 1/2 -> F = 2/3.
   scores = metrics.rouge(["the cat sat"], ["the cat"])
   assert scores["rouge1"] == pytest.approx(80.0)
   assert scores["rouge2"] == pytest.approx(200.0 / 3)
   assert metrics.rouge(same, same) == pytest.approx(
-      {"rouge1": 100.0, "rouge2": 100.0, "rougeLsum": 100.0})
+    {"rouge1": 100.0, "rouge2": 100.0, "rougeLsum": 100.0}
+  )
 
 
 def test_text_metrics_say_how_to_install(monkeypatch):
   import importlib
+
   real_import_module = importlib.import_module
 
   def without_text_metrics(name, *args, **kwargs):
@@ -88,7 +102,7 @@ def _hand_loss(model, params, pairs):
   enc_arr = np.zeros([len(pairs), max(map(len, enc))], np.int32)
   tgt_arr = np.zeros([len(pairs), max(map(len, tgt))], np.int32)
   for i, (e, t) in enumerate(zip(enc, tgt)):
-    enc_arr[i, :len(e)], tgt_arr[i, :len(t)] = e, t
+    enc_arr[i, : len(e)], tgt_arr[i, : len(t)] = e, t
   dec_in = np.pad(tgt_arr[:, :-1], ((0, 0), (1, 0)))
   logits = np.asarray(model.apply({"params": params}, enc_arr, dec_in), np.float64)
   logits -= logits.max(-1, keepdims=True)
@@ -106,8 +120,16 @@ def test_evaluator_scores_per_task_and_computes_the_loss_on_a_mesh():
   shardings = params_lib.param_shardings(boxed, mesh, rules)
   params = params_lib.init_params(model, 0, 8, 8, shardings)
   # 64 examples per task in batches of 24: the last batch is padded.
-  evaluator = Evaluator(model, mesh, rules, shardings, "tiny", LENGTHS,
-                        EvalOptions(batch_size=24), predictor=_CopyPredictor())
+  evaluator = Evaluator(
+    model,
+    mesh,
+    rules,
+    shardings,
+    "tiny",
+    LENGTHS,
+    EvalOptions(batch_size=24),
+    predictor=_CopyPredictor(),
+  )
   result = evaluator.evaluate(params, step=5)
   words = tiny_mixture._strings(64, 1)  # pylint: disable=protected-access
   assert result.step == 5 and sorted(result.tasks) == ["tiny_copy", "tiny_rev"]
@@ -132,14 +154,29 @@ def _cli(*args):
 
 
 def _train(model_dir, steps=4, *extra):
-  assert _cli("train", "--gin_file=tests/tiny.gin", f"--gin.MODEL_DIR='{model_dir}'",
-              f"--gin.TRAIN_STEPS={steps}", "--gin.CHECKPOINT_PERIOD=2", *extra) == 0
+  assert (
+    _cli(
+      "train",
+      "--gin_file=tests/tiny.gin",
+      f"--gin.MODEL_DIR='{model_dir}'",
+      f"--gin.TRAIN_STEPS={steps}",
+      "--gin.CHECKPOINT_PERIOD=2",
+      *extra,
+    )
+    == 0
+  )
 
 
 def _eval(model_dir, *extra):
-  return _cli("eval", "--gin_file=tests/tiny.gin", "--gin_file=runs/eval.gin",
-              f"--gin.MODEL_DIR='{model_dir}'", "--gin.EVAL_BATCH_SIZE=64",
-              "--gin_bindings=evaluate.tensorboard = False", *extra)
+  return _cli(
+    "eval",
+    "--gin_file=tests/tiny.gin",
+    "--gin_file=runs/eval.gin",
+    f"--gin.MODEL_DIR='{model_dir}'",
+    "--gin.EVAL_BATCH_SIZE=64",
+    "--gin_bindings=evaluate.tensorboard = False",
+    *extra,
+  )
 
 
 def _expected_delta_m(record, baseline):
@@ -159,11 +196,16 @@ def test_mtx_eval_writes_json_metrics_and_delta_m(tmp_path, capsys):
   # A baseline run's results, as `mtx eval` would have left them.
   base = tmp_path / "base"
   (base / "eval").mkdir(parents=True)
-  baseline = {"step": 9, "split": "validation",
-              "tasks": {"tiny_copy": {"exact_match": 50.0, "loss": 2.0, "num_examples": 64},
-                        "tiny_rev": {"exact_match": 25.0, "loss": 2.0, "num_examples": 64}},
-              "primary": {"tiny_copy": "exact_match", "tiny_rev": "exact_match"},
-              "summary": {"mean_primary": 37.5, "delta_m": None, "baseline": None}}
+  baseline = {
+    "step": 9,
+    "split": "validation",
+    "tasks": {
+      "tiny_copy": {"exact_match": 50.0, "loss": 2.0, "num_examples": 64},
+      "tiny_rev": {"exact_match": 25.0, "loss": 2.0, "num_examples": 64},
+    },
+    "primary": {"tiny_copy": "exact_match", "tiny_rev": "exact_match"},
+    "summary": {"mean_primary": 37.5, "delta_m": None, "baseline": None},
+  }
   (base / "eval" / "step_9.json").write_text(json.dumps(baseline))
   capsys.readouterr()
   assert _eval(run, f"--gin.EVAL_BASELINE_DIR='{base}'") == 0
@@ -176,8 +218,9 @@ def test_mtx_eval_writes_json_metrics_and_delta_m(tmp_path, capsys):
     assert values["num_examples"] == 64 and 0.0 <= values["exact_match"] <= 100.0
     assert 0.0 < values["loss"] < 10.0
   s = record["summary"]
-  assert s["mean_primary"] == pytest.approx(np.mean(
-      [record["tasks"][t]["exact_match"] for t in ("tiny_copy", "tiny_rev")]))
+  assert s["mean_primary"] == pytest.approx(
+    np.mean([record["tasks"][t]["exact_match"] for t in ("tiny_copy", "tiny_rev")])
+  )
   assert s["baseline"] == str(base)
   assert s["delta_m"] == pytest.approx(_expected_delta_m(record, baseline))
   # metrics.jsonl: the training lines, then one eval line at the evaluated step.
@@ -185,8 +228,12 @@ def test_mtx_eval_writes_json_metrics_and_delta_m(tmp_path, capsys):
   assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4]
   line = [r for r in rows if "eval/mean_primary" in r][-1]
   assert line["step"] == 4
-  for key in ("eval/tiny_copy/exact_match", "eval/tiny_copy/loss", "eval/tiny_rev/loss",
-              "eval/delta_m"):
+  for key in (
+    "eval/tiny_copy/exact_match",
+    "eval/tiny_copy/loss",
+    "eval/tiny_rev/loss",
+    "eval/delta_m",
+  ):
     assert key in line, key
   assert line["eval/delta_m"] == pytest.approx(s["delta_m"])
   # The table and the one-line summary.
@@ -195,21 +242,33 @@ def test_mtx_eval_writes_json_metrics_and_delta_m(tmp_path, capsys):
   assert "delta_m" in out.strip().splitlines()[-1]
 
 
-@pytest.mark.parametrize("extra, pattern", [
+@pytest.mark.parametrize(
+  "extra, pattern",
+  [
     ((), "holds no finished checkpoint"),
     (("--gin.EVAL_BASELINE_DIR='{tmp}'",), "has no eval results"),
     (("--gin.EVAL_DECODE_METHOD='beem'",), "EVAL_DECODE_METHOD 'beem' is not one of"),
-    (("--gin_bindings=eval.EvalOptions.num_beams = 0",),
-     "EVAL decoding settings are out of range .num_beams 0"),
-    (("--gin.EVAL_TASK_FEATURE_LENGTHS={{'inputs': '8', 'targets': 8}}",),
-     r"EVAL_TASK_FEATURE_LENGTHS\['inputs'\] must be a positive integer"),
-])
+    (
+      ("--gin_bindings=eval.EvalOptions.num_beams = 0",),
+      "EVAL decoding settings are out of range .num_beams 0",
+    ),
+    (
+      ("--gin.EVAL_TASK_FEATURE_LENGTHS={{'inputs': '8', 'targets': 8}}",),
+      r"EVAL_TASK_FEATURE_LENGTHS\['inputs'\] must be a positive integer",
+    ),
+  ],
+)
 def test_mtx_eval_bad_input_one_sentence(tmp_path, capsys, extra, pattern):
   import re
+
   gin.clear_config()
   os.makedirs(tmp_path / "empty")
-  args = ["eval", "--gin_file=tests/tiny.gin", "--gin_file=runs/eval.gin",
-          f"--gin.MODEL_DIR='{tmp_path}/empty'"] + [e.format(tmp=tmp_path) for e in extra]
+  args = [
+    "eval",
+    "--gin_file=tests/tiny.gin",
+    "--gin_file=runs/eval.gin",
+    f"--gin.MODEL_DIR='{tmp_path}/empty'",
+  ] + [e.format(tmp=tmp_path) for e in extra]
   try:
     with pytest.raises(SystemExit) as e:
       cli.main(args)

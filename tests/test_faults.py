@@ -20,19 +20,25 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-
 import tiny_mixture  # noqa: F401  (registers the 'tiny' mixture)
+
 from mtx import mtl
 from mtx.errors import UserError
 from mtx.model import T5Config
+from mtx.runtime import checkpoint, metrics_writer
 from mtx.train import loop, optim
 from mtx.train.settings import TrainConfig
-from mtx.runtime import checkpoint, metrics_writer
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(TESTS)
-TINY = T5Config(emb_dim=32, num_heads=2, head_dim=16, mlp_dim=64, num_encoder_layers=1,
-                num_decoder_layers=1)
+TINY = T5Config(
+  emb_dim=32,
+  num_heads=2,
+  head_dim=16,
+  mlp_dim=64,
+  num_encoder_layers=1,
+  num_decoder_layers=1,
+)
 
 
 def _loop_train(devices=None, **settings):
@@ -44,12 +50,19 @@ def _train(model_dir, steps, **kw):
   kw.setdefault("log_period", 1)
   kw.setdefault("checkpoint_period", 0)
   return _loop_train(
-      model_dir=str(model_dir), mixture_or_task_name="tiny",
-      task_feature_lengths={"inputs": 16, "targets": 16}, train_steps=steps,
-      batch_size=8, model_config=TINY,
-      optimizer_fn=lambda learning_rate: optim.make_optimizer("adamw", learning_rate),
-      learning_rate=1e-3, devices=jax.devices()[:1], print_param_table=False,
-      tensorboard=False, **kw)
+    model_dir=str(model_dir),
+    mixture_or_task_name="tiny",
+    task_feature_lengths={"inputs": 16, "targets": 16},
+    train_steps=steps,
+    batch_size=8,
+    model_config=TINY,
+    optimizer_fn=lambda learning_rate: optim.make_optimizer("adamw", learning_rate),
+    learning_rate=1e-3,
+    devices=jax.devices()[:1],
+    print_param_table=False,
+    tensorboard=False,
+    **kw,
+  )
 
 
 def _saved_state(model_dir, step):
@@ -69,20 +82,31 @@ def _assert_trees_equal(a, b):
 
 
 # ---- NaN / Inf ---------------------------------------------------------------------------
-@pytest.mark.parametrize("method", ["sum", pytest.param("pcgrad", marks=pytest.mark.slow)])
+@pytest.mark.parametrize(
+  "method", ["sum", pytest.param("pcgrad", marks=pytest.mark.slow)]
+)
 def test_nonfinite_step_is_skipped_counted_and_never_saved(tmp_path, method):
   """'skip': an Inf loss at step 3 leaves params, optimizer and mtl state as they were
   after step 2, while the step counter and data position advance; nonfinite_steps counts
   it in metrics.jsonl and in the checkpoint (so it survives a resume)."""
   transforms = (mtl.pcgrad(),) if method == "pcgrad" else ()
   # units=4: tiny_rev gets a unit at every step, so the injection always hits.
-  result = _train(tmp_path, 4, mtl_transforms=transforms, units=4, checkpoint_period=1,
-                  keep_checkpoints=10, debug_inject_nonfinite_steps=(3,),
-                  debug_inject_nonfinite_task="tiny_rev")
+  result = _train(
+    tmp_path,
+    4,
+    mtl_transforms=transforms,
+    units=4,
+    checkpoint_period=1,
+    keep_checkpoints=10,
+    debug_inject_nonfinite_steps=(3,),
+    debug_inject_nonfinite_task="tiny_rev",
+  )
   assert result.step == 4
   rows = metrics_writer.read_metrics(str(tmp_path))
   assert [r["nonfinite_steps"] for r in rows] == [0, 0, 1, 1]
-  assert not np.isfinite(rows[2]["loss/tiny_rev"]) and np.isfinite(rows[2]["loss/tiny_copy"])
+  assert not np.isfinite(rows[2]["loss/tiny_rev"]) and np.isfinite(
+    rows[2]["loss/tiny_copy"]
+  )
   assert all(np.isfinite(r["loss"]) for i, r in enumerate(rows) if i != 2)
   (s2, d2), (s3, d3), (s4, _) = (_saved_state(tmp_path, s) for s in (2, 3, 4))
   for key in ("params", "opt_state", "mtl_state"):
@@ -90,19 +114,33 @@ def test_nonfinite_step_is_skipped_counted_and_never_saved(tmp_path, method):
   assert (int(s2["step"]), int(s3["step"])) == (2, 3)
   assert (int(s2["nonfinite_steps"]), int(s3["nonfinite_steps"])) == (0, 1)
   assert d3 != d2  # The data position moved on: the bad batch is not seen again.
-  assert any(not np.array_equal(x, y)  # Training goes on at step 4.
-             for x, y in zip(jax.tree.leaves(s4["params"]), jax.tree.leaves(s3["params"])))
+  assert any(
+    not np.array_equal(x, y)  # Training goes on at step 4.
+    for x, y in zip(jax.tree.leaves(s4["params"]), jax.tree.leaves(s3["params"]))
+  )
   for state in (s2, s3, s4):
-    assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(state)
-               if np.issubdtype(x.dtype, np.floating))
+    assert all(
+      np.all(np.isfinite(x))
+      for x in jax.tree.leaves(state)
+      if np.issubdtype(x.dtype, np.floating)
+    )
 
 
 def test_nonfinite_stop_names_step_and_task_and_saves_nothing_after(tmp_path):
-  with pytest.raises(loop.NonFiniteStepError,
-                     match=r"^Step 3 had a non-finite loss in task\(s\) tiny_rev .*'stop'.*"
-                           r"newest checkpoint is step 2\)"):
-    _train(tmp_path, 8, nonfinite_policy="stop", checkpoint_period=2, log_period=4,
-           debug_inject_nonfinite_steps=(3,), debug_inject_nonfinite_task="tiny_rev")
+  with pytest.raises(
+    loop.NonFiniteStepError,
+    match=r"^Step 3 had a non-finite loss in task\(s\) tiny_rev .*'stop'.*"
+    r"newest checkpoint is step 2\)",
+  ):
+    _train(
+      tmp_path,
+      8,
+      nonfinite_policy="stop",
+      checkpoint_period=2,
+      log_period=4,
+      debug_inject_nonfinite_steps=(3,),
+      debug_inject_nonfinite_task="tiny_rev",
+    )
   assert _steps_on_disk(tmp_path) == [2]
   with pytest.raises(UserError, match=r"nonfinite_policy is 'stp' \(did you mean: stop"):
     _train(tmp_path / "x", 1, nonfinite_policy="stp")
@@ -118,32 +156,39 @@ def _fail_metrics_after(monkeypatch, lines):
     if len(calls) > lines:
       raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
     original(self, data)
+
   monkeypatch.setattr(metrics_writer.MetricsWriter, "_append", append)
 
 
 def _fail_checkpoint_step(monkeypatch, step):
   from orbax.checkpoint._src.path import atomicity
+
   original = atomicity.AtomicRenameTemporaryPath.finalize
 
   async def finalize(self):
     if f"/{step}" in str(self.get_final()):
       raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
     await original(self)
+
   monkeypatch.setattr(atomicity.AtomicRenameTemporaryPath, "finalize", finalize)
 
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
-@pytest.mark.parametrize("what", ["metrics", pytest.param("checkpoint",
-                                                            marks=pytest.mark.slow)])
-def test_disk_full_mid_run_is_one_sentence_and_keeps_the_checkpoint(tmp_path, monkeypatch,
-                                                                    what):
+@pytest.mark.parametrize(
+  "what", ["metrics", pytest.param("checkpoint", marks=pytest.mark.slow)]
+)
+def test_disk_full_mid_run_is_one_sentence_and_keeps_the_checkpoint(
+  tmp_path, monkeypatch, what
+):
   if what == "metrics":
     _fail_metrics_after(monkeypatch, 6)
     pattern = r"^Could not write .*metrics.jsonl \(No space left on device\); free some"
   else:
     _fail_checkpoint_step(monkeypatch, 8)
-    pattern = (r"^Could not write checkpoint step 8 to .* \(No space left on device\); "
-               r"the newest intact checkpoint is step 4: free some space")
+    pattern = (
+      r"^Could not write checkpoint step 8 to .* \(No space left on device\); "
+      r"the newest intact checkpoint is step 4: free some space"
+    )
   with pytest.raises(UserError, match=pattern) as error:
     _train(tmp_path, 10, checkpoint_period=4)
   assert "\n" not in str(error.value)
@@ -159,8 +204,14 @@ def _mount_tmpfs(path, size):
   os.makedirs(path, exist_ok=True)
   if os.geteuid() != 0 or not shutil.which("mount"):
     return False
-  return subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
-                        capture_output=True, check=False).returncode == 0
+  return (
+    subprocess.run(
+      ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+      capture_output=True,
+      check=False,
+    ).returncode
+    == 0
+  )
 
 
 def _fill(directory):
@@ -186,13 +237,26 @@ def test_disk_full_or_read_only_mid_run_exits_2_and_the_checkpoint_restores(tmp_
   model_dir = disk / "run"
   proc = None
   try:
-    proc = subprocess.Popen(_cli(model_dir, "--gin.TRAIN_STEPS=100000"), cwd=REPO,
-                            env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+    proc = subprocess.Popen(
+      _cli(model_dir, "--gin.TRAIN_STEPS=100000"),
+      cwd=REPO,
+      env=_env(),
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      text=True,
+    )
     # Any committed step (step 4 itself may already be gone: keep=3).
-    _wait_for(lambda: model_dir.exists() and any(
-        (model_dir / str(s) / "commit_success.txt").exists()
-        for s in _steps_on_disk(model_dir)), proc, what="a committed checkpoint")
+    _wait_for(
+      lambda: (
+        model_dir.exists()
+        and any(
+          (model_dir / str(s) / "commit_success.txt").exists()
+          for s in _steps_on_disk(model_dir)
+        )
+      ),
+      proc,
+      what="a committed checkpoint",
+    )
     if mounted:
       _fill(disk)
     else:
@@ -205,8 +269,11 @@ def test_disk_full_or_read_only_mid_run_exits_2_and_the_checkpoint_restores(tmp_
     # always before it); mtx's sentence is one line of its own.
     ours = [line for line in err.splitlines() if line.startswith("mtx: error: ")]
     assert len(ours) == 1, err[-3000:]
-    assert re.match(r"mtx: error: Could not write .*(No space left on device|"
-                    r"Permission denied)", ours[0]), ours[0]
+    assert re.match(
+      r"mtx: error: Could not write .*(No space left on device|"
+      r"Permission denied)",
+      ours[0],
+    ), ours[0]
     if mounted:
       os.remove(disk / "filler")
     steps = _steps_on_disk(model_dir)
@@ -239,23 +306,37 @@ cli.main()
 
 
 def _env():
-  return dict(os.environ, PYTHONPATH=TESTS, JAX_PLATFORMS="cpu",
-              XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  return dict(
+    os.environ,
+    PYTHONPATH=TESTS,
+    JAX_PLATFORMS="cpu",
+    XLA_FLAGS="--xla_force_host_platform_device_count=1",
+  )
 
 
 def _cli(model_dir, *extra, save_delay=None):
-  main = (["-m", "mtx", "train"] if save_delay is None
-          else ["-c", SLOW_SAVE_MAIN, str(save_delay), "train"])
-  return [sys.executable, *main, "--gin_file=tests/tiny.gin",
-          f"--gin.MODEL_DIR='{model_dir}'", *extra]
+  main = (
+    ["-m", "mtx", "train"]
+    if save_delay is None
+    else ["-c", SLOW_SAVE_MAIN, str(save_delay), "train"]
+  )
+  return [
+    sys.executable,
+    *main,
+    "--gin_file=tests/tiny.gin",
+    f"--gin.MODEL_DIR='{model_dir}'",
+    *extra,
+  ]
 
 
 def _wait_for(predicate, proc, timeout=300, what="the condition"):
   start = time.time()
   while not predicate():
     if proc.poll() is not None:
-      raise AssertionError(f"process ended (status {proc.returncode}) before {what}: "
-                           f"{proc.stderr.read()[-3000:]}")
+      raise AssertionError(
+        f"process ended (status {proc.returncode}) before {what}: "
+        f"{proc.stderr.read()[-3000:]}"
+      )
     if time.time() - start > timeout:
       proc.kill()
       raise AssertionError(f"timed out waiting for {what}")
@@ -267,52 +348,82 @@ def _logged(model_dir):
 
 
 def _saves_in_flight(model_dir):
-  return [int(p.split(".")[0]) for p in os.listdir(model_dir) if ".orbax-checkpoint-tmp" in p]
+  return [
+    int(p.split(".")[0]) for p in os.listdir(model_dir) if ".orbax-checkpoint-tmp" in p
+  ]
 
 
 def _losses(model_dir):
   rows = metrics_writer.read_metrics(str(model_dir))
   return [r["step"] for r in rows], np.array(
-      [[r["loss"], r["loss/tiny_copy"], r["loss/tiny_rev"], r["nonfinite_steps"]]
-       for r in rows])
+    [
+      [r["loss"], r["loss/tiny_copy"], r["loss/tiny_rev"], r["nonfinite_steps"]]
+      for r in rows
+    ]
+  )
 
 
 @pytest.mark.slow
-def test_kill_9_at_random_points_and_during_a_save_then_restart_is_bit_identical(tmp_path):
+def test_kill_9_at_random_points_and_during_a_save_then_restart_is_bit_identical(
+  tmp_path,
+):
   """Three kill -9s of one run, at seeded random steps and while an async checkpoint
   save is in flight; each time the same command restarts it. Every logged loss and the
   final params equal an uninterrupted run's bit for bit."""
   steps, flags = 40, ("--gin.TRAIN_STEPS=40", "--gin.CHECKPOINT_PERIOD=4")
   straight, killed = tmp_path / "straight", tmp_path / "killed"
-  subprocess.run(_cli(straight, *flags), cwd=REPO, env=_env(), check=True,
-                 capture_output=True, timeout=600)
+  subprocess.run(
+    _cli(straight, *flags),
+    cwd=REPO,
+    env=_env(),
+    check=True,
+    capture_output=True,
+    timeout=600,
+  )
   rng = random.Random(20240607)
   first, last = rng.randint(2, 10), rng.randint(22, 30)
 
   def saving_past(resumed):
     """A save of a step after ``resumed`` is in flight and training went past it
     (metrics.jsonl was cut back to ``resumed`` on restart, so those lines are new)."""
-    return lambda: any(s > resumed and _logged(killed) > s
-                       for s in _saves_in_flight(killed))
+    return lambda: any(
+      s > resumed and _logged(killed) > s for s in _saves_in_flight(killed)
+    )
+
   kills = [
-      (f"after step {first}", {}, lambda _: lambda: _logged(killed) >= first),
-      ("while a checkpoint save is in flight", {"save_delay": 3.0}, saving_past),
-      (f"after step {last}", {}, lambda _: lambda: _logged(killed) >= last),
+    (f"after step {first}", {}, lambda _: lambda: _logged(killed) >= first),
+    ("while a checkpoint save is in flight", {"save_delay": 3.0}, saving_past),
+    (f"after step {last}", {}, lambda _: lambda: _logged(killed) >= last),
   ]
   for what, kw, make_predicate in kills:
     resumed = max(_steps_on_disk(killed), default=0) if killed.exists() else 0
     predicate = make_predicate(resumed)
-    proc = subprocess.Popen(_cli(killed, *flags, **kw), cwd=REPO, env=_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    _wait_for(lambda p=predicate: os.path.isdir(killed) and p(), proc,
-              what=f"kill {what} (resumed from step {resumed})")
+    proc = subprocess.Popen(
+      _cli(killed, *flags, **kw),
+      cwd=REPO,
+      env=_env(),
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      text=True,
+    )
+    _wait_for(
+      lambda p=predicate: os.path.isdir(killed) and p(),
+      proc,
+      what=f"kill {what} (resumed from step {resumed})",
+    )
     in_flight = [s for s in _saves_in_flight(killed) if s > resumed]
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     if kw:
       assert in_flight, f"no save was in flight when killed {what}"
-  subprocess.run(_cli(killed, *flags), cwd=REPO, env=_env(), check=True,
-                 capture_output=True, timeout=600)
+  subprocess.run(
+    _cli(killed, *flags),
+    cwd=REPO,
+    env=_env(),
+    check=True,
+    capture_output=True,
+    timeout=600,
+  )
   (steps_a, a), (steps_b, b) = _losses(straight), _losses(killed)
   assert steps_a == steps_b == list(range(1, steps + 1))
   np.testing.assert_array_equal(a, b)  # bit for bit, every logged step
@@ -329,17 +440,23 @@ def test_write_atomically_keeps_the_old_file_when_the_write_fails(tmp_path, monk
 
   def no_space(fd):
     raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
   monkeypatch.setattr(os, "fsync", no_space)
-  with pytest.raises(metrics_writer.WriteError,
-                     match=r"^Could not write .*config.gin \(No space left on device\)"):
+  with pytest.raises(
+    metrics_writer.WriteError,
+    match=r"^Could not write .*config.gin \(No space left on device\)",
+  ):
     metrics_writer.write_atomically(str(path), "new = 2\n")
   assert path.read_text() == "old = 1\n"
   assert os.listdir(tmp_path) == ["config.gin"]  # No temporary file left behind.
 
 
 def test_no_pickle_in_code_or_checkpoints(tmp_path):
-  pattern = re.compile(r"^\s*(import|from)\s+(c?pickle|dill|cloudpickle|joblib)\b|"
-                       r"allow_pickle\s*=\s*True|torch\.load", re.M)
+  pattern = re.compile(
+    r"^\s*(import|from)\s+(c?pickle|dill|cloudpickle|joblib)\b|"
+    r"allow_pickle\s*=\s*True|torch\.load",
+    re.M,
+  )
   offenders = []
   for folder in ("mtx", "tools", "mixtures"):
     for path in glob.glob(os.path.join(REPO, folder, "**", "*.py"), recursive=True):
@@ -348,8 +465,11 @@ def test_no_pickle_in_code_or_checkpoints(tmp_path):
           offenders.append(os.path.relpath(path, REPO))
   assert not offenders, offenders
   ckpt = checkpoint.Checkpointer(str(tmp_path), save_period=1)
-  ckpt.save(1, {"params": {"w": np.ones((4, 4), np.float32)}, "step": np.int32(1)},
-            {"position": 1})
+  ckpt.save(
+    1,
+    {"params": {"w": np.ones((4, 4), np.float32)}, "step": np.int32(1)},
+    {"position": 1},
+  )
   ckpt.close()
   for path in glob.glob(str(tmp_path / "**"), recursive=True):
     if os.path.isfile(path):

@@ -7,12 +7,11 @@ import seqio
 import tensorflow_datasets as tfds
 
 from mixtures import glue
-from mtx.runtime import params as params_lib
 from mtx import parallel
 from mtx.eval import results
 from mtx.eval.evaluator import EvalOptions, Evaluator
 from mtx.model import T5, T5Config
-
+from mtx.runtime import params as params_lib
 
 _LENGTHS = {"inputs": 48, "targets": 8}
 _NUM_EXAMPLES = 4
@@ -26,20 +25,37 @@ def _metric_names(task_name):
 
 
 # One task per kind of metric and postprocessor runs by default; all of them in -m slow.
-_SOME = ("glue_cola_v002", "glue_stsb_v002", "glue_mnli_matched_v002", "super_glue_cb_v102",
-         "super_glue_record_v102")
+_SOME = (
+  "glue_cola_v002",
+  "glue_stsb_v002",
+  "glue_mnli_matched_v002",
+  "super_glue_cb_v102",
+  "super_glue_record_v102",
+)
 _ALL = glue.GLUE_EVAL_TASKS + glue.SUPER_GLUE_TASKS
 
 
-@pytest.mark.parametrize("task_names", [
-    pytest.param(_SOME, id="some"), pytest.param(_ALL, id="all", marks=pytest.mark.slow)])
+@pytest.mark.parametrize(
+  "task_names",
+  [pytest.param(_SOME, id="some"), pytest.param(_ALL, id="all", marks=pytest.mark.slow)],
+)
 def test_glue_and_super_glue_evaluate_on_mock_data(tmp_path, monkeypatch, task_names):
   # Mock data has no split sizes; seqio asks for them to decide on in-memory caching.
-  monkeypatch.setattr(glue.LocalTfdsSource, "num_input_examples",
-                      lambda self, split: _NUM_EXAMPLES)
-  config = T5Config(vocab_size=0, emb_dim=32, num_heads=2, head_dim=16, mlp_dim=64,
-                    num_encoder_layers=1, num_decoder_layers=1)
-  vocab = seqio.get_mixture_or_task(glue.GLUE_MIXTURE).output_features["targets"].vocabulary
+  monkeypatch.setattr(
+    glue.LocalTfdsSource, "num_input_examples", lambda self, split: _NUM_EXAMPLES
+  )
+  config = T5Config(
+    vocab_size=0,
+    emb_dim=32,
+    num_heads=2,
+    head_dim=16,
+    mlp_dim=64,
+    num_encoder_layers=1,
+    num_decoder_layers=1,
+  )
+  vocab = (
+    seqio.get_mixture_or_task(glue.GLUE_MIXTURE).output_features["targets"].vocabulary
+  )
   model = T5(params_lib.resolve_model_config(config, vocab.vocab_size))
   mesh = parallel.make_mesh({"data": 2}, jax.devices()[:2])
   rules = parallel.DEFAULT_RULES
@@ -50,8 +66,15 @@ def test_glue_and_super_glue_evaluate_on_mock_data(tmp_path, monkeypatch, task_n
   seqio.MixtureRegistry.remove("test_glue_eval")
   seqio.MixtureRegistry.add("test_glue_eval", task_names, default_rate=1.0)
   with tfds.testing.mock_data(num_examples=_NUM_EXAMPLES):
-    evaluator = Evaluator(model, mesh, rules, shardings, "test_glue_eval", _LENGTHS,
-                          EvalOptions(batch_size=16))
+    evaluator = Evaluator(
+      model,
+      mesh,
+      rules,
+      shardings,
+      "test_glue_eval",
+      _LENGTHS,
+      EvalOptions(batch_size=16),
+    )
     out = evaluator.evaluate(params, step=7)
   tasks, primary = out.tasks, out.primary
   assert sorted(tasks) == sorted(task_names)
@@ -59,7 +82,7 @@ def test_glue_and_super_glue_evaluate_on_mock_data(tmp_path, monkeypatch, task_n
     assert values["num_examples"] == _NUM_EXAMPLES, name
     assert np.isfinite(values["loss"]) and values["loss"] > 0, name
     expected = _metric_names(name)
-    assert list(values)[:len(expected)] == expected, (name, values)
+    assert list(values)[: len(expected)] == expected, (name, values)
     assert primary[name] == expected[0]
   assert primary["glue_cola_v002"] == "matthews_corrcoef"
   cb = tasks["super_glue_cb_v102"]

@@ -9,11 +9,11 @@ import re
 import gin
 import pytest
 import seqio
-
 import tiny_mixture  # noqa: F401  (registers the 'tiny' mixture)
-from mtx.errors import UserError
+
 from mtx.cli import infer as infer_lib
 from mtx.cli import main as cli
+from mtx.errors import UserError
 
 
 def _cli(*args):
@@ -25,15 +25,28 @@ def _cli(*args):
 
 
 def _infer_args(model_dir, *extra):
-  return ["infer", "--gin_file=tests/tiny.gin", "--gin_file=runs/infer.gin",
-          f"--gin.MODEL_DIR='{model_dir}'", *extra]
+  return [
+    "infer",
+    "--gin_file=tests/tiny.gin",
+    "--gin_file=runs/infer.gin",
+    f"--gin.MODEL_DIR='{model_dir}'",
+    *extra,
+  ]
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
   model_dir = tmp_path_factory.mktemp("run")
-  assert _cli("train", "--gin_file=tests/tiny.gin", f"--gin.MODEL_DIR='{model_dir}'",
-              "--gin.TRAIN_STEPS=2", "--gin.CHECKPOINT_PERIOD=0") == 0
+  assert (
+    _cli(
+      "train",
+      "--gin_file=tests/tiny.gin",
+      f"--gin.MODEL_DIR='{model_dir}'",
+      "--gin.TRAIN_STEPS=2",
+      "--gin.CHECKPOINT_PERIOD=0",
+    )
+    == 0
+  )
   return model_dir
 
 
@@ -46,10 +59,18 @@ def test_infer_text_file_greedy(trained, tmp_path, capsys):
   inputs = ["abc", "hgfe", "", "abcdefgh" * 4]  # The last one is cut to 16 tokens.
   (tmp_path / "in.txt").write_text("\n".join(inputs) + "\n")
   out = tmp_path / "sub" / "out.jsonl"
-  assert _cli(*_infer_args(trained, "--gin.INFER_TASK='tiny_copy'",
-                           f"--gin.INFER_INPUT='{tmp_path / 'in.txt'}'",
-                           f"--gin.INFER_OUTPUT='{out}'",
-                           "--gin.infer.show_progress=True")) == 0
+  assert (
+    _cli(
+      *_infer_args(
+        trained,
+        "--gin.INFER_TASK='tiny_copy'",
+        f"--gin.INFER_INPUT='{tmp_path / 'in.txt'}'",
+        f"--gin.INFER_OUTPUT='{out}'",
+        "--gin.infer.show_progress=True",
+      )
+    )
+    == 0
+  )
   captured = capsys.readouterr()
   assert captured.out.strip().splitlines()[-1] == f"Wrote 4 predictions to {out}."
   assert "inputs/s" in captured.err  # The progress bar.
@@ -63,40 +84,77 @@ def test_infer_text_file_greedy(trained, tmp_path, capsys):
 
 def test_infer_jsonl_from_stdin_with_beam_search(trained, tmp_path, monkeypatch, capsys):
   lines = [{"inputs": "abc", "id": 7}, {"inputs": "hg", "meta": {"a": [1]}}]
-  monkeypatch.setattr("sys.stdin", io.StringIO(
-      "\n".join(json.dumps(x) for x in lines) + "\n\n"))
+  monkeypatch.setattr(
+    "sys.stdin", io.StringIO("\n".join(json.dumps(x) for x in lines) + "\n\n")
+  )
   out = tmp_path / "beam.jsonl"
-  assert _cli(*_infer_args(trained, "--gin.INFER_TASK='tiny_rev'", "--gin.INFER_INPUT='-'",
-                           f"--gin.INFER_OUTPUT='{out}'",
-                           "--gin.INFER_DECODE_METHOD='beam'", "--gin.INFER_NUM_BEAMS=3",
-                           "--gin.INFER_MAX_DECODE_LENGTH=6")) == 0
+  assert (
+    _cli(
+      *_infer_args(
+        trained,
+        "--gin.INFER_TASK='tiny_rev'",
+        "--gin.INFER_INPUT='-'",
+        f"--gin.INFER_OUTPUT='{out}'",
+        "--gin.INFER_DECODE_METHOD='beam'",
+        "--gin.INFER_NUM_BEAMS=3",
+        "--gin.INFER_MAX_DECODE_LENGTH=6",
+      )
+    )
+    == 0
+  )
   assert f"Wrote 2 predictions to {out}." in capsys.readouterr().out
   rows = _read(out)
   assert [(r["inputs"], r.get("id"), r.get("meta")) for r in rows] == [
-      ("abc", 7, None), ("hg", None, {"a": [1]})]
+    ("abc", 7, None),
+    ("hg", None, {"a": [1]}),
+  ]
   # At most 6 tokens (bytes) before EOS.
   assert all(len(r["prediction"].encode()) <= 6 and r["score"] < 0 for r in rows)
 
 
-@pytest.mark.parametrize("extra,pattern", [
-    (["--gin.INFER_TASK='tiny_cpy'", "--gin.INFER_INPUT='x.txt'"], "did you mean: tiny_copy"),
+@pytest.mark.parametrize(
+  "extra,pattern",
+  [
+    (
+      ["--gin.INFER_TASK='tiny_cpy'", "--gin.INFER_INPUT='x.txt'"],
+      "did you mean: tiny_copy",
+    ),
     (["--gin.INFER_INPUT='x.txt'"], "has 2 tasks; set INFER_TASK"),
     (["--gin.INFER_TASK='tiny'", "--gin.INFER_INPUT='x.txt'"], "is a mixture"),
-    (["--gin.INFER_TASK='tiny_rev'", "--gin.INFER_INPUT='/no/such/file.txt'"],
-     "INFER_INPUT /no/such/file.txt does not exist"),
+    (
+      ["--gin.INFER_TASK='tiny_rev'", "--gin.INFER_INPUT='/no/such/file.txt'"],
+      "INFER_INPUT /no/such/file.txt does not exist",
+    ),
     (["--gin.INFER_TASK='tiny_rev'"], "INFER_INPUT is not set"),
-    (["--gin.INFER_TASK='tiny_rev'", "--gin.INFER_INPUT='{bad}'"],
-     "Line 2 of .* has no \"inputs\" field"),
-    (["--gin.INFER_TASK='tiny_rev'", "--gin.INFER_INPUT='{good}'",
-      "--gin.MODEL_DIR='{tmp}/none'"], "MODEL_DIR .* does not exist"),
-    (["--gin.INFER_TASK='tiny_rev'", "--gin.INFER_INPUT='{good}'",
-      "--gin.INFER_DECODE_METHOD='bem'"], "INFER_DECODE_METHOD 'bem'"),
-])
+    (
+      ["--gin.INFER_TASK='tiny_rev'", "--gin.INFER_INPUT='{bad}'"],
+      'Line 2 of .* has no "inputs" field',
+    ),
+    (
+      [
+        "--gin.INFER_TASK='tiny_rev'",
+        "--gin.INFER_INPUT='{good}'",
+        "--gin.MODEL_DIR='{tmp}/none'",
+      ],
+      "MODEL_DIR .* does not exist",
+    ),
+    (
+      [
+        "--gin.INFER_TASK='tiny_rev'",
+        "--gin.INFER_INPUT='{good}'",
+        "--gin.INFER_DECODE_METHOD='bem'",
+      ],
+      "INFER_DECODE_METHOD 'bem'",
+    ),
+  ],
+)
 def test_bad_input_is_one_sentence(tmp_path, capsys, extra, pattern):
   (tmp_path / "bad.jsonl").write_text('{"inputs": "ab"}\n{"input": "ab"}\n')
   (tmp_path / "good.txt").write_text("ab\n")
-  extra = [e.format(bad=tmp_path / "bad.jsonl", good=tmp_path / "good.txt", tmp=tmp_path)
-           for e in extra]
+  extra = [
+    e.format(bad=tmp_path / "bad.jsonl", good=tmp_path / "good.txt", tmp=tmp_path)
+    for e in extra
+  ]
   gin.clear_config()
   try:
     with pytest.raises(SystemExit) as e:
@@ -112,10 +170,15 @@ def test_bad_input_is_one_sentence(tmp_path, capsys, extra, pattern):
 def test_read_records_formats(tmp_path):
   (tmp_path / "a.txt").write_text("x y\n{not json}\n")
   assert infer_lib.read_records(str(tmp_path / "a.txt")) == [
-      {"inputs": "x y"}, {"inputs": "{not json}"}]
-  assert infer_lib.read_records("-", stdin=io.StringIO('\n{"inputs": "q", "k": 1}\n')) == [
-      {"inputs": "q", "k": 1, "_line": 2}]
-  assert infer_lib.read_records("-", stdin=io.StringIO("plain\n")) == [{"inputs": "plain"}]
+    {"inputs": "x y"},
+    {"inputs": "{not json}"},
+  ]
+  assert infer_lib.read_records(
+    "-", stdin=io.StringIO('\n{"inputs": "q", "k": 1}\n')
+  ) == [{"inputs": "q", "k": 1, "_line": 2}]
+  assert infer_lib.read_records("-", stdin=io.StringIO("plain\n")) == [
+    {"inputs": "plain"}
+  ]
   (tmp_path / "b.jsonl").write_text('{"inputs": "a"}\n[1, 2]\n')
   with pytest.raises(UserError, match="Line 2 of .* not an object"):
     infer_lib.read_records(str(tmp_path / "b.jsonl"))
@@ -124,13 +187,23 @@ def test_read_records_formats(tmp_path):
 def test_glue_inputs_as_source_fields_or_as_text():
   """A GLUE task's text preprocessor runs on source fields; model text skips it."""
   import mixtures.glue  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
+
   task = seqio.get_mixture_or_task("glue_rte_v002")
-  source = [{"sentence1": "A cat sat.", "sentence2": "An animal sat.", "label": -1,
-             "idx": 3, "_line": 1}]
+  source = [
+    {
+      "sentence1": "A cat sat.",
+      "sentence2": "An animal sat.",
+      "label": -1,
+      "idx": 3,
+      "_line": 1,
+    }
+  ]
   text = [{"inputs": "rte sentence1: A cat sat. sentence2: An animal sat."}]
   mode = infer_lib.choose_preprocess(source, True, "auto", task.name, "in.jsonl")
   assert mode == "task"
-  assert infer_lib.choose_preprocess(text, True, "auto", task.name, "in.jsonl") == "tokenize"
+  assert (
+    infer_lib.choose_preprocess(text, True, "auto", task.name, "in.jsonl") == "tokenize"
+  )
   tokens, texts = infer_lib.preprocess(task, source, "task", 64, 8)
   tokens2, texts2 = infer_lib.preprocess(task, text, "tokenize", 64, 8)
   assert texts == texts2 == [text[0]["inputs"]]

@@ -23,8 +23,8 @@ def test_write_appends_one_json_object_per_step(tmp_path):
   writer.close()
   lines = _lines(tmp_path)
   assert [json.loads(line) for line in lines] == [
-      {"step": 10, "loss": 2.5, "loss/cola": 1.25, "tokens": 7},
-      {"step": 20, "loss": 2.0, "learning_rate": 0.01},
+    {"step": 10, "loss": 2.5, "loss/cola": 1.25, "tokens": 7},
+    {"step": 20, "loss": 2.0, "learning_rate": 0.01},
   ]
 
 
@@ -32,8 +32,13 @@ def test_non_finite_values_are_strings_and_read_back_as_floats(tmp_path):
   with metrics_writer.MetricsWriter(str(tmp_path), tensorboard=False) as writer:
     writer.write(1, {"a": float("nan"), "b": float("inf"), "c": -np.inf, "d": 1.0})
   line = _lines(tmp_path)[0]
-  assert json.loads(line) == {"step": 1, "a": "NaN", "b": "Infinity",
-                              "c": "-Infinity", "d": 1.0}
+  assert json.loads(line) == {
+    "step": 1,
+    "a": "NaN",
+    "b": "Infinity",
+    "c": "-Infinity",
+    "d": 1.0,
+  }
   (record,) = metrics_writer.read_metrics(str(tmp_path))
   assert math.isnan(record["a"]) and record["b"] == math.inf
   assert record["c"] == -math.inf and record["d"] == 1.0
@@ -46,7 +51,9 @@ def test_read_metrics_skips_a_truncated_last_line_and_writer_repairs_it(tmp_path
   with metrics_writer.MetricsWriter(str(tmp_path), tensorboard=False) as writer:
     writer.write(2, {"loss": 2.0})
   assert metrics_writer.read_metrics(str(tmp_path)) == [
-      {"step": 1, "loss": 3.0}, {"step": 2, "loss": 2.0}]
+    {"step": 1, "loss": 3.0},
+    {"step": 2, "loss": 2.0},
+  ]
   assert metrics_writer.read_metrics(str(tmp_path / "missing")) == []
 
 
@@ -60,7 +67,10 @@ def test_truncate_after_keeps_steps_up_to_the_restored_one(tmp_path):
   with metrics_writer.MetricsWriter(str(tmp_path), tensorboard=False) as writer:
     writer.write(300, {"loss": 0.5})
   assert [r["step"] for r in metrics_writer.read_metrics(str(tmp_path))] == [
-      100, 200, 300]
+    100,
+    200,
+    300,
+  ]
   metrics_writer.truncate_after(str(tmp_path / "missing"), 5)  # No file: no-op.
 
 
@@ -77,6 +87,7 @@ def test_tensorboard_events_are_written(tmp_path):
   events = os.listdir(tmp_path / "tensorboard")
   assert any(name.startswith("events.out.tfevents") for name in events)
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
   values = []
   for name in events:
     path = str(tmp_path / "tensorboard" / name)

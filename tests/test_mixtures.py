@@ -7,8 +7,7 @@ import pytest
 import seqio
 import tensorflow_datasets as tfds
 
-from mixtures import demo
-from mixtures import glue
+from mixtures import demo, glue
 from mtx.eval import metrics
 
 _LENGTHS = {"inputs": 24, "targets": 16}
@@ -18,8 +17,10 @@ def _texts(task_name, split, n, **kwargs):
   task = seqio.get_mixture_or_task(task_name)
   kwargs.setdefault("shuffle", False)
   ds = task.get_dataset(_LENGTHS, split=split, **kwargs).take(n)
-  return [(ex["inputs_pretokenized"].decode(), ex["targets_pretokenized"].decode())
-          for ex in ds.as_numpy_iterator()]
+  return [
+    (ex["inputs_pretokenized"].decode(), ex["targets_pretokenized"].decode())
+    for ex in ds.as_numpy_iterator()
+  ]
 
 
 # --- demo -----------------------------------------------------------------------------
@@ -38,12 +39,15 @@ def test_demo_registers_plain_seqio_objects_and_survives_reimport():
   rates = {t.name: mixture.get_rate(t) for t in mixture.tasks}
   assert rates["demo_sort"] == demo.RATE_CAP and rates["demo_count"] == 2000
   assert {t.name for t in seqio.get_mixture_or_task("demo_conflict").tasks} == {
-      "demo_copy", "demo_reverse"}
+    "demo_copy",
+    "demo_reverse",
+  }
 
 
 def test_demo_sizes_differ_and_validation_is_held_out():
-  sizes = {n: seqio.get_mixture_or_task(n).num_input_examples("train")
-           for n in demo.TASK_NAMES}
+  sizes = {
+    n: seqio.get_mixture_or_task(n).num_input_examples("train") for n in demo.TASK_NAMES
+  }
   assert min(sizes.values()) <= 2000 and max(sizes.values()) >= 50000
   for name in ("demo_sort", "demo_count"):
     train = {i for i, _ in demo.examples(name, "train")}
@@ -64,8 +68,9 @@ def test_conflicting_tasks_share_inputs_with_different_targets():
   reverse = demo.examples("demo_reverse", "train")
   assert [i for i, _ in copy] == [i for i, _ in reverse]
   assert all(t == i.removeprefix("rewrite: ") for i, t in copy[:100])
-  assert all(t.split() == i.removeprefix("rewrite: ").split()[::-1]
-             for i, t in reverse[:100])
+  assert all(
+    t.split() == i.removeprefix("rewrite: ").split()[::-1] for i, t in reverse[:100]
+  )
   assert sum(a != b for (_, a), (_, b) in zip(copy, reverse)) > 0.9 * len(copy)
 
 
@@ -81,9 +86,12 @@ def test_metrics_match_hand_computed_values():
   assert metrics.exact_match(["a b", "c"], ["a b", "d"]) == {"exact_match": 50.0}
   assert metrics.accuracy([1, 0, 1, 1], [1, 1, 1, 0]) == {"accuracy": 50.0}
   # tp=2, fp=1, fn=1 -> F1 = 4 / 6.
-  assert metrics.f1_binary([1, 1, 0, 1, 0], [1, 1, 1, 0, 0])["f1"] == pytest.approx(200 / 3)
+  assert metrics.f1_binary([1, 1, 0, 1, 0], [1, 1, 1, 0, 0])["f1"] == pytest.approx(
+    200 / 3
+  )
   assert metrics.f1_binary(["dup", "no"], ["dup", "dup"], positive_label="dup")["f1"] == (
-      pytest.approx(200 / 3))
+    pytest.approx(200 / 3)
+  )
   # Binary MCC: tp=2, tn=1, fp=1, fn=1 -> (2*1 - 1*1) / sqrt(3*3*2*2) = 1/6.
   mcc = metrics.matthews_corrcoef([1, 1, 0, 1, 0], [1, 1, 1, 0, 0])["matthews_corrcoef"]
   assert mcc == pytest.approx(100 / 6)
@@ -92,8 +100,9 @@ def test_metrics_match_hand_computed_values():
   assert metrics.spearman([1, 2, 3, 4], [1, 4, 9, 20])["spearman"] == pytest.approx(100.0)
   f1 = metrics.mean_multiclass_f1([0, 1, 2, 2], [0, 1, 1, 2], labels=(0, 1, 2))
   assert f1["mean_multiclass_f1"] == pytest.approx(100 * (1 + 2 / 3 + 2 / 3) / 3)
-  em_f1 = metrics.max_over_answers_em_f1([["The Cat", "dog"], "a red fox"],
-                                         ["cat", "red dog"])
+  em_f1 = metrics.max_over_answers_em_f1(
+    [["The Cat", "dog"], "a red fox"], ["cat", "red dog"]
+  )
   assert em_f1["em"] == 50.0 and em_f1["f1"] == pytest.approx(50 + 50 * 0.5)
 
 
@@ -107,17 +116,46 @@ def _glue_texts(task_name, split, num_examples=3):
     return list(ds.as_numpy_iterator())
 
 
-@pytest.mark.parametrize("task_name, split, prefix, keys, labels", [
-    ("glue_cola_v002", "validation", "cola", ["sentence"], {"unacceptable", "acceptable"}),
-    ("glue_mnli_v002", "validation_mismatched", "mnli", ["hypothesis", "premise"],
-     {"entailment", "neutral", "contradiction"}),
-    ("glue_qqp_v002", "train", "qqp", ["question1", "question2"],
-     {"not_duplicate", "duplicate"}),
-    ("super_glue_boolq_v102", "validation", "boolq", ["passage", "question"],
-     {"False", "True"}),
-    ("super_glue_copa_v102", "train", "copa", ["choice1", "choice2", "premise", "question"],
-     {"choice1", "choice2"}),
-])
+@pytest.mark.parametrize(
+  "task_name, split, prefix, keys, labels",
+  [
+    (
+      "glue_cola_v002",
+      "validation",
+      "cola",
+      ["sentence"],
+      {"unacceptable", "acceptable"},
+    ),
+    (
+      "glue_mnli_v002",
+      "validation_mismatched",
+      "mnli",
+      ["hypothesis", "premise"],
+      {"entailment", "neutral", "contradiction"},
+    ),
+    (
+      "glue_qqp_v002",
+      "train",
+      "qqp",
+      ["question1", "question2"],
+      {"not_duplicate", "duplicate"},
+    ),
+    (
+      "super_glue_boolq_v102",
+      "validation",
+      "boolq",
+      ["passage", "question"],
+      {"False", "True"},
+    ),
+    (
+      "super_glue_copa_v102",
+      "train",
+      "copa",
+      ["choice1", "choice2", "premise", "question"],
+      {"choice1", "choice2"},
+    ),
+  ],
+)
 def test_glue_tasks_produce_t5_text(task_name, split, prefix, keys, labels):
   examples = _glue_texts(task_name, split)
   assert len(examples) == 3
@@ -160,8 +198,10 @@ def test_glue_mixtures_resolve_examples_proportionally(monkeypatch):
     return sizes.setdefault(source._name, 100 * (len(sizes) + 1))  # pylint: disable=protected-access
 
   monkeypatch.setattr(glue.LocalTfdsSource, "num_input_examples", fake_size)
-  for mixture_name, task_names in [(glue.GLUE_MIXTURE, glue.GLUE_TASKS),
-                                   (glue.SUPER_GLUE_MIXTURE, glue.SUPER_GLUE_TASKS)]:
+  for mixture_name, task_names in [
+    (glue.GLUE_MIXTURE, glue.GLUE_TASKS),
+    (glue.SUPER_GLUE_MIXTURE, glue.SUPER_GLUE_TASKS),
+  ]:
     mixture = seqio.get_mixture_or_task(mixture_name)
     assert sorted(t.name for t in mixture.tasks) == sorted(task_names)
     rates = np.array([mixture.get_rate(t) for t in mixture.tasks])
@@ -173,7 +213,9 @@ def test_glue_reregisters_with_another_vocabulary(monkeypatch):
   monkeypatch.setenv("MTX_VOCAB_EXTRA_IDS", "5")
   try:
     glue.register()
-    vocab = seqio.get_mixture_or_task("glue_rte_v002").output_features["inputs"].vocabulary
+    vocab = (
+      seqio.get_mixture_or_task("glue_rte_v002").output_features["inputs"].vocabulary
+    )
     assert vocab.extra_ids == 5
   finally:
     monkeypatch.delenv("MTX_VOCAB_EXTRA_IDS")

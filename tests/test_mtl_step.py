@@ -6,42 +6,64 @@ import os
 import jax
 import numpy as np
 import pytest
-
 import tiny_mixture  # noqa: F401  (registers the 'tiny' mixture)
+
 from mtx import mtl
 from mtx.errors import UserError
 from mtx.model import T5Config
+from mtx.runtime import metrics_writer
 from mtx.train import loop, optim
 from mtx.train.settings import TrainConfig
 
-from mtx.runtime import metrics_writer
-
-
-TINY = T5Config(emb_dim=32, num_heads=2, head_dim=16, mlp_dim=64, num_encoder_layers=1,
-                num_decoder_layers=1)
+TINY = T5Config(
+  emb_dim=32,
+  num_heads=2,
+  head_dim=16,
+  mlp_dim=64,
+  num_encoder_layers=1,
+  num_decoder_layers=1,
+)
 
 
 def _loop_train(devices=None, **settings):
   """``loop.train`` of the TrainConfig with these settings."""
   return loop.train(TrainConfig(**settings), devices=devices)
+
+
 PAIRS = ("tag/tiny_copy/tiny_rev", "tag/tiny_rev/tiny_copy")
 WEIGHTS = ("mtl/weight/tiny_copy", "mtl/weight/tiny_rev")
 
 
 def _train(model_dir, devices, mesh_shape=None, transforms=(), steps=4, **kw):
   _loop_train(
-      model_dir=str(model_dir), mixture_or_task_name="tiny",
-      task_feature_lengths={"inputs": 16, "targets": 16}, train_steps=steps,
-      batch_size=8, model_config=TINY, mtl_transforms=transforms,
-      optimizer_fn=lambda learning_rate: optim.make_optimizer("adamw", learning_rate),
-      learning_rate=1e-2, mesh_shape=mesh_shape, log_period=1, checkpoint_period=0,
-      devices=devices, print_param_table=False, tensorboard=False, units=4, **kw)
+    model_dir=str(model_dir),
+    mixture_or_task_name="tiny",
+    task_feature_lengths={"inputs": 16, "targets": 16},
+    train_steps=steps,
+    batch_size=8,
+    model_config=TINY,
+    mtl_transforms=transforms,
+    optimizer_fn=lambda learning_rate: optim.make_optimizer("adamw", learning_rate),
+    learning_rate=1e-2,
+    mesh_shape=mesh_shape,
+    log_period=1,
+    checkpoint_period=0,
+    devices=devices,
+    print_param_table=False,
+    tensorboard=False,
+    units=4,
+    **kw,
+  )
   return [r for r in metrics_writer.read_metrics(str(model_dir)) if "loss" in r]
 
 
 def test_aggregator_weights_and_tag_affinity_are_logged(tmp_path):
-  rows = _train(tmp_path / "run", jax.devices()[:1], transforms=(mtl.nash_mtl(2),),
-                tag_affinity_period=2)
+  rows = _train(
+    tmp_path / "run",
+    jax.devices()[:1],
+    transforms=(mtl.nash_mtl(2),),
+    tag_affinity_period=2,
+  )
   assert [r["step"] for r in rows] == [1, 2, 3, 4]
   for r in rows:
     # Nash-MTL's alpha solves G alpha = 1 / alpha: positive, logged every step.
@@ -57,8 +79,13 @@ def test_aggregator_weights_and_tag_affinity_are_logged(tmp_path):
 def test_tag_forces_per_group_route_and_matches_one_device(tmp_path):
   """A sum run with TAG takes the per-group route; 8 devices give 1 device's numbers."""
   one = _train(tmp_path / "one", jax.devices()[:1], tag_affinity_period=1, steps=2)
-  many = _train(tmp_path / "many", jax.devices(), {"data": 2, "fsdp": 2, "tensor": 2},
-                tag_affinity_period=1, steps=2)
+  many = _train(
+    tmp_path / "many",
+    jax.devices(),
+    {"data": 2, "fsdp": 2, "tensor": 2},
+    tag_affinity_period=1,
+    steps=2,
+  )
   for a, b in zip(one, many):
     assert a[WEIGHTS[0]] == b[WEIGHTS[0]] == 1.0  # sum: weight 1 per present group
     for k in PAIRS + ("grad_cos/tiny_copy/tiny_rev",):

@@ -16,11 +16,10 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+import tiny_mixture  # noqa: F401  (registers the 'tiny' mixture)
 
 from mtx import parallel
 from mtx.data import pipeline
-
-import tiny_mixture  # noqa: F401  (registers the 'tiny' mixture)
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(TESTS)
@@ -43,12 +42,14 @@ def test_one_process_reading_two_shards_builds_what_two_processes_build(units):
     got = both.next_batch()
     parts = [h.next_batch() for h in halves]
     for key in got:
-      np.testing.assert_array_equal(got[key], np.concatenate([p[key] for p in parts]),
-                                    err_msg=key)
+      np.testing.assert_array_equal(
+        got[key], np.concatenate([p[key] for p in parts]), err_msg=key
+      )
   # Each half read only its shard; together they read every example once.
   for name in ("tiny_copy", "tiny_rev"):
-    counts = [h.get_state()["shards"][str(i)]["examples"][name]
-              for i, h in enumerate(halves)]
+    counts = [
+      h.get_state()["shards"][str(i)]["examples"][name] for i, h in enumerate(halves)
+    ]
     assert sum(counts) == 64 and min(counts) > 0, counts
   if units:  # Shard 1's head start: every global batch holds both tasks.
     fresh = _load(layout, num_shards=2)
@@ -68,14 +69,18 @@ def test_data_position_restores_across_process_counts_and_resplits_otherwise(cap
   one.set_state(saved)
   got = one.next_batch()
   want = [h.next_batch() for h in halves]
-  np.testing.assert_array_equal(got["decoder_target_tokens"], np.concatenate(
-      [w["decoder_target_tokens"] for w in want]))
+  np.testing.assert_array_equal(
+    got["decoder_target_tokens"],
+    np.concatenate([w["decoder_target_tokens"] for w in want]),
+  )
   # One shard now: the examples consumed so far carry over (epochs go on), with a warning.
   single = _load(layout)
   single.set_state(saved)
   assert "data shards" in caplog.text
-  consumed = {n: sum(s["cursors"][n] for s in saved["shards"].values())
-              for n in ("tiny_copy", "tiny_rev")}
+  consumed = {
+    n: sum(s["cursors"][n] for s in saved["shards"].values())
+    for n in ("tiny_copy", "tiny_rev")
+  }
   assert single.get_state()["cursors"] == consumed
 
 
@@ -84,7 +89,11 @@ def test_batch_blocks_of_processes():
   assert parallel.batch_block(mesh) == (0, 1)
   # 4 processes, tensor parallelism across pairs: a pair reads the same shard.
   assert parallel.row_blocks({0: {0}, 1: {0}, 2: {1}, 3: {1}}) == {
-      0: (0, 2), 1: (0, 2), 2: (1, 2), 3: (1, 2)}
+    0: (0, 2),
+    1: (0, 2),
+    2: (1, 2),
+    3: (1, 2),
+  }
   assert parallel.row_blocks({0: {0, 1}, 1: {2, 3}}) == {0: (0, 2), 1: (1, 2)}
   with pytest.raises(Exception, match="contiguous"):
     parallel.row_blocks({0: {0, 2}, 1: {1, 3}})
@@ -98,31 +107,65 @@ def _free_port() -> int:
 
 
 def _env(devices: int) -> dict:
-  return dict(os.environ, PYTHONPATH=TESTS, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3",
-              XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+  return dict(
+    os.environ,
+    PYTHONPATH=TESTS,
+    JAX_PLATFORMS="cpu",
+    TF_CPP_MIN_LOG_LEVEL="3",
+    XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+  )
 
 
 def _command(model_dir, steps, *extra):
-  return [sys.executable, "-m", "mtx", "train", "--gin_file=tests/tiny.gin",
-          "--gin_file=mtl/pcgrad.gin", f"--gin.MODEL_DIR='{model_dir}'",
-          f"--gin.TRAIN_STEPS={steps}", MESH, "--verbose", *extra]
+  return [
+    sys.executable,
+    "-m",
+    "mtx",
+    "train",
+    "--gin_file=tests/tiny.gin",
+    "--gin_file=mtl/pcgrad.gin",
+    f"--gin.MODEL_DIR='{model_dir}'",
+    f"--gin.TRAIN_STEPS={steps}",
+    MESH,
+    "--verbose",
+    *extra,
+  ]
 
 
 def _start_two(model_dir, steps):
   """2 processes x 4 devices, one data shard each."""
   port = _free_port()
-  return [subprocess.Popen(
-      _command(model_dir, steps, f"--coordinator_address=127.0.0.1:{port}",
-               "--num_processes=2", f"--process_id={i}"),
-      cwd=REPO, env=_env(4), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-          for i in range(2)]
+  return [
+    subprocess.Popen(
+      _command(
+        model_dir,
+        steps,
+        f"--coordinator_address=127.0.0.1:{port}",
+        "--num_processes=2",
+        f"--process_id={i}",
+      ),
+      cwd=REPO,
+      env=_env(4),
+      stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT,
+      text=True,
+    )
+    for i in range(2)
+  ]
 
 
 def _start_one(model_dir, steps):
   """1 process x 8 devices reading both data shards."""
-  return [subprocess.Popen(_command(model_dir, steps, "--gin_bindings=train.data_shards=2"),
-                           cwd=REPO, env=_env(8), stdout=subprocess.PIPE,
-                           stderr=subprocess.STDOUT, text=True)]
+  return [
+    subprocess.Popen(
+      _command(model_dir, steps, "--gin_bindings=train.data_shards=2"),
+      cwd=REPO,
+      env=_env(8),
+      stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT,
+      text=True,
+    )
+  ]
 
 
 def _finish(*groups) -> list:
@@ -145,13 +188,15 @@ def _finish(*groups) -> list:
 def _losses(model_dir):
   with open(os.path.join(model_dir, "metrics.jsonl"), encoding="utf-8") as f:
     rows = [json.loads(line) for line in f]
-  return np.array([[r["step"], r["loss"], r["loss/tiny_copy"], r["loss/tiny_rev"]]
-                   for r in rows])
+  return np.array(
+    [[r["step"], r["loss"], r["loss/tiny_copy"], r["loss/tiny_rev"]] for r in rows]
+  )
 
 
 def _data_state(model_dir, step):
-  with open(os.path.join(model_dir, str(step), "data_state", "metadata"),
-            encoding="utf-8") as f:
+  with open(
+    os.path.join(model_dir, str(step), "data_state", "metadata"), encoding="utf-8"
+  ) as f:
     return json.load(f)
 
 
@@ -160,8 +205,10 @@ def _params(model_dir, step):
   path = os.path.join(model_dir, str(step), "state")
   ckptr = ocp.StandardCheckpointer()
   one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=one),
-                        ckptr.metadata(path).item_metadata)
+  target = jax.tree.map(
+    lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=one),
+    ckptr.metadata(path).item_metadata,
+  )
   return jax.tree.map(np.asarray, ckptr.restore(path, target)["params"])
 
 
@@ -192,5 +239,8 @@ def test_two_processes_match_one_and_checkpoints_cross_over(tmp_path):
   _finish(_start_one(from_two, 8), _start_two(one, 8))
   for resumed in (from_two, one):
     np.testing.assert_allclose(_losses(resumed), a, rtol=1e-5, err_msg=str(resumed))
-    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-7),
-                 _params(resumed, 8), _params(two, 8))
+    jax.tree.map(
+      lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-7),
+      _params(resumed, 8),
+      _params(two, 8),
+    )

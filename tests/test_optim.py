@@ -14,15 +14,21 @@ from mtx.train import optim
 
 def test_rsqrt_schedule_is_constant_during_warmup_then_decays():
   schedule = optim.rsqrt_schedule(base_lr=1.0, warmup_steps=10000)
-  for step, want in [(0, 0.01), (5000, 0.01), (10000, 0.01), (40000, 0.005),
-                     (1000000, 0.001)]:
+  for step, want in [
+    (0, 0.01),
+    (5000, 0.01),
+    (10000, 0.01),
+    (40000, 0.005),
+    (1000000, 0.001),
+  ]:
     np.testing.assert_allclose(schedule(step), want, rtol=1e-6)
   np.testing.assert_allclose(jax.jit(schedule)(jnp.int32(40000)), 0.005, rtol=1e-6)
 
 
 def test_warmup_cosine_schedule_values():
   schedule = optim.warmup_cosine_schedule(
-      peak_lr=1e-3, warmup_steps=100, total_steps=1100, end_lr_ratio=0.1)
+    peak_lr=1e-3, warmup_steps=100, total_steps=1100, end_lr_ratio=0.1
+  )
   np.testing.assert_allclose(schedule(0), 0.0, atol=1e-12)
   np.testing.assert_allclose(schedule(50), 5e-4, rtol=1e-5)
   np.testing.assert_allclose(schedule(100), 1e-3, rtol=1e-5)
@@ -35,10 +41,15 @@ def test_warmup_cosine_schedule_values():
 def test_learning_rate_fn_names_and_errors():
   np.testing.assert_allclose(optim.learning_rate_fn("constant", base_lr=0.3)(7), 0.3)
   np.testing.assert_allclose(
-      optim.learning_rate_fn("rsqrt", warmup_steps=100)(400), 0.05, rtol=1e-6)
+    optim.learning_rate_fn("rsqrt", warmup_steps=100)(400), 0.05, rtol=1e-6
+  )
   np.testing.assert_allclose(
-      optim.learning_rate_fn("warmup_cosine", base_lr=2.0, warmup_steps=10,
-                             total_steps=20)(10), 2.0, rtol=1e-6)
+    optim.learning_rate_fn("warmup_cosine", base_lr=2.0, warmup_steps=10, total_steps=20)(
+      10
+    ),
+    2.0,
+    rtol=1e-6,
+  )
   with pytest.raises(UserError, match="total_steps"):
     optim.learning_rate_fn("warmup_cosine")
   with pytest.raises(UserError, match="rsqrt.*did you mean"):
@@ -56,8 +67,8 @@ def test_unknown_optimizer_lists_valid_names():
 
 def _params():
   return {
-      "embed": jnp.arange(256 * 128, dtype=jnp.float32).reshape(256, 128) / 1e4,
-      "scale": jnp.ones((128,), jnp.float32),
+    "embed": jnp.arange(256 * 128, dtype=jnp.float32).reshape(256, 128) / 1e4,
+    "scale": jnp.ones((128,), jnp.float32),
   }
 
 
@@ -86,12 +97,17 @@ def test_optimizer_steps_under_jit(name):
 def test_adafactor_is_factored_without_momentum():
   params = _params()
   state = optim.make_optimizer("adafactor", 0.01).init(params)
-  factored = [s for s in jax.tree.leaves(state, is_leaf=lambda x: hasattr(x, "v_row"))
-              if hasattr(s, "v_row")]
+  factored = [
+    s
+    for s in jax.tree.leaves(state, is_leaf=lambda x: hasattr(x, "v_row"))
+    if hasattr(s, "v_row")
+  ]
   assert len(factored) == 1
   # The 256x128 matrix keeps a row and a column vector, not a full second moment.
   assert {factored[0].v_row["embed"].shape, factored[0].v_col["embed"].shape} == {
-      (256,), (128,)}
+    (256,),
+    (128,),
+  }
   assert factored[0].v["embed"].shape == (1,)
   num_floats = sum(x.size for x in jax.tree.leaves(state))
   assert num_floats < 256 * 128  # No momentum buffer the size of params.
@@ -102,10 +118,12 @@ def test_adafactor_update_is_clipped_and_scaled_by_parameter_rms():
   # after block-RMS clipping at 1.0 (the normalized update has RMS 1).
   params = {"w": jnp.full((4,), 2.0)}
   tx = optim.make_optimizer("adafactor", 0.1)
-  updates, _ = tx.update({"w": jnp.array([1.0, -1.0, 3.0, -3.0])}, tx.init(params),
-                         params)
-  np.testing.assert_allclose(updates["w"], -0.1 * 2.0 * np.array([1, -1, 1, -1]),
-                             rtol=1e-4)
+  updates, _ = tx.update(
+    {"w": jnp.array([1.0, -1.0, 3.0, -3.0])}, tx.init(params), params
+  )
+  np.testing.assert_allclose(
+    updates["w"], -0.1 * 2.0 * np.array([1, -1, 1, -1]), rtol=1e-4
+  )
 
 
 def test_clip_grad_norm_is_applied_first():

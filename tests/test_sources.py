@@ -28,24 +28,37 @@ def test_tsv_reads_columns_across_globbed_files(tmp_path):
   src = sources.tsv_source({"train": str(tmp_path / "train-*.tsv")})
   assert isinstance(src, seqio.DataSource)
   assert src.num_input_examples("train") == 3
-  assert _examples(src) == [{"inputs": "a", "targets": "A"}, {"inputs": "b", "targets": "B"},
-                            {"inputs": "c", "targets": "C"}]
+  assert _examples(src) == [
+    {"inputs": "a", "targets": "A"},
+    {"inputs": "b", "targets": "B"},
+    {"inputs": "c", "targets": "C"},
+  ]
 
 
 def test_tsv_header_and_custom_columns(tmp_path):
   path = _write(tmp_path / "d.tsv", "q,a,label\nx,y,1\n")
-  src = sources.tsv_source({"validation": path}, columns=("q", "a", "label"),
-                           delimiter=",", skip_header_lines=1)
+  src = sources.tsv_source(
+    {"validation": path}, columns=("q", "a", "label"), delimiter=",", skip_header_lines=1
+  )
   assert _examples(src, "validation") == [{"q": "x", "a": "y", "label": "1"}]
 
 
 def test_jsonl_types_and_field_mapping(tmp_path):
-  rows = [{"question": "2+2?", "answer": "4", "n": 1, "score": 0.5, "ok": True},
-          {"question": "3+3?", "answer": "6", "n": 2, "score": 1, "ok": False}]
+  rows = [
+    {"question": "2+2?", "answer": "4", "n": 1, "score": 0.5, "ok": True},
+    {"question": "3+3?", "answer": "6", "n": 2, "score": 1, "ok": False},
+  ]
   path = _write(tmp_path / "d.jsonl", "\n".join(json.dumps(r) for r in rows) + "\n")
-  src = sources.jsonl_source({"train": path}, fields={"inputs": "question",
-                                                      "targets": "answer", "n": "n",
-                                                      "score": "score", "ok": "ok"})
+  src = sources.jsonl_source(
+    {"train": path},
+    fields={
+      "inputs": "question",
+      "targets": "answer",
+      "n": "n",
+      "score": "score",
+      "ok": "ok",
+    },
+  )
   got = _examples(src)
   assert [g["inputs"] for g in got] == ["2+2?", "3+3?"]
   assert [int(g["n"]) for g in got] == [1, 2]
@@ -75,12 +88,17 @@ def test_shards_cover_every_example_once_and_shuffle_is_seeded(tmp_path):
 
 def test_task_over_source_shards_through_seqio(tmp_path):
   path = _write(tmp_path / "d.tsv", "".join(f"in {i}\tout {i}\n" for i in range(10)))
-  task = seqio.Task("test_sources_tsv_task", source=sources.tsv_source({"train": path}),
-                    output_features={}, preprocessors=[])
+  task = seqio.Task(
+    "test_sources_tsv_task",
+    source=sources.tsv_source({"train": path}),
+    output_features={},
+    preprocessors=[],
+  )
   seen = []
   for index in range(2):
-    ds = task.get_dataset(None, "train", shuffle=False,
-                          shard_info=seqio.ShardInfo(index, 2))
+    ds = task.get_dataset(
+      None, "train", shuffle=False, shard_info=seqio.ShardInfo(index, 2)
+    )
     seen += [ex["inputs"].decode() for ex in ds.as_numpy_iterator()]
   assert sorted(seen) == sorted(f"in {i}" for i in range(10))
 
@@ -91,10 +109,13 @@ def _error(fn):
   return str(info.value)
 
 
-@pytest.mark.parametrize("content, line, words", [
+@pytest.mark.parametrize(
+  "content, line, words",
+  [
     ("a\tA\nb\tB\textra\n", 2, "3"),
     ("a\tA\nonly\n", 2, "1"),
-])
+  ],
+)
 def test_tsv_wrong_column_count_names_file_line(tmp_path, content, line, words):
   path = _write(tmp_path / "bad.tsv", content)
   msg = _error(lambda: sources.tsv_source({"train": path}).num_input_examples("train"))
@@ -107,13 +128,20 @@ def test_non_utf8_names_file_line(tmp_path):
   assert f"{path}:2" in msg and "UTF-8" in msg
 
 
-@pytest.mark.parametrize("content, line, words", [
-    ('{"inputs": "a", "targets": "b"}\n{"inputs": "a", "targets": \n', 2, "not valid JSON"),
+@pytest.mark.parametrize(
+  "content, line, words",
+  [
+    (
+      '{"inputs": "a", "targets": "b"}\n{"inputs": "a", "targets": \n',
+      2,
+      "not valid JSON",
+    ),
     ('["a", "b"]\n', 1, "JSON list"),
     ('{"inputs": "a", "target": "b"}\n', 1, "did you mean: target"),
     ('{"inputs": "a", "targets": "b"}\n{"inputs": 3, "targets": "b"}\n', 2, "int"),
     ('{"inputs": {"x": 1}, "targets": "b"}\n', 1, "dict"),
-])
+  ],
+)
 def test_jsonl_errors_name_file_line(tmp_path, content, line, words):
   path = _write(tmp_path / "bad.jsonl", content)
   msg = _error(lambda: sources.jsonl_source({"train": path}).num_input_examples("train"))

@@ -11,19 +11,25 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-
 import tiny_mixture  # noqa: F401  (registers the 'tiny' mixture)
-from mtx.runtime import params as params_lib
+
 from mtx import mtl
 from mtx.model import T5Config
+from mtx.runtime import metrics_writer
+from mtx.runtime import params as params_lib
 from mtx.train import loop, optim
 from mtx.train.settings import TrainConfig
-from mtx.runtime import metrics_writer
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(TESTS)
-TINY = T5Config(emb_dim=32, num_heads=2, head_dim=16, mlp_dim=64, num_encoder_layers=1,
-                num_decoder_layers=1)
+TINY = T5Config(
+  emb_dim=32,
+  num_heads=2,
+  head_dim=16,
+  mlp_dim=64,
+  num_encoder_layers=1,
+  num_decoder_layers=1,
+)
 
 
 def _loop_train(devices=None, **settings):
@@ -34,12 +40,22 @@ def _loop_train(devices=None, **settings):
 def _train(model_dir, devices, mesh_shape=None, transforms=(), steps=4, **kw):
   kw.setdefault("batch_size", 8)
   return _loop_train(
-      model_dir=str(model_dir), mixture_or_task_name="tiny",
-      task_feature_lengths={"inputs": 16, "targets": 16}, train_steps=steps,
-      model_config=TINY, mtl_transforms=transforms,
-      optimizer_fn=lambda learning_rate: optim.make_optimizer("adamw", learning_rate),
-      learning_rate=1e-3, mesh_shape=mesh_shape, log_period=1, checkpoint_period=0,
-      devices=devices, print_param_table=False, tensorboard=False, **kw)
+    model_dir=str(model_dir),
+    mixture_or_task_name="tiny",
+    task_feature_lengths={"inputs": 16, "targets": 16},
+    train_steps=steps,
+    model_config=TINY,
+    mtl_transforms=transforms,
+    optimizer_fn=lambda learning_rate: optim.make_optimizer("adamw", learning_rate),
+    learning_rate=1e-3,
+    mesh_shape=mesh_shape,
+    log_period=1,
+    checkpoint_period=0,
+    devices=devices,
+    print_param_table=False,
+    tensorboard=False,
+    **kw,
+  )
 
 
 def _losses(model_dir):
@@ -49,7 +65,9 @@ def _losses(model_dir):
 
 def _final_params(model_dir):
   steps = sorted(int(p) for p in os.listdir(model_dir) if p.isdigit())
-  tree = ocp.StandardCheckpointer().restore(os.path.join(model_dir, str(steps[-1]), "state"))
+  tree = ocp.StandardCheckpointer().restore(
+    os.path.join(model_dir, str(steps[-1]), "state")
+  )
   return jax.tree.map(np.asarray, tree["params"])
 
 
@@ -59,11 +77,17 @@ def test_sharded_mesh_matches_one_device(tmp_path, method):
   transforms = (mtl.pcgrad(),) if method == "pcgrad" else ()
   # The same units on both meshes, so both see the same task-major batches.
   one = _train(tmp_path / "one", jax.devices()[:1], transforms=transforms, units=4)
-  many = _train(tmp_path / "many", jax.devices(), {"data": 2, "fsdp": 2, "tensor": 2},
-                transforms=transforms, units=4)
+  many = _train(
+    tmp_path / "many",
+    jax.devices(),
+    {"data": 2, "fsdp": 2, "tensor": 2},
+    transforms=transforms,
+    units=4,
+  )
   assert one.step == many.step == 4
-  np.testing.assert_allclose(_losses(tmp_path / "many"), _losses(tmp_path / "one"),
-                             rtol=1e-5)
+  np.testing.assert_allclose(
+    _losses(tmp_path / "many"), _losses(tmp_path / "one"), rtol=1e-5
+  )
 
 
 def test_parameters_are_sharded(tmp_path):
@@ -71,12 +95,17 @@ def test_parameters_are_sharded(tmp_path):
   from mtx.model import T5
 
   mesh = parallel.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
-  boxed, abstract = params_lib.abstract_params(T5(TINY.__class__(**{**TINY.__dict__, "vocab_size": 384})), 16, 16)
+  boxed, abstract = params_lib.abstract_params(
+    T5(TINY.__class__(**{**TINY.__dict__, "vocab_size": 384})), 16, 16
+  )
   shardings = params_lib.param_shardings(boxed, mesh, parallel.DEFAULT_RULES)
-  params = params_lib.init_params(T5(TINY.__class__(**{**TINY.__dict__, "vocab_size": 384})),
-                                 0, 16, 16, shardings)
-  specs = {jax.tree_util.keystr(p): leaf.sharding.spec
-           for p, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}
+  params = params_lib.init_params(
+    T5(TINY.__class__(**{**TINY.__dict__, "vocab_size": 384})), 0, 16, 16, shardings
+  )
+  specs = {
+    jax.tree_util.keystr(p): leaf.sharding.spec
+    for p, leaf in jax.tree_util.tree_flatten_with_path(params)[0]
+  }
   sharded = [k for k, s in specs.items() if any(a is not None for a in s)]
   assert len(sharded) > len(specs) // 2, specs
   mlp = [k for k in specs if "wi" in k]
@@ -89,8 +118,14 @@ def test_per_task_losses_are_reported_and_fall(tmp_path):
   result = _train(tmp_path / "r", jax.devices()[:1], steps=30)
   rows = metrics_writer.read_metrics(str(tmp_path / "r"))
   assert len(rows) == 30
-  for key in ("loss", "loss/tiny_copy", "loss/tiny_rev", "learning_rate",
-              "timing/step_s", "timing/tokens_per_s"):
+  for key in (
+    "loss",
+    "loss/tiny_copy",
+    "loss/tiny_rev",
+    "learning_rate",
+    "timing/step_s",
+    "timing/tokens_per_s",
+  ):
     assert key in rows[-1], key
   assert rows[-1]["loss/tiny_copy"] < 0.8 * rows[0]["loss/tiny_copy"]
   assert result.step == 30
@@ -100,9 +135,21 @@ def test_config_gin_written(tmp_path):
   env = dict(os.environ, PYTHONPATH=TESTS)
   model_dir = tmp_path / "cfg"
   out = subprocess.run(
-      [sys.executable, "-m", "mtx", "train", "--gin_file=tests/tiny.gin",
-       f"--gin.MODEL_DIR='{model_dir}'", "--gin.TRAIN_STEPS=2"],
-      cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    [
+      sys.executable,
+      "-m",
+      "mtx",
+      "train",
+      "--gin_file=tests/tiny.gin",
+      f"--gin.MODEL_DIR='{model_dir}'",
+      "--gin.TRAIN_STEPS=2",
+    ],
+    cwd=REPO,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   assert out.returncode == 0, out.stderr[-2000:]
   text = (model_dir / "config.gin").read_text()
   assert "TRAIN_STEPS = 2" in text and "train.train_steps = %TRAIN_STEPS" in text
@@ -110,8 +157,15 @@ def test_config_gin_written(tmp_path):
 
 
 def _cli(model_dir, *extra):
-  return [sys.executable, "-m", "mtx", "train", "--gin_file=tests/tiny.gin",
-          f"--gin.MODEL_DIR='{model_dir}'", *extra]
+  return [
+    sys.executable,
+    "-m",
+    "mtx",
+    "train",
+    "--gin_file=tests/tiny.gin",
+    f"--gin.MODEL_DIR='{model_dir}'",
+    *extra,
+  ]
 
 
 def _wait_for(predicate, proc, timeout=240):
@@ -135,10 +189,14 @@ def _logged_steps(model_dir):
 def test_sigterm_saves_and_exits_zero(tmp_path):
   env = dict(os.environ, PYTHONPATH=TESTS)
   model_dir = tmp_path / "term"
-  proc = subprocess.Popen(_cli(model_dir, "--gin.TRAIN_STEPS=100000",
-                               "--gin.CHECKPOINT_PERIOD=0"),
-                          cwd=REPO, env=env, stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, text=True)
+  proc = subprocess.Popen(
+    _cli(model_dir, "--gin.TRAIN_STEPS=100000", "--gin.CHECKPOINT_PERIOD=0"),
+    cwd=REPO,
+    env=env,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+    text=True,
+  )
   _wait_for(lambda: _logged_steps(model_dir) >= 3, proc)
   proc.send_signal(signal.SIGTERM)
   out, err = proc.communicate(timeout=120)
@@ -151,7 +209,9 @@ def test_sigterm_saves_and_exits_zero(tmp_path):
 # ---- the CLI: bad input gets one sentence and exit status 2 ------------------------------
 def _run_cli(tmp_path, capsys, *args):
   import gin
+
   from mtx.cli import main as cli
+
   gin.clear_config()
   with pytest.raises(SystemExit) as e:
     cli.main(["train", *args])
@@ -177,68 +237,110 @@ def bad_files(tmp_path_factory):
   (d / "garbage.model").write_bytes(b"not a sentencepiece model")
   (d / "locked.model").write_bytes(b"")
   os.chmod(d / "locked.model", 0)
-  for name, path in (("bad_missing", d / "missing.tsv"), ("bad_cols", d / "cols.tsv"),
-                     ("bad_utf8", d / "latin1.tsv")):
+  for name, path in (
+    ("bad_missing", d / "missing.tsv"),
+    ("bad_cols", d / "cols.tsv"),
+    ("bad_utf8", d / "latin1.tsv"),
+  ):
     (d / f"{name}.py").write_text(
-        "import seqio\nfrom mtx.data import sources\nimport tsv_tasks\n"
-        f"seqio.TaskRegistry.remove({name!r})\n"
-        f"seqio.TaskRegistry.add({name!r}, source=sources.tsv_source("
-        f"{{'train': {str(path)!r}}}), preprocessors=[seqio.preprocessors.tokenize, "
-        "seqio.preprocessors.append_eos_after_trim], output_features=tsv_tasks.FEATURES)\n")
+      "import seqio\nfrom mtx.data import sources\nimport tsv_tasks\n"
+      f"seqio.TaskRegistry.remove({name!r})\n"
+      f"seqio.TaskRegistry.add({name!r}, source=sources.tsv_source("
+      f"{{'train': {str(path)!r}}}), preprocessors=[seqio.preprocessors.tokenize, "
+      "seqio.preprocessors.append_eos_after_trim], output_features=tsv_tasks.FEATURES)\n"
+    )
   sys.path.insert(0, str(d))
   yield d
   sys.path.remove(str(d))
 
 
 def _task(name):
-  return [f"--gin.MIXTURE_OR_TASK_MODULE='{name}'", f"--gin.MIXTURE_OR_TASK_NAME='{name}'"]
+  return [
+    f"--gin.MIXTURE_OR_TASK_MODULE='{name}'",
+    f"--gin.MIXTURE_OR_TASK_NAME='{name}'",
+  ]
 
 
 # Every mistake of issue #7's table: the arguments after tests/tiny.gin, and what the one
 # sentence must say. {d} is the bad_files folder.
 _BAD = [
-    ("unknown_configurable", ["--gin_bindings=nosuch.fn.x = 1"], "No configurable.*nosuch"),
-    ("unknown_parameter", ["--gin.train.no_such_knob=1"], "no_such_knob"),
-    ("undefined_macro", ["--gin_bindings=train.seed = %NO_SUCH_MACRO"], "NO_SUCH_MACRO"),
-    ("missing_required", ["--gin_file=gin_configs/runs/train.gin"], "required"),
-    ("flag_binds_nothing", ["--gin.TRAIN_STEP=100"], "TRAIN_STEP.*did you mean: TRAIN_STEPS"),
-    ("unquoted_string", ["--gin.MIXTURE_OR_TASK_NAME=tiny"], "strings need quotes"),
-    ("unknown_mixture", ["--gin.MIXTURE_OR_TASK_NAME='tinyy'"], "did you mean: tiny"),
-    ("unknown_task", ["--gin.MIXTURE_OR_TASK_NAME='tiny_cpy'"], "did you mean: tiny_copy"),
-    ("unknown_module", ["--gin.MIXTURE_OR_TASK_MODULE='tiny_mixtur'"],
-     "MIXTURE_OR_TASK_MODULE 'tiny_mixtur' could not be imported"),
-    ("vocabulary_missing", ["--gin.VOCABULARY='{d}/none.model'"],
-     r"Vocabulary file .*none.model does not exist"),
-    ("vocabulary_not_a_model", ["--gin.VOCABULARY='{d}/garbage.model'"],
-     "not a SentencePiece model"),
-    ("vocabulary_unreadable", ["--gin.VOCABULARY='{d}/locked.model'"], "cannot be read"),
-    ("data_file_missing", _task("bad_missing"), r"missing.tsv .*does not exist"),
-    ("data_file_malformed", _task("bad_cols"), r"cols.tsv:3 has 1 .*fields"),
-    ("data_file_not_utf8", _task("bad_utf8"), r"latin1.tsv:2 is not valid UTF-8"),
-    ("feature_length_zero", ["--gin.TASK_FEATURE_LENGTHS={'inputs': 0, 'targets': 8}"],
-     r"TASK_FEATURE_LENGTHS\['inputs'\] must be a positive"),
-    ("feature_length_negative", ["--gin.TASK_FEATURE_LENGTHS={'inputs': 8, 'targets': -2}"],
-     r"TASK_FEATURE_LENGTHS\['targets'\] must be a positive"),
-    ("train_steps_zero", ["--gin.TRAIN_STEPS=0"], "TRAIN_STEPS must be positive"),
-    ("batch_not_divisible", ["--gin.BATCH_SIZE=6"], "divisible"),
-    ("mesh_not_devices", ["--gin.BATCH_SIZE=6", "--gin.MESH_SHAPE={'data': 4}"], "devices"),
-    ("mesh_unknown_axis", ["--gin.MESH_SHAPE={'dta': 8}"], "Unknown mesh axes"),
-    ("checkpoint_of_another_shape", ["--gin.model.T5Config.mlp_dim=96"],
-     r"does not fit the state being restored: .*mlp"),
-    ("nonfinite_policy", ["--gin_bindings=train.nonfinite_policy = 'stp'"],
-     "did you mean: stop"),
-    ("gin_file_missing", ["--gin_file=tests/no_such.gin"], "not found"),
-    ("task_group_matches_nothing",
-     ["--gin_bindings=train.task_groups = {'tiny_cpy': 'g'}"],
-     "pattern 'tiny_cpy' matches no task.*did you mean: tiny_copy"),
-    ("weighting_after_aggregator",
-     ["--gin_bindings=train.mtl_transforms = [@mtl.pcgrad, @mtl.uncertainty_weighting]"],
-     "weighting placed after an aggregator"),
-    ("negative_seed", ["--gin_bindings=train.seed = -1"], "seed must be >= 0"),
-    ("relpos_buckets", ["--gin_bindings=model.T5Config.relative_attention_num_buckets = 2"],
-     "at least 4 buckets"),
-    ("vocab_size_too_small", ["--gin_bindings=model.T5Config.vocab_size = 64"],
-     "smaller than the vocabulary"),
+  ("unknown_configurable", ["--gin_bindings=nosuch.fn.x = 1"], "No configurable.*nosuch"),
+  ("unknown_parameter", ["--gin.train.no_such_knob=1"], "no_such_knob"),
+  ("undefined_macro", ["--gin_bindings=train.seed = %NO_SUCH_MACRO"], "NO_SUCH_MACRO"),
+  ("missing_required", ["--gin_file=gin_configs/runs/train.gin"], "required"),
+  (
+    "flag_binds_nothing",
+    ["--gin.TRAIN_STEP=100"],
+    "TRAIN_STEP.*did you mean: TRAIN_STEPS",
+  ),
+  ("unquoted_string", ["--gin.MIXTURE_OR_TASK_NAME=tiny"], "strings need quotes"),
+  ("unknown_mixture", ["--gin.MIXTURE_OR_TASK_NAME='tinyy'"], "did you mean: tiny"),
+  ("unknown_task", ["--gin.MIXTURE_OR_TASK_NAME='tiny_cpy'"], "did you mean: tiny_copy"),
+  (
+    "unknown_module",
+    ["--gin.MIXTURE_OR_TASK_MODULE='tiny_mixtur'"],
+    "MIXTURE_OR_TASK_MODULE 'tiny_mixtur' could not be imported",
+  ),
+  (
+    "vocabulary_missing",
+    ["--gin.VOCABULARY='{d}/none.model'"],
+    r"Vocabulary file .*none.model does not exist",
+  ),
+  (
+    "vocabulary_not_a_model",
+    ["--gin.VOCABULARY='{d}/garbage.model'"],
+    "not a SentencePiece model",
+  ),
+  ("vocabulary_unreadable", ["--gin.VOCABULARY='{d}/locked.model'"], "cannot be read"),
+  ("data_file_missing", _task("bad_missing"), r"missing.tsv .*does not exist"),
+  ("data_file_malformed", _task("bad_cols"), r"cols.tsv:3 has 1 .*fields"),
+  ("data_file_not_utf8", _task("bad_utf8"), r"latin1.tsv:2 is not valid UTF-8"),
+  (
+    "feature_length_zero",
+    ["--gin.TASK_FEATURE_LENGTHS={'inputs': 0, 'targets': 8}"],
+    r"TASK_FEATURE_LENGTHS\['inputs'\] must be a positive",
+  ),
+  (
+    "feature_length_negative",
+    ["--gin.TASK_FEATURE_LENGTHS={'inputs': 8, 'targets': -2}"],
+    r"TASK_FEATURE_LENGTHS\['targets'\] must be a positive",
+  ),
+  ("train_steps_zero", ["--gin.TRAIN_STEPS=0"], "TRAIN_STEPS must be positive"),
+  ("batch_not_divisible", ["--gin.BATCH_SIZE=6"], "divisible"),
+  ("mesh_not_devices", ["--gin.BATCH_SIZE=6", "--gin.MESH_SHAPE={'data': 4}"], "devices"),
+  ("mesh_unknown_axis", ["--gin.MESH_SHAPE={'dta': 8}"], "Unknown mesh axes"),
+  (
+    "checkpoint_of_another_shape",
+    ["--gin.model.T5Config.mlp_dim=96"],
+    r"does not fit the state being restored: .*mlp",
+  ),
+  (
+    "nonfinite_policy",
+    ["--gin_bindings=train.nonfinite_policy = 'stp'"],
+    "did you mean: stop",
+  ),
+  ("gin_file_missing", ["--gin_file=tests/no_such.gin"], "not found"),
+  (
+    "task_group_matches_nothing",
+    ["--gin_bindings=train.task_groups = {'tiny_cpy': 'g'}"],
+    "pattern 'tiny_cpy' matches no task.*did you mean: tiny_copy",
+  ),
+  (
+    "weighting_after_aggregator",
+    ["--gin_bindings=train.mtl_transforms = [@mtl.pcgrad, @mtl.uncertainty_weighting]"],
+    "weighting placed after an aggregator",
+  ),
+  ("negative_seed", ["--gin_bindings=train.seed = -1"], "seed must be >= 0"),
+  (
+    "relpos_buckets",
+    ["--gin_bindings=model.T5Config.relative_attention_num_buckets = 2"],
+    "at least 4 buckets",
+  ),
+  (
+    "vocab_size_too_small",
+    ["--gin_bindings=model.T5Config.vocab_size = 64"],
+    "smaller than the vocabulary",
+  ),
 ]
 _MARKS = {}
 BAD = [pytest.param(*c, id=c[0], marks=_MARKS.get(c[0], ())) for c in _BAD]
@@ -259,12 +361,14 @@ def _snapshot(root):
 def test_bad_input_one_sentence(finished_run, bad_files, capsys, case, args, pattern):
   """One line 'mtx: error: ...' naming the problem, exit 2, the run's files untouched."""
   import re
+
   if case == "vocabulary_unreadable" and os.geteuid() == 0:
     pytest.skip("root reads any file")
   before = _snapshot(finished_run)
   args = [a.replace("{d}", str(bad_files)) for a in args]
-  code, err = _run_cli(None, capsys, "--gin_file=tests/tiny.gin",
-                       f"--gin.MODEL_DIR='{finished_run}'", *args)
+  code, err = _run_cli(
+    None, capsys, "--gin_file=tests/tiny.gin", f"--gin.MODEL_DIR='{finished_run}'", *args
+  )
   assert code == 2, err
   assert err.startswith("mtx: error: ") and "\n" not in err, err
   assert re.search(pattern, err, re.I), err
@@ -285,8 +389,9 @@ def test_unwritable_model_dir(tmp_path, capsys):
     target = str(tmp_path / "ro")
     os.makedirs(target)
     os.chmod(target, 0o500)
-  code, err = _run_cli(tmp_path, capsys, "--gin_file=tests/tiny.gin",
-                       f"--gin.MODEL_DIR='{target}'")
+  code, err = _run_cli(
+    tmp_path, capsys, "--gin_file=tests/tiny.gin", f"--gin.MODEL_DIR='{target}'"
+  )
   assert code == 2 and "writable" in err, err
 
 
@@ -295,17 +400,31 @@ MTL_FILES = sorted(f[:-4] for f in os.listdir(os.path.join(REPO, "gin_configs", 
 FAST_MTL = {"pcgrad", "uncertainty", "famo"}
 
 
-@pytest.mark.parametrize("method", [
-    pytest.param(m, marks=() if m in FAST_MTL else pytest.mark.slow) for m in MTL_FILES])
+@pytest.mark.parametrize(
+  "method",
+  [pytest.param(m, marks=() if m in FAST_MTL else pytest.mark.slow) for m in MTL_FILES],
+)
 def test_mtl_gin_file_trains(tmp_path, method):
   import gin
+
   from mtx.cli import main as cli
+
   gin.clear_config()
-  extra = ["--gin.mtl.static_weights.weights=[1.0, 0.5]"] if method == "static_weights" else []
+  extra = (
+    ["--gin.mtl.static_weights.weights=[1.0, 0.5]"] if method == "static_weights" else []
+  )
   try:
-    code = cli.run(["train", "--gin_file=tests/tiny.gin", f"--gin_file=mtl/{method}.gin",
-                    f"--gin.MODEL_DIR='{tmp_path}'", "--gin.TRAIN_STEPS=3",
-                    "--gin.CHECKPOINT_PERIOD=0", *extra])
+    code = cli.run(
+      [
+        "train",
+        "--gin_file=tests/tiny.gin",
+        f"--gin_file=mtl/{method}.gin",
+        f"--gin.MODEL_DIR='{tmp_path}'",
+        "--gin.TRAIN_STEPS=3",
+        "--gin.CHECKPOINT_PERIOD=0",
+        *extra,
+      ]
+    )
   finally:
     gin.clear_config()
   assert code == 0
@@ -321,32 +440,58 @@ def test_mtl_gin_file_trains(tmp_path, method):
 def test_gradient_accumulation_matches_one_batch(tmp_path, method):
   transforms = (mtl.pcgrad(),) if method == "pcgrad" else ()
   one = _train(tmp_path / "one", jax.devices()[:1], transforms=transforms, units=4)
-  acc = _train(tmp_path / "acc", jax.devices()[:1], transforms=transforms, units=4,
-               grad_accum_steps=2)
+  acc = _train(
+    tmp_path / "acc",
+    jax.devices()[:1],
+    transforms=transforms,
+    units=4,
+    grad_accum_steps=2,
+  )
   assert one.step == acc.step == 4
-  np.testing.assert_allclose(_losses(tmp_path / "acc"), _losses(tmp_path / "one"),
-                             rtol=2e-5)
+  np.testing.assert_allclose(
+    _losses(tmp_path / "acc"), _losses(tmp_path / "one"), rtol=2e-5
+  )
 
 
 def test_initial_checkpoint_path_and_tasks_json(tmp_path):
   from mtx.errors import UserError
+
   _train(tmp_path / "a", jax.devices()[:1], steps=2)
   tasks = json.loads((tmp_path / "a" / "tasks.json").read_text())
   assert [t["name"] for t in tasks["tasks"]] == ["tiny_copy", "tiny_rev"]
   # Fine-tune from a's params with a zero learning rate: b's params stay a's.
-  _loop_train(model_dir=str(tmp_path / "b"), mixture_or_task_name="tiny",
-             task_feature_lengths={"inputs": 16, "targets": 16}, train_steps=1,
-             batch_size=8, model_config=TINY, learning_rate=0.0,
-             optimizer_fn=lambda learning_rate: optim.make_optimizer("adamw", learning_rate),
-             initial_checkpoint_path=str(tmp_path / "a"), log_period=1,
-             checkpoint_period=0, devices=jax.devices()[:1], print_param_table=False,
-             tensorboard=False)
-  jax.tree.map(np.testing.assert_array_equal, _final_params(tmp_path / "a"),
-               _final_params(tmp_path / "b"))
+  _loop_train(
+    model_dir=str(tmp_path / "b"),
+    mixture_or_task_name="tiny",
+    task_feature_lengths={"inputs": 16, "targets": 16},
+    train_steps=1,
+    batch_size=8,
+    model_config=TINY,
+    learning_rate=0.0,
+    optimizer_fn=lambda learning_rate: optim.make_optimizer("adamw", learning_rate),
+    initial_checkpoint_path=str(tmp_path / "a"),
+    log_period=1,
+    checkpoint_period=0,
+    devices=jax.devices()[:1],
+    print_param_table=False,
+    tensorboard=False,
+  )
+  jax.tree.map(
+    np.testing.assert_array_equal,
+    _final_params(tmp_path / "a"),
+    _final_params(tmp_path / "b"),
+  )
   with pytest.raises(UserError, match="shape"):
-    _loop_train(model_dir=str(tmp_path / "c"), mixture_or_task_name="tiny",
-               task_feature_lengths={"inputs": 16, "targets": 16}, train_steps=1,
-               batch_size=8, model_config=TINY.__class__(**{**TINY.__dict__, "mlp_dim": 96}),
-               initial_checkpoint_path=str(tmp_path / "a"), devices=jax.devices()[:1],
-               print_param_table=False, tensorboard=False)
+    _loop_train(
+      model_dir=str(tmp_path / "c"),
+      mixture_or_task_name="tiny",
+      task_feature_lengths={"inputs": 16, "targets": 16},
+      train_steps=1,
+      batch_size=8,
+      model_config=TINY.__class__(**{**TINY.__dict__, "mlp_dim": 96}),
+      initial_checkpoint_path=str(tmp_path / "a"),
+      devices=jax.devices()[:1],
+      print_param_table=False,
+      tensorboard=False,
+    )
   assert not [p for p in os.listdir(tmp_path / "c") if p.isdigit()]

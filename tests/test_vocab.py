@@ -20,11 +20,14 @@ def test_default_vocabulary_loads_with_t5_ids():
   assert 512 <= v.vocab_size <= 1024
 
 
-@pytest.mark.parametrize("text", [
+@pytest.mark.parametrize(
+  "text",
+  [
     "sort: 42 7 19 3",
     "review: the coffee was not very friendly",
     "mnli hypothesis: The cat sat. premise: Über café, 日本語 ✓",
-])
+  ],
+)
 def test_round_trips_any_text(text):
   v = vocab.get_vocabulary()
   ids = v.encode(text)
@@ -62,13 +65,21 @@ def test_remote_path_is_refused():
 
 def test_train_vocab_tool_is_deterministic(tmp_path):
   text = tmp_path / "a.txt"
-  text.write_text("\n".join(f"line {i} about the quick brown fox and {i * 7 % 13} "
-                            f"lazy dogs" for i in range(300)), encoding="utf-8")
+  text.write_text(
+    "\n".join(
+      f"line {i} about the quick brown fox and {i * 7 % 13} lazy dogs" for i in range(300)
+    ),
+    encoding="utf-8",
+  )
   pieces = []
   for run in range(2):
     prefix = tmp_path / f"out{run}" / "spm"
-    assert train_vocab.main(["--input", str(text), "--vocab_size", "320",
-                             "--model_prefix", str(prefix)]) == 0
+    assert (
+      train_vocab.main(
+        ["--input", str(text), "--vocab_size", "320", "--model_prefix", str(prefix)]
+      )
+      == 0
+    )
     pieces.append((prefix.parent / "spm.vocab").read_text(encoding="utf-8"))
     v = vocab.get_vocabulary(str(prefix) + ".model")
     assert v.decode(v.encode("the lazy fox")) == "the lazy fox"
@@ -76,6 +87,10 @@ def test_train_vocab_tool_is_deterministic(tmp_path):
 
 
 def test_train_vocab_tool_reports_missing_input(tmp_path, capsys):
-  assert train_vocab.main(["--input", str(tmp_path / "no.txt"), "--model_prefix",
-                           str(tmp_path / "x")]) == 2
+  assert (
+    train_vocab.main(
+      ["--input", str(tmp_path / "no.txt"), "--model_prefix", str(tmp_path / "x")]
+    )
+    == 2
+  )
   assert "no.txt passed to --input does not exist" in capsys.readouterr().err

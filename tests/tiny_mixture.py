@@ -18,7 +18,9 @@ FEATURES = {k: seqio.Feature(VOCAB, add_eos=True) for k in ("inputs", "targets")
 
 def _strings(n, seed):
   rng = random.Random(seed)
-  return ["".join(rng.choice("abcdefgh") for _ in range(rng.randint(2, 7))) for _ in range(n)]
+  return [
+    "".join(rng.choice("abcdefgh") for _ in range(rng.randint(2, 7))) for _ in range(n)
+  ]
 
 
 def _source(transform, n=64):
@@ -26,17 +28,25 @@ def _source(transform, n=64):
     del shuffle_files, seed
     words = _strings(n, 0 if split == "train" else 1)
     return tf.data.Dataset.from_tensor_slices(
-        {"inputs": words, "targets": [transform(w) for w in words]})
+      {"inputs": words, "targets": [transform(w) for w in words]}
+    )
+
   return seqio.FunctionDataSource(dataset_fn, splits=("train", "validation"))
 
 
 def _register():
   for name, fn in (("tiny_copy", lambda w: w), ("tiny_rev", lambda w: w[::-1])):
     seqio.TaskRegistry.remove(name)
-    seqio.TaskRegistry.add(name, source=_source(fn),
-                           preprocessors=[seqio.preprocessors.tokenize,
-                                          seqio.preprocessors.append_eos_after_trim],
-                           output_features=FEATURES, metric_fns=[metrics.exact_match])
+    seqio.TaskRegistry.add(
+      name,
+      source=_source(fn),
+      preprocessors=[
+        seqio.preprocessors.tokenize,
+        seqio.preprocessors.append_eos_after_trim,
+      ],
+      output_features=FEATURES,
+      metric_fns=[metrics.exact_match],
+    )
   seqio.MixtureRegistry.remove("tiny")
   seqio.MixtureRegistry.add("tiny", [("tiny_copy", 2.0), ("tiny_rev", 1.0)])
 

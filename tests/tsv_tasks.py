@@ -12,9 +12,11 @@ FEATURES = {k: seqio.Feature(VOCAB, add_eos=True) for k in ("inputs", "targets")
 
 def parse_tsv(ds):
   """A plain TSV preprocessor: one line -> {"inputs", "targets"}."""
+
   def parse(line):
     fields = tf.strings.split(line, "\t")
     return {"inputs": fields[0], "targets": fields[1]}
+
   return ds.map(parse)
 
 
@@ -25,10 +27,15 @@ def register_tsv(name, path, rows):
       f.write(f"{inputs}\t{targets}\n")
   seqio.TaskRegistry.remove(name)
   seqio.TaskRegistry.add(
-      name, source=seqio.TextLineDataSource({"train": str(path)}),
-      preprocessors=[parse_tsv, seqio.preprocessors.tokenize,
-                     seqio.preprocessors.append_eos_after_trim],
-      output_features=FEATURES)
+    name,
+    source=seqio.TextLineDataSource({"train": str(path)}),
+    preprocessors=[
+      parse_tsv,
+      seqio.preprocessors.tokenize,
+      seqio.preprocessors.append_eos_after_trim,
+    ],
+    output_features=FEATURES,
+  )
 
 
 def register_mixture(name, tasks_and_rates):

@@ -14,12 +14,12 @@ import matplotlib
 
 matplotlib.use("Agg")
 # pylint: disable=g-import-not-at-top,wrong-import-position
+import _report_runs as runs_lib
 import matplotlib.pyplot as plt
+import numpy as np
 from matplotlib import colors as mcolors
 from matplotlib import ticker
-import numpy as np
 
-import _report_runs as runs_lib
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
 DPI = 110
@@ -28,18 +28,29 @@ _MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "<", ">")
 _MAX_PANELS = 36  # small multiples shown per figure
 _MAX_LEGEND_ROWS = 24
 
-plt.rcParams.update({
-    "axes.grid": True, "grid.alpha": 0.3, "axes.spines.top": False,
-    "axes.spines.right": False, "font.size": 9, "axes.titlesize": 10,
-    "legend.fontsize": 8, "figure.dpi": DPI, "savefig.dpi": DPI,
-})
+plt.rcParams.update(
+  {
+    "axes.grid": True,
+    "grid.alpha": 0.3,
+    "axes.spines.top": False,
+    "axes.spines.right": False,
+    "font.size": 9,
+    "axes.titlesize": 10,
+    "legend.fontsize": 8,
+    "figure.dpi": DPI,
+    "savefig.dpi": DPI,
+  }
+)
 
 
 def style(i: int, n: int) -> dict:
   """Colour, line style and marker of the i-th of n lines."""
   palette = plt.get_cmap("tab10" if n <= 10 else "tab20").colors
-  return {"color": palette[i % len(palette)], "linestyle": _STYLES[i % len(_STYLES)],
-          "marker": _MARKERS[i % len(_MARKERS)]}
+  return {
+    "color": palette[i % len(palette)],
+    "linestyle": _STYLES[i % len(_STYLES)],
+    "marker": _MARKERS[i % len(_MARKERS)],
+  }
 
 
 def _names(run) -> List[str]:
@@ -97,8 +108,13 @@ def _log_y(ax) -> None:
 
 
 def _legend_outside(ax, n: int, title: Optional[str] = None):
-  ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False, title=title,
-            ncol=max(1, math.ceil(n / _MAX_LEGEND_ROWS)))
+  ax.legend(
+    loc="upper left",
+    bbox_to_anchor=(1.01, 1.0),
+    frameon=False,
+    title=title,
+    ncol=max(1, math.ceil(n / _MAX_LEGEND_ROWS)),
+  )
 
 
 def _save(fig, path: str) -> None:
@@ -126,15 +142,24 @@ def plot_train_loss(run, path: str, smooth: float = 0.0) -> Optional[str]:
   for t, x, y in curves:
     _task_line(ax, run, t, x, ema(y, smooth))
   if np.isfinite(total[1]).any():
-    ax.plot(total[0], ema(total[1], smooth), color="black", linewidth=2.4, alpha=0.75,
-            label="all tasks", zorder=5, marker="o" if len(total[0]) == 1 else None)
+    ax.plot(
+      total[0],
+      ema(total[1], smooth),
+      color="black",
+      linewidth=2.4,
+      alpha=0.75,
+      label="all tasks",
+      zorder=5,
+      marker="o" if len(total[0]) == 1 else None,
+    )
   if _use_log([y for _, _, y in curves] + [total[1]]):
     _log_y(ax)
   _steps_axis(ax)
   ax.set_ylabel("training loss (nats/token)")
   smooth_note = f", EMA {smooth:g}" if smooth > 0 else ""
-  ax.set_title(f"{run.label}: training loss per task (mean over each log period"
-               f"{smooth_note})")
+  ax.set_title(
+    f"{run.label}: training loss per task (mean over each log period{smooth_note})"
+  )
   _legend_outside(ax, n + 1, "task")
   _save(fig, path)
   return None
@@ -143,6 +168,8 @@ def plot_train_loss(run, path: str, smooth: float = 0.0) -> Optional[str]:
 def plot_eval(run, path: str) -> Optional[str]:
   """Per-task primary eval metric (+ their mean) and eval loss over steps, and delta_m;
   bars of the one evaluation when there is only one."""
+  # long: one figure's panels, drawn in order; the formatter's one argument per line
+  # makes it long, and its pieces share the figure's axes.
   tasks = [t for t in run.tasks if t in run.eval_metrics]
   prim = [(t, run.primary.get(t)) for t in tasks]
   prim = [(t, m, *run.series(f"eval/{t}/{m}")) for t, m in prim if m and m != "loss"]
@@ -152,23 +179,48 @@ def plot_eval(run, path: str) -> Optional[str]:
   mean = run.series("eval/mean_primary")
   delta = run.series("eval/delta_m")
   if not prim and not losses and not len(mean[0]):
-    return ("no eval results yet (train with EVAL_PERIOD > 0 or run mtx eval to write "
-            "eval lines).")
-  steps = sorted({int(s) for c in prim for s in c[2]} | {int(s) for c in losses for s in c[1]}
-                 | set(mean[0].tolist()))
+    return (
+      "no eval results yet (train with EVAL_PERIOD > 0 or run mtx eval to write "
+      "eval lines)."
+    )
+  steps = sorted(
+    {int(s) for c in prim for s in c[2]}
+    | {int(s) for c in losses for s in c[1]}
+    | set(mean[0].tolist())
+  )
   if len(steps) == 1:
     return _plot_eval_bars(run, path, steps[0], prim, losses)
-  panels = [p for p, ok in (("prim", prim or len(mean[0])), ("loss", losses),
-                            ("delta", np.isfinite(delta[1]).any())) if ok]
-  fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels) + 2.2, 4.2),
-                           squeeze=False, layout="constrained")
+  panels = [
+    p
+    for p, ok in (
+      ("prim", prim or len(mean[0])),
+      ("loss", losses),
+      ("delta", np.isfinite(delta[1]).any()),
+    )
+    if ok
+  ]
+  fig, axes = plt.subplots(
+    1,
+    len(panels),
+    figsize=(4.6 * len(panels) + 2.2, 4.2),
+    squeeze=False,
+    layout="constrained",
+  )
   for ax, panel in zip(axes[0], panels):
     if panel == "prim":
       for t, m, x, y in prim:
         _task_line(ax, run, t, x, y, f"{t} ({m})")
       if len(mean[0]):
-        ax.plot(mean[0], mean[1], color="black", linewidth=2.4, alpha=0.75,
-                label="mean of primaries", zorder=5, marker="o")
+        ax.plot(
+          mean[0],
+          mean[1],
+          color="black",
+          linewidth=2.4,
+          alpha=0.75,
+          label="mean of primaries",
+          zorder=5,
+          marker="o",
+        )
       ax.set_ylabel("primary metric (%)")
       ax.set_title("primary metric per task")
     elif panel == "loss":
@@ -184,30 +236,49 @@ def plot_eval(run, path: str) -> Optional[str]:
       ax.set_ylabel("Δm (% vs baseline, higher is better)")
       ax.set_title("Δm against the baseline")
     _steps_axis(ax)
-  fig.legend(loc="outside right upper", frameon=False,
-             title="task (primary metric)" if prim else "task")
-  fig.suptitle(f"{run.label}: evaluation (colours are tasks in every panel)", x=0.02,
-               ha="left", fontsize=11)
+  fig.legend(
+    loc="outside right upper",
+    frameon=False,
+    title="task (primary metric)" if prim else "task",
+  )
+  fig.suptitle(
+    f"{run.label}: evaluation (colours are tasks in every panel)",
+    x=0.02,
+    ha="left",
+    fontsize=11,
+  )
   _save(fig, path)
   return None
 
 
 def _plot_eval_bars(run, path: str, step: int, prim, losses) -> None:
   """The one evaluation of a run: bars per task of its primary metric and eval loss."""
-  panels = [("primary metric (%)", [(t, f"{t} ({m})", y[-1]) for t, m, _, y in prim]),
-            ("eval loss (teacher-forced, nats/token)", [(t, t, y[-1]) for t, _, y in losses])]
+  panels = [
+    ("primary metric (%)", [(t, f"{t} ({m})", y[-1]) for t, m, _, y in prim]),
+    ("eval loss (teacher-forced, nats/token)", [(t, t, y[-1]) for t, _, y in losses]),
+  ]
   panels = [p for p in panels if p[1]]
   k = max(len(p[1]) for p in panels)
-  fig, axes = plt.subplots(1, len(panels), figsize=(5.6 * len(panels), 1.2 + 0.36 * k),
-                           squeeze=False, layout="constrained")
+  fig, axes = plt.subplots(
+    1,
+    len(panels),
+    figsize=(5.6 * len(panels), 1.2 + 0.36 * k),
+    squeeze=False,
+    layout="constrained",
+  )
   for ax, (xlabel, bars) in zip(axes[0], panels):
     ypos = np.arange(len(bars))[::-1]
     vals = np.array([v for _, _, v in bars])
     for yp, (t, _, v) in zip(ypos, bars):
       st = _task_style_of(run, t)
       ax.barh(yp, 0 if not np.isfinite(v) else v, color=st["color"], alpha=0.85)
-      ax.text(v if np.isfinite(v) else 0, yp, f" {v:.2f}" if "%" in xlabel else f" {v:.3g}",
-              va="center", fontsize=8)
+      ax.text(
+        v if np.isfinite(v) else 0,
+        yp,
+        f" {v:.2f}" if "%" in xlabel else f" {v:.3g}",
+        va="center",
+        fontsize=8,
+      )
     ax.set_yticks(ypos)
     ax.set_yticklabels([label for _, label, _ in bars])
     ax.set_xlabel(xlabel)
@@ -221,17 +292,20 @@ def _plot_eval_bars(run, path: str, step: int, prim, losses) -> None:
     extra += f"; mean primary {summary['mean_primary']:.2f}"
   if np.isfinite(summary.get("delta_m", np.nan)):
     extra += f"; Δm {summary['delta_m']:+.2f}% vs baseline"
-  fig.suptitle(f"{run.label}: evaluation at step {step}{extra}", x=0.02, ha="left",
-               fontsize=11)
+  fig.suptitle(
+    f"{run.label}: evaluation at step {step}{extra}", x=0.02, ha="left", fontsize=11
+  )
   _save(fig, path)
 
 
 def _no_grad_cos(run) -> str:
   if not run.records:
     return "no metrics logged yet."
-  return ("no pairwise gradient cosines logged: this method needs one gradient only "
-          "(a plain or weighted sum); methods with per-task gradients (pcgrad, mgda, "
-          "cagrad, ...) log them.")
+  return (
+    "no pairwise gradient cosines logged: this method needs one gradient only "
+    "(a plain or weighted sum); methods with per-task gradients (pcgrad, mgda, "
+    "cagrad, ...) log them."
+  )
 
 
 def _nice_ceil(v: float) -> float:
@@ -264,19 +338,22 @@ def _cos_text(v: float, lim: float) -> str:
   return text[1:] if text.startswith("-") and float(text) == 0 else text
 
 
-def _heatmap(ax, m: np.ndarray, names: Sequence[str], lim: float, annotate: bool,
-             ticks: bool = True):
+def _heatmap(
+  ax, m: np.ndarray, names: Sequence[str], lim: float, annotate: bool, ticks: bool = True
+):
   """A task x task cosine map, diverging colours centred at 0, diagonal in grey."""
   masked = np.ma.masked_where(np.eye(len(m), dtype=bool) | ~np.isfinite(m), m)
   cmap = plt.get_cmap("RdBu").with_extremes(bad="#dddddd")
-  im = ax.imshow(masked, cmap=cmap, norm=mcolors.Normalize(-lim, lim),
-                 interpolation="nearest")
+  im = ax.imshow(
+    masked, cmap=cmap, norm=mcolors.Normalize(-lim, lim), interpolation="nearest"
+  )
   ax.grid(False)
   ax.set_xticks(range(len(names)))
   ax.set_yticks(range(len(names)))
   if ticks:
-    ax.set_xticklabels(names, rotation=40 if annotate else 90,
-                       ha="right" if annotate else "center")
+    ax.set_xticklabels(
+      names, rotation=40 if annotate else 90, ha="right" if annotate else "center"
+    )
     ax.set_yticklabels(names)
   else:
     ax.set_xticklabels([])
@@ -289,8 +366,15 @@ def _heatmap(ax, m: np.ndarray, names: Sequence[str], lim: float, annotate: bool
         v = m[i, j]
         text = _cos_text(v, lim)
         dark = np.isfinite(v) and abs(v) > 0.6 * lim
-        ax.text(j, i, text, ha="center", va="center", fontsize=8,
-                color="white" if dark else "black")
+        ax.text(
+          j,
+          i,
+          text,
+          ha="center",
+          va="center",
+          fontsize=8,
+          color="white" if dark else "black",
+        )
   return im
 
 
@@ -308,8 +392,10 @@ def plot_grad_cos_heatmap(run, path: str) -> Optional[str]:
   im = _heatmap(ax, m, run.groups, lim, annotate=k <= 10)
   cb = fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
   cb.set_label("cosine of the two task gradients  (red: conflict, blue: agreement)")
-  ax.set_title(f"{run.label}: gradient cosine at step {step}\n(mean over the log period; "
-               f"colour scale ±{lim:g})")
+  ax.set_title(
+    f"{run.label}: gradient cosine at step {step}\n(mean over the log period; "
+    f"colour scale ±{lim:g})"
+  )
   ax.set_xlabel("task" if run.groups == run.tasks else "task group")
   ax.set_ylabel("task" if run.groups == run.tasks else "task group")
   _save(fig, path)
@@ -327,20 +413,26 @@ def plot_grad_cos_strip(run, path: str, max_panels: int = 6) -> Optional[str]:
   chosen = [steps[int(i)] for i in idx]
   mats = [run.grad_cos(s) for s in chosen]
   lim = _cos_limit(mats, percentile=98)
-  clipped = any(np.nanmax(np.abs(np.where(np.eye(len(m), dtype=bool), 0, m))) > lim
-                for m in mats)
+  clipped = any(
+    np.nanmax(np.abs(np.where(np.eye(len(m), dtype=bool), 0, m))) > lim for m in mats
+  )
   k = len(run.groups)
   n = len(chosen)
   fig, axes = plt.subplots(1, n, figsize=(2.3 * n + 2.4, 2.9), squeeze=False)
   for c, (ax, s, m) in enumerate(zip(axes[0], chosen, mats)):
     im = _heatmap(ax, m, run.groups, lim, annotate=k <= 4, ticks=(c == 0 and k <= 12))
     ax.set_title(f"step {s}")
-  cb = fig.colorbar(im, ax=list(axes[0]), fraction=0.02, pad=0.02,
-                    extend="both" if clipped else "neither")
+  cb = fig.colorbar(
+    im, ax=list(axes[0]), fraction=0.02, pad=0.02, extend="both" if clipped else "neither"
+  )
   cb.set_label("gradient cosine")
-  fig.suptitle(f"{run.label}: gradient cosine over training (tasks in the heatmap's "
-               f"order; scale ±{lim:g}" + (", larger values clipped" if clipped else "")
-               + ")", x=0.02, ha="left", fontsize=10)
+  fig.suptitle(
+    f"{run.label}: gradient cosine over training (tasks in the heatmap's "
+    f"order; scale ±{lim:g}" + (", larger values clipped" if clipped else "") + ")",
+    x=0.02,
+    ha="left",
+    fontsize=10,
+  )
   _save(fig, path)
   return None
 
@@ -352,15 +444,16 @@ def plot_grad_cos_lines(run, path: str) -> Optional[str]:
   if not steps or len(run.groups) < 2:
     return _no_grad_cos(run)
   g = run.groups
-  pairs = [(a, b) for i, a in enumerate(g) for b in g[i + 1:]]
+  pairs = [(a, b) for i, a in enumerate(g) for b in g[i + 1 :]]
   x = np.asarray(steps)
   cos = np.stack([run.grad_cos(s)[np.triu_indices(len(g), 1)] for s in steps], axis=1)
   conflict = run.series("conflict_frac")
   norms = [(name, *run.series(f"grad_norm/{name}")) for name in g]
   norms = [c for c in norms if np.isfinite(c[2]).any()]
   rows = 1 + bool(len(conflict[0])) + bool(norms)
-  fig, axes = plt.subplots(rows, 1, figsize=(8.5, 3.0 * rows + 0.4), sharex=True,
-                           squeeze=False)
+  fig, axes = plt.subplots(
+    rows, 1, figsize=(8.5, 3.0 * rows + 0.4), sharex=True, squeeze=False
+  )
   axes = list(axes[:, 0])
   ax = axes.pop(0)
   if len(pairs) <= 10:
@@ -386,8 +479,13 @@ def plot_grad_cos_lines(run, path: str) -> Optional[str]:
   ax.set_title(f"{run.label}: pairwise gradient cosine over training")
   if len(conflict[0]):
     ax = axes.pop(0)
-    ax.plot(conflict[0], conflict[1], color="tab:red", markersize=3,
-            marker="o" if len(conflict[0]) <= 40 else None)
+    ax.plot(
+      conflict[0],
+      conflict[1],
+      color="tab:red",
+      markersize=3,
+      marker="o" if len(conflict[0]) <= 40 else None,
+    )
     ax.set_ylim(-0.02, 1.02)
     ax.set_ylabel("conflicting pairs\n(fraction with cos < 0)")
   if norms:
@@ -413,8 +511,11 @@ def plot_weights(run, path: str) -> Optional[str]:
   flat = [c[2][np.isfinite(c[2])] for c in curves]
   if all(np.ptp(v) <= 1e-6 * max(1.0, np.abs(v).max()) for v in flat):
     values = sorted({f"{v[0]:g}" for v in flat})
-    what = (f"all {values[0]}" if len(values) == 1 else
-            ", ".join(f"{c[0]} {c[2][np.isfinite(c[2])][0]:g}" for c in curves))
+    what = (
+      f"all {values[0]}"
+      if len(values) == 1
+      else ", ".join(f"{c[0]} {c[2][np.isfinite(c[2])][0]:g}" for c in curves)
+    )
     return f"the task weights stay constant over training ({what}): nothing to plot."
   fig, ax = plt.subplots(figsize=(8.5, 4.2))
   for name, x, y in curves:
@@ -429,8 +530,12 @@ def plot_weights(run, path: str) -> Optional[str]:
 
 def plot_dynamics(run, path: str) -> Optional[str]:
   """Step time, tokens/s, learning rate and global gradient norm over steps."""
-  panels = [("timing/step_s", "step time (s)"), ("timing/tokens_per_s", "tokens / s"),
-            ("learning_rate", "learning rate"), ("grad_norm", "gradient norm (global)")]
+  panels = [
+    ("timing/step_s", "step time (s)"),
+    ("timing/tokens_per_s", "tokens / s"),
+    ("learning_rate", "learning rate"),
+    ("grad_norm", "gradient norm (global)"),
+  ]
   data = [(label, *run.series(key)) for key, label in panels]
   if not any(np.isfinite(y).any() for _, _, y in data):
     return "no step time, throughput, learning rate or gradient norm logged."
@@ -440,17 +545,33 @@ def plot_dynamics(run, path: str) -> Optional[str]:
       ax.plot(x, y, color="tab:blue", marker="o" if len(x) <= 25 else None, markersize=3)
       fin = y[np.isfinite(y)]
       if label.startswith("step") or label.startswith("tokens"):
-        ax.axhline(float(np.median(fin)), color="grey", linestyle="--", linewidth=0.9,
-                   label=f"median {np.median(fin):.4g}")
+        ax.axhline(
+          float(np.median(fin)),
+          color="grey",
+          linestyle="--",
+          linewidth=0.9,
+          label=f"median {np.median(fin):.4g}",
+        )
         ax.legend(loc="best", frameon=False)
     else:
-      ax.text(0.5, 0.5, "not logged", ha="center", va="center", transform=ax.transAxes,
-              color="grey")
+      ax.text(
+        0.5,
+        0.5,
+        "not logged",
+        ha="center",
+        va="center",
+        transform=ax.transAxes,
+        color="grey",
+      )
     ax.set_ylabel(label)
   for ax in axes[1]:
     _steps_axis(ax)
-  fig.suptitle(f"{run.label}: speed and optimisation (means over each log period)",
-               x=0.02, ha="left", fontsize=10)
+  fig.suptitle(
+    f"{run.label}: speed and optimisation (means over each log period)",
+    x=0.02,
+    ha="left",
+    fontsize=10,
+  )
   fig.tight_layout()
   _save(fig, path)
   return None
@@ -459,8 +580,14 @@ def plot_dynamics(run, path: str) -> Optional[str]:
 # ---- several runs ----------------------------------------------------------------------
 
 
-def _small_multiples(runs_, panels: List[Tuple[str, Callable]], path: str, title: str,
-                     ylabel: str, log_ok: bool) -> Optional[str]:
+def _small_multiples(
+  runs_,
+  panels: List[Tuple[str, Callable]],
+  path: str,
+  title: str,
+  ylabel: str,
+  log_ok: bool,
+) -> Optional[str]:
   """One panel per (name, run -> (x, y)), one line per run, a shared legend on top."""
   shown = panels[:_MAX_PANELS]
   have = [(name, [get(r) for r in runs_]) for name, get in shown]
@@ -469,21 +596,27 @@ def _small_multiples(runs_, panels: List[Tuple[str, Callable]], path: str, title
     return None
   ncol = min(4, len(have))
   nrow = math.ceil(len(have) / ncol)
-  fig, axes = plt.subplots(nrow, ncol, figsize=(3.4 * ncol + 0.4, 2.6 * nrow + 0.8),
-                           squeeze=False, layout="constrained")
+  fig, axes = plt.subplots(
+    nrow,
+    ncol,
+    figsize=(3.4 * ncol + 0.4, 2.6 * nrow + 0.8),
+    squeeze=False,
+    layout="constrained",
+  )
   handles = []
   for ax, (name, cs) in zip(axes.flat, have):
     for i, (x, y) in enumerate(cs):
       if len(x):
         (h,) = _line(ax, x, y, i, len(runs_), runs_[i].label, linewidth=1.3)
-        if len(handles) < len(runs_) and runs_[i].label not in [hh.get_label()
-                                                                 for hh in handles]:
+        if len(handles) < len(runs_) and runs_[i].label not in [
+          hh.get_label() for hh in handles
+        ]:
           handles.append(h)
     if log_ok and _use_log([c[1] for c in cs]):
       _log_y(ax)
     ax.set_title(name, fontsize=9)
     ax.tick_params(labelsize=7)
-  for ax in list(axes.flat)[len(have):]:
+  for ax in list(axes.flat)[len(have) :]:
     ax.set_visible(False)
   for ax in axes[-1]:
     ax.set_xlabel("training step")
@@ -492,9 +625,16 @@ def _small_multiples(runs_, panels: List[Tuple[str, Callable]], path: str, title
   handles.sort(key=lambda h: [r.label for r in runs_].index(h.get_label()))
   # The title goes on the legend: constrained layout stacks a suptitle onto an outside
   # legend.
-  title += (f" (first {_MAX_PANELS} of {len(panels)})" if len(panels) > _MAX_PANELS else "")
-  fig.legend(handles=handles, loc="outside upper center", ncol=min(len(handles), 6),
-             frameon=False, title=title, title_fontsize=11, fontsize=9)
+  title += f" (first {_MAX_PANELS} of {len(panels)})" if len(panels) > _MAX_PANELS else ""
+  fig.legend(
+    handles=handles,
+    loc="outside upper center",
+    ncol=min(len(handles), 6),
+    frameon=False,
+    title=title,
+    title_fontsize=11,
+    fontsize=9,
+  )
   _save(fig, path)
   return "ok"
 
@@ -507,24 +647,36 @@ def plot_overlay_train_loss(runs_, path: str, smooth: float = 0.0) -> Optional[s
     def f(r):
       x, y = r.series(key)
       return x, ema(y, smooth)
+
     return f
 
   panels = [("all tasks", get("loss"))] + [(t, get(f"loss/{t}")) for t in tasks]
-  if _small_multiples(runs_, panels, path, "training loss per task, by run",
-                      "loss (nats/token)", log_ok=True) is None:
+  if (
+    _small_multiples(
+      runs_,
+      panels,
+      path,
+      "training loss per task, by run",
+      "loss (nats/token)",
+      log_ok=True,
+    )
+    is None
+  ):
     return "none of the runs logged a training loss."
   return None
 
 
 def plot_overlay_eval(runs_, path: str) -> Optional[str]:
   """Primary eval metric per task (and their mean), one panel each, one line per run."""
-  tasks = runs_lib.union(*[[t for t in r.tasks if r.primary.get(t) not in (None, "loss")]
-                           for r in runs_])
+  tasks = runs_lib.union(
+    *[[t for t in r.tasks if r.primary.get(t) not in (None, "loss")] for r in runs_]
+  )
 
   def get(t):
     def f(r):
       m = r.primary.get(t)
       return r.series(f"eval/{t}/{m}") if m else (np.zeros(0), np.zeros(0))
+
     return f
 
   def metric(t):
@@ -536,8 +688,17 @@ def plot_overlay_eval(runs_, path: str) -> Optional[str]:
   counts = [len({int(x) for _, g in panels for x in g(r)[0]}) for r in runs_]
   if max(counts) == 1:  # Points on a time axis say little: bars of the one eval.
     return _grouped_bars(runs_, panels, path)
-  if _small_multiples(runs_, panels, path, "eval: primary metric per task, by run",
-                      "metric (%)", log_ok=False) is None:
+  if (
+    _small_multiples(
+      runs_,
+      panels,
+      path,
+      "eval: primary metric per task, by run",
+      "metric (%)",
+      log_ok=False,
+    )
+    is None
+  ):
     return "none of the runs has eval results yet."
   return None
 
@@ -554,8 +715,14 @@ def _grouped_bars(runs_, panels, path: str) -> Optional[str]:
     st = style(i, n)
     y = ypos + (n - 1 - 2 * i) * height / 2
     v = values[:, i]
-    ax.barh(y, np.where(np.isfinite(v), v, 0), height=height * 0.92, color=st["color"],
-            label=r.label if np.isfinite(v).any() else f"{r.label} (no eval)", alpha=0.85)
+    ax.barh(
+      y,
+      np.where(np.isfinite(v), v, 0),
+      height=height * 0.92,
+      color=st["color"],
+      label=r.label if np.isfinite(v).any() else f"{r.label} (no eval)",
+      alpha=0.85,
+    )
     for yy, vv in zip(y, v):
       if np.isfinite(vv):
         ax.text(vv, yy, f" {vv:.2f}", va="center", fontsize=7)
@@ -600,15 +767,20 @@ def plot_overlay_conflict(runs_, path: str) -> Optional[str]:
   for ax in axes:
     _steps_axis(ax)
   _legend_outside(axes[1], len(have), "run")
-  fig.suptitle("gradient conflict, by run (runs without per-task gradients are absent)",
-               x=0.02, ha="left", fontsize=10)
+  fig.suptitle(
+    "gradient conflict, by run (runs without per-task gradients are absent)",
+    x=0.02,
+    ha="left",
+    fontsize=10,
+  )
   fig.tight_layout()
   _save(fig, path)
   return None
 
 
-def write_figure(make: Callable[[str], Optional[str]], out_dir: str, name: str
-              ) -> Tuple[Optional[str], Optional[str]]:
+def write_figure(
+  make: Callable[[str], Optional[str]], out_dir: str, name: str
+) -> Tuple[Optional[str], Optional[str]]:
   """Runs ``make(path)``; returns (file name, None) or (None, reason)."""
   path = os.path.join(out_dir, name)
   try:

@@ -53,6 +53,7 @@ class Run:
     config_text: config.gin as written.
     notes: problems met while reading, one sentence each.
   """
+
   label: str
   path: str
   records: Dict[int, Dict[str, float]]
@@ -112,7 +113,9 @@ class Run:
     return m
 
   def grad_cos_steps(self) -> List[int]:
-    return [s for s, r in self.records.items() if any(k.startswith("grad_cos/") for k in r)]
+    return [
+      s for s, r in self.records.items() if any(k.startswith("grad_cos/") for k in r)
+    ]
 
 
 def is_lower_better(metric: str) -> bool:
@@ -125,11 +128,14 @@ def check_run_dir(path: str) -> None:
   if not os.path.isdir(path):
     raise UserError(f"{path} is not a directory; pass the MODEL_DIR of an mtx run.")
   markers = ("metrics.jsonl", "tasks.json", "config.gin")
-  if (not any(os.path.isfile(os.path.join(path, m)) for m in markers)
-      and not glob.glob(os.path.join(path, "eval", "step_*.json"))):
-    raise UserError(f"{path} is not an mtx run directory (it has no metrics.jsonl, "
-                    f"tasks.json, config.gin or eval/step_*.json); pass the MODEL_DIR "
-                    f"of an mtx run.")
+  if not any(os.path.isfile(os.path.join(path, m)) for m in markers) and not glob.glob(
+    os.path.join(path, "eval", "step_*.json")
+  ):
+    raise UserError(
+      f"{path} is not an mtx run directory (it has no metrics.jsonl, "
+      f"tasks.json, config.gin or eval/step_*.json); pass the MODEL_DIR "
+      f"of an mtx run."
+    )
 
 
 def load_run(path: str, label: Optional[str] = None) -> Run:
@@ -142,8 +148,13 @@ def load_run(path: str, label: Optional[str] = None) -> Run:
   primary = {}
   for ev in evals:  # Oldest first: the newest eval's view wins.
     _merge_eval(records, ev)
-    primary.update({t: m for t, m in (ev.get("primary") or {}).items()
-                    if isinstance(t, str) and isinstance(m, str)})
+    primary.update(
+      {
+        t: m
+        for t, m in (ev.get("primary") or {}).items()
+        if isinstance(t, str) and isinstance(m, str)
+      }
+    )
   records = dict(sorted(records.items()))
 
   mixture, tasks, groups = _read_tasks(path, notes)
@@ -151,29 +162,41 @@ def load_run(path: str, label: Optional[str] = None) -> Run:
   config = parse_gin_bindings(config_text)
   if not mixture:
     mixture = _unquote(config.get("MIXTURE_OR_TASK_NAME", "").split("=", 1)[-1])
-  run = Run(label=label or os.path.basename(os.path.normpath(path)), path=path,
-            records=records, tasks=[], groups=[], primary={}, eval_metrics={},
-            last_eval=None, mixture=mixture, config=config, config_text=config_text,
-            notes=notes)
+  run = Run(
+    label=label or os.path.basename(os.path.normpath(path)),
+    path=path,
+    records=records,
+    tasks=[],
+    groups=[],
+    primary={},
+    eval_metrics={},
+    last_eval=None,
+    mixture=mixture,
+    config=config,
+    config_text=config_text,
+    notes=notes,
+  )
 
   # Tasks and groups the metrics know of, after those of tasks.json.
   eval_metrics = {}
   for key in run.keys_with_prefix("eval/"):
     if key in _EVAL_SUMMARY_KEYS or key.count("/") < 2:
       continue
-    task, metric = key[len("eval/"):].rsplit("/", 1)
+    task, metric = key[len("eval/") :].rsplit("/", 1)
     if metric not in _NOT_METRICS and metric != "loss":
       eval_metrics.setdefault(task, []).append(metric)
     elif metric == "loss":
       eval_metrics.setdefault(task, [])
-  loss_tasks = [k[len("loss/"):] for k in run.keys_with_prefix("loss/")]
+  loss_tasks = [k[len("loss/") :] for k in run.keys_with_prefix("loss/")]
   run.tasks = union(tasks, loss_tasks, list(eval_metrics))
-  metric_groups = ([k[len("grad_norm/"):] for k in run.keys_with_prefix("grad_norm/")]
-                   + [k[len("mtl/weight/"):] for k in run.keys_with_prefix("mtl/weight/")])
+  metric_groups = [k[len("grad_norm/") :] for k in run.keys_with_prefix("grad_norm/")] + [
+    k[len("mtl/weight/") :] for k in run.keys_with_prefix("mtl/weight/")
+  ]
   run.groups = union(groups, metric_groups)
   run.eval_metrics = eval_metrics
-  run.primary = {t: primary.get(t) or ms[0] for t, ms in eval_metrics.items()
-                 if primary.get(t) or ms}
+  run.primary = {
+    t: primary.get(t) or ms[0] for t, ms in eval_metrics.items() if primary.get(t) or ms
+  }
   run.last_eval = _last_eval(run)
   return run
 
@@ -200,7 +223,11 @@ def _merge_by_step(lines: Sequence[Any], notes: List[str]) -> Dict[int, Dict[str
   skipped = 0
   for line in lines:
     step = line.get("step") if isinstance(line, dict) else None
-    if not isinstance(step, (int, float)) or isinstance(step, bool) or not math.isfinite(step):
+    if (
+      not isinstance(step, (int, float))
+      or isinstance(step, bool)
+      or not math.isfinite(step)
+    ):
       skipped += 1
       continue
     merged = records.setdefault(int(step), {})
@@ -208,7 +235,9 @@ def _merge_by_step(lines: Sequence[Any], notes: List[str]) -> Dict[int, Dict[str
       if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool):
         merged[k] = float(v)
   if skipped:
-    notes.append(f"{skipped} line(s) of metrics.jsonl without a numeric step were skipped.")
+    notes.append(
+      f"{skipped} line(s) of metrics.jsonl without a numeric step were skipped."
+    )
   return records
 
 
@@ -249,7 +278,11 @@ def _merge_eval(records: Dict[int, Dict[str, float]], ev: Dict[str, Any]) -> Non
     if not isinstance(metrics, dict):
       continue
     for metric, v in metrics.items():
-      if metric not in _NOT_METRICS and isinstance(v, (int, float)) and not isinstance(v, bool):
+      if (
+        metric not in _NOT_METRICS
+        and isinstance(v, (int, float))
+        and not isinstance(v, bool)
+      ):
         r.setdefault(f"eval/{task}/{metric}", float(v))
   summary = ev.get("summary") or {}
   for name in ("mean_primary", "delta_m"):
@@ -267,7 +300,9 @@ def _last_eval(run: Run) -> Optional[Dict[str, Any]]:
   r = run.records[step]
   tasks = {}
   for task, metrics in run.eval_metrics.items():
-    values = {m: r[f"eval/{task}/{m}"] for m in metrics + ["loss"] if f"eval/{task}/{m}" in r}
+    values = {
+      m: r[f"eval/{task}/{m}"] for m in metrics + ["loss"] if f"eval/{task}/{m}" in r
+    }
     if values:
       tasks[task] = values
   summary = {k.split("/", 1)[1]: r[k] for k in _EVAL_SUMMARY_KEYS if k in r}
@@ -287,8 +322,10 @@ def _read_tasks(path: str, notes: List[str]) -> Tuple[str, List[str], List[str]]
     groups = union([str(t.get("group", t["name"])) for t in entries])
     return str(data.get("mixture", "")), tasks, groups
   except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-    notes.append(f"tasks.json could not be read ({type(e).__name__}); task names come "
-                 f"from metrics.jsonl.")
+    notes.append(
+      f"tasks.json could not be read ({type(e).__name__}); task names come "
+      f"from metrics.jsonl."
+    )
     return "", [], []
 
 
@@ -377,9 +414,17 @@ def mtl_summary(config: Dict[str, str]) -> Tuple[str, List[str]]:
 
 def model_summary(config: Dict[str, str]) -> List[str]:
   """The model's and mixture's binding lines (T5Config.*, mixture, lengths, steps)."""
-  keep = ("MIXTURE_OR_TASK_NAME", "TASK_FEATURE_LENGTHS", "TRAIN_STEPS", "BATCH_SIZE",
-          "UNITS", "train.task_groups", "make_optimizer.name", "learning_rate_fn.name",
-          "learning_rate_fn.base_lr")
+  keep = (
+    "MIXTURE_OR_TASK_NAME",
+    "TASK_FEATURE_LENGTHS",
+    "TRAIN_STEPS",
+    "BATCH_SIZE",
+    "UNITS",
+    "train.task_groups",
+    "make_optimizer.name",
+    "learning_rate_fn.name",
+    "learning_rate_fn.base_lr",
+  )
   lines = [config[k] for k in keep if k in config]
   lines += [t for k, t in config.items() if k.startswith("T5Config.")]
   return lines
@@ -397,14 +442,18 @@ def train_steps(config: Dict[str, str]) -> Optional[int]:
 def ensure_runs(paths: Sequence[str], labels: Optional[Sequence[str]]) -> List[Run]:
   """Loads every run; labels default to directory names (made unique)."""
   if labels is not None and len(labels) != len(paths):
-    raise UserError(f"--labels has {len(labels)} name(s) for {len(paths)} run(s); give "
-                    f"one comma-separated label per MODEL_DIR.")
+    raise UserError(
+      f"--labels has {len(labels)} name(s) for {len(paths)} run(s); give "
+      f"one comma-separated label per MODEL_DIR."
+    )
   for p in paths:
     check_run_dir(p)
   runs = []
   used = set()
   for i, p in enumerate(paths):
-    label = labels[i] if labels else os.path.basename(os.path.normpath(os.path.abspath(p)))
+    label = (
+      labels[i] if labels else os.path.basename(os.path.normpath(os.path.abspath(p)))
+    )
     base, n = label, 2
     while label in used:
       label, n = f"{base} ({n})", n + 1

@@ -41,9 +41,24 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MTL_DIR = os.path.join(REPO, "gin_configs", "mtl")
 EVAL_GIN = os.path.join(REPO, "gin_configs", "runs", "eval.gin")
 # Plain sums first (the baseline), then loss weightings, then gradient methods.
-ORDER = ("sum", "mean", "static_weights", "uncertainty", "dwa", "rlw", "famo",
-         "gradnorm", "pcgrad", "mgda", "cagrad", "imtl_g", "gradvac", "nash_mtl",
-         "aligned_mtl", "upgrad")
+ORDER = (
+  "sum",
+  "mean",
+  "static_weights",
+  "uncertainty",
+  "dwa",
+  "rlw",
+  "famo",
+  "gradnorm",
+  "pcgrad",
+  "mgda",
+  "cagrad",
+  "imtl_g",
+  "gradvac",
+  "nash_mtl",
+  "aligned_mtl",
+  "upgrad",
+)
 NEEDS_SETTINGS = ("static_weights",)  # left out of the default list
 # Metric names where smaller is better (as mtx.eval.summary); percentages are not.
 LOWER_IS_BETTER = frozenset({"loss", "perplexity", "ter", "wer", "cer"})
@@ -67,6 +82,7 @@ class RunSummary:
     primary: task -> (primary metric name, value).
     step_s: median seconds per training step, or None if never logged.
   """
+
   step: int
   primary: Dict[str, Tuple[str, float]]
   step_s: Optional[float]
@@ -77,8 +93,11 @@ def newest_eval(run_dir: str) -> Optional[str]:
   d = os.path.join(run_dir, "eval")
   if not os.path.isdir(d):
     return None
-  steps = [int(m.group(1)) for m in map(re.compile(r"^step_(\d+)\.json$").match,
-                                        os.listdir(d)) if m]
+  steps = [
+    int(m.group(1))
+    for m in map(re.compile(r"^step_(\d+)\.json$").match, os.listdir(d))
+    if m
+  ]
   return os.path.join(d, f"step_{max(steps)}.json") if steps else None
 
 
@@ -112,10 +131,16 @@ def summarize(run_dir: str) -> Optional[RunSummary]:
     value = values.get(metric)
     if isinstance(value, (int, float)) and math.isfinite(value):
       primary[task] = (metric, float(value))
-  times = [r["timing/step_s"] for r in read_metrics_lines(run_dir)
-           if isinstance(r.get("timing/step_s"), (int, float))]
-  return RunSummary(step=int(record.get("step", -1)), primary=primary,
-                    step_s=statistics.median(times) if times else None)
+  times = [
+    r["timing/step_s"]
+    for r in read_metrics_lines(run_dir)
+    if isinstance(r.get("timing/step_s"), (int, float))
+  ]
+  return RunSummary(
+    step=int(record.get("step", -1)),
+    primary=primary,
+    step_s=statistics.median(times) if times else None,
+  )
 
 
 def mean_primary(s: RunSummary) -> Optional[float]:
@@ -148,8 +173,11 @@ def _fmt(x: Optional[float], spec: str) -> str:
   return "n/a" if x is None else format(x, spec)
 
 
-def build_table(runs: Sequence[Tuple[str, Optional[RunSummary]]],
-                baseline: str = "sum", notes: Sequence[str] = ()) -> str:
+def build_table(
+  runs: Sequence[Tuple[str, Optional[RunSummary]]],
+  baseline: str = "sum",
+  notes: Sequence[str] = (),
+) -> str:
   """The markdown table of an ablation.
 
   Args:
@@ -179,10 +207,13 @@ def build_table(runs: Sequence[Tuple[str, Optional[RunSummary]]],
       return None
     return min(present) if lower else max(present)
 
-  metric_of = {t: next(s.primary[t][0] for s in done.values() if t in s.primary)
-               for t in tasks}
-  best_task = [best([r[1][i] for r in rows], metric_of[t] in LOWER_IS_BETTER)
-               for i, t in enumerate(tasks)]
+  metric_of = {
+    t: next(s.primary[t][0] for s in done.values() if t in s.primary) for t in tasks
+  }
+  best_task = [
+    best([r[1][i] for r in rows], metric_of[t] in LOWER_IS_BETTER)
+    for i, t in enumerate(tasks)
+  ]
   best_mean = best([r[2] for r in rows])
   best_dm = best([r[3] for r in rows])
   best_time = best([r[4] for r in rows], lower=True)
@@ -191,25 +222,32 @@ def build_table(runs: Sequence[Tuple[str, Optional[RunSummary]]],
     text = _fmt(v, spec)
     return f"**{text}**" if v is not None and b is not None and v == b else text
 
-  header = (["method"] + tasks + ["mean primary", f"Δm% vs {baseline}", "step (s)"])
+  header = ["method"] + tasks + ["mean primary", f"Δm% vs {baseline}", "step (s)"]
   out = list(notes) + ([""] if notes else [])
   out.append("| " + " | ".join(header) + " |")
   out.append("|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|")
-  for (name, values, mean, dm, step_s) in rows:
+  for name, values, mean, dm, step_s in rows:
     if name not in done:
-      out.append("| " + " | ".join([f"{name} (no eval)"] + ["—"] * (len(header) - 1))
-                 + " |")
+      out.append(
+        "| " + " | ".join([f"{name} (no eval)"] + ["—"] * (len(header) - 1)) + " |"
+      )
       continue
     cells = [name] + [cell(v, b, ".1f") for v, b in zip(values, best_task)]
-    cells += [cell(mean, best_mean, ".2f"), cell(dm, best_dm, "+.2f"),
-              cell(step_s, best_time, ".3f")]
+    cells += [
+      cell(mean, best_mean, ".2f"),
+      cell(dm, best_dm, "+.2f"),
+      cell(step_s, best_time, ".3f"),
+    ]
     out.append("| " + " | ".join(cells) + " |")
   if tasks:
     out.append("")
-    out.append("Task columns: each task's primary metric on its eval split ("
-               + ", ".join(f"{t}: {metric_of[t]}" for t in tasks) + "). "
-               f"Δm%: mean relative change per task vs `{baseline}`, sign-adjusted "
-               "(Maninis et al. 2019). Step: median seconds per training step.")
+    out.append(
+      "Task columns: each task's primary metric on its eval split ("
+      + ", ".join(f"{t}: {metric_of[t]}" for t in tasks)
+      + "). "
+      f"Δm%: mean relative change per task vs `{baseline}`, sign-adjusted "
+      "(Maninis et al. 2019). Step: median seconds per training step."
+    )
   return "\n".join(out) + "\n"
 
 
@@ -218,7 +256,7 @@ def build_table(runs: Sequence[Tuple[str, Optional[RunSummary]]],
 
 def available_methods() -> List[str]:
   names = sorted(f[:-4] for f in os.listdir(MTL_DIR) if f.endswith(".gin"))
-  return ([m for m in ORDER if m in names] + [m for m in names if m not in ORDER])
+  return [m for m in ORDER if m in names] + [m for m in names if m not in ORDER]
 
 
 def choose_methods(spec: Optional[str]) -> List[str]:
@@ -229,8 +267,10 @@ def choose_methods(spec: Optional[str]) -> List[str]:
   methods = [m.strip() for m in spec.split(",") if m.strip()]
   unknown = [m for m in methods if m not in known]
   if unknown:
-    raise AblateError(f"Unknown method(s) {', '.join(unknown)} in --methods; choose from "
-                      f"{', '.join(known)} (the files in gin_configs/mtl/).")
+    raise AblateError(
+      f"Unknown method(s) {', '.join(unknown)} in --methods; choose from "
+      f"{', '.join(known)} (the files in gin_configs/mtl/)."
+    )
   return methods
 
 
@@ -247,10 +287,12 @@ def commands(method: str, run_dir: str, args, extra: Sequence[str]) -> Tuple[lis
     gin_files.append(f"--gin_file={EVAL_GIN}")
   log_period = args.log_period or max(1, min(100, args.steps // 10))
   common = gin_files + [
-      f"--gin.MODEL_DIR='{run_dir}'", f"--gin.TRAIN_STEPS={args.steps}",
-      f"--gin.LOG_PERIOD={log_period}",
-      # A few checkpoints, so that --resume continues an interrupted run.
-      f"--gin.CHECKPOINT_PERIOD={max(1, args.steps // 4)}"]
+    f"--gin.MODEL_DIR='{run_dir}'",
+    f"--gin.TRAIN_STEPS={args.steps}",
+    f"--gin.LOG_PERIOD={log_period}",
+    # A few checkpoints, so that --resume continues an interrupted run.
+    f"--gin.CHECKPOINT_PERIOD={max(1, args.steps // 4)}",
+  ]
   if os.path.exists(EVAL_GIN):
     common.append(f"--gin.EVAL_MAX_EXAMPLES={args.eval_max_examples or None}")
   common += list(extra)
@@ -271,8 +313,9 @@ def run_method(method: str, args, extra: Sequence[str]) -> Optional[str]:
     print(f"[ablate] {method}: done already, skipped (--resume)", flush=True)
     return None
   if os.path.isdir(run_dir) and os.listdir(run_dir) and not args.resume:
-    raise AblateError(f"{run_dir} already holds a run; pass --resume to reuse it or "
-                      "choose another --out.")
+    raise AblateError(
+      f"{run_dir} already holds a run; pass --resume to reuse it or choose another --out."
+    )
   os.makedirs(run_dir, exist_ok=True)
   log_path = os.path.join(os.path.abspath(args.out), "logs", f"{method}.log")
   os.makedirs(os.path.dirname(log_path), exist_ok=True)
@@ -284,8 +327,9 @@ def run_method(method: str, args, extra: Sequence[str]) -> Optional[str]:
         break  # the trainer evaluated its last step itself
       log.write("$ " + " ".join(cmd) + "\n")
       log.flush()
-      status = subprocess.run(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
-                              check=False).returncode
+      status = subprocess.run(
+        cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, check=False
+      ).returncode
       if status != 0:
         return f"{what} failed with status {status}; see {log_path}"
   if not finished(run_dir, args.steps):
@@ -296,27 +340,52 @@ def run_method(method: str, args, extra: Sequence[str]) -> Optional[str]:
 
 def _parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(
-      prog="ablate", description="Trains every mtl method on the demo mixture and "
-      "writes a markdown table of final eval metrics, Delta-m% and step time. Extra "
-      "--gin.NAME=VALUE flags go to every run.")
+    prog="ablate",
+    description="Trains every mtl method on the demo mixture and "
+    "writes a markdown table of final eval metrics, Delta-m% and step time. Extra "
+    "--gin.NAME=VALUE flags go to every run.",
+  )
   p.add_argument("--out", required=True, help="folder of the runs and ablation.md")
-  p.add_argument("--methods", default="",
-                 help="comma-separated gin_configs/mtl/ names (default: all but "
-                 "static_weights)")
-  p.add_argument("--steps", type=int, default=DEFAULT_STEPS,
-                 help="training steps per method (default %(default)s)")
-  p.add_argument("--gin_file", action="append", default=None,
-                 help="the run's gin file(s) (default gin_configs/demo.gin)")
-  p.add_argument("--eval_max_examples", type=int, default=DEFAULT_EVAL_EXAMPLES,
-                 help="first examples per task to evaluate; 0 = all "
-                 "(default %(default)s)")
-  p.add_argument("--log_period", type=int, default=0,
-                 help="steps between metrics lines (default steps/10, at most 100)")
+  p.add_argument(
+    "--methods",
+    default="",
+    help="comma-separated gin_configs/mtl/ names (default: all but static_weights)",
+  )
+  p.add_argument(
+    "--steps",
+    type=int,
+    default=DEFAULT_STEPS,
+    help="training steps per method (default %(default)s)",
+  )
+  p.add_argument(
+    "--gin_file",
+    action="append",
+    default=None,
+    help="the run's gin file(s) (default gin_configs/demo.gin)",
+  )
+  p.add_argument(
+    "--eval_max_examples",
+    type=int,
+    default=DEFAULT_EVAL_EXAMPLES,
+    help="first examples per task to evaluate; 0 = all (default %(default)s)",
+  )
+  p.add_argument(
+    "--log_period",
+    type=int,
+    default=0,
+    help="steps between metrics lines (default steps/10, at most 100)",
+  )
   p.add_argument("--baseline", default="sum", help="the Delta-m baseline method")
-  p.add_argument("--resume", action="store_true",
-                 help="skip finished methods, continue unfinished ones")
-  p.add_argument("--table_only", action="store_true",
-                 help="only rebuild the table from the run folders")
+  p.add_argument(
+    "--resume",
+    action="store_true",
+    help="skip finished methods, continue unfinished ones",
+  )
+  p.add_argument(
+    "--table_only",
+    action="store_true",
+    help="only rebuild the table from the run folders",
+  )
   p.add_argument("--python", default=sys.executable, help=argparse.SUPPRESS)
   return p
 
@@ -331,8 +400,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args.gin_file = args.gin_file or [os.path.join(REPO, "gin_configs", "demo.gin")]
     methods = choose_methods(args.methods)
     if args.baseline not in methods:
-      print(f"[ablate] note: the baseline '{args.baseline}' is not among the methods; "
-            "Delta-m% is left out unless its run exists in --out.", flush=True)
+      print(
+        f"[ablate] note: the baseline '{args.baseline}' is not among the methods; "
+        "Delta-m% is left out unless its run exists in --out.",
+        flush=True,
+      )
     errors = {}
     if not args.table_only:
       for method in methods:
@@ -342,16 +414,26 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
           print(f"[ablate] {method}: {error}", file=sys.stderr, flush=True)
     out = os.path.abspath(args.out)
     names = methods if args.baseline in methods else [args.baseline] + methods
-    runs = [(m, summarize(os.path.join(out, m))) for m in names
-            if m in methods or os.path.isdir(os.path.join(out, m))]
+    runs = [
+      (m, summarize(os.path.join(out, m)))
+      for m in names
+      if m in methods or os.path.isdir(os.path.join(out, m))
+    ]
     gin_names = " ".join(
-        f"--gin_file={os.path.relpath(f, REPO) if os.path.isabs(f) else f}"
-        for f in args.gin_file)
-    notes = [f"Ablation: {args.steps} steps per method from `{gin_names}` + "
-             "`gin_configs/mtl/<method>.gin`"
-             + (f", eval on the first {args.eval_max_examples} examples of each task"
-                if args.eval_max_examples else ", eval on every example")
-             + (f", extra flags `{' '.join(extra)}`" if extra else "") + "."]
+      f"--gin_file={os.path.relpath(f, REPO) if os.path.isabs(f) else f}"
+      for f in args.gin_file
+    )
+    notes = [
+      f"Ablation: {args.steps} steps per method from `{gin_names}` + "
+      "`gin_configs/mtl/<method>.gin`"
+      + (
+        f", eval on the first {args.eval_max_examples} examples of each task"
+        if args.eval_max_examples
+        else ", eval on every example"
+      )
+      + (f", extra flags `{' '.join(extra)}`" if extra else "")
+      + "."
+    ]
     table = build_table(runs, args.baseline, notes)
     os.makedirs(out, exist_ok=True)
     path = os.path.join(out, "ablation.md")

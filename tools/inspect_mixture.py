@@ -35,6 +35,7 @@ if _REPO not in sys.path:
 # pylint: disable=g-import-not-at-top
 from mtx.data import materialize, mixing, pipeline, registry
 from mtx.errors import UserError
+
 # pylint: enable=g-import-not-at-top
 
 # "No truncation" lengths, to read an example's untrimmed length.
@@ -43,27 +44,42 @@ _UNBOUNDED = 2**31 - 1
 
 def _parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(
-      prog="inspect_mixture",
-      description="Prints a mixture's tasks, rates, examples, lengths and packing.")
+    prog="inspect_mixture",
+    description="Prints a mixture's tasks, rates, examples, lengths and packing.",
+  )
   p.add_argument("name", help="registered seqio task or mixture name")
-  p.add_argument("--module", default="mixtures.demo",
-                 help="module(s) registering the name, comma-separated; '' for none")
+  p.add_argument(
+    "--module",
+    default="mixtures.demo",
+    help="module(s) registering the name, comma-separated; '' for none",
+  )
   p.add_argument("--split", default="train")
   p.add_argument("--inputs_length", type=int, default=32)
   p.add_argument("--targets_length", type=int, default=16)
   p.add_argument("--batch_size", type=int, default=32)
-  p.add_argument("--units", type=int, default=0,
-                 help="task-major units per batch; 0 for the flat layout")
-  p.add_argument("--examples", type=int, default=3,
-                 help="decoded examples shown per task")
-  p.add_argument("--batches", type=int, default=50,
-                 help="batches built to measure packing; 0 to skip")
+  p.add_argument(
+    "--units",
+    type=int,
+    default=0,
+    help="task-major units per batch; 0 for the flat layout",
+  )
+  p.add_argument(
+    "--examples", type=int, default=3, help="decoded examples shown per task"
+  )
+  p.add_argument(
+    "--batches", type=int, default=50, help="batches built to measure packing; 0 to skip"
+  )
   p.add_argument("--seed", type=int, default=0, help="data seed")
   p.add_argument("--rate_fn", default="mixture", choices=mixing.RATE_FNS)
   p.add_argument("--rate_maximum", type=float, default=None)
   p.add_argument("--rate_temperature", type=float, default=1.0)
-  p.add_argument("--task_group", action="append", default=[], metavar="PATTERN=GROUP",
-                 help="put tasks matching PATTERN (fnmatch) in GROUP; repeatable")
+  p.add_argument(
+    "--task_group",
+    action="append",
+    default=[],
+    metavar="PATTERN=GROUP",
+    help="put tasks matching PATTERN (fnmatch) in GROUP; repeatable",
+  )
   return p
 
 
@@ -72,8 +88,9 @@ def _task_groups(items: Sequence[str]) -> Optional[dict]:
   for item in items:
     pattern, sep, group = item.partition("=")
     if not sep or not pattern or not group:
-      raise UserError(f"--task_group '{item}' must look like PATTERN=GROUP, e.g. "
-                      "'glue_*=glue'.")
+      raise UserError(
+        f"--task_group '{item}' must look like PATTERN=GROUP, e.g. 'glue_*=glue'."
+      )
     groups[pattern] = group
   return groups or None
 
@@ -82,8 +99,7 @@ def _stats(lengths: np.ndarray) -> str:
   if lengths.size == 0:
     return "-"
   p50, p95 = np.percentile(lengths, [50, 95])
-  return (f"{int(lengths.min())}/{lengths.mean():.1f}/{p50:g}/{p95:g}/"
-          f"{int(lengths.max())}")
+  return f"{int(lengths.min())}/{lengths.mean():.1f}/{p50:g}/{p95:g}/{int(lengths.max())}"
 
 
 def _decode(vocabulary, ids: np.ndarray, limit: int = 100) -> str:
@@ -92,7 +108,7 @@ def _decode(vocabulary, ids: np.ndarray, limit: int = 100) -> str:
   except Exception:  # pylint: disable=broad-except
     text = str(ids.tolist())
   text = repr(text)
-  return text if len(text) <= limit else text[:limit - 3] + "..."
+  return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _read(task, split: str, lengths: dict) -> tuple:
@@ -116,7 +132,8 @@ def _segment_starts(seg: np.ndarray) -> np.ndarray:
   """Bool mask of the first token of every packed example, rows flattened."""
   seg = seg.reshape(-1, seg.shape[-1])
   return (seg > 0) & np.concatenate(
-      [np.ones_like(seg[:, :1], bool), seg[:, 1:] != seg[:, :-1]], axis=1)
+    [np.ones_like(seg[:, :1], bool), seg[:, 1:] != seg[:, :-1]], axis=1
+  )
 
 
 def _packing_report(pipe: pipeline.Pipeline, batches: int) -> List[str]:
@@ -141,30 +158,38 @@ def _packing_report(pipe: pipeline.Pipeline, batches: int) -> List[str]:
     if "unit_task" in b:
       units_per_group += np.bincount(b["unit_task"], minlength=pipe.spec.num_groups)
   lay = pipe.layout
-  kind = (f"task-major, {lay.units} units x {lay.rows_per_unit} rows" if lay.task_major
-          else "flat")
+  kind = (
+    f"task-major, {lay.units} units x {lay.rows_per_unit} rows"
+    if lay.task_major
+    else "flat"
+  )
   lines = [
-      f"packing over {batches} batches of {lay.batch_size} rows ({kind}), lengths "
-      f"{lay.inputs_length}/{lay.targets_length}:",
-      f"  packing efficiency: encoder {enc_tokens / max(enc_slots, 1):.1%} non-padding, "
-      f"decoder {dec_tokens / max(dec_slots, 1):.1%} non-padding",
-      f"  examples per row: {examples.sum() / max(rows, 1):.2f}   empty rows: "
-      f"{empty_rows} of {rows}",
-      "  realised shares per task (examples, target tokens) vs rate:",
-      f"    {'id':>3}  {'rate':>7}  {'examples':>8}  {'ex share':>8}  {'tok share':>9}  "
-      "task",
+    f"packing over {batches} batches of {lay.batch_size} rows ({kind}), lengths "
+    f"{lay.inputs_length}/{lay.targets_length}:",
+    f"  packing efficiency: encoder {enc_tokens / max(enc_slots, 1):.1%} non-padding, "
+    f"decoder {dec_tokens / max(dec_slots, 1):.1%} non-padding",
+    f"  examples per row: {examples.sum() / max(rows, 1):.2f}   empty rows: "
+    f"{empty_rows} of {rows}",
+    "  realised shares per task (examples, target tokens) vs rate:",
+    f"    {'id':>3}  {'rate':>7}  {'examples':>8}  {'ex share':>8}  {'tok share':>9}  "
+    "task",
   ]
   ex_share = examples / max(examples.sum(), 1)
   tok_share = tokens / max(tokens.sum(), 1)
   for t, ex in enumerate(pipe.examples):
-    lines.append(f"    {t:3d}  {pipe.rates[t]:7.4f}  {examples[t]:8d}  "
-                 f"{ex_share[t]:8.4f}  {tok_share[t]:9.4f}  {ex.name}")
+    lines.append(
+      f"    {t:3d}  {pipe.rates[t]:7.4f}  {examples[t]:8d}  "
+      f"{ex_share[t]:8.4f}  {tok_share[t]:9.4f}  {ex.name}"
+    )
   if lay.task_major:
-    lines.append("  units per group: " + ", ".join(
-        f"{g} {int(n)}" for g, n in zip(pipe.spec.group_names, units_per_group)))
+    lines.append(
+      "  units per group: "
+      + ", ".join(f"{g} {int(n)}" for g, n in zip(pipe.spec.group_names, units_per_group))
+    )
   epochs = pipe.epochs()
-  lines.append("  epochs consumed: " + ", ".join(
-      f"{name} {e:.3f}" for name, e in epochs.items()))
+  lines.append(
+    "  epochs consumed: " + ", ".join(f"{name} {e:.3f}" for name, e in epochs.items())
+  )
   return lines
 
 
@@ -172,9 +197,11 @@ def inspect(args: argparse.Namespace) -> str:
   """Builds the report; raises UserError for anything the user can fix."""
   registry.import_modules(args.module)
   lengths = pipeline.check_feature_lengths(
-      {"inputs": args.inputs_length, "targets": args.targets_length})
-  layout = pipeline.Layout(args.batch_size, args.units, lengths["inputs"],
-                           lengths["targets"])
+    {"inputs": args.inputs_length, "targets": args.targets_length}
+  )
+  layout = pipeline.Layout(
+    args.batch_size, args.units, lengths["inputs"], lengths["targets"]
+  )
   pipeline.check_layout(layout, 1)
   if args.examples < 0 or args.batches < 0:
     raise UserError("--examples and --batches must be >= 0.")
@@ -182,38 +209,49 @@ def inspect(args: argparse.Namespace) -> str:
   reads = [_read(task, args.split, lengths) for task in spec.tasks]
   examples = [r[0] for r in reads]
   # As pipeline.load computes them.
-  rates = mixing.compute_rates(args.rate_fn, spec.seqio_rates,
-                               [len(e) for e in examples], args.rate_maximum,
-                               args.rate_temperature)
+  rates = mixing.compute_rates(
+    args.rate_fn,
+    spec.seqio_rates,
+    [len(e) for e in examples],
+    args.rate_maximum,
+    args.rate_temperature,
+  )
   total = sum(len(e) for e in examples)
   width = max(len("group"), *(len(g) for g in spec.group_names))
   lines = [
-      f"{args.name}: {spec.num_tasks} task(s), {spec.num_groups} group(s), split "
-      f"'{args.split}', {total} examples, rate_fn '{args.rate_fn}', lengths "
-      f"{lengths['inputs']}/{lengths['targets']}",
-      "",
-      f"{'id':>3}  {'rate':>7}  {'seqio rate':>10}  {'examples':>8}  "
-      f"{'group':<{width}}  task",
+    f"{args.name}: {spec.num_tasks} task(s), {spec.num_groups} group(s), split "
+    f"'{args.split}', {total} examples, rate_fn '{args.rate_fn}', lengths "
+    f"{lengths['inputs']}/{lengths['targets']}",
+    "",
+    f"{'id':>3}  {'rate':>7}  {'seqio rate':>10}  {'examples':>8}  "
+    f"{'group':<{width}}  task",
   ]
   for t, (task, ex) in enumerate(zip(spec.tasks, examples)):
     group = spec.group_names[spec.group_of_task[t]]
-    lines.append(f"{t:3d}  {rates[t]:7.4f}  {spec.seqio_rates[t]:10.6g}  {len(ex):8d}  "
-                 f"{group:<{width}}  {task.name}")
+    lines.append(
+      f"{t:3d}  {rates[t]:7.4f}  {spec.seqio_rates[t]:10.6g}  {len(ex):8d}  "
+      f"{group:<{width}}  {task.name}"
+    )
   for t, (task, (ex, raw, truncated)) in enumerate(zip(spec.tasks, reads)):
     lines += ["", f"[{t}] {task.name}  rate {rates[t]:.4f}  examples {len(ex)}"]
     for key in ("inputs", "targets"):
       where = "" if truncated is not None else " (trimmed by the task's preprocessors)"
-      cut = (f"truncated at {lengths[key]}: {truncated[key]}" if truncated is not None
-             else "truncated: unknown")
-      lines.append(f"  {key:<7} tokens min/mean/p50/p95/max {_stats(raw[key])}{where}"
-                   f"  {cut}")
+      cut = (
+        f"truncated at {lengths[key]}: {truncated[key]}"
+        if truncated is not None
+        else "truncated: unknown"
+      )
+      lines.append(
+        f"  {key:<7} tokens min/mean/p50/p95/max {_stats(raw[key])}{where}  {cut}"
+      )
     if truncated is not None:
       lines.append(f"  examples truncated (either side): {ex.num_truncated}")
     vin = task.output_features["inputs"].vocabulary
     vtg = task.output_features["targets"].vocabulary
     for i in range(min(args.examples, len(ex))):
-      lines.append(f"  {_decode(vin, ex.inputs.get(i))} -> "
-                   f"{_decode(vtg, ex.targets.get(i))}")
+      lines.append(
+        f"  {_decode(vin, ex.inputs.get(i))} -> {_decode(vtg, ex.targets.get(i))}"
+      )
   if args.batches:
     pipe = pipeline.Pipeline(spec, examples, rates, layout, args.seed)
     lines += [""] + _packing_report(pipe, args.batches)
@@ -237,5 +275,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 if __name__ == "__main__":
   from absl import logging as absl_logging  # pylint: disable=g-import-not-at-top
+
   absl_logging.set_verbosity(absl_logging.ERROR)  # seqio's "not cached" notes.
   sys.exit(main())

@@ -42,29 +42,45 @@ for _p in (_REPO, _HERE):
   if _p not in sys.path:
     sys.path.insert(0, _p)
 
-import numpy as np  # pylint: disable=g-import-not-at-top
-
 # pylint: disable=g-import-not-at-top,wrong-import-position
 import _report_runs as runs_lib
+import numpy as np  # pylint: disable=g-import-not-at-top
+
 from mtx.errors import UserError
+
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
-_PLOTS_MISSING = ("tools/report.py needs matplotlib, which is not installed; run "
-                  "pip install \"mtx[report]\" (or pip install matplotlib) and try again.")
+_PLOTS_MISSING = (
+  "tools/report.py needs matplotlib, which is not installed; run "
+  'pip install "mtx[report]" (or pip install matplotlib) and try again.'
+)
 
 
 def _parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(
-      prog="report",
-      description="Writes PNG figures and an index.html for one or several mtx runs.")
-  p.add_argument("model_dirs", nargs="+", metavar="MODEL_DIR",
-                 help="run directories (MODEL_DIR of mtx train); several for an ablation")
-  p.add_argument("--out", default=None,
-                 help="output folder (default: FIRST_MODEL_DIR/report)")
-  p.add_argument("--labels", default=None,
-                 help="comma-separated run names, one per MODEL_DIR (default: folder names)")
-  p.add_argument("--smooth", type=float, default=0.0,
-                 help="EMA weight in [0, 1) for training-loss curves (0: none)")
+    prog="report",
+    description="Writes PNG figures and an index.html for one or several mtx runs.",
+  )
+  p.add_argument(
+    "model_dirs",
+    nargs="+",
+    metavar="MODEL_DIR",
+    help="run directories (MODEL_DIR of mtx train); several for an ablation",
+  )
+  p.add_argument(
+    "--out", default=None, help="output folder (default: FIRST_MODEL_DIR/report)"
+  )
+  p.add_argument(
+    "--labels",
+    default=None,
+    help="comma-separated run names, one per MODEL_DIR (default: folder names)",
+  )
+  p.add_argument(
+    "--smooth",
+    type=float,
+    default=0.0,
+    help="EMA weight in [0, 1) for training-loss curves (0: none)",
+  )
   return p
 
 
@@ -101,6 +117,8 @@ def comparison_rows(runs: Sequence[runs_lib.Run]) -> List[Row]:
   Eval values are those of each run's newest eval; train losses the newest finite value
   of each task's loss; step time and tokens/s medians over the logged periods.
   """
+  # long: the table's rows in the order they are shown, one short block each; the
+  # formatter's one argument per line makes it long.
   tasks = runs_lib.union(*[r.tasks for r in runs])
   rows: List[Row] = []
 
@@ -110,35 +128,70 @@ def comparison_rows(runs: Sequence[runs_lib.Run]) -> List[Row]:
     return r.last_eval["tasks"].get(task, {}).get(metric, math.nan)
 
   for t in tasks:
-    metrics = runs_lib.union(*[[r.primary[t]] for r in runs
-                               if r.primary.get(t) not in (None, "loss")])  # loss: below
+    metrics = runs_lib.union(
+      *[[r.primary[t]] for r in runs if r.primary.get(t) not in (None, "loss")]
+    )  # loss: below
     for m in metrics:
-      rows.append((f"eval {t} {m}", "pct", "min" if runs_lib.is_lower_better(m) else "max",
-                   [ev(r, t, m) if r.primary.get(t) == m else math.nan for r in runs]))
+      rows.append(
+        (
+          f"eval {t} {m}",
+          "pct",
+          "min" if runs_lib.is_lower_better(m) else "max",
+          [ev(r, t, m) if r.primary.get(t) == m else math.nan for r in runs],
+        )
+      )
   summaries = [r.last_eval["summary"] if r.last_eval else {} for r in runs]
   if any("mean_primary" in s for s in summaries):
-    rows.append(("eval mean of primaries", "pct", "max",
-                 [s.get("mean_primary", math.nan) for s in summaries]))
+    rows.append(
+      (
+        "eval mean of primaries",
+        "pct",
+        "max",
+        [s.get("mean_primary", math.nan) for s in summaries],
+      )
+    )
   if any(math.isfinite(s.get("delta_m", math.nan)) for s in summaries):
-    rows.append(("eval Δm % vs baseline", "pct", "max",
-                 [s.get("delta_m", math.nan) for s in summaries]))
+    rows.append(
+      (
+        "eval Δm % vs baseline",
+        "pct",
+        "max",
+        [s.get("delta_m", math.nan) for s in summaries],
+      )
+    )
   if any(r.last_eval for r in runs):
-    rows.append(("eval step", "int", None,
-                 [r.last_eval["step"] if r.last_eval else math.nan for r in runs]))
+    rows.append(
+      (
+        "eval step",
+        "int",
+        None,
+        [r.last_eval["step"] if r.last_eval else math.nan for r in runs],
+      )
+    )
   for t in tasks:
     if any(r.last_eval and "loss" in r.last_eval["tasks"].get(t, {}) for r in runs):
       rows.append((f"eval loss {t}", "g", "min", [ev(r, t, "loss") for r in runs]))
-  rows.append(("final train loss (all tasks)", "g", "min",
-               [r.last_finite("loss")[1] for r in runs]))
+  rows.append(
+    ("final train loss (all tasks)", "g", "min", [r.last_finite("loss")[1] for r in runs])
+  )
   for t in tasks:
-    rows.append((f"final train loss {t}", "g", "min",
-                 [r.last_finite(f"loss/{t}")[1] for r in runs]))
-  rows.append(("last logged step", "int", None,
-               [r.last_step if r.last_step is not None else math.nan for r in runs]))
-  rows.append(("step time (s, median)", "g", "min",
-               [_median(r, "timing/step_s") for r in runs]))
-  rows.append(("tokens / s (median)", "g", "max",
-               [_median(r, "timing/tokens_per_s") for r in runs]))
+    rows.append(
+      (f"final train loss {t}", "g", "min", [r.last_finite(f"loss/{t}")[1] for r in runs])
+    )
+  rows.append(
+    (
+      "last logged step",
+      "int",
+      None,
+      [r.last_step if r.last_step is not None else math.nan for r in runs],
+    )
+  )
+  rows.append(
+    ("step time (s, median)", "g", "min", [_median(r, "timing/step_s") for r in runs])
+  )
+  rows.append(
+    ("tokens / s (median)", "g", "max", [_median(r, "timing/tokens_per_s") for r in runs])
+  )
   return rows
 
 
@@ -183,8 +236,10 @@ def _table_html(runs: Sequence[runs_lib.Run], rows: Sequence[Row]) -> str:
   out = [f'<table class="ablation"><tr><th>quantity</th>{head}</tr>']
   for label, kind, goal, values in rows:
     best = _best(values, goal)
-    cells = "".join(f'<td{" class=best" if b else ""}>{_esc(fmt(v, kind))}</td>'
-                    for v, b in zip(values, best))
+    cells = "".join(
+      f"<td{' class=best' if b else ''}>{_esc(fmt(v, kind))}</td>"
+      for v, b in zip(values, best)
+    )
     arrow = {"min": " ↓", "max": " ↑"}.get(goal, "")
     out.append(f"<tr><td>{_esc(label)}{arrow}</td>{cells}</tr>")
   out.append("</table>")
@@ -198,8 +253,11 @@ def _eval_table_html(run: runs_lib.Run) -> str:
     return ""
   metrics = runs_lib.union(*[list(v) for v in ev["tasks"].values()])
   metrics = [m for m in metrics if m != "loss"] + (["loss"] if "loss" in metrics else [])
-  out = [f"<h3>Eval at step {ev['step']}</h3><table><tr><th>task</th>"
-         + "".join(f"<th>{_esc(m)}</th>" for m in metrics) + "</tr>"]
+  out = [
+    f"<h3>Eval at step {ev['step']}</h3><table><tr><th>task</th>"
+    + "".join(f"<th>{_esc(m)}</th>" for m in metrics)
+    + "</tr>"
+  ]
   for t in [t for t in run.tasks if t in ev["tasks"]]:
     cells = []
     for m in metrics:
@@ -209,17 +267,23 @@ def _eval_table_html(run: runs_lib.Run) -> str:
     out.append(f"<tr><td>{_esc(t)}</td>{''.join(cells)}</tr>")
   out.append("</table>")
   summary = ev["summary"]
-  parts = [f"{k} = {fmt(summary[k], 'pct')}" for k in ("mean_primary", "delta_m")
-           if k in summary]
-  out.append('<p class="note">* the primary metric of the task'
-             + (f"; {_esc(', '.join(parts))}" if parts else "") + ".</p>")
+  parts = [
+    f"{k} = {fmt(summary[k], 'pct')}" for k in ("mean_primary", "delta_m") if k in summary
+  ]
+  out.append(
+    '<p class="note">* the primary metric of the task'
+    + (f"; {_esc(', '.join(parts))}" if parts else "")
+    + ".</p>"
+  )
   return "\n".join(out)
 
 
 def _figure_html(name: Optional[str], reason: Optional[str], title: str) -> str:
   if name:
-    return (f'<figure><img src="{_esc(name)}" alt="{_esc(title)}">'
-            f"<figcaption>{_esc(title)}</figcaption></figure>")
+    return (
+      f'<figure><img src="{_esc(name)}" alt="{_esc(title)}">'
+      f"<figcaption>{_esc(title)}</figcaption></figure>"
+    )
   return f'<h3>{_esc(title)}</h3><p class="note">Not drawn: {_esc(reason)}</p>'
 
 
@@ -227,51 +291,81 @@ def _run_header_html(run: runs_lib.Run) -> str:
   method, mtl_lines = runs_lib.mtl_summary(run.config)
   steps = runs_lib.train_steps(run.config)
   last = run.last_step
-  progress = (f"last logged step {last}" if last is not None else "no metrics logged yet")
+  progress = f"last logged step {last}" if last is not None else "no metrics logged yet"
   if last is not None and steps:
-    progress += f" of TRAIN_STEPS = {steps}" + (" (in progress or stopped early)"
-                                                 if last < steps else "")
-  out = [f"<p><b>directory</b> {_esc(run.path)}<br><b>mixture</b> {_esc(run.mixture or '?')}"
-         f" ({len(run.tasks)} tasks: {_esc(', '.join(run.tasks))})<br>"
-         f"<b>mtl method</b> {_esc(method)}<br>{_esc(progress)}</p>"]
+    progress += f" of TRAIN_STEPS = {steps}" + (
+      " (in progress or stopped early)" if last < steps else ""
+    )
+  out = [
+    f"<p><b>directory</b> {_esc(run.path)}<br><b>mixture</b> {_esc(run.mixture or '?')}"
+    f" ({len(run.tasks)} tasks: {_esc(', '.join(run.tasks))})<br>"
+    f"<b>mtl method</b> {_esc(method)}<br>{_esc(progress)}</p>"
+  ]
   nonfinite = run.last_finite("nonfinite_steps")[1]
   if math.isfinite(nonfinite) and nonfinite > 0:
-    out.append(f'<p class="warn">{int(nonfinite)} step(s) had a non-finite loss or '
-               f"gradient (nonfinite_steps).</p>")
+    out.append(
+      f'<p class="warn">{int(nonfinite)} step(s) had a non-finite loss or '
+      f"gradient (nonfinite_steps).</p>"
+    )
   _, last_loss = run.series("loss")
   if last_loss.size and not np.isfinite(last_loss[-1]):
-    out.append('<p class="warn">The last logged loss is not finite: the run diverged.</p>')
+    out.append(
+      '<p class="warn">The last logged loss is not finite: the run diverged.</p>'
+    )
   for note in run.notes:
     out.append(f'<p class="warn">{_esc(note)}</p>')
   if mtl_lines:
     out.append("<h3>mtl configuration (config.gin)</h3>" + _pre(mtl_lines))
   model = runs_lib.model_summary(run.config)
   if model:
-    out.append("<details><summary>model, mixture and optimiser (config.gin)</summary>"
-               + _pre(model) + "</details>")
+    out.append(
+      "<details><summary>model, mixture and optimiser (config.gin)</summary>"
+      + _pre(model)
+      + "</details>"
+    )
   if run.config_text:
-    out.append("<details><summary>the whole operative config.gin</summary>"
-               f"<pre>{_esc(run.config_text)}</pre></details>")
+    out.append(
+      "<details><summary>the whole operative config.gin</summary>"
+      f"<pre>{_esc(run.config_text)}</pre></details>"
+    )
   return "\n".join(out)
 
 
 def _run_figures(plots, run, i: int, out_dir: str, smooth: float, warn) -> List[str]:
   """Writes one run's PNGs; returns their HTML."""
   figures = [
-      ("train_loss", "Training loss per task",
-       lambda p: plots.plot_train_loss(run, p, smooth)),
-      ("eval", "Evaluation per task: primary metric, eval loss",
-       lambda p: plots.plot_eval(run, p)),
-      ("grad_cos", "Gradient cosine between tasks, last logged step",
-       lambda p: plots.plot_grad_cos_heatmap(run, p)),
-      ("grad_cos_strip", "Gradient cosine over training (heatmaps at several steps)",
-       lambda p: plots.plot_grad_cos_strip(run, p)),
-      ("grad_cos_lines", "Gradient cosine per pair, conflicting fraction and per-task "
-       "gradient norm over steps", lambda p: plots.plot_grad_cos_lines(run, p)),
-      ("weights", "Task weights of the mtl method",
-       lambda p: plots.plot_weights(run, p)),
-      ("dynamics", "Step time, throughput, learning rate and gradient norm",
-       lambda p: plots.plot_dynamics(run, p)),
+    (
+      "train_loss",
+      "Training loss per task",
+      lambda p: plots.plot_train_loss(run, p, smooth),
+    ),
+    (
+      "eval",
+      "Evaluation per task: primary metric, eval loss",
+      lambda p: plots.plot_eval(run, p),
+    ),
+    (
+      "grad_cos",
+      "Gradient cosine between tasks, last logged step",
+      lambda p: plots.plot_grad_cos_heatmap(run, p),
+    ),
+    (
+      "grad_cos_strip",
+      "Gradient cosine over training (heatmaps at several steps)",
+      lambda p: plots.plot_grad_cos_strip(run, p),
+    ),
+    (
+      "grad_cos_lines",
+      "Gradient cosine per pair, conflicting fraction and per-task "
+      "gradient norm over steps",
+      lambda p: plots.plot_grad_cos_lines(run, p),
+    ),
+    ("weights", "Task weights of the mtl method", lambda p: plots.plot_weights(run, p)),
+    (
+      "dynamics",
+      "Step time, throughput, learning rate and gradient norm",
+      lambda p: plots.plot_dynamics(run, p),
+    ),
   ]
   out = []
   for key, title, make in figures:
@@ -280,43 +374,70 @@ def _run_figures(plots, run, i: int, out_dir: str, smooth: float, warn) -> List[
       warn(f"{run.label}: {title}: {reason}")
     if key == "grad_cos_strip" and not name and reason and "one step" not in reason:
       continue  # Same reason as the heatmap: say it once.
-    if key == "grad_cos_lines" and not name and reason and reason.startswith("no pairwise"):
+    if (
+      key == "grad_cos_lines" and not name and reason and reason.startswith("no pairwise")
+    ):
       continue
     out.append(_figure_html(name, reason, title))
   return out
 
 
-def build_report(runs: Sequence[runs_lib.Run], out_dir: str, smooth: float = 0.0,
-                 warn=lambda msg: None) -> str:
+def build_report(
+  runs: Sequence[runs_lib.Run], out_dir: str, smooth: float = 0.0, warn=lambda msg: None
+) -> str:
   """Writes every figure and index.html into ``out_dir``; returns the HTML's path."""
+  # long: the report's figures and page in the order they are shown, one call each;
+  # the formatter's one argument per line makes it long.
   import _report_plots as plots  # pylint: disable=g-import-not-at-top
+
   os.makedirs(out_dir, exist_ok=True)
   several = len(runs) > 1
-  title = (f"mtx report: {runs[0].label}" if not several else
-           f"mtx report: {len(runs)} runs ({', '.join(r.label for r in runs)})")
-  body = [f"<h1>{_esc(title)}</h1>",
-          f'<p class="note">Written {datetime.datetime.now():%Y-%m-%d %H:%M} by '
-          f"tools/report.py. Losses are token cross-entropy (nats/token), means over each "
-          f"log period; eval metrics are in percent.</p>"]
+  title = (
+    f"mtx report: {runs[0].label}"
+    if not several
+    else f"mtx report: {len(runs)} runs ({', '.join(r.label for r in runs)})"
+  )
+  body = [
+    f"<h1>{_esc(title)}</h1>",
+    f'<p class="note">Written {datetime.datetime.now():%Y-%m-%d %H:%M} by '
+    f"tools/report.py. Losses are token cross-entropy (nats/token), means over each "
+    f"log period; eval metrics are in percent.</p>",
+  ]
   if several:
     body.append("<h2>Ablation</h2>")
-    body.append("<h3>Side by side</h3>"
-                '<p class="note">Best value of each row in green (↑ higher is better, '
-                "↓ lower is better); – where a run has no value.</p>")
+    body.append(
+      "<h3>Side by side</h3>"
+      '<p class="note">Best value of each row in green (↑ higher is better, '
+      "↓ lower is better); – where a run has no value.</p>"
+    )
     body.append(_table_html(runs, comparison_rows(runs)))
-    methods = "".join(f'<tr><td><a href="#run{i}">{_esc(r.label)}</a></td>'
-                      f"<td>{_esc(runs_lib.mtl_summary(r.config)[0])}</td>"
-                      f"<td>{_esc(r.mixture or '?')}</td><td>{_esc(r.path)}</td></tr>"
-                      for i, r in enumerate(runs))
-    body.append("<h3>Runs</h3><table><tr><th>run</th><th>mtl method</th><th>mixture</th>"
-                f"<th>directory</th></tr>{methods}</table>")
+    methods = "".join(
+      f'<tr><td><a href="#run{i}">{_esc(r.label)}</a></td>'
+      f"<td>{_esc(runs_lib.mtl_summary(r.config)[0])}</td>"
+      f"<td>{_esc(r.mixture or '?')}</td><td>{_esc(r.path)}</td></tr>"
+      for i, r in enumerate(runs)
+    )
+    body.append(
+      "<h3>Runs</h3><table><tr><th>run</th><th>mtl method</th><th>mixture</th>"
+      f"<th>directory</th></tr>{methods}</table>"
+    )
     for key, t, make in [
-        ("ablation_train_loss", "Training loss per task, one line per run",
-         lambda p: plots.plot_overlay_train_loss(runs, p, smooth)),
-        ("ablation_eval", "Primary eval metric per task, one line per run",
-         lambda p: plots.plot_overlay_eval(runs, p)),
-        ("ablation_conflict", "Gradient conflict per run",
-         lambda p: plots.plot_overlay_conflict(runs, p))]:
+      (
+        "ablation_train_loss",
+        "Training loss per task, one line per run",
+        lambda p: plots.plot_overlay_train_loss(runs, p, smooth),
+      ),
+      (
+        "ablation_eval",
+        "Primary eval metric per task, one line per run",
+        lambda p: plots.plot_overlay_eval(runs, p),
+      ),
+      (
+        "ablation_conflict",
+        "Gradient conflict per run",
+        lambda p: plots.plot_overlay_conflict(runs, p),
+      ),
+    ]:
       name, reason = plots.write_figure(make, out_dir, f"{key}.png")
       if reason and reason.startswith("this figure failed"):
         warn(f"{t}: {reason}")
@@ -326,9 +447,12 @@ def build_report(runs: Sequence[runs_lib.Run], out_dir: str, smooth: float = 0.0
     body.append(_run_header_html(run))
     body.append(_eval_table_html(run))
     body.extend(_run_figures(plots, run, i, out_dir, smooth, warn))
-  page = ("<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\">"
-          f"<title>{_esc(title)}</title><style>{_CSS}</style></head><body>\n"
-          + "\n".join(b for b in body if b) + "\n</body></html>\n")
+  page = (
+    '<!DOCTYPE html>\n<html><head><meta charset="utf-8">'
+    f"<title>{_esc(title)}</title><style>{_CSS}</style></head><body>\n"
+    + "\n".join(b for b in body if b)
+    + "\n</body></html>\n"
+  )
   path = os.path.join(out_dir, "index.html")
   tmp = path + ".tmp"
   with open(tmp, "w", encoding="utf-8") as f:

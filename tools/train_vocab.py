@@ -68,17 +68,32 @@ The software update fixed several bugs, improved performance and added support f
 """
 
 
-def _train(prefix: str, vocab_size: int, input_files: Sequence[str] = (),
-           sentences: Optional[Iterable[str]] = None) -> None:
+def _train(
+  prefix: str,
+  vocab_size: int,
+  input_files: Sequence[str] = (),
+  sentences: Optional[Iterable[str]] = None,
+) -> None:
   """Trains ``<prefix>.model`` and ``<prefix>.vocab``; see the module docstring."""
   options = dict(
-      model_prefix=prefix, vocab_size=vocab_size, model_type="unigram",
-      byte_fallback=True, character_coverage=1.0, split_digits=False,
-      pad_id=vocab.PAD_ID, eos_id=vocab.EOS_ID, unk_id=vocab.UNK_ID, bos_id=-1,
-      # Determinism: one thread, every sentence, in file order.
-      num_threads=1, input_sentence_size=0, shuffle_input_sentence=False,
-      # Small corpora cannot always fill vocab_size; take what they support.
-      hard_vocab_limit=False, minloglevel=2)
+    model_prefix=prefix,
+    vocab_size=vocab_size,
+    model_type="unigram",
+    byte_fallback=True,
+    character_coverage=1.0,
+    split_digits=False,
+    pad_id=vocab.PAD_ID,
+    eos_id=vocab.EOS_ID,
+    unk_id=vocab.UNK_ID,
+    bos_id=-1,
+    # Determinism: one thread, every sentence, in file order.
+    num_threads=1,
+    input_sentence_size=0,
+    shuffle_input_sentence=False,
+    # Small corpora cannot always fill vocab_size; take what they support.
+    hard_vocab_limit=False,
+    minloglevel=2,
+  )
   spm.set_random_generator_seed(_SEED)
   if sentences is not None:
     spm.SentencePieceTrainer.train(sentence_iterator=iter(sentences), **options)
@@ -89,10 +104,11 @@ def _train(prefix: str, vocab_size: int, input_files: Sequence[str] = (),
 def demo_sentences() -> List[str]:
   """The text the shipped demo vocabulary is trained on."""
   from mixtures import demo  # pylint: disable=g-import-not-at-top
+
   return list(demo.demo_texts()) + GENERAL_ENGLISH.splitlines()
 
 
-def build_demo_vocab(prefix: str = vocab.DEFAULT_SPM_PATH[:-len(".model")]) -> None:
+def build_demo_vocab(prefix: str = vocab.DEFAULT_SPM_PATH[: -len(".model")]) -> None:
   """Regenerates the shipped demo vocabulary (``mtx/data/assets/mtx_demo.*``)."""
   if not os.path.exists(vocab.DEFAULT_SPM_PATH):
     # mixtures.demo loads the shipped model on import; a fresh checkout without it
@@ -104,17 +120,30 @@ def build_demo_vocab(prefix: str = vocab.DEFAULT_SPM_PATH[:-len(".model")]) -> N
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--input", nargs="+", default=None,
-                      help="local text files, one sentence per line (default: the demo text)")
-  parser.add_argument("--vocab_size", type=int, default=DEMO_VOCAB_SIZE,
-                      help="pieces including 256 byte pieces and pad/eos/unk")
-  parser.add_argument("--model_prefix", default=None,
-                      help="writes PREFIX.model and PREFIX.vocab (default: the shipped demo path)")
+  parser.add_argument(
+    "--input",
+    nargs="+",
+    default=None,
+    help="local text files, one sentence per line (default: the demo text)",
+  )
+  parser.add_argument(
+    "--vocab_size",
+    type=int,
+    default=DEMO_VOCAB_SIZE,
+    help="pieces including 256 byte pieces and pad/eos/unk",
+  )
+  parser.add_argument(
+    "--model_prefix",
+    default=None,
+    help="writes PREFIX.model and PREFIX.vocab (default: the shipped demo path)",
+  )
   args = parser.parse_args(argv)
   try:
     if args.vocab_size < 300:
-      raise UserError(f"--vocab_size {args.vocab_size} is too small for 256 byte pieces "
-                      f"plus pad/eos/unk; pass at least 300.")
+      raise UserError(
+        f"--vocab_size {args.vocab_size} is too small for 256 byte pieces "
+        f"plus pad/eos/unk; pass at least 300."
+      )
     if args.input is None:
       if args.model_prefix is None:
         build_demo_vocab()
@@ -124,11 +153,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     else:
       for path in args.input:
         if not os.path.isfile(path):
-          raise UserError(f"Input file {path} passed to --input does not exist; pass "
-                          f"local text files.")
+          raise UserError(
+            f"Input file {path} passed to --input does not exist; pass local text files."
+          )
       if args.model_prefix is None:
-        raise UserError("--model_prefix is required with --input (refusing to overwrite "
-                        "the shipped demo vocabulary); pass e.g. --model_prefix out/spm.")
+        raise UserError(
+          "--model_prefix is required with --input (refusing to overwrite "
+          "the shipped demo vocabulary); pass e.g. --model_prefix out/spm."
+        )
       os.makedirs(os.path.dirname(os.path.abspath(args.model_prefix)), exist_ok=True)
       _train(args.model_prefix, args.vocab_size, input_files=args.input)
   except UserError as e:

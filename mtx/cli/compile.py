@@ -40,13 +40,18 @@ def _step_bindings(names: frozenset) -> dict:
       out[name] = copy.deepcopy(value)  # evaluates @references and %MACROS
     except Exception as e:  # pylint: disable=broad-except
       if name == "learning_rate":
-        log.info("The learning rate schedule could not be built (%s); compiling with a "
-                 "constant one (the same program).", " ".join(str(e).split()))
+        log.info(
+          "The learning rate schedule could not be built (%s); compiling with a "
+          "constant one (the same program).",
+          " ".join(str(e).split()),
+        )
         out[name] = 1e-3
         continue
-      raise UserError(f"Setting train.{name} could not be evaluated "
-                      f"({' '.join(str(e).split())[:300]}); set it for mtx compile as "
-                      "for mtx train.") from e
+      raise UserError(
+        f"Setting train.{name} could not be evaluated "
+        f"({' '.join(str(e).split())[:300]}); set it for mtx compile as "
+        "for mtx train."
+      ) from e
   return out
 
 
@@ -54,8 +59,9 @@ def _fields(cls) -> frozenset:
   return frozenset(f.name for f in dataclasses.fields(cls))
 
 
-def compile_train(num_devices: int = 0, device_memory_gib: float = 0.0,
-                  num_processes: int = 1) -> compile_lib.CompileReport:
+def compile_train(
+  num_devices: int = 0, device_memory_gib: float = 0.0, num_processes: int = 1
+) -> compile_lib.CompileReport:
   """``mtx compile`` (gin_configs/runs/compile.gin).
 
   Args:
@@ -70,11 +76,14 @@ def compile_train(num_devices: int = 0, device_memory_gib: float = 0.0,
   data_names = _fields(settings_lib.DataSettings)
   step_names = _fields(settings_lib.StepSettings)
   bindings = _step_bindings(data_names | step_names)
-  data = settings_lib.DataSettings(**{k: v for k, v in bindings.items()
-                                      if k in data_names})
-  settings = settings_lib.StepSettings(**{k: v for k, v in bindings.items()
-                                          if k in step_names})
+  data = settings_lib.DataSettings(
+    **{k: v for k, v in bindings.items() if k in data_names}
+  )
+  settings = settings_lib.StepSettings(
+    **{k: v for k, v in bindings.items() if k in step_names}
+  )
   registry.import_modules(data.mixture_or_task_module, data.vocabulary_path)
-  build = build_lib.build_train_step(data, settings,
-                                     num_shards=data.data_shards or num_processes)
+  build = build_lib.build_train_step(
+    data, settings, num_shards=data.data_shards or num_processes
+  )
   return compile_lib.compile_step(build, device_memory_gib)

@@ -19,7 +19,6 @@ from typing import Mapping, Optional, Sequence
 
 import jax
 
-from mtx.runtime import params as params_lib
 from mtx import parallel
 from mtx.data import pipeline as data_pipeline
 from mtx.data import registry
@@ -27,6 +26,7 @@ from mtx.eval import results
 from mtx.eval.evaluator import EvalOptions, Evaluator
 from mtx.model import T5Config
 from mtx.runtime import checkpoint, metrics_writer
+from mtx.runtime import params as params_lib
 
 log = logging.getLogger("mtx")
 
@@ -34,14 +34,17 @@ log = logging.getLogger("mtx")
 @dataclasses.dataclass
 class EvalReport:
   """What ``mtx eval`` did: the step, where it wrote, and the results object."""
+
   step: int
   path: str
   record: dict
 
   def __str__(self) -> str:
     s = self.record["summary"]
-    line = (f"Evaluated step {self.step} on {len(self.record['tasks'])} tasks "
-            f"({self.record['split']}): mean primary {s['mean_primary']:.2f}")
+    line = (
+      f"Evaluated step {self.step} on {len(self.record['tasks'])} tasks "
+      f"({self.record['split']}): mean primary {s['mean_primary']:.2f}"
+    )
     if s["baseline"]:
       delta = "n/a" if s["delta_m"] is None else f"{s['delta_m']:+.2f}%"
       line += f", delta_m {delta} vs {s['baseline']}"
@@ -60,21 +63,23 @@ def find_checkpoint_step(model_dir: str, step: Optional[int] = None) -> int:
   return int(state_dir.parent.name)
 
 
-def evaluate(*,
-             model_dir: str,
-             mixture_or_task_name: str,
-             task_feature_lengths: Mapping[str, int],
-             mixture_or_task_module: Optional[str] = None,
-             vocabulary_path: Optional[str] = None,
-             model_config: T5Config = T5Config(),
-             options: EvalOptions = EvalOptions(),
-             checkpoint_step: Optional[int] = None,
-             mesh_shape: Optional[Mapping[str, int]] = None,
-             logical_axis_rules: Sequence = parallel.DEFAULT_RULES,
-             tensorboard: bool = True,
-             print_table: bool = True,
-             devices: Optional[Sequence[jax.Device]] = None,
-             predictor=None) -> EvalReport:
+def evaluate(
+  *,
+  model_dir: str,
+  mixture_or_task_name: str,
+  task_feature_lengths: Mapping[str, int],
+  mixture_or_task_module: Optional[str] = None,
+  vocabulary_path: Optional[str] = None,
+  model_config: T5Config = T5Config(),
+  options: EvalOptions = EvalOptions(),
+  checkpoint_step: Optional[int] = None,
+  mesh_shape: Optional[Mapping[str, int]] = None,
+  logical_axis_rules: Sequence = parallel.DEFAULT_RULES,
+  tensorboard: bool = True,
+  print_table: bool = True,
+  devices: Optional[Sequence[jax.Device]] = None,
+  predictor=None,
+) -> EvalReport:
   """Evaluates MODEL_DIR's checkpoint; see the module docstring and runs/eval.gin.
 
   Args:
@@ -97,17 +102,32 @@ def evaluate(*,
   mesh = parallel.make_mesh(mesh_shape, devices)
   rules = tuple(logical_axis_rules)
   model, params, shardings = params_lib.load_trained(
-      model_config, spec.vocabulary.vocab_size, mesh, rules,
-      os.path.join(model_dir, str(step)), lengths["inputs"], lengths["targets"],
-      what="MODEL_DIR")
-  evaluator = Evaluator(model, mesh, rules, shardings, mixture_or_task_name, lengths,
-                        options, predictor=predictor)
+    model_config,
+    spec.vocabulary.vocab_size,
+    mesh,
+    rules,
+    os.path.join(model_dir, str(step)),
+    lengths["inputs"],
+    lengths["targets"],
+    what="MODEL_DIR",
+  )
+  evaluator = Evaluator(
+    model,
+    mesh,
+    rules,
+    shardings,
+    mixture_or_task_name,
+    lengths,
+    options,
+    predictor=predictor,
+  )
   try:
     result = evaluator.evaluate(params, step)
   finally:
     evaluator.close()
-  writer = metrics_writer.MetricsWriter(model_dir, tensorboard=tensorboard,
-                                        is_primary=jax.process_index() == 0)
+  writer = metrics_writer.MetricsWriter(
+    model_dir, tensorboard=tensorboard, is_primary=jax.process_index() == 0
+  )
   try:
     record = results.write_results(model_dir, result, writer, options.baseline_dir)
   finally:

@@ -41,7 +41,6 @@ import jax
 import seqio
 import tensorflow as tf
 
-from mtx.runtime import params as params_lib
 from mtx import parallel
 from mtx.data import pipeline as data_pipeline
 from mtx.data import registry
@@ -49,8 +48,9 @@ from mtx.errors import UserError, close_names
 from mtx.infer import decoding
 from mtx.infer.predict import Predictor
 from mtx.model import T5Config
-from mtx.runtime import metrics_writer, progress as progress_lib
-
+from mtx.runtime import metrics_writer
+from mtx.runtime import params as params_lib
+from mtx.runtime import progress as progress_lib
 
 log = logging.getLogger("mtx")
 
@@ -65,6 +65,7 @@ _OUTPUT_FIELDS = ("inputs", "prediction", "score")
 @dataclasses.dataclass
 class InferResult:
   """What ``mtx infer`` did; ``str()`` is the line the CLI prints."""
+
   count: int
   path: str
   task: str
@@ -77,8 +78,9 @@ class InferResult:
 # ---- reading inputs -------------------------------------------------------------------
 
 
-def read_records(path: str, input_format: str = "auto",
-                 stdin: Optional[TextIO] = None) -> list:
+def read_records(
+  path: str, input_format: str = "auto", stdin: Optional[TextIO] = None
+) -> list:
   """The inputs as a list of dicts: text lines become ``{"inputs": line}``.
 
   Args:
@@ -92,15 +94,19 @@ def read_records(path: str, input_format: str = "auto",
       object (with its line number).
   """
   if input_format not in FORMATS:
-    raise UserError(f"INFER_INPUT_FORMAT {input_format!r} is not one of {FORMATS}; "
-                    "set it to one of them.")
+    raise UserError(
+      f"INFER_INPUT_FORMAT {input_format!r} is not one of {FORMATS}; "
+      "set it to one of them."
+    )
   if path == "-":
     text = (stdin if stdin is not None else sys.stdin).read()
     where = "stdin"
   else:
     if not os.path.isfile(path):
-      raise UserError(f"INFER_INPUT {path} does not exist; point it at a text or JSONL "
-                      "file of inputs (or '-' for stdin).")
+      raise UserError(
+        f"INFER_INPUT {path} does not exist; point it at a text or JSONL "
+        "file of inputs (or '-' for stdin)."
+      )
     with open(path, encoding="utf-8") as f:
       text = f.read()
     where = path
@@ -110,7 +116,7 @@ def read_records(path: str, input_format: str = "auto",
       first = next((line for line in lines if line.strip()), "")
       input_format = "jsonl" if first.lstrip().startswith("{") else "text"
     else:
-      input_format = ("jsonl" if path.lower().endswith(_JSONL_EXTENSIONS) else "text")
+      input_format = "jsonl" if path.lower().endswith(_JSONL_EXTENSIONS) else "text"
   if input_format == "text":
     return [{"inputs": line} for line in lines]
   records = []
@@ -120,12 +126,16 @@ def read_records(path: str, input_format: str = "auto",
     try:
       record = json.loads(line)
     except json.JSONDecodeError as e:
-      raise UserError(f"Line {number} of {where} is not valid JSON ({e.msg}); write "
-                      "one JSON object per line.") from e
+      raise UserError(
+        f"Line {number} of {where} is not valid JSON ({e.msg}); write "
+        "one JSON object per line."
+      ) from e
     if not isinstance(record, dict):
-      raise UserError(f"Line {number} of {where} is a JSON {type(record).__name__}, "
-                      "not an object; write one object with an \"inputs\" field per "
-                      "line.")
+      raise UserError(
+        f"Line {number} of {where} is a JSON {type(record).__name__}, "
+        'not an object; write one object with an "inputs" field per '
+        "line."
+      )
     record["_line"] = number
     records.append(record)
   return records
@@ -143,20 +153,28 @@ def _is_tokenizer(prep: Any) -> bool:
 
 def split_preprocessors(task: seqio.Task) -> tuple:
   """(text preprocessors, the rest from tokenization on), cache placeholders dropped."""
-  preps = [p for p in task.preprocessors
-           if not isinstance(p, seqio.CacheDatasetPlaceholder)]
+  preps = [
+    p for p in task.preprocessors if not isinstance(p, seqio.CacheDatasetPlaceholder)
+  ]
   for i, prep in enumerate(preps):
     if _is_tokenizer(prep):
       return preps[:i], preps[i:]
   return [], preps  # No seqio tokenizer: run everything on the inputs.
 
 
-def choose_preprocess(records: Sequence[dict], has_text_preprocessors: bool,
-                      preprocess: str, task_name: str, where: str) -> str:
+def choose_preprocess(
+  records: Sequence[dict],
+  has_text_preprocessors: bool,
+  preprocess: str,
+  task_name: str,
+  where: str,
+) -> str:
   """Resolves ``INFER_PREPROCESS`` ('auto') to 'tokenize' or 'task'; checks "inputs"."""
   if preprocess not in PREPROCESS_MODES:
-    raise UserError(f"INFER_PREPROCESS {preprocess!r} is not one of "
-                    f"{PREPROCESS_MODES}; set it to one of them.")
+    raise UserError(
+      f"INFER_PREPROCESS {preprocess!r} is not one of "
+      f"{PREPROCESS_MODES}; set it to one of them."
+    )
   without = [r for r in records if "inputs" not in r]
   if preprocess == "auto":
     if not without:
@@ -167,10 +185,15 @@ def choose_preprocess(records: Sequence[dict], has_text_preprocessors: bool,
     return "task"
   if without:
     line = without[0].get("_line", "?")
-    hint = (" (or give every line the task's source fields and set "
-            "INFER_PREPROCESS='task')" if has_text_preprocessors else "")
-    raise UserError(f"Line {line} of {where} has no \"inputs\" field; give every JSONL "
-                    f"object the input text of task '{task_name}' as \"inputs\"{hint}.")
+    hint = (
+      " (or give every line the task's source fields and set INFER_PREPROCESS='task')"
+      if has_text_preprocessors
+      else ""
+    )
+    raise UserError(
+      f'Line {line} of {where} has no "inputs" field; give every JSONL '
+      f"object the input text of task '{task_name}' as \"inputs\"{hint}."
+    )
   return "tokenize"
 
 
@@ -192,6 +215,7 @@ def _tf_spec(values: Sequence[Any]) -> Optional[tf.TensorSpec]:
 
   Ints mixed with floats are floats; lists that are all empty are strings.
   """
+
   def unify(kinds):
     if kinds <= {tf.int64, tf.float32} and len(kinds) == 2:
       return tf.float32
@@ -207,8 +231,9 @@ def _tf_spec(values: Sequence[Any]) -> Optional[tf.TensorSpec]:
   return None if kind is None else tf.TensorSpec([], kind)
 
 
-def _source_dataset(records: Sequence[dict], mode: str,
-                    has_text_preprocessors: bool) -> tf.data.Dataset:
+def _source_dataset(
+  records: Sequence[dict], mode: str, has_text_preprocessors: bool
+) -> tf.data.Dataset:
   """The records as a tf.data source for the task's preprocessors."""
   if mode == "tokenize":
     rows = [{"inputs": str(r["inputs"]), "targets": ""} for r in records]
@@ -230,8 +255,13 @@ def _source_dataset(records: Sequence[dict], mode: str,
   return tf.data.Dataset.from_generator(generate, output_signature=signature)
 
 
-def preprocess(task: seqio.Task, records: Sequence[dict], mode: str,
-               inputs_length: int, targets_length: int) -> tuple:
+def preprocess(
+  task: seqio.Task,
+  records: Sequence[dict],
+  mode: str,
+  inputs_length: int,
+  targets_length: int,
+) -> tuple:
   """Runs the task's preprocessing on the records.
 
   Returns:
@@ -246,13 +276,23 @@ def preprocess(task: seqio.Task, records: Sequence[dict], mode: str,
   preps = token_preps if mode == "tokenize" else text_preps + token_preps
   source_ds = _source_dataset(records, mode, bool(text_preps))
   source = seqio.FunctionDataSource(
-      lambda split, shuffle_files, seed=None: source_ds, splits=("infer",))
-  adhoc = seqio.Task(task.name, source=source, output_features=task.output_features,
-                     preprocessors=preps, shuffle_buffer_size=None)
+    lambda split, shuffle_files, seed=None: source_ds, splits=("infer",)
+  )
+  adhoc = seqio.Task(
+    task.name,
+    source=source,
+    output_features=task.output_features,
+    preprocessors=preps,
+    shuffle_buffer_size=None,
+  )
   try:
-    ds = adhoc.get_dataset({"inputs": inputs_length, "targets": targets_length},
-                           split="infer", shuffle=False, seed=0,
-                           try_in_mem_cache=False)
+    ds = adhoc.get_dataset(
+      {"inputs": inputs_length, "targets": targets_length},
+      split="infer",
+      shuffle=False,
+      seed=0,
+      try_in_mem_cache=False,
+    )
     examples = list(ds.as_numpy_iterator())
   except (KeyError, ValueError, TypeError, tf.errors.OpError) as e:
     text = " ".join(str(e).split())
@@ -261,19 +301,25 @@ def preprocess(task: seqio.Task, records: Sequence[dict], mode: str,
       reason = f"no field '{missing[-1]}'"
     else:
       reason = f"{type(e).__name__}: {text[-200:]}"
-    raise UserError(f"The preprocessors of task '{task.name}' failed on the inputs "
-                    f"({reason}); give each input the fields the task's source has, "
-                    "or set INFER_PREPROCESS='tokenize' with an \"inputs\" text.") from e
+    raise UserError(
+      f"The preprocessors of task '{task.name}' failed on the inputs "
+      f"({reason}); give each input the fields the task's source has, "
+      "or set INFER_PREPROCESS='tokenize' with an \"inputs\" text."
+    ) from e
   if len(examples) != len(records):
-    raise UserError(f"The preprocessors of task '{task.name}' turned {len(records)} inputs "
-                    f"into {len(examples)} examples; inference needs one example per "
-                    "input (use INFER_PREPROCESS='tokenize').")
+    raise UserError(
+      f"The preprocessors of task '{task.name}' turned {len(records)} inputs "
+      f"into {len(examples)} examples; inference needs one example per "
+      "input (use INFER_PREPROCESS='tokenize')."
+    )
   tokens = [[int(t) for t in ex["inputs"]] for ex in examples]
   if mode == "tokenize":
     texts = [str(r["inputs"]) for r in records]
   else:
-    texts = [_text(ex.get("inputs_pretokenized", r.get("inputs", "")))
-             for ex, r in zip(examples, records)]
+    texts = [
+      _text(ex.get("inputs_pretokenized", r.get("inputs", "")))
+      for ex, r in zip(examples, records)
+    ]
   return tokens, texts
 
 
@@ -284,14 +330,19 @@ def _text(value: Any) -> str:
 # ---- output ---------------------------------------------------------------------------
 
 
-def output_rows(records: Sequence[dict], texts: Sequence[str],
-                predictions: Sequence[str], scores: Sequence[float]) -> list:
+def output_rows(
+  records: Sequence[dict],
+  texts: Sequence[str],
+  predictions: Sequence[str],
+  scores: Sequence[float],
+) -> list:
   """The output objects: inputs, prediction, score, then the input's other fields."""
   rows = []
   for record, text, prediction, score in zip(records, texts, predictions, scores):
     row = {"inputs": text, "prediction": prediction, "score": float(score)}
-    row.update({k: v for k, v in record.items()
-                if k not in _OUTPUT_FIELDS and k != "_line"})
+    row.update(
+      {k: v for k, v in record.items() if k not in _OUTPUT_FIELDS and k != "_line"}
+    )
     rows.append(row)
   return rows
 
@@ -301,11 +352,13 @@ def write_jsonl(path: str, rows: Sequence[Mapping[str, Any]]) -> None:
   try:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   except OSError as e:
-    raise UserError(f"INFER_OUTPUT {path} cannot be written ({e.strerror}); choose a "
-                    "writable path.") from e
+    raise UserError(
+      f"INFER_OUTPUT {path} cannot be written ({e.strerror}); choose a writable path."
+    ) from e
   # Temp file, fsync, rename; a failed write is one sentence (WriteError, a UserError).
   metrics_writer.write_atomically(
-      path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+    path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+  )
 
 
 class _InputsProgress(progress_lib.Progress):
@@ -318,71 +371,107 @@ class _InputsProgress(progress_lib.Progress):
 # ---- the command ----------------------------------------------------------------------
 
 
-def _find_task(task_name: Optional[str], mixture_or_task_name: str,
-               spec: registry.MixtureSpec) -> seqio.Task:
+def _find_task(
+  task_name: Optional[str], mixture_or_task_name: str, spec: registry.MixtureSpec
+) -> seqio.Task:
   """The task whose preprocessing the inputs get: INFER_TASK or the run's only task."""
   if task_name is None:
     if spec.num_tasks == 1:
       return spec.tasks[0]
-    raise UserError(f"'{mixture_or_task_name}' has {spec.num_tasks} tasks; set "
-                    f"INFER_TASK to the one whose inputs these are (e.g. "
-                    f"--gin.INFER_TASK=\"'{spec.task_names[0]}'\").")
+    raise UserError(
+      f"'{mixture_or_task_name}' has {spec.num_tasks} tasks; set "
+      f"INFER_TASK to the one whose inputs these are (e.g. "
+      f"--gin.INFER_TASK=\"'{spec.task_names[0]}'\")."
+    )
   if task_name not in seqio.TaskRegistry.names():
     if task_name in seqio.MixtureRegistry.names():
       names = sorted(t.name for t in seqio.get_mixture_or_task(task_name).tasks)
       listed = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
-      raise UserError(f"INFER_TASK '{task_name}' is a mixture; set it to one of its "
-                      f"tasks ({listed}).")
+      raise UserError(
+        f"INFER_TASK '{task_name}' is a mixture; set it to one of its tasks ({listed})."
+      )
     candidates = set(spec.task_names) | set(seqio.TaskRegistry.names())
-    raise UserError(f"INFER_TASK '{task_name}' is not a registered seqio task"
-                    f"{close_names(task_name, candidates)}; set it to a task of "
-                    f"'{mixture_or_task_name}' or set MIXTURE_OR_TASK_MODULE to the "
-                    "module that registers it.")
+    raise UserError(
+      f"INFER_TASK '{task_name}' is not a registered seqio task"
+      f"{close_names(task_name, candidates)}; set it to a task of "
+      f"'{mixture_or_task_name}' or set MIXTURE_OR_TASK_MODULE to the "
+      "module that registers it."
+    )
   task = seqio.get_mixture_or_task(task_name)
   for key in ("inputs", "targets"):
     if key not in task.output_features:
-      raise UserError(f"INFER_TASK '{task_name}' has no '{key}' output feature; choose "
-                      "an inputs -> targets task.")
+      raise UserError(
+        f"INFER_TASK '{task_name}' has no '{key}' output feature; choose "
+        "an inputs -> targets task."
+      )
   if task.output_features["targets"].vocabulary != spec.vocabulary:
-    raise UserError(f"INFER_TASK '{task_name}' uses another vocabulary than the run's "
-                    f"'{mixture_or_task_name}'; choose a task with the run's vocabulary.")
+    raise UserError(
+      f"INFER_TASK '{task_name}' uses another vocabulary than the run's "
+      f"'{mixture_or_task_name}'; choose a task with the run's vocabulary."
+    )
   return task
 
 
 def _default_output(model_dir: str, input_path: str, task_name: str) -> str:
-  stem = "stdin" if input_path == "-" else os.path.splitext(
-      os.path.basename(input_path))[0]
+  stem = (
+    "stdin" if input_path == "-" else os.path.splitext(os.path.basename(input_path))[0]
+  )
   return os.path.join(model_dir, "infer", f"{stem}.{task_name}.jsonl")
 
 
-def infer(*,
-          model_dir: str,
-          mixture_or_task_name: str,
-          task_feature_lengths: Mapping[str, int],
-          input_path: Optional[str] = None,
-          output_path: Optional[str] = None,
-          task_name: Optional[str] = None,
-          input_format: str = "auto",
-          preprocess_mode: str = "auto",
-          mixture_or_task_module: Optional[str] = None,
-          vocabulary_path: Optional[str] = None,
-          model_config: T5Config = T5Config(),
-          checkpoint_path: Optional[str] = None,
-          checkpoint_step: Optional[int] = None,
-          batch_size: int = 32,
-          inputs_length: Optional[int] = None,
-          max_decode_length: Optional[int] = None,
-          decode_method: str = "greedy",
-          num_beams: int = 4,
-          length_penalty: float = 0.6,
-          temperature: float = 1.0,
-          top_k: int = 0,
-          seed: int = 0,
-          mesh_shape: Optional[Mapping[str, int]] = None,
-          logical_axis_rules: Sequence = parallel.DEFAULT_RULES,
-          show_progress: Optional[bool] = None,
-          devices: Optional[Sequence[jax.Device]] = None,
-          stdin: Optional[TextIO] = None) -> InferResult:
+def _checkpoint_path(
+  model_dir: str, checkpoint_path: Optional[str], checkpoint_step: Optional[int]
+) -> tuple:
+  """(the path to read params from, how errors name it)."""
+  path = checkpoint_path or model_dir
+  what = "INFER_CHECKPOINT_PATH" if checkpoint_path else "MODEL_DIR"
+  if checkpoint_step is not None:
+    path = os.path.join(path, str(int(checkpoint_step)))
+    what = f"INFER_CHECKPOINT_STEP {checkpoint_step} in {what}"
+  return path, what
+
+
+def _predict(predictor: Predictor, params, tokens: list, show_progress) -> tuple:
+  """(ids, scores) of every input, with a progress bar on process 0 when asked."""
+  bar = _InputsProgress(
+    len(tokens), enabled=(show_progress if jax.process_index() == 0 else False)
+  )
+  try:
+    return predictor.predict_with_scores(params, tokens, on_batch=bar.update)
+  finally:
+    bar.close()
+
+
+def infer(
+  *,
+  model_dir: str,
+  mixture_or_task_name: str,
+  task_feature_lengths: Mapping[str, int],
+  input_path: Optional[str] = None,
+  output_path: Optional[str] = None,
+  task_name: Optional[str] = None,
+  input_format: str = "auto",
+  preprocess_mode: str = "auto",
+  mixture_or_task_module: Optional[str] = None,
+  vocabulary_path: Optional[str] = None,
+  model_config: T5Config = T5Config(),
+  checkpoint_path: Optional[str] = None,
+  checkpoint_step: Optional[int] = None,
+  batch_size: int = 32,
+  inputs_length: Optional[int] = None,
+  max_decode_length: Optional[int] = None,
+  decode_method: str = "greedy",
+  num_beams: int = 4,
+  length_penalty: float = 0.6,
+  temperature: float = 1.0,
+  top_k: int = 0,
+  seed: int = 0,
+  mesh_shape: Optional[Mapping[str, int]] = None,
+  logical_axis_rules: Sequence = parallel.DEFAULT_RULES,
+  show_progress: Optional[bool] = None,
+  devices: Optional[Sequence[jax.Device]] = None,
+  stdin: Optional[TextIO] = None,
+) -> InferResult:
   """Predicts a task's outputs for the given inputs; see the module docstring.
 
   Args:
@@ -409,13 +498,23 @@ def infer(*,
   Returns:
     An ``InferResult``; ``str()`` is "Wrote N predictions to PATH."
   """
+  # long: the command's steps in order (check the settings, read and preprocess the
+  # inputs, load the model, predict, write), each a call; the formatter's one argument
+  # per line makes it long, and splitting it would hand its settings around again.
   start = time.time()
   if not input_path:
-    raise UserError("INFER_INPUT is not set; set it to a text or JSONL file of inputs "
-                    "(or '-' for stdin), e.g. --gin.INFER_INPUT=\"'inputs.txt'\".")
-  decode = decoding.DecodeOptions(method=decode_method, num_beams=num_beams,
-                                  length_penalty=length_penalty, temperature=temperature,
-                                  top_k=top_k, seed=seed)
+    raise UserError(
+      "INFER_INPUT is not set; set it to a text or JSONL file of inputs "
+      "(or '-' for stdin), e.g. --gin.INFER_INPUT=\"'inputs.txt'\"."
+    )
+  decode = decoding.DecodeOptions(
+    method=decode_method,
+    num_beams=num_beams,
+    length_penalty=length_penalty,
+    temperature=temperature,
+    top_k=top_k,
+    seed=seed,
+  )
   decode.check("INFER", batch_size)
   registry.import_modules(mixture_or_task_module, vocabulary_path)
   lengths = data_pipeline.check_feature_lengths(task_feature_lengths)
@@ -430,34 +529,42 @@ def infer(*,
   where = "stdin" if input_path == "-" else input_path
   text_preps, _ = split_preprocessors(task)
   mode = choose_preprocess(records, bool(text_preps), preprocess_mode, task.name, where)
-  tokens, texts = (preprocess(task, records, mode, inputs_length, max_decode_length)
-                   if records else ([], []))
+  tokens, texts = (
+    preprocess(task, records, mode, inputs_length, max_decode_length)
+    if records
+    else ([], [])
+  )
 
   mesh = parallel.make_mesh(mesh_shape, devices)
   rules = tuple(logical_axis_rules)
-  path = checkpoint_path or model_dir
-  what = "INFER_CHECKPOINT_PATH" if checkpoint_path else "MODEL_DIR"
-  if checkpoint_step is not None:
-    path = os.path.join(path, str(int(checkpoint_step)))
-    what = f"INFER_CHECKPOINT_STEP {checkpoint_step} in {what}"
+  path, what = _checkpoint_path(model_dir, checkpoint_path, checkpoint_step)
   model, params, shardings = params_lib.load_trained(
-      model_config, spec.vocabulary.vocab_size, mesh, rules, path, inputs_length,
-      max_decode_length, what=what)
-
+    model_config,
+    spec.vocabulary.vocab_size,
+    mesh,
+    rules,
+    path,
+    inputs_length,
+    max_decode_length,
+    what=what,
+  )
   vocabulary = task.output_features["targets"].vocabulary
   dp = parallel.data_parallel_size(mesh)
   # A handful of inputs needs no batch of the full size.
   rows = min(batch_size, max(1, math.ceil(len(tokens) / dp)) * dp)
-  predictor = Predictor(model, mesh, rules, shardings, batch_size=rows,
-                        inputs_length=inputs_length, max_decode_length=max_decode_length,
-                        decode=decode, eos_id=vocabulary.eos_id,
-                        vocab_size=vocabulary.vocab_size)
-  bar = _InputsProgress(len(tokens), enabled=(
-      show_progress if jax.process_index() == 0 else False))
-  try:
-    ids, scores = predictor.predict_with_scores(params, tokens, on_batch=bar.update)
-  finally:
-    bar.close()
+  predictor = Predictor(
+    model,
+    mesh,
+    rules,
+    shardings,
+    batch_size=rows,
+    inputs_length=inputs_length,
+    max_decode_length=max_decode_length,
+    decode=decode,
+    eos_id=vocabulary.eos_id,
+    vocab_size=vocabulary.vocab_size,
+  )
+  ids, scores = _predict(predictor, params, tokens, show_progress)
   predictions = [_text(vocabulary.decode(x)) for x in ids]
   if jax.process_index() == 0:
     write_jsonl(output_path, output_rows(records, texts, predictions, scores))

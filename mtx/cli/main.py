@@ -24,18 +24,24 @@ import gin
 
 from mtx.errors import UserError, close_names
 
-REPO_GIN_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
-    os.path.abspath(__file__)))), "gin_configs")
-REQUIRED_MACROS = ("MIXTURE_OR_TASK_NAME", "TASK_FEATURE_LENGTHS", "TRAIN_STEPS",
-                   "MODEL_DIR")
+REPO_GIN_DIR = os.path.join(
+  os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+  "gin_configs",
+)
+REQUIRED_MACROS = (
+  "MIXTURE_OR_TASK_NAME",
+  "TASK_FEATURE_LENGTHS",
+  "TRAIN_STEPS",
+  "MODEL_DIR",
+)
 # command -> (the gin configurable it calls, the macros it requires). Every command reads
 # the same gin files as ``mtx train`` (a run is described once); the configurables are
 # registered in mtx/cli/configurables.py.
 COMMANDS = {
-    "train": ("train", REQUIRED_MACROS),
-    "eval": ("evaluate", ("MIXTURE_OR_TASK_NAME", "TASK_FEATURE_LENGTHS", "MODEL_DIR")),
-    "infer": ("infer", ("MIXTURE_OR_TASK_NAME", "TASK_FEATURE_LENGTHS", "MODEL_DIR")),
-    "compile": ("compile_train", ("MIXTURE_OR_TASK_NAME", "TASK_FEATURE_LENGTHS")),
+  "train": ("train", REQUIRED_MACROS),
+  "eval": ("evaluate", ("MIXTURE_OR_TASK_NAME", "TASK_FEATURE_LENGTHS", "MODEL_DIR")),
+  "infer": ("infer", ("MIXTURE_OR_TASK_NAME", "TASK_FEATURE_LENGTHS", "MODEL_DIR")),
+  "compile": ("compile_train", ("MIXTURE_OR_TASK_NAME", "TASK_FEATURE_LENGTHS")),
 }
 _MACRO = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
@@ -49,9 +55,12 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--coordinator_address", default=None)
   p.add_argument("--num_processes", type=int, default=None)
   p.add_argument("--process_id", type=int, default=None)
-  p.add_argument("--distributed", action="store_true",
-                 help="jax.distributed.initialize() with what it detects (TPU pods, "
-                      "SLURM, Open MPI), completed by the three flags above if given.")
+  p.add_argument(
+    "--distributed",
+    action="store_true",
+    help="jax.distributed.initialize() with what it detects (TPU pods, "
+    "SLURM, Open MPI), completed by the three flags above if given.",
+  )
   p.add_argument("--verbose", action="store_true")
   return p
 
@@ -62,7 +71,7 @@ def split_gin_flags(argv: Sequence[str]) -> tuple:
   it = iter(argv)
   for arg in it:
     if arg.startswith("--gin."):
-      body = arg[len("--gin."):]
+      body = arg[len("--gin.") :]
       if "=" not in body:
         try:
           body = body + "=" + next(it)
@@ -96,59 +105,100 @@ def _macro_references() -> set:
   return found
 
 
-def parse_gin(gin_files: Sequence[str], flag_bindings: Sequence[tuple],
-              extra_bindings: Sequence[str], search_paths: Sequence[str],
-              required: Sequence[str] = REQUIRED_MACROS) -> None:
+def parse_gin(
+  gin_files: Sequence[str],
+  flag_bindings: Sequence[tuple],
+  extra_bindings: Sequence[str],
+  search_paths: Sequence[str],
+  required: Sequence[str] = REQUIRED_MACROS,
+) -> None:
   """Parses gin files and bindings, turning gin's errors into one-line UserErrors."""
   # lazy: the configurables import JAX and TensorFlow; `mtx --help` should not wait.
   import mtx.cli.configurables  # pylint: disable=g-import-not-at-top,unused-import # lazy: JAX/TF
-  search_paths = list(search_paths) + [REPO_GIN_DIR, os.getcwd()]
+
+  _parse_files(gin_files, list(search_paths) + [REPO_GIN_DIR, os.getcwd()])
+  _parse_bindings(flag_bindings, extra_bindings)
+  _check_macros(flag_bindings, required)
+
+
+def _parse_files(gin_files: Sequence[str], search_paths: Sequence[str]) -> None:
   for path in search_paths:
     gin.add_config_file_search_path(path)
   if not gin_files:
-    raise UserError("No --gin_file given; start from --gin_file=gin_configs/demo.gin or "
-                    "gin_configs/runs/train.gin.")
+    raise UserError(
+      "No --gin_file given; start from --gin_file=gin_configs/demo.gin or "
+      "gin_configs/runs/train.gin."
+    )
   for f in gin_files:
-    if not any(os.path.isfile(os.path.join(p, f)) for p in [""] + search_paths):
-      raise UserError(f"Gin file {f} was not found here or in the search paths "
-                      f"{search_paths}; check the path or add its folder with "
-                      "--gin_search_paths.")
+    if not any(os.path.isfile(os.path.join(p, f)) for p in [""] + list(search_paths)):
+      raise UserError(
+        f"Gin file {f} was not found here or in the search paths "
+        f"{list(search_paths)}; check the path or add its folder with "
+        "--gin_search_paths."
+      )
     try:
       gin.parse_config_file(f)
     except IOError as e:
-      raise UserError(f"Gin file {f} was not found ({e}); check the path or add its "
-                      "folder with --gin_search_paths.") from e
+      raise UserError(
+        f"Gin file {f} was not found ({e}); check the path or add its "
+        "folder with --gin_search_paths."
+      ) from e
     except (SyntaxError, ValueError) as e:
-      raise UserError(f"Gin file {f} does not parse: {_one_line(e)}; fix that line.") from e
+      raise UserError(
+        f"Gin file {f} does not parse: {_one_line(e)}; fix that line."
+      ) from e
+
+
+def _parse_bindings(
+  flag_bindings: Sequence[tuple], extra_bindings: Sequence[str]
+) -> None:
   for name, value in flag_bindings:
     try:
       gin.parse_config(f"{name} = {value}")
     except (SyntaxError, ValueError) as e:
-      hint = (f" (strings need quotes: --gin.{name}=\"'{value}'\")"
-              if re.match(r"^[A-Za-z_][\w./-]*$", value) else "")
-      raise UserError(f"--gin.{name}={value} does not parse: {_one_line(e)}{hint}.") from e
+      hint = (
+        f" (strings need quotes: --gin.{name}=\"'{value}'\")"
+        if re.match(r"^[A-Za-z_][\w./-]*$", value)
+        else ""
+      )
+      raise UserError(
+        f"--gin.{name}={value} does not parse: {_one_line(e)}{hint}."
+      ) from e
   for text in extra_bindings:
     try:
       gin.parse_config(text)
     except (SyntaxError, ValueError) as e:
       raise UserError(f"--gin_bindings '{text}' does not parse: {_one_line(e)}.") from e
+
+
+def _check_macros(flag_bindings: Sequence[tuple], required: Sequence[str]) -> None:
+  """Required macros set; every macro used defined; every --gin.MACRO used."""
   missing = [name for name in required if _is_required(name)]
   if missing:
-    raise UserError(f"Required setting(s) {', '.join(missing)} not given; set them in "
-                    f"your gin file or with --gin.{missing[0]}=VALUE.")
+    raise UserError(
+      f"Required setting(s) {', '.join(missing)} not given; set them in "
+      f"your gin file or with --gin.{missing[0]}=VALUE."
+    )
   used = _macro_references()
-  defined = {scope for scope, selector in gin.config._CONFIG  # pylint: disable=protected-access
-             if selector == "gin.macro"}
+  defined = {
+    scope
+    for scope, selector in gin.config._CONFIG  # pylint: disable=protected-access
+    if selector == "gin.macro"
+  }
   undefined = sorted(used - defined)
   if undefined:
     name = undefined[0]
-    raise UserError(f"Macro %{name} is used but never defined"
-                    f"{close_names(name, defined)}; define it in a gin file "
-                    f"({name} = ...) or with --gin.{name}=VALUE.")
+    raise UserError(
+      f"Macro %{name} is used but never defined"
+      f"{close_names(name, defined)}; define it in a gin file "
+      f"({name} = ...) or with --gin.{name}=VALUE."
+    )
   for name, value in flag_bindings:
     if _MACRO.match(name) and name not in used:
-      raise UserError(f"--gin.{name}={value} binds a macro that no configuration uses"
-                      f"{close_names(name, used)}; check its spelling.")
+      raise UserError(
+        f"--gin.{name}={value} binds a macro that no configuration uses"
+        f"{close_names(name, used)}; check its spelling."
+      )
 
 
 def _is_required(macro: str) -> bool:
@@ -157,8 +207,10 @@ def _is_required(macro: str) -> bool:
     value = gin.query_parameter(f"%{macro}")
   except ValueError:
     return False  # Not defined by the loaded files: gin reports its own uses.
-  return (isinstance(value, gin.config.ConfigurableReference)
-          and value.scoped_selector.split("/")[0] == "gin.REQUIRED")
+  return (
+    isinstance(value, gin.config.ConfigurableReference)
+    and value.scoped_selector.split("/")[0] == "gin.REQUIRED"
+  )
 
 
 def _one_line(e: Exception) -> str:
@@ -172,47 +224,59 @@ def _init_distributed(args) -> None:
     return
   # JAX only for multi-host runs: `mtx --help` and gin errors should not wait for it.
   import jax  # pylint: disable=g-import-not-at-top
+
   if not args.distributed and any(v is None for v in given):
-    raise UserError("Multi-host runs need all of --coordinator_address, "
-                    "--num_processes and --process_id (or --distributed to detect "
-                    "them on a TPU pod, SLURM or Open MPI).")
+    raise UserError(
+      "Multi-host runs need all of --coordinator_address, "
+      "--num_processes and --process_id (or --distributed to detect "
+      "them on a TPU pod, SLURM or Open MPI)."
+    )
   try:
     jax.distributed.initialize(*given)
   except (ValueError, RuntimeError) as e:
-    raise UserError(f"jax.distributed.initialize failed ({_one_line(e)[:300]}); check "
-                    "--coordinator_address (host:port reachable from every process), "
-                    "--num_processes and --process_id.") from e
+    raise UserError(
+      f"jax.distributed.initialize failed ({_one_line(e)[:300]}); check "
+      "--coordinator_address (host:port reachable from every process), "
+      "--num_processes and --process_id."
+    ) from e
 
 
 def run(argv: Sequence[str]) -> int:
   """Runs a command; returns the exit status."""
   rest, flag_bindings = split_gin_flags(argv)
   args = _parser().parse_args(rest)
-  logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                      format="%(levelname)s %(name)s: %(message)s")
+  logging.basicConfig(
+    level=logging.INFO if args.verbose else logging.WARNING,
+    format="%(levelname)s %(name)s: %(message)s",
+  )
   for noisy in ("absl", "orbax", "tensorflow", "jax._src"):
     logging.getLogger(noisy).setLevel(logging.ERROR)
   # gin tries each search path in turn and logs every miss at ERROR: not an error here.
   logging.getLogger().addFilter(
-      lambda record: not record.getMessage().startswith("Path not found:"))
+    lambda record: not record.getMessage().startswith("Path not found:")
+  )
   _init_distributed(args)
   configurable, required = COMMANDS[args.command]
-  parse_gin(args.gin_file, flag_bindings, args.gin_bindings, args.gin_search_paths,
-            required)
+  parse_gin(
+    args.gin_file, flag_bindings, args.gin_bindings, args.gin_search_paths, required
+  )
   fn = gin.get_configurable(configurable)
   try:
     result = fn()
     if args.command == "train":
       # lazy: JAX and TensorFlow load only once the gin files are known to parse.
       from mtx.train import loop  # pylint: disable=g-import-not-at-top # lazy: JAX/TF
+
       result = loop.train(result, operative_config=gin.operative_config_str)
   except UserError:
     raise
   except ValueError as e:  # gin's missing-required-binding error
     msg = _one_line(e)
     if "Required bindings" in msg or "REQUIRED" in msg:
-      raise UserError(f"A required setting is missing ({msg}); set it in your gin file "
-                      "or with --gin.NAME=VALUE.") from e
+      raise UserError(
+        f"A required setting is missing ({msg}); set it in your gin file "
+        "or with --gin.NAME=VALUE."
+      ) from e
     raise
   print(_summary(args.command, result), flush=True)
   failure = getattr(result, "failure", None)  # e.g. `mtx compile`: does not fit

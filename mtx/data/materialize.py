@@ -34,7 +34,8 @@ _READ_BATCH = 4096
 @dataclasses.dataclass
 class Ragged:
   """A list of int32 sequences stored as ``tokens[offsets[i]:offsets[i+1]]``."""
-  tokens: np.ndarray   # int32 [total_tokens]
+
+  tokens: np.ndarray  # int32 [total_tokens]
   offsets: np.ndarray  # int64 [n + 1]
 
   def __len__(self) -> int:
@@ -44,7 +45,7 @@ class Ragged:
     return np.diff(self.offsets)
 
   def get(self, i: int) -> np.ndarray:
-    return self.tokens[self.offsets[i]:self.offsets[i + 1]]
+    return self.tokens[self.offsets[i] : self.offsets[i + 1]]
 
 
 @dataclasses.dataclass
@@ -58,6 +59,7 @@ class TaskExamples:
       length and were cut (keeping EOS last); -1 when unknown because the task's
       preprocessors need the sequence lengths and trim themselves.
   """
+
   name: str
   inputs: Ragged
   targets: Ragged
@@ -69,9 +71,14 @@ class TaskExamples:
 
 def _dataset(task: seqio.Task, split: str, sequence_length, shard_info):
   return task.get_dataset(
-      sequence_length=sequence_length, split=split, shuffle=False,
-      shard_info=shard_info, num_epochs=1, trim_output_features=False,
-      use_cached=False)
+    sequence_length=sequence_length,
+    split=split,
+    shuffle=False,
+    shard_info=shard_info,
+    num_epochs=1,
+    trim_output_features=False,
+    use_cached=False,
+  )
 
 
 def _read(ds: tf.data.Dataset, keys=("inputs", "targets")) -> dict:
@@ -96,9 +103,13 @@ def _read(ds: tf.data.Dataset, keys=("inputs", "targets")) -> dict:
 def _select(seqs: Ragged, keep: np.ndarray) -> Ragged:
   """The sequences where ``keep`` is True, in order."""
   lens = seqs.lengths()[keep]
-  idx = [np.arange(s, e) for s, e, k in zip(seqs.offsets[:-1], seqs.offsets[1:], keep) if k]
+  idx = [
+    np.arange(s, e) for s, e, k in zip(seqs.offsets[:-1], seqs.offsets[1:], keep) if k
+  ]
   tokens = np.concatenate(idx) if idx else np.zeros([0], np.int64)
-  return Ragged(seqs.tokens[tokens], np.concatenate([[0], np.cumsum(lens)]).astype(np.int64))
+  return Ragged(
+    seqs.tokens[tokens], np.concatenate([[0], np.cumsum(lens)]).astype(np.int64)
+  )
 
 
 def _trim(seqs: Ragged, max_len: int, eos_id: Optional[int]) -> tuple:
@@ -118,8 +129,13 @@ def _trim(seqs: Ragged, max_len: int, eos_id: Optional[int]) -> tuple:
   return Ragged(tokens, offsets), over
 
 
-def read_task(task: seqio.Task, split: str, feature_lengths: Mapping[str, int],
-              shard_index: int = 0, num_shards: int = 1) -> TaskExamples:
+def read_task(
+  task: seqio.Task,
+  split: str,
+  feature_lengths: Mapping[str, int],
+  shard_index: int = 0,
+  num_shards: int = 1,
+) -> TaskExamples:
   """Runs ``task``'s preprocessors over this host's shard of ``split``, once.
 
   Sequence lengths are not given to the preprocessors when they can do without, so
@@ -131,8 +147,9 @@ def read_task(task: seqio.Task, split: str, feature_lengths: Mapping[str, int],
   """
   if split not in task.splits:
     raise UserError(
-        f"Task '{task.name}' has no split '{split}' (it has {list(task.splits)}); "
-        "choose one of those.")
+      f"Task '{task.name}' has no split '{split}' (it has {list(task.splits)}); "
+      "choose one of those."
+    )
   shard_info = seqio.ShardInfo(shard_index, num_shards) if num_shards > 1 else None
   num_truncated = 0
   try:
@@ -140,20 +157,26 @@ def read_task(task: seqio.Task, split: str, feature_lengths: Mapping[str, int],
   except UserError:
     raise
   except Exception as e:  # pylint: disable=broad-except
-    logging.info("Task %s needs sequence lengths in its preprocessors (%s); its "
-                 "truncation count is not known.", task.name, e)
+    logging.info(
+      "Task %s needs sequence lengths in its preprocessors (%s); its "
+      "truncation count is not known.",
+      task.name,
+      e,
+    )
     data = _read(_dataset(task, split, dict(feature_lengths), shard_info))
     num_truncated = -1
   keep = data["targets"].lengths() > 0  # An empty target teaches nothing; skip it.
   if not keep.all():
-    logging.warning("Task %s: skipped %d examples with empty targets.", task.name,
-                    int((~keep).sum()))
+    logging.warning(
+      "Task %s: skipped %d examples with empty targets.", task.name, int((~keep).sum())
+    )
     data = {k: _select(v, keep) for k, v in data.items()}
   if len(data["targets"]) == 0:
     where = f" shard {shard_index} of {num_shards} of" if num_shards > 1 else ""
     raise UserError(
-        f"Task '{task.name}' has no examples in{where} split '{split}'; check its data "
-        "source (or use fewer processes than examples).")
+      f"Task '{task.name}' has no examples in{where} split '{split}'; check its data "
+      "source (or use fewer processes than examples)."
+    )
   over_any = np.zeros(len(data["targets"]), bool)
   for key in ("inputs", "targets"):
     feature = task.output_features[key]

@@ -34,9 +34,13 @@ from mtx.errors import UserError
 RATE_FNS = ("mixture", "equal", "examples_proportional", "temperature")
 
 
-def compute_rates(rate_fn: str, seqio_rates: Sequence[float],
-                  num_examples: Sequence[int], maximum: float | None = None,
-                  temperature: float = 1.0) -> np.ndarray:
+def compute_rates(
+  rate_fn: str,
+  seqio_rates: Sequence[float],
+  num_examples: Sequence[int],
+  maximum: float | None = None,
+  temperature: float = 1.0,
+) -> np.ndarray:
   """Returns normalised example shares f64[k] (summing to 1)."""
   n = np.asarray(num_examples, np.float64)
   if rate_fn == "mixture":
@@ -45,16 +49,22 @@ def compute_rates(rate_fn: str, seqio_rates: Sequence[float],
     rates = np.ones_like(n)
   elif rate_fn in ("examples_proportional", "temperature"):
     if temperature <= 0:
-      raise UserError(f"Mixing temperature must be > 0 (got {temperature}); set "
-                      "mixing.temperature to 1 for plain examples-proportional.")
+      raise UserError(
+        f"Mixing temperature must be > 0 (got {temperature}); set "
+        "mixing.temperature to 1 for plain examples-proportional."
+      )
     if maximum is not None and maximum <= 0:
-      raise UserError(f"rate_maximum must be positive (got {maximum}); leave it unset "
-                      "for no cap.")
-    capped = n if (maximum is None or rate_fn == "temperature") else np.minimum(n, maximum)
+      raise UserError(
+        f"rate_maximum must be positive (got {maximum}); leave it unset for no cap."
+      )
+    capped = (
+      n if (maximum is None or rate_fn == "temperature") else np.minimum(n, maximum)
+    )
     rates = capped ** (1.0 / temperature)
   else:
-    raise UserError(f"Unknown mixing rate function '{rate_fn}'; use one of "
-                    f"{', '.join(RATE_FNS)}.")
+    raise UserError(
+      f"Unknown mixing rate function '{rate_fn}'; use one of {', '.join(RATE_FNS)}."
+    )
   if np.any(rates < 0) or rates.sum() <= 0:
     raise UserError(f"Mixing rates {rates.tolist()} must be >= 0 with a positive sum.")
   return rates / rates.sum()
@@ -103,8 +113,9 @@ class DeficitScheduler:
     self.cursors = np.zeros(len(self.rates), np.int64)
     # next_task runs once per example: its masks are computed once here.
     base = np.where(self.rates > 0, 0.0, -np.inf)
-    self._task_masks = [base] + [np.where(self.group_of_task == g, base, -np.inf)
-                                 for g in range(self.num_groups)]
+    self._task_masks = [base] + [
+      np.where(self.group_of_task == g, base, -np.inf) for g in range(self.num_groups)
+    ]
     self._group_mask = np.where(self.group_rates > 0, 0.0, -np.inf)
 
   def _deficit(self) -> np.ndarray:

@@ -35,12 +35,22 @@ from typing import Dict
 
 import numpy as np
 
-FEATURES = ("encoder_input_tokens", "encoder_segment_ids", "encoder_positions",
-            "decoder_target_tokens", "decoder_input_tokens", "decoder_segment_ids",
-            "decoder_positions", "decoder_loss_weights", "decoder_task_ids")
+FEATURES = (
+  "encoder_input_tokens",
+  "encoder_segment_ids",
+  "encoder_positions",
+  "decoder_target_tokens",
+  "decoder_input_tokens",
+  "decoder_segment_ids",
+  "decoder_positions",
+  "decoder_loss_weights",
+  "decoder_task_ids",
+)
 
 
-def empty_rows(rows: int, inputs_length: int, targets_length: int) -> Dict[str, np.ndarray]:
+def empty_rows(
+  rows: int, inputs_length: int, targets_length: int
+) -> Dict[str, np.ndarray]:
   """All-padding arrays of every packed feature: int32 [rows, length]."""
   out = {}
   for name in FEATURES:
@@ -60,12 +70,18 @@ class UnitPacker:
       e.g. views into a larger batch array, so no copy is needed afterwards.
   """
 
-  def __init__(self, rows: int, inputs_length: int, targets_length: int,
-               out: Dict[str, np.ndarray] | None = None):
+  def __init__(
+    self,
+    rows: int,
+    inputs_length: int,
+    targets_length: int,
+    out: Dict[str, np.ndarray] | None = None,
+  ):
     self.inputs_length = inputs_length
     self.targets_length = targets_length
-    self.arrays = out if out is not None else empty_rows(rows, inputs_length,
-                                                         targets_length)
+    self.arrays = (
+      out if out is not None else empty_rows(rows, inputs_length, targets_length)
+    )
     self.used_inputs = np.zeros(rows, np.int64)
     self.used_targets = np.zeros(rows, np.int64)
     self.segments = np.zeros(rows, np.int64)
@@ -75,8 +91,9 @@ class UnitPacker:
   def try_add(self, task_id: int, inputs: np.ndarray, targets: np.ndarray) -> bool:
     """Places one example in the first row with room; False if no row has room."""
     n_in, n_tg = len(inputs), len(targets)
-    fits = ((self.used_inputs + n_in <= self.inputs_length)
-            & (self.used_targets + n_tg <= self.targets_length))
+    fits = (self.used_inputs + n_in <= self.inputs_length) & (
+      self.used_targets + n_tg <= self.targets_length
+    )
     candidates = np.flatnonzero(fits)
     if candidates.size == 0:
       return False
@@ -85,16 +102,16 @@ class UnitPacker:
     seg = self.segments[r]
     a = self.arrays
     i0, t0 = self.used_inputs[r], self.used_targets[r]
-    a["encoder_input_tokens"][r, i0:i0 + n_in] = inputs
-    a["encoder_segment_ids"][r, i0:i0 + n_in] = seg
-    a["encoder_positions"][r, i0:i0 + n_in] = np.arange(n_in)
-    a["decoder_target_tokens"][r, t0:t0 + n_tg] = targets
+    a["encoder_input_tokens"][r, i0 : i0 + n_in] = inputs
+    a["encoder_segment_ids"][r, i0 : i0 + n_in] = seg
+    a["encoder_positions"][r, i0 : i0 + n_in] = np.arange(n_in)
+    a["decoder_target_tokens"][r, t0 : t0 + n_tg] = targets
     # Shifted right within the example; 0 is T5's decoder start token.
-    a["decoder_input_tokens"][r, t0 + 1:t0 + n_tg] = targets[:-1]
-    a["decoder_segment_ids"][r, t0:t0 + n_tg] = seg
-    a["decoder_positions"][r, t0:t0 + n_tg] = np.arange(n_tg)
-    a["decoder_loss_weights"][r, t0:t0 + n_tg] = 1
-    a["decoder_task_ids"][r, t0:t0 + n_tg] = task_id
+    a["decoder_input_tokens"][r, t0 + 1 : t0 + n_tg] = targets[:-1]
+    a["decoder_segment_ids"][r, t0 : t0 + n_tg] = seg
+    a["decoder_positions"][r, t0 : t0 + n_tg] = np.arange(n_tg)
+    a["decoder_loss_weights"][r, t0 : t0 + n_tg] = 1
+    a["decoder_task_ids"][r, t0 : t0 + n_tg] = task_id
     self.used_inputs[r] += n_in
     self.used_targets[r] += n_tg
     self.num_examples += 1

@@ -57,6 +57,7 @@ class Layout:
     units: global number of task-major units; 0 for the flat layout.
     inputs_length, targets_length: row lengths.
   """
+
   batch_size: int
   units: int
   inputs_length: int
@@ -71,20 +72,25 @@ class Layout:
     return self.batch_size // self.units if self.units else self.batch_size
 
 
-def check_feature_lengths(feature_lengths: Mapping[str, int],
-                          what: str = "TASK_FEATURE_LENGTHS") -> dict:
+def check_feature_lengths(
+  feature_lengths: Mapping[str, int], what: str = "TASK_FEATURE_LENGTHS"
+) -> dict:
   """Validates feature lengths (``what`` names the setting): positive 'inputs' and
   'targets' ints."""
   if not isinstance(feature_lengths, Mapping):
-    raise UserError(f"{what} must be a dict like {{'inputs': 64, "
-                    f"'targets': 32}} (got {feature_lengths!r}).")
+    raise UserError(
+      f"{what} must be a dict like {{'inputs': 64, "
+      f"'targets': 32}} (got {feature_lengths!r})."
+    )
   out = {}
   for key in ("inputs", "targets"):
     value = feature_lengths.get(key)
     if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value <= 0:
-      raise UserError(f"{what}['{key}'] must be a positive integer (got "
-                      f"{value!r}); set e.g. --gin.{what}=\"{{'inputs': "
-                      "64, 'targets': 32}\".")
+      raise UserError(
+        f"{what}['{key}'] must be a positive integer (got "
+        f"{value!r}); set e.g. --gin.{what}=\"{{'inputs': "
+        "64, 'targets': 32}\"."
+      )
     out[key] = int(value)
   return out
 
@@ -94,20 +100,27 @@ def check_layout(layout: Layout, num_shards: int) -> None:
   if layout.batch_size <= 0:
     raise UserError(f"BATCH_SIZE must be positive (got {layout.batch_size}).")
   if layout.batch_size % num_shards:
-    raise UserError(f"BATCH_SIZE {layout.batch_size} is not divisible by the "
-                    f"{num_shards} data shards (processes); choose a multiple of "
-                    f"{num_shards}.")
+    raise UserError(
+      f"BATCH_SIZE {layout.batch_size} is not divisible by the "
+      f"{num_shards} data shards (processes); choose a multiple of "
+      f"{num_shards}."
+    )
   if layout.units:
     if layout.batch_size % layout.units:
-      raise UserError(f"BATCH_SIZE {layout.batch_size} is not divisible by UNITS "
-                      f"{layout.units}; choose UNITS that divides it.")
+      raise UserError(
+        f"BATCH_SIZE {layout.batch_size} is not divisible by UNITS "
+        f"{layout.units}; choose UNITS that divides it."
+      )
     if layout.units % num_shards:
-      raise UserError(f"UNITS {layout.units} is not divisible by the {num_shards} data "
-                      f"shards (processes); choose a multiple of {num_shards}.")
+      raise UserError(
+        f"UNITS {layout.units} is not divisible by the {num_shards} data "
+        f"shards (processes); choose a multiple of {num_shards}."
+      )
 
 
-def local_shards(process_index: int, process_count: int,
-                 num_shards: Optional[int] = None) -> range:
+def local_shards(
+  process_index: int, process_count: int, num_shards: Optional[int] = None
+) -> range:
   """The data shards one process reads: a contiguous run, so its rows are contiguous.
 
   ``process_index``/``process_count`` count the processes that feed distinct batch
@@ -115,9 +128,11 @@ def local_shards(process_index: int, process_count: int,
   """
   num_shards = process_count if num_shards is None else num_shards
   if num_shards < 1 or num_shards % process_count:
-    raise UserError(f"The number of data shards ({num_shards}) must be a positive "
-                    f"multiple of the {process_count} processes that read data; set "
-                    f"train.data_shards to a multiple of {process_count}.")
+    raise UserError(
+      f"The number of data shards ({num_shards}) must be a positive "
+      f"multiple of the {process_count} processes that read data; set "
+      f"train.data_shards to a multiple of {process_count}."
+    )
   per = num_shards // process_count
   return range(process_index * per, (process_index + 1) * per)
 
@@ -131,8 +146,11 @@ class _StaggeredScheduler(mixing.DeficitScheduler):
 
   def __init__(self, rates, group_of_task, head_start=None):
     super().__init__(rates, group_of_task)
-    self.head_start = (np.zeros(len(self.rates), np.int64) if head_start is None
-                       else np.asarray(head_start, np.int64))
+    self.head_start = (
+      np.zeros(len(self.rates), np.int64)
+      if head_start is None
+      else np.asarray(head_start, np.int64)
+    )
 
   def next_group(self) -> int:
     real = self.cursors
@@ -146,6 +164,7 @@ class _StaggeredScheduler(mixing.DeficitScheduler):
 @dataclasses.dataclass(frozen=True)
 class LocalTask:
   """A task as this process sees it over its shards: name, examples, truncated."""
+
   name: str
   num_examples: int
   num_truncated: int
@@ -157,13 +176,20 @@ class LocalTask:
 class _Shard:
   """One data shard: its examples of every task, their streams, and the cursors."""
 
-  def __init__(self, index: int, examples: Sequence[materialize.TaskExamples],
-               rates: np.ndarray, group_of_task: Sequence[int], seed: int):
+  def __init__(
+    self,
+    index: int,
+    examples: Sequence[materialize.TaskExamples],
+    rates: np.ndarray,
+    group_of_task: Sequence[int],
+    seed: int,
+  ):
     self.index = index
     self.examples = list(examples)
     self.scheduler = _StaggeredScheduler(rates, group_of_task)
-    self.streams = [mixing.TaskStream(ex.name, len(ex), seed, index)
-                    for ex in self.examples]
+    self.streams = [
+      mixing.TaskStream(ex.name, len(ex), seed, index) for ex in self.examples
+    ]
 
   def fill(self, packer: packing.UnitPacker, group: Optional[int]) -> None:
     """Adds examples (of ``group``, or any task) until the next one does not fit."""
@@ -181,15 +207,22 @@ class _Shard:
     for u in range(len(unit_task)):
       g = self.scheduler.next_group()
       unit_task[u] = g
-      self.fill(packing.UnitPacker(layout.rows_per_unit, layout.inputs_length,
-                                   layout.targets_length,
-                                   out={k: v[u] for k, v in out.items()}), g)
+      self.fill(
+        packing.UnitPacker(
+          layout.rows_per_unit,
+          layout.inputs_length,
+          layout.targets_length,
+          out={k: v[u] for k, v in out.items()},
+        ),
+        g,
+      )
 
   def dry_run(self, units: int, layout: Layout) -> np.ndarray:
     """Examples per task that choosing ``units`` units consumes (state restored)."""
     saved = self.scheduler.cursors.copy()
-    scratch = packing.empty_rows(layout.rows_per_unit, layout.inputs_length,
-                                 layout.targets_length)
+    scratch = packing.empty_rows(
+      layout.rows_per_unit, layout.inputs_length, layout.targets_length
+    )
     scratch = {k: v[None] for k, v in scratch.items()}
     for _ in range(units):
       self.units(scratch, np.zeros([1], np.int32), layout)
@@ -214,9 +247,18 @@ class Pipeline:
     num_shards: the number of shards when ``examples`` is a mapping.
   """
 
-  def __init__(self, spec: registry.MixtureSpec, examples, rates: np.ndarray,
-               layout: Layout, seed: int = 0, process_index: int = 0,
-               process_count: int = 1, *, num_shards: Optional[int] = None):
+  def __init__(
+    self,
+    spec: registry.MixtureSpec,
+    examples,
+    rates: np.ndarray,
+    layout: Layout,
+    seed: int = 0,
+    process_index: int = 0,
+    process_count: int = 1,
+    *,
+    num_shards: Optional[int] = None,
+  ):
     if not isinstance(examples, Mapping):
       examples, num_shards = {process_index: examples}, process_count
     num_shards = len(examples) if num_shards is None else num_shards
@@ -225,16 +267,23 @@ class Pipeline:
     self.layout = layout
     self.num_shards = num_shards
     self.rates = np.asarray(rates)
-    self.shards = [_Shard(i, examples[i], self.rates, spec.group_of_task, seed)
-                   for i in sorted(examples)]
+    self.shards = [
+      _Shard(i, examples[i], self.rates, spec.group_of_task, seed)
+      for i in sorted(examples)
+    ]
     if len(self.shards) == 1:
       self.examples = self.shards[0].examples
     else:
       self.examples = [
-          LocalTask(exs[0].name, sum(len(e) for e in exs),
-                    -1 if any(e.num_truncated < 0 for e in exs)
-                    else sum(e.num_truncated for e in exs))
-          for exs in zip(*(s.examples for s in self.shards))]
+        LocalTask(
+          exs[0].name,
+          sum(len(e) for e in exs),
+          -1
+          if any(e.num_truncated < 0 for e in exs)
+          else sum(e.num_truncated for e in exs),
+        )
+        for exs in zip(*(s.examples for s in self.shards))
+      ]
     self.batches = 0
     if layout.task_major:
       per_shard = layout.units // num_shards
@@ -251,14 +300,20 @@ class Pipeline:
     """
     names = [ex.name for ex in self.examples]
     return {
-        "batches": self.batches,
-        "num_shards": self.num_shards,
-        "cursors": {n: int(c) for n, c in zip(
-            names, np.sum([s.scheduler.cursors for s in self.shards], axis=0))},
-        "shards": {str(s.index): {
-            "cursors": {n: int(c) for n, c in zip(names, s.scheduler.cursors)},
-            "examples": {n: len(ex) for n, ex in zip(names, s.examples)}}
-                   for s in self.shards}}
+      "batches": self.batches,
+      "num_shards": self.num_shards,
+      "cursors": {
+        n: int(c)
+        for n, c in zip(names, np.sum([s.scheduler.cursors for s in self.shards], axis=0))
+      },
+      "shards": {
+        str(s.index): {
+          "cursors": {n: int(c) for n, c in zip(names, s.scheduler.cursors)},
+          "examples": {n: len(ex) for n, ex in zip(names, s.examples)},
+        }
+        for s in self.shards
+      },
+    }
 
   def set_state(self, state: Mapping) -> None:
     """Continues from ``state`` (``get_state``, or ``merge_states`` of all processes).
@@ -270,34 +325,47 @@ class Pipeline:
     state = merge_states([state])
     shards = state["shards"]
     names = [ex.name for ex in self.examples]
-    missing = sorted({n for sh in shards.values() for n in names
-                      if n not in sh["cursors"]})
+    missing = sorted(
+      {n for sh in shards.values() for n in names if n not in sh["cursors"]}
+    )
     if missing:
-      raise UserError(f"The checkpoint's data position has no cursor for task(s) "
-                      f"{missing}: the mixture changed since it was saved; restart in "
-                      "a new MODEL_DIR or keep the mixture's tasks.")
+      raise UserError(
+        f"The checkpoint's data position has no cursor for task(s) "
+        f"{missing}: the mixture changed since it was saved; restart in "
+        "a new MODEL_DIR or keep the mixture's tasks."
+      )
     self.batches = int(state["batches"])
-    if (state["num_shards"] == self.num_shards
-        and all(str(s.index) in shards for s in self.shards)):
+    if state["num_shards"] == self.num_shards and all(
+      str(s.index) in shards for s in self.shards
+    ):
       for s in self.shards:
         saved = shards[str(s.index)]["cursors"]
         s.scheduler.cursors = np.array([int(saved[n]) for n in names], np.int64)
       return
     if len(shards) != state["num_shards"]:
-      logging.warning("The checkpoint's data position lacks some of its %d shards; "
-                      "the data order restarts from the beginning.",
-                      state["num_shards"])
+      logging.warning(
+        "The checkpoint's data position lacks some of its %d shards; "
+        "the data order restarts from the beginning.",
+        state["num_shards"],
+      )
       return
-    totals = np.array([sum(int(s["cursors"][n]) for s in shards.values())
-                       for n in names], np.int64)
-    logging.warning("The checkpoint's data position has %d data shards and this run "
-                    "%d: each task's %s examples consumed so far are split evenly over "
-                    "the new shards (same epochs, not the same examples). Set "
-                    "train.data_shards=%d to continue exactly.", state["num_shards"],
-                    self.num_shards, totals.tolist(), state["num_shards"])
+    totals = np.array(
+      [sum(int(s["cursors"][n]) for s in shards.values()) for n in names], np.int64
+    )
+    logging.warning(
+      "The checkpoint's data position has %d data shards and this run "
+      "%d: each task's %s examples consumed so far are split evenly over "
+      "the new shards (same epochs, not the same examples). Set "
+      "train.data_shards=%d to continue exactly.",
+      state["num_shards"],
+      self.num_shards,
+      totals.tolist(),
+      state["num_shards"],
+    )
     for s in self.shards:
       s.scheduler.cursors = totals // self.num_shards + (
-          s.index < totals % self.num_shards)
+        s.index < totals % self.num_shards
+      )
 
   def epochs(self) -> dict:
     """Completed passes over each task's data (this process's shards), as a float."""
@@ -318,8 +386,9 @@ class Pipeline:
     n = len(self.shards)
     if lay.task_major:
       per = lay.units // self.num_shards
-      out = packing.empty_rows(n * per * lay.rows_per_unit, lay.inputs_length,
-                               lay.targets_length)
+      out = packing.empty_rows(
+        n * per * lay.rows_per_unit, lay.inputs_length, lay.targets_length
+      )
       out = {k: v.reshape(n * per, lay.rows_per_unit, -1) for k, v in out.items()}
       unit_task = np.zeros([n * per], np.int32)
       for j, shard in enumerate(self.shards):
@@ -331,8 +400,15 @@ class Pipeline:
       out = packing.empty_rows(n * per, lay.inputs_length, lay.targets_length)
       for j, shard in enumerate(self.shards):
         part = slice(j * per, (j + 1) * per)
-        shard.fill(packing.UnitPacker(per, lay.inputs_length, lay.targets_length,
-                                      out={k: v[part] for k, v in out.items()}), None)
+        shard.fill(
+          packing.UnitPacker(
+            per,
+            lay.inputs_length,
+            lay.targets_length,
+            out={k: v[part] for k, v in out.items()},
+          ),
+          None,
+        )
     self.batches += 1
     return out
 
@@ -355,8 +431,9 @@ def merge_states(states: Sequence[Mapping]) -> dict:
   return {"batches": batches, "num_shards": num_shards or 1, "shards": merged}
 
 
-def _global_counts(local: np.ndarray, process_index: int,
-                   allgather: Optional[Callable]) -> np.ndarray:
+def _global_counts(
+  local: np.ndarray, process_index: int, allgather: Optional[Callable]
+) -> np.ndarray:
   """Examples per task over all shards: a sum over distinct readers' local counts."""
   if allgather is None:
     return local
@@ -366,12 +443,22 @@ def _global_counts(local: np.ndarray, process_index: int,
   return np.sum(list(by_reader.values()), axis=0)
 
 
-def load(name: str, feature_lengths: Mapping[str, int], layout: Layout, *,
-         split: str = "train", seed: int = 0, rate_fn: str = "mixture",
-         rate_maximum: float | None = None, rate_temperature: float = 1.0,
-         task_groups: Mapping[str, str] | None = None, process_index: int = 0,
-         process_count: int = 1, num_shards: Optional[int] = None,
-         allgather: Optional[Callable] = None) -> Pipeline:
+def load(
+  name: str,
+  feature_lengths: Mapping[str, int],
+  layout: Layout,
+  *,
+  split: str = "train",
+  seed: int = 0,
+  rate_fn: str = "mixture",
+  rate_maximum: float | None = None,
+  rate_temperature: float = 1.0,
+  task_groups: Mapping[str, str] | None = None,
+  process_index: int = 0,
+  process_count: int = 1,
+  num_shards: Optional[int] = None,
+  allgather: Optional[Callable] = None,
+) -> Pipeline:
   """Resolves ``name``, reads this process's shards of every task, returns a Pipeline.
 
   Args:
@@ -385,18 +472,27 @@ def load(name: str, feature_lengths: Mapping[str, int], layout: Layout, *,
   """
   lengths = check_feature_lengths(feature_lengths)
   if seed < 0:
-    raise UserError(f"The data seed must be >= 0 (got {seed}); set train.seed (or "
-                    "train.data_seed) to 0 or more.")
+    raise UserError(
+      f"The data seed must be >= 0 (got {seed}); set train.seed (or "
+      "train.data_seed) to 0 or more."
+    )
   shard_ids = local_shards(process_index, process_count, num_shards)
   num_shards = process_count if num_shards is None else num_shards
   check_layout(layout, num_shards)  # before the (slow) read, not only in Pipeline
   spec = registry.resolve(name, task_groups)
-  examples = {s: [materialize.read_task(t, split, lengths, s, num_shards)
-                  for t in spec.tasks] for s in shard_ids}
+  examples = {
+    s: [materialize.read_task(t, split, lengths, s, num_shards) for t in spec.tasks]
+    for s in shard_ids
+  }
   local = np.sum([[len(e) for e in exs] for exs in examples.values()], axis=0)
-  logging.info("Data shard(s) %s of %d read here: %s examples.", list(shard_ids),
-               num_shards, dict(zip(spec.task_names, local.tolist())))
+  logging.info(
+    "Data shard(s) %s of %d read here: %s examples.",
+    list(shard_ids),
+    num_shards,
+    dict(zip(spec.task_names, local.tolist())),
+  )
   counts = _global_counts(local, process_index, allgather)
-  rates = mixing.compute_rates(rate_fn, spec.seqio_rates, counts, rate_maximum,
-                               rate_temperature)
+  rates = mixing.compute_rates(
+    rate_fn, spec.seqio_rates, counts, rate_maximum, rate_temperature
+  )
   return Pipeline(spec, examples, rates, layout, seed, num_shards=num_shards)

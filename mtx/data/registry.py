@@ -35,6 +35,7 @@ class MixtureSpec:
     group_names: sorted group names; ``group_of_task[i]`` is task i's group id.
     group_of_task: tuple of group ids, one per task.
   """
+
   name: str
   tasks: tuple
   seqio_rates: tuple
@@ -62,8 +63,9 @@ class MixtureSpec:
     return self.tasks[0].output_features
 
 
-def import_modules(modules: Sequence[str] | str | None,
-                   vocabulary_path: Optional[str] = None) -> None:
+def import_modules(
+  modules: Sequence[str] | str | None, vocabulary_path: Optional[str] = None
+) -> None:
   """Imports user modules that register tasks (``MIXTURE_OR_TASK_MODULE``).
 
   Tasks they build on the default vocabulary (``vocab.get_vocabulary()``) get
@@ -81,8 +83,9 @@ def import_modules(modules: Sequence[str] | str | None,
         importlib.import_module(module)
     except ModuleNotFoundError as e:
       raise UserError(
-          f"MIXTURE_OR_TASK_MODULE '{module}' could not be imported ({e}); check the "
-          "module name and that its folder is on PYTHONPATH or installed.") from e
+        f"MIXTURE_OR_TASK_MODULE '{module}' could not be imported ({e}); check the "
+        "module name and that its folder is on PYTHONPATH or installed."
+      ) from e
 
 
 def _registered_names() -> list:
@@ -111,13 +114,15 @@ def resolve(name: str, task_groups: Optional[Mapping[str, str]] = None) -> Mixtu
     rates = (1.0,)
   else:
     raise UserError(
-        f"No seqio task or mixture is registered as '{name}'"
-        f"{close_names(name, _registered_names())}; set MIXTURE_OR_TASK_MODULE to "
-        "the module that registers it.")
+      f"No seqio task or mixture is registered as '{name}'"
+      f"{close_names(name, _registered_names())}; set MIXTURE_OR_TASK_MODULE to "
+      "the module that registers it."
+    )
   _check_compatible(name, tasks)
   if all(r <= 0 for r in rates):
-    raise UserError(f"Every task of mixture '{name}' has rate 0; give at least one a "
-                    "positive rate.")
+    raise UserError(
+      f"Every task of mixture '{name}' has rate 0; give at least one a positive rate."
+    )
   groups = _group_tasks([t.name for t in tasks], task_groups or {})
   group_names = tuple(sorted(set(groups)))
   group_of_task = tuple(group_names.index(g) for g in groups)
@@ -129,21 +134,24 @@ def _check_compatible(name: str, tasks: Sequence[seqio.Task]) -> None:
   for key in ("inputs", "targets"):
     if key not in first.output_features:
       raise UserError(
-          f"Task '{first.name}' has no '{key}' output feature (it has "
-          f"{sorted(first.output_features)}); mtx trains encoder-decoder models on "
-          "inputs -> targets.")
+        f"Task '{first.name}' has no '{key}' output feature (it has "
+        f"{sorted(first.output_features)}); mtx trains encoder-decoder models on "
+        "inputs -> targets."
+      )
   for task in tasks[1:]:
     if set(task.output_features) != set(first.output_features):
       raise UserError(
-          f"Tasks '{first.name}' and '{task.name}' in '{name}' have different output "
-          f"features ({sorted(first.output_features)} vs "
-          f"{sorted(task.output_features)}); give them the same features.")
+        f"Tasks '{first.name}' and '{task.name}' in '{name}' have different output "
+        f"features ({sorted(first.output_features)} vs "
+        f"{sorted(task.output_features)}); give them the same features."
+      )
     for key, feature in first.output_features.items():
       other = task.output_features[key]
       if other.vocabulary != feature.vocabulary:
         raise UserError(
-            f"Tasks '{first.name}' and '{task.name}' in '{name}' use different "
-            f"vocabularies for '{key}'; a mixture must share one vocabulary.")
+          f"Tasks '{first.name}' and '{task.name}' in '{name}' use different "
+          f"vocabularies for '{key}'; a mixture must share one vocabulary."
+        )
 
 
 def _group_tasks(task_names: Sequence[str], task_groups: Mapping[str, str]) -> list:
@@ -158,6 +166,8 @@ def _group_tasks(task_names: Sequence[str], task_groups: Mapping[str, str]) -> l
     groups.append(group)
   for pattern in task_groups:
     if pattern not in used:
-      raise UserError(f"train.task_groups pattern '{pattern}' matches no task"
-                      f"{close_names(pattern, task_names)}; fix it or remove it.")
+      raise UserError(
+        f"train.task_groups pattern '{pattern}' matches no task"
+        f"{close_names(pattern, task_names)}; fix it or remove it."
+      )
   return groups

@@ -53,18 +53,25 @@ def _resolve(split: str, patterns: FilePatterns) -> Tuple[str, ...]:
   for pattern in patterns:
     pattern = os.fspath(pattern)
     if "://" in pattern:
-      raise UserError(f"File pattern {pattern} for split '{split}' is remote but mtx "
-                      f"reads data only from local files; copy the data to a local "
-                      f"directory and point the source there.")
-    matches = sorted(p for p in glob.glob(os.path.expanduser(pattern))
-                     if os.path.isfile(p))
+      raise UserError(
+        f"File pattern {pattern} for split '{split}' is remote but mtx "
+        f"reads data only from local files; copy the data to a local "
+        f"directory and point the source there."
+      )
+    matches = sorted(
+      p for p in glob.glob(os.path.expanduser(pattern)) if os.path.isfile(p)
+    )
     if not matches and os.path.isdir(pattern):
-      raise UserError(f"File pattern {pattern} for split '{split}' is a directory; name "
-                      f"its files, e.g. {os.path.join(pattern, '*.tsv')}.")
+      raise UserError(
+        f"File pattern {pattern} for split '{split}' is a directory; name "
+        f"its files, e.g. {os.path.join(pattern, '*.tsv')}."
+      )
     if not matches:
       what = "matches no file" if glob.has_magic(pattern) else "does not exist"
-      raise UserError(f"File pattern {pattern} for split '{split}' {what}; check the "
-                      f"path (relative paths start at {os.getcwd()}).")
+      raise UserError(
+        f"File pattern {pattern} for split '{split}' {what}; check the "
+        f"path (relative paths start at {os.getcwd()})."
+      )
     files.extend(matches)
   if not files:
     raise UserError(f"Split '{split}' lists no files; give it at least one path or glob.")
@@ -77,15 +84,19 @@ def _read_lines(path: str) -> List[Tuple[int, str]]:
     with open(path, "rb") as f:
       data = f.read()
   except OSError as e:
-    raise UserError(f"Data file {path} cannot be read ({e.strerror}); fix its "
-                    f"permissions or remove it from the file pattern.") from e
+    raise UserError(
+      f"Data file {path} cannot be read ({e.strerror}); fix its "
+      f"permissions or remove it from the file pattern."
+    ) from e
   lines = []
   for lineno, raw in enumerate(data.split(b"\n"), start=1):
     try:
       text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
-      raise UserError(f"{path}:{lineno} is not valid UTF-8 (byte {raw[e.start]:#04x} "
-                      f"at column {e.start + 1}); re-save the file as UTF-8.") from e
+      raise UserError(
+        f"{path}:{lineno} is not valid UTF-8 (byte {raw[e.start]:#04x} "
+        f"at column {e.start + 1}); re-save the file as UTF-8."
+      ) from e
     if lineno == 1:
       text = text.removeprefix("\ufeff")  # A byte order mark is not data.
     text = text.removesuffix("\r")
@@ -100,20 +111,31 @@ class LocalFileSource(seqio.DataSource):
   Subclasses implement ``_parse(path, lines)`` returning one list per feature.
   """
 
-  def __init__(self, split_to_filepattern: Mapping[str, FilePatterns],
-               skip_header_lines: int = 0, caching_permitted: bool = True):
+  def __init__(
+    self,
+    split_to_filepattern: Mapping[str, FilePatterns],
+    skip_header_lines: int = 0,
+    caching_permitted: bool = True,
+  ):
     if not split_to_filepattern:
-      raise UserError(f"{type(self).__name__} got no splits; pass a mapping such as "
-                      f"{{'train': 'data/train.tsv'}}.")
+      raise UserError(
+        f"{type(self).__name__} got no splits; pass a mapping such as "
+        f"{{'train': 'data/train.tsv'}}."
+      )
     if skip_header_lines < 0:
-      raise UserError(f"skip_header_lines={skip_header_lines} is negative; pass 0 or "
-                      f"the number of header lines in each file.")
-    self._split_to_files = {str(split): _resolve(str(split), patterns)
-                            for split, patterns in split_to_filepattern.items()}
+      raise UserError(
+        f"skip_header_lines={skip_header_lines} is negative; pass 0 or "
+        f"the number of header lines in each file."
+      )
+    self._split_to_files = {
+      str(split): _resolve(str(split), patterns)
+      for split, patterns in split_to_filepattern.items()
+    }
     self._skip_header_lines = skip_header_lines
     self._loaded: Dict[str, Columns] = {}
-    super().__init__(splits=self._split_to_files.keys(),
-                     caching_permitted=caching_permitted)
+    super().__init__(
+      splits=self._split_to_files.keys(), caching_permitted=caching_permitted
+    )
 
   # --- seqio.DataSource -------------------------------------------------------------
 
@@ -128,12 +150,17 @@ class LocalFileSource(seqio.DataSource):
     columns = self._load(split)
     return len(next(iter(columns.values())))
 
-  def get_dataset(self, split: str = "train", shuffle: bool = True,
-                  seed: Optional[int] = None,
-                  shard_info: Optional[seqio.ShardInfo] = None, *,
-                  sequence_length: Optional[Mapping[str, int]] = None,
-                  use_cached: bool = False,
-                  num_epochs: Optional[int] = 1) -> tf.data.Dataset:
+  def get_dataset(
+    self,
+    split: str = "train",
+    shuffle: bool = True,
+    seed: Optional[int] = None,
+    shard_info: Optional[seqio.ShardInfo] = None,
+    *,
+    sequence_length: Optional[Mapping[str, int]] = None,
+    use_cached: bool = False,
+    num_epochs: Optional[int] = 1,
+  ) -> tf.data.Dataset:
     """Returns the split's examples (this shard's, optionally shuffled) as tf.data.
 
     Args:
@@ -156,7 +183,9 @@ class LocalFileSource(seqio.DataSource):
     if shard_info is not None:
       index, num_shards = int(shard_info.index), int(shard_info.num_shards)
       if num_shards < 1 or not 0 <= index < num_shards:
-        raise ValueError(f"Invalid shard_info {shard_info}: need 0 <= index < num_shards.")
+        raise ValueError(
+          f"Invalid shard_info {shard_info}: need 0 <= index < num_shards."
+        )
     order = np.arange(index, n, num_shards)
     if shuffle:
       rng = np.random.default_rng(None if seed is None else int(seed))
@@ -177,9 +206,11 @@ class LocalFileSource(seqio.DataSource):
 
   def _files(self, split: str) -> Tuple[str, ...]:
     if split not in self._split_to_files:
-      raise UserError(f"{type(self).__name__} has no split '{split}' (it has "
-                      f"{', '.join(self._split_to_files)}){close_names(split, self.splits)}; "
-                      f"ask for one of those or add the split's files.")
+      raise UserError(
+        f"{type(self).__name__} has no split '{split}' (it has "
+        f"{', '.join(self._split_to_files)}){close_names(split, self.splits)}; "
+        f"ask for one of those or add the split's files."
+      )
     return self._split_to_files[split]
 
   def _load(self, split: str) -> Columns:
@@ -198,8 +229,10 @@ class LocalFileSource(seqio.DataSource):
         for name, values in parsed.items():
           columns[name].extend(values)
     if columns is None or not next(iter(columns.values())):
-      raise UserError(f"Split '{split}' has no examples in {', '.join(files)}; add data "
-                      f"to the files or drop the split.")
+      raise UserError(
+        f"Split '{split}' has no examples in {', '.join(files)}; add data "
+        f"to the files or drop the split."
+      )
     self._loaded[split] = columns
     return columns
 
@@ -217,13 +250,20 @@ class LocalFileSource(seqio.DataSource):
 class TsvDataSource(LocalFileSource):
   """One example per line, fields separated by a delimiter (tab by default)."""
 
-  def __init__(self, split_to_filepattern: Mapping[str, FilePatterns],
-               columns: Sequence[str] = ("inputs", "targets"), delimiter: str = "\t",
-               skip_header_lines: int = 0, caching_permitted: bool = True):
+  def __init__(
+    self,
+    split_to_filepattern: Mapping[str, FilePatterns],
+    columns: Sequence[str] = ("inputs", "targets"),
+    delimiter: str = "\t",
+    skip_header_lines: int = 0,
+    caching_permitted: bool = True,
+  ):
     self._columns = tuple(columns)
     if not self._columns or len(set(self._columns)) != len(self._columns):
-      raise UserError(f"tsv_source columns {self._columns} must be distinct feature "
-                      f"names and at least one; pass e.g. ('inputs', 'targets').")
+      raise UserError(
+        f"tsv_source columns {self._columns} must be distinct feature "
+        f"names and at least one; pass e.g. ('inputs', 'targets')."
+      )
     if not delimiter:
       raise UserError("tsv_source delimiter is empty; pass a character such as '\\t'.")
     self._delimiter = delimiter
@@ -235,9 +275,10 @@ class TsvDataSource(LocalFileSource):
       fields = text.split(self._delimiter)
       if len(fields) != len(self._columns):
         raise UserError(
-            f"{path}:{lineno} has {len(fields)} {self._delimiter!r}-separated fields but "
-            f"columns={self._columns} expects {len(self._columns)}; fix the line or pass "
-            f"columns matching the file.")
+          f"{path}:{lineno} has {len(fields)} {self._delimiter!r}-separated fields but "
+          f"columns={self._columns} expects {len(self._columns)}; fix the line or pass "
+          f"columns matching the file."
+        )
       for name, value in zip(self._columns, fields):
         out[name].append(value)
     return out
@@ -253,16 +294,21 @@ class JsonlDataSource(LocalFileSource):
   its first value; integers are accepted in a float field); nested values are refused.
   """
 
-  def __init__(self, split_to_filepattern: Mapping[str, FilePatterns],
-               fields: Union[Sequence[str], Mapping[str, str]] = ("inputs", "targets"),
-               caching_permitted: bool = True):
+  def __init__(
+    self,
+    split_to_filepattern: Mapping[str, FilePatterns],
+    fields: Union[Sequence[str], Mapping[str, str]] = ("inputs", "targets"),
+    caching_permitted: bool = True,
+  ):
     if isinstance(fields, Mapping):
       self._fields = {str(k): str(v) for k, v in fields.items()}
     else:
       self._fields = {str(f): str(f) for f in fields}
     if not self._fields:
-      raise UserError("jsonl_source got no fields; pass e.g. fields=('inputs', 'targets') "
-                      "or {'inputs': 'question', 'targets': 'answer'}.")
+      raise UserError(
+        "jsonl_source got no fields; pass e.g. fields=('inputs', 'targets') "
+        "or {'inputs': 'question', 'targets': 'answer'}."
+      )
     self._types: Dict[str, type] = {}
     super().__init__(split_to_filepattern, 0, caching_permitted)
 
@@ -272,31 +318,41 @@ class JsonlDataSource(LocalFileSource):
       try:
         record = json.loads(text)
       except json.JSONDecodeError as e:
-        raise UserError(f"{path}:{lineno} is not valid JSON ({e.msg} at column "
-                        f"{e.colno}); write one JSON object per line.") from e
+        raise UserError(
+          f"{path}:{lineno} is not valid JSON ({e.msg} at column "
+          f"{e.colno}); write one JSON object per line."
+        ) from e
       if not isinstance(record, dict):
-        raise UserError(f"{path}:{lineno} holds a JSON {type(record).__name__} but "
-                        f"jsonl_source needs one JSON object per line; wrap it as "
-                        f"{{\"field\": ...}}.")
+        raise UserError(
+          f"{path}:{lineno} holds a JSON {type(record).__name__} but "
+          f"jsonl_source needs one JSON object per line; wrap it as "
+          f'{{"field": ...}}.'
+        )
       for name, key in self._fields.items():
         if key not in record:
-          raise UserError(f"{path}:{lineno} has no field '{key}'"
-                          f"{close_names(key, record)}; add it or change fields=.")
+          raise UserError(
+            f"{path}:{lineno} has no field '{key}'"
+            f"{close_names(key, record)}; add it or change fields=."
+          )
         out[name].append(self._check_value(path, lineno, name, key, record[key]))
     return out
 
   def _check_value(self, path: str, lineno: int, name: str, key: str, value: Any) -> Any:
     kind = type(value)
     if kind not in _JSON_DTYPES:
-      raise UserError(f"{path}:{lineno} field '{key}' is a JSON "
-                      f"{'null' if value is None else kind.__name__} but features must "
-                      f"be strings, numbers or booleans; flatten it to one of those.")
+      raise UserError(
+        f"{path}:{lineno} field '{key}' is a JSON "
+        f"{'null' if value is None else kind.__name__} but features must "
+        f"be strings, numbers or booleans; flatten it to one of those."
+      )
     expected = self._types.setdefault(name, kind)
     if expected is float and kind is int:
       return float(value)
     if kind is not expected:
-      raise UserError(f"{path}:{lineno} field '{key}' is {kind.__name__} but earlier "
-                      f"lines made it {expected.__name__}; use one type per field.")
+      raise UserError(
+        f"{path}:{lineno} field '{key}' is {kind.__name__} but earlier "
+        f"lines made it {expected.__name__}; use one type per field."
+      )
     return value
 
   def _dtype(self, name):
@@ -306,9 +362,13 @@ class JsonlDataSource(LocalFileSource):
 class TextLineDataSource(LocalFileSource):
   """One example per non-blank line, as a single string feature."""
 
-  def __init__(self, split_to_filepattern: Mapping[str, FilePatterns],
-               feature: str = "text", skip_header_lines: int = 0,
-               caching_permitted: bool = True):
+  def __init__(
+    self,
+    split_to_filepattern: Mapping[str, FilePatterns],
+    feature: str = "text",
+    skip_header_lines: int = 0,
+    caching_permitted: bool = True,
+  ):
     self._feature = feature
     super().__init__(split_to_filepattern, skip_header_lines, caching_permitted)
 
@@ -317,10 +377,13 @@ class TextLineDataSource(LocalFileSource):
     return {self._feature: [text for _, text in lines]}
 
 
-def tsv_source(split_to_filepattern: Mapping[str, FilePatterns],
-               columns: Sequence[str] = ("inputs", "targets"), delimiter: str = "\t",
-               skip_header_lines: int = 0,
-               caching_permitted: bool = True) -> TsvDataSource:
+def tsv_source(
+  split_to_filepattern: Mapping[str, FilePatterns],
+  columns: Sequence[str] = ("inputs", "targets"),
+  delimiter: str = "\t",
+  skip_header_lines: int = 0,
+  caching_permitted: bool = True,
+) -> TsvDataSource:
   """A source of delimiter-separated lines, one feature per column.
 
   Args:
@@ -334,13 +397,16 @@ def tsv_source(split_to_filepattern: Mapping[str, FilePatterns],
   Returns:
     A ``seqio.DataSource`` of string features.
   """
-  return TsvDataSource(split_to_filepattern, columns, delimiter, skip_header_lines,
-                       caching_permitted)
+  return TsvDataSource(
+    split_to_filepattern, columns, delimiter, skip_header_lines, caching_permitted
+  )
 
 
-def jsonl_source(split_to_filepattern: Mapping[str, FilePatterns],
-                 fields: Union[Sequence[str], Mapping[str, str]] = ("inputs", "targets"),
-                 caching_permitted: bool = True) -> JsonlDataSource:
+def jsonl_source(
+  split_to_filepattern: Mapping[str, FilePatterns],
+  fields: Union[Sequence[str], Mapping[str, str]] = ("inputs", "targets"),
+  caching_permitted: bool = True,
+) -> JsonlDataSource:
   """A source of JSON Lines files.
 
   Args:
@@ -355,9 +421,12 @@ def jsonl_source(split_to_filepattern: Mapping[str, FilePatterns],
   return JsonlDataSource(split_to_filepattern, fields, caching_permitted)
 
 
-def textline_source(split_to_filepattern: Mapping[str, FilePatterns],
-                    feature: str = "text", skip_header_lines: int = 0,
-                    caching_permitted: bool = True) -> TextLineDataSource:
+def textline_source(
+  split_to_filepattern: Mapping[str, FilePatterns],
+  feature: str = "text",
+  skip_header_lines: int = 0,
+  caching_permitted: bool = True,
+) -> TextLineDataSource:
   """A source with one string feature per non-blank line (for pretraining text).
 
   Args:
@@ -369,5 +438,6 @@ def textline_source(split_to_filepattern: Mapping[str, FilePatterns],
   Returns:
     A ``seqio.DataSource``.
   """
-  return TextLineDataSource(split_to_filepattern, feature, skip_header_lines,
-                            caching_permitted)
+  return TextLineDataSource(
+    split_to_filepattern, feature, skip_header_lines, caching_permitted
+  )

@@ -14,8 +14,8 @@ import contextlib
 import os
 from typing import Iterator, Optional
 
-import seqio
 import sentencepiece as spm
+import seqio
 
 from mtx.errors import UserError
 
@@ -33,8 +33,9 @@ _default_path: Optional[str] = None
 _FIX = "pass the path of a SentencePiece .model file or create one with `python tools/train_vocab.py`"
 
 
-def get_vocabulary(path: Optional[str] = None,
-                   extra_ids: int = 0) -> seqio.SentencePieceVocabulary:
+def get_vocabulary(
+  path: Optional[str] = None, extra_ids: int = 0
+) -> seqio.SentencePieceVocabulary:
   """Loads a local SentencePiece model as a seqio vocabulary, failing early and clearly.
 
   Args:
@@ -55,29 +56,37 @@ def get_vocabulary(path: Optional[str] = None,
     path = default_path()
   path = os.fspath(path)
   if "://" in path:
-    raise UserError(f"Vocabulary path {path} is remote but mtx reads vocabularies only "
-                    f"from local files; copy the model to a local path and pass that.")
+    raise UserError(
+      f"Vocabulary path {path} is remote but mtx reads vocabularies only "
+      f"from local files; copy the model to a local path and pass that."
+    )
   if not os.path.isfile(path):
     raise UserError(f"Vocabulary file {path} does not exist; {_FIX}.")
   if extra_ids < 0:
-    raise UserError(f"extra_ids={extra_ids} for vocabulary {path} is negative; "
-                    f"pass 0 or more.")
+    raise UserError(
+      f"extra_ids={extra_ids} for vocabulary {path} is negative; pass 0 or more."
+    )
   try:
     with open(path, "rb") as f:
       proto = f.read()
   except OSError as e:
-    raise UserError(f"Vocabulary file {path} cannot be read ({e.strerror}); "
-                    f"fix its permissions or {_FIX}.") from e
+    raise UserError(
+      f"Vocabulary file {path} cannot be read ({e.strerror}); "
+      f"fix its permissions or {_FIX}."
+    ) from e
   processor = spm.SentencePieceProcessor()
   try:
     processor.LoadFromSerializedProto(proto)
   except (RuntimeError, OSError, TypeError) as e:
-    raise UserError(f"Vocabulary file {path} is not a SentencePiece model; {_FIX}.") from e
+    raise UserError(
+      f"Vocabulary file {path} is not a SentencePiece model; {_FIX}."
+    ) from e
   if processor.pad_id() != PAD_ID or processor.eos_id() != EOS_ID:
     raise UserError(
-        f"Vocabulary {path} has pad id {processor.pad_id()} and eos id "
-        f"{processor.eos_id()} but T5 models need pad=0 and eos=1; retrain it with "
-        f"`python tools/train_vocab.py` (or --pad_id=0 --eos_id=1).")
+      f"Vocabulary {path} has pad id {processor.pad_id()} and eos id "
+      f"{processor.eos_id()} but T5 models need pad=0 and eos=1; retrain it with "
+      f"`python tools/train_vocab.py` (or --pad_id=0 --eos_id=1)."
+    )
   vocab = seqio.SentencePieceVocabulary(path, extra_ids=extra_ids)
   vocab.tokenizer  # pylint: disable=pointless-statement  # Loads the model now.
   return vocab

@@ -43,16 +43,20 @@ import seqio
 from mtx import parallel
 from mtx.data import pipeline as data_pipeline
 from mtx.errors import UserError
-from mtx.infer import decoding
 from mtx.eval import results
 from mtx.eval.results import LOSS, NUM_EXAMPLES, EvalResult
+from mtx.infer import decoding
 from mtx.infer.predict import Predictor
 from mtx.model import losses
 
 log = logging.getLogger("mtx")
 
-_MODEL_FEATURES = ("encoder_input_tokens", "decoder_input_tokens", "decoder_target_tokens",
-                   "decoder_loss_weights")
+_MODEL_FEATURES = (
+  "encoder_input_tokens",
+  "decoder_input_tokens",
+  "decoder_target_tokens",
+  "decoder_loss_weights",
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,6 +81,7 @@ class EvalOptions:
     baseline_dir: another run's MODEL_DIR whose newest ``eval/step_N.json`` is the
       baseline of Delta-m (None = no Delta-m).
   """
+
   split: str = "validation"
   batch_size: int = 128
   max_examples: Optional[int] = None
@@ -94,16 +99,21 @@ class EvalOptions:
   def __post_init__(self):  # Bad settings fail where they are given, before any work.
     self.decode.check("EVAL", self.batch_size)
     if self.task_feature_lengths is not None:
-      data_pipeline.check_feature_lengths(self.task_feature_lengths,
-                                          "EVAL_TASK_FEATURE_LENGTHS")
+      data_pipeline.check_feature_lengths(
+        self.task_feature_lengths, "EVAL_TASK_FEATURE_LENGTHS"
+      )
 
   @property
   def decode(self) -> decoding.DecodeOptions:
     """The decoding options among these."""
     return decoding.DecodeOptions(
-        method=self.decode_method, num_beams=self.num_beams,
-        length_penalty=self.length_penalty, temperature=self.temperature,
-        top_k=self.top_k, seed=self.seed)
+      method=self.decode_method,
+      num_beams=self.num_beams,
+      length_penalty=self.length_penalty,
+      temperature=self.temperature,
+      top_k=self.top_k,
+      seed=self.seed,
+    )
 
 
 def _as_float(value: Any) -> Optional[float]:
@@ -146,21 +156,25 @@ def _to_numpy(dataset, with_index: bool, lengths: Mapping[str, int]) -> dict:
 
 def _used_lengths(all_arrays) -> dict:
   """{"inputs": longest encoder input, "targets": longest target} over all examples."""
+
   def longest(matrix):
     if matrix is None or not matrix.size:
       return 1
     nonzero = matrix != 0
     last = matrix.shape[1] - np.argmax(nonzero[:, ::-1], axis=1)
     return int(np.max(np.where(nonzero.any(axis=1), last, 1)))
+
   all_arrays = list(all_arrays)
-  return {"inputs": max(longest(a["encoder_input_tokens"]) for a in all_arrays),
-          "targets": max(longest(a["decoder_target_tokens"]) for a in all_arrays)}
+  return {
+    "inputs": max(longest(a["encoder_input_tokens"]) for a in all_arrays),
+    "targets": max(longest(a["decoder_target_tokens"]) for a in all_arrays),
+  }
 
 
 def _trim(row: np.ndarray) -> list:
   """Token ids up to the last nonzero one (drops the feature converter's padding)."""
   nonzero = np.flatnonzero(row)
-  return row[:nonzero[-1] + 1].tolist() if nonzero.size else []
+  return row[: nonzero[-1] + 1].tolist() if nonzero.size else []
 
 
 def make_loss_fn(model: nn.Module):
@@ -170,15 +184,37 @@ def make_loss_fn(model: nn.Module):
   decoder_input_tokens, decoder_target_tokens, decoder_loss_weights. Rows whose
   weights are all 0 (batch padding) add nothing.
   """
+
   def fn(params, batch):
-    logits = model.apply({"params": params}, batch["encoder_input_tokens"],
-                         batch["decoder_input_tokens"])
+    logits = model.apply(
+      {"params": params}, batch["encoder_input_tokens"], batch["decoder_input_tokens"]
+    )
     token_loss = losses.cross_entropy(logits, batch["decoder_target_tokens"])
     weights = batch["decoder_loss_weights"].astype(jnp.float32)
     # An all-padding row may give non-finite logits; 0 * NaN would still be NaN.
     token_loss = jnp.where(weights > 0, token_loss, 0.0)
     return jnp.sum(token_loss * weights), jnp.sum(weights)
+
   return fn
+
+
+def _eval_tasks(name: str, split: str) -> list:
+  """The leaf tasks of ``name``; a UserError unless it is registered and some task has
+  ``split``."""
+  try:
+    tasks = seqio.get_subtasks(seqio.get_mixture_or_task(name))
+  except ValueError as e:
+    raise UserError(
+      f"Eval mixture or task '{name}' is not registered ({e}); set "
+      "MIXTURE_OR_TASK_MODULE to the module that registers it."
+    ) from e
+  if not any(split in t.splits for t in tasks):
+    splits = sorted({s for t in tasks for s in t.splits})
+    raise UserError(
+      f"No task of '{name}' has a '{split}' split; set EVAL_SPLIT to "
+      f"one of their splits ({', '.join(splits)})."
+    )
+  return tasks
 
 
 class Evaluator:
@@ -196,65 +232,85 @@ class Evaluator:
       the options.
   """
 
-  def __init__(self, model: nn.Module, mesh, rules: Sequence, param_shardings,
-               mixture_or_task_name: str, task_feature_lengths: Mapping[str, int],
-               options: EvalOptions = EvalOptions(), *, predictor: Any = None):
+  def __init__(
+    self,
+    model: nn.Module,
+    mesh,
+    rules: Sequence,
+    param_shardings,
+    mixture_or_task_name: str,
+    task_feature_lengths: Mapping[str, int],
+    options: EvalOptions = EvalOptions(),
+    *,
+    predictor: Any = None,
+  ):
     self.options = options
     self._model, self._mesh, self._rules = model, mesh, tuple(rules)
     name = options.mixture_or_task_name or mixture_or_task_name
     self.lengths = data_pipeline.check_feature_lengths(
-        options.task_feature_lengths or task_feature_lengths,
-        "EVAL_TASK_FEATURE_LENGTHS" if options.task_feature_lengths
-        else "TASK_FEATURE_LENGTHS")
+      options.task_feature_lengths or task_feature_lengths,
+      "EVAL_TASK_FEATURE_LENGTHS"
+      if options.task_feature_lengths
+      else "TASK_FEATURE_LENGTHS",
+    )
     dp = parallel.data_parallel_size(mesh)
     self.batch_size = _round_up(options.batch_size, dp * jax.process_count())
     if options.baseline_dir:  # Fail now rather than at the first evaluation.
       results.read_results(options.baseline_dir)
     start = time.time()
-    try:
-      tasks = seqio.get_subtasks(seqio.get_mixture_or_task(name))
-    except ValueError as e:
-      raise UserError(f"Eval mixture or task '{name}' is not registered ({e}); set "
-                      "MIXTURE_OR_TASK_MODULE to the module that registers it.") from e
     split = options.split
+    tasks = _eval_tasks(name, split)
     self.task_names = tuple(sorted(t.name for t in tasks if split in t.splits))
-    if not self.task_names:
-      splits = sorted({s for t in tasks for s in t.splits})
-      raise UserError(f"No task of '{name}' has a '{split}' split; set EVAL_SPLIT to "
-                      f"one of their splits ({', '.join(splits)}).")
     self._seqio = seqio.Evaluator(
-        name, seqio.EncDecFeatureConverter(pack=False), eval_split=split,
-        sequence_length=self.lengths, num_examples=options.max_examples,
-        use_memory_cache=True, async_compute_metrics=False, logger_cls=())
+      name,
+      seqio.EncDecFeatureConverter(pack=False),
+      eval_split=split,
+      sequence_length=self.lengths,
+      num_examples=options.max_examples,
+      use_memory_cache=True,
+      async_compute_metrics=False,
+      logger_cls=(),
+    )
     scored = {t.name for t in self._seqio.eval_tasks}
     self._metric_tasks = tuple(n for n in self.task_names if n in scored)
     # task -> its examples as unpacked model features, [N, L] arrays.
-    self._arrays = {t.name: self._read_examples(t, t.name in scored) for t in tasks
-                    if t.name in self.task_names}
+    self._arrays = {
+      t.name: self._read_examples(t, t.name in scored)
+      for t in tasks
+      if t.name in self.task_names
+    }
     # Shapes as long as the longest example, not the configured bound: the decoder
     # runs fewer steps and nothing is cut that the bound would keep.
     self.shapes = _used_lengths(self._arrays.values())
     for arrays in self._arrays.values():
       for k in _MODEL_FEATURES:
-        arrays[k] = arrays[k][:, :self.shapes[_length_key(k)]]
+        arrays[k] = arrays[k][:, : self.shapes[_length_key(k)]]
     vocabulary = tasks[0].output_features["targets"].vocabulary
     self._eos_id = vocabulary.eos_id
     self._predictor = predictor
     if self._predictor is None and self._metric_tasks:
       self._predictor = self._make_predictor(param_shardings, vocabulary.vocab_size)
     rows = parallel.batch_sharding(mesh, 2)
-    self._loss_fn = jax.jit(make_loss_fn(model), in_shardings=(
-        param_shardings, {k: rows for k in _MODEL_FEATURES}))
-    log.info("Eval data for %d tasks of '%s' (%s) read in %.1f s.", len(self.task_names),
-             name, split, time.time() - start)
+    self._loss_fn = jax.jit(
+      make_loss_fn(model),
+      in_shardings=(param_shardings, {k: rows for k in _MODEL_FEATURES}),
+    )
+    log.info(
+      "Eval data for %d tasks of '%s' (%s) read in %.1f s.",
+      len(self.task_names),
+      name,
+      split,
+      time.time() - start,
+    )
 
   def _read_examples(self, task: seqio.Task, scored: bool) -> dict:
     """A task's eval examples as [N, L] arrays of unpacked model features."""
     if scored:  # seqio has read and cached it already.
       return _to_numpy(self._seqio.cached_model_datasets[task.name], True, self.lengths)
     # No metric_fns: seqio skips the task, but its loss is still worth reporting.
-    ds = task.get_dataset(self.lengths, split=self.options.split, shuffle=False,
-                          num_epochs=1)
+    ds = task.get_dataset(
+      self.lengths, split=self.options.split, shuffle=False, num_epochs=1
+    )
     if self.options.max_examples:
       ds = ds.take(self.options.max_examples)
     converted = seqio.EncDecFeatureConverter(pack=False)(ds, self.lengths)
@@ -263,10 +319,17 @@ class Evaluator:
   def _make_predictor(self, param_shardings, vocab_size: int):
     o = self.options
     return Predictor(
-        self._model, self._mesh, self._rules, param_shardings, batch_size=self.batch_size,
-        inputs_length=self.shapes["inputs"], max_decode_length=self.shapes["targets"],
-        decode=o.decode, eos_id=self._eos_id,
-        vocab_size=vocab_size)
+      self._model,
+      self._mesh,
+      self._rules,
+      param_shardings,
+      batch_size=self.batch_size,
+      inputs_length=self.shapes["inputs"],
+      max_decode_length=self.shapes["targets"],
+      decode=o.decode,
+      eos_id=self._eos_id,
+      vocab_size=vocab_size,
+    )
 
   def num_examples(self, task_name: str) -> int:
     return len(self._arrays[task_name]["encoder_input_tokens"])
@@ -293,13 +356,15 @@ class Evaluator:
       for index, ids in zip(arrays["index"], outputs):
         # EOS, then padding: seqio decodes up to the first EOS, and stacks the
         # outputs into one 2-D array, so every row needs the same width.
-        ids = list(ids)[:width - 1] + [self._eos_id]
+        ids = list(ids)[: width - 1] + [self._eos_id]
         out.append((int(index), np.array(ids + [0] * (width - len(ids)), np.int32)))
       return out
+
     return predict
 
   def _score_fn(self, params):
     """seqio's score_fn: (index, log-likelihood of the targets) per example."""
+
     def score(dataset, model_feature_shapes=None):
       del model_feature_shapes
       arrays = self._examples(dataset)
@@ -307,6 +372,7 @@ class Evaluator:
       targets = [_trim(row) for row in arrays["decoder_target_tokens"]]
       scores = self._predictor.score(params, inputs, targets) if inputs else []
       return [(int(i), float(s)) for i, s in zip(arrays["index"], scores)]
+
     return score
 
   # ---- loss --------------------------------------------------------------------------
@@ -320,13 +386,14 @@ class Evaluator:
     for start in range(0, n, self.batch_size):
       batch = {}
       for k in _MODEL_FEATURES:
-        rows = arrays[k][start:start + self.batch_size]
+        rows = arrays[k][start : start + self.batch_size]
         pad = self.batch_size - len(rows)
         if pad:
           rows = np.concatenate([rows, np.zeros((pad,) + rows.shape[1:], rows.dtype)])
         # Every process holds all rows: each device takes its slice of them.
-        batch[k] = jax.make_array_from_callback(rows.shape, sharding,
-                                                lambda idx, r=rows: r[idx])
+        batch[k] = jax.make_array_from_callback(
+          rows.shape, sharding, lambda idx, r=rows: r[idx]
+        )
       loss_sum, tokens = self._loss_fn(params, batch)
       total += float(loss_sum)
       count += float(tokens)
@@ -342,8 +409,11 @@ class Evaluator:
       scores = {}
       if self._metric_tasks:
         future, _ = self._seqio.evaluate(
-            compute_metrics=True, step=int(step), predict_fn=self._predict_fn(params),
-            score_fn=self._score_fn(params))
+          compute_metrics=True,
+          step=int(step),
+          predict_fn=self._predict_fn(params),
+          score_fn=self._score_fn(params),
+        )
         scores = future.result() or {}
       for name in self.task_names:
         values = {}
@@ -360,8 +430,13 @@ class Evaluator:
           del primary[name]
         values[NUM_EXAMPLES] = self.num_examples(name)
         tasks[name] = values
-    return EvalResult(step=int(step), split=self.options.split, tasks=tasks,
-                      primary=primary, seconds=time.time() - start)
+    return EvalResult(
+      step=int(step),
+      split=self.options.split,
+      tasks=tasks,
+      primary=primary,
+      seconds=time.time() - start,
+    )
 
   def close(self) -> None:
     self._seqio.close()

@@ -13,8 +13,8 @@ Empty inputs give NaN rather than raising, so an eval of an empty shard still lo
 (``pip install "mtx[text-metrics]"``); they are imported when first called.
 """
 
-import importlib
 import collections
+import importlib
 import re
 import string
 from typing import Any, Hashable, Mapping, Optional, Sequence
@@ -27,11 +27,15 @@ from mtx.errors import UserError
 
 def _check(targets: Sequence[Any], predictions: Sequence[Any], metric: str) -> None:
   if len(targets) != len(predictions):
-    raise UserError(f"Metric {metric} got {len(targets)} targets but "
-                    f"{len(predictions)} predictions; pass one prediction per target.")
+    raise UserError(
+      f"Metric {metric} got {len(targets)} targets but "
+      f"{len(predictions)} predictions; pass one prediction per target."
+    )
 
 
-def exact_match(targets: Sequence[Any], predictions: Sequence[Any]) -> Mapping[str, float]:
+def exact_match(
+  targets: Sequence[Any], predictions: Sequence[Any]
+) -> Mapping[str, float]:
   """Percent of predictions equal to their target (strings compared exactly)."""
   _check(targets, predictions, "exact_match")
   if not targets:
@@ -40,7 +44,9 @@ def exact_match(targets: Sequence[Any], predictions: Sequence[Any]) -> Mapping[s
   return {"exact_match": 100.0 * hits / len(targets)}
 
 
-def accuracy(targets: Sequence[Hashable], predictions: Sequence[Hashable]) -> Mapping[str, float]:
+def accuracy(
+  targets: Sequence[Hashable], predictions: Sequence[Hashable]
+) -> Mapping[str, float]:
   """Percent of predicted labels equal to the target label."""
   _check(targets, predictions, "accuracy")
   if not targets:
@@ -54,8 +60,11 @@ def _f1(tp: int, fp: int, fn: int) -> float:
   return 2.0 * tp / denom if denom else 0.0
 
 
-def f1_binary(targets: Sequence[Hashable], predictions: Sequence[Hashable],
-              positive_label: Hashable = 1) -> Mapping[str, float]:
+def f1_binary(
+  targets: Sequence[Hashable],
+  predictions: Sequence[Hashable],
+  positive_label: Hashable = 1,
+) -> Mapping[str, float]:
   """F1 of the positive class; any other value (including invalid ones) is negative.
 
   Args:
@@ -76,8 +85,11 @@ def f1_binary(targets: Sequence[Hashable], predictions: Sequence[Hashable],
   return {"f1": 100.0 * _f1(tp, fp, fn)}
 
 
-def mean_multiclass_f1(targets: Sequence[Hashable], predictions: Sequence[Hashable],
-                       labels: Optional[Sequence[Hashable]] = None) -> Mapping[str, float]:
+def mean_multiclass_f1(
+  targets: Sequence[Hashable],
+  predictions: Sequence[Hashable],
+  labels: Optional[Sequence[Hashable]] = None,
+) -> Mapping[str, float]:
   """Unweighted mean over classes of one-vs-rest F1 (macro F1), as T5 uses for CB.
 
   Args:
@@ -102,8 +114,9 @@ def mean_multiclass_f1(targets: Sequence[Hashable], predictions: Sequence[Hashab
   return {"mean_multiclass_f1": 100.0 * float(np.mean(scores))}
 
 
-def matthews_corrcoef(targets: Sequence[Hashable],
-                      predictions: Sequence[Hashable]) -> Mapping[str, float]:
+def matthews_corrcoef(
+  targets: Sequence[Hashable], predictions: Sequence[Hashable]
+) -> Mapping[str, float]:
   """Matthews correlation (multiclass form of Gorodkin 2004; the usual one for 2 classes).
 
   Computed from the confusion matrix C as
@@ -129,11 +142,15 @@ def _as_floats(values: Sequence[Any], metric: str) -> np.ndarray:
   try:
     return np.asarray(values, dtype=np.float64)
   except (TypeError, ValueError) as e:
-    raise UserError(f"Metric {metric} needs numbers but got {values[:3]!r}...; add a "
-                    f"postprocess_fn to the task that turns text into floats.") from e
+    raise UserError(
+      f"Metric {metric} needs numbers but got {values[:3]!r}...; add a "
+      f"postprocess_fn to the task that turns text into floats."
+    ) from e
 
 
-def pearson(targets: Sequence[float], predictions: Sequence[float]) -> Mapping[str, float]:
+def pearson(
+  targets: Sequence[float], predictions: Sequence[float]
+) -> Mapping[str, float]:
   """Pearson correlation times 100 (0 if either side is constant)."""
   _check(targets, predictions, "pearson")
   t, p = _as_floats(targets, "pearson"), _as_floats(predictions, "pearson")
@@ -144,7 +161,9 @@ def pearson(targets: Sequence[float], predictions: Sequence[float]) -> Mapping[s
   return {"pearson": 100.0 * float(scipy.stats.pearsonr(t, p)[0])}
 
 
-def spearman(targets: Sequence[float], predictions: Sequence[float]) -> Mapping[str, float]:
+def spearman(
+  targets: Sequence[float], predictions: Sequence[float]
+) -> Mapping[str, float]:
   """Spearman rank correlation times 100 (0 if either side is constant)."""
   _check(targets, predictions, "spearman")
   t, p = _as_floats(targets, "spearman"), _as_floats(predictions, "spearman")
@@ -177,8 +196,9 @@ def _token_f1(target: str, prediction: str) -> float:
   return 2 * precision * recall / (precision + recall)
 
 
-def max_over_answers_em_f1(targets: Sequence[Any],
-                           predictions: Sequence[str]) -> Mapping[str, float]:
+def max_over_answers_em_f1(
+  targets: Sequence[Any], predictions: Sequence[str]
+) -> Mapping[str, float]:
   """SQuAD-style exact match and token F1, each the best over a target's answers.
 
   Each target is a string or a list of acceptable answers (as ReCoRD has); answers and
@@ -208,12 +228,15 @@ def _import_optional(module: str, metric: str):
   try:
     return importlib.import_module(module)
   except ImportError as e:
-    raise UserError(f"Metric {metric} needs the package {module.split('.')[0]}, which "
-                    f"is not installed; run {_TEXT_METRICS_HINT}.") from e
+    raise UserError(
+      f"Metric {metric} needs the package {module.split('.')[0]}, which "
+      f"is not installed; run {_TEXT_METRICS_HINT}."
+    ) from e
 
 
-def bleu(targets: Sequence[Any], predictions: Sequence[str],
-         tokenize: str = "intl") -> Mapping[str, float]:
+def bleu(
+  targets: Sequence[Any], predictions: Sequence[str], tokenize: str = "intl"
+) -> Mapping[str, float]:
   """Corpus BLEU (sacrebleu, T5's settings: exp smoothing, "intl" tokenization).
 
   Args:
@@ -234,18 +257,29 @@ def bleu(targets: Sequence[Any], predictions: Sequence[str],
   else:
     counts = {len(t) for t in targets}
     if len(counts) != 1:
-      raise UserError(f"Metric bleu got examples with {sorted(counts)} references; give "
-                      "every example the same number.")
+      raise UserError(
+        f"Metric bleu got examples with {sorted(counts)} references; give "
+        "every example the same number."
+      )
     streams = [list(refs) for refs in zip(*targets)]
-  score = sacrebleu.corpus_bleu(list(predictions), streams, smooth_method="exp",
-                                smooth_value=0.0, force=False, lowercase=False,
-                                tokenize=tokenize, use_effective_order=False)
+  score = sacrebleu.corpus_bleu(
+    list(predictions),
+    streams,
+    smooth_method="exp",
+    smooth_value=0.0,
+    force=False,
+    lowercase=False,
+    tokenize=tokenize,
+    use_effective_order=False,
+  )
   return {"bleu": float(score.score)}
 
 
-def rouge(targets: Sequence[str], predictions: Sequence[str],
-          score_keys: Sequence[str] = ("rouge1", "rouge2", "rougeLsum")
-          ) -> Mapping[str, float]:
+def rouge(
+  targets: Sequence[str],
+  predictions: Sequence[str],
+  score_keys: Sequence[str] = ("rouge1", "rouge2", "rougeLsum"),
+) -> Mapping[str, float]:
   """Mean ROUGE F-measures (rouge-score), as T5 reports them for summarization.
 
   As in T5, " . " ends a sentence for rougeLsum. The mean over examples is reported
@@ -261,8 +295,9 @@ def rouge(targets: Sequence[str], predictions: Sequence[str],
   scorer = rouge_scorer.RougeScorer(list(score_keys))
   totals = collections.defaultdict(float)
   for target, prediction in zip(targets, predictions):
-    scores = scorer.score(target=target.replace(" . ", " .\n"),
-                          prediction=prediction.replace(" . ", " .\n"))
+    scores = scorer.score(
+      target=target.replace(" . ", " .\n"), prediction=prediction.replace(" . ", " .\n")
+    )
     for key in score_keys:
       totals[key] += scores[key].fmeasure
   return {k: 100.0 * totals[k] / len(targets) for k in score_keys}

@@ -25,18 +25,35 @@ log = logging.getLogger("mtx")
 class PeriodicEval:
   """Evaluates every ``period`` steps and at the last step; ``period`` <= 0: never."""
 
-  def __init__(self, period: int, model_dir: str, model, mesh, rules: Sequence,
-               param_shardings, mixture_or_task_name: str,
-               task_feature_lengths: Mapping[str, int],
-               options: Optional[EvalOptions] = None, *, predictor=None):
+  def __init__(
+    self,
+    period: int,
+    model_dir: str,
+    model,
+    mesh,
+    rules: Sequence,
+    param_shardings,
+    mixture_or_task_name: str,
+    task_feature_lengths: Mapping[str, int],
+    options: Optional[EvalOptions] = None,
+    *,
+    predictor=None,
+  ):
     self.period = int(period)
     self.model_dir = model_dir
     self.options = options or EvalOptions()
     self._evaluator = None
     if self.period > 0:
-      self._evaluator = Evaluator(model, mesh, rules, param_shardings,
-                                  mixture_or_task_name, task_feature_lengths,
-                                  self.options, predictor=predictor)
+      self._evaluator = Evaluator(
+        model,
+        mesh,
+        rules,
+        param_shardings,
+        mixture_or_task_name,
+        task_feature_lengths,
+        self.options,
+        predictor=predictor,
+      )
 
   def due(self, step: int, last: bool = False) -> bool:
     """Whether to evaluate after ``step`` (``last``: the run's final step)."""
@@ -46,12 +63,18 @@ class PeriodicEval:
     """Evaluates ``params``, writes the results (process 0) and returns their object."""
     start = time.time()
     result = self._evaluator.evaluate(params, step)
-    record = results.write_results(self.model_dir, result, writer,
-                                   self.options.baseline_dir)
+    record = results.write_results(
+      self.model_dir, result, writer, self.options.baseline_dir
+    )
     s = record["summary"]
     delta = "" if s["delta_m"] is None else f", delta_m {s['delta_m']:+.2f}%"
-    log.info("Eval at step %d: mean primary %.2f%s (%.1f s).", step, s["mean_primary"],
-             delta, time.time() - start)
+    log.info(
+      "Eval at step %d: mean primary %.2f%s (%.1f s).",
+      step,
+      s["mean_primary"],
+      delta,
+      time.time() - start,
+    )
     return record
 
   def close(self) -> None:

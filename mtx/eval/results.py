@@ -33,7 +33,6 @@ _STEP_FILE = re.compile(r"^step_(\d+)\.json$")
 _NON_FINITE = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
 
 
-
 @dataclasses.dataclass
 class EvalResult:
   """One evaluation of one set of params.
@@ -46,11 +45,13 @@ class EvalResult:
     primary: task name -> the name of its primary metric (a key of ``tasks[name]``).
     seconds: wall time of the evaluation.
   """
+
   step: int
   split: str
   tasks: dict
   primary: dict
   seconds: float = 0.0
+
 
 def _encode(value: Any) -> Any:
   if isinstance(value, float) and not math.isfinite(value):
@@ -77,10 +78,14 @@ def eval_steps(model_dir: str) -> list:
   directory = os.path.join(model_dir, EVAL_DIR)
   if not os.path.isdir(directory):
     return []
-  return sorted(int(m.group(1)) for m in map(_STEP_FILE.match, os.listdir(directory)) if m)
+  return sorted(
+    int(m.group(1)) for m in map(_STEP_FILE.match, os.listdir(directory)) if m
+  )
 
 
-def read_results(path: str, step: Optional[int] = None, what: str = "EVAL_BASELINE_DIR") -> dict:
+def read_results(
+  path: str, step: Optional[int] = None, what: str = "EVAL_BASELINE_DIR"
+) -> dict:
   """Reads one results file: ``path`` itself, or a MODEL_DIR's ``step`` (default newest).
 
   Raises:
@@ -94,16 +99,20 @@ def read_results(path: str, step: Optional[int] = None, what: str = "EVAL_BASELI
     steps = eval_steps(path)
     if not steps or (step is not None and step not in steps):
       which = f"step {step}" if step is not None else "any step"
-      raise UserError(f"{what} {path} has no eval results for {which} (no "
-                      f"{EVAL_DIR}/step_N.json); run `mtx eval` with that MODEL_DIR "
-                      "first.")
+      raise UserError(
+        f"{what} {path} has no eval results for {which} (no "
+        f"{EVAL_DIR}/step_N.json); run `mtx eval` with that MODEL_DIR "
+        "first."
+      )
     file = result_path(path, step if step is not None else steps[-1])
   try:
     with open(file, encoding="utf-8") as f:
       return _decode(json.load(f))
   except (OSError, ValueError) as e:
-    raise UserError(f"{what}: {file} is not a readable eval result ({e}); run "
-                    "`mtx eval` on that run again.") from e
+    raise UserError(
+      f"{what}: {file} is not a readable eval result ({e}); run "
+      "`mtx eval` on that run again."
+    ) from e
 
 
 def summarize(result: EvalResult, baseline_dir: Optional[str] = None) -> dict:
@@ -112,10 +121,17 @@ def summarize(result: EvalResult, baseline_dir: Optional[str] = None) -> dict:
   if baseline_dir:
     baseline = read_results(baseline_dir)
     delta = summary.delta_m(result.tasks, result.primary, baseline.get("tasks", {}))
-  return {"step": int(result.step), "split": result.split, "tasks": result.tasks,
-          "primary": result.primary,
-          "summary": {"mean_primary": summary.mean_primary(result.tasks, result.primary),
-                      "delta_m": delta, "baseline": baseline_dir or None}}
+  return {
+    "step": int(result.step),
+    "split": result.split,
+    "tasks": result.tasks,
+    "primary": result.primary,
+    "summary": {
+      "mean_primary": summary.mean_primary(result.tasks, result.primary),
+      "delta_m": delta,
+      "baseline": baseline_dir or None,
+    },
+  }
 
 
 def scalars(record: dict) -> dict:
@@ -131,8 +147,9 @@ def scalars(record: dict) -> dict:
   return out
 
 
-def write_results(model_dir: str, result: EvalResult, writer,
-                  baseline_dir: Optional[str] = None) -> dict:
+def write_results(
+  model_dir: str, result: EvalResult, writer, baseline_dir: Optional[str] = None
+) -> dict:
   """Writes ``eval/step_N.json`` and the eval scalars (to ``writer``); returns the object.
 
   Args:
@@ -151,7 +168,8 @@ def write_results(model_dir: str, result: EvalResult, writer,
   os.makedirs(os.path.dirname(path), exist_ok=True)
   # Unique temp file, fsync, rename; a full disk is a one-line WriteError (a UserError).
   metrics_writer.write_atomically(
-      path, json.dumps(_encode(record), indent=1, allow_nan=False))
+    path, json.dumps(_encode(record), indent=1, allow_nan=False)
+  )
   if writer is not None:
     writer.write(result.step, scalars(record))
     writer.flush()
@@ -163,13 +181,23 @@ def format_table(record: dict) -> str:
   rows = [("task", "primary", "value", "loss", "examples", "other metrics")]
   for task, values in record["tasks"].items():
     metric = record["primary"].get(task, "")
-    other = ", ".join(f"{k} {v:.2f}" for k, v in values.items()
-                      if k not in (metric, "loss", NUM_EXAMPLES))
-    rows.append((task, metric, _fmt(values.get(metric)), _fmt(values.get("loss"), 4),
-                 str(values.get(NUM_EXAMPLES, "")), other))
+    other = ", ".join(
+      f"{k} {v:.2f}" for k, v in values.items() if k not in (metric, "loss", NUM_EXAMPLES)
+    )
+    rows.append(
+      (
+        task,
+        metric,
+        _fmt(values.get(metric)),
+        _fmt(values.get("loss"), 4),
+        str(values.get(NUM_EXAMPLES, "")),
+        other,
+      )
+    )
   widths = [max(len(r[i]) for r in rows) for i in range(5)]
-  lines = ["  ".join(f"{c:<{w}}" for c, w in zip(r[:5], widths)) + "  " + r[5]
-           for r in rows]
+  lines = [
+    "  ".join(f"{c:<{w}}" for c, w in zip(r[:5], widths)) + "  " + r[5] for r in rows
+  ]
   s = record["summary"]
   lines.append(f"mean primary: {_fmt(s['mean_primary'])}")
   if s["baseline"]:

@@ -39,8 +39,9 @@ def _finite(x) -> bool:
   return isinstance(x, (int, float)) and math.isfinite(x)
 
 
-def mean_primary(tasks: Mapping[str, Mapping[str, float]],
-                 primary: Mapping[str, str]) -> float:
+def mean_primary(
+  tasks: Mapping[str, Mapping[str, float]], primary: Mapping[str, str]
+) -> float:
   """Mean over tasks of their primary metric (see the module docstring); NaN if none."""
   values = {name: tasks[name].get(metric) for name, metric in primary.items()}
   scored = [v for n, v in values.items() if higher_is_better(primary[n]) and _finite(v)]
@@ -49,8 +50,11 @@ def mean_primary(tasks: Mapping[str, Mapping[str, float]],
   return float(sum(scored) / len(scored)) if scored else float("nan")
 
 
-def delta_m(tasks: Mapping[str, Mapping[str, float]], primary: Mapping[str, str],
-            baseline_tasks: Mapping[str, Mapping[str, float]]) -> Optional[float]:
+def delta_m(
+  tasks: Mapping[str, Mapping[str, float]],
+  primary: Mapping[str, str],
+  baseline_tasks: Mapping[str, Mapping[str, float]],
+) -> Optional[float]:
   """Delta-m% of ``tasks`` against ``baseline_tasks`` on each task's primary metric.
 
   Args:
@@ -67,8 +71,13 @@ def delta_m(tasks: Mapping[str, Mapping[str, float]], primary: Mapping[str, str]
     value = tasks.get(name, {}).get(metric)
     base = baseline_tasks.get(name, {}).get(metric)
     if not (_finite(value) and _finite(base)) or base == 0:
-      log.warning("Delta-m leaves out task %s: %s is %s here and %s in the baseline.",
-                  name, metric, value, base)
+      log.warning(
+        "Delta-m leaves out task %s: %s is %s here and %s in the baseline.",
+        name,
+        metric,
+        value,
+        base,
+      )
       continue
     sign = 1.0 if higher_is_better(metric) else -1.0
     changes.append(sign * (value - base) / abs(base))

@@ -47,6 +47,7 @@ class DecodeOptions:
     temperature, top_k: sampling (top_k 0 = the whole vocabulary).
     seed: sampling seed.
   """
+
   method: str = "greedy"
   num_beams: int = 4
   length_penalty: float = 0.6
@@ -58,14 +59,17 @@ class DecodeOptions:
     """Raises a one-sentence UserError for settings out of range; ``prefix`` names the
     user's settings (``INFER`` or ``EVAL``: the INFER_* / EVAL_* macros)."""
     if self.method not in METHODS:
-      raise UserError(f"{prefix}_DECODE_METHOD {self.method!r} is not one of {METHODS}; "
-                      "set it to one of them.")
+      raise UserError(
+        f"{prefix}_DECODE_METHOD {self.method!r} is not one of {METHODS}; "
+        "set it to one of them."
+      )
     if self.num_beams < 1 or batch_size < 1 or self.top_k < 0 or self.temperature < 0:
       raise UserError(
-          f"{prefix} decoding settings are out of range (num_beams {self.num_beams}, "
-          f"batch_size {batch_size}, top_k {self.top_k}, temperature "
-          f"{self.temperature}); use num_beams >= 1, batch_size >= 1, top_k >= 0 and "
-          "temperature >= 0.")
+        f"{prefix} decoding settings are out of range (num_beams {self.num_beams}, "
+        f"batch_size {batch_size}, top_k {self.top_k}, temperature "
+        f"{self.temperature}); use num_beams >= 1, batch_size >= 1, top_k >= 0 and "
+        "temperature >= 0."
+      )
 
 
 # A finite "minus infinity": -inf would turn into NaN in (-inf) - (-inf) or 0 * -inf.
@@ -81,8 +85,9 @@ def length_penalty_factor(length: Array, alpha: float) -> Array:
 # Greedy decoding and sampling: one row per example, stop when every row has emitted EOS.
 
 
-def _pick_token(log_probs: Array, key: Optional[Array], method: str,
-                temperature: float, top_k: int) -> Array:
+def _pick_token(
+  log_probs: Array, key: Optional[Array], method: str, temperature: float, top_k: int
+) -> Array:
   """The next token per row, int32 [N], from log-probabilities [N, V]."""
   if method == "greedy" or temperature == 0.0 or top_k == 1:
     return jnp.argmax(log_probs, axis=-1).astype(jnp.int32)
@@ -94,10 +99,18 @@ def _pick_token(log_probs: Array, key: Optional[Array], method: str,
   return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 
-def sample_loop(step_fn: StepFn, cache: Any, batch_size: int, *,
-                max_decode_length: int, method: str = "greedy",
-                temperature: float = 1.0, top_k: int = 0,
-                key: Optional[Array] = None, eos_id: int = 1) -> tuple[Array, Array]:
+def sample_loop(
+  step_fn: StepFn,
+  cache: Any,
+  batch_size: int,
+  *,
+  max_decode_length: int,
+  method: str = "greedy",
+  temperature: float = 1.0,
+  top_k: int = 0,
+  key: Optional[Array] = None,
+  eos_id: int = 1,
+) -> tuple[Array, Array]:
   """Greedy decoding (``method='greedy'``) or ancestral sampling (``'sample'``).
 
   Sampling draws from ``softmax(log_probs / temperature)`` restricted to the ``top_k``
@@ -131,8 +144,13 @@ def sample_loop(step_fn: StepFn, cache: Any, batch_size: int, *,
     i, tokens, last, done, scores, cache, key = state
     log_probs, cache = step_fn(last, cache)
     key, sub = jax.random.split(key)
-    token = _pick_token(log_probs, sub if sampling else None,
-                        "sample" if sampling else "greedy", temperature, top_k)
+    token = _pick_token(
+      log_probs,
+      sub if sampling else None,
+      "sample" if sampling else "greedy",
+      temperature,
+      top_k,
+    )
     token_log_prob = jnp.take_along_axis(log_probs, token[:, None], axis=-1)[:, 0]
     token = jnp.where(done, 0, token)
     scores = scores + jnp.where(done, 0.0, token_log_prob)
@@ -140,12 +158,15 @@ def sample_loop(step_fn: StepFn, cache: Any, batch_size: int, *,
     done = done | (token == eos_id)
     return i + 1, tokens, token, done, scores, cache, key
 
-  state = (jnp.zeros((), jnp.int32),
-           jnp.zeros((batch_size, max_decode_length), jnp.int32),
-           jnp.zeros((batch_size,), jnp.int32),
-           jnp.zeros((batch_size,), jnp.bool_),
-           jnp.zeros((batch_size,), jnp.float32),
-           cache, key)
+  state = (
+    jnp.zeros((), jnp.int32),
+    jnp.zeros((batch_size, max_decode_length), jnp.int32),
+    jnp.zeros((batch_size,), jnp.int32),
+    jnp.zeros((batch_size,), jnp.bool_),
+    jnp.zeros((batch_size,), jnp.float32),
+    cache,
+    key,
+  )
   _, tokens, _, _, scores, _, _ = jax.lax.while_loop(cond, body, state)
   return tokens, scores
 
@@ -175,26 +196,36 @@ def gather_cache_beams(cache: Any, beam_indices: Array, num_beams: int) -> Any:
   Leaves without a batch axis (T5's scalar ``cache_index``) are shared by every row
   and left alone.
   """
+
   def gather(leaf):
     if jnp.ndim(leaf) == 0:
       return leaf
-    return _flatten_beams(_gather_beams(_unflatten_beams(leaf, num_beams),
-                                        beam_indices))
+    return _flatten_beams(_gather_beams(_unflatten_beams(leaf, num_beams), beam_indices))
+
   return jax.tree.map(gather, cache)
 
 
 def expand_beams(x: Any, num_beams: int) -> Any:
   """Repeats every batch-first leaf K times: [B, ...] -> [B * K, ...] (row b*K + k)."""
+
   def expand(leaf):
     if jnp.ndim(leaf) == 0:
       return leaf
     return jnp.repeat(leaf, num_beams, axis=0)
+
   return jax.tree.map(expand, x)
 
 
-def beam_search(step_fn: StepFn, cache: Any, batch_size: int, *,
-                max_decode_length: int, num_beams: int = 4,
-                length_penalty: float = 0.6, eos_id: int = 1) -> tuple[Array, Array]:
+def beam_search(
+  step_fn: StepFn,
+  cache: Any,
+  batch_size: int,
+  *,
+  max_decode_length: int,
+  num_beams: int = 4,
+  length_penalty: float = 0.6,
+  eos_id: int = 1,
+) -> tuple[Array, Array]:
   """Beam search with GNMT's length penalty; returns the best beam of each example.
 
   The layout is T5X's: each example keeps K *alive* beams (no EOS yet) and the K best
@@ -249,9 +280,12 @@ def beam_search(step_fn: StepFn, cache: Any, batch_size: int, *,
     done = example_done(i, alive_lp, finished_scores, finished)
     old_finished = (finished_seqs, finished_scores, finished)
     last = jnp.where(
-        i > 0,
-        jax.lax.dynamic_index_in_dim(alive_seqs, jnp.maximum(i - 1, 0), axis=2,
-                                     keepdims=False), 0)
+      i > 0,
+      jax.lax.dynamic_index_in_dim(
+        alive_seqs, jnp.maximum(i - 1, 0), axis=2, keepdims=False
+      ),
+      0,
+    )
     log_probs, cache = step_fn(_flatten_beams(last), cache)
     vocab = log_probs.shape[-1]
     candidates = alive_lp[:, :, None] + _unflatten_beams(log_probs, k)  # [B, K, V]
@@ -259,13 +293,11 @@ def beam_search(step_fn: StepFn, cache: Any, batch_size: int, *,
     cand_beam = (cand_idx // vocab).astype(jnp.int32)
     cand_token = (cand_idx % vocab).astype(jnp.int32)
     cand_seqs = _gather_beams(alive_seqs, cand_beam)  # [B, 2K, L]
-    cand_seqs = jax.lax.dynamic_update_slice(
-        cand_seqs, cand_token[:, :, None], (0, 0, i))
+    cand_seqs = jax.lax.dynamic_update_slice(cand_seqs, cand_token[:, :, None], (0, 0, i))
     cand_eos = cand_token == eos_id
     # Only an EOS ranked among the K best ends a hypothesis (see docstring).
     # (Candidates from the empty beams of the first step are never real.)
-    cand_ends = (cand_eos & (jnp.arange(2 * k) < k)[None, :]
-                 & (cand_lp > NEG_INF / 2))
+    cand_ends = cand_eos & (jnp.arange(2 * k) < k)[None, :] & (cand_lp > NEG_INF / 2)
 
     # Alive: the K best candidates that did not end.
     alive_key = jnp.where(cand_eos, NEG_INF, cand_lp)
@@ -283,28 +315,44 @@ def beam_search(step_fn: StepFn, cache: Any, batch_size: int, *,
     finished_seqs = _gather_beams(all_seqs, pick)
     finished = _gather_beams(all_flags, pick)
     finished_seqs, finished_scores, finished = jax.tree.map(
-        lambda old, new: jnp.where(
-            done.reshape((-1,) + (1,) * (new.ndim - 1)), old, new),
-        old_finished, (finished_seqs, finished_scores, finished))
-    return i + 1, alive_seqs, new_alive_lp, finished_seqs, finished_scores, finished, cache
+      lambda old, new: jnp.where(done.reshape((-1,) + (1,) * (new.ndim - 1)), old, new),
+      old_finished,
+      (finished_seqs, finished_scores, finished),
+    )
+    return (
+      i + 1,
+      alive_seqs,
+      new_alive_lp,
+      finished_seqs,
+      finished_scores,
+      finished,
+      cache,
+    )
 
   # Only beam 0 is alive at first, so that the K beams do not start as K copies.
-  alive_lp = jnp.tile(jnp.array([0.0] + [NEG_INF] * (k - 1), jnp.float32),
-                      (batch_size, 1))
-  state = (jnp.zeros((), jnp.int32),
-           jnp.zeros((batch_size, k, length), jnp.int32),
-           alive_lp,
-           jnp.zeros((batch_size, k, length), jnp.int32),
-           jnp.full((batch_size, k), NEG_INF, jnp.float32),
-           jnp.zeros((batch_size, k), jnp.bool_),
-           cache)
+  alive_lp = jnp.tile(
+    jnp.array([0.0] + [NEG_INF] * (k - 1), jnp.float32), (batch_size, 1)
+  )
+  state = (
+    jnp.zeros((), jnp.int32),
+    jnp.zeros((batch_size, k, length), jnp.int32),
+    alive_lp,
+    jnp.zeros((batch_size, k, length), jnp.int32),
+    jnp.full((batch_size, k), NEG_INF, jnp.float32),
+    jnp.zeros((batch_size, k), jnp.bool_),
+    cache,
+  )
   _, alive_seqs, alive_lp, finished_seqs, finished_scores, finished, _ = (
-      jax.lax.while_loop(cond, body, state))
+    jax.lax.while_loop(cond, body, state)
+  )
   # top_k keeps the best first: beam 0 is the best of each set.
   has_finished = finished[:, 0]
   tokens = jnp.where(has_finished[:, None], finished_seqs[:, 0], alive_seqs[:, 0])
-  scores = jnp.where(has_finished, finished_scores[:, 0],
-                     alive_lp[:, 0] / length_penalty_factor(length, length_penalty))
+  scores = jnp.where(
+    has_finished,
+    finished_scores[:, 0],
+    alive_lp[:, 0] / length_penalty_factor(length, length_penalty),
+  )
   return tokens, scores
 
 
@@ -329,6 +377,7 @@ def allowed_tokens_mask(logits: Array, vocab_size: int = 0) -> Array:
 def constrain_cache(cache: Any) -> Any:
   """Lays a T5 cache out like the activations: rows over the data axes, heads over
   'tensor' (by the logical axis rules in effect; a no-op without them)."""
+
   def constrain(path, leaf):
     if jnp.ndim(leaf) == 0:
       return leaf
@@ -336,11 +385,13 @@ def constrain_cache(cache: Any) -> Any:
     if getattr(path[-1], "key", None) in ("cached_key", "cached_value"):
       names[-2] = "activation_heads"  # [..., L_max, H, D]
     return nn.with_logical_constraint(leaf, tuple(names))
+
   return jax.tree_util.tree_map_with_path(constrain, cache)
 
 
-def model_step_fn(model, params: Any, encoded: Array, encoder_input_tokens: Array,
-                  vocab_size: int = 0) -> StepFn:
+def model_step_fn(
+  model, params: Any, encoded: Array, encoder_input_tokens: Array, vocab_size: int = 0
+) -> StepFn:
   """A ``step_fn`` for ``mtx.model.T5``: one cached decoder step.
 
   Args:
@@ -351,20 +402,38 @@ def model_step_fn(model, params: Any, encoded: Array, encoder_input_tokens: Arra
     vocab_size: when > 0, ids at or above it are never emitted; id 0 never is
       (``allowed_tokens_mask``).
   """
+
   def step(tokens: Array, cache: Any) -> tuple[Array, Any]:
     logits, mutated = model.apply(
-        {"params": params, "cache": cache}, encoded, encoder_input_tokens,
-        tokens[:, None], decode=True, method=model.decode, mutable=["cache"])
+      {"params": params, "cache": cache},
+      encoded,
+      encoder_input_tokens,
+      tokens[:, None],
+      decode=True,
+      method=model.decode,
+      mutable=["cache"],
+    )
     logits = allowed_tokens_mask(logits[:, 0, :].astype(jnp.float32), vocab_size)
     return jax.nn.log_softmax(logits, axis=-1), constrain_cache(mutated["cache"])
+
   return step
 
 
-def decode(model, params: Any, encoder_input_tokens: Array, *,
-           max_decode_length: int, method: str = "greedy", num_beams: int = 4,
-           length_penalty: float = 0.6, temperature: float = 1.0, top_k: int = 0,
-           key: Optional[Array] = None, eos_id: int = 1,
-           vocab_size: int = 0) -> tuple[Array, Array]:
+def decode(
+  model,
+  params: Any,
+  encoder_input_tokens: Array,
+  *,
+  max_decode_length: int,
+  method: str = "greedy",
+  num_beams: int = 4,
+  length_penalty: float = 0.6,
+  temperature: float = 1.0,
+  top_k: int = 0,
+  key: Optional[Array] = None,
+  eos_id: int = 1,
+  vocab_size: int = 0,
+) -> tuple[Array, Array]:
   """Decodes a batch with ``model`` (an ``mtx.model.T5``) and its key/value cache.
 
   Args:
@@ -392,14 +461,29 @@ def decode(model, params: Any, encoder_input_tokens: Array, *,
   encoded = model.apply({"params": params}, encoder_input_tokens, method=model.encode)
   rows = batch_size * (num_beams if method == "beam" else 1)
   if method == "beam":
-    encoded, encoder_input_tokens = expand_beams((encoded, encoder_input_tokens),
-                                                 num_beams)
+    encoded, encoder_input_tokens = expand_beams(
+      (encoded, encoder_input_tokens), num_beams
+    )
   cache = constrain_cache(init_cache(model.config, rows, max_decode_length))
   step = model_step_fn(model, params, encoded, encoder_input_tokens, vocab_size)
   if method == "beam":
-    return beam_search(step, cache, batch_size, max_decode_length=max_decode_length,
-                       num_beams=num_beams, length_penalty=length_penalty,
-                       eos_id=eos_id)
-  return sample_loop(step, cache, batch_size, max_decode_length=max_decode_length,
-                     method=method, temperature=temperature, top_k=top_k, key=key,
-                     eos_id=eos_id)
+    return beam_search(
+      step,
+      cache,
+      batch_size,
+      max_decode_length=max_decode_length,
+      num_beams=num_beams,
+      length_penalty=length_penalty,
+      eos_id=eos_id,
+    )
+  return sample_loop(
+    step,
+    cache,
+    batch_size,
+    max_decode_length=max_decode_length,
+    method=method,
+    temperature=temperature,
+    top_k=top_k,
+    key=key,
+    eos_id=eos_id,
+  )

@@ -19,8 +19,8 @@ from typing import Any, Callable, Optional, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from jax.experimental import multihost_utils
 import numpy as np
+from jax.experimental import multihost_utils
 
 from mtx import parallel
 from mtx.infer import decoding
@@ -34,7 +34,7 @@ def fit_length(ids: Sequence[int], length: int, eos_id: int) -> list:
   if len(ids) <= length:
     return ids
   if ids and ids[-1] == eos_id:
-    return ids[:length - 1] + [eos_id]
+    return ids[: length - 1] + [eos_id]
   return ids[:length]
 
 
@@ -53,12 +53,13 @@ def pad_rows(rows: Sequence[Sequence[int]], num_rows: int, length: int) -> np.nd
   """int32 [num_rows, length]: the rows, zero-padded on the right and below."""
   out = np.zeros((num_rows, length), np.int32)
   for i, row in enumerate(rows):
-    out[i, :len(row)] = row
+    out[i, : len(row)] = row
   return out
 
 
-def sequence_log_probs(model, params: Any, encoder_input_tokens: Array,
-                       targets: Array, vocab_size: int = 0) -> Array:
+def sequence_log_probs(
+  model, params: Any, encoder_input_tokens: Array, targets: Array, vocab_size: int = 0
+) -> Array:
   """Teacher-forced sum of log p(target token) per row; float32 [B].
 
   ``targets`` int32 [B, L] (0 = padding, not scored); the decoder input is the targets
@@ -94,10 +95,20 @@ class Predictor:
       never emitted and not counted by ``score``.
   """
 
-  def __init__(self, model, mesh, rules, param_shardings, *, batch_size: int,
-               inputs_length: int, max_decode_length: int,
-               decode: decoding.DecodeOptions = decoding.DecodeOptions(),
-               eos_id: int = 1, vocab_size: int = 0):
+  def __init__(
+    self,
+    model,
+    mesh,
+    rules,
+    param_shardings,
+    *,
+    batch_size: int,
+    inputs_length: int,
+    max_decode_length: int,
+    decode: decoding.DecodeOptions = decoding.DecodeOptions(),
+    eos_id: int = 1,
+    vocab_size: int = 0,
+  ):
     decode.check("Decoding", batch_size)
     dp = parallel.data_parallel_size(mesh)
     self.batch_size = max(1, math.ceil(batch_size / dp)) * dp
@@ -111,10 +122,16 @@ class Predictor:
     self._seed = int(decode.seed)
     self._rows = parallel.batch_sharding(mesh, 2)
     self._scalars = parallel.batch_sharding(mesh, 1)
-    options = dict(max_decode_length=self.max_decode_length, method=decode.method,
-                   num_beams=decode.num_beams, length_penalty=decode.length_penalty,
-                   temperature=decode.temperature, top_k=decode.top_k,
-                   eos_id=self.eos_id, vocab_size=vocab_size)
+    options = dict(
+      max_decode_length=self.max_decode_length,
+      method=decode.method,
+      num_beams=decode.num_beams,
+      length_penalty=decode.length_penalty,
+      temperature=decode.temperature,
+      top_k=decode.top_k,
+      eos_id=self.eos_id,
+      vocab_size=vocab_size,
+    )
 
     def decode_fn(params, tokens, key):
       return decoding.decode(model, params, tokens, key=key, **options)
@@ -123,12 +140,16 @@ class Predictor:
       return sequence_log_probs(model, params, tokens, targets, vocab_size)
 
     replicated = parallel.replicated(mesh)
-    self._decode = jax.jit(decode_fn,
-                           in_shardings=(param_shardings, self._rows, replicated),
-                           out_shardings=(self._rows, self._scalars))
-    self._score = jax.jit(score_fn,
-                          in_shardings=(param_shardings, self._rows, self._rows),
-                          out_shardings=self._scalars)
+    self._decode = jax.jit(
+      decode_fn,
+      in_shardings=(param_shardings, self._rows, replicated),
+      out_shardings=(self._rows, self._scalars),
+    )
+    self._score = jax.jit(
+      score_fn,
+      in_shardings=(param_shardings, self._rows, self._rows),
+      out_shardings=self._scalars,
+    )
 
   # ---- host side -----------------------------------------------------------------------
 
@@ -146,8 +167,11 @@ class Predictor:
     return np.asarray(x)
 
   def predict_with_scores(
-      self, params, inputs: Sequence[Sequence[int]],
-      on_batch: Optional[Callable[[int], None]] = None) -> tuple[list, list]:
+    self,
+    params,
+    inputs: Sequence[Sequence[int]],
+    on_batch: Optional[Callable[[int], None]] = None,
+  ) -> tuple[list, list]:
     """Decodes every input; returns (list of id lists without EOS, list of scores).
 
     ``on_batch(n)`` is called after each batch with the number of inputs done.
@@ -161,8 +185,8 @@ class Predictor:
         key = jax.random.fold_in(base_key, i)
         out, score = self._decode(params, tokens, key)
         out, score = self._to_host(out), self._to_host(score)
-        outputs += [strip_output(row, self.eos_id) for row in out[:end - start]]
-        scores += [float(s) for s in score[:end - start]]
+        outputs += [strip_output(row, self.eos_id) for row in out[: end - start]]
+        scores += [float(s) for s in score[: end - start]]
         if on_batch is not None:
           on_batch(end)
     return outputs, scores
@@ -171,8 +195,9 @@ class Predictor:
     """Decodes every input; a list of id lists, each up to (not including) EOS."""
     return self.predict_with_scores(params, inputs)[0]
 
-  def score(self, params, inputs: Sequence[Sequence[int]],
-            targets: Sequence[Sequence[int]]) -> list:
+  def score(
+    self, params, inputs: Sequence[Sequence[int]], targets: Sequence[Sequence[int]]
+  ) -> list:
     """Sum of log-probabilities of each target given its input (teacher-forced).
 
     Targets are cut to ``max_decode_length`` tokens (keeping a final EOS); padding
@@ -184,10 +209,11 @@ class Predictor:
     with jax.set_mesh(self._mesh), nn.logical_axis_rules(self._rules):
       for start, end in self._batches(len(inputs)):
         rows = [fit_length(x, self.inputs_length, self.eos_id) for x in inputs[start:end]]
-        tgts = [fit_length(t, self.max_decode_length, self.eos_id)
-                for t in targets[start:end]]
+        tgts = [
+          fit_length(t, self.max_decode_length, self.eos_id) for t in targets[start:end]
+        ]
         tokens = self._device_rows(pad_rows(rows, self.batch_size, self.inputs_length))
         tgt = self._device_rows(pad_rows(tgts, self.batch_size, self.max_decode_length))
         scores = self._to_host(self._score(params, tokens, tgt))
-        out += [float(s) for s in scores[:end - start]]
+        out += [float(s) for s in scores[: end - start]]
     return out

@@ -1,7 +1,5 @@
 """The T5 v1.1 model: ``T5Config`` (gin: ``model.T5Config``) and the ``T5`` module."""
 
-from mtx.model.t5 import T5
-from mtx.model.t5 import T5Config
-from mtx.model.t5 import init_cache
+from mtx.model.t5 import T5, T5Config, init_cache
 
 __all__ = ["T5", "T5Config", "init_cache"]

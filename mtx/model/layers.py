@@ -37,20 +37,25 @@ def constrain(x: Array, names: Sequence[str]) -> Array:
   return nn.with_logical_constraint(x, tuple(names))
 
 
-def _param(module: nn.Module, name: str, init, shape: Sequence[int],
-           names: Sequence[str]) -> Array:
+def _param(
+  module: nn.Module, name: str, init, shape: Sequence[int], names: Sequence[str]
+) -> Array:
   """A float32 parameter with logical axis names."""
   return module.param(
-      name, nn.with_logical_partitioning(init, tuple(names)), tuple(shape),
-      jnp.float32)
+    name, nn.with_logical_partitioning(init, tuple(names)), tuple(shape), jnp.float32
+  )
 
 
 # Initializers as in T5X's T5 v1.1 configs. Fan-in is given per axis so that
 # multi-axis kernels ([E, H, D] and [H, D, E]) see the fan-in of the flat matrix.
 def _fan_in_normal(in_axis, out_axis, truncated: bool = False):
   return nn.initializers.variance_scaling(
-      1.0, "fan_in", "truncated_normal" if truncated else "normal",
-      in_axis=in_axis, out_axis=out_axis)
+    1.0,
+    "fan_in",
+    "truncated_normal" if truncated else "normal",
+    in_axis=in_axis,
+    out_axis=out_axis,
+  )
 
 
 class RMSNorm(nn.Module):
@@ -59,13 +64,13 @@ class RMSNorm(nn.Module):
   [..., E] -> [..., E] in ``dtype``. The statistics are computed in float32
   because bfloat16 sums of squares lose too much precision.
   """
+
   dtype: DType = jnp.float32
   epsilon: float = 1e-6
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
-    scale = _param(self, "scale", nn.initializers.ones, (x.shape[-1],),
-                   ("embed",))
+    scale = _param(self, "scale", nn.initializers.ones, (x.shape[-1],), ("embed",))
     x32 = x.astype(jnp.float32)
     mean_sq = jnp.mean(jnp.square(x32), axis=-1, keepdims=True)
     y = (x32 * jax.lax.rsqrt(mean_sq + self.epsilon)).astype(self.dtype)
@@ -80,6 +85,7 @@ class Embed(nn.Module):
     features: E.
     dtype: activation dtype of the returned embeddings.
   """
+
   vocab_size: int
   features: int
   dtype: DType = jnp.float32
@@ -87,16 +93,21 @@ class Embed(nn.Module):
   @nn.compact
   def __call__(self, tokens: Array) -> Array:
     """int32 [B, L] -> dtype [B, L, E]."""
-    table = _param(self, "embedding", nn.initializers.normal(stddev=1.0),
-                   (self.vocab_size, self.features), ("vocab", "embed"))
+    table = _param(
+      self,
+      "embedding",
+      nn.initializers.normal(stddev=1.0),
+      (self.vocab_size, self.features),
+      ("vocab", "embed"),
+    )
     # Gather first, then cast: casting the whole [V, E] table costs more.
     x = jnp.take(table, tokens, axis=0).astype(self.dtype)
-    return constrain(x, ("activation_batch", "activation_length",
-                         "activation_embed"))
+    return constrain(x, ("activation_batch", "activation_length", "activation_embed"))
 
 
-def relative_position_bucket(relative_position: Array, bidirectional: bool,
-                             num_buckets: int, max_distance: int) -> Array:
+def relative_position_bucket(
+  relative_position: Array, bidirectional: bool, num_buckets: int, max_distance: int
+) -> Array:
   """Maps key-minus-query distances to T5's relative-position buckets.
 
   Half of the buckets (per direction) hold exact distances 0, 1, 2, ...; the rest
@@ -129,11 +140,10 @@ def relative_position_bucket(relative_position: Array, bidirectional: bool,
   is_exact = distance < max_exact
   # log(distance / max_exact) / log(max_distance / max_exact) runs 0..1 over the
   # logarithmic range; the tiny epsilon avoids log(0) on the (unused) exact side.
-  log_ratio = (jnp.log(distance.astype(jnp.float32) / max_exact +
-                       jnp.finfo(jnp.float32).eps) /
-               math.log(max_distance / max_exact))
-  log_bucket = max_exact + (log_ratio * (num_buckets - max_exact)).astype(
-      jnp.int32)
+  log_ratio = jnp.log(
+    distance.astype(jnp.float32) / max_exact + jnp.finfo(jnp.float32).eps
+  ) / math.log(max_distance / max_exact)
+  log_bucket = max_exact + (log_ratio * (num_buckets - max_exact)).astype(jnp.int32)
   log_bucket = jnp.minimum(log_bucket, num_buckets - 1)
   return bucket + jnp.where(is_exact, distance, log_bucket)
 
@@ -149,6 +159,7 @@ class RelativePositionBias(nn.Module):
     max_distance: see ``relative_position_bucket``.
     bidirectional: True for the encoder, False for the (causal) decoder.
   """
+
   num_heads: int
   num_buckets: int
   max_distance: int
@@ -163,12 +174,16 @@ class RelativePositionBias(nn.Module):
     broadcasts over the batch.
     """
     table = _param(
-        self, "rel_embedding",
-        nn.initializers.variance_scaling(1.0, "fan_avg", "uniform"),
-        (self.num_heads, self.num_buckets), ("heads", "relpos_buckets"))
+      self,
+      "rel_embedding",
+      nn.initializers.variance_scaling(1.0, "fan_avg", "uniform"),
+      (self.num_heads, self.num_buckets),
+      ("heads", "relpos_buckets"),
+    )
     relative = key_positions[None, :] - query_positions[:, None]  # [Lq, Lk]
-    buckets = relative_position_bucket(relative, self.bidirectional,
-                                       self.num_buckets, self.max_distance)
+    buckets = relative_position_bucket(
+      relative, self.bidirectional, self.num_buckets, self.max_distance
+    )
     return jnp.take(table, buckets, axis=1)[None]  # [1, H, Lq, Lk]
 
 
@@ -197,6 +212,7 @@ class MultiHeadAttention(nn.Module):
       ``max_decode_length`` positions and the call attends like training.
     max_decode_length: cache length when the cache is created.
   """
+
   num_heads: int
   head_dim: int
   dtype: DType = jnp.float32
@@ -207,9 +223,14 @@ class MultiHeadAttention(nn.Module):
   max_decode_length: int = 0
 
   @nn.compact
-  def __call__(self, inputs_q: Array, inputs_kv: Array, mask: Array,
-               bias: Array | None = None,
-               decode_index: Array | None = None) -> Array:
+  def __call__(
+    self,
+    inputs_q: Array,
+    inputs_kv: Array,
+    mask: Array,
+    bias: Array | None = None,
+    decode_index: Array | None = None,
+  ) -> Array:
     """Attends from queries to keys/values.
 
     Args:
@@ -235,8 +256,9 @@ class MultiHeadAttention(nn.Module):
     def project(name, init, x):
       kernel = _param(self, name, init, (emb, h, d), ("embed", "heads", "kv"))
       y = jnp.einsum("ble,ehd->blhd", x, kernel.astype(self.dtype))
-      return constrain(y, ("activation_batch", "activation_length",
-                           "activation_heads", "activation_kv"))
+      return constrain(
+        y, ("activation_batch", "activation_length", "activation_heads", "activation_kv")
+      )
 
     query = project("query", query_init, inputs_q)
     key = project("key", kv_init, inputs_kv)
@@ -245,39 +267,45 @@ class MultiHeadAttention(nn.Module):
     if self.decode:
       batch = inputs_kv.shape[0]
       cache_shape = (batch, self.max_decode_length or inputs_kv.shape[1], h, d)
-      cached_key = self.variable("cache", "cached_key", jnp.zeros, cache_shape,
-                                 self.dtype)
-      cached_value = self.variable("cache", "cached_value", jnp.zeros,
-                                   cache_shape, self.dtype)
+      cached_key = self.variable(
+        "cache", "cached_key", jnp.zeros, cache_shape, self.dtype
+      )
+      cached_value = self.variable(
+        "cache", "cached_value", jnp.zeros, cache_shape, self.dtype
+      )
       if self.decode_step:
         if inputs_q.shape[1] != 1:
           raise ValueError(
-              "A decode step takes exactly one token per row; got decoder "
-              f"inputs of length {inputs_q.shape[1]}.")
+            "A decode step takes exactly one token per row; got decoder "
+            f"inputs of length {inputs_q.shape[1]}."
+          )
         start = (0, decode_index, 0, 0)
         cached_key.value = jax.lax.dynamic_update_slice(
-            cached_key.value, key.astype(self.dtype), start)
+          cached_key.value, key.astype(self.dtype), start
+        )
         cached_value.value = jax.lax.dynamic_update_slice(
-            cached_value.value, value.astype(self.dtype), start)
+          cached_value.value, value.astype(self.dtype), start
+        )
         key, value = cached_key.value, cached_value.value
 
     # Logits and softmax in float32: bfloat16 softmax over long rows is lossy.
-    logits = jnp.einsum("bqhd,bkhd->bhqk", query, key,
-                        preferred_element_type=jnp.float32)
+    logits = jnp.einsum("bqhd,bkhd->bhqk", query, key, preferred_element_type=jnp.float32)
     if bias is not None:
       logits = logits + bias
     logits = jnp.where(mask, logits, _MASKED_LOGIT)
     weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
     weights = nn.Dropout(self.dropout_rate)(
-        weights, deterministic=not self.enable_dropout)
+      weights, deterministic=not self.enable_dropout
+    )
     out = jnp.einsum("bhqk,bkhd->bqhd", weights, value)
-    out = constrain(out, ("activation_batch", "activation_length",
-                          "activation_heads", "activation_kv"))
-    out_kernel = _param(self, "out", _fan_in_normal((0, 1), 2), (h, d, emb),
-                        ("heads", "kv", "embed"))
+    out = constrain(
+      out, ("activation_batch", "activation_length", "activation_heads", "activation_kv")
+    )
+    out_kernel = _param(
+      self, "out", _fan_in_normal((0, 1), 2), (h, d, emb), ("heads", "kv", "embed")
+    )
     out = jnp.einsum("bqhd,hde->bqe", out, out_kernel.astype(self.dtype))
-    return constrain(out, ("activation_batch", "activation_length",
-                           "activation_embed"))
+    return constrain(out, ("activation_batch", "activation_length", "activation_embed"))
 
 
 class GatedGeluMlp(nn.Module):
@@ -291,6 +319,7 @@ class GatedGeluMlp(nn.Module):
     dropout_rate: dropout on the hidden activations.
     enable_dropout: whether dropout is applied (needs rng 'dropout').
   """
+
   mlp_dim: int
   dtype: DType = jnp.float32
   dropout_rate: float = 0.0
@@ -306,13 +335,12 @@ class GatedGeluMlp(nn.Module):
     wo = _param(self, "wo", init, (self.mlp_dim, emb), ("mlp", "embed"))
     gate = nn.gelu(x @ wi_0.astype(self.dtype), approximate=True)
     hidden = gate * (x @ wi_1.astype(self.dtype))
-    hidden = constrain(hidden, ("activation_batch", "activation_length",
-                                "activation_mlp"))
-    hidden = nn.Dropout(self.dropout_rate)(
-        hidden, deterministic=not self.enable_dropout)
+    hidden = constrain(
+      hidden, ("activation_batch", "activation_length", "activation_mlp")
+    )
+    hidden = nn.Dropout(self.dropout_rate)(hidden, deterministic=not self.enable_dropout)
     out = hidden @ wo.astype(self.dtype)
-    return constrain(out, ("activation_batch", "activation_length",
-                           "activation_embed"))
+    return constrain(out, ("activation_batch", "activation_length", "activation_embed"))
 
 
 class VocabProjection(nn.Module):
@@ -323,26 +351,35 @@ class VocabProjection(nn.Module):
     dtype: dtype of the matmul inputs; the product accumulates and is returned in
       float32 so that bfloat16 runs do not round the logits.
   """
+
   vocab_size: int
   dtype: DType = jnp.float32
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
     """[B, L, E] -> float32 [B, L, V]."""
-    kernel = _param(self, "kernel", _fan_in_normal(0, 1, truncated=True),
-                    (x.shape[-1], self.vocab_size), ("embed", "vocab"))
-    logits = jnp.einsum("ble,ev->blv", x, kernel.astype(self.dtype),
-                        preferred_element_type=jnp.float32)
-    return constrain(logits, ("activation_batch", "activation_length",
-                              "activation_vocab"))
+    kernel = _param(
+      self,
+      "kernel",
+      _fan_in_normal(0, 1, truncated=True),
+      (x.shape[-1], self.vocab_size),
+      ("embed", "vocab"),
+    )
+    logits = jnp.einsum(
+      "ble,ev->blv", x, kernel.astype(self.dtype), preferred_element_type=jnp.float32
+    )
+    return constrain(
+      logits, ("activation_batch", "activation_length", "activation_vocab")
+    )
 
 
 # Masks. All are bool, True where attention is allowed, shaped [B, 1, Lq, Lk] (the
 # 1 broadcasts over heads) or broadcastable to it.
 
 
-def self_attention_mask(valid: Array, segment_ids: Array | None = None,
-                        causal: bool = False) -> Array:
+def self_attention_mask(
+  valid: Array, segment_ids: Array | None = None, causal: bool = False
+) -> Array:
   """Mask for self-attention within rows that may pack several examples.
 
   Example (causal=False): segment_ids [[1, 1, 2, 0]] gives, for row 0,
@@ -369,9 +406,12 @@ def self_attention_mask(valid: Array, segment_ids: Array | None = None,
   return mask
 
 
-def cross_attention_mask(query_valid: Array, key_valid: Array,
-                         query_segment_ids: Array | None = None,
-                         key_segment_ids: Array | None = None) -> Array:
+def cross_attention_mask(
+  query_valid: Array,
+  key_valid: Array,
+  query_segment_ids: Array | None = None,
+  key_segment_ids: Array | None = None,
+) -> Array:
   """Mask for decoder-to-encoder attention.
 
   Args:
@@ -385,6 +425,5 @@ def cross_attention_mask(query_valid: Array, key_valid: Array,
   """
   mask = query_valid[:, None, :, None] & key_valid[:, None, None, :]
   if query_segment_ids is not None:
-    mask &= (query_segment_ids[:, None, :, None] ==
-             key_segment_ids[:, None, None, :])
+    mask &= query_segment_ids[:, None, :, None] == key_segment_ids[:, None, None, :]
   return mask

@@ -4,8 +4,13 @@ import jax
 import jax.numpy as jnp
 
 
-def cross_entropy(logits: jax.Array, targets: jax.Array, *, z_loss: float = 0.0,
-                  label_smoothing: float = 0.0) -> jax.Array:
+def cross_entropy(
+  logits: jax.Array,
+  targets: jax.Array,
+  *,
+  z_loss: float = 0.0,
+  label_smoothing: float = 0.0,
+) -> jax.Array:
   """Per-token loss, f32[..., L], from logits f32[..., L, V] and int targets [..., L].
 
   With label smoothing s the target distribution puts 1 - s on the target and
@@ -29,8 +34,9 @@ def cross_entropy(logits: jax.Array, targets: jax.Array, *, z_loss: float = 0.0,
   return loss
 
 
-def task_sums(token_loss: jax.Array, task_ids: jax.Array, weights: jax.Array,
-              num_tasks: int) -> tuple:
+def task_sums(
+  token_loss: jax.Array, task_ids: jax.Array, weights: jax.Array, num_tasks: int
+) -> tuple:
   """Sums of loss and of weight per task.
 
   Args:

@@ -56,11 +56,11 @@ Array = jax.Array
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 _REMAT_POLICIES = {
-    # Save the outputs of weight matmuls (no batch dims), recompute the rest
-    # (norms, activations, attention softmax) in the backward pass.
-    "minimal": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-    # Save only each layer's input; recompute the whole layer.
-    "full": jax.checkpoint_policies.nothing_saveable,
+  # Save the outputs of weight matmuls (no batch dims), recompute the rest
+  # (norms, activations, attention softmax) in the backward pass.
+  "minimal": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+  # Save only each layer's input; recompute the whole layer.
+  "full": jax.checkpoint_policies.nothing_saveable,
 }
 _EMBED_AXES = ("activation_batch", "activation_length", "activation_embed")
 
@@ -89,6 +89,7 @@ class T5Config:
     scan_layers: run each stack's layers with ``nn.scan``; params get a leading
       'layers' axis. Compile time stops growing with depth.
   """
+
   vocab_size: int = 0
   emb_dim: int = 512
   num_heads: int = 6
@@ -112,56 +113,76 @@ def _validate_config(config: T5Config) -> None:
   """Raises UserError for settings the model cannot run with."""
   if config.vocab_size <= 0:
     raise UserError(
-        f"T5Config.vocab_size is {config.vocab_size}; set it to the vocabulary "
-        "size (the trainer does this from the task vocabulary) before building "
-        "the model.")
+      f"T5Config.vocab_size is {config.vocab_size}; set it to the vocabulary "
+      "size (the trainer does this from the task vocabulary) before building "
+      "the model."
+    )
   if config.dtype not in _DTYPES:
-    raise UserError(
-        f"T5Config.dtype is {config.dtype!r}; use one of {sorted(_DTYPES)}.")
+    raise UserError(f"T5Config.dtype is {config.dtype!r}; use one of {sorted(_DTYPES)}.")
   if config.remat_policy != "none" and config.remat_policy not in _REMAT_POLICIES:
     raise UserError(
-        f"T5Config.remat_policy is {config.remat_policy!r}; use one of "
-        f"{['none'] + sorted(_REMAT_POLICIES)}.")
-  for name in ("emb_dim", "num_heads", "head_dim", "mlp_dim",
-               "num_encoder_layers", "num_decoder_layers"):
+      f"T5Config.remat_policy is {config.remat_policy!r}; use one of "
+      f"{['none'] + sorted(_REMAT_POLICIES)}."
+    )
+  for name in (
+    "emb_dim",
+    "num_heads",
+    "head_dim",
+    "mlp_dim",
+    "num_encoder_layers",
+    "num_decoder_layers",
+  ):
     if getattr(config, name) <= 0:
-      raise UserError(f"T5Config.{name} is {getattr(config, name)}; it must be "
-                      "a positive integer.")
+      raise UserError(
+        f"T5Config.{name} is {getattr(config, name)}; it must be a positive integer."
+      )
   buckets = config.relative_attention_num_buckets
   distance = config.relative_attention_max_distance
   if buckets < 4 or distance <= buckets // 2:
     raise UserError(
-        f"T5Config.relative_attention_num_buckets is {buckets} and "
-        f"relative_attention_max_distance {distance}; use at least 4 buckets and a "
-        "max distance above half of them (T5: 32 and 128).")
+      f"T5Config.relative_attention_num_buckets is {buckets} and "
+      f"relative_attention_max_distance {distance}; use at least 4 buckets and a "
+      "max distance above half of them (T5: 32 and 128)."
+    )
   if not 0.0 <= config.dropout_rate < 1.0:
-    raise UserError(f"T5Config.dropout_rate is {config.dropout_rate}; it must "
-                    "be in [0, 1).")
+    raise UserError(
+      f"T5Config.dropout_rate is {config.dropout_rate}; it must be in [0, 1)."
+    )
 
 
 def _check_tokens(name: str, tokens: Array) -> None:
   if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
-    raise ValueError(f"{name} must be integer [batch, length]; got "
-                     f"{tokens.dtype}{list(tokens.shape)}.")
+    raise ValueError(
+      f"{name} must be integer [batch, length]; got {tokens.dtype}{list(tokens.shape)}."
+    )
 
 
 def _dropout(config: T5Config, enable_dropout: bool, x: Array) -> Array:
   return nn.Dropout(config.dropout_rate)(x, deterministic=not enable_dropout)
 
 
-def _attention(config: T5Config, enable_dropout: bool, name: str,
-               **kwargs) -> layers.MultiHeadAttention:
+def _attention(
+  config: T5Config, enable_dropout: bool, name: str, **kwargs
+) -> layers.MultiHeadAttention:
   return layers.MultiHeadAttention(
-      num_heads=config.num_heads, head_dim=config.head_dim,
-      dtype=config.activation_dtype, dropout_rate=config.dropout_rate,
-      enable_dropout=enable_dropout, name=name, **kwargs)
+    num_heads=config.num_heads,
+    head_dim=config.head_dim,
+    dtype=config.activation_dtype,
+    dropout_rate=config.dropout_rate,
+    enable_dropout=enable_dropout,
+    name=name,
+    **kwargs,
+  )
 
 
 def _mlp(config: T5Config, enable_dropout: bool) -> layers.GatedGeluMlp:
   return layers.GatedGeluMlp(
-      mlp_dim=config.mlp_dim, dtype=config.activation_dtype,
-      dropout_rate=config.dropout_rate, enable_dropout=enable_dropout,
-      name="mlp")
+    mlp_dim=config.mlp_dim,
+    dtype=config.activation_dtype,
+    dropout_rate=config.dropout_rate,
+    enable_dropout=enable_dropout,
+    name="mlp",
+  )
 
 
 class EncoderLayer(nn.Module):
@@ -170,6 +191,7 @@ class EncoderLayer(nn.Module):
   Returns ``(x, None)`` so that the same module runs unrolled and under ``nn.scan``
   (carry, per-layer output).
   """
+
   config: T5Config
   enable_dropout: bool = False
 
@@ -196,6 +218,7 @@ class DecoderLayer(nn.Module):
     decode_step: the cache exists and this call feeds one token.
     max_decode_length: cache length when the cache is created (0: input length).
   """
+
   config: T5Config
   enable_dropout: bool = False
   decode: bool = False
@@ -203,9 +226,15 @@ class DecoderLayer(nn.Module):
   max_decode_length: int = 0
 
   @nn.compact
-  def __call__(self, y: Array, encoded: Array, self_mask: Array,
-               cross_mask: Array, bias: Array,
-               decode_index: Array) -> tuple[Array, None]:
+  def __call__(
+    self,
+    y: Array,
+    encoded: Array,
+    self_mask: Array,
+    cross_mask: Array,
+    bias: Array,
+    decode_index: Array,
+  ) -> tuple[Array, None]:
     """Runs one decoder layer.
 
     Args:
@@ -221,14 +250,19 @@ class DecoderLayer(nn.Module):
     """
     cfg, dtype = self.config, self.config.activation_dtype
     h = layers.RMSNorm(dtype, name="pre_self_attention_layer_norm")(y)
-    h = _attention(cfg, self.enable_dropout, "self_attention",
-                   decode=self.decode, decode_step=self.decode_step,
-                   max_decode_length=self.max_decode_length)(
-                       h, h, self_mask, bias, decode_index)
+    h = _attention(
+      cfg,
+      self.enable_dropout,
+      "self_attention",
+      decode=self.decode,
+      decode_step=self.decode_step,
+      max_decode_length=self.max_decode_length,
+    )(h, h, self_mask, bias, decode_index)
     y = y + _dropout(cfg, self.enable_dropout, h)
     h = layers.RMSNorm(dtype, name="pre_cross_attention_layer_norm")(y)
     h = _attention(cfg, self.enable_dropout, "encoder_decoder_attention")(
-        h, encoded, cross_mask)
+      h, encoded, cross_mask
+    )
     y = y + _dropout(cfg, self.enable_dropout, h)
     h = layers.RMSNorm(dtype, name="pre_mlp_layer_norm")(y)
     h = _mlp(cfg, self.enable_dropout)(h)
@@ -236,9 +270,15 @@ class DecoderLayer(nn.Module):
     return layers.constrain(y, _EMBED_AXES), None
 
 
-def _run_layers(layer_cls, num_layers: int, config: T5Config,
-                layer_kwargs: dict[str, Any], remat: bool, x: Array,
-                *args: Array) -> Array:
+def _run_layers(
+  layer_cls,
+  num_layers: int,
+  config: T5Config,
+  layer_kwargs: dict[str, Any],
+  remat: bool,
+  x: Array,
+  *args: Array,
+) -> Array:
   """Applies ``num_layers`` layers, unrolled or scanned, optionally rematerialized.
 
   Must be called from inside a compact method: the layers become children of the
@@ -247,19 +287,22 @@ def _run_layers(layer_cls, num_layers: int, config: T5Config,
   if remat and config.remat_policy != "none":
     # Under scan, CSE across iterations cannot happen, and prevent_cse would only
     # block optimizations (as the flax docs advise).
-    layer_cls = nn.remat(layer_cls,
-                         policy=_REMAT_POLICIES[config.remat_policy],
-                         prevent_cse=not config.scan_layers)
+    layer_cls = nn.remat(
+      layer_cls,
+      policy=_REMAT_POLICIES[config.remat_policy],
+      prevent_cse=not config.scan_layers,
+    )
   if config.scan_layers:
     scanned = nn.scan(
-        layer_cls,
-        # Params stack on a leading layer axis. The cache stacks on axis 1 so that
-        # its batch axis stays first (beam search gathers along axis 0).
-        variable_axes={"params": 0, "cache": 1},
-        split_rngs={"params": True, "dropout": True},
-        in_axes=(nn.broadcast,) * len(args),
-        length=num_layers,
-        metadata_params={nn.PARTITION_NAME: "layers"})
+      layer_cls,
+      # Params stack on a leading layer axis. The cache stacks on axis 1 so that
+      # its batch axis stays first (beam search gathers along axis 0).
+      variable_axes={"params": 0, "cache": 1},
+      split_rngs={"params": True, "dropout": True},
+      in_axes=(nn.broadcast,) * len(args),
+      length=num_layers,
+      metadata_params={nn.PARTITION_NAME: "layers"},
+    )
     x, _ = scanned(config=config, name="layers", **layer_kwargs)(x, *args)
     return x
   for i in range(num_layers):
@@ -269,23 +312,33 @@ def _run_layers(layer_cls, num_layers: int, config: T5Config,
 
 class Encoder(nn.Module):
   """Encoder stack: dropout, layers, final norm, dropout."""
+
   config: T5Config
 
   @nn.compact
-  def __call__(self, x: Array, mask: Array, *,
-               enable_dropout: bool = False) -> Array:
+  def __call__(self, x: Array, mask: Array, *, enable_dropout: bool = False) -> Array:
     """Embedded inputs [B, L, E], mask bool [B, 1, L, L] -> [B, L, E] in dtype."""
     cfg = self.config
     length = x.shape[1]
     positions = jnp.arange(length, dtype=jnp.int32)
     bias = layers.RelativePositionBias(
-        num_heads=cfg.num_heads,
-        num_buckets=cfg.relative_attention_num_buckets,
-        max_distance=cfg.relative_attention_max_distance,
-        bidirectional=True, name="relpos_bias")(positions, positions)
+      num_heads=cfg.num_heads,
+      num_buckets=cfg.relative_attention_num_buckets,
+      max_distance=cfg.relative_attention_max_distance,
+      bidirectional=True,
+      name="relpos_bias",
+    )(positions, positions)
     x = _dropout(cfg, enable_dropout, x)
-    x = _run_layers(EncoderLayer, cfg.num_encoder_layers, cfg,
-                    {"enable_dropout": enable_dropout}, True, x, mask, bias)
+    x = _run_layers(
+      EncoderLayer,
+      cfg.num_encoder_layers,
+      cfg,
+      {"enable_dropout": enable_dropout},
+      True,
+      x,
+      mask,
+      bias,
+    )
     x = layers.RMSNorm(cfg.activation_dtype, name="encoder_norm")(x)
     x = _dropout(cfg, enable_dropout, x)
     return layers.constrain(x, _EMBED_AXES)
@@ -296,19 +349,29 @@ def _cached_length(cache: Any) -> int:
   for path, leaf in jax.tree_util.tree_leaves_with_path(cache):
     if getattr(path[-1], "key", None) == "cached_key":
       return leaf.shape[-3]
-  raise ValueError("decode=True found a 'cache' without cached_key entries; "
-                   "create the cache with mtx.model.init_cache.")
+  raise ValueError(
+    "decode=True found a 'cache' without cached_key entries; "
+    "create the cache with mtx.model.init_cache."
+  )
 
 
 class Decoder(nn.Module):
   """Decoder stack: dropout, layers, final norm, dropout, output projection."""
+
   config: T5Config
 
   @nn.compact
-  def __call__(self, y: Array, encoded: Array, cross_mask: Array,
-               decoder_segment_ids: Array | None = None, *,
-               enable_dropout: bool = False, decode: bool = False,
-               max_decode_length: int | None = None) -> Array:
+  def __call__(
+    self,
+    y: Array,
+    encoded: Array,
+    cross_mask: Array,
+    decoder_segment_ids: Array | None = None,
+    *,
+    enable_dropout: bool = False,
+    decode: bool = False,
+    max_decode_length: int | None = None,
+  ) -> Array:
     """Embedded decoder inputs [B, Ld, E] -> float32 logits [B, Ld, V].
 
     Args:
@@ -325,15 +388,18 @@ class Decoder(nn.Module):
     """
     cfg = self.config
     relpos = layers.RelativePositionBias(
-        num_heads=cfg.num_heads,
-        num_buckets=cfg.relative_attention_num_buckets,
-        max_distance=cfg.relative_attention_max_distance,
-        bidirectional=False, name="relpos_bias")
+      num_heads=cfg.num_heads,
+      num_buckets=cfg.relative_attention_num_buckets,
+      max_distance=cfg.relative_attention_max_distance,
+      bidirectional=False,
+      name="relpos_bias",
+    )
     # A step needs a cache; the first decode=True call (e.g. init) creates one.
     decode_step = decode and self.has_variable("cache", "cache_index")
     if decode:
-      cache_index = self.variable("cache", "cache_index",
-                                  lambda: jnp.zeros((), jnp.int32))
+      cache_index = self.variable(
+        "cache", "cache_index", lambda: jnp.zeros((), jnp.int32)
+      )
     if decode_step:
       # Query: the current position; keys: every cache slot. Slots not yet
       # written (after the current position) are masked out.
@@ -349,22 +415,39 @@ class Decoder(nn.Module):
       # Without segment ids every position is a real query: the decoder inputs
       # start with token 0 (BOS = pad id in T5), so tokens cannot mark padding;
       # causality alone keeps real positions from seeing the trailing padding.
-      valid = (jnp.ones(y.shape[:2], jnp.bool_) if decoder_segment_ids is None
-               else decoder_segment_ids > 0)
-      self_mask = layers.self_attention_mask(valid, decoder_segment_ids,
-                                             causal=True)
+      valid = (
+        jnp.ones(y.shape[:2], jnp.bool_)
+        if decoder_segment_ids is None
+        else decoder_segment_ids > 0
+      )
+      self_mask = layers.self_attention_mask(valid, decoder_segment_ids, causal=True)
 
     y = _dropout(cfg, enable_dropout, y)
-    layer_kwargs = {"enable_dropout": enable_dropout, "decode": decode,
-                    "decode_step": decode_step,
-                    "max_decode_length": max_decode_length or 0}
+    layer_kwargs = {
+      "enable_dropout": enable_dropout,
+      "decode": decode,
+      "decode_step": decode_step,
+      "max_decode_length": max_decode_length or 0,
+    }
     # Remat only pays off when there is a backward pass; decoding has none.
-    y = _run_layers(DecoderLayer, cfg.num_decoder_layers, cfg, layer_kwargs,
-                    not decode, y, encoded, self_mask, cross_mask, bias, index)
+    y = _run_layers(
+      DecoderLayer,
+      cfg.num_decoder_layers,
+      cfg,
+      layer_kwargs,
+      not decode,
+      y,
+      encoded,
+      self_mask,
+      cross_mask,
+      bias,
+      index,
+    )
     y = layers.RMSNorm(cfg.activation_dtype, name="decoder_norm")(y)
     y = _dropout(cfg, enable_dropout, y)
-    logits = layers.VocabProjection(cfg.vocab_size, cfg.activation_dtype,
-                                    name="logits_dense")(y)
+    logits = layers.VocabProjection(
+      cfg.vocab_size, cfg.activation_dtype, name="logits_dense"
+    )(y)
     if decode_step:
       cache_index.value = index + 1
     return logits
@@ -381,19 +464,23 @@ class T5(nn.Module):
   Attributes:
     config: model hyperparameters; ``vocab_size`` must be set (> 0).
   """
+
   config: T5Config
 
   def setup(self):
     _validate_config(self.config)
     cfg = self.config
-    self.token_embedder = layers.Embed(cfg.vocab_size, cfg.emb_dim,
-                                       cfg.activation_dtype)
+    self.token_embedder = layers.Embed(cfg.vocab_size, cfg.emb_dim, cfg.activation_dtype)
     self.encoder = Encoder(cfg)
     self.decoder = Decoder(cfg)
 
-  def encode(self, encoder_input_tokens: Array,
-             encoder_segment_ids: Array | None = None, *,
-             enable_dropout: bool = False) -> Array:
+  def encode(
+    self,
+    encoder_input_tokens: Array,
+    encoder_segment_ids: Array | None = None,
+    *,
+    enable_dropout: bool = False,
+  ) -> Array:
     """Runs the encoder.
 
     Args:
@@ -412,12 +499,18 @@ class T5(nn.Module):
     x = self.token_embedder(encoder_input_tokens)
     return self.encoder(x, mask, enable_dropout=enable_dropout)
 
-  def decode(self, encoded: Array, encoder_input_tokens: Array,
-             decoder_input_tokens: Array,
-             encoder_segment_ids: Array | None = None,
-             decoder_segment_ids: Array | None = None, *,
-             enable_dropout: bool = False, decode: bool = False,
-             max_decode_length: int | None = None) -> Array:
+  def decode(
+    self,
+    encoded: Array,
+    encoder_input_tokens: Array,
+    decoder_input_tokens: Array,
+    encoder_segment_ids: Array | None = None,
+    decoder_segment_ids: Array | None = None,
+    *,
+    enable_dropout: bool = False,
+    decode: bool = False,
+    max_decode_length: int | None = None,
+  ) -> Array:
     """Runs the decoder, teacher-forced or one step at a time.
 
     Teacher-forced (``decode=False``): logits for every decoder position.
@@ -449,32 +542,46 @@ class T5(nn.Module):
     """
     _check_tokens("encoder_input_tokens", encoder_input_tokens)
     _check_tokens("decoder_input_tokens", decoder_input_tokens)
-    if (encoder_segment_ids is None) != (decoder_segment_ids is None) and (
-        not decode):
-      raise ValueError("Packed inputs need both encoder_segment_ids and "
-                       "decoder_segment_ids (or neither).")
+    if (encoder_segment_ids is None) != (decoder_segment_ids is None) and (not decode):
+      raise ValueError(
+        "Packed inputs need both encoder_segment_ids and "
+        "decoder_segment_ids (or neither)."
+      )
     if decode and decoder_segment_ids is not None:
-      raise ValueError("decode=True decodes one example per row; pass "
-                       "decoder_segment_ids=None.")
+      raise ValueError(
+        "decode=True decodes one example per row; pass decoder_segment_ids=None."
+      )
     enc_valid = _encoder_valid(encoder_input_tokens, encoder_segment_ids)
     if decoder_segment_ids is None:
       # One example per row: mask only the encoder's padding.
       cross_mask = enc_valid[:, None, None, :]
     else:
       cross_mask = layers.cross_attention_mask(
-          decoder_segment_ids > 0, enc_valid, decoder_segment_ids,
-          encoder_segment_ids)
+        decoder_segment_ids > 0, enc_valid, decoder_segment_ids, encoder_segment_ids
+      )
     y = self.token_embedder(decoder_input_tokens)
-    return self.decoder(y, encoded, cross_mask, decoder_segment_ids,
-                        enable_dropout=enable_dropout, decode=decode,
-                        max_decode_length=max_decode_length)
+    return self.decoder(
+      y,
+      encoded,
+      cross_mask,
+      decoder_segment_ids,
+      enable_dropout=enable_dropout,
+      decode=decode,
+      max_decode_length=max_decode_length,
+    )
 
-  def __call__(self, encoder_input_tokens: Array, decoder_input_tokens: Array,
-               encoder_segment_ids: Array | None = None,
-               decoder_segment_ids: Array | None = None,
-               encoder_positions: Array | None = None,
-               decoder_positions: Array | None = None, *,
-               enable_dropout: bool = False, decode: bool = False) -> Array:
+  def __call__(
+    self,
+    encoder_input_tokens: Array,
+    decoder_input_tokens: Array,
+    encoder_segment_ids: Array | None = None,
+    decoder_segment_ids: Array | None = None,
+    encoder_positions: Array | None = None,
+    decoder_positions: Array | None = None,
+    *,
+    enable_dropout: bool = False,
+    decode: bool = False,
+  ) -> Array:
     """Encodes and decodes; float32 logits [B, Ld, V].
 
     ``encoder_positions`` / ``decoder_positions`` (int32 [B, L], restarting at 0
@@ -483,11 +590,18 @@ class T5(nn.Module):
     within a segment equal those of ``arange`` (as in T5X).
     """
     del encoder_positions, decoder_positions  # See docstring.
-    encoded = self.encode(encoder_input_tokens, encoder_segment_ids,
-                          enable_dropout=enable_dropout)
-    return self.decode(encoded, encoder_input_tokens, decoder_input_tokens,
-                       encoder_segment_ids, decoder_segment_ids,
-                       enable_dropout=enable_dropout, decode=decode)
+    encoded = self.encode(
+      encoder_input_tokens, encoder_segment_ids, enable_dropout=enable_dropout
+    )
+    return self.decode(
+      encoded,
+      encoder_input_tokens,
+      decoder_input_tokens,
+      encoder_segment_ids,
+      decoder_segment_ids,
+      enable_dropout=enable_dropout,
+      decode=decode,
+    )
 
 
 def _encoder_valid(tokens: Array, segment_ids: Array | None) -> Array:
@@ -495,8 +609,7 @@ def _encoder_valid(tokens: Array, segment_ids: Array | None) -> Array:
   return tokens != 0 if segment_ids is None else segment_ids > 0
 
 
-def init_cache(config: T5Config, batch_size: int,
-               max_decode_length: int) -> Any:
+def init_cache(config: T5Config, batch_size: int, max_decode_length: int) -> Any:
   """An empty decoding cache for ``T5(config).decode(..., decode=True)``.
 
   Only shapes are traced (no parameters are initialized or run).
@@ -515,8 +628,9 @@ def init_cache(config: T5Config, batch_size: int,
   def _init():
     encoder_tokens = jnp.ones((batch_size, 1), jnp.int32)
     decoder_tokens = jnp.zeros((batch_size, max_decode_length), jnp.int32)
-    return model.init(jax.random.key(0), encoder_tokens, decoder_tokens,
-                      decode=True)["cache"]
+    return model.init(jax.random.key(0), encoder_tokens, decoder_tokens, decode=True)[
+      "cache"
+    ]
 
   shapes = jax.eval_shape(_init)
   return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)

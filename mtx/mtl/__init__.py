@@ -35,65 +35,70 @@ matrix, the task weights it applied, and the gradient diagnostics);
 ``tag_affinity`` measures TAG's inter-task affinity (Fifty et al. 2021).
 """
 
-from mtx.mtl.affinity import affinity_metrics
-from mtx.mtl.affinity import tag_affinity
-from mtx.mtl.aggregators import aligned_mtl
-from mtx.mtl.aggregators import cagrad
-from mtx.mtl.aggregators import gradnorm
-from mtx.mtl.aggregators import GradNormState
-from mtx.mtl.aggregators import gradvac
-from mtx.mtl.aggregators import GradVacState
-from mtx.mtl.aggregators import imtl_g
-from mtx.mtl.aggregators import mgda
-from mtx.mtl.aggregators import nash_mtl
-from mtx.mtl.aggregators import NashMTLState
-from mtx.mtl.aggregators import pcgrad
-from mtx.mtl.aggregators import PCGradState
-from mtx.mtl.aggregators import upgrad
-from mtx.mtl.base import aggregate
-from mtx.mtl.base import AGGREGATOR
-from mtx.mtl.base import Aggregator
-from mtx.mtl.base import aggregator_transform
-from mtx.mtl.base import build
-from mtx.mtl.base import combine
-from mtx.mtl.base import combined_weights
-from mtx.mtl.base import diagnostics
-from mtx.mtl.base import EmptyState
-from mtx.mtl.base import ensure_aggregator
-from mtx.mtl.base import gram
-from mtx.mtl.base import kind
-from mtx.mtl.base import masked
-from mtx.mtl.base import mean_tasks
-from mtx.mtl.base import needs_task_grads
-from mtx.mtl.base import sum_tasks
-from mtx.mtl.base import WEIGHTING
-from mtx.mtl.base import Weighting
-from mtx.mtl.weighting import dwa
-from mtx.mtl.weighting import DWAState
-from mtx.mtl.weighting import famo
-from mtx.mtl.weighting import FAMOState
-from mtx.mtl.weighting import rlw
-from mtx.mtl.weighting import RLWState
-from mtx.mtl.weighting import static_weights
-from mtx.mtl.weighting import uncertainty_weighting
-from mtx.mtl.weighting import UncertaintyState
+from mtx.mtl.affinity import affinity_metrics, tag_affinity
+from mtx.mtl.aggregators import (
+  GradNormState,
+  GradVacState,
+  NashMTLState,
+  PCGradState,
+  aligned_mtl,
+  cagrad,
+  gradnorm,
+  gradvac,
+  imtl_g,
+  mgda,
+  nash_mtl,
+  pcgrad,
+  upgrad,
+)
+from mtx.mtl.base import (
+  AGGREGATOR,
+  WEIGHTING,
+  Aggregator,
+  EmptyState,
+  Weighting,
+  aggregate,
+  aggregator_transform,
+  build,
+  combine,
+  combined_weights,
+  diagnostics,
+  ensure_aggregator,
+  gram,
+  kind,
+  masked,
+  mean_tasks,
+  needs_task_grads,
+  sum_tasks,
+)
+from mtx.mtl.weighting import (
+  DWAState,
+  FAMOState,
+  RLWState,
+  UncertaintyState,
+  dwa,
+  famo,
+  rlw,
+  static_weights,
+  uncertainty_weighting,
+)
 
 # Every method factory, by the name gin and the docs use.
 METHODS = {
-    'sum_tasks': sum_tasks,
-    'mean_tasks': mean_tasks,
-    'static_weights': static_weights,
-    'uncertainty_weighting': uncertainty_weighting,
-    'dwa': dwa,
-    'rlw': rlw,
-    'famo': famo,
-    'gradnorm': gradnorm,
-    'pcgrad': pcgrad,
-    'mgda': mgda,
-    'cagrad': cagrad,
-    'imtl_g': imtl_g,
-    'gradvac': gradvac,
-    'nash_mtl': nash_mtl,
-    'aligned_mtl': aligned_mtl,
-    'upgrad': upgrad,
+  "sum_tasks": sum_tasks,
+  "mean_tasks": mean_tasks,
+  "static_weights": static_weights,
+  "uncertainty_weighting": uncertainty_weighting,
+  "dwa": dwa,
+  "rlw": rlw,
+  "famo": famo,
+  "gradnorm": gradnorm,
+  "pcgrad": pcgrad,
+  "mgda": mgda,
+  "cagrad": cagrad,
+  "imtl_g": imtl_g,
+  "gradvac": gradvac,
+  "nash_mtl": nash_mtl,
+  "aligned_mtl": aligned_mtl,
+  "upgrad": upgrad,
 }

@@ -22,8 +22,13 @@ from mtx.mtl import base
 PyTree = Any
 
 
-def tag_affinity(loss_fn: Callable[[PyTree], jax.Array], params: PyTree,
-                 group_grads: PyTree, lr, task_present=None) -> jax.Array:
+def tag_affinity(
+  loss_fn: Callable[[PyTree], jax.Array],
+  params: PyTree,
+  group_grads: PyTree,
+  lr,
+  task_present=None,
+) -> jax.Array:
   """The lookahead affinity matrix Z f32[k, k] (Fifty et al. 2021).
 
   ``Z[i, j] = 1 - L_j(params - lr g_i) / L_j(params)``. Costs k + 1 evaluations
@@ -52,8 +57,8 @@ def tag_affinity(loss_fn: Callable[[PyTree], jax.Array], params: PyTree,
 
   def lookahead(g_i):
     moved = jax.tree_util.tree_map(
-        lambda x, g: x - (lr * g.astype(jnp.float32)).astype(x.dtype), params,
-        g_i)
+      lambda x, g: x - (lr * g.astype(jnp.float32)).astype(x.dtype), params, g_i
+    )
     return jnp.asarray(loss_fn(moved), jnp.float32)
 
   after = jax.lax.map(lookahead, group_grads)  # [i, j]
@@ -72,6 +77,5 @@ def affinity_metrics(group_names: Sequence[str], z) -> dict:
   for a, name_a in enumerate(group_names):
     for b, name_b in enumerate(group_names):
       if a != b:
-        out[f'tag/{name_a}/{name_b}'] = float(z[a][b])
+        out[f"tag/{name_a}/{name_b}"] = float(z[a][b])
   return out
-

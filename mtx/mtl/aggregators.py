@@ -18,12 +18,11 @@ import jax.numpy as jnp
 import optax
 
 from mtx.errors import UserError
-from mtx.mtl import base
-from mtx.mtl import solvers
+from mtx.mtl import base, solvers
 
 
 def _check_reduction(reduction):
-  if reduction not in ('sum', 'mean'):
+  if reduction not in ("sum", "mean"):
     raise UserError(f"reduction must be 'sum' or 'mean', not {reduction!r}.")
 
 
@@ -31,7 +30,7 @@ def _reduce(w_rows, present, reduction):
   """Sums (or averages) the per-task rows of present tasks: f32[k, k] -> f32[k]."""
   p = present.astype(jnp.float32)
   c = jnp.sum(w_rows * p[:, None], axis=0)
-  if reduction == 'mean':
+  if reduction == "mean":
     c = c / jnp.maximum(jnp.sum(p), 1.0)
   return c
 
@@ -41,11 +40,11 @@ def _reduce(w_rows, present, reduction):
 
 class PCGradState(NamedTuple):
   """``count`` i32[]: steps taken (folds a fallback key when none is given)."""
+
   count: jax.Array
 
 
-def pcgrad(reduction: str = 'sum',
-           seed: int = 0) -> base.Aggregator:
+def pcgrad(reduction: str = "sum", seed: int = 0) -> base.Aggregator:
   """PCGrad: project conflicting gradients (Yu et al. 2020, NeurIPS).
 
   For each present task i, in a random order of the others (drawn per task from
@@ -74,11 +73,9 @@ def pcgrad(reduction: str = 'sum',
 
   def solve(g, present, state, *, key, task_losses):
     del task_losses
-    orders = solvers.task_orders(base.step_key(key, seed, state.count),
-                                 g.shape[0])
+    orders = solvers.task_orders(base.step_key(key, seed, state.count), g.shape[0])
     w_rows = solvers.pcgrad_coefficients(g, present, orders)
-    return (_reduce(w_rows, present, reduction),
-            PCGradState(count=state.count + 1))
+    return (_reduce(w_rows, present, reduction), PCGradState(count=state.count + 1))
 
   return base.gram_aggregator(init_fn, solve)
 
@@ -112,8 +109,9 @@ def mgda(iterations: int = 100) -> base.Aggregator:
 # ------------------------------------------------------------------- CAGrad
 
 
-def cagrad(c: float = 0.4, rescale: bool = True,
-           iterations: int = 100) -> base.Aggregator:
+def cagrad(
+  c: float = 0.4, rescale: bool = True, iterations: int = 100
+) -> base.Aggregator:
   """CAGrad: conflict-averse gradient descent (Liu et al. 2021, NeurIPS).
 
   With ``g_0`` the mean gradient of present tasks::
@@ -133,7 +131,7 @@ def cagrad(c: float = 0.4, rescale: bool = True,
     iterations: Frank-Wolfe iterations of the inner problem.
   """
   if c < 0:
-    raise UserError(f'cagrad: c must be >= 0, not {c}.')
+    raise UserError(f"cagrad: c must be >= 0, not {c}.")
 
   def solve(g, present, state, *, key, task_losses):
     del key, task_losses
@@ -142,8 +140,7 @@ def cagrad(c: float = 0.4, rescale: bool = True,
     w = solvers.cagrad_weights(g, present, c, iterations)
     norm0 = jnp.sqrt(jnp.maximum(mean @ g @ mean, 0.0))
     norm_w = jnp.sqrt(jnp.maximum(w @ g @ w, 0.0))
-    lam = jnp.where(norm_w > 0, c * norm0 / jnp.where(norm_w > 0, norm_w, 1.0),
-                    0.0)
+    lam = jnp.where(norm_w > 0, c * norm0 / jnp.where(norm_w > 0, norm_w, 1.0), 0.0)
     coef = mean + lam * w
     if rescale:
       coef = coef / (1.0 + c**2)
@@ -178,12 +175,14 @@ def imtl_g() -> base.Aggregator:
 class GradVacState(NamedTuple):
   """``targets`` f32[k, k]: running cosine targets phi_hat[i, j] (init 0);
   ``count`` i32[]: steps taken (fallback key)."""
+
   targets: jax.Array
   count: jax.Array
 
 
-def gradvac(num_tasks: int, beta: float = 0.01, reduction: str = 'sum',
-            seed: int = 0) -> base.Aggregator:
+def gradvac(
+  num_tasks: int, beta: float = 0.01, reduction: str = "sum", seed: int = 0
+) -> base.Aggregator:
   """Gradient Vaccine (Wang et al. 2021, ICLR), at whole-model granularity.
 
   PCGrad generalized to a positive target similarity: for each task i and each
@@ -211,26 +210,32 @@ def gradvac(num_tasks: int, beta: float = 0.01, reduction: str = 'sum',
 
   def init_fn(params):
     del params
-    return GradVacState(targets=jnp.zeros((num_tasks, num_tasks), jnp.float32),
-                        count=jnp.zeros([], jnp.int32))
+    return GradVacState(
+      targets=jnp.zeros((num_tasks, num_tasks), jnp.float32),
+      count=jnp.zeros([], jnp.int32),
+    )
 
   def solve(g, present, state, *, key, task_losses):
     del task_losses
-    _check_k('gradvac', num_tasks, g.shape[0])
-    orders = solvers.task_orders(base.step_key(key, seed, state.count),
-                                 g.shape[0])
-    w_rows, targets = solvers.gradvac_coefficients(g, present, orders,
-                                                   state.targets, beta)
-    return (_reduce(w_rows, present, reduction),
-            GradVacState(targets=targets, count=state.count + 1))
+    _check_k("gradvac", num_tasks, g.shape[0])
+    orders = solvers.task_orders(base.step_key(key, seed, state.count), g.shape[0])
+    w_rows, targets = solvers.gradvac_coefficients(
+      g, present, orders, state.targets, beta
+    )
+    return (
+      _reduce(w_rows, present, reduction),
+      GradVacState(targets=targets, count=state.count + 1),
+    )
 
   return base.gram_aggregator(init_fn, solve)
 
 
 def _check_k(who, num_tasks, k):
   if num_tasks != k:
-    raise UserError(f'{who} was built with num_tasks={num_tasks} but got '
-                    f'per-task gradients for {k} tasks; set num_tasks={k}.')
+    raise UserError(
+      f"{who} was built with num_tasks={num_tasks} but got "
+      f"per-task gradients for {k} tasks; set num_tasks={k}."
+    )
 
 
 # ----------------------------------------------------------------- Nash-MTL
@@ -239,12 +244,14 @@ def _check_k(who, num_tasks, k):
 class NashMTLState(NamedTuple):
   """``weights`` f32[k]: the last solved alpha (init 1), reused between solves
   and as the warm start; ``count`` i32[]: steps taken."""
+
   weights: jax.Array
   count: jax.Array
 
 
-def nash_mtl(num_tasks: int, update_every: int = 1, iterations: int = 20,
-             normalize: bool = False) -> base.Aggregator:
+def nash_mtl(
+  num_tasks: int, update_every: int = 1, iterations: int = 20, normalize: bool = False
+) -> base.Aggregator:
   """Nash-MTL: multi-task learning as a bargaining game (Navon et al. 2022).
 
   The Nash bargaining solution ``d = sum_i alpha_i g_i`` with ``alpha > 0``
@@ -273,35 +280,48 @@ def nash_mtl(num_tasks: int, update_every: int = 1, iterations: int = 20,
     An aggregator with state ``NashMTLState``.
   """
   if update_every < 1:
-    raise UserError(f'nash_mtl: update_every must be >= 1, not {update_every}.')
+    raise UserError(f"nash_mtl: update_every must be >= 1, not {update_every}.")
 
   def init_fn(params):
     del params
-    return NashMTLState(weights=jnp.ones((num_tasks,), jnp.float32),
-                        count=jnp.zeros([], jnp.int32))
+    return NashMTLState(
+      weights=jnp.ones((num_tasks,), jnp.float32), count=jnp.zeros([], jnp.int32)
+    )
 
-  def aggregate_fn(updates, state, params=None, *, gram_matrix=None,
-                   task_losses=None, task_present=None, key=None):
+  def aggregate_fn(
+    updates,
+    state,
+    params=None,
+    *,
+    gram_matrix=None,
+    task_losses=None,
+    task_present=None,
+    key=None,
+  ):
     del params, task_losses, key
     k = base.num_tasks_of(updates)
-    _check_k('nash_mtl', num_tasks, k)
+    _check_k("nash_mtl", num_tasks, k)
     p = base.presence(task_present, k)
 
     def fresh(_):
-      g = base.mask_gram(
-          base.gram(updates) if gram_matrix is None else gram_matrix, p)
-      alpha, ok = solvers.nash_weights(g, p, state.weights, iterations,
-                                       normalize=normalize)
+      g = base.mask_gram(base.gram(updates) if gram_matrix is None else gram_matrix, p)
+      alpha, ok = solvers.nash_weights(
+        g, p, state.weights, iterations, normalize=normalize
+      )
       return jnp.where(ok & p, alpha, state.weights)
 
     if update_every == 1:
       alpha = fresh(None)
     else:
-      alpha = jax.lax.cond(state.count % update_every == 0, fresh,
-                           lambda _: state.weights, None)
+      alpha = jax.lax.cond(
+        state.count % update_every == 0, fresh, lambda _: state.weights, None
+      )
     c = jnp.where(p, alpha, 0.0)
-    return (base.combine(updates, c),
-            NashMTLState(weights=alpha, count=state.count + 1), c)
+    return (
+      base.combine(updates, c),
+      NashMTLState(weights=alpha, count=state.count + 1),
+      c,
+    )
 
   return base.Aggregator(init_fn, aggregate_fn)
 
@@ -330,8 +350,7 @@ def aligned_mtl() -> base.Aggregator:
 # ------------------------------------------------------------------- UPGrad
 
 
-def upgrad(iterations: int = 100,
-           reg: float = 0.0) -> base.Aggregator:
+def upgrad(iterations: int = 100, reg: float = 0.0) -> base.Aggregator:
   """UPGrad (Quinton & Rey 2024, "Jacobian Descent for Multi-Objective Opt.").
 
   Projects each task gradient onto the dual cone of all of them,
@@ -362,14 +381,16 @@ class GradNormState(NamedTuple):
   """``weights`` f32[k] (init 1, sum kept at k); ``initial_losses`` f32[k]:
   L_i(0), the loss when task i was first present; ``has_initial`` bool[k];
   ``opt_state``: Adam's state for the weights."""
+
   weights: jax.Array
   initial_losses: jax.Array
   has_initial: jax.Array
   opt_state: Any
 
 
-def gradnorm(num_tasks: int, alpha: float = 1.5, lr: float = 0.025,
-             mask: base.Mask = None) -> base.Aggregator:
+def gradnorm(
+  num_tasks: int, alpha: float = 1.5, lr: float = 0.025, mask: base.Mask = None
+) -> base.Aggregator:
   """GradNorm (Chen et al. 2018, ICML): balance gradient norms by loss ratios.
 
   Learnable weights w (state). On the parameters W selected by ``mask``, with
@@ -409,33 +430,46 @@ def gradnorm(num_tasks: int, alpha: float = 1.5, lr: float = 0.025,
   def init_fn(params):
     del params
     w = jnp.ones((num_tasks,), jnp.float32)
-    return GradNormState(weights=w,
-                         initial_losses=jnp.ones((num_tasks,), jnp.float32),
-                         has_initial=jnp.zeros((num_tasks,), bool),
-                         opt_state=opt.init(w))
+    return GradNormState(
+      weights=w,
+      initial_losses=jnp.ones((num_tasks,), jnp.float32),
+      has_initial=jnp.zeros((num_tasks,), bool),
+      opt_state=opt.init(w),
+    )
 
-  def aggregate_fn(updates, state, params=None, *, gram_matrix=None,
-                   task_losses=None, task_present=None, key=None):
+  def aggregate_fn(
+    updates,
+    state,
+    params=None,
+    *,
+    gram_matrix=None,
+    task_losses=None,
+    task_present=None,
+    key=None,
+  ):
     del params, key
     k = base.num_tasks_of(updates)
-    _check_k('gradnorm', num_tasks, k)
+    _check_k("gradnorm", num_tasks, k)
     p = base.presence(task_present, k)
     pf = p.astype(jnp.float32)
-    losses = jnp.where(p, base.losses_of(task_losses, k, 'gradnorm'), 1.0)
+    losses = jnp.where(p, base.losses_of(task_losses, k, "gradnorm"), 1.0)
 
     m = base.leaf_mask(mask, updates)
     keep_leaves = jax.tree_util.tree_leaves(m)
     if not any(keep_leaves):
-      raise UserError('gradnorm: its mask selects no parameter; pass a mask '
-                      'that matches at least one parameter path.')
+      raise UserError(
+        "gradnorm: its mask selects no parameter; pass a mask "
+        "that matches at least one parameter path."
+      )
     if gram_matrix is not None and all(keep_leaves):
       sq = jnp.diag(gram_matrix)  # the squared norms on every parameter
     else:
       sq = jnp.zeros((k,), jnp.float32)
       for g, keep in zip(jax.tree_util.tree_leaves(updates), keep_leaves):
         if keep:
-          sq = sq + jnp.sum(jnp.square(g.astype(jnp.float32)),
-                            axis=tuple(range(1, g.ndim)))
+          sq = sq + jnp.sum(
+            jnp.square(g.astype(jnp.float32)), axis=tuple(range(1, g.ndim))
+          )
     norms = jnp.where(p, jnp.sqrt(jnp.maximum(sq, 0.0)), 0.0)
 
     first = p & ~state.has_initial
@@ -444,8 +478,9 @@ def gradnorm(num_tasks: int, alpha: float = 1.5, lr: float = 0.025,
     w = state.weights
     weighted = w * norms
     mean_norm = jnp.sum(weighted * pf) / n
-    ratio = jnp.where(p & (initial > 0), losses / jnp.where(initial > 0,
-                                                            initial, 1.0), 1.0)
+    ratio = jnp.where(
+      p & (initial > 0), losses / jnp.where(initial > 0, initial, 1.0), 1.0
+    )
     # Loss ratios below 0 (a loss that crossed zero) count as fully trained.
     ratio = jnp.maximum(ratio, 0.0)
     rel = ratio / jnp.maximum(jnp.sum(ratio * pf) / n, 1e-12)
@@ -459,8 +494,15 @@ def gradnorm(num_tasks: int, alpha: float = 1.5, lr: float = 0.025,
     new_w = jnp.where(p, new_w * old_sum / jnp.maximum(new_sum, 1e-12), w)
 
     c = jnp.where(p, w, 0.0)
-    return base.combine(updates, c), GradNormState(
-        weights=new_w, initial_losses=initial,
-        has_initial=state.has_initial | p, opt_state=opt_state), c
+    return (
+      base.combine(updates, c),
+      GradNormState(
+        weights=new_w,
+        initial_losses=initial,
+        has_initial=state.has_initial | p,
+        opt_state=opt_state,
+      ),
+      c,
+    )
 
   return base.Aggregator(init_fn, aggregate_fn)

@@ -71,8 +71,8 @@ PyTree = Any
 # path string and returning a bool, or a pytree of bools (or a prefix of one).
 Mask = Union[None, str, Callable[[str], bool], PyTree]
 
-WEIGHTING = 'weighting'
-AGGREGATOR = 'aggregator'
+WEIGHTING = "weighting"
+AGGREGATOR = "aggregator"
 
 
 # ------------------------------------------------------------------ protocol
@@ -110,19 +110,22 @@ class _TypedTransform(optax.GradientTransformationExtraArgs):
 
   def _replace(self, **changes):
     """A NamedTuple's ``_replace`` for ``init`` and ``update``; same attributes."""
-    unknown = sorted(set(changes) - {'init', 'update'})
+    unknown = sorted(set(changes) - {"init", "update"})
     if unknown:
-      raise ValueError(f'{type(self).__name__}._replace takes init and update '
-                       f'only, not {unknown}; build a new {type(self).__name__} '
-                       'to change them.')
-    children = (changes.get('init', self.init),
-                changes.get('update', self.update))
+      raise ValueError(
+        f"{type(self).__name__}._replace takes init and update "
+        f"only, not {unknown}; build a new {type(self).__name__} "
+        "to change them."
+      )
+    children = (changes.get("init", self.init), changes.get("update", self.update))
     return self.tree_unflatten(self.tree_flatten()[1], children)
 
   @classmethod
   def _make(cls, iterable):
-    raise TypeError(f'{cls.__name__} is not built from (init, update) alone; '
-                    f'call {cls.__name__}(...) with its functions.')
+    raise TypeError(
+      f"{cls.__name__} is not built from (init, update) alone; "
+      f"call {cls.__name__}(...) with its functions."
+    )
 
 
 @jax.tree_util.register_pytree_node_class
@@ -146,11 +149,14 @@ class Weighting(_TypedTransform):
       new_state)``; zero for absent tasks; never reads gradients.
   """
 
-  _attrs = ('weights',)
+  _attrs = ("weights",)
 
-  def __new__(cls, init: Callable[[PyTree], Any],
-              weights: Callable[..., tuple[jax.Array, Any]],
-              update: Optional[Callable[..., Any]] = None):
+  def __new__(
+    cls,
+    init: Callable[[PyTree], Any],
+    weights: Callable[..., tuple[jax.Array, Any]],
+    update: Optional[Callable[..., Any]] = None,
+  ):
     """``update`` is derived from ``weights``; pass one only to restore a copy."""
     if update is None:
       update = functools.partial(_weighting_update, weights)
@@ -186,12 +192,15 @@ class Aggregator(_TypedTransform):
       one-gradient route; see ``needs_task_grads``).
   """
 
-  _attrs = ('aggregate', 'weights')
+  _attrs = ("aggregate", "weights")
 
-  def __new__(cls, init: Callable[[PyTree], Any],
-              aggregate: Callable[..., tuple[PyTree, Any, Optional[jax.Array]]],
-              weights: Optional[Callable[..., tuple[jax.Array, Any]]] = None,
-              update: Optional[Callable[..., Any]] = None):
+  def __new__(
+    cls,
+    init: Callable[[PyTree], Any],
+    aggregate: Callable[..., tuple[PyTree, Any, Optional[jax.Array]]],
+    weights: Optional[Callable[..., tuple[jax.Array, Any]]] = None,
+    update: Optional[Callable[..., Any]] = None,
+  ):
     """``update`` is derived from ``aggregate``; pass one only to restore a copy."""
     if update is None:
       update = functools.partial(_aggregator_update, aggregate)
@@ -201,54 +210,82 @@ class Aggregator(_TypedTransform):
     return self
 
 
-def _weighting_update(weights_fn, updates, state, params=None, *,
-                      task_losses=None, task_present=None, key=None,
-                      **extra_args):
+def _weighting_update(
+  weights_fn,
+  updates,
+  state,
+  params=None,
+  *,
+  task_losses=None,
+  task_present=None,
+  key=None,
+  **extra_args,
+):
   """``Weighting.update`` (module level, so that a Weighting can pickle)."""
   del params, extra_args
-  out, _, new_state = _apply_weighting(weights_fn, updates, state,
-                                       task_losses=task_losses,
-                                       task_present=task_present, key=key)
+  out, _, new_state = _apply_weighting(
+    weights_fn,
+    updates,
+    state,
+    task_losses=task_losses,
+    task_present=task_present,
+    key=key,
+  )
   return out, new_state
 
 
-def _aggregator_update(aggregate_fn, updates, state, params=None, *,
-                       task_losses=None, task_present=None, key=None,
-                       **extra_args):
+def _aggregator_update(
+  aggregate_fn,
+  updates,
+  state,
+  params=None,
+  *,
+  task_losses=None,
+  task_present=None,
+  key=None,
+  **extra_args,
+):
   """``Aggregator.update``; ignores unknown extra args, ``gram_matrix`` among
   them: only ``aggregate`` passes one, when it is known to be right."""
   del extra_args
-  out, new_state, _ = aggregate_fn(updates, state, params, gram_matrix=None,
-                                   task_losses=task_losses,
-                                   task_present=task_present, key=key)
+  out, new_state, _ = aggregate_fn(
+    updates,
+    state,
+    params,
+    gram_matrix=None,
+    task_losses=task_losses,
+    task_present=task_present,
+    key=key,
+  )
   return out, new_state
 
 
-def _apply_weighting(weights_fn, updates, state, *, task_losses, task_present,
-                     key):
+def _apply_weighting(weights_fn, updates, state, *, task_losses, task_present, key):
   """``(w[:, None, ...] * updates, w, new_state)`` for a weighting's weights_fn."""
-  w, new_state = weights_fn(state, task_losses=task_losses,
-                            task_present=task_present, key=key)
+  w, new_state = weights_fn(
+    state, task_losses=task_losses, task_present=task_present, key=key
+  )
   k = num_tasks_of(updates)
   if w.shape != (k,):
     raise UserError(
-        f'A weighting produced weights of shape {w.shape} for per-task '
-        f'gradients with {k} tasks; set its num_tasks to {k}.')
+      f"A weighting produced weights of shape {w.shape} for per-task "
+      f"gradients with {k} tasks; set its num_tasks to {k}."
+    )
   return scale_tasks(updates, w), w, new_state
 
 
 def weighting_transform(
-    init_fn: Callable[[PyTree], NamedTuple],
-    weights_fn: Callable[..., tuple[jax.Array, NamedTuple]],
+  init_fn: Callable[[PyTree], NamedTuple],
+  weights_fn: Callable[..., tuple[jax.Array, NamedTuple]],
 ) -> Weighting:
   """``Weighting(init_fn, weights_fn)``; see ``Weighting``."""
   return Weighting(init_fn, weights_fn)
 
 
 def aggregator_transform(
-    init_fn: Callable[[PyTree], Any],
-    aggregate_fn: Callable[..., tuple[PyTree, Any, Optional[jax.Array]]],
-    weights_fn: Optional[Callable[..., tuple[jax.Array, Any]]] = None,
+  init_fn: Callable[[PyTree], Any],
+  aggregate_fn: Callable[..., tuple[PyTree, Any, Optional[jax.Array]]],
+  weights_fn: Optional[Callable[..., tuple[jax.Array, Any]]] = None,
 ) -> Aggregator:
   """``Aggregator(init_fn, aggregate_fn, weights_fn)``; see ``Aggregator``."""
   return Aggregator(init_fn, aggregate_fn, weights_fn)
@@ -297,20 +334,23 @@ def _check_order(transforms, what: str) -> Optional[int]:
       first = i
     elif first is None and not isinstance(t, Weighting):
       raise UserError(
-          f'{what} {i} ({type(t).__name__}) is neither an mtx.mtl weighting nor '
-          'an aggregator, so it cannot come before the aggregator: pass the mtl '
-          'transforms themselves in the list (optax.chain of them hides their '
-          'kind) and put plain optax transforms after the aggregator.')
+        f"{what} {i} ({type(t).__name__}) is neither an mtx.mtl weighting nor "
+        "an aggregator, so it cannot come before the aggregator: pass the mtl "
+        "transforms themselves in the list (optax.chain of them hides their "
+        "kind) and put plain optax transforms after the aggregator."
+      )
     elif first is not None and isinstance(t, Weighting):
       raise UserError(
-          f'{what} {i} is a loss weighting placed after an aggregator, which '
-          'has already reduced the task axis; put weightings before the aggregator '
-          '(e.g. [@mtl.uncertainty_weighting, @mtl.pcgrad]).')
+        f"{what} {i} is a loss weighting placed after an aggregator, which "
+        "has already reduced the task axis; put weightings before the aggregator "
+        "(e.g. [@mtl.uncertainty_weighting, @mtl.pcgrad])."
+      )
     elif first is not None and isinstance(t, Aggregator):
       raise UserError(
-          f'{what} {i} is an aggregator placed after aggregator {first}, which '
-          'has already reduced the task axis; keep one aggregator (mtl.masked '
-          'limits one to some parameters).')
+        f"{what} {i} is an aggregator placed after aggregator {first}, which "
+        "has already reduced the task axis; keep one aggregator (mtl.masked "
+        "limits one to some parameters)."
+      )
   return first
 
 
@@ -325,13 +365,12 @@ def ensure_aggregator(transforms: Sequence[optax.GradientTransformation]):
   per-task gradients it cannot know about.
   """
   transforms = tuple(transforms)
-  if _check_order(transforms, 'mtl transform') is not None:
+  if _check_order(transforms, "mtl transform") is not None:
     return transforms
   return transforms + (sum_tasks(),)
 
 
-def combined_weights(transforms, states, *, task_losses, task_present=None,
-                     key=None):
+def combined_weights(transforms, states, *, task_losses, task_present=None, key=None):
   """The cheap path: the product of the transforms' task weights.
 
   Args:
@@ -349,8 +388,9 @@ def combined_weights(transforms, states, *, task_losses, task_present=None,
   """
   if len(transforms) != len(states):
     raise UserError(
-        f'combined_weights got {len(transforms)} transforms but {len(states)} '
-        'states; pass the state of optax.chain(*transforms).')
+      f"combined_weights got {len(transforms)} transforms but {len(states)} "
+      "states; pass the state of optax.chain(*transforms)."
+    )
   task_losses = jnp.asarray(task_losses, jnp.float32)
   w = jnp.ones(task_losses.shape, jnp.float32)
   new_states = []
@@ -358,18 +398,27 @@ def combined_weights(transforms, states, *, task_losses, task_present=None,
     fn = _weights_of(t)
     if fn is None:
       raise UserError(
-          'combined_weights needs transforms whose weights do not depend on '
-          'gradients (weightings, sum_tasks, mean_tasks); use the per-task '
-          'gradient path when needs_task_grads(transforms) is True.')
+        "combined_weights needs transforms whose weights do not depend on "
+        "gradients (weightings, sum_tasks, mean_tasks); use the per-task "
+        "gradient path when needs_task_grads(transforms) is True."
+      )
     wt, s = fn(s, task_losses=task_losses, task_present=task_present, key=key)
     w = w * wt
     new_states.append(s)
   return w, tuple(new_states)
 
 
-def aggregate(transforms: Sequence[optax.GradientTransformation], states,
-              per_task_grads: PyTree, params: PyTree = None, *,
-              task_losses=None, task_present=None, key=None, **extra_args):
+def aggregate(
+  transforms: Sequence[optax.GradientTransformation],
+  states,
+  per_task_grads: PyTree,
+  params: PyTree = None,
+  *,
+  task_losses=None,
+  task_present=None,
+  key=None,
+  **extra_args,
+):
   """The per-task-gradient route: the chain's update, its task weights, diagnostics.
 
   Runs ``transforms`` in order exactly as ``optax.chain(*transforms).update``
@@ -411,23 +460,42 @@ def aggregate(transforms: Sequence[optax.GradientTransformation], states,
   states = tuple(states)
   if len(transforms) != len(states):
     raise UserError(
-        f'aggregate got {len(transforms)} transforms but {len(states)} states; '
-        'pass the state of optax.chain(*transforms).')
-  _check_order(transforms, 'mtl transform')
+      f"aggregate got {len(transforms)} transforms but {len(states)} states; "
+      "pass the state of optax.chain(*transforms)."
+    )
+  _check_order(transforms, "mtl transform")
   k = num_tasks_of(per_task_grads)
   p = presence(task_present, k)
   g = gram(per_task_grads)
   out, new_states, w = _run_chain(
-      transforms, states, per_task_grads, params, gram_matrix=g,
-      task_losses=task_losses, task_present=p, key=key, extra_args=extra_args)
+    transforms,
+    states,
+    per_task_grads,
+    params,
+    gram_matrix=g,
+    task_losses=task_losses,
+    task_present=p,
+    key=key,
+    extra_args=extra_args,
+  )
   info = diagnostics(per_task_grads, p, gram_matrix=g)
   if w is not None:
-    info['weights'] = w
+    info["weights"] = w
   return out, new_states, info
 
 
-def _run_chain(transforms, states, updates, params, *, gram_matrix,
-               task_losses, task_present, key, extra_args):
+def _run_chain(
+  transforms,
+  states,
+  updates,
+  params,
+  *,
+  gram_matrix,
+  task_losses,
+  task_present,
+  key,
+  extra_args,
+):
   """``optax.chain`` through the mtl attributes: ``(out, new_states, w|None)``.
 
   ``transforms`` passed ``_check_order``. ``gram_matrix`` is the Gram matrix of
@@ -443,18 +511,31 @@ def _run_chain(transforms, states, updates, params, *, gram_matrix,
     if reduced:
       # A plain optax transform on the aggregated gradient, as optax.chain runs it.
       out, s = optax.with_extra_args_support(t).update(
-          out, s, params, task_losses=task_losses, task_present=task_present,
-          key=key, **extra_args)
+        out,
+        s,
+        params,
+        task_losses=task_losses,
+        task_present=task_present,
+        key=key,
+        **extra_args,
+      )
     elif isinstance(t, Weighting):
-      out, wt, s = _apply_weighting(t.weights, out, s, task_losses=task_losses,
-                                    task_present=task_present, key=key)
+      out, wt, s = _apply_weighting(
+        t.weights, out, s, task_losses=task_losses, task_present=task_present, key=key
+      )
       if gram_matrix is not None:
         gram_matrix = gram_matrix * wt[:, None] * wt[None, :]
       w = w * wt
     else:  # the aggregator: _check_order lets nothing else come first
-      out, s, c = t.aggregate(out, s, params, gram_matrix=gram_matrix,
-                              task_losses=task_losses,
-                              task_present=task_present, key=key)
+      out, s, c = t.aggregate(
+        out,
+        s,
+        params,
+        gram_matrix=gram_matrix,
+        task_losses=task_losses,
+        task_present=task_present,
+        key=key,
+      )
       w = None if c is None else w * c
       reduced = True
     new_states.append(s)
@@ -462,7 +543,7 @@ def _run_chain(transforms, states, updates, params, *, gram_matrix,
 
 
 def _is_transform(item) -> bool:
-  return hasattr(item, 'init') and hasattr(item, 'update')
+  return hasattr(item, "init") and hasattr(item, "update")
 
 
 def build(item, num_tasks: Optional[int] = None):
@@ -474,15 +555,18 @@ def build(item, num_tasks: Optional[int] = None):
   if _is_transform(item):
     return item
   if not callable(item):
-    raise UserError(f'{item!r} is neither an optax transform nor a factory of '
-                    'one; name an mtl method, e.g. @mtl.pcgrad.')
+    raise UserError(
+      f"{item!r} is neither an optax transform nor a factory of "
+      "one; name an mtl method, e.g. @mtl.pcgrad."
+    )
   try:
-    takes_k = 'num_tasks' in inspect.signature(item).parameters
+    takes_k = "num_tasks" in inspect.signature(item).parameters
   except (TypeError, ValueError):
     takes_k = False
   if takes_k and num_tasks is not None:
     return item(num_tasks=num_tasks)
   return item()
+
 
 # ------------------------------------------------------------ array helpers
 
@@ -491,12 +575,13 @@ def num_tasks_of(per_task_grads: PyTree) -> int:
   """The size of the leading task axis, checked equal across leaves."""
   leaves = jax.tree_util.tree_leaves(per_task_grads)
   if not leaves:
-    raise UserError('Per-task gradients have no leaves; nothing to aggregate.')
+    raise UserError("Per-task gradients have no leaves; nothing to aggregate.")
   sizes = {x.shape[0] if x.ndim else None for x in leaves}
   if len(sizes) != 1 or None in sizes:
     raise UserError(
-        'Per-task gradients must have the same leading task axis on every '
-        f'leaf; got leading sizes {sorted(map(str, sizes))}.')
+      "Per-task gradients must have the same leading task axis on every "
+      f"leaf; got leading sizes {sorted(map(str, sizes))}."
+    )
   return sizes.pop()
 
 
@@ -506,19 +591,17 @@ def presence(task_present, k: int) -> jax.Array:
     return jnp.ones((k,), bool)
   p = jnp.asarray(task_present).astype(bool)
   if p.shape != (k,):
-    raise UserError(f'task_present has shape {p.shape}; expected ({k},).')
+    raise UserError(f"task_present has shape {p.shape}; expected ({k},).")
   return p
 
 
 def losses_of(task_losses, k: int, who: str) -> jax.Array:
   """``task_losses`` as f32[k], or a UserError naming the transform ``who``."""
   if task_losses is None:
-    raise UserError(
-        f'{who} needs task losses: pass task_losses=f32[{k}] to update().')
+    raise UserError(f"{who} needs task losses: pass task_losses=f32[{k}] to update().")
   losses = jnp.asarray(task_losses, jnp.float32)
   if losses.shape != (k,):
-    raise UserError(f'{who}: task_losses has shape {losses.shape}; '
-                    f'expected ({k},).')
+    raise UserError(f"{who}: task_losses has shape {losses.shape}; expected ({k},).")
   return losses
 
 
@@ -547,19 +630,22 @@ def gram(per_task_grads: PyTree) -> jax.Array:
   """
   k = num_tasks_of(per_task_grads)
   total = jnp.zeros((k, k), jnp.float32)
-  letters = 'abcdefghmnopqrstuvwxyz'
+  letters = "abcdefghmnopqrstuvwxyz"
   # On CPU, XLA runs a dot with several contracting dimensions ~2x slower than the
   # same dot on [k, n] (tools/bench.py --breakdown). Elsewhere the reshape could make
   # XLA regather a leaf sharded on a trailing dimension, so it is CPU only.
-  flatten = jax.default_backend() == 'cpu'
+  flatten = jax.default_backend() == "cpu"
   for g in jax.tree_util.tree_leaves(per_task_grads):
     if flatten and g.ndim > 2:
       g = g.reshape(k, -1)
-    dims = letters[:g.ndim - 1]
+    dims = letters[: g.ndim - 1]
     total = total + jnp.einsum(
-        f'i{dims},j{dims}->ij', g, g,
-        precision=jax.lax.Precision.HIGHEST,
-        preferred_element_type=jnp.float32)
+      f"i{dims},j{dims}->ij",
+      g,
+      g,
+      precision=jax.lax.Precision.HIGHEST,
+      preferred_element_type=jnp.float32,
+    )
   return total
 
 
@@ -572,15 +658,17 @@ def combine(per_task_grads: PyTree, c: jax.Array) -> PyTree:
   """``sum_i c_i g_i``: f32[k] coefficients -> a tree shaped like params."""
 
   def comb(g):
-    out = jnp.tensordot(c.astype(jnp.float32), g, axes=1,
-                        precision=jax.lax.Precision.HIGHEST)
+    out = jnp.tensordot(
+      c.astype(jnp.float32), g, axes=1, precision=jax.lax.Precision.HIGHEST
+    )
     return out.astype(g.dtype)
 
   return jax.tree_util.tree_map(comb, per_task_grads)
 
 
-def diagnostics(per_task_grads: PyTree, task_present=None, *,
-                gram_matrix: Optional[jax.Array] = None) -> dict[str, jax.Array]:
+def diagnostics(
+  per_task_grads: PyTree, task_present=None, *, gram_matrix: Optional[jax.Array] = None
+) -> dict[str, jax.Array]:
   """Per-task gradient statistics for logging.
 
   Args:
@@ -605,15 +693,14 @@ def diagnostics(per_task_grads: PyTree, task_present=None, *,
   pairs = jnp.sum(upper)
   conflicts = jnp.sum(upper & (cos < 0))
   frac = jnp.where(pairs > 0, conflicts / jnp.maximum(pairs, 1), 0.0)
-  return {'grad_norm': norm, 'grad_cos': cos,
-          'conflict_frac': frac.astype(jnp.float32)}
+  return {"grad_norm": norm, "grad_cos": cos, "conflict_frac": frac.astype(jnp.float32)}
 
 
 # ------------------------------------------------------------------ masking
 
 
 def _path_str(path) -> str:
-  return jax.tree_util.keystr(path, simple=True, separator='/')
+  return jax.tree_util.keystr(path, simple=True, separator="/")
 
 
 def leaf_mask(mask: Mask, tree: PyTree) -> PyTree:
@@ -623,24 +710,28 @@ def leaf_mask(mask: Mask, tree: PyTree) -> PyTree:
   if isinstance(mask, str):
     pattern = re.compile(mask)
     return jax.tree_util.tree_map_with_path(
-        lambda path, _: bool(pattern.search(_path_str(path))), tree)
+      lambda path, _: bool(pattern.search(_path_str(path))), tree
+    )
   if callable(mask):
     return jax.tree_util.tree_map_with_path(
-        lambda path, _: bool(mask(_path_str(path))), tree)
+      lambda path, _: bool(mask(_path_str(path))), tree
+    )
   try:
     return jax.tree_util.tree_map(
-        lambda m, sub: jax.tree_util.tree_map(lambda _: bool(m), sub),
-        mask, tree)
+      lambda m, sub: jax.tree_util.tree_map(lambda _: bool(m), sub), mask, tree
+    )
   except (ValueError, TypeError) as e:
     raise UserError(
-        'A parameter mask must be None, a regex string, a callable on the '
-        "'/'-joined parameter path, or a pytree of bools shaped like params "
-        f'(or a prefix of it); it did not match the parameters: {e}') from e
+      "A parameter mask must be None, a regex string, a callable on the "
+      "'/'-joined parameter path, or a pytree of bools shaped like params "
+      f"(or a prefix of it); it did not match the parameters: {e}"
+    ) from e
 
 
 def _select(tree: PyTree, m: PyTree) -> PyTree:
   return jax.tree_util.tree_map(
-      lambda x, keep: x if keep else optax.MaskedNode(), tree, m)
+    lambda x, keep: x if keep else optax.MaskedNode(), tree, m
+  )
 
 
 def masked(inner, mask: Mask, num_tasks: Optional[int] = None) -> Aggregator:
@@ -677,23 +768,34 @@ def masked(inner, mask: Mask, num_tasks: Optional[int] = None) -> Aggregator:
   """
   # A transform is a NamedTuple, hence a tuple: tell it from a list of them.
   single = _is_transform(inner) or not isinstance(inner, (list, tuple))
-  inner_list = tuple(build(t, num_tasks)
-                     for t in ((inner,) if single else inner))
+  inner_list = tuple(build(t, num_tasks) for t in ((inner,) if single else inner))
   if not inner_list:
-    raise UserError('masked() got an empty list of inner transforms; give it '
-                    'an aggregator such as mtl.pcgrad().')
-  if _check_order(inner_list, 'masked(): inner transform') is None:
-    raise UserError('masked() got inner transforms without an aggregator, so '
-                    'the selected parameters would keep the task axis; end the '
-                    'weightings with an aggregator such as mtl.pcgrad().')
+    raise UserError(
+      "masked() got an empty list of inner transforms; give it "
+      "an aggregator such as mtl.pcgrad()."
+    )
+  if _check_order(inner_list, "masked(): inner transform") is None:
+    raise UserError(
+      "masked() got inner transforms without an aggregator, so "
+      "the selected parameters would keep the task axis; end the "
+      "weightings with an aggregator such as mtl.pcgrad()."
+    )
 
   def init_fn(params):
     sub = _select(params, leaf_mask(mask, params))
     states = tuple(t.init(sub) for t in inner_list)
     return states[0] if single else states
 
-  def aggregate_fn(updates, state, params=None, *, gram_matrix=None,
-                   task_losses=None, task_present=None, key=None):
+  def aggregate_fn(
+    updates,
+    state,
+    params=None,
+    *,
+    gram_matrix=None,
+    task_losses=None,
+    task_present=None,
+    key=None,
+  ):
     m = leaf_mask(mask, updates)
     keep = jax.tree_util.tree_leaves(m)
     # The caller's Gram matrix covers every leaf; it is this one only if all are kept.
@@ -701,9 +803,16 @@ def masked(inner, mask: Mask, num_tasks: Optional[int] = None) -> Aggregator:
     sub_params = None if params is None else _select(params, m)
     states = (state,) if single else state
     inner_out, new_states, c = _run_chain(
-        inner_list, states, _select(updates, m), sub_params,
-        gram_matrix=sub_gram, task_losses=task_losses,
-        task_present=task_present, key=key, extra_args={})
+      inner_list,
+      states,
+      _select(updates, m),
+      sub_params,
+      gram_matrix=sub_gram,
+      task_losses=task_losses,
+      task_present=task_present,
+      key=key,
+      extra_args={},
+    )
     flat, treedef = jax.tree_util.tree_flatten(updates)
     inner_leaves = iter(jax.tree_util.tree_leaves(inner_out))
     out = []
@@ -712,16 +821,16 @@ def masked(inner, mask: Mask, num_tasks: Optional[int] = None) -> Aggregator:
         r = next(inner_leaves)
         if r.shape != g.shape[1:]:  # a user's Aggregator that does not reduce
           raise UserError(
-              f'masked(): the inner transform returned a leaf of shape {r.shape} '
-              f'for per-task gradients of shape {g.shape}; the inner transform '
-              'must be an aggregator (reduce the task axis).')
+            f"masked(): the inner transform returned a leaf of shape {r.shape} "
+            f"for per-task gradients of shape {g.shape}; the inner transform "
+            "must be an aggregator (reduce the task axis)."
+          )
         out.append(r)
       else:
         # sum over tasks as a contraction: XLA's CPU reduce over the leading axis of a
         # large array is ~20x slower than this (tools/bench.py, T5-small stack).
         out.append(combine(g, jnp.ones((g.shape[0],), jnp.float32)))
-    return (treedef.unflatten(out), new_states[0] if single else new_states,
-            c)
+    return (treedef.unflatten(out), new_states[0] if single else new_states, c)
 
   return Aggregator(init_fn, aggregate_fn)
 
@@ -730,8 +839,8 @@ def masked(inner, mask: Mask, num_tasks: Optional[int] = None) -> Aggregator:
 
 
 def gram_aggregator(
-    init_fn: Callable[[PyTree], NamedTuple],
-    solve: Callable[..., tuple[jax.Array, NamedTuple]],
+  init_fn: Callable[[PyTree], NamedTuple],
+  solve: Callable[..., tuple[jax.Array, NamedTuple]],
 ) -> Aggregator:
   """An aggregator ``sum_i c_i g_i`` with ``c`` solved from the Gram matrix.
 
@@ -746,8 +855,16 @@ def gram_aggregator(
     The aggregator transform (it reuses a Gram matrix passed by ``aggregate``).
   """
 
-  def aggregate_fn(updates, state, params=None, *, gram_matrix=None,
-                   task_losses=None, task_present=None, key=None):
+  def aggregate_fn(
+    updates,
+    state,
+    params=None,
+    *,
+    gram_matrix=None,
+    task_losses=None,
+    task_present=None,
+    key=None,
+  ):
     del params
     p = presence(task_present, num_tasks_of(updates))
     g = mask_gram(gram(updates) if gram_matrix is None else gram_matrix, p)
@@ -780,7 +897,7 @@ def _fixed_weights(fn):
     elif task_losses is not None:
       k = jnp.shape(task_losses)[0]
     else:
-      raise UserError('Pass task_losses (or task_present) to compute weights.')
+      raise UserError("Pass task_losses (or task_present) to compute weights.")
     return fn(presence(task_present, k)), state
 
   return weights_fn
@@ -789,8 +906,16 @@ def _fixed_weights(fn):
 def _fixed_aggregator(weights) -> Aggregator:
   """A stateless aggregator ``sum_t c_t g_t`` with ``c = weights(present)``."""
 
-  def aggregate_fn(updates, state, params=None, *, gram_matrix=None,
-                   task_losses=None, task_present=None, key=None):
+  def aggregate_fn(
+    updates,
+    state,
+    params=None,
+    *,
+    gram_matrix=None,
+    task_losses=None,
+    task_present=None,
+    key=None,
+  ):
     del params, gram_matrix, task_losses, key
     c = weights(presence(task_present, num_tasks_of(updates)))
     return combine(updates, c), state, c

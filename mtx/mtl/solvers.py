@@ -17,10 +17,10 @@ def _safe_div(a, b):
   return jnp.where(b != 0, a / jnp.where(b != 0, b, 1.0), 0.0)
 
 
-def _present_scale(g, present, how='mean'):
+def _present_scale(g, present, how="mean"):
   """A positive scale of the present diagonal, for conditioning (1 if none)."""
   d = jnp.where(present, jnp.diag(g), 0.0)
-  if how == 'max':
+  if how == "max":
     s = jnp.max(d)
   else:
     s = jnp.sum(d) / jnp.maximum(jnp.sum(present), 1)
@@ -119,8 +119,7 @@ def gradvac_coefficients(g, present, orders, targets, beta):
       sin_c = jnp.sqrt(jnp.maximum(1.0 - cos**2, 0.0))
       a = _safe_div(nw * (tgt * sin_c - cos * sin_t), norms[j] * sin_t)
       w = w.at[j].add(jnp.where(valid & (cos < tgt), a, 0.0))
-      trow = trow.at[j].set(
-          jnp.where(valid, (1.0 - beta) * tgt + beta * cos, tgt))
+      trow = trow.at[j].set(jnp.where(valid, (1.0 - beta) * tgt + beta * cos, tgt))
       return w, trow
 
     return jax.lax.fori_loop(0, k, body, (w0, trow))
@@ -147,8 +146,7 @@ def _pairwise_frank_wolfe(grad_fn, line_fn, present, iterations):
     grad = grad_fn(w)
     s = jnp.argmin(jnp.where(present, grad, jnp.inf))
     a = jnp.argmax(jnp.where(present & (w > 0), grad, -jnp.inf))
-    d = (jax.nn.one_hot(s, k, dtype=jnp.float32)
-         - jax.nn.one_hot(a, k, dtype=jnp.float32))
+    d = jax.nn.one_hot(s, k, dtype=jnp.float32) - jax.nn.one_hot(a, k, dtype=jnp.float32)
     gamma = jnp.where(s == a, 0.0, line_fn(w, d, w[a]))
     return jnp.maximum(w + gamma * d, 0.0)
 
@@ -215,8 +213,8 @@ def cagrad_weights(g, present, c, iterations=100):
     curved = (q2 > 0) & (r * r * q2 > a * a)
     m = jnp.maximum(q0 - _safe_div(q1 * q1, q2), 0.0)
     u = -jnp.sign(a) * jnp.sqrt(
-        _safe_div(a * a * m, jnp.where(curved, r * r - _safe_div(a * a, q2),
-                                       1.0)))
+      _safe_div(a * a * m, jnp.where(curved, r * r - _safe_div(a * a, q2), 1.0))
+    )
     t_stat = jnp.clip(_safe_div(u - q1, q2), 0.0, gmax)
     monotone = jnp.where(a < 0, gmax, 0.0)
     return jnp.where(curved, t_stat, monotone)
@@ -242,7 +240,7 @@ def imtl_g_weights(g, present):
   """
   norms = jnp.sqrt(jnp.maximum(jnp.diag(g), 0.0))
   active = present & (norms > 0)
-  s = _present_scale(g, active, 'max')
+  s = _present_scale(g, active, "max")
   both = active[:, None] & active[None, :]
   gs = jnp.where(both, g / s, 0.0) + jnp.diag(jnp.where(active, 0.0, 1.0))
   rhs = jnp.where(active, norms / jnp.sqrt(s), 0.0)
@@ -251,16 +249,20 @@ def imtl_g_weights(g, present):
   total = jnp.sum(alpha)
   p = present.astype(jnp.float32)
   mean = p / jnp.maximum(jnp.sum(p), 1.0)
-  ok = (jnp.abs(total) > 1e-6 * jnp.sum(jnp.abs(alpha))) & jnp.all(
-      jnp.isfinite(alpha)) & (jnp.sum(active) > 0)
+  ok = (
+    (jnp.abs(total) > 1e-6 * jnp.sum(jnp.abs(alpha)))
+    & jnp.all(jnp.isfinite(alpha))
+    & (jnp.sum(active) > 0)
+  )
   return jnp.where(ok, alpha / jnp.where(ok, total, 1.0), mean)
 
 
 # ----------------------------------------------------------------- Nash-MTL
 
 
-def nash_weights(g, present, alpha0, iterations=20, ridge=1e-6,
-                 normalize=False, tol=1e-2):
+def nash_weights(
+  g, present, alpha0, iterations=20, ridge=1e-6, normalize=False, tol=1e-2
+):
   """Nash-MTL's bargaining weights (Navon et al. 2022, ICML).
 
   The paper's Nash bargaining solution: ``alpha > 0`` with ``G alpha = 1 / alpha``
@@ -308,8 +310,7 @@ def nash_weights(g, present, alpha0, iterations=20, ridge=1e-6,
   scale = jnp.sqrt(jnp.where(fro > 0, fro, 1.0)) if normalize else 1.0
   b0 = alpha0 / scale * norms
   n_active = jnp.maximum(jnp.sum(active), 1)
-  uniform = jnp.full((k,), 1.0, jnp.float32) / jnp.sqrt(
-      n_active.astype(jnp.float32))
+  uniform = jnp.full((k,), 1.0, jnp.float32) / jnp.sqrt(n_active.astype(jnp.float32))
   warm = jnp.where(active & (b0 > 0) & jnp.isfinite(b0), b0, uniform)
 
   def phi(b):
@@ -329,8 +330,12 @@ def nash_weights(g, present, alpha0, iterations=20, ridge=1e-6,
   b = jax.lax.fori_loop(0, iterations, body, start)
   residual = jnp.max(jnp.where(active, jnp.abs(b * (c @ b) - 1.0), 0.0))
   alpha = jnp.where(active, b * inv, 0.0) * scale
-  ok = (jnp.all(jnp.isfinite(alpha)) & jnp.all(jnp.where(active, b > 0, True))
-        & jnp.any(active) & (residual <= tol))
+  ok = (
+    jnp.all(jnp.isfinite(alpha))
+    & jnp.all(jnp.where(active, b > 0, True))
+    & jnp.any(active)
+    & (residual <= tol)
+  )
   return alpha, ok
 
 
@@ -351,7 +356,7 @@ def aligned_mtl_weights(g, present):
     ``B p`` f32[k] (p the presence indicator).
   """
   k = g.shape[0]
-  s = _present_scale(g, present, 'max')
+  s = _present_scale(g, present, "max")
   lam, v = jnp.linalg.eigh(g / s)
   tol = jnp.max(lam) * k * jnp.finfo(jnp.float32).eps
   keep = lam > tol
@@ -386,8 +391,7 @@ def upgrad_weights(g, present, iterations=100, reg=0.0):
     c f32[k].
   """
   k = g.shape[0]
-  gs = g / _present_scale(g, present) + reg * jnp.diag(
-      present.astype(jnp.float32))
+  gs = g / _present_scale(g, present) + reg * jnp.diag(present.astype(jnp.float32))
   diag = jnp.diag(gs)
   p = present.astype(jnp.float32)
 
@@ -395,8 +399,7 @@ def upgrad_weights(g, present, iterations=100, reg=0.0):
 
     def coord(j, v):
       step = _safe_div(gs[j] @ v, diag[j])
-      return v.at[j].set(jnp.where(diag[j] > 0,
-                                   jnp.maximum(u[j], v[j] - step), v[j]))
+      return v.at[j].set(jnp.where(diag[j] > 0, jnp.maximum(u[j], v[j] - step), v[j]))
 
     def sweep(_, v):
       return jax.lax.fori_loop(0, k, coord, v)

@@ -21,10 +21,12 @@ from mtx.mtl import base
 
 def _k_of(task_losses, task_present, num_tasks):
   """Checks the extra args against ``num_tasks``; returns presence bool[k]."""
-  for name, x in (('task_losses', task_losses), ('task_present', task_present)):
+  for name, x in (("task_losses", task_losses), ("task_present", task_present)):
     if x is not None and jnp.shape(x) != (num_tasks,):
-      raise UserError(f'{name} has shape {jnp.shape(x)} but the weighting was '
-                      f'built for num_tasks={num_tasks}.')
+      raise UserError(
+        f"{name} has shape {jnp.shape(x)} but the weighting was "
+        f"built for num_tasks={num_tasks}."
+      )
   return base.presence(task_present, num_tasks)
 
 
@@ -49,8 +51,9 @@ def static_weights(weights: Sequence[float]) -> base.Weighting:
   """
   w_fixed = jnp.asarray(weights, jnp.float32)
   if w_fixed.ndim != 1:
-    raise UserError(f'static_weights needs a flat list of k weights, got shape '
-                    f'{w_fixed.shape}.')
+    raise UserError(
+      f"static_weights needs a flat list of k weights, got shape {w_fixed.shape}."
+    )
 
   def weights_fn(state, *, task_losses=None, task_present=None, key=None):
     del key
@@ -65,11 +68,11 @@ def static_weights(weights: Sequence[float]) -> base.Weighting:
 
 class UncertaintyState(NamedTuple):
   """``log_vars`` f32[k]: s_t = log sigma_t^2, initialized to 0."""
+
   log_vars: jax.Array
 
 
-def uncertainty_weighting(num_tasks: int,
-                          lr: float = 1e-2) -> base.Weighting:
+def uncertainty_weighting(num_tasks: int, lr: float = 1e-2) -> base.Weighting:
   """Homoscedastic uncertainty weighting (Kendall, Gal & Cipolla 2018, CVPR).
 
   With learnable ``s_t = log sigma_t^2`` (state), the paper's objective (eq. 7,
@@ -103,7 +106,8 @@ def uncertainty_weighting(num_tasks: int,
     del key
     p = _k_of(task_losses, task_present, num_tasks)
     losses = jnp.where(
-        p, base.losses_of(task_losses, num_tasks, 'uncertainty_weighting'), 0.0)
+      p, base.losses_of(task_losses, num_tasks, "uncertainty_weighting"), 0.0
+    )
     s = state.log_vars
     w = 0.5 * jnp.exp(-s)
     grad_s = 0.5 * (1.0 - jnp.exp(-s) * losses)
@@ -124,6 +128,7 @@ class DWAState(NamedTuple):
   L(t-1) and L(t-2); ``windows`` i32[k]: completed windows with data per task;
   ``step`` i32[]: steps taken.
   """
+
   loss_sum: jax.Array
   loss_count: jax.Array
   last: jax.Array
@@ -132,8 +137,7 @@ class DWAState(NamedTuple):
   step: jax.Array
 
 
-def dwa(num_tasks: int, temperature: float = 2.0,
-        window: int = 1) -> base.Weighting:
+def dwa(num_tasks: int, temperature: float = 2.0, window: int = 1) -> base.Weighting:
   """Dynamic Weight Average (Liu, Johns & Davison 2019, CVPR, MTAN).
 
   ``w_t = K exp(r_t / T) / sum_i exp(r_i / T)``, ``r_t = L_t(t-1) / L_t(t-2)``,
@@ -153,23 +157,26 @@ def dwa(num_tasks: int, temperature: float = 2.0,
     A weighting with state ``DWAState``. Needs ``task_losses``.
   """
   if window < 1:
-    raise UserError(f'dwa: window must be >= 1, not {window}.')
+    raise UserError(f"dwa: window must be >= 1, not {window}.")
 
   def init_fn(params):
     del params
     z = jnp.zeros((num_tasks,), jnp.float32)
-    return DWAState(loss_sum=z, loss_count=z, last=z + 1.0,
-                    before_last=z + 1.0,
-                    windows=jnp.zeros((num_tasks,), jnp.int32),
-                    step=jnp.zeros([], jnp.int32))
+    return DWAState(
+      loss_sum=z,
+      loss_count=z,
+      last=z + 1.0,
+      before_last=z + 1.0,
+      windows=jnp.zeros((num_tasks,), jnp.int32),
+      step=jnp.zeros([], jnp.int32),
+    )
 
   def weights_fn(state, *, task_losses=None, task_present=None, key=None):
     del key
     p = _k_of(task_losses, task_present, num_tasks)
-    losses = jnp.where(p, base.losses_of(task_losses, num_tasks, 'dwa'), 0.0)
+    losses = jnp.where(p, base.losses_of(task_losses, num_tasks, "dwa"), 0.0)
     ready = (state.windows >= 2) & (state.before_last > 0)
-    ratio = jnp.where(ready, state.last / jnp.where(ready, state.before_last,
-                                                    1.0), 1.0)
+    ratio = jnp.where(ready, state.last / jnp.where(ready, state.before_last, 1.0), 1.0)
     n = jnp.sum(p.astype(jnp.float32))
     w = n * _masked_softmax(ratio / temperature, p)
 
@@ -180,12 +187,13 @@ def dwa(num_tasks: int, temperature: float = 2.0,
     has = end & (loss_count > 0)
     mean = loss_sum / jnp.maximum(loss_count, 1.0)
     new_state = DWAState(
-        loss_sum=jnp.where(end, 0.0, loss_sum),
-        loss_count=jnp.where(end, 0.0, loss_count),
-        last=jnp.where(has, mean, state.last),
-        before_last=jnp.where(has, state.last, state.before_last),
-        windows=state.windows + has.astype(jnp.int32),
-        step=step)
+      loss_sum=jnp.where(end, 0.0, loss_sum),
+      loss_count=jnp.where(end, 0.0, loss_count),
+      last=jnp.where(has, mean, state.last),
+      before_last=jnp.where(has, state.last, state.before_last),
+      windows=state.windows + has.astype(jnp.int32),
+      step=step,
+    )
     return w, new_state
 
   return base.Weighting(init_fn, weights_fn)
@@ -196,6 +204,7 @@ def dwa(num_tasks: int, temperature: float = 2.0,
 
 class RLWState(NamedTuple):
   """``count`` i32[]: steps taken (folds a fallback key when none is given)."""
+
   count: jax.Array
 
 
@@ -230,15 +239,20 @@ def rlw(num_tasks: int, seed: int = 0) -> base.Weighting:
 class FAMOState(NamedTuple):
   """``logits`` f32[k] (xi, init 0); ``prev_losses`` f32[k]: each task's loss
   when last present; ``has_prev`` bool[k]; ``opt_state``: the logits' Adam."""
+
   logits: jax.Array
   prev_losses: jax.Array
   has_prev: jax.Array
   opt_state: Any
 
 
-def famo(num_tasks: int, lr: float = 0.025, weight_decay: float = 0.01,
-         min_losses: Optional[Sequence[float]] = None,
-         eps: float = 1e-8) -> base.Weighting:
+def famo(
+  num_tasks: int,
+  lr: float = 0.025,
+  weight_decay: float = 0.01,
+  min_losses: Optional[Sequence[float]] = None,
+  eps: float = 1e-8,
+) -> base.Weighting:
   """FAMO: Fast Adaptive Multitask Optimization (Liu et al. 2023, NeurIPS).
 
   O(1) in k: no per-task gradient. Logits xi (state), ``z = softmax(xi)``,
@@ -272,20 +286,26 @@ def famo(num_tasks: int, lr: float = 0.025, weight_decay: float = 0.01,
     A weighting with state ``FAMOState``. Needs ``task_losses``.
   """
   opt = optax.chain(optax.add_decayed_weights(weight_decay), optax.adam(lr))
-  floor = jnp.zeros((num_tasks,), jnp.float32) if min_losses is None else (
-      jnp.asarray(min_losses, jnp.float32))
+  floor = (
+    jnp.zeros((num_tasks,), jnp.float32)
+    if min_losses is None
+    else (jnp.asarray(min_losses, jnp.float32))
+  )
 
   def init_fn(params):
     del params
     xi = jnp.zeros((num_tasks,), jnp.float32)
-    return FAMOState(logits=xi, prev_losses=jnp.ones((num_tasks,), jnp.float32),
-                     has_prev=jnp.zeros((num_tasks,), bool),
-                     opt_state=opt.init(xi))
+    return FAMOState(
+      logits=xi,
+      prev_losses=jnp.ones((num_tasks,), jnp.float32),
+      has_prev=jnp.zeros((num_tasks,), bool),
+      opt_state=opt.init(xi),
+    )
 
   def weights_fn(state, *, task_losses=None, task_present=None, key=None):
     del key
     p = _k_of(task_losses, task_present, num_tasks)
-    losses = jnp.where(p, base.losses_of(task_losses, num_tasks, 'famo'), 1.0)
+    losses = jnp.where(p, base.losses_of(task_losses, num_tasks, "famo"), 1.0)
     log_now = jnp.log(jnp.maximum(losses - floor, 0.0) + eps)
     log_prev = jnp.log(jnp.maximum(state.prev_losses - floor, 0.0) + eps)
     valid = p & state.has_prev
@@ -296,15 +316,18 @@ def famo(num_tasks: int, lr: float = 0.025, weight_decay: float = 0.01,
     step, opt_state = opt.update(grad, state.opt_state, state.logits)
     logits = jnp.where(p & jnp.any(valid), state.logits + step, state.logits)
     opt_state = jax.tree_util.tree_map(
-        lambda new, old: jnp.where(jnp.any(valid), new, old), opt_state,
-        state.opt_state)
+      lambda new, old: jnp.where(jnp.any(valid), new, old), opt_state, state.opt_state
+    )
 
     z = _masked_softmax(logits, p)
     inv = jnp.where(p, z / jnp.exp(log_now), 0.0)
     w = inv / jnp.maximum(jnp.sum(inv), 1e-30)
-    new_state = FAMOState(logits=logits,
-                          prev_losses=jnp.where(p, losses, state.prev_losses),
-                          has_prev=state.has_prev | p, opt_state=opt_state)
+    new_state = FAMOState(
+      logits=logits,
+      prev_losses=jnp.where(p, losses, state.prev_losses),
+      has_prev=state.has_prev | p,
+      opt_state=opt_state,
+    )
     return w, new_state
 
   return base.Weighting(init_fn, weights_fn)

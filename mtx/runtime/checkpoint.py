@@ -53,12 +53,12 @@ import re
 import tempfile
 from typing import Any
 
-from etils import epath
 import jax
-from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
+from jax.experimental import multihost_utils
 
 from mtx.errors import UserError
 
@@ -67,9 +67,12 @@ DATA_STATE_ITEM = "data_state"
 _COMMIT_FILE = "commit_success.txt"
 _CORRUPT_SUFFIX = ".corrupt"
 # How tensorstore and orbax word an OS error in the exceptions they raise.
-_IO_ERROR = re.compile(r"No space left|Read-only file system|Permission denied|"
-                       r"Disk quota|os_error_code|RESOURCE_EXHAUSTED|PERMISSION_DENIED|"
-                       r"Input/output error", re.I)
+_IO_ERROR = re.compile(
+  r"No space left|Read-only file system|Permission denied|"
+  r"Disk quota|os_error_code|RESOURCE_EXHAUSTED|PERMISSION_DENIED|"
+  r"Input/output error",
+  re.I,
+)
 
 
 class CheckpointWriteError(UserError):
@@ -94,8 +97,14 @@ class Checkpointer:
     ckpt.close()                                   # waits for the last save
   """
 
-  def __init__(self, directory: str, *, save_period: int, keep: int | None = 3,
-               async_save: bool = True):
+  def __init__(
+    self,
+    directory: str,
+    *,
+    save_period: int,
+    keep: int | None = 3,
+    async_save: bool = True,
+  ):
     """Opens (creating if needed) the checkpoint directory.
 
     Args:
@@ -107,24 +116,30 @@ class Checkpointer:
     """
     if keep is not None and keep < 1:
       raise UserError(
-          f"Checkpointer got keep={keep} for {directory}; keep at least 1 checkpoint, "
-          "or pass None to keep them all.")
+        f"Checkpointer got keep={keep} for {directory}; keep at least 1 checkpoint, "
+        "or pass None to keep them all."
+      )
     _check_writable(directory)
     self.directory = epath.Path(directory)
     self.save_period = int(save_period)
-    preservation = (ocp.checkpoint_managers.PreserveAll() if keep is None
-                    else ocp.checkpoint_managers.LatestN(keep))
+    preservation = (
+      ocp.checkpoint_managers.PreserveAll()
+      if keep is None
+      else ocp.checkpoint_managers.LatestN(keep)
+    )
     options = ocp.CheckpointManagerOptions(
-        preservation_policy=preservation,
-        enable_async_checkpointing=async_save,
-        # Step directories are made before ``save`` returns: when that fails (a full or
-        # read-only disk) the error is raised there, and no background thread is left
-        # waiting minutes for a directory that never came (which blocks the exit).
-        async_options=ocp.AsyncOptions(create_directories_asynchronously=False),
-        cleanup_tmp_directories=True,
-        create=True)
+      preservation_policy=preservation,
+      enable_async_checkpointing=async_save,
+      # Step directories are made before ``save`` returns: when that fails (a full or
+      # read-only disk) the error is raised there, and no background thread is left
+      # waiting minutes for a directory that never came (which blocks the exit).
+      async_options=ocp.AsyncOptions(create_directories_asynchronously=False),
+      cleanup_tmp_directories=True,
+      create=True,
+    )
     self._manager = ocp.CheckpointManager(
-        self.directory, item_names=(STATE_ITEM, DATA_STATE_ITEM), options=options)
+      self.directory, item_names=(STATE_ITEM, DATA_STATE_ITEM), options=options
+    )
     self._pending = None  # The step of a save that may still be running.
 
   def latest_step(self) -> int | None:
@@ -140,8 +155,7 @@ class Checkpointer:
     self._manager.reload()
     return sorted(self._manager.all_steps())
 
-  def save(self, step: int, state: Any, data_state: dict, *,
-           force: bool = False) -> bool:
+  def save(self, step: int, state: Any, data_state: dict, *, force: bool = False) -> bool:
     """Starts saving ``state`` and ``data_state`` as ``step``; returns whether it did.
 
     Saves when ``step % save_period == 0`` or ``force``, unless ``step`` is already
@@ -162,8 +176,11 @@ class Checkpointer:
       return False
     self.wait()  # Orbax would wait too; this way a failure names the step it belongs to.
     if step in self._manager.all_steps():
-      logging.info("Checkpoint step %d already exists in %s; not saving it again.",
-                   step, self.directory)
+      logging.info(
+        "Checkpoint step %d already exists in %s; not saving it again.",
+        step,
+        self.directory,
+      )
       return False
     try:
       json.dumps(data_state, allow_nan=False)
@@ -172,14 +189,17 @@ class Checkpointer:
     bad = _nonfinite_leaves(state)
     if bad:
       raise NonFiniteStateError(
-          f"Checkpoint step {step} was not saved to {self.directory} because "
-          f"{', '.join(bad[:3])}{' and more' if len(bad) > 3 else ''} hold NaN or Inf "
-          f"({self._newest_intact()}); lower the learning rate or set "
-          "train.nonfinite_policy, and resume from that checkpoint.")
-    args = ocp.args.Composite(**{
+        f"Checkpoint step {step} was not saved to {self.directory} because "
+        f"{', '.join(bad[:3])}{' and more' if len(bad) > 3 else ''} hold NaN or Inf "
+        f"({self._newest_intact()}); lower the learning rate or set "
+        "train.nonfinite_policy, and resume from that checkpoint."
+      )
+    args = ocp.args.Composite(
+      **{
         STATE_ITEM: ocp.args.StandardSave(state),
         DATA_STATE_ITEM: ocp.args.JsonSave(data_state),
-    })
+      }
+    )
     self._pending = step
     try:
       started = self._manager.save(step, args=args, force=True)
@@ -193,8 +213,9 @@ class Checkpointer:
       self._pending = None
     return started
 
-  def restore(self, abstract_state: Any,
-              step: int | None = None) -> tuple[int, Any, dict] | None:
+  def restore(
+    self, abstract_state: Any, step: int | None = None
+  ) -> tuple[int, Any, dict] | None:
     """Restores the newest good checkpoint onto ``abstract_state``'s shardings.
 
     Args:
@@ -212,8 +233,9 @@ class Checkpointer:
     if step is not None:
       if step not in steps:
         raise UserError(
-            f"Checkpoint step {step} is not in {self.directory}; pick one of "
-            f"{sorted(steps) or 'none'}, or leave the step unset to take the newest.")
+          f"Checkpoint step {step} is not in {self.directory}; pick one of "
+          f"{sorted(steps) or 'none'}, or leave the step unset to take the newest."
+        )
       steps = [step]
     if not steps:
       return None
@@ -227,16 +249,19 @@ class Checkpointer:
         return candidate, restored[0], restored[1]
       if step is not None:
         raise UserError(
-            f"Checkpoint step {candidate} in {self.directory} is unusable ({reason}); "
-            "restore another step, or leave the step unset to take the newest good "
-            "one.")
-      logging.warning("Skipping checkpoint step %d in %s: %s", candidate,
-                      self.directory, reason)
+          f"Checkpoint step {candidate} in {self.directory} is unusable ({reason}); "
+          "restore another step, or leave the step unset to take the newest good "
+          "one."
+        )
+      logging.warning(
+        "Skipping checkpoint step %d in %s: %s", candidate, self.directory, reason
+      )
       skipped.append((candidate, reason))
     raise UserError(
-        f"No usable checkpoint in {self.directory}: steps "
-        f"{', '.join(str(s) for s, _ in skipped)} are all damaged (first reason: "
-        f"{skipped[0][1]}); move them out of the directory to start over.")
+      f"No usable checkpoint in {self.directory}: steps "
+      f"{', '.join(str(s) for s, _ in skipped)} are all damaged (first reason: "
+      f"{skipped[0][1]}); move them out of the directory to start over."
+    )
 
   def _try_restore(self, step: int, abstract_state) -> tuple[tuple | None, str]:
     """Returns ((state, data_state), '') or (None, why the step is unusable)."""
@@ -251,13 +276,16 @@ class Checkpointer:
       mismatch = _first_mismatch(on_disk, abstract_state)
       if mismatch:
         raise UserError(
-            f"Checkpoint step {step} in {self.directory} does not fit the state being "
-            f"restored: {mismatch}; resume with the run's original model and optimizer "
-            "settings, or use a fresh MODEL_DIR.")
-      args = ocp.args.Composite(**{
+          f"Checkpoint step {step} in {self.directory} does not fit the state being "
+          f"restored: {mismatch}; resume with the run's original model and optimizer "
+          "settings, or use a fresh MODEL_DIR."
+        )
+      args = ocp.args.Composite(
+        **{
           STATE_ITEM: ocp.args.StandardRestore(abstract_state),
           DATA_STATE_ITEM: ocp.args.JsonRestore(),
-      })
+        }
+      )
       try:
         restored = self._manager.restore(step, args=args)
       except Exception as e:  # pylint: disable=broad-except
@@ -283,8 +311,9 @@ class Checkpointer:
           source.rename(target)
         except OSError as e:
           raise CheckpointWriteError(
-              f"Could not move the damaged checkpoint {source} aside ({e.strerror}); "
-              f"make {self.directory} writable, then run the same command again.") from e
+            f"Could not move the damaged checkpoint {source} aside ({e.strerror}); "
+            f"make {self.directory} writable, then run the same command again."
+          ) from e
         logging.warning("Moved damaged checkpoint %s to %s.", source, target)
     if jax.process_count() > 1:
       ocp.multihost.sync_global_processes("mtx_checkpoint_quarantine")
@@ -315,8 +344,11 @@ class Checkpointer:
   def _newest_intact(self) -> str:
     """'the newest intact checkpoint is step N' (or that there is none), for errors."""
     try:
-      steps = [int(p.name) for p in self.directory.iterdir()
-               if p.name.isdigit() and _incomplete_reason(p) is None]
+      steps = [
+        int(p.name)
+        for p in self.directory.iterdir()
+        if p.name.isdigit() and _incomplete_reason(p) is None
+      ]
     except OSError:
       steps = []
     if not steps:
@@ -330,9 +362,10 @@ class Checkpointer:
       return None
     what = f"checkpoint step {step}" if step is not None else "a checkpoint"
     return CheckpointWriteError(
-        f"Could not write {what} to {self.directory} ({reason}); "
-        f"{self._newest_intact()}: free some space or make the directory writable, then "
-        "run the same command again to resume from it.")
+      f"Could not write {what} to {self.directory} ({reason}); "
+      f"{self._newest_intact()}: free some space or make the directory writable, then "
+      "run the same command again to resume from it."
+    )
 
   def __enter__(self):
     return self
@@ -341,8 +374,9 @@ class Checkpointer:
     self.close()
 
 
-def load_params(path: str, abstract_params: Any,
-                what: str = "INITIAL_CHECKPOINT_PATH") -> Any:
+def load_params(
+  path: str, abstract_params: Any, what: str = "INITIAL_CHECKPOINT_PATH"
+) -> Any:
   """Loads only the params of a run's checkpoint (fine-tuning, eval, inference).
 
   Args:
@@ -363,28 +397,37 @@ def load_params(path: str, abstract_params: Any,
     on_disk = _tree_metadata(item_dir)
   except Exception as e:  # pylint: disable=broad-except
     raise UserError(
-        f"{what} {path} is not a readable mtx checkpoint "
-        f"({_short(e)}); point it at a MODEL_DIR or a step directory of one.") from e
+      f"{what} {path} is not a readable mtx checkpoint "
+      f"({_short(e)}); point it at a MODEL_DIR or a step directory of one."
+    ) from e
   if not isinstance(on_disk, dict) or "params" not in on_disk:
     raise UserError(
-        f"{what} {path} holds no 'params' in {item_dir}; point it at "
-        "a checkpoint written by mtx.")
+      f"{what} {path} holds no 'params' in {item_dir}; point it at "
+      "a checkpoint written by mtx."
+    )
   abstract_params = _with_default_sharding(abstract_params)
   mismatch = _first_mismatch(on_disk["params"], abstract_params, prefix="params/")
   if mismatch:
     raise UserError(
-        f"{what} {path} does not fit the model: {mismatch}; use a "
-        "checkpoint of the same model configuration.")
+      f"{what} {path} does not fit the model: {mismatch}; use a "
+      "checkpoint of the same model configuration."
+    )
   item = {"params": abstract_params}
   checkpointer = ocp.Checkpointer(ocp.PyTreeCheckpointHandler())
   try:
-    restored = checkpointer.restore(item_dir, args=ocp.args.PyTreeRestore(
-        item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
-        partial_restore=True))
+    restored = checkpointer.restore(
+      item_dir,
+      args=ocp.args.PyTreeRestore(
+        item=item,
+        restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+        partial_restore=True,
+      ),
+    )
   except Exception as e:  # pylint: disable=broad-except
     raise UserError(
-        f"{what} {path}: the params in {item_dir} are damaged "
-        f"({_short(e)}); point it at another step of that run.") from e
+      f"{what} {path}: the params in {item_dir} are damaged "
+      f"({_short(e)}); point it at another step of that run."
+    ) from e
   finally:
     checkpointer.close()
   return restored["params"]
@@ -410,8 +453,13 @@ def _io_reason(error: BaseException) -> str | None:
 def _nonfinite_leaves(state: Any) -> list[str]:
   """Paths of the floating leaves of ``state`` that hold a NaN or an Inf."""
   flat = jax.tree_util.tree_flatten_with_path(state)[0]
-  floats = [(p, x) for p, x in flat if jnp.issubdtype(
-      x.dtype if hasattr(x, "dtype") else np.asarray(x).dtype, jnp.inexact)]
+  floats = [
+    (p, x)
+    for p, x in flat
+    if jnp.issubdtype(
+      x.dtype if hasattr(x, "dtype") else np.asarray(x).dtype, jnp.inexact
+    )
+  ]
   if not floats:
     return []
   flags = jax.device_get(_finite_flags([x for _, x in floats]))
@@ -435,8 +483,9 @@ def _check_writable(directory: str) -> None:
     os.remove(probe)
   except OSError as e:
     raise UserError(
-        f"MODEL_DIR {directory} is not writable: {e.strerror or e}; choose a directory "
-        "you can write to, or fix its permissions.") from e
+      f"MODEL_DIR {directory} is not writable: {e.strerror or e}; choose a directory "
+      "you can write to, or fix its permissions."
+    ) from e
 
 
 def _incomplete_reason(step_dir: epath.Path) -> str | None:
@@ -485,25 +534,29 @@ def _shape_dtype(leaf) -> tuple[tuple[int, ...], np.dtype | None]:
 def _first_mismatch(on_disk, abstract, prefix: str = "") -> str | None:
   """Describes the first leaf whose path, shape or dtype differs, or returns None."""
   disk_leaves = {
-      prefix + _path_str(p): leaf
-      for p, leaf in jax.tree_util.tree_flatten_with_path(on_disk)[0]}
+    prefix + _path_str(p): leaf
+    for p, leaf in jax.tree_util.tree_flatten_with_path(on_disk)[0]
+  }
   want_leaves = {
-      prefix + _path_str(p): leaf
-      for p, leaf in jax.tree_util.tree_flatten_with_path(abstract)[0]}
+    prefix + _path_str(p): leaf
+    for p, leaf in jax.tree_util.tree_flatten_with_path(abstract)[0]
+  }
   for name in sorted(want_leaves):
     want_shape, want_dtype = _shape_dtype(want_leaves[name])
     if name not in disk_leaves:
-      return (f"{name!r} (shape {want_shape}) is missing from the checkpoint")
+      return f"{name!r} (shape {want_shape}) is missing from the checkpoint"
     disk_shape, disk_dtype = _shape_dtype(disk_leaves[name])
     if disk_shape != want_shape or (
-        disk_dtype is not None and want_dtype is not None and disk_dtype != want_dtype):
-      return (f"{name!r} has shape {disk_shape} and dtype {disk_dtype} in the "
-              f"checkpoint but shape {want_shape} and dtype {want_dtype} here")
+      disk_dtype is not None and want_dtype is not None and disk_dtype != want_dtype
+    ):
+      return (
+        f"{name!r} has shape {disk_shape} and dtype {disk_dtype} in the "
+        f"checkpoint but shape {want_shape} and dtype {want_dtype} here"
+      )
   extra = sorted(set(disk_leaves) - set(want_leaves))
   if extra:
     shape, _ = _shape_dtype(disk_leaves[extra[0]])
-    return (f"the checkpoint has {extra[0]!r} (shape {shape}), which is not "
-            "expected here")
+    return f"the checkpoint has {extra[0]!r} (shape {shape}), which is not expected here"
   return None
 
 
@@ -513,8 +566,9 @@ def _with_default_sharding(abstract):
 
   def fill(leaf):
     if isinstance(leaf, jax.ShapeDtypeStruct) and leaf.sharding is None:
-      return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype,
-                                  sharding=jax.sharding.SingleDeviceSharding(device))
+      return jax.ShapeDtypeStruct(
+        leaf.shape, leaf.dtype, sharding=jax.sharding.SingleDeviceSharding(device)
+      )
     return leaf
 
   return jax.tree.map(fill, abstract)
@@ -533,16 +587,18 @@ def find_state_dir(path: str, what: str) -> epath.Path:
   root = epath.Path(path)
   if not root.exists():
     raise UserError(
-        f"{what} {path} does not exist; point it at the MODEL_DIR of "
-        "a finished run or one of its step directories.")
+      f"{what} {path} does not exist; point it at the MODEL_DIR of "
+      "a finished run or one of its step directories."
+    )
   if (root / "_METADATA").exists() or (root / "manifest.ocdbt").exists():
     return root
   if (root / STATE_ITEM).is_dir():
     reason = _incomplete_reason(root)
     if reason:
       raise UserError(
-          f"{what} {path} is not a finished checkpoint ({reason}); "
-          "point it at another step.")
+        f"{what} {path} is not a finished checkpoint ({reason}); "
+        "point it at another step."
+      )
     return root / STATE_ITEM
   steps = []
   for child in root.iterdir():
@@ -550,8 +606,9 @@ def find_state_dir(path: str, what: str) -> epath.Path:
       steps.append(int(child.name))
   if not steps:
     raise UserError(
-        f"{what} {path} holds no finished checkpoint; point it at "
-        "the MODEL_DIR of a run that saved one, or at one of its step directories.")
+      f"{what} {path} holds no finished checkpoint; point it at "
+      "the MODEL_DIR of a run that saved one, or at one of its step directories."
+    )
   return root / str(max(steps)) / STATE_ITEM
 
 

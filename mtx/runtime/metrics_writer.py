@@ -44,11 +44,15 @@ class WriteError(UserError):
 def write_error(path: str, error: BaseException) -> WriteError:
   """A one-sentence ``WriteError`` for a failed write of ``path``."""
   reason = getattr(error, "strerror", None) or " ".join(str(error).split())[:200]
-  hint = ("free some space" if getattr(error, "errno", None) == errno.ENOSPC
-          else "make it writable (or free some space)")
+  hint = (
+    "free some space"
+    if getattr(error, "errno", None) == errno.ENOSPC
+    else "make it writable (or free some space)"
+  )
   return WriteError(
-      f"Could not write {path} ({reason}); {hint}, then run the same command again: "
-      "training resumes from the newest checkpoint.")
+    f"Could not write {path} ({reason}); {hint}, then run the same command again: "
+    "training resumes from the newest checkpoint."
+  )
 
 
 def write_atomically(path: str, text: str | bytes) -> None:
@@ -87,8 +91,9 @@ class MetricsWriter:
     writer.close()
   """
 
-  def __init__(self, model_dir: str, *, tensorboard: bool = True,
-               is_primary: bool = True):
+  def __init__(
+    self, model_dir: str, *, tensorboard: bool = True, is_primary: bool = True
+  ):
     self._path = os.path.join(model_dir, METRICS_FILE)
     self._fd = None
     self._tb_writer = None
@@ -278,8 +283,10 @@ class _TensorBoardWriter:
   def __init__(self, logdir: str):
     # TensorFlow (slow to import) only when TensorBoard is on.
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
     # pylint: disable-next=g-import-not-at-top
     from tensorflow.core.framework import summary_pb2
+
     try:
       tf.config.set_visible_devices([], "GPU")
     except RuntimeError:
@@ -297,8 +304,12 @@ class _TensorBoardWriter:
     with tf.device("/cpu:0"), self._writer.as_default():
       for name, value in record.items():
         if name != "step":
-          tf.summary.write(name, tf.constant(float(value), tf.float32), step=int(step),
-                           metadata=self._metadata)
+          tf.summary.write(
+            name,
+            tf.constant(float(value), tf.float32),
+            step=int(step),
+            metadata=self._metadata,
+          )
 
   def flush(self) -> None:
     self._writer.flush()

@@ -22,15 +22,22 @@ def dummy_batch(batch_size: int, inputs_length: int, targets_length: int) -> dic
   """A [batch, length] batch of ones, enough to trace the model's shapes."""
   enc = jnp.ones([batch_size, inputs_length], jnp.int32)
   dec = jnp.ones([batch_size, targets_length], jnp.int32)
-  return dict(encoder_input_tokens=enc, decoder_input_tokens=dec,
-              encoder_segment_ids=enc, decoder_segment_ids=dec,
-              encoder_positions=enc * 0, decoder_positions=dec * 0)
+  return dict(
+    encoder_input_tokens=enc,
+    decoder_input_tokens=dec,
+    encoder_segment_ids=enc,
+    decoder_segment_ids=dec,
+    encoder_positions=enc * 0,
+    decoder_positions=dec * 0,
+  )
 
 
 def abstract_params(model: nn.Module, inputs_length: int, targets_length: int):
   """Returns (boxed abstract params with logical names, unboxed ShapeDtypeStructs)."""
+
   def init(key):
     return model.init(key, **dummy_batch(1, inputs_length, targets_length))["params"]
+
   boxed = jax.eval_shape(init, jax.random.key(0))
   return boxed, nn.unbox(boxed)
 
@@ -41,12 +48,16 @@ def param_shardings(boxed_params, mesh, rules: Sequence) -> Any:
   return nn.logical_to_mesh_sharding(specs, mesh, list(rules))
 
 
-def init_params(model: nn.Module, seed: int, inputs_length: int, targets_length: int,
-                shardings) -> Any:
+def init_params(
+  model: nn.Module, seed: int, inputs_length: int, targets_length: int, shardings
+) -> Any:
   """Initialises params directly into their shardings (no host-side full copy)."""
+
   def init(key):
-    return nn.unbox(model.init(key, **dummy_batch(1, inputs_length, targets_length))
-                    ["params"])
+    return nn.unbox(
+      model.init(key, **dummy_batch(1, inputs_length, targets_length))["params"]
+    )
+
   return jax.jit(init, out_shardings=shardings)(jax.random.key(seed))
 
 
@@ -62,7 +73,9 @@ def param_table(params_abstract, shardings) -> str:
     name = "/".join(str(getattr(k, "key", k)) for k in path)
     spec = tuple(sharding.spec) if isinstance(sharding, NamedSharding) else ()
     rows.append((name, "x".join(map(str, leaf.shape)), str(spec)))
-  w = [max(len(r[i]) for r in rows + [("parameter", "shape", "sharding")]) for i in range(3)]
+  w = [
+    max(len(r[i]) for r in rows + [("parameter", "shape", "sharding")]) for i in range(3)
+  ]
   lines = [f"{'parameter':<{w[0]}}  {'shape':<{w[1]}}  sharding"]
   lines += [f"{a:<{w[0]}}  {b:<{w[1]}}  {c}" for a, b, c in rows]
   lines.append(f"total parameters: {count_params(params_abstract):,}")
@@ -74,17 +87,25 @@ def resolve_model_config(config, vocab_size: int, multiple: int = 128):
   if config.vocab_size:
     if config.vocab_size < vocab_size:
       raise UserError(
-          f"T5Config.vocab_size {config.vocab_size} is smaller than the vocabulary "
-          f"({vocab_size} ids); set it to at least {vocab_size}, or to 0 to follow "
-          "the vocabulary.")
+        f"T5Config.vocab_size {config.vocab_size} is smaller than the vocabulary "
+        f"({vocab_size} ids); set it to at least {vocab_size}, or to 0 to follow "
+        "the vocabulary."
+      )
     return config
   padded = -(-vocab_size // multiple) * multiple
   return dataclasses.replace(config, vocab_size=padded)
 
 
-def load_trained(model_config, vocab_size: int, mesh, rules: Sequence, path: str,
-                 inputs_length: int = 8, targets_length: int = 8,
-                 what: str = "MODEL_DIR"):
+def load_trained(
+  model_config,
+  vocab_size: int,
+  mesh,
+  rules: Sequence,
+  path: str,
+  inputs_length: int = 8,
+  targets_length: int = 8,
+  what: str = "MODEL_DIR",
+):
   """A trained model and its params, sharded on ``mesh``, for eval/inference.
 
   Args:
@@ -101,6 +122,7 @@ def load_trained(model_config, vocab_size: int, mesh, rules: Sequence, path: str
   model = T5(resolve_model_config(model_config, vocab_size))
   boxed, abstract = abstract_params(model, inputs_length, targets_length)
   shardings = param_shardings(boxed, mesh, rules)
-  target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                        abstract, shardings)
+  target = jax.tree.map(
+    lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
+  )
   return model, checkpoint.load_params(path, target, what=what), shardings

@@ -20,8 +20,13 @@ _MIN_REDRAW_S = 0.1
 class Progress:
   """Draws training progress; ``update`` is cheap and may be called every step."""
 
-  def __init__(self, total_steps: int, start_step: int = 0,
-               enabled: bool | None = None, stream: TextIO | None = None):
+  def __init__(
+    self,
+    total_steps: int,
+    start_step: int = 0,
+    enabled: bool | None = None,
+    stream: TextIO | None = None,
+  ):
     self._stream = stream if stream is not None else sys.stderr
     self.enabled = self._stream.isatty() if enabled is None else enabled
     self._total = max(int(total_steps), 1)
@@ -52,15 +57,15 @@ class Progress:
     eta = _format_duration((self._total - done) / rate) if rate > 0 else "?"
     width = len(str(self._total))
     parts = [
-        f"[{'#' * filled}{'.' * (_BAR_WIDTH - filled)}]",
-        f"{step:>{width}}/{self._total}",
-        f"{rate:.1f} steps/s",
-        f"ETA {eta}",
+      f"[{'#' * filled}{'.' * (_BAR_WIDTH - filled)}]",
+      f"{step:>{width}}/{self._total}",
+      f"{rate:.1f} steps/s",
+      f"ETA {eta}",
     ]
     parts += [f"{name} {float(value):.3f}" for name, value in info.items()]
     text = "  ".join(parts)
     columns = shutil.get_terminal_size((120, 24)).columns
-    return text[:max(columns - 1, 20)]
+    return text[: max(columns - 1, 20)]
 
   def close(self) -> None:
     """Ends the line so that later output starts on a fresh one."""

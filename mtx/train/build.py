@@ -14,13 +14,12 @@ import jax
 import numpy as np
 import optax
 
-from mtx.runtime import params as params_lib
 from mtx import mtl, parallel
-from mtx.data import packing
+from mtx.data import packing, registry
 from mtx.data import pipeline as data_pipeline
-from mtx.data import registry
 from mtx.errors import UserError, close_names
 from mtx.model import T5, T5Config
+from mtx.runtime import params as params_lib
 from mtx.train import settings as settings_lib
 from mtx.train import state as state_lib
 from mtx.train import step as step_lib
@@ -34,9 +33,10 @@ def default_units(num_groups: int, batch_size: int, dp: int, shards: int) -> int
     if units >= num_groups and batch_size % units == 0:
       return units
   raise UserError(
-      f"No number of units divides BATCH_SIZE {batch_size} into at least {num_groups} "
-      f"task groups and is a multiple of the {dp} data-parallel devices; raise "
-      "BATCH_SIZE, set UNITS, or group tasks (train.task_groups).")
+    f"No number of units divides BATCH_SIZE {batch_size} into at least {num_groups} "
+    f"task groups and is a multiple of the {dp} data-parallel devices; raise "
+    "BATCH_SIZE, set UNITS, or group tasks (train.task_groups)."
+  )
 
 
 def build_transforms(items: Sequence, num_tasks: int) -> tuple:
@@ -72,6 +72,7 @@ class StepBuild:
     jit_step: ``jax.jit(step, in/out shardings, donated state)``.
     batch_shardings: NamedShardings of the batch features.
   """
+
   data: settings_lib.DataSettings
   settings: settings_lib.StepSettings
   mesh: Any
@@ -104,8 +105,11 @@ class StepBuild:
 
   def sharded_state(self) -> Any:
     """The abstract state with its shardings: what restore and lower take."""
-    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                        self.abstract_state, self.state_shardings)
+    return jax.tree.map(
+      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+      self.abstract_state,
+      self.state_shardings,
+    )
 
   def abstract_batch(self) -> dict:
     """ShapeDtypeStructs of one global batch ([U, R, L] task-major, or [B, L])."""
@@ -114,16 +118,24 @@ class StepBuild:
     out = {}
     for name in packing.FEATURES:
       length = lay.inputs_length if name.startswith("encoder") else lay.targets_length
-      out[name] = jax.ShapeDtypeStruct(lead + (length,), np.int32,
-                                       sharding=self.batch_shardings[name])
+      out[name] = jax.ShapeDtypeStruct(
+        lead + (length,), np.int32, sharding=self.batch_shardings[name]
+      )
     if lay.task_major:
       out["unit_task"] = jax.ShapeDtypeStruct(
-          (lay.units,), np.int32, sharding=self.batch_shardings["unit_task"])
+        (lay.units,), np.int32, sharding=self.batch_shardings["unit_task"]
+      )
     return out
 
 
-def batch_layout(data: settings_lib.DataSettings, grad_accum_steps: int, num_groups: int,
-                 task_grads: bool, mesh, num_shards: int) -> data_pipeline.Layout:
+def batch_layout(
+  data: settings_lib.DataSettings,
+  grad_accum_steps: int,
+  num_groups: int,
+  task_grads: bool,
+  mesh,
+  num_shards: int,
+) -> data_pipeline.Layout:
   """The global batch layout: flat [B, L], or task-major [U, B/U, L] for the per-group
   route (default UNITS: ``default_units``). Raises UserError when the batch, units,
   accumulation and mesh do not fit together."""
@@ -131,27 +143,39 @@ def batch_layout(data: settings_lib.DataSettings, grad_accum_steps: int, num_gro
   batch_size, units = data.batch_size, data.units
   lengths = data_pipeline.check_feature_lengths(data.task_feature_lengths)
   if batch_size % dp:
-    raise UserError(f"BATCH_SIZE {batch_size} is not divisible by the mesh's data axes "
-                    f"(data x fsdp = {dp}); use a multiple of {dp}.")
+    raise UserError(
+      f"BATCH_SIZE {batch_size} is not divisible by the mesh's data axes "
+      f"(data x fsdp = {dp}); use a multiple of {dp}."
+    )
   if task_grads and units is None:
     units = default_units(num_groups, batch_size, dp, num_shards)
   num_units = units if task_grads else 0
   if task_grads and (num_units % dp or num_units % grad_accum_steps):
-    raise UserError(f"UNITS {num_units} must be a multiple of the data-parallel size "
-                    f"{dp} and of grad_accum_steps {grad_accum_steps}.")
+    raise UserError(
+      f"UNITS {num_units} must be a multiple of the data-parallel size "
+      f"{dp} and of grad_accum_steps {grad_accum_steps}."
+    )
   if not task_grads and (batch_size // dp) % grad_accum_steps:
-    raise UserError(f"Rows per device {batch_size // dp} are not divisible by "
-                    f"grad_accum_steps {grad_accum_steps}.")
-  layout = data_pipeline.Layout(batch_size, num_units, lengths["inputs"],
-                                lengths["targets"])
+    raise UserError(
+      f"Rows per device {batch_size // dp} are not divisible by "
+      f"grad_accum_steps {grad_accum_steps}."
+    )
+  layout = data_pipeline.Layout(
+    batch_size, num_units, lengths["inputs"], lengths["targets"]
+  )
   data_pipeline.check_layout(layout, num_shards)
   return layout
 
 
-def build_train_step(data: settings_lib.DataSettings, settings: settings_lib.StepSettings,
-                     *, num_shards: int = 1, mesh: Optional[jax.sharding.Mesh] = None,
-                     devices: Optional[Sequence[jax.Device]] = None,
-                     group_gradients_fn: Callable = step_lib.group_gradients) -> StepBuild:
+def build_train_step(
+  data: settings_lib.DataSettings,
+  settings: settings_lib.StepSettings,
+  *,
+  num_shards: int = 1,
+  mesh: Optional[jax.sharding.Mesh] = None,
+  devices: Optional[Sequence[jax.Device]] = None,
+  group_gradients_fn: Callable = step_lib.group_gradients,
+) -> StepBuild:
   """Builds the jitted train step and its abstract state, reading no data.
 
   Args:
@@ -170,56 +194,105 @@ def build_train_step(data: settings_lib.DataSettings, settings: settings_lib.Ste
   if mesh is None:
     mesh = parallel.make_mesh(settings.mesh_shape, devices)
   spec = registry.resolve(data.mixture_or_task_name, data.task_groups)
-  transforms = mtl.ensure_aggregator(build_transforms(settings.mtl_transforms,
-                                                      spec.num_groups))
+  transforms = mtl.ensure_aggregator(
+    build_transforms(settings.mtl_transforms, spec.num_groups)
+  )
   # TAG's lookahead needs per-group gradients, so it takes the per-group route.
   task_grads = mtl.needs_task_grads(transforms) or settings.tag_affinity_period > 0
-  layout = batch_layout(data, settings.grad_accum_steps, spec.num_groups, task_grads,
-                        mesh, num_shards)
-  model_config = params_lib.resolve_model_config(settings.model_config,
-                                                 spec.vocabulary.vocab_size)
+  layout = batch_layout(
+    data, settings.grad_accum_steps, spec.num_groups, task_grads, mesh, num_shards
+  )
+  model_config = params_lib.resolve_model_config(
+    settings.model_config, spec.vocabulary.vocab_size
+  )
   model = T5(model_config)
   schedule = settings.schedule
   optimizer = settings.optimizer_fn(learning_rate=schedule)
   mtl_init = optax.chain(*transforms).init
-  boxed, params_abstract = params_lib.abstract_params(model, layout.inputs_length,
-                                                      layout.targets_length)
   rules = tuple(settings.logical_axis_rules)
+  params_abstract, p_shardings, abstract_state, s_shardings = _abstract_state(
+    model, layout, optimizer, mtl_init, settings.seed, mesh, rules
+  )
+  cfg = step_config(settings, spec, task_grads, model_config.dropout_rate > 0)
+  step_fn = step_lib.make_train_step(
+    model,
+    optimizer,
+    transforms,
+    cfg,
+    p_shardings,
+    learning_rate_fn=schedule,
+    group_gradients_fn=group_gradients_fn,
+  )
+  b_shardings = batch_shardings(layout, mesh)
+  jit_step = jax.jit(
+    step_fn,
+    in_shardings=(s_shardings, b_shardings),
+    out_shardings=(s_shardings, None),
+    donate_argnums=(0,),
+  )
+  return StepBuild(
+    data=data,
+    settings=settings,
+    mesh=mesh,
+    spec=spec,
+    layout=layout,
+    transforms=transforms,
+    task_grads=task_grads,
+    model_config=model_config,
+    model=model,
+    schedule=schedule,
+    optimizer=optimizer,
+    mtl_init=mtl_init,
+    params_abstract=params_abstract,
+    param_shardings=p_shardings,
+    abstract_state=abstract_state,
+    state_shardings=s_shardings,
+    step_config=cfg,
+    rules=rules,
+    jit_step=jit_step,
+    batch_shardings=b_shardings,
+  )
+
+
+def _abstract_state(model, layout, optimizer, mtl_init, seed: int, mesh, rules) -> tuple:
+  """(params ShapeDtypeStructs, their shardings, the abstract train state, its
+  shardings), traced without allocating anything."""
+  boxed, params_abstract = params_lib.abstract_params(
+    model, layout.inputs_length, layout.targets_length
+  )
   p_shardings = params_lib.param_shardings(boxed, mesh, rules)
   abstract_state = jax.eval_shape(
-      lambda p: state_lib.make_state(p, optimizer, mtl_init, settings.seed),
-      params_abstract)
-  s_shardings = state_lib.state_shardings(abstract_state, params_abstract, p_shardings,
-                                          mesh)
-  cfg = step_config(settings, spec, task_grads, model_config.dropout_rate > 0)
-  step_fn = step_lib.make_train_step(model, optimizer, transforms, cfg, p_shardings,
-                                     learning_rate_fn=schedule,
-                                     group_gradients_fn=group_gradients_fn)
-  b_shardings = batch_shardings(layout, mesh)
-  jit_step = jax.jit(step_fn, in_shardings=(s_shardings, b_shardings),
-                     out_shardings=(s_shardings, None), donate_argnums=(0,))
-  return StepBuild(
-      data=data, settings=settings, mesh=mesh, spec=spec, layout=layout,
-      transforms=transforms, task_grads=task_grads, model_config=model_config,
-      model=model, schedule=schedule, optimizer=optimizer, mtl_init=mtl_init,
-      params_abstract=params_abstract, param_shardings=p_shardings,
-      abstract_state=abstract_state, state_shardings=s_shardings, step_config=cfg,
-      rules=rules, jit_step=jit_step, batch_shardings=b_shardings)
+    lambda p: state_lib.make_state(p, optimizer, mtl_init, seed), params_abstract
+  )
+  s_shardings = state_lib.state_shardings(
+    abstract_state, params_abstract, p_shardings, mesh
+  )
+  return params_abstract, p_shardings, abstract_state, s_shardings
 
 
-def step_config(settings: settings_lib.StepSettings, spec: registry.MixtureSpec,
-                task_grads: bool, dropout: bool) -> step_lib.StepConfig:
+def step_config(
+  settings: settings_lib.StepSettings,
+  spec: registry.MixtureSpec,
+  task_grads: bool,
+  dropout: bool,
+) -> step_lib.StepConfig:
   """The jitted step's static settings for a resolved mixture."""
   return step_lib.StepConfig(
-      num_tasks=spec.num_tasks, group_of_task=spec.group_of_task, task_grads=task_grads,
-      grad_accum_steps=settings.grad_accum_steps, z_loss=settings.z_loss,
-      label_smoothing=settings.label_smoothing, dropout=dropout,
-      rules=tuple(settings.logical_axis_rules),
-      tag_affinity_period=settings.tag_affinity_period,
-      tag_affinity_lr=settings.tag_affinity_lr or 0.0,
-      inject_nonfinite_steps=tuple(int(s) for s in settings.debug_inject_nonfinite_steps),
-      inject_nonfinite_task=_inject_task_id(spec, settings.debug_inject_nonfinite_steps,
-                                            settings.debug_inject_nonfinite_task))
+    num_tasks=spec.num_tasks,
+    group_of_task=spec.group_of_task,
+    task_grads=task_grads,
+    grad_accum_steps=settings.grad_accum_steps,
+    z_loss=settings.z_loss,
+    label_smoothing=settings.label_smoothing,
+    dropout=dropout,
+    rules=tuple(settings.logical_axis_rules),
+    tag_affinity_period=settings.tag_affinity_period,
+    tag_affinity_lr=settings.tag_affinity_lr or 0.0,
+    inject_nonfinite_steps=tuple(int(s) for s in settings.debug_inject_nonfinite_steps),
+    inject_nonfinite_task=_inject_task_id(
+      spec, settings.debug_inject_nonfinite_steps, settings.debug_inject_nonfinite_task
+    ),
+  )
 
 
 def _inject_task_id(spec, steps: Sequence[int], task: Optional[str]) -> int:
@@ -228,6 +301,7 @@ def _inject_task_id(spec, steps: Sequence[int], task: Optional[str]) -> int:
     return 0
   if task not in spec.task_names:
     raise UserError(
-        f"train.debug_inject_nonfinite_task '{task}' is not a task of "
-        f"'{spec.name}'{close_names(task, spec.task_names)}; name one of its tasks.")
+      f"train.debug_inject_nonfinite_task '{task}' is not a task of "
+      f"'{spec.name}'{close_names(task, spec.task_names)}; name one of its tasks."
+    )
   return spec.task_names.index(task)

@@ -29,13 +29,12 @@ import flax.linen as nn
 import jax
 import numpy as np
 
-from mtx.runtime import params as params_lib
 from mtx.errors import UserError
+from mtx.runtime import params as params_lib
 from mtx.train.build import StepBuild
 
-
 log = logging.getLogger("mtx")
-GIB = 1024 ** 3
+GIB = 1024**3
 
 
 # ---- the report ---------------------------------------------------------------------
@@ -58,6 +57,7 @@ class CompileReport:
   ``failure`` is one sentence when the step does not fit ``device_memory``, else None;
   the CLI prints it and exits non-zero.
   """
+
   mesh_shape: dict
   num_devices: int
   num_params: int
@@ -81,35 +81,43 @@ class CompileReport:
 
   def __str__(self) -> str:
     b = self.bytes
-    rows = [("parameters", b["params"]),
-            ("optimizer state", b["optimizer"]),
-            ("mtl state", b["mtl"]),
-            ("batch", b["batch"]),
-            (f"per-task gradients ({b['groups']} x params)", b["task_grads"]),
-            ("other activations/temporaries", b["other_temp"]),
-            ("outputs not aliased to inputs", b["unaliased_output"]),
-            ("generated code", b["code"]),
-            ("total", b["total"])]
+    rows = [
+      ("parameters", b["params"]),
+      ("optimizer state", b["optimizer"]),
+      ("mtl state", b["mtl"]),
+      ("batch", b["batch"]),
+      (f"per-task gradients ({b['groups']} x params)", b["task_grads"]),
+      ("other activations/temporaries", b["other_temp"]),
+      ("outputs not aliased to inputs", b["unaliased_output"]),
+      ("generated code", b["code"]),
+      ("total", b["total"]),
+    ]
     width = max(len(r[0]) for r in rows)
     mesh = ", ".join(f"{k}={v}" for k, v in self.mesh_shape.items())
-    lines = [f"Compiled the train step for {self.num_devices} devices (mesh {mesh}), "
-             f"{self.model}, {self.num_params:,} parameters, {self.route}.",
-             "Memory per device (XLA's analysis of the CPU compile):"]
+    lines = [
+      f"Compiled the train step for {self.num_devices} devices (mesh {mesh}), "
+      f"{self.model}, {self.num_params:,} parameters, {self.route}.",
+      "Memory per device (XLA's analysis of the CPU compile):",
+    ]
     lines += [f"  {name:<{width}}  {_gib(n):>10}" for name, n in rows]
     flops = f"{self.flops:.3e}" if self.flops is not None else "n/a"
-    lines.append(f"XLA FLOPs per device per step: {flops}{self.flops_note}; lowering "
-                 f"{self.lower_s:.1f} s, compile {self.compile_s:.1f} s.")
+    lines.append(
+      f"XLA FLOPs per device per step: {flops}{self.flops_note}; lowering "
+      f"{self.lower_s:.1f} s, compile {self.compile_s:.1f} s."
+    )
     if self.device_memory:
       verdict = "fits" if self.fits else "does not fit"
-      lines.append(f"Device memory {_gib(self.device_memory)}: {verdict} "
-                   f"({100.0 * self.total / self.device_memory:.0f}% used).")
+      lines.append(
+        f"Device memory {_gib(self.device_memory)}: {verdict} "
+        f"({100.0 * self.total / self.device_memory:.0f}% used)."
+      )
     else:
       lines.append("No COMPILE_DEVICE_MEMORY_GIB given: fit not checked.")
     return "\n".join(lines)
 
 
 def _gib(n: int) -> str:
-  return f"{n / GIB:.3f} GiB" if n >= GIB / 100 else f"{n / 2 ** 20:.2f} MiB"
+  return f"{n / GIB:.3f} GiB" if n >= GIB / 100 else f"{n / 2**20:.2f} MiB"
 
 
 def _flops(compiled) -> Optional[float]:
@@ -122,6 +130,48 @@ def _flops(compiled) -> Optional[float]:
   return float(cost["flops"]) if cost and "flops" in cost else None
 
 
+def memory_breakdown(build: StepBuild, mem) -> dict:
+  """Bytes per device of the compiled step (``mem``: XLA's ``memory_analysis()``), split
+  into params, optimizer and mtl state, batch, per-task gradients, other temporaries,
+  outputs not aliased to inputs and code; ``groups`` is the number of task groups."""
+  state, shard = build.abstract_state, build.state_shardings
+  params = sharded_bytes(state["params"], shard["params"])
+  optimizer = sharded_bytes(state["opt_state"], shard["opt_state"])
+  mtl_state = sharded_bytes(state["mtl_state"], shard["mtl_state"])
+  groups = build.step_config.num_groups if build.task_grads else 0
+  # Per-task gradients are f32 stacks shaped [G, *param], sharded like params.
+  f32_params = sharded_bytes(
+    jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, np.float32), state["params"]),
+    shard["params"],
+  )
+  task_grads = groups * f32_params
+  temp = int(mem.temp_size_in_bytes)
+  unaliased = max(int(mem.output_size_in_bytes) - int(mem.alias_size_in_bytes), 0)
+  total = (
+    int(mem.argument_size_in_bytes)
+    + temp
+    + unaliased
+    + int(mem.generated_code_size_in_bytes)
+  )
+  arguments = int(mem.argument_size_in_bytes)
+  batch = max(arguments - params - optimizer - mtl_state, 0)
+  nbytes = {
+    "params": params,
+    "optimizer": optimizer,
+    "mtl": mtl_state,
+    "batch": batch,
+    "groups": groups,
+    "task_grads": min(task_grads, temp),
+    "other_temp": max(temp - task_grads, 0),
+    "temp": temp,
+    "unaliased_output": unaliased,
+    "arguments": arguments,
+    "code": int(mem.generated_code_size_in_bytes),
+    "total": total,
+  }
+  return nbytes
+
+
 def compile_step(build: StepBuild, device_memory_gib: float = 0.0) -> CompileReport:
   """Lowers and compiles ``build.jit_step`` on abstract inputs; returns the report."""
   t0 = time.time()
@@ -130,47 +180,42 @@ def compile_step(build: StepBuild, device_memory_gib: float = 0.0) -> CompileRep
   t1 = time.time()
   compiled = lowered.compile()
   t2 = time.time()
-  mem = compiled.memory_analysis()
-  state, shard = build.abstract_state, build.state_shardings
-  params = sharded_bytes(state["params"], shard["params"])
-  optimizer = sharded_bytes(state["opt_state"], shard["opt_state"])
-  mtl_state = sharded_bytes(state["mtl_state"], shard["mtl_state"])
-  groups = build.step_config.num_groups if build.task_grads else 0
-  # Per-task gradients are f32 stacks shaped [G, *param], sharded like params.
-  f32_params = sharded_bytes(
-      jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, np.float32),
-                   state["params"]), shard["params"])
-  task_grads = groups * f32_params
-  temp = int(mem.temp_size_in_bytes)
-  unaliased = max(int(mem.output_size_in_bytes) - int(mem.alias_size_in_bytes), 0)
-  total = int(mem.argument_size_in_bytes) + temp + unaliased + int(
-      mem.generated_code_size_in_bytes)
-  arguments = int(mem.argument_size_in_bytes)
-  batch = max(arguments - params - optimizer - mtl_state, 0)
-  nbytes = {"params": params, "optimizer": optimizer, "mtl": mtl_state, "batch": batch,
-            "groups": groups, "task_grads": min(task_grads, temp),
-            "other_temp": max(temp - task_grads, 0), "temp": temp,
-            "unaliased_output": unaliased, "arguments": arguments,
-            "code": int(mem.generated_code_size_in_bytes), "total": total}
+  nbytes = memory_breakdown(build, compiled.memory_analysis())
+  groups, total = nbytes["groups"], nbytes["total"]
   cfg = build.model_config
-  model = (f"T5 emb {cfg.emb_dim} x {cfg.num_encoder_layers}+{cfg.num_decoder_layers} "
-           f"layers, vocab {cfg.vocab_size}")
-  route = (f"per-task gradients over {groups} groups, {build.layout.units} units"
-           if build.task_grads else "one gradient")
+  model = (
+    f"T5 emb {cfg.emb_dim} x {cfg.num_encoder_layers}+{cfg.num_decoder_layers} "
+    f"layers, vocab {cfg.vocab_size}"
+  )
+  route = (
+    f"per-task gradients over {groups} groups, {build.layout.units} units"
+    if build.task_grads
+    else "one gradient"
+  )
   report = CompileReport(
-      mesh_shape=dict(build.mesh.shape), num_devices=build.mesh.size,
-      num_params=params_lib.count_params(build.params_abstract), model=model,
-      route=route, bytes=nbytes,
-      device_memory=int(device_memory_gib * GIB) if device_memory_gib else None,
-      lower_s=t1 - t0, compile_s=t2 - t1, flops=_flops(compiled),
-      # XLA's cost analysis counts a while loop's body once.
-      flops_note=(" (loops counted once: scanned layers, microbatches)"
-                  if cfg.scan_layers or build.step_config.grad_accum_steps > 1 else ""))
+    mesh_shape=dict(build.mesh.shape),
+    num_devices=build.mesh.size,
+    num_params=params_lib.count_params(build.params_abstract),
+    model=model,
+    route=route,
+    bytes=nbytes,
+    device_memory=int(device_memory_gib * GIB) if device_memory_gib else None,
+    lower_s=t1 - t0,
+    compile_s=t2 - t1,
+    flops=_flops(compiled),
+    # XLA's cost analysis counts a while loop's body once.
+    flops_note=(
+      " (loops counted once: scanned layers, microbatches)"
+      if cfg.scan_layers or build.step_config.grad_accum_steps > 1
+      else ""
+    ),
+  )
   if report.fits is False:
     report.failure = (
-        f"The train step needs {_gib(total)} per device but COMPILE_DEVICE_MEMORY_GIB "
-        f"is {device_memory_gib:g} GiB; shard more (MESH_SHAPE fsdp/tensor), lower "
-        "BATCH_SIZE or TASK_FEATURE_LENGTHS, turn on remat, or group tasks.")
+      f"The train step needs {_gib(total)} per device but COMPILE_DEVICE_MEMORY_GIB "
+      f"is {device_memory_gib:g} GiB; shard more (MESH_SHAPE fsdp/tensor), lower "
+      "BATCH_SIZE or TASK_FEATURE_LENGTHS, turn on remat, or group tasks."
+    )
   return report
 
 
@@ -183,12 +228,15 @@ def use_fake_devices(num_devices: int) -> None:
   different number of devices.
   """
   from jax._src import xla_bridge  # pylint: disable=g-import-not-at-top
+
   if xla_bridge.backends_are_initialized():
     have = len(jax.devices())
     if num_devices and have != num_devices:
-      raise UserError(f"JAX already runs with {have} devices, so COMPILE_NUM_DEVICES="
-                      f"{num_devices} cannot take effect; run `mtx compile` in a fresh "
-                      "process.")
+      raise UserError(
+        f"JAX already runs with {have} devices, so COMPILE_NUM_DEVICES="
+        f"{num_devices} cannot take effect; run `mtx compile` in a fresh "
+        "process."
+      )
     return
   jax.config.update("jax_platforms", "cpu")
   if num_devices:

@@ -12,8 +12,9 @@ the same products summed over fewer rows.
 from typing import Mapping
 
 
-def t5_forward_flops(config, batch_size: int, inputs_length: int,
-                     targets_length: int) -> Mapping[str, float]:
+def t5_forward_flops(
+  config, batch_size: int, inputs_length: int, targets_length: int
+) -> Mapping[str, float]:
   """Forward-pass matmul FLOPs of a T5 v1.1 (``mtx.model.T5``), by component.
 
   With E = emb_dim, A = num_heads * head_dim, M = mlp_dim, V = vocab_size,
@@ -46,23 +47,26 @@ def t5_forward_flops(config, batch_size: int, inputs_length: int,
   b, le, ld = batch_size, inputs_length, targets_length
   enc_tokens, dec_tokens = b * le, b * ld
   enc_layer = 2 * enc_tokens * (4 * e * a + 3 * e * m)
-  dec_layer = (2 * dec_tokens * (4 * e * a + 3 * e * m + 2 * e * a)
-               + 2 * enc_tokens * 2 * e * a)
+  dec_layer = (
+    2 * dec_tokens * (4 * e * a + 3 * e * m + 2 * e * a) + 2 * enc_tokens * 2 * e * a
+  )
   attn_enc = 2 * enc_tokens * 2 * le * a
   attn_dec = 2 * dec_tokens * 2 * ld * a + 2 * dec_tokens * 2 * le * a
   out = {
-      "encoder": float(config.num_encoder_layers * enc_layer),
-      "decoder": float(config.num_decoder_layers * dec_layer),
-      "attention": float(config.num_encoder_layers * attn_enc
-                         + config.num_decoder_layers * attn_dec),
-      "logits": float(2 * dec_tokens * e * v),
+    "encoder": float(config.num_encoder_layers * enc_layer),
+    "decoder": float(config.num_decoder_layers * dec_layer),
+    "attention": float(
+      config.num_encoder_layers * attn_enc + config.num_decoder_layers * attn_dec
+    ),
+    "logits": float(2 * dec_tokens * e * v),
   }
   out["total"] = sum(out.values())
   return out
 
 
-def t5_train_step_flops(config, batch_size: int, inputs_length: int,
-                        targets_length: int) -> float:
+def t5_train_step_flops(
+  config, batch_size: int, inputs_length: int, targets_length: int
+) -> float:
   """Model FLOPs of one train step (forward + backward): 3x the forward pass.
 
   Args:
@@ -73,5 +77,6 @@ def t5_train_step_flops(config, batch_size: int, inputs_length: int,
   Returns:
     FLOPs per step (float), the numerator of MFU.
   """
-  return 3.0 * t5_forward_flops(config, batch_size, inputs_length,
-                                targets_length)["total"]
+  return (
+    3.0 * t5_forward_flops(config, batch_size, inputs_length, targets_length)["total"]
+  )

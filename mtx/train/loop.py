@@ -20,18 +20,17 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from mtx.runtime import params as params_lib
 from mtx import mtl, parallel
 from mtx.data import pipeline as data_pipeline
 from mtx.data import registry
 from mtx.errors import UserError
-from mtx.train import settings as settings_lib
-from mtx.runtime import checkpoint, metrics_writer, progress
-from mtx.train import build as build_lib
 from mtx.eval import periodic as eval_periodic
+from mtx.runtime import checkpoint, metrics_writer, progress
+from mtx.runtime import params as params_lib
+from mtx.train import build as build_lib
+from mtx.train import settings as settings_lib
 
 log = logging.getLogger("mtx")
-
 
 
 class NonFiniteStepError(UserError):
@@ -41,6 +40,7 @@ class NonFiniteStepError(UserError):
 @dataclasses.dataclass
 class RunResult:
   """What a finished (or preempted) run reports back."""
+
   step: int
   preempted: bool
   last_metrics: dict
@@ -95,10 +95,14 @@ def gather_data_state(state: dict) -> dict:
   blob = json.dumps(state).encode()
   sizes = multihost_utils.process_allgather(np.array([len(blob)], np.int32))
   padded = np.zeros([int(np.max(sizes))], np.uint8)
-  padded[:len(blob)] = np.frombuffer(blob, np.uint8)
+  padded[: len(blob)] = np.frombuffer(blob, np.uint8)
   blobs = multihost_utils.process_allgather(padded)
-  return {"processes": [json.loads(bytes(b[:int(n)]).decode())
-                        for b, n in zip(np.asarray(blobs), np.asarray(sizes).ravel())]}
+  return {
+    "processes": [
+      json.loads(bytes(b[: int(n)]).decode())
+      for b, n in zip(np.asarray(blobs), np.asarray(sizes).ravel())
+    ]
+  }
 
 
 def local_data_state(data_state: dict) -> Optional[dict]:
@@ -129,8 +133,9 @@ class _Preemption:
       signal.signal(signal.SIGTERM, self._previous)
 
 
-def _period_metrics(h: Sequence[dict], task_names: Sequence[str],
-                    group_names: Sequence[str]) -> dict:
+def _period_metrics(
+  h: Sequence[dict], task_names: Sequence[str], group_names: Sequence[str]
+) -> dict:
   """Means over the logging period (host copies of the step metrics); per-task losses
   weighted by their tokens. Skipped (non-finite) steps are left out of the means; a
   period of only skipped steps reports their (non-finite) values."""
@@ -158,9 +163,11 @@ def _period_metrics(h: Sequence[dict], task_names: Sequence[str],
   return out
 
 
-def train(config: settings_lib.TrainConfig,
-          devices: Optional[Sequence[jax.Device]] = None,
-          operative_config: Optional[Callable[[], str]] = None) -> RunResult:
+def train(
+  config: settings_lib.TrainConfig,
+  devices: Optional[Sequence[jax.Device]] = None,
+  operative_config: Optional[Callable[[], str]] = None,
+) -> RunResult:
   """Trains a T5 on a seqio mixture; resumes from MODEL_DIR's latest checkpoint.
 
   Args:
@@ -185,42 +192,71 @@ def train(config: settings_lib.TrainConfig,
   num_shards = blocks if data.data_shards is None else data.data_shards
   build = build_lib.build_train_step(data, settings, num_shards=num_shards, mesh=mesh)
   pipe = data_pipeline.load(
-      data.mixture_or_task_name, build.lengths, build.layout, split=data.split,
-      seed=settings.seed if data.data_seed is None else data.data_seed,
-      rate_fn=data.rate_fn, rate_maximum=data.rate_maximum,
-      rate_temperature=data.rate_temperature, task_groups=data.task_groups,
-      process_index=block, process_count=blocks, num_shards=num_shards,
-      allgather=multihost_utils.process_allgather if jax.process_count() > 1 else None)
+    data.mixture_or_task_name,
+    build.lengths,
+    build.layout,
+    split=data.split,
+    seed=settings.seed if data.data_seed is None else data.data_seed,
+    rate_fn=data.rate_fn,
+    rate_maximum=data.rate_maximum,
+    rate_temperature=data.rate_temperature,
+    task_groups=data.task_groups,
+    process_index=block,
+    process_count=blocks,
+    num_shards=num_shards,
+    allgather=multihost_utils.process_allgather if jax.process_count() > 1 else None,
+  )
   _report_mixture(pipe)
   if run.print_param_table and jax.process_index() == 0:
-    print(params_lib.param_table(build.params_abstract, build.param_shardings), flush=True)
+    print(
+      params_lib.param_table(build.params_abstract, build.param_shardings), flush=True
+    )
 
-  ckpt = checkpoint.Checkpointer(run.model_dir,
-                                 save_period=config.checkpoint.checkpoint_period,
-                                 keep=config.checkpoint.keep_checkpoints,
-                                 async_save=config.checkpoint.async_checkpoint)
-  start_step, train_state = _restore_or_init(build, ckpt, pipe,
-                                             config.checkpoint.initial_checkpoint_path)
+  ckpt = checkpoint.Checkpointer(
+    run.model_dir,
+    save_period=config.checkpoint.checkpoint_period,
+    keep=config.checkpoint.keep_checkpoints,
+    async_save=config.checkpoint.async_checkpoint,
+  )
+  start_step, train_state = _restore_or_init(
+    build, ckpt, pipe, config.checkpoint.initial_checkpoint_path
+  )
   _write_tasks(run.model_dir, pipe)
   # Lines logged after the last checkpoint by a run that died are not part of this run.
   if jax.process_index() == 0 and os.path.exists(
-      os.path.join(run.model_dir, "metrics.jsonl")):
+    os.path.join(run.model_dir, "metrics.jsonl")
+  ):
     metrics_writer.truncate_after(run.model_dir, start_step)
 
-  job = _Job(build=build, pipe=pipe, ckpt=ckpt, settings=run,
-             operative_config=operative_config,
-             watch=_NonFiniteWatch(run.nonfinite_policy, build.spec, ckpt),
-             # Reads the eval data now, so that a bad eval setting fails before training.
-             evaluation=eval_periodic.PeriodicEval(
-                 run.eval_period, run.model_dir, build.model, mesh, build.rules,
-                 build.param_shardings, data.mixture_or_task_name, build.lengths,
-                 run.eval_options))
+  job = _Job(
+    build=build,
+    pipe=pipe,
+    ckpt=ckpt,
+    settings=run,
+    operative_config=operative_config,
+    watch=_NonFiniteWatch(run.nonfinite_policy, build.spec, ckpt),
+    # Reads the eval data now, so that a bad eval setting fails before training.
+    evaluation=eval_periodic.PeriodicEval(
+      run.eval_period,
+      run.model_dir,
+      build.model,
+      mesh,
+      build.rules,
+      build.param_shardings,
+      data.mixture_or_task_name,
+      build.lengths,
+      run.eval_options,
+    ),
+  )
   return _run(job, train_state, start_step)
 
 
-def _restore_or_init(build: build_lib.StepBuild, ckpt: checkpoint.Checkpointer,
-                     pipe: data_pipeline.Pipeline,
-                     initial_checkpoint_path: Optional[str]) -> tuple:
+def _restore_or_init(
+  build: build_lib.StepBuild,
+  ckpt: checkpoint.Checkpointer,
+  pipe: data_pipeline.Pipeline,
+  initial_checkpoint_path: Optional[str],
+) -> tuple:
   """(start step, train state): MODEL_DIR's newest checkpoint (and the data position),
   or step 0 from ``initial_checkpoint_path``'s params or a fresh init."""
   restored = ckpt.restore(build.sharded_state())
@@ -233,18 +269,24 @@ def _restore_or_init(build: build_lib.StepBuild, ckpt: checkpoint.Checkpointer,
     return start_step, train_state
   with build.mesh:
     if initial_checkpoint_path:
-      params = checkpoint.load_params(initial_checkpoint_path,
-                                      build.sharded_state()["params"])
+      params = checkpoint.load_params(
+        initial_checkpoint_path, build.sharded_state()["params"]
+      )
     else:
-      params = params_lib.init_params(build.model, build.settings.seed,
-                                      build.layout.inputs_length,
-                                      build.layout.targets_length, build.param_shardings)
+      params = params_lib.init_params(
+        build.model,
+        build.settings.seed,
+        build.layout.inputs_length,
+        build.layout.targets_length,
+        build.param_shardings,
+      )
     return 0, jax.jit(build.make_state, out_shardings=build.state_shardings)(params)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class _Job:
   """What a training run's loop works with, built once by ``train``."""
+
   build: build_lib.StepBuild
   pipe: data_pipeline.Pipeline
   ckpt: checkpoint.Checkpointer
@@ -271,8 +313,9 @@ class _NonFiniteWatch:
   def review(self, history: Sequence[dict], first_step: int) -> None:
     """Looks at ``history`` (step metrics of steps first_step, first_step + 1, ...)."""
     flags = jax.device_get([m["nonfinite"] for m in history])
-    bad = [first_step + i for i, f in enumerate(flags)
-           if f and first_step + i > self._reviewed]
+    bad = [
+      first_step + i for i, f in enumerate(flags) if f and first_step + i > self._reviewed
+    ]
     self._reviewed = max(self._reviewed, first_step + len(history) - 1)
     if not bad:
       return
@@ -280,26 +323,39 @@ class _NonFiniteWatch:
     if self.policy == "stop":
       self._ckpt.wait()  # A save still in flight is of a step before the bad one.
       latest = self._ckpt.latest_step()
-      saved = (f"the newest checkpoint is step {latest}" if latest is not None
-               else "no checkpoint was saved")
+      saved = (
+        f"the newest checkpoint is step {latest}"
+        if latest is not None
+        else "no checkpoint was saved"
+      )
       raise NonFiniteStepError(
-          f"Step {bad[0]} had {what} and train.nonfinite_policy is 'stop', so training "
-          f"stopped without saving it ({saved}); lower the learning rate or set "
-          "train.nonfinite_policy = 'skip', then run the same command again.")
-    log.warning("Skipped %d step(s) with a non-finite loss or gradient (step %d had "
-                "%s); their updates were not applied.", len(bad), bad[0], what)
+        f"Step {bad[0]} had {what} and train.nonfinite_policy is 'stop', so training "
+        f"stopped without saving it ({saved}); lower the learning rate or set "
+        "train.nonfinite_policy = 'skip', then run the same command again."
+      )
+    log.warning(
+      "Skipped %d step(s) with a non-finite loss or gradient (step %d had "
+      "%s); their updates were not applied.",
+      len(bad),
+      bad[0],
+      what,
+    )
 
   def _describe(self, metrics: dict) -> str:
     """'a non-finite loss in task(s) a, b' or 'a non-finite gradient (...)'."""
-    host = jax.device_get({k: metrics[k] for k in ("task_loss_sums", "group_grad_norm")
-                           if k in metrics})
+    host = jax.device_get(
+      {k: metrics[k] for k in ("task_loss_sums", "group_grad_norm") if k in metrics}
+    )
     sums = np.asarray(host["task_loss_sums"])
     tasks = [n for n, v in zip(self._spec.task_names, sums) if not np.isfinite(v)]
     if tasks:
       return f"a non-finite loss in task(s) {', '.join(tasks)}"
     if "group_grad_norm" in host:
-      groups = [n for n, v in zip(self._spec.group_names, host["group_grad_norm"])
-                if not np.isfinite(v)]
+      groups = [
+        n
+        for n, v in zip(self._spec.group_names, host["group_grad_norm"])
+        if not np.isfinite(v)
+      ]
       if groups:
         return f"a non-finite gradient of group(s) {', '.join(groups)}"
     return "a non-finite gradient or update (every task's loss was finite)"
@@ -319,13 +375,22 @@ def _write_tasks(model_dir: str, pipe) -> None:
   if jax.process_index() != 0:
     return
   spec = pipe.spec
-  info = {"mixture": spec.name,
-          "tasks": [{"id": i, "name": ex.name, "group": spec.group_names[g],
-                     "rate": float(r), "examples": len(ex)}
-                    for i, (ex, g, r) in enumerate(zip(pipe.examples, spec.group_of_task,
-                                                       pipe.rates))]}
-  metrics_writer.write_atomically(os.path.join(model_dir, "tasks.json"),
-                                  json.dumps(info, indent=1))
+  info = {
+    "mixture": spec.name,
+    "tasks": [
+      {
+        "id": i,
+        "name": ex.name,
+        "group": spec.group_names[g],
+        "rate": float(r),
+        "examples": len(ex),
+      }
+      for i, (ex, g, r) in enumerate(zip(pipe.examples, spec.group_of_task, pipe.rates))
+    ],
+  }
+  metrics_writer.write_atomically(
+    os.path.join(model_dir, "tasks.json"), json.dumps(info, indent=1)
+  )
 
 
 def _write_config(model_dir: str, text: str) -> None:
@@ -342,10 +407,12 @@ def _run(job: _Job, train_state, start_step: int) -> RunResult:
   the file; checkpoints already committed stay as they were.
   """
   run, build, ckpt = job.settings, job.build, job.ckpt
-  writer = metrics_writer.MetricsWriter(run.model_dir, tensorboard=run.tensorboard,
-                                        is_primary=jax.process_index() == 0)
-  bar = progress.Progress(run.train_steps, start_step,
-                          enabled=jax.process_index() == 0 and os.isatty(2))
+  writer = metrics_writer.MetricsWriter(
+    run.model_dir, tensorboard=run.tensorboard, is_primary=jax.process_index() == 0
+  )
+  bar = progress.Progress(
+    run.train_steps, start_step, enabled=jax.process_index() == 0 and os.isatty(2)
+  )
   prefetch = Prefetcher(job.pipe, build.mesh)
   step = start_step
   history, last, data_state = [], {}, job.pipe.get_state()
@@ -353,7 +420,11 @@ def _run(job: _Job, train_state, start_step: int) -> RunResult:
   preempted = False
   failed = True
   try:
-    with _Preemption() as preemption, build.mesh, nn.logical_axis_rules(list(build.rules)):
+    with (
+      _Preemption() as preemption,
+      build.mesh,
+      nn.logical_axis_rules(list(build.rules)),
+    ):
       while step < run.train_steps:
         batch, data_state = prefetch.next()
         train_state, metrics = build.jit_step(train_state, batch)
@@ -413,8 +484,15 @@ def _agree(flag: bool) -> bool:
   return bool(np.max(multihost_utils.process_allgather(np.array([int(flag)]))))
 
 
-def _log(job: _Job, writer, step: int, history: Sequence, data_state: dict, t0: float,
-         t0_step: int) -> dict:
+def _log(
+  job: _Job,
+  writer,
+  step: int,
+  history: Sequence,
+  data_state: dict,
+  t0: float,
+  t0_step: int,
+) -> dict:
   """Writes the period's metrics line (means over ``history``) and returns it."""
   host = jax.device_get(list(history))  # waits for the period's last step
   elapsed = time.time() - t0

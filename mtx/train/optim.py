@@ -38,8 +38,9 @@ def rsqrt_schedule(base_lr: float = 1.0, warmup_steps: int = 10000) -> optax.Sch
   """
   if warmup_steps <= 0:
     raise UserError(
-        f"rsqrt_schedule got warmup_steps={warmup_steps}, which would divide by zero "
-        "at step 0; set warmup_steps to a positive number (T5 used 10000).")
+      f"rsqrt_schedule got warmup_steps={warmup_steps}, which would divide by zero "
+      "at step 0; set warmup_steps to a positive number (T5 used 10000)."
+    )
 
   def schedule(step):
     step = jnp.asarray(step, jnp.float32)
@@ -48,8 +49,9 @@ def rsqrt_schedule(base_lr: float = 1.0, warmup_steps: int = 10000) -> optax.Sch
   return schedule
 
 
-def warmup_cosine_schedule(peak_lr: float, warmup_steps: int, total_steps: int,
-                           end_lr_ratio: float = 0.1) -> optax.Schedule:
+def warmup_cosine_schedule(
+  peak_lr: float, warmup_steps: int, total_steps: int, end_lr_ratio: float = 0.1
+) -> optax.Schedule:
   """Linear warmup from 0 to ``peak_lr``, then cosine decay to a fraction of it.
 
   The decay ends at ``total_steps`` (warmup included); the rate stays at its end value
@@ -66,16 +68,26 @@ def warmup_cosine_schedule(peak_lr: float, warmup_steps: int, total_steps: int,
   """
   if warmup_steps < 0 or total_steps <= warmup_steps:
     raise UserError(
-        f"warmup_cosine_schedule got warmup_steps={warmup_steps} and "
-        f"total_steps={total_steps}; set 0 <= warmup_steps < total_steps.")
+      f"warmup_cosine_schedule got warmup_steps={warmup_steps} and "
+      f"total_steps={total_steps}; set 0 <= warmup_steps < total_steps."
+    )
   return optax.warmup_cosine_decay_schedule(
-      init_value=0.0, peak_value=peak_lr, warmup_steps=warmup_steps,
-      decay_steps=total_steps, end_value=peak_lr * end_lr_ratio)
+    init_value=0.0,
+    peak_value=peak_lr,
+    warmup_steps=warmup_steps,
+    decay_steps=total_steps,
+    end_value=peak_lr * end_lr_ratio,
+  )
 
 
-def learning_rate_fn(name: str = "rsqrt", *, base_lr: float = 1.0,
-                     warmup_steps: int = 10000, total_steps: int | None = None,
-                     end_lr_ratio: float = 0.1) -> optax.Schedule:
+def learning_rate_fn(
+  name: str = "rsqrt",
+  *,
+  base_lr: float = 1.0,
+  warmup_steps: int = 10000,
+  total_steps: int | None = None,
+  end_lr_ratio: float = 0.1,
+) -> optax.Schedule:
   """Returns the schedule called ``name``; the trainer also calls it to log the rate.
 
   Args:
@@ -97,12 +109,14 @@ def learning_rate_fn(name: str = "rsqrt", *, base_lr: float = 1.0,
   if name == "warmup_cosine":
     if total_steps is None:
       raise UserError(
-          "The 'warmup_cosine' learning-rate schedule needs total_steps; pass "
-          "total_steps (usually TRAIN_STEPS) to learning_rate_fn.")
+        "The 'warmup_cosine' learning-rate schedule needs total_steps; pass "
+        "total_steps (usually TRAIN_STEPS) to learning_rate_fn."
+      )
     return warmup_cosine_schedule(base_lr, warmup_steps, total_steps, end_lr_ratio)
   raise UserError(
-      f"Unknown learning-rate schedule {name!r}; use one of {', '.join(SCHEDULES)}"
-      f"{close_names(name, SCHEDULES)}.")
+    f"Unknown learning-rate schedule {name!r}; use one of {', '.join(SCHEDULES)}"
+    f"{close_names(name, SCHEDULES)}."
+  )
 
 
 def as_schedule(learning_rate: LearningRate) -> optax.Schedule:
@@ -118,11 +132,16 @@ def _matrices_only(params):
   return jax.tree.map(lambda p: jnp.ndim(p) >= 2, params)
 
 
-def make_optimizer(name: str = "adafactor",
-                   learning_rate: LearningRate | None = None, *,
-                   weight_decay: float = 0.0, b1: float = 0.9, b2: float = 0.999,
-                   eps: float = 1e-8,
-                   clip_grad_norm: float = 0.0) -> optax.GradientTransformation:
+def make_optimizer(
+  name: str = "adafactor",
+  learning_rate: LearningRate | None = None,
+  *,
+  weight_decay: float = 0.0,
+  b1: float = 0.9,
+  b2: float = 0.999,
+  eps: float = 1e-8,
+  clip_grad_norm: float = 0.0,
+) -> optax.GradientTransformation:
   """Builds the optimizer that turns an aggregated gradient into a parameter update.
 
   Args:
@@ -145,35 +164,50 @@ def make_optimizer(name: str = "adafactor",
     learning_rate = rsqrt_schedule()
   if clip_grad_norm < 0:
     raise UserError(
-        f"make_optimizer got clip_grad_norm={clip_grad_norm}; use a positive global "
-        "norm, or 0 to turn clipping off.")
+      f"make_optimizer got clip_grad_norm={clip_grad_norm}; use a positive global "
+      "norm, or 0 to turn clipping off."
+    )
   if weight_decay < 0:
     raise UserError(
-        f"make_optimizer got weight_decay={weight_decay}; use a non-negative rate.")
+      f"make_optimizer got weight_decay={weight_decay}; use a non-negative rate."
+    )
   if name == "adafactor":
     optimizer = optax.adafactor(
-        learning_rate=learning_rate,
-        min_dim_size_to_factor=128,
-        decay_rate=0.8,
-        multiply_by_parameter_scale=True,
-        clipping_threshold=1.0,
-        momentum=None,
-        weight_decay_rate=weight_decay if weight_decay else None,
-        weight_decay_mask=_matrices_only,
-        factored=True)
+      learning_rate=learning_rate,
+      min_dim_size_to_factor=128,
+      decay_rate=0.8,
+      multiply_by_parameter_scale=True,
+      clipping_threshold=1.0,
+      momentum=None,
+      weight_decay_rate=weight_decay if weight_decay else None,
+      weight_decay_mask=_matrices_only,
+      factored=True,
+    )
   elif name == "adamw":
-    optimizer = optax.adamw(learning_rate=learning_rate, b1=b1, b2=b2, eps=eps,
-                            weight_decay=weight_decay, mask=_matrices_only)
+    optimizer = optax.adamw(
+      learning_rate=learning_rate,
+      b1=b1,
+      b2=b2,
+      eps=eps,
+      weight_decay=weight_decay,
+      mask=_matrices_only,
+    )
   else:
     raise UserError(
-        f"Unknown optimizer {name!r}; use one of {', '.join(OPTIMIZERS)}"
-        f"{close_names(name, OPTIMIZERS)}.")
+      f"Unknown optimizer {name!r}; use one of {', '.join(OPTIMIZERS)}"
+      f"{close_names(name, OPTIMIZERS)}."
+    )
   if clip_grad_norm > 0:
     return optax.chain(optax.clip_by_global_norm(clip_grad_norm), optimizer)
   return optimizer
 
 
 __all__ = [
-    "OPTIMIZERS", "SCHEDULES", "as_schedule", "learning_rate_fn", "make_optimizer",
-    "rsqrt_schedule", "warmup_cosine_schedule",
+  "OPTIMIZERS",
+  "SCHEDULES",
+  "as_schedule",
+  "learning_rate_fn",
+  "make_optimizer",
+  "rsqrt_schedule",
+  "warmup_cosine_schedule",
 ]

@@ -51,6 +51,7 @@ class DataSettings:
     data_seed: the data order's seed; None = StepSettings.seed.
     data_shards: data shards (a multiple of the processes); None = one per process.
   """
+
   mixture_or_task_name: str
   task_feature_lengths: Mapping[str, int]
   batch_size: int = 32
@@ -86,6 +87,7 @@ class StepSettings:
     debug_inject_nonfinite_steps, debug_inject_nonfinite_task: a testing aid (the
       named task's loss is +Inf at these steps); empty in real runs.
   """
+
   model_config: T5Config = T5Config()
   mtl_transforms: Sequence = ()
   optimizer_fn: Callable = optim.make_optimizer
@@ -107,15 +109,17 @@ class StepSettings:
     period, lr = self.tag_affinity_period, self.tag_affinity_lr
     if period < 0 or (lr is not None and lr <= 0):
       raise UserError(
-          f"train.tag_affinity_period must be >= 0 (got {period}) and "
-          f"train.tag_affinity_lr positive or None (got {lr}); 0 turns TAG off and "
-          "None uses the schedule's learning rate.")
+        f"train.tag_affinity_period must be >= 0 (got {period}) and "
+        f"train.tag_affinity_lr positive or None (got {lr}); 0 turns TAG off and "
+        "None uses the schedule's learning rate."
+      )
 
   @property
   def schedule(self) -> Callable:
     """The learning rate as a schedule (step -> lr)."""
-    return optim.as_schedule(self.learning_rate if self.learning_rate is not None
-                             else optim.rsqrt_schedule())
+    return optim.as_schedule(
+      self.learning_rate if self.learning_rate is not None else optim.rsqrt_schedule()
+    )
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -129,6 +133,7 @@ class CheckpointSettings:
     async_checkpoint: write in the background while training goes on.
     initial_checkpoint_path: another run's MODEL_DIR (or step dir) to start from.
   """
+
   checkpoint_period: int = 1000
   keep_checkpoints: int = 3
   async_checkpoint: bool = True
@@ -149,6 +154,7 @@ class LoopSettings:
     print_param_table: print the parameter table at the start.
     nonfinite_policy: "skip" or "stop" on a step with a NaN/Inf (runs/train.gin).
   """
+
   model_dir: str
   train_steps: int
   log_period: int = 100
@@ -163,9 +169,10 @@ class LoopSettings:
       raise UserError(f"TRAIN_STEPS must be positive (got {self.train_steps}).")
     if self.nonfinite_policy not in NONFINITE_POLICIES:
       raise UserError(
-          f"train.nonfinite_policy is '{self.nonfinite_policy}'"
-          f"{close_names(str(self.nonfinite_policy), NONFINITE_POLICIES)}; use 'skip' "
-          "(skip the update, count it) or 'stop' (stop the run, naming the step).")
+        f"train.nonfinite_policy is '{self.nonfinite_policy}'"
+        f"{close_names(str(self.nonfinite_policy), NONFINITE_POLICIES)}; use 'skip' "
+        "(skip the update, count it) or 'stop' (stop the run, naming the step)."
+      )
 
 
 def _group(config, cls):
