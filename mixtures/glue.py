@@ -54,7 +54,8 @@ never tried. Prepare the datasets beforehand (``tfds build glue/cola`` on a mach
 network, then copy the directory).
 
 Vocabulary: the run's ``VOCABULARY`` (gin; a local SentencePiece model, default the
-shipped demo model) and ``$MTX_VOCAB_EXTRA_IDS`` (default 0), read on import. To point the tasks elsewhere
+shipped demo model), in force while mtx imports this module, and
+``$MTX_VOCAB_EXTRA_IDS`` (default 0). To point the tasks elsewhere
 from Python or gin, call ``register(vocab_path=..., extra_ids=...)`` again; it replaces
 every task and mixture of this module (for T5's checkpoints: T5's ``spiece.model``, 100
 extra ids).
@@ -91,7 +92,7 @@ def tfds_data_dir() -> Optional[str]:
   return data_dir
 
 
-def default_vocab_path() -> Optional[str]:
+def default_vocab_path() -> str:
   """The SentencePiece model for these tasks: the run's VOCABULARY (see
   ``mtx.data.vocab.default_vocabulary_path``), else the shipped demo model."""
   return vocab.default_path()
@@ -390,8 +391,8 @@ def register(vocab_path: Optional[str] = None, extra_ids: Optional[int] = None) 
   """(Re)registers every GLUE/SuperGLUE task and both mixtures with this vocabulary.
 
   Args:
-    vocab_path: a local SentencePiece model; None takes the run's VOCABULARY (gin) and
-      falls back to the shipped demo model.
+    vocab_path: a local SentencePiece model; None takes the run's VOCABULARY (gin) when
+      called while mtx imports this module, else the shipped demo model.
     extra_ids: sentinel ids of the vocabulary; None reads ``$MTX_VOCAB_EXTRA_IDS`` (0).
   """
   spm = vocab.get_vocabulary(

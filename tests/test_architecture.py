@@ -228,7 +228,12 @@ def test_the_tree_is_formatted_by_its_one_formatter():
       text=True,
       check=False,
     )
+    assert "No module named ruff" not in done.stderr, (
+      "ruff is missing: install the test extra (pip install -e '.[test]')"
+    )
     assert done.returncode == 0, (
       f"`ruff {' '.join(args)} .` wants changes (run "
-      f"`ruff format . && ruff check --select I --fix .`):\n" + done.stdout[-3000:]
+      f"`ruff format . && ruff check --select I --fix .`):\n"
+      + done.stdout[-3000:]
+      + done.stderr[-1000:]
     )

@@ -94,3 +94,29 @@ def test_train_vocab_tool_reports_missing_input(tmp_path, capsys):
     == 2
   )
   assert "no.txt passed to --input does not exist" in capsys.readouterr().err
+
+
+def test_vocabulary_reaches_tasks_built_while_their_module_is_imported(
+  tmp_path, monkeypatch
+):
+  """gin's VOCABULARY: registry.import_modules(module, path) gives the module's tasks on
+  the default vocabulary that model, and leaves the default as it was afterwards."""
+  from mtx.data import registry  # pylint: disable=g-import-not-at-top
+
+  model = tmp_path / "other.model"
+  model.write_bytes(open(vocab.DEFAULT_SPM_PATH, "rb").read())
+  (tmp_path / "vocab_probe_module.py").write_text(
+    "from mtx.data import vocab\nVOCAB = vocab.get_vocabulary()\n"
+  )
+  monkeypatch.syspath_prepend(str(tmp_path))
+  registry.import_modules("vocab_probe_module", str(model))
+  import vocab_probe_module  # pylint: disable=g-import-not-at-top
+
+  assert vocab_probe_module.VOCAB.sentencepiece_model_file == str(model)
+  assert vocab.default_path() == vocab.DEFAULT_SPM_PATH
+
+
+def test_the_old_environment_variable_is_refused_not_ignored(monkeypatch):
+  monkeypatch.setenv("MTX_VOCAB", "/somewhere/spm.model")
+  with pytest.raises(UserError, match="MTX_VOCAB is set but mtx no longer reads it"):
+    vocab.get_vocabulary()

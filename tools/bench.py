@@ -474,9 +474,7 @@ def make_setup(
   reference = build_step(data, settings, mesh, "pcgrad_vmap")
   if params is None:
     with mesh:
-      params = params_lib.init_params(
-        reference.model, settings.seed, *lengths, reference.param_shardings
-      )
+      params = reference.init_params()
   batch_np = synthetic_batch(
     num_tasks,
     batch_size,
@@ -516,7 +514,7 @@ def lower_variant(setup: Setup, build: build_lib.StepBuild) -> tuple:
   """
   s = setup
   with s.mesh:
-    state = jax.jit(build.make_state, out_shardings=build.state_shardings)(s.params)
+    state = build.init_state(s.params)
   host = s.batch_np if build.task_grads else flat_batch(s.batch_np)
   batch = parallel.host_to_global(host, s.mesh)
   t0 = time.perf_counter()

@@ -45,7 +45,6 @@ from mtx import parallel
 from mtx.data import materialize, mixing, pipeline, registry
 from mtx.errors import UserError
 from mtx.model import T5Config
-from mtx.runtime import params as params_lib
 from mtx.train import build as build_lib
 from mtx.train import loop, optim
 from mtx.train import settings as settings_lib
@@ -177,8 +176,7 @@ def build_step(spec: registry.MixtureSpec, lengths: tuple, batch_size: int, seed
   )
   build = build_lib.build_train_step(data, settings)
   with build.mesh:
-    params = params_lib.init_params(build.model, seed, *lengths, build.param_shardings)
-    train_state = jax.jit(build.make_state, out_shardings=build.state_shardings)(params)
+    train_state = build.init_state()
   return build.mesh, build.rules, build.jit_step, train_state
 
 

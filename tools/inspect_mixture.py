@@ -53,6 +53,11 @@ def _parser() -> argparse.ArgumentParser:
     default="mixtures.demo",
     help="module(s) registering the name, comma-separated; '' for none",
   )
+  p.add_argument(
+    "--vocabulary",
+    default=None,
+    help="SentencePiece model for tasks built on the default vocabulary (VOCABULARY)",
+  )
   p.add_argument("--split", default="train")
   p.add_argument("--inputs_length", type=int, default=32)
   p.add_argument("--targets_length", type=int, default=16)
@@ -195,7 +200,7 @@ def _packing_report(pipe: pipeline.Pipeline, batches: int) -> List[str]:
 
 def inspect(args: argparse.Namespace) -> str:
   """Builds the report; raises UserError for anything the user can fix."""
-  registry.import_modules(args.module)
+  registry.import_modules(args.module, args.vocabulary)
   lengths = pipeline.check_feature_lengths(
     {"inputs": args.inputs_length, "targets": args.targets_length}
   )

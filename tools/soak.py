@@ -30,7 +30,6 @@ or 1 when the run failed (or, with ``--strict``, a verdict).
 """
 
 import argparse
-import importlib.util
 import json
 import os
 import statistics
@@ -70,14 +69,6 @@ def _parse_args(argv=None) -> argparse.Namespace:
     p.error(f"unrecognized arguments: {' '.join(unknown)}")
   args.extra = extra
   return args
-
-
-def has_periodic_eval() -> bool:
-  """Whether this mtx evaluates during training (the evaluator module exists)."""
-  try:
-    return importlib.util.find_spec("mtx.eval.evaluator") is not None
-  except ModuleNotFoundError:
-    return False
 
 
 def trainer_command(args, model_dir: str, evaluate: bool) -> list:
@@ -268,7 +259,7 @@ def main(argv=None) -> int:
     )
     return 2
   os.makedirs(model_dir, exist_ok=True)
-  evaluate = has_periodic_eval()
+  evaluate = True  # soak the periodic evaluation too
   cmd = trainer_command(args, model_dir, evaluate)
   print("soak: running", " ".join(cmd), flush=True)
   start = time.time()

@@ -1,1 +1,2 @@
-"""The command line: ``mtx train|eval|infer|compile`` and the gin edge (configurables, settings objects)."""
+"""The command line: ``mtx train|eval|infer|compile``, and gin's edge (every configurable
+is registered in ``configurables``; the settings objects are ``mtx.train.settings``)."""

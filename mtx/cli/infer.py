@@ -294,6 +294,8 @@ def preprocess(
       try_in_mem_cache=False,
     )
     examples = list(ds.as_numpy_iterator())
+  except UserError:
+    raise  # a preprocessor's own sentence (UserError is a ValueError too)
   except (KeyError, ValueError, TypeError, tf.errors.OpError) as e:
     text = " ".join(str(e).split())
     missing = re.findall(r"KeyError: '([^']+)'", text)
@@ -515,7 +517,7 @@ def infer(
     top_k=top_k,
     seed=seed,
   )
-  decode.check("INFER", batch_size)
+  decode.check(batch_size, "INFER")
   registry.import_modules(mixture_or_task_module, vocabulary_path)
   lengths = data_pipeline.check_feature_lengths(task_feature_lengths)
   inputs_length = int(inputs_length or lengths["inputs"])

@@ -138,6 +138,8 @@ def _parse_files(gin_files: Sequence[str], search_paths: Sequence[str]) -> None:
       )
     try:
       gin.parse_config_file(f)
+    except UserError:
+      raise  # a task module's own sentence (UserError is a ValueError too)
     except IOError as e:
       raise UserError(
         f"Gin file {f} was not found ({e}); check the path or add its "
@@ -155,6 +157,8 @@ def _parse_bindings(
   for name, value in flag_bindings:
     try:
       gin.parse_config(f"{name} = {value}")
+    except UserError:
+      raise
     except (SyntaxError, ValueError) as e:
       hint = (
         f" (strings need quotes: --gin.{name}=\"'{value}'\")"
@@ -167,6 +171,8 @@ def _parse_bindings(
   for text in extra_bindings:
     try:
       gin.parse_config(text)
+    except UserError:
+      raise
     except (SyntaxError, ValueError) as e:
       raise UserError(f"--gin_bindings '{text}' does not parse: {_one_line(e)}.") from e
 

@@ -95,6 +95,11 @@ def get_vocabulary(
 def default_path() -> str:
   """The default vocabulary's path: the one in force (``default_vocabulary_path``), or
   the shipped demo model."""
+  if os.environ.get("MTX_VOCAB"):  # read before; refuse rather than silently ignore it
+    raise UserError(
+      "MTX_VOCAB is set but mtx no longer reads it; unset it and set the run's "
+      "VOCABULARY instead (--gin.VOCABULARY=\"'/path/to/spm.model'\")."
+    )
   return _default_path or DEFAULT_SPM_PATH
 
 

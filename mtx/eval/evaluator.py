@@ -97,7 +97,7 @@ class EvalOptions:
   baseline_dir: Optional[str] = None
 
   def __post_init__(self):  # Bad settings fail where they are given, before any work.
-    self.decode.check("EVAL", self.batch_size)
+    self.decode.check(self.batch_size, "EVAL")
     if self.task_feature_lengths is not None:
       data_pipeline.check_feature_lengths(
         self.task_feature_lengths, "EVAL_TASK_FEATURE_LENGTHS"

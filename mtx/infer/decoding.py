@@ -55,17 +55,21 @@ class DecodeOptions:
   top_k: int = 0
   seed: int = 0
 
-  def check(self, prefix: str, batch_size: int) -> None:
-    """Raises a one-sentence UserError for settings out of range; ``prefix`` names the
-    user's settings (``INFER`` or ``EVAL``: the INFER_* / EVAL_* macros)."""
+  def check(self, batch_size: int, prefix: Optional[str] = None) -> None:
+    """Raises a one-sentence UserError for settings out of range.
+
+    ``prefix`` names the user's settings (``INFER`` or ``EVAL``: the INFER_* / EVAL_*
+    macros); None (library use, e.g. ``Predictor``) names the fields instead.
+    """
+    method = f"{prefix}_DECODE_METHOD" if prefix else "The decoding method"
     if self.method not in METHODS:
       raise UserError(
-        f"{prefix}_DECODE_METHOD {self.method!r} is not one of {METHODS}; "
-        "set it to one of them."
+        f"{method} {self.method!r} is not one of {METHODS}; set it to one of them."
       )
     if self.num_beams < 1 or batch_size < 1 or self.top_k < 0 or self.temperature < 0:
+      which = f"{prefix} decoding settings" if prefix else "Decoding options"
       raise UserError(
-        f"{prefix} decoding settings are out of range (num_beams {self.num_beams}, "
+        f"{which} are out of range (num_beams {self.num_beams}, "
         f"batch_size {batch_size}, top_k {self.top_k}, temperature "
         f"{self.temperature}); use num_beams >= 1, batch_size >= 1, top_k >= 0 and "
         "temperature >= 0."

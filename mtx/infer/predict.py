@@ -109,7 +109,7 @@ class Predictor:
     eos_id: int = 1,
     vocab_size: int = 0,
   ):
-    decode.check("Decoding", batch_size)
+    decode.check(batch_size)
     dp = parallel.data_parallel_size(mesh)
     self.batch_size = max(1, math.ceil(batch_size / dp)) * dp
     self.inputs_length = int(inputs_length)

@@ -103,6 +103,22 @@ class StepBuild:
     """The full train state around ``params`` (jit it with ``state_shardings``)."""
     return state_lib.make_state(params, self.optimizer, self.mtl_init, self.settings.seed)
 
+  def init_params(self) -> Any:
+    """Fresh params (``settings.seed``), initialised directly into their shardings."""
+    return params_lib.init_params(
+      self.model,
+      self.settings.seed,
+      self.layout.inputs_length,
+      self.layout.targets_length,
+      self.param_shardings,
+    )
+
+  def init_state(self, params: Any = None) -> dict:
+    """The sharded train state around ``params`` (None: ``init_params()``); call it
+    under ``with self.mesh``."""
+    params = self.init_params() if params is None else params
+    return jax.jit(self.make_state, out_shardings=self.state_shardings)(params)
+
   def sharded_state(self) -> Any:
     """The abstract state with its shardings: what restore and lower take."""
     return jax.tree.map(
@@ -208,12 +224,13 @@ def build_train_step(
   model = T5(model_config)
   schedule = settings.schedule
   optimizer = settings.optimizer_fn(learning_rate=schedule)
+  # Before tracing the model: a bad debug setting fails at once.
+  cfg = step_config(settings, spec, task_grads, model_config.dropout_rate > 0)
   mtl_init = optax.chain(*transforms).init
   rules = tuple(settings.logical_axis_rules)
   params_abstract, p_shardings, abstract_state, s_shardings = _abstract_state(
     model, layout, optimizer, mtl_init, settings.seed, mesh, rules
   )
-  cfg = step_config(settings, spec, task_grads, model_config.dropout_rate > 0)
   step_fn = step_lib.make_train_step(
     model,
     optimizer,

@@ -6,8 +6,8 @@
       --gin.COMPILE_DEVICE_MEMORY_GIB=95
 
 reads the same gin files as ``mtx train`` (the ``train.*`` bindings; ``mtx.cli.compile``),
-builds the step as the trainer builds it (``build_train_step``), and ``compile_step`` lowers and compiles it with
-abstract inputs only (``jax.ShapeDtypeStruct`` with shardings: no parameter is ever
+builds the step as the trainer builds it (``build_train_step``), and ``compile_step``
+lowers and compiles it with abstract inputs only (``jax.ShapeDtypeStruct`` with shardings: no parameter is ever
 materialised, so a T5-XXL compile allocates nothing of its 11B parameters) on
 ``COMPILE_NUM_DEVICES`` fake CPU devices, set before JAX starts: no accelerator is
 touched. It prints XLA's memory analysis per device, split into parameters, optimizer

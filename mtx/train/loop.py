@@ -268,19 +268,12 @@ def _restore_or_init(
     log.info("Resumed from step %d in %s.", start_step, ckpt.directory)
     return start_step, train_state
   with build.mesh:
+    params = None
     if initial_checkpoint_path:
       params = checkpoint.load_params(
         initial_checkpoint_path, build.sharded_state()["params"]
       )
-    else:
-      params = params_lib.init_params(
-        build.model,
-        build.settings.seed,
-        build.layout.inputs_length,
-        build.layout.targets_length,
-        build.param_shardings,
-      )
-    return 0, jax.jit(build.make_state, out_shardings=build.state_shardings)(params)
+    return 0, build.init_state(params)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -10,8 +10,9 @@ Gin binds them as ``train.*`` (``gin_configs/runs/train.gin`` comments every kno
 
 Each setting is defined once, with its default, in its group; ``TrainConfig`` holds
 every group's fields (it inherits them), and ``config.data`` etc. return the groups.
-``mtx compile`` builds only ``DataSettings`` and ``StepSettings``: the fields of those two
-are what shapes the compiled step. (T5X's ``DatasetConfig`` / ``CheckpointConfig`` and
+``mtx compile`` builds only ``DataSettings`` and ``StepSettings`` (the step's shape
+comes from them; of the data settings, the rates, split and data seed only choose
+examples), never evaluating MODEL_DIR or TRAIN_STEPS. (T5X's ``DatasetConfig`` / ``CheckpointConfig`` and
 MaxText's one config object are the models.)
 
     config = TrainConfig(model_dir="/tmp/run", mixture_or_task_name="demo",
