@@ -22,12 +22,12 @@ from typing import Optional, Sequence
 
 import gin
 
+import gin_configs
 from mtx.errors import UserError, close_names
 
-REPO_GIN_DIR = os.path.join(
-  os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
-  "gin_configs",
-)
+# The shipped gin files (a package, so an installed mtx has them too): searched as
+# `models/tiny.gin` and as `gin_configs/models/tiny.gin`, from any directory.
+GIN_DIR = os.path.dirname(os.path.abspath(gin_configs.__file__))
 REQUIRED_MACROS = (
   "MIXTURE_OR_TASK_NAME",
   "TASK_FEATURE_LENGTHS",
@@ -116,7 +116,10 @@ def parse_gin(
   # lazy: the configurables import JAX and TensorFlow; `mtx --help` should not wait.
   import mtx.cli.configurables  # pylint: disable=g-import-not-at-top,unused-import # lazy: JAX/TF
 
-  _parse_files(gin_files, list(search_paths) + [REPO_GIN_DIR, os.getcwd()])
+  _parse_files(
+    gin_files,
+    list(search_paths) + [GIN_DIR, os.path.dirname(GIN_DIR), os.getcwd()],
+  )
   _parse_bindings(flag_bindings, extra_bindings)
   _check_macros(flag_bindings, required)
 
