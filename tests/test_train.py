@@ -1,4 +1,5 @@
-"""The trainer: sharding equivalence, per-task losses, exact resume, SIGTERM, the CLI."""
+"""The trainer: sharding equivalence, per-task losses, exact resume, SIGTERM, the CLI,
+relative and ``~`` paths."""
 
 import json
 import os
@@ -13,7 +14,8 @@ import orbax.checkpoint as ocp
 import pytest
 import tiny_mixture  # noqa: F401  (registers the 'tiny' mixture)
 
-from mtx import mtl
+from mtx import mtl, paths
+from mtx.eval.evaluator import EvalOptions
 from mtx.model import T5Config
 from mtx.runtime import metrics_writer
 from mtx.runtime import params as params_lib
@@ -393,6 +395,55 @@ def test_unwritable_model_dir(tmp_path, capsys):
     tmp_path, capsys, "--gin_file=tests/tiny.gin", f"--gin.MODEL_DIR='{target}'"
   )
   assert code == 2 and "writable" in err, err
+
+
+# ---- relative and ~ paths -----------------------------------------------------------------
+def test_paths_are_made_absolute_where_settings_are_built(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  monkeypatch.setenv("HOME", str(tmp_path / "home"))
+  assert paths.absolute("rel") == str(tmp_path / "rel")
+  assert paths.absolute("~/runs/x") == str(tmp_path / "home" / "runs" / "x")
+  assert paths.absolute(tmp_path / "a" / ".." / "b") == str(tmp_path / "b")
+  assert paths.absolute("gs://bucket/run") == "gs://bucket/run"
+  assert paths.absolute(None) is None and paths.absolute("") == ""
+  config = TrainConfig(
+    model_dir="~/run",
+    initial_checkpoint_path="init",
+    vocabulary_path="~/v.model",
+    mixture_or_task_name="tiny",
+    task_feature_lengths={"inputs": 16, "targets": 16},
+    train_steps=1,
+  )
+  home = tmp_path / "home"
+  assert config.model_dir == config.loop.model_dir == str(home / "run")
+  assert config.checkpoint.initial_checkpoint_path == str(tmp_path / "init")
+  assert config.data.vocabulary_path == str(home / "v.model")
+  assert EvalOptions(baseline_dir="base").baseline_dir == str(tmp_path / "base")
+
+
+def test_a_relative_model_dir_checkpoints_and_resumes_through_tilde(
+  tmp_path, monkeypatch, capsys, caplog
+):
+  """MODEL_DIR 'rel_run' from another working directory trains past a checkpoint (orbax
+  wants absolute paths); '~/rel_run' (HOME is that directory) names the same run, and
+  resumes it from its checkpoint rather than calling it damaged."""
+  monkeypatch.chdir(tmp_path)
+  monkeypatch.setenv("HOME", str(tmp_path))
+  tiny = f"--gin_file={os.path.join(TESTS, 'tiny.gin')}"
+  code, err = _run_cli(
+    None, capsys, tiny, "--gin.MODEL_DIR='rel_run'", "--gin.TRAIN_STEPS=5"
+  )
+  assert code == 0, err
+  run = tmp_path / "rel_run"
+  assert sorted(int(p) for p in os.listdir(run) if p.isdigit()) == [4, 5]
+  code, err = _run_cli(
+    None, capsys, tiny, "--gin.MODEL_DIR='~/rel_run'", "--gin.TRAIN_STEPS=8"
+  )
+  assert code == 0, err
+  assert sorted(p for p in os.listdir(run) if p[0].isdigit()) == ["4", "5", "8"]
+  assert "damaged" not in caplog.text and "Skipping" not in caplog.text
+  assert [r["step"] for r in metrics_writer.read_metrics(str(run))] == list(range(1, 9))
+  assert sorted(os.listdir(tmp_path)) == ["rel_run"]  # No folder named '~'.
 
 
 # ---- every mtl method trains from its gin file, inside the jitted step -------------------
