@@ -1,4 +1,5 @@
-"""Faults: NaN/Inf steps, disk errors mid-run, kill -9 anywhere, atomic writes, no pickle.
+"""Faults: NaN/Inf steps, disk errors mid-run, kill -9 anywhere, two trainings of one
+MODEL_DIR, atomic writes, no pickle.
 
 The fast tests run the trainer in-process on one CPU device; the slow ones start the
 ``mtx`` command line in subprocesses (one fake device each, so they compile quickly).
@@ -12,6 +13,7 @@ import random
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -26,6 +28,7 @@ from mtx import mtl
 from mtx.errors import UserError
 from mtx.model import T5Config
 from mtx.runtime import checkpoint, metrics_writer
+from mtx.runtime import lock as lock_lib
 from mtx.train import loop, optim
 from mtx.train.settings import TrainConfig
 
@@ -300,7 +303,6 @@ async def slow_finalize(self):
   await asyncio.sleep(delay)
   await finalize(self)
 atomicity.AtomicRenameTemporaryPath.finalize = slow_finalize
-from mtx.cli import main as cli
 cli.main()
 """
 
@@ -431,6 +433,68 @@ def test_kill_9_at_random_points_and_during_a_save_then_restart_is_bit_identical
   final_b, _ = _saved_state(killed, steps)
   _assert_trees_equal(final_a, final_b)
   assert not _saves_in_flight(killed)
+
+
+def _logged_steps(model_dir):
+  return [r["step"] for r in metrics_writer.read_metrics(str(model_dir))]
+
+
+# ---- two trainings of one MODEL_DIR ------------------------------------------------------
+def test_a_model_dir_in_use_is_refused_naming_the_holder_and_left_untouched(tmp_path):
+  """One sentence naming this host and the holder's pid; nothing of the run is changed."""
+  _train(tmp_path, 2)
+  before = {p: (tmp_path / p).stat().st_mtime_ns for p in os.listdir(tmp_path)}
+  with lock_lib.ModelDirLock(str(tmp_path)):
+    with pytest.raises(lock_lib.ModelDirInUseError) as error:
+      _train(tmp_path, 4)
+    lock_text = (tmp_path / lock_lib.LOCK_FILE).read_text()
+  message = str(error.value)
+  assert re.match(
+    rf"^MODEL_DIR {re.escape(str(tmp_path))} is in use by another mtx train \(pid "
+    rf"{os.getpid()} on host {re.escape(socket.gethostname())}, started .*\); wait for "
+    r"that run to end or stop it, or choose another MODEL_DIR",
+    message,
+  ), message
+  assert "\n" not in message
+  assert json.loads(lock_text)["pid"] == os.getpid()
+  after = {p: (tmp_path / p).stat().st_mtime_ns for p in os.listdir(tmp_path)}
+  assert after == before  # The lock file is gone again too.
+  assert _logged_steps(tmp_path) == [1, 2]
+
+
+def test_a_stale_lock_does_not_block_and_a_refused_fresh_dir_leaves_nothing(tmp_path):
+  """A lock file left by a process killed with -9 (its kernel lock died with it), or
+  one naming a pid of this host that is not running, is replaced; the lock is released
+  however the run ends, and a MODEL_DIR that a bad setting stopped is not left behind."""
+  killed, written = tmp_path / "killed", tmp_path / "written"
+  holder = (
+    "import os, sys\nfrom mtx.runtime import lock\n"
+    "lock.ModelDirLock(sys.argv[1]).acquire()\nos.kill(os.getpid(), 9)\n"
+  )
+  env = dict(os.environ, PYTHONPATH=REPO)
+  subprocess.run([sys.executable, "-c", holder, str(killed)], env=env, check=False)
+  assert os.path.exists(killed / lock_lib.LOCK_FILE)
+  gone = subprocess.Popen([sys.executable, "-c", "pass"])
+  gone.wait()
+  os.makedirs(written)
+  (written / lock_lib.LOCK_FILE).write_text(
+    json.dumps({"host": socket.gethostname(), "pid": gone.pid, "started": "x"})
+  )
+  assert _train(killed, 2).step == 2
+  assert not os.path.exists(killed / lock_lib.LOCK_FILE)  # Released at the end.
+  with lock_lib.ModelDirLock(str(written)) as taken:
+    assert json.loads((written / lock_lib.LOCK_FILE).read_text())["pid"] == os.getpid()
+    assert taken.held
+  assert os.listdir(written) == []
+  fresh = tmp_path / "fresh" / "run"
+  with pytest.raises(UserError, match="did you mean: tiny"):
+    _loop_train(
+      model_dir=str(fresh),
+      mixture_or_task_name="tinyy",
+      task_feature_lengths={"inputs": 16, "targets": 16},
+      train_steps=2,
+    )
+  assert not os.path.exists(tmp_path / "fresh")
 
 
 # ---- atomic writes, no pickle ------------------------------------------------------------

@@ -1,6 +1,7 @@
 """The trainer: sharding equivalence, per-task losses, exact resume, SIGTERM, the CLI,
 relative and ``~`` paths."""
 
+import contextlib
 import json
 import os
 import signal
@@ -17,6 +18,7 @@ import tiny_mixture  # noqa: F401  (registers the 'tiny' mixture)
 from mtx import mtl, paths
 from mtx.eval.evaluator import EvalOptions
 from mtx.model import T5Config
+from mtx.runtime import lock as lock_lib
 from mtx.runtime import metrics_writer
 from mtx.runtime import params as params_lib
 from mtx.train import loop, optim
@@ -334,6 +336,12 @@ _BAD = [
   ),
   ("negative_seed", ["--gin_bindings=train.seed = -1"], "seed must be >= 0"),
   (
+    "model_dir_in_use",  # while this process holds the lock, as a first run would
+    [],
+    r"MODEL_DIR .* is in use by another mtx train \(pid {pid} on host .*\); wait for "
+    "that run to end or stop it, or choose another MODEL_DIR",
+  ),
+  (
     "relpos_buckets",
     ["--gin_bindings=model.T5Config.relative_attention_num_buckets = 2"],
     "at least 4 buckets",
@@ -345,6 +353,8 @@ _BAD = [
   ),
 ]
 _MARKS = {}
+# Cases run while the test process holds MODEL_DIR's lock (mtx.runtime.lock).
+_LOCKED = {"model_dir_in_use"}
 BAD = [pytest.param(*c, id=c[0], marks=_MARKS.get(c[0], ())) for c in _BAD]
 
 
@@ -366,15 +376,26 @@ def test_bad_input_one_sentence(finished_run, bad_files, capsys, case, args, pat
 
   if case == "vocabulary_unreadable" and os.geteuid() == 0:
     pytest.skip("root reads any file")
-  before = _snapshot(finished_run)
   args = [a.replace("{d}", str(bad_files)) for a in args]
-  code, err = _run_cli(
-    None, capsys, "--gin_file=tests/tiny.gin", f"--gin.MODEL_DIR='{finished_run}'", *args
-  )
-  assert code == 2, err
-  assert err.startswith("mtx: error: ") and "\n" not in err, err
-  assert re.search(pattern, err, re.I), err
-  assert _snapshot(finished_run) == before
+  pattern = pattern.replace("{pid}", str(os.getpid()))
+  with (
+    lock_lib.ModelDirLock(str(finished_run))
+    if case in _LOCKED
+    else contextlib.nullcontext()
+  ):
+    before = _snapshot(finished_run)
+    code, err = _run_cli(
+      None,
+      capsys,
+      "--gin_file=tests/tiny.gin",
+      f"--gin.MODEL_DIR='{finished_run}'",
+      *args,
+    )
+    assert code == 2, err
+    assert err.startswith("mtx: error: ") and "\n" not in err, err
+    assert re.search(pattern, err, re.I), err
+    assert _snapshot(finished_run) == before
+  assert lock_lib.LOCK_FILE not in os.listdir(finished_run)  # Released on every error.
 
 
 def test_gin_syntax_error_names_file_and_line(tmp_path, capsys):
@@ -545,4 +566,6 @@ def test_initial_checkpoint_path_and_tasks_json(tmp_path):
       print_param_table=False,
       tensorboard=False,
     )
-  assert not [p for p in os.listdir(tmp_path / "c") if p.isdigit()]
+  # Nothing saved; the MODEL_DIR the run made is removed again when left empty.
+  c = tmp_path / "c"
+  assert not (c.exists() and [p for p in os.listdir(c) if p.isdigit()])

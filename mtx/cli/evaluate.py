@@ -85,7 +85,8 @@ def evaluate(
   Paths may be relative or start with ``~``; they are made absolute here.
 
   Args:
-    model_dir: the run to evaluate (results are written there too).
+    model_dir: the run to evaluate (results are written there too); a run still
+      training may be evaluated (this takes no lock).
     mixture_or_task_name, task_feature_lengths, mixture_or_task_module,
       vocabulary_path, model_config, mesh_shape, logical_axis_rules: as for training.
     options: what and how to evaluate (``EvalOptions``).

@@ -479,7 +479,8 @@ def infer(
   Paths may be relative or start with ``~``; they are made absolute here.
 
   Args:
-    model_dir: the trained run (its newest checkpoint is used).
+    model_dir: the trained run (its newest checkpoint is used); a run still training
+      may be read (this takes no lock).
     mixture_or_task_name, task_feature_lengths, mixture_or_task_module,
       vocabulary_path, model_config, mesh_shape, logical_axis_rules: as for training.
     input_path: the inputs (INFER_INPUT); '-' reads stdin.

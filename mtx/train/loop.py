@@ -26,6 +26,7 @@ from mtx.data import registry
 from mtx.errors import UserError
 from mtx.eval import periodic as eval_periodic
 from mtx.runtime import checkpoint, metrics_writer, progress
+from mtx.runtime import lock as lock_lib
 from mtx.runtime import params as params_lib
 from mtx.train import build as build_lib
 from mtx.train import settings as settings_lib
@@ -177,13 +178,47 @@ def train(
       step has been traced (the CLI passes gin's ``operative_config_str``); None
       writes no config.gin.
 
+  Holds MODEL_DIR's lock (``mtx.runtime.lock``; process 0) from start to end, so a
+  second training of the same MODEL_DIR is refused.
+
   Returns when ``train_steps`` are done, or after saving on SIGTERM (``preempted=True``).
 
   Raises:
-    UserError: bad settings or input (before anything is written); a write that fails
-      mid-run (``metrics_writer.WriteError``, ``checkpoint.CheckpointWriteError``);
-      a non-finite step under ``nonfinite_policy='stop'`` (``NonFiniteStepError``).
+    UserError: bad settings or input (before anything is written); MODEL_DIR in use
+      by another training (``lock.ModelDirInUseError``); a write that fails mid-run
+      (``metrics_writer.WriteError``, ``checkpoint.CheckpointWriteError``); a
+      non-finite step under ``nonfinite_policy='stop'`` (``NonFiniteStepError``).
   """
+  lock = lock_lib.ModelDirLock(config.model_dir, enabled=jax.process_index() == 0)
+  _on_process_0(lock.acquire)
+  try:
+    job, train_state, start_step = _start(config, devices, operative_config)
+    return _run(job, train_state, start_step)
+  finally:
+    lock.release()
+
+
+def _on_process_0(fn: Callable[[], object]) -> None:
+  """Runs ``fn`` on process 0; when it raises a UserError, every process raises."""
+  error = None
+  if jax.process_index() == 0:
+    try:
+      fn()
+    except UserError as e:
+      error = e
+  if _agree(int(error is not None)):
+    raise error or UserError(
+      "Process 0 of this run stopped with an error before training (see its output); "
+      "fix that, then start every process again."
+    )
+
+
+def _start(
+  config: settings_lib.TrainConfig,
+  devices: Optional[Sequence[jax.Device]],
+  operative_config: Optional[Callable[[], str]],
+) -> tuple:
+  """(the job, the train state, the start step): data, step, restored checkpoint."""
   data, settings, run = config.data, config.step, config.loop
   registry.import_modules(data.mixture_or_task_module, data.vocabulary_path)
   mesh = parallel.make_mesh(settings.mesh_shape, devices)
@@ -248,7 +283,7 @@ def train(
       run.eval_options,
     ),
   )
-  return _run(job, train_state, start_step)
+  return job, train_state, start_step
 
 
 def _restore_or_init(
@@ -436,7 +471,7 @@ def _run(job: _Job, train_state, start_step: int) -> RunResult:
           bar.update(step, {k: v for k, v in last.items() if k.startswith("loss")})
         # Processes must agree to stop; asking costs a collective, so not every step.
         if jax.process_count() == 1 or step % 10 == 0:
-          preempted = _agree(preemption.requested)
+          preempted = bool(_agree(preemption.requested))
         periodic = ckpt.save_period > 0 and step % ckpt.save_period == 0
         if periodic or preempted or step == run.train_steps:
           if history:
@@ -471,10 +506,11 @@ def _close_all(closers: Sequence[Callable], failed: bool) -> None:
     raise errors[0]
 
 
-def _agree(flag: bool) -> bool:
+def _agree(value: int) -> int:
+  """The largest of every process's ``value`` (a flag, or a signal number)."""
   if jax.process_count() == 1:
-    return flag
-  return bool(np.max(multihost_utils.process_allgather(np.array([int(flag)]))))
+    return int(value)
+  return int(np.max(multihost_utils.process_allgather(np.array([int(value)]))))
 
 
 def _log(

@@ -153,7 +153,8 @@ class LoopSettings:
 
   Attributes:
     model_dir: checkpoints, metrics.jsonl, config.gin, tasks.json, TensorBoard; made
-      absolute (``~`` expanded) here.
+      absolute (``~`` expanded) here. One training at a time writes it
+      (``mtx.runtime.lock``).
     train_steps: total steps (a resumed run stops here too).
     log_period: steps between metrics.jsonl / TensorBoard lines.
     eval_period: steps between evaluations; 0 = none.
