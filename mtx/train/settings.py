@@ -132,7 +132,7 @@ class CheckpointSettings:
 
   Attributes:
     checkpoint_period: steps between checkpoints (one is also saved at the end and
-      on SIGTERM).
+      on SIGTERM, SIGINT or SIGHUP).
     keep_checkpoints: how many to keep.
     async_checkpoint: write in the background while training goes on.
     initial_checkpoint_path: another run's MODEL_DIR (or step dir) to start from.
