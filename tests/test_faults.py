@@ -1,4 +1,5 @@
-"""Faults: NaN/Inf steps, disk errors mid-run, kill -9 anywhere, atomic writes, no pickle.
+"""Faults: NaN/Inf steps, disk errors mid-run, kill -9 anywhere, Ctrl-C and hangups, two
+trainings of one MODEL_DIR, atomic writes, no pickle.
 
 The fast tests run the trainer in-process on one CPU device; the slow ones start the
 ``mtx`` command line in subprocesses (one fake device each, so they compile quickly).
@@ -12,10 +13,12 @@ import random
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
 
+import gin
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
@@ -23,9 +26,11 @@ import pytest
 import tiny_mixture  # noqa: F401  (registers the 'tiny' mixture)
 
 from mtx import mtl
+from mtx.cli import main as cli
 from mtx.errors import UserError
 from mtx.model import T5Config
 from mtx.runtime import checkpoint, metrics_writer
+from mtx.runtime import lock as lock_lib
 from mtx.train import loop, optim
 from mtx.train.settings import TrainConfig
 
@@ -431,6 +436,232 @@ def test_kill_9_at_random_points_and_during_a_save_then_restart_is_bit_identical
   final_b, _ = _saved_state(killed, steps)
   _assert_trees_equal(final_a, final_b)
   assert not _saves_in_flight(killed)
+
+
+# ---- Ctrl-C, hangup, SIGTERM -----------------------------------------------------------------
+def _cli_run(model_dir, *extra):
+  """``mtx train`` of tests/tiny.gin in this process: its exit status (``cli.run``)."""
+  gin.clear_config()
+  try:
+    return cli.run(
+      [
+        "train",
+        f"--gin_file={os.path.join(TESTS, 'tiny.gin')}",
+        f"--gin.MODEL_DIR='{model_dir}'",
+        *extra,
+      ]
+    )
+  finally:
+    gin.clear_config()
+
+
+def _signal_at(monkeypatch, step, *signums, swallow=False):
+  """Sends ``signums`` to this process right after metrics.jsonl gets ``step``'s line;
+  ``swallow`` catches a KeyboardInterrupt there, as a JAX or gc callback would."""
+  write = metrics_writer.MetricsWriter.write
+
+  def write_then_signal(self, at, scalars):
+    write(self, at, scalars)
+    if at == step:
+      for signum in signums:
+        try:
+          signal.raise_signal(signum)  # The handler runs before this returns.
+        except KeyboardInterrupt:
+          if not swallow:
+            raise
+
+  monkeypatch.setattr(metrics_writer.MetricsWriter, "write", write_then_signal)
+
+
+@pytest.fixture
+def guard():
+  """A no-op handler of SIGINT and SIGHUP while a test sends them to itself: a run that
+  failed to catch them fails its test instead of ending pytest."""
+
+  def ignore(signum, frame):
+    del signum, frame
+
+  previous = {s: signal.signal(s, ignore) for s in (signal.SIGINT, signal.SIGHUP)}
+  yield ignore
+  for signum, handler in previous.items():
+    signal.signal(signum, handler)
+
+
+def _logged_steps(model_dir):
+  return [r["step"] for r in metrics_writer.read_metrics(str(model_dir))]
+
+
+@pytest.mark.parametrize("sig,status", [("SIGINT", 130), ("SIGHUP", 129)])
+def test_sigint_and_sighup_save_the_step_exit_128_plus_n_and_the_run_resumes(
+  tmp_path, monkeypatch, capfd, guard, sig, status
+):
+  """The signal arrives inside a callback that swallows exceptions: nothing is lost, the
+  run saves the step it was on (6; the periodic checkpoint is 4) and stops with
+  128 + the signal's number; the same command resumes at step 7."""
+  monkeypatch.setattr(os, "isatty", lambda fd: False)  # Leave pytest's terminal alone.
+  _signal_at(monkeypatch, 6, getattr(signal, sig), swallow=True)
+  assert _cli_run(tmp_path, "--gin.TRAIN_STEPS=100") == status
+  out = capfd.readouterr()
+  assert out.out.strip().splitlines()[-1] == (
+    f"Interrupted by {sig}: saved step 6; run the same command again to resume."
+  )
+  assert f"mtx: {sig}: saving after the current step" in out.err
+  assert _steps_on_disk(tmp_path) == [4, 6]
+  assert _logged_steps(tmp_path) == [1, 2, 3, 4, 5, 6]
+  assert not os.path.exists(tmp_path / lock_lib.LOCK_FILE)
+  assert signal.getsignal(signal.SIGINT) is guard  # Put back as found.
+  assert signal.getsignal(signal.SIGHUP) is guard
+  monkeypatch.undo()
+  assert _cli_run(tmp_path, "--gin.TRAIN_STEPS=8") == 0
+  assert _logged_steps(tmp_path) == list(range(1, 9))
+  assert _steps_on_disk(tmp_path)[-1] == 8
+
+
+@pytest.mark.parametrize("swallow", [False, True], ids=["raised", "swallowed"])
+def test_a_second_sigint_aborts_at_once_and_the_checkpoint_restores(
+  tmp_path, monkeypatch, guard, swallow
+):
+  """Two Ctrl-Cs at step 6: KeyboardInterrupt before anything else is saved, even when
+  a callback swallowed it (it is raised again before the step's save); the lock is
+  released, and step 4 restores."""
+  flags = ("--gin.TRAIN_STEPS=100", "--gin_bindings=train.async_checkpoint = False")
+  _signal_at(monkeypatch, 6, signal.SIGINT, signal.SIGINT, swallow=swallow)
+  with pytest.raises(KeyboardInterrupt):  # `mtx` prints one line and exits 130.
+    _cli_run(tmp_path, *flags)
+  assert _steps_on_disk(tmp_path) == [4]
+  assert not os.path.exists(tmp_path / lock_lib.LOCK_FILE)
+  assert signal.getsignal(signal.SIGINT) is guard
+  if not swallow:
+    monkeypatch.undo()
+    assert _cli_run(tmp_path, "--gin.TRAIN_STEPS=8", *flags[1:]) == 0
+    assert _logged_steps(tmp_path) == list(range(1, 9))
+
+
+@pytest.mark.slow
+def test_ctrl_c_of_the_command_saves_and_twice_during_a_save_aborts(tmp_path, capsys):
+  """``mtx train`` in a subprocess: while it runs, a second ``mtx train`` of its
+  MODEL_DIR is refused naming it; Ctrl-C saves the step and exits 130; a restart,
+  Ctrl-C'd twice while a checkpoint save is in flight, exits 130 at once with one line
+  and the save is never taken for a step; the same command then finishes the run."""
+  model_dir, flags = tmp_path / "run", ("--gin.TRAIN_STEPS=60",)
+  proc = subprocess.Popen(
+    _cli(model_dir, *flags),
+    cwd=REPO,
+    env=_env(),
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+    text=True,
+  )
+  _wait_for(lambda: model_dir.exists() and _logged(model_dir) >= 3, proc, what="3 steps")
+  capsys.readouterr()
+  gin.clear_config()
+  with pytest.raises(SystemExit) as refused:
+    cli.main(
+      [
+        "train",
+        f"--gin_file={os.path.join(TESTS, 'tiny.gin')}",
+        f"--gin.MODEL_DIR='{model_dir}'",
+      ]
+    )
+  gin.clear_config()
+  err = capsys.readouterr().err
+  assert refused.value.code == 2 and err.count("\n") == 1, err
+  assert f"is in use by another mtx train (pid {proc.pid} on host" in err, err
+  proc.send_signal(signal.SIGINT)
+  out, err = proc.communicate(timeout=120)
+  assert proc.returncode == 130, err[-3000:]
+  saved = int(re.search(r"Interrupted by SIGINT: saved step (\d+);", out).group(1))
+  assert max(_steps_on_disk(model_dir)) == saved == _logged(model_dir)
+
+  proc = subprocess.Popen(
+    _cli(model_dir, *flags, save_delay=5.0),
+    cwd=REPO,
+    env=_env(),
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+    text=True,
+  )
+  _wait_for(
+    lambda: any(s > saved for s in _saves_in_flight(model_dir)),
+    proc,
+    what="a save in flight",
+  )
+  in_flight = max(_saves_in_flight(model_dir))
+  start = time.time()
+  proc.send_signal(signal.SIGINT)
+  time.sleep(0.2)
+  proc.send_signal(signal.SIGINT)
+  _, err = proc.communicate(timeout=60)
+  assert proc.returncode == 130, err[-3000:]
+  assert time.time() - start < 5.0  # Not waiting for the 5 s commit.
+  ours = [line for line in err.splitlines() if line.startswith("mtx: aborted")]
+  assert len(ours) == 1 and "Traceback" not in err, err[-3000:]
+  assert in_flight not in _steps_on_disk(model_dir)
+  assert not os.path.exists(model_dir / lock_lib.LOCK_FILE)  # Removed on the way out.
+  subprocess.run(
+    _cli(model_dir, *flags), cwd=REPO, env=_env(), check=True, capture_output=True
+  )
+  assert [r["step"] for r in metrics_writer.read_metrics(str(model_dir))] == list(
+    range(1, 61)
+  )
+
+
+# ---- two trainings of one MODEL_DIR ------------------------------------------------------
+def test_a_model_dir_in_use_is_refused_naming_the_holder_and_left_untouched(tmp_path):
+  """One sentence naming this host and the holder's pid; nothing of the run is changed."""
+  _train(tmp_path, 2)
+  before = {p: (tmp_path / p).stat().st_mtime_ns for p in os.listdir(tmp_path)}
+  with lock_lib.ModelDirLock(str(tmp_path)):
+    with pytest.raises(lock_lib.ModelDirInUseError) as error:
+      _train(tmp_path, 4)
+    lock_text = (tmp_path / lock_lib.LOCK_FILE).read_text()
+  message = str(error.value)
+  assert re.match(
+    rf"^MODEL_DIR {re.escape(str(tmp_path))} is in use by another mtx train \(pid "
+    rf"{os.getpid()} on host {re.escape(socket.gethostname())}, started .*\); wait for "
+    r"that run to end or stop it, or choose another MODEL_DIR",
+    message,
+  ), message
+  assert "\n" not in message
+  assert json.loads(lock_text)["pid"] == os.getpid()
+  after = {p: (tmp_path / p).stat().st_mtime_ns for p in os.listdir(tmp_path)}
+  assert after == before  # The lock file is gone again too.
+  assert _logged_steps(tmp_path) == [1, 2]
+
+
+def test_a_stale_lock_does_not_block_and_a_refused_fresh_dir_leaves_nothing(tmp_path):
+  """A lock file left by a process killed with -9 (its kernel lock died with it), or
+  one naming a pid of this host that is not running, is replaced; the lock is released
+  however the run ends, and a MODEL_DIR that a bad setting stopped is not left behind."""
+  killed, written = tmp_path / "killed", tmp_path / "written"
+  holder = (
+    "import os, sys\nfrom mtx.runtime import lock\n"
+    "lock.ModelDirLock(sys.argv[1]).acquire()\nos.kill(os.getpid(), 9)\n"
+  )
+  env = dict(os.environ, PYTHONPATH=REPO)
+  subprocess.run([sys.executable, "-c", holder, str(killed)], env=env, check=False)
+  assert os.path.exists(killed / lock_lib.LOCK_FILE)
+  gone = subprocess.Popen([sys.executable, "-c", "pass"])
+  gone.wait()
+  os.makedirs(written)
+  (written / lock_lib.LOCK_FILE).write_text(
+    json.dumps({"host": socket.gethostname(), "pid": gone.pid, "started": "x"})
+  )
+  assert _train(killed, 2).step == 2
+  assert not os.path.exists(killed / lock_lib.LOCK_FILE)  # Released at the end.
+  with lock_lib.ModelDirLock(str(written)) as taken:
+    assert json.loads((written / lock_lib.LOCK_FILE).read_text())["pid"] == os.getpid()
+    assert taken.held
+  assert os.listdir(written) == []
+  fresh = tmp_path / "fresh" / "run"
+  with pytest.raises(UserError, match="did you mean: tiny"):
+    _loop_train(
+      model_dir=str(fresh),
+      mixture_or_task_name="tinyy",
+      task_feature_lengths={"inputs": 16, "targets": 16},
+      train_steps=2,
+    )
+  assert not os.path.exists(tmp_path / "fresh")
 
 
 # ---- atomic writes, no pickle ------------------------------------------------------------

@@ -14,6 +14,9 @@ import tiny_mixture  # noqa: F401  (registers the 'tiny' mixture)
 from mtx.cli import infer as infer_lib
 from mtx.cli import main as cli
 from mtx.errors import UserError
+from mtx.runtime import lock as lock_lib
+
+TINY_GIN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tiny.gin")
 
 
 def _cli(*args):
@@ -110,6 +113,44 @@ def test_infer_jsonl_from_stdin_with_beam_search(trained, tmp_path, monkeypatch,
   ]
   # At most 6 tokens (bytes) before EOS.
   assert all(len(r["prediction"].encode()) <= 6 and r["score"] < 0 for r in rows)
+
+
+def test_eval_and_infer_read_a_run_in_training_through_relative_paths(
+  trained, tmp_path, monkeypatch, capsys
+):
+  """`mtx eval` and `mtx infer` only read a run and take no lock: both work while a
+  training holds MODEL_DIR's. A relative MODEL_DIR and INFER_INPUT are found from the
+  working directory, and '~/out.jsonl' lands in HOME (not in a folder named '~')."""
+  monkeypatch.chdir(tmp_path)
+  monkeypatch.setenv("HOME", str(tmp_path / "home"))
+  (tmp_path / "in.txt").write_text("abc\n")
+  model_dir = os.path.relpath(trained, tmp_path)
+  with lock_lib.ModelDirLock(str(trained)):
+    code = _cli(
+      "infer",
+      f"--gin_file={TINY_GIN}",
+      "--gin_file=runs/infer.gin",
+      f"--gin.MODEL_DIR='{model_dir}'",
+      "--gin.INFER_TASK='tiny_copy'",
+      "--gin.INFER_INPUT='in.txt'",
+      "--gin.INFER_OUTPUT='~/out.jsonl'",
+    )
+    assert code == 0
+    out = tmp_path / "home" / "out.jsonl"
+    assert f"Wrote 1 predictions to {out}." in capsys.readouterr().out
+    assert [r["inputs"] for r in _read(out)] == ["abc"]
+    code = _cli(
+      "eval",
+      f"--gin_file={TINY_GIN}",
+      "--gin_file=runs/eval.gin",
+      f"--gin.MODEL_DIR='{model_dir}'",
+      "--gin.EVAL_MAX_EXAMPLES=8",
+      "--gin.EVAL_BATCH_SIZE=8",
+      "--gin_bindings=evaluate.tensorboard = False",
+    )
+    assert code == 0
+    assert (trained / "eval" / "step_2.json").exists()
+  assert sorted(os.listdir(tmp_path)) == ["home", "in.txt"]
 
 
 @pytest.mark.parametrize(

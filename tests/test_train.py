@@ -1,5 +1,7 @@
-"""The trainer: sharding equivalence, per-task losses, exact resume, SIGTERM, the CLI."""
+"""The trainer: sharding equivalence, per-task losses, exact resume, SIGTERM, the CLI,
+relative and ``~`` paths."""
 
+import contextlib
 import json
 import os
 import signal
@@ -13,8 +15,10 @@ import orbax.checkpoint as ocp
 import pytest
 import tiny_mixture  # noqa: F401  (registers the 'tiny' mixture)
 
-from mtx import mtl
+from mtx import mtl, paths
+from mtx.eval.evaluator import EvalOptions
 from mtx.model import T5Config
+from mtx.runtime import lock as lock_lib
 from mtx.runtime import metrics_writer
 from mtx.runtime import params as params_lib
 from mtx.train import loop, optim
@@ -332,6 +336,12 @@ _BAD = [
   ),
   ("negative_seed", ["--gin_bindings=train.seed = -1"], "seed must be >= 0"),
   (
+    "model_dir_in_use",  # while this process holds the lock, as a first run would
+    [],
+    r"MODEL_DIR .* is in use by another mtx train \(pid {pid} on host .*\); wait for "
+    "that run to end or stop it, or choose another MODEL_DIR",
+  ),
+  (
     "relpos_buckets",
     ["--gin_bindings=model.T5Config.relative_attention_num_buckets = 2"],
     "at least 4 buckets",
@@ -343,6 +353,8 @@ _BAD = [
   ),
 ]
 _MARKS = {}
+# Cases run while the test process holds MODEL_DIR's lock (mtx.runtime.lock).
+_LOCKED = {"model_dir_in_use"}
 BAD = [pytest.param(*c, id=c[0], marks=_MARKS.get(c[0], ())) for c in _BAD]
 
 
@@ -364,15 +376,26 @@ def test_bad_input_one_sentence(finished_run, bad_files, capsys, case, args, pat
 
   if case == "vocabulary_unreadable" and os.geteuid() == 0:
     pytest.skip("root reads any file")
-  before = _snapshot(finished_run)
   args = [a.replace("{d}", str(bad_files)) for a in args]
-  code, err = _run_cli(
-    None, capsys, "--gin_file=tests/tiny.gin", f"--gin.MODEL_DIR='{finished_run}'", *args
-  )
-  assert code == 2, err
-  assert err.startswith("mtx: error: ") and "\n" not in err, err
-  assert re.search(pattern, err, re.I), err
-  assert _snapshot(finished_run) == before
+  pattern = pattern.replace("{pid}", str(os.getpid()))
+  with (
+    lock_lib.ModelDirLock(str(finished_run))
+    if case in _LOCKED
+    else contextlib.nullcontext()
+  ):
+    before = _snapshot(finished_run)
+    code, err = _run_cli(
+      None,
+      capsys,
+      "--gin_file=tests/tiny.gin",
+      f"--gin.MODEL_DIR='{finished_run}'",
+      *args,
+    )
+    assert code == 2, err
+    assert err.startswith("mtx: error: ") and "\n" not in err, err
+    assert re.search(pattern, err, re.I), err
+    assert _snapshot(finished_run) == before
+  assert lock_lib.LOCK_FILE not in os.listdir(finished_run)  # Released on every error.
 
 
 def test_gin_syntax_error_names_file_and_line(tmp_path, capsys):
@@ -393,6 +416,55 @@ def test_unwritable_model_dir(tmp_path, capsys):
     tmp_path, capsys, "--gin_file=tests/tiny.gin", f"--gin.MODEL_DIR='{target}'"
   )
   assert code == 2 and "writable" in err, err
+
+
+# ---- relative and ~ paths -----------------------------------------------------------------
+def test_paths_are_made_absolute_where_settings_are_built(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  monkeypatch.setenv("HOME", str(tmp_path / "home"))
+  assert paths.absolute("rel") == str(tmp_path / "rel")
+  assert paths.absolute("~/runs/x") == str(tmp_path / "home" / "runs" / "x")
+  assert paths.absolute(tmp_path / "a" / ".." / "b") == str(tmp_path / "b")
+  assert paths.absolute("gs://bucket/run") == "gs://bucket/run"
+  assert paths.absolute(None) is None and paths.absolute("") == ""
+  config = TrainConfig(
+    model_dir="~/run",
+    initial_checkpoint_path="init",
+    vocabulary_path="~/v.model",
+    mixture_or_task_name="tiny",
+    task_feature_lengths={"inputs": 16, "targets": 16},
+    train_steps=1,
+  )
+  home = tmp_path / "home"
+  assert config.model_dir == config.loop.model_dir == str(home / "run")
+  assert config.checkpoint.initial_checkpoint_path == str(tmp_path / "init")
+  assert config.data.vocabulary_path == str(home / "v.model")
+  assert EvalOptions(baseline_dir="base").baseline_dir == str(tmp_path / "base")
+
+
+def test_a_relative_model_dir_checkpoints_and_resumes_through_tilde(
+  tmp_path, monkeypatch, capsys, caplog
+):
+  """MODEL_DIR 'rel_run' from another working directory trains past a checkpoint (orbax
+  wants absolute paths); '~/rel_run' (HOME is that directory) names the same run, and
+  resumes it from its checkpoint rather than calling it damaged."""
+  monkeypatch.chdir(tmp_path)
+  monkeypatch.setenv("HOME", str(tmp_path))
+  tiny = f"--gin_file={os.path.join(TESTS, 'tiny.gin')}"
+  code, err = _run_cli(
+    None, capsys, tiny, "--gin.MODEL_DIR='rel_run'", "--gin.TRAIN_STEPS=5"
+  )
+  assert code == 0, err
+  run = tmp_path / "rel_run"
+  assert sorted(int(p) for p in os.listdir(run) if p.isdigit()) == [4, 5]
+  code, err = _run_cli(
+    None, capsys, tiny, "--gin.MODEL_DIR='~/rel_run'", "--gin.TRAIN_STEPS=8"
+  )
+  assert code == 0, err
+  assert sorted(p for p in os.listdir(run) if p[0].isdigit()) == ["4", "5", "8"]
+  assert "damaged" not in caplog.text and "Skipping" not in caplog.text
+  assert [r["step"] for r in metrics_writer.read_metrics(str(run))] == list(range(1, 9))
+  assert sorted(os.listdir(tmp_path)) == ["rel_run"]  # No folder named '~'.
 
 
 # ---- every mtl method trains from its gin file, inside the jitted step -------------------
@@ -494,4 +566,6 @@ def test_initial_checkpoint_path_and_tasks_json(tmp_path):
       print_param_table=False,
       tensorboard=False,
     )
-  assert not [p for p in os.listdir(tmp_path / "c") if p.isdigit()]
+  # Nothing saved; the MODEL_DIR the run made is removed again when left empty.
+  c = tmp_path / "c"
+  assert not (c.exists() and [p for p in os.listdir(c) if p.isdigit()])

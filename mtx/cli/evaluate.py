@@ -19,7 +19,7 @@ from typing import Mapping, Optional, Sequence
 
 import jax
 
-from mtx import parallel
+from mtx import parallel, paths
 from mtx.data import pipeline as data_pipeline
 from mtx.data import registry
 from mtx.eval import results
@@ -82,8 +82,11 @@ def evaluate(
 ) -> EvalReport:
   """Evaluates MODEL_DIR's checkpoint; see the module docstring and runs/eval.gin.
 
+  Paths may be relative or start with ``~``; they are made absolute here.
+
   Args:
-    model_dir: the run to evaluate (results are written there too).
+    model_dir: the run to evaluate (results are written there too); a run still
+      training may be evaluated (this takes no lock).
     mixture_or_task_name, task_feature_lengths, mixture_or_task_module,
       vocabulary_path, model_config, mesh_shape, logical_axis_rules: as for training.
     options: what and how to evaluate (``EvalOptions``).
@@ -93,6 +96,7 @@ def evaluate(
     devices: the devices of the mesh (default all).
     predictor: a stand-in for ``mtx.infer.predict.Predictor`` (tests).
   """
+  model_dir, vocabulary_path = paths.absolute(model_dir), paths.absolute(vocabulary_path)
   registry.import_modules(mixture_or_task_module, vocabulary_path)
   lengths = data_pipeline.check_feature_lengths(task_feature_lengths)
   spec = registry.resolve(mixture_or_task_name)

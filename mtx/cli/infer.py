@@ -41,7 +41,7 @@ import jax
 import seqio
 import tensorflow as tf
 
-from mtx import parallel
+from mtx import parallel, paths
 from mtx.data import pipeline as data_pipeline
 from mtx.data import registry
 from mtx.errors import UserError, close_names
@@ -476,8 +476,11 @@ def infer(
 ) -> InferResult:
   """Predicts a task's outputs for the given inputs; see the module docstring.
 
+  Paths may be relative or start with ``~``; they are made absolute here.
+
   Args:
-    model_dir: the trained run (its newest checkpoint is used).
+    model_dir: the trained run (its newest checkpoint is used); a run still training
+      may be read (this takes no lock).
     mixture_or_task_name, task_feature_lengths, mixture_or_task_module,
       vocabulary_path, model_config, mesh_shape, logical_axis_rules: as for training.
     input_path: the inputs (INFER_INPUT); '-' reads stdin.
@@ -504,6 +507,13 @@ def infer(
   # inputs, load the model, predict, write), each a call; the formatter's one argument
   # per line makes it long, and splitting it would hand its settings around again.
   start = time.time()
+  model_dir, vocabulary_path = paths.absolute(model_dir), paths.absolute(vocabulary_path)
+  checkpoint_path, output_path = (
+    paths.absolute(checkpoint_path),
+    paths.absolute(output_path),
+  )
+  if input_path != "-":
+    input_path = paths.absolute(input_path)
   if not input_path:
     raise UserError(
       "INFER_INPUT is not set; set it to a text or JSONL file of inputs "

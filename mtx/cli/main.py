@@ -10,7 +10,10 @@ gin_configs/), ``--gin.NAME=VALUE`` (one binding; strings need quotes, as in T5X
 ``--num_processes``, ``--process_id`` (passed to ``jax.distributed.initialize``), or
 ``--distributed`` to let JAX detect them (TPU pods, SLURM, Open MPI).
 
-A mistake the user can fix prints one line and exits with status 2.
+A mistake the user can fix prints one line and exits with status 2. ``mtx train``
+stopped by a signal saves after the current step and exits 0 for SIGTERM (preemption),
+130 for SIGINT (Ctrl-C) and 129 for SIGHUP (a closed terminal), as shells expect; a
+second Ctrl-C aborts at once, without saving, with status 130.
 """
 
 import argparse
@@ -44,6 +47,10 @@ COMMANDS = {
   "compile": ("compile_train", ("MIXTURE_OR_TASK_NAME", "TASK_FEATURE_LENGTHS")),
 }
 _MACRO = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+# The exit status of a training stopped by a signal (after saving); SIGTERM, the
+# preemption notice, is a normal end (0).
+SIGNAL_STATUS = {"SIGINT": 130, "SIGHUP": 129}
+ABORT_STATUS = 130
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -292,16 +299,33 @@ def run(argv: Sequence[str]) -> int:
   if failure:
     print(f"mtx: error: {failure}", file=sys.stderr, flush=True)
     return 1
-  return 0
+  return SIGNAL_STATUS.get(getattr(result, "signal", None), 0)
 
 
 def _summary(command: str, result) -> str:
   """The last line a command prints: what it did."""
   if command == "train":
+    if result.preempted and result.step == 0:
+      return f"Stopped by {result.signal} before the first step: nothing to save."
+    if result.preempted and result.signal in SIGNAL_STATUS:
+      return (
+        f"Interrupted by {result.signal}: saved step {result.step}; run the same "
+        "command again to resume."
+      )
     if result.preempted:
       return f"Preempted: saved step {result.step}."
     return f"Done: {result.step} steps."
   return str(result)
+
+
+def _exit_now(status: int) -> None:
+  """Exits without waiting for background threads (a checkpoint save in flight)."""
+  for stream in (sys.stdout, sys.stderr):
+    try:
+      stream.flush()
+    except (OSError, ValueError):
+      pass
+  os._exit(status)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
@@ -313,6 +337,16 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     # gin appends "In call to configurable ..." lines; the first line is the sentence.
     print(f"mtx: error: {str(e).splitlines()[0]}", file=sys.stderr, flush=True)
     status = 2
+  except KeyboardInterrupt:
+    # A second Ctrl-C of `mtx train` (the first one saves and stops), or a first one
+    # of the other commands. A save cut short is never taken for a checkpoint.
+    print(
+      "mtx: aborted by Ctrl-C without saving; a training's newest checkpoint is "
+      "intact, and the same command run again resumes from it.",
+      file=sys.stderr,
+      flush=True,
+    )
+    _exit_now(ABORT_STATUS)
   sys.exit(status)
 
 

@@ -40,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 import seqio
 
-from mtx import parallel
+from mtx import parallel, paths
 from mtx.data import pipeline as data_pipeline
 from mtx.errors import UserError
 from mtx.eval import results
@@ -97,6 +97,7 @@ class EvalOptions:
   baseline_dir: Optional[str] = None
 
   def __post_init__(self):  # Bad settings fail where they are given, before any work.
+    object.__setattr__(self, "baseline_dir", paths.absolute(self.baseline_dir))
     self.decode.check(self.batch_size, "EVAL")
     if self.task_feature_lengths is not None:
       data_pipeline.check_feature_lengths(

@@ -26,6 +26,7 @@ from mtx.data import registry
 from mtx.errors import UserError
 from mtx.eval import periodic as eval_periodic
 from mtx.runtime import checkpoint, metrics_writer, progress
+from mtx.runtime import lock as lock_lib
 from mtx.runtime import params as params_lib
 from mtx.train import build as build_lib
 from mtx.train import settings as settings_lib
@@ -39,11 +40,16 @@ class NonFiniteStepError(UserError):
 
 @dataclasses.dataclass
 class RunResult:
-  """What a finished (or preempted) run reports back."""
+  """What a finished (or stopped) run reports back.
+
+  ``preempted`` is True when a signal stopped the run (after saving ``step``);
+  ``signal`` names it ("SIGTERM", "SIGINT" or "SIGHUP"; None when it ran to the end).
+  """
 
   step: int
   preempted: bool
   last_metrics: dict
+  signal: Optional[str] = None
 
 
 class Prefetcher:
@@ -112,25 +118,88 @@ def local_data_state(data_state: dict) -> Optional[dict]:
   return data_pipeline.merge_states(procs) if procs else None
 
 
-class _Preemption:
-  """Turns SIGTERM into a flag the loop checks between steps."""
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+
+class _StopSignals:
+  """SIGTERM, SIGINT and SIGHUP as a request to save after the current step and stop.
+
+  The handlers only note the signal; the loop reads the note between steps. No
+  KeyboardInterrupt is raised for the first one, so none can be lost inside a JAX or
+  garbage-collection callback (which swallow exceptions) and none can cut a checkpoint
+  write short. A SIGINT after any of them aborts: it raises KeyboardInterrupt at once
+  (``check`` raises it again at the next step should a callback have swallowed it), and
+  SIGINT is left to the system's default meanwhile, so that a third one ends the process
+  outright should the way out hang. SIGHUP (a closed terminal or ssh session) also
+  points stdout and stderr away from the gone terminal, where any write would fail.
+  (Python runs handlers between its own operations: a signal that arrives during a long
+  native call, such as compiling the step, is acted on when that call returns.)
+  """
 
   def __init__(self):
-    self.requested = False
-    self._previous = None
+    self.signum = 0  # The first stop signal received (0: none).
+    self.aborted = False
+    self._previous = {}
+    self._logging_disabled = logging.NOTSET
 
   def __enter__(self):
     if threading.current_thread() is threading.main_thread():
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
+      for signum in STOP_SIGNALS:
+        self._previous[signum] = signal.signal(signum, self._handle)
     return self
 
   def _handle(self, signum, frame):
-    del signum, frame
-    self.requested = True
+    del frame
+    if signum == signal.SIGINT and self.signum:
+      self.aborted = True
+      signal.signal(signal.SIGINT, signal.SIG_DFL)
+      # What breaks off now (orbax waiting for a save) is no error to report.
+      self._logging_disabled = logging.root.manager.disable
+      logging.disable(logging.CRITICAL)
+      raise KeyboardInterrupt
+    if signum == signal.SIGHUP:
+      _detach_from_terminal()
+    if not self.signum:
+      self.signum = signum
+      name = signal.Signals(signum).name
+      again = "" if signum == signal.SIGTERM else " (Ctrl-C again: stop at once, unsaved)"
+      _say(f"mtx: {name}: saving after the current step, then stopping{again}.\n")
+
+  def check(self) -> None:
+    """Raises KeyboardInterrupt if an abort was asked for (and swallowed somewhere)."""
+    if self.aborted:
+      raise KeyboardInterrupt
 
   def __exit__(self, *exc):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
+    for signum, previous in self._previous.items():
+      signal.signal(signum, previous)
+    self._previous = {}
+    if self.aborted:
+      logging.disable(self._logging_disabled)
+
+
+def _say(text: str) -> None:
+  """Writes to stderr from a signal handler (no locks, no exception)."""
+  try:
+    os.write(2, text.encode())
+  except OSError:
+    pass
+
+
+def _detach_from_terminal() -> None:
+  """Points stdout and stderr that are a terminal at /dev/null (after a hangup), so
+  that the progress bar and the last lines do not fail on the gone terminal. (No flush
+  first: a signal handler must not reenter a buffered stream.)"""
+  try:
+    null = os.open(os.devnull, os.O_WRONLY)
+  except OSError:
+    return
+  try:
+    for fd in (1, 2):
+      if os.isatty(fd):
+        os.dup2(null, fd)
+  finally:
+    os.close(null)
 
 
 def _period_metrics(
@@ -177,13 +246,51 @@ def train(
       step has been traced (the CLI passes gin's ``operative_config_str``); None
       writes no config.gin.
 
-  Returns when ``train_steps`` are done, or after saving on SIGTERM (``preempted=True``).
+  Holds MODEL_DIR's lock (``mtx.runtime.lock``; process 0) from start to end, so a
+  second training of the same MODEL_DIR is refused.
+
+  Returns when ``train_steps`` are done, or after saving on SIGTERM, SIGINT or SIGHUP
+  (``preempted=True``, ``signal`` names it; a signal before the first step stops the
+  run without a step).
 
   Raises:
-    UserError: bad settings or input (before anything is written); a write that fails
-      mid-run (``metrics_writer.WriteError``, ``checkpoint.CheckpointWriteError``);
-      a non-finite step under ``nonfinite_policy='stop'`` (``NonFiniteStepError``).
+    UserError: bad settings or input (before anything is written); MODEL_DIR in use
+      by another training (``lock.ModelDirInUseError``); a write that fails mid-run
+      (``metrics_writer.WriteError``, ``checkpoint.CheckpointWriteError``); a
+      non-finite step under ``nonfinite_policy='stop'`` (``NonFiniteStepError``).
+    KeyboardInterrupt: a second SIGINT (Ctrl-C) aborted the run without saving.
   """
+  lock = lock_lib.ModelDirLock(config.model_dir, enabled=jax.process_index() == 0)
+  _on_process_0(lock.acquire)
+  try:
+    with _StopSignals() as stop:
+      job, train_state, start_step = _start(config, devices, operative_config)
+      return _run(job, train_state, start_step, stop)
+  finally:
+    lock.release()
+
+
+def _on_process_0(fn: Callable[[], object]) -> None:
+  """Runs ``fn`` on process 0; when it raises a UserError, every process raises."""
+  error = None
+  if jax.process_index() == 0:
+    try:
+      fn()
+    except UserError as e:
+      error = e
+  if _agree(int(error is not None)):
+    raise error or UserError(
+      "Process 0 of this run stopped with an error before training (see its output); "
+      "fix that, then start every process again."
+    )
+
+
+def _start(
+  config: settings_lib.TrainConfig,
+  devices: Optional[Sequence[jax.Device]],
+  operative_config: Optional[Callable[[], str]],
+) -> tuple:
+  """(the job, the train state, the start step): data, step, restored checkpoint."""
   data, settings, run = config.data, config.step, config.loop
   registry.import_modules(data.mixture_or_task_module, data.vocabulary_path)
   mesh = parallel.make_mesh(settings.mesh_shape, devices)
@@ -248,7 +355,7 @@ def train(
       run.eval_options,
     ),
   )
-  return _run(job, train_state, start_step)
+  return job, train_state, start_step
 
 
 def _restore_or_init(
@@ -393,11 +500,14 @@ def _write_config(model_dir: str, text: str) -> None:
   metrics_writer.write_atomically(os.path.join(model_dir, "config.gin"), text)
 
 
-def _run(job: _Job, train_state, start_step: int) -> RunResult:
-  """Steps until ``train_steps`` or preemption; logs, checkpoints, saves at the end.
+def _run(job: _Job, train_state, start_step: int, stop: _StopSignals) -> RunResult:
+  """Steps until ``train_steps`` or a stop signal; logs, checkpoints, saves at the end.
 
   A failed write (disk full, MODEL_DIR gone read-only) raises a ``UserError`` naming
-  the file; checkpoints already committed stay as they were.
+  the file; checkpoints already committed stay as they were. A second Ctrl-C
+  (KeyboardInterrupt) leaves at once, without waiting for a save in flight: orbax only
+  renames a save into a step once it is complete, so the newest committed checkpoint
+  stays the one a restart takes.
   """
   run, build, ckpt = job.settings, job.build, job.ckpt
   writer = metrics_writer.MetricsWriter(
@@ -410,15 +520,12 @@ def _run(job: _Job, train_state, start_step: int) -> RunResult:
   step = start_step
   history, last, data_state = [], {}, job.pipe.get_state()
   t0, t0_step = None, step
-  preempted = False
-  failed = True
+  signum = _agree(stop.signum)  # A signal while starting: stop before the first step.
+  outcome = "failed"
   try:
-    with (
-      _Preemption() as preemption,
-      build.mesh,
-      nn.logical_axis_rules(list(build.rules)),
-    ):
-      while step < run.train_steps:
+    stop.check()
+    with build.mesh, nn.logical_axis_rules(list(build.rules)):
+      while not signum and step < run.train_steps:
         batch, data_state = prefetch.next()
         train_state, metrics = build.jit_step(train_state, batch)
         step += 1
@@ -436,24 +543,31 @@ def _run(job: _Job, train_state, start_step: int) -> RunResult:
           bar.update(step, {k: v for k, v in last.items() if k.startswith("loss")})
         # Processes must agree to stop; asking costs a collective, so not every step.
         if jax.process_count() == 1 or step % 10 == 0:
-          preempted = _agree(preemption.requested)
+          signum = _agree(stop.signum)
+        stop.check()  # An abort (a second Ctrl-C) that some callback swallowed.
         periodic = ckpt.save_period > 0 and step % ckpt.save_period == 0
-        if periodic or preempted or step == run.train_steps:
+        if periodic or signum or step == run.train_steps:
           if history:
             job.watch.review(history, step - len(history) + 1)
           ckpt.save(step, train_state, gather_data_state(data_state), force=True)
-        if not preempted and job.evaluation.due(step, last=step == run.train_steps):
+        if not signum and job.evaluation.due(step, last=step == run.train_steps):
           job.evaluation(train_state["params"], step, writer)
           t0, t0_step = time.time(), step  # eval time is not step time
-        if preempted:
-          log.warning("SIGTERM: saved step %d and stopping.", step)
-          break
-    failed = False
+    outcome = "done"
+  except KeyboardInterrupt:
+    outcome = "aborted"
+    raise
   finally:
     prefetch.close()
     bar.close()
-    _close_all((job.evaluation.close, ckpt.close, writer.close), failed)
-  return RunResult(step, preempted, last)
+    waits = () if outcome == "aborted" else (ckpt.close,)  # Abort: no waiting for saves.
+    _close_all((job.evaluation.close, *waits, writer.close), outcome != "done")
+  name = signal.Signals(signum).name if signum else None
+  if name and step > start_step:
+    log.warning("%s: saved step %d and stopping.", name, step)
+  elif name:
+    log.warning("%s before the first step: stopping with nothing new to save.", name)
+  return RunResult(step, bool(signum), last, name)
 
 
 def _close_all(closers: Sequence[Callable], failed: bool) -> None:
@@ -471,10 +585,11 @@ def _close_all(closers: Sequence[Callable], failed: bool) -> None:
     raise errors[0]
 
 
-def _agree(flag: bool) -> bool:
+def _agree(value: int) -> int:
+  """The largest of every process's ``value`` (a flag, or a signal number)."""
   if jax.process_count() == 1:
-    return flag
-  return bool(np.max(multihost_utils.process_allgather(np.array([int(flag)]))))
+    return int(value)
+  return int(np.max(multihost_utils.process_allgather(np.array([int(value)]))))
 
 
 def _log(

@@ -24,7 +24,7 @@ MaxText's one config object are the models.)
 import dataclasses
 from typing import Any, Callable, Mapping, Optional, Sequence
 
-from mtx import parallel
+from mtx import parallel, paths
 from mtx.errors import UserError, close_names
 from mtx.eval.evaluator import EvalOptions
 from mtx.model import T5Config
@@ -66,6 +66,9 @@ class DataSettings:
   split: str = "train"
   data_seed: Optional[int] = None
   data_shards: Optional[int] = None
+
+  def __post_init__(self):
+    _make_absolute(self, "vocabulary_path")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -129,7 +132,7 @@ class CheckpointSettings:
 
   Attributes:
     checkpoint_period: steps between checkpoints (one is also saved at the end and
-      on SIGTERM).
+      on SIGTERM, SIGINT or SIGHUP).
     keep_checkpoints: how many to keep.
     async_checkpoint: write in the background while training goes on.
     initial_checkpoint_path: another run's MODEL_DIR (or step dir) to start from.
@@ -140,13 +143,18 @@ class CheckpointSettings:
   async_checkpoint: bool = True
   initial_checkpoint_path: Optional[str] = None
 
+  def __post_init__(self):
+    _make_absolute(self, "initial_checkpoint_path")
+
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class LoopSettings:
   """Where a run writes, how long it runs, what it logs and evaluates.
 
   Attributes:
-    model_dir: checkpoints, metrics.jsonl, config.gin, tasks.json, TensorBoard.
+    model_dir: checkpoints, metrics.jsonl, config.gin, tasks.json, TensorBoard; made
+      absolute (``~`` expanded) here. One training at a time writes it
+      (``mtx.runtime.lock``).
     train_steps: total steps (a resumed run stops here too).
     log_period: steps between metrics.jsonl / TensorBoard lines.
     eval_period: steps between evaluations; 0 = none.
@@ -166,6 +174,7 @@ class LoopSettings:
   nonfinite_policy: str = "skip"
 
   def __post_init__(self):
+    _make_absolute(self, "model_dir")
     if self.train_steps <= 0:
       raise UserError(f"TRAIN_STEPS must be positive (got {self.train_steps}).")
     if self.nonfinite_policy not in NONFINITE_POLICIES:
@@ -174,6 +183,12 @@ class LoopSettings:
         f"{close_names(str(self.nonfinite_policy), NONFINITE_POLICIES)}; use 'skip' "
         "(skip the update, count it) or 'stop' (stop the run, naming the step)."
       )
+
+
+def _make_absolute(settings, *names: str) -> None:
+  """Makes the named path fields of a frozen settings object absolute (``mtx.paths``)."""
+  for name in names:
+    object.__setattr__(settings, name, paths.absolute(getattr(settings, name)))
 
 
 def _group(config, cls):
@@ -189,6 +204,9 @@ class TrainConfig(LoopSettings, CheckpointSettings, StepSettings, DataSettings):
   """
 
   def __post_init__(self):
+    # Paths are absolute from here on: a relative MODEL_DIR means the same directory
+    # to every part of the run, whatever the working directory.
+    _make_absolute(self, "model_dir", "initial_checkpoint_path", "vocabulary_path")
     # Building each group checks its values now, before any work.
     _ = (self.data, self.step, self.checkpoint, self.loop)
 
