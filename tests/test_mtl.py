@@ -177,7 +177,9 @@ def test_mgda_and_cagrad_match_scipy_on_five_tasks():
   jac = _conflicting(5, 8, seed=4)
   gram = jac @ jac.T
   present = jnp.ones(5, bool)
-  lam = np.asarray(solvers.min_norm_weights(jnp.asarray(gram, jnp.float32), present))
+  lam, stats = solvers.min_norm_weights(jnp.asarray(gram, jnp.float32), present)
+  lam = np.asarray(lam)
+  assert not stats.failed and stats.residual < 1e-5
   assert abs(lam.sum() - 1) < 1e-5 and lam.min() >= 0
   assert lam @ gram @ lam <= _simplex_min(lambda w: w @ gram @ w, 5) + 1e-5
   g0 = jac.mean(0)
@@ -186,7 +188,10 @@ def test_mgda_and_cagrad_match_scipy_on_five_tasks():
   def objective(w):
     return (jac.T @ w) @ g0 + r * np.linalg.norm(jac.T @ w)
 
-  w = np.asarray(solvers.cagrad_weights(jnp.asarray(gram, jnp.float32), present, 0.4))
+  coef, stats = solvers.cagrad_coefficients(jnp.asarray(gram, jnp.float32), present, 0.4)
+  assert not stats.failed
+  v = np.asarray(coef, np.float64) - 1 / 5  # d = g_0 + J^T v, v = r w / |g_w|
+  w = v / v.sum()
   assert objective(w) <= _simplex_min(objective, 5) + 1e-5
   out, _ = _aggregate(mtl.cagrad(c=0.4), jnp.asarray(jac, jnp.float32))
   gw = jac.T @ w
@@ -374,10 +379,10 @@ def test_nash_mtl_decreases_both_losses_and_solves_bargaining():
   jac = _conflicting(3, 6, seed=9)
   gram = jac @ jac.T
   # The paper's system G alpha = 1 / alpha on the raw Gram matrix: |d|^2 = k.
-  alpha, ok = solvers.nash_weights(
-    jnp.asarray(gram, jnp.float32), jnp.ones(3, bool), jnp.ones(3), 30
+  alpha, stats = solvers.nash_weights(
+    jnp.asarray(gram, jnp.float32), jnp.ones(3, bool), jnp.ones(3)
   )
-  assert ok
+  assert not stats.failed
   alpha = np.asarray(alpha, np.float64)
   np.testing.assert_allclose(alpha * (gram @ alpha), 1.0, rtol=1e-3)
   out, _ = _aggregate(mtl.nash_mtl(3), jnp.asarray(jac, jnp.float32))
@@ -387,11 +392,11 @@ def test_nash_mtl_decreases_both_losses_and_solves_bargaining():
   out_scaled, _ = _aggregate(mtl.nash_mtl(3), jnp.asarray(scaled, jnp.float32))
   np.testing.assert_allclose(out_scaled, out, rtol=2e-3, atol=1e-5)
   # normalize=True solves it on G / |G|_F instead.
-  alpha_n, ok = solvers.nash_weights(
-    jnp.asarray(gram, jnp.float32), jnp.ones(3, bool), jnp.ones(3), 30, normalize=True
+  alpha_n, stats = solvers.nash_weights(
+    jnp.asarray(gram, jnp.float32), jnp.ones(3, bool), jnp.ones(3), normalize=True
   )
   gn = gram / np.linalg.norm(gram)
-  assert ok
+  assert not stats.failed
   np.testing.assert_allclose(
     np.asarray(alpha_n) * (gn @ np.asarray(alpha_n)), 1.0, rtol=1e-3
   )

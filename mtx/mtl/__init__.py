@@ -20,7 +20,9 @@ trainer can use one gradient of sum_t w_t L_t, see ``needs_task_grads`` /
 ``Aggregator`` (reduces the task axis; its ``aggregate`` reuses a Gram matrix
 and reports the task coefficients): ``sum_tasks``, ``mean_tasks``, ``pcgrad``,
 ``mgda``, ``cagrad``, ``imtl_g``, ``gradvac``, ``nash_mtl``, ``aligned_mtl``,
-``upgrad``, ``gradnorm``; ``masked`` limits one to some parameters.
+``upgrad``, ``gradnorm``; ``masked`` limits one to some parameters. MGDA, CAGrad,
+IMTL-G, Nash-MTL and UPGrad solve a k-sized convex problem exactly (``mtx.mtl.qp``)
+and report its residual (``SolverStats``; ``aggregate``'s ``info``).
 
 The trainer takes a list, not a chain: weightings, one aggregator, then plain
 optax transforms. ``ensure_aggregator`` refuses any other order (an
@@ -71,6 +73,7 @@ from mtx.mtl.base import (
   needs_task_grads,
   sum_tasks,
 )
+from mtx.mtl.qp import SolverStats
 from mtx.mtl.weighting import (
   DWAState,
   FAMOState,

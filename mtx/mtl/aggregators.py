@@ -7,18 +7,25 @@ solve for task coefficients ``c`` f32[k] with a k-sized solver (``solvers``),
 and return ``sum_i c_i g_i`` (``base.combine``). Absent tasks have zero rows and
 columns in the Gram matrix and a zero coefficient.
 
+MGDA, CAGrad, IMTL-G, Nash-MTL and UPGrad solve a small convex problem for ``c``
+(``solvers``, ``qp``) to tolerance and report its residual, iterations and whether
+it failed (``qp.SolverStats``, the fourth element of ``aggregate``); the trainer
+logs them (``mtl/solver_residual``, ``mtl/solver_failures``) and warns about
+failures. What a failed solve falls back to is each method's documented choice,
+never the plain sum.
+
 ``sum_tasks`` and ``mean_tasks`` live in ``base``; GradNorm is here because it
 reads per-task gradient norms.
 """
 
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
 import optax
 
 from mtx.errors import UserError
-from mtx.mtl import base, solvers
+from mtx.mtl import base, qp, solvers
 
 
 def _check_reduction(reduction):
@@ -83,7 +90,7 @@ def pcgrad(reduction: str = "sum", seed: int = 0) -> base.Aggregator:
 # --------------------------------------------------------------------- MGDA
 
 
-def mgda(iterations: int = 100) -> base.Aggregator:
+def mgda(max_iter: Optional[int] = None, tol: Optional[float] = None) -> base.Aggregator:
   """MGDA: the min-norm point of the task gradients' convex hull.
 
   Sener & Koltun 2018 ("Multi-Task Learning as Multi-Objective Optimization"),
@@ -92,59 +99,79 @@ def mgda(iterations: int = 100) -> base.Aggregator:
       lambda* = argmin_{lambda in simplex} |sum_i lambda_i g_i|^2
       d = sum_i lambda*_i g_i
 
-  ``d`` is a descent direction for every task (or 0 at a Pareto-stationary
-  point). Solved on the Gram matrix by pairwise Frank-Wolfe with exact line
-  search, a fixed number of iterations (``solvers.min_norm_weights``).
+  Guarantee: ``<d, g_j> >= |d|^2 >= 0`` for every task j (d = 0 at a
+  Pareto-stationary point). Solved exactly on the Gram matrix, scale-free, by an
+  active-set method to its KKT conditions (``solvers.min_norm_weights``), on the
+  raw gradients (the authors' and LibMTL's ``'none'`` normalization; their default
+  ``'loss+'`` rescales each gradient by its loss and norm first: chain a weighting
+  before it for that). A failed solve keeps its last iterate, a point of the
+  simplex (so d is still in the hull).
 
   Shapes: per-task f32[k, ...] -> f32[...]. Stateless (``base.EmptyState``).
+
+  Args:
+    max_iter: active-set steps at most (default 4k + 20).
+    tol: residual above which the solve counts as failed (default 1e-4 in float32).
   """
 
   def solve(g, present, state, *, key, task_losses):
     del key, task_losses
-    return solvers.min_norm_weights(g, present, iterations), state
+    lam, stats = solvers.min_norm_weights(g, present, max_iter=max_iter, tol=tol)
+    return lam, state, stats
 
   return base.gram_aggregator(base.init_empty, solve)
+
+
+def _or_min_norm(c, stats: qp.SolverStats, g, present):
+  """``c``, or MGDA's min-norm weights when its solve failed (the fallback of the
+  methods without a feasible iterate to keep: a direction that hurts no task, or
+  0 at a Pareto-stationary point)."""
+  return jax.lax.cond(
+    stats.failed,
+    lambda: solvers.min_norm_weights(g, present)[0].astype(c.dtype),
+    lambda: c,
+  )
 
 
 # ------------------------------------------------------------------- CAGrad
 
 
 def cagrad(
-  c: float = 0.4, rescale: bool = True, iterations: int = 100
+  c: float = 0.4,
+  rescale: bool = True,
+  max_iter: Optional[int] = None,
+  tol: Optional[float] = None,
 ) -> base.Aggregator:
   """CAGrad: conflict-averse gradient descent (Liu et al. 2021, NeurIPS).
 
   With ``g_0`` the mean gradient of present tasks::
 
-      w* = argmin_{w in simplex} <g_w, g_0> + c |g_0| |g_w|,  g_w = sum w_i g_i
-      d  = g_0 + c |g_0| / |g_w*| g_w*
+      d = argmax_{|d - g_0| <= c |g_0|}  min_i <g_i, d>
+        = g_0 + c |g_0| / |g_w*| g_w*,   w* = argmin_{w in simplex} <g_w, g_0> + c |g_0| |g_w|
 
-  the direction within the ball ``|d - g_0| <= c |g_0|`` that maximizes the worst
-  task's improvement. With ``rescale`` (the authors' default) d is divided by
-  ``1 + c^2``. ``c = 0`` gives the mean gradient.
+  Guarantee: d is inside the ball and optimal (no d in the ball improves the worst
+  task more). Solved exactly through the primal, to its KKT conditions
+  (``solvers.cagrad_coefficients``). With ``rescale`` (the authors' default and
+  LibMTL's ``rescale=1``) d is divided by ``1 + c^2``. ``c = 0`` gives the mean
+  gradient. A failed solve returns the best d found inside the ball.
 
   Shapes: per-task f32[k, ...] -> f32[...]. Stateless.
 
   Args:
-    c: radius of the ball, relative to |g_0|.
+    c: radius of the ball, relative to |g_0| (the authors' 0.4; LibMTL's 0.5).
     rescale: divide by 1 + c^2.
-    iterations: Frank-Wolfe iterations of the inner problem.
+    max_iter: active-set steps of each least-squares solve (default 4k + 20).
+    tol: residual above which the solve counts as failed (default 1e-4 in float32).
   """
   if c < 0:
     raise UserError(f"cagrad: c must be >= 0, not {c}.")
 
   def solve(g, present, state, *, key, task_losses):
     del key, task_losses
-    p = present.astype(jnp.float32)
-    mean = p / jnp.maximum(jnp.sum(p), 1.0)
-    w = solvers.cagrad_weights(g, present, c, iterations)
-    norm0 = jnp.sqrt(jnp.maximum(mean @ g @ mean, 0.0))
-    norm_w = jnp.sqrt(jnp.maximum(w @ g @ w, 0.0))
-    lam = jnp.where(norm_w > 0, c * norm0 / jnp.where(norm_w > 0, norm_w, 1.0), 0.0)
-    coef = mean + lam * w
+    coef, stats = solvers.cagrad_coefficients(g, present, c, max_iter=max_iter, tol=tol)
     if rescale:
       coef = coef / (1.0 + c**2)
-    return coef, state
+    return coef, state, stats
 
   return base.gram_aggregator(base.init_empty, solve)
 
@@ -152,19 +179,25 @@ def cagrad(
 # ------------------------------------------------------------------- IMTL-G
 
 
-def imtl_g() -> base.Aggregator:
+def imtl_g(tol: Optional[float] = None) -> base.Aggregator:
   """IMTL-G: impartial gradients (Liu et al. 2021, ICLR, "Towards Impartial MTL").
 
   ``d = sum_t alpha_t g_t`` with ``sum_t alpha_t = 1`` and equal projections
-  ``<d, g_t / |g_t|>`` on every task: ``alpha = G^+ n / (1^T G^+ n)``,
-  ``n_t = |g_t|`` (``solvers.imtl_g_weights``).
+  ``<d, g_t / |g_t|>`` on every task (the guarantee): the paper's closed form, solved
+  in the basis of unit gradients (``solvers.imtl_g_weights``), so a task with a
+  1000x smaller gradient keeps its share. When no such alpha exists (its sum would
+  be 0, d infinite) the solve fails and MGDA's min-norm weights are used instead.
 
   Shapes: per-task f32[k, ...] -> f32[...]. Stateless.
+
+  Args:
+    tol: residual above which the solve counts as failed (default 1e-4 in float32).
   """
 
   def solve(g, present, state, *, key, task_losses):
     del key, task_losses
-    return solvers.imtl_g_weights(g, present), state
+    alpha, stats = solvers.imtl_g_weights(g, present, tol=tol)
+    return _or_min_norm(alpha, stats, g, present), state, stats
 
   return base.gram_aggregator(base.init_empty, solve)
 
@@ -242,39 +275,49 @@ def _check_k(who, num_tasks, k):
 
 
 class NashMTLState(NamedTuple):
-  """``weights`` f32[k]: the last solved alpha (init 1), reused between solves
-  and as the warm start; ``count`` i32[]: steps taken."""
+  """``weights`` f32[k]: the coefficients of the last solve (init 1), reused
+  between solves and as the warm start; ``count`` i32[]: steps taken."""
 
   weights: jax.Array
   count: jax.Array
 
 
 def nash_mtl(
-  num_tasks: int, update_every: int = 1, iterations: int = 20, normalize: bool = False
+  num_tasks: int,
+  update_every: int = 1,
+  max_iter: int = 100,
+  normalize: bool = False,
+  tol: Optional[float] = None,
 ) -> base.Aggregator:
   """Nash-MTL: multi-task learning as a bargaining game (Navon et al. 2022).
 
   The Nash bargaining solution ``d = sum_i alpha_i g_i`` with ``alpha > 0``
   solving ``G alpha = 1 / alpha`` (their eq. 3, Algorithm 1;
-  ``solvers.nash_weights``). Like the paper's, the update has norm sqrt(k)
-  whatever the gradients' scale, and is invariant to rescaling any task's loss;
-  the authors clip its norm to 1: put ``optax.clip_by_global_norm(1.0)`` after
-  it in the chain (or rely on Adam/Adafactor's own normalization).
-  ``normalize=True`` solves ``(G / |G|_F) alpha = 1 / alpha`` instead (the
-  same direction, scaled like the gradients; not the paper).
+  ``solvers.nash_weights``, Newton's method to tolerance). Guarantee: ``<d, g_i>
+  = 1 / alpha_i > 0`` for every task. Like the paper's, the update has norm
+  sqrt(k) whatever the gradients' scale, and is invariant to rescaling any task's
+  loss; the authors (and LibMTL, TorchJD: ``max_norm=1``) clip its norm to 1: put
+  ``optax.clip_by_global_norm(1.0)`` after it in the chain (or rely on
+  Adam/Adafactor's own normalization). ``normalize=True`` solves ``(G / |G|_F)
+  alpha = 1 / alpha`` instead (the same direction, scaled like the gradients;
+  not the paper).
 
-  Every ``update_every`` steps alpha is solved again; in between, the alpha
-  stored in the state is reused (the authors' cheaper variant; no Gram matrix
-  is computed unless the caller already has one). If a solve fails (not
-  finite), the previous alpha is kept.
+  Every ``update_every`` steps alpha is solved again; in between, the
+  coefficients stored in the state are reused (the authors' cheaper variant; no
+  Gram matrix is computed unless the caller already has one). A failed solve
+  (no solution near a Pareto-stationary point, or the iteration cap) uses MGDA's
+  min-norm weights instead, for this step and the reuse steps after it: a
+  direction that hurts no task, never the plain sum (the authors keep their
+  previous weights, ones at the first step).
 
   Shapes: per-task f32[k, ...] -> f32[...].
 
   Args:
     num_tasks: k.
     update_every: solve every this many steps (1: every step).
-    iterations: damped Newton iterations per solve.
+    max_iter: Newton steps per solve at most.
     normalize: solve on the Frobenius-normalized Gram matrix.
+    tol: residual above which the solve counts as failed (default 1e-4 in float32).
 
   Returns:
     An aggregator with state ``NashMTLState``.
@@ -305,22 +348,25 @@ def nash_mtl(
 
     def fresh(_):
       g = base.mask_gram(base.gram(updates) if gram_matrix is None else gram_matrix, p)
-      alpha, ok = solvers.nash_weights(
-        g, p, state.weights, iterations, normalize=normalize
+      alpha, stats = solvers.nash_weights(
+        g, p, state.weights, max_iter=max_iter, tol=tol, normalize=normalize
       )
-      return jnp.where(ok & p, alpha, state.weights)
+      alpha = _or_min_norm(alpha, stats, g, p)
+      return jnp.where(p, alpha, state.weights), stats
+
+    def reuse(_):
+      return state.weights, qp.exact()
 
     if update_every == 1:
-      alpha = fresh(None)
+      alpha, stats = fresh(None)
     else:
-      alpha = jax.lax.cond(
-        state.count % update_every == 0, fresh, lambda _: state.weights, None
-      )
+      alpha, stats = jax.lax.cond(state.count % update_every == 0, fresh, reuse, None)
     c = jnp.where(p, alpha, 0.0)
     return (
       base.combine(updates, c),
       NashMTLState(weights=alpha, count=state.count + 1),
       c,
+      stats,
     )
 
   return base.Aggregator(init_fn, aggregate_fn)
@@ -350,26 +396,34 @@ def aligned_mtl() -> base.Aggregator:
 # ------------------------------------------------------------------- UPGrad
 
 
-def upgrad(iterations: int = 100, reg: float = 0.0) -> base.Aggregator:
+def upgrad(
+  reg: float = 0.0, max_iter: Optional[int] = None, tol: Optional[float] = None
+) -> base.Aggregator:
   """UPGrad (Quinton & Rey 2024, "Jacobian Descent for Multi-Objective Opt.").
 
   Projects each task gradient onto the dual cone of all of them,
-  ``{x : <x, g_j> >= 0 for all j}``, and averages the projections:
-  ``d = (1/|P|) sum_i pi(g_i)``, with ``pi(g_i) = sum_j w^(i)_j g_j`` and
-  ``w^(i) = argmin_{v >= e_i} v^T G v`` (``solvers.upgrad_weights``). ``d`` has
-  a non-negative inner product with every task gradient, and equals the mean
-  gradient when no pair conflicts.
+  ``{x : <x, g_j> >= 0 for all j}``, and averages the projections (the paper's
+  and TorchJD's mean): ``d = (1/|P|) sum_i pi(g_i)``, with ``pi(g_i) = sum_j
+  w^(i)_j g_j`` and ``w^(i) = argmin_{v >= e_i} v^T G v``. Guarantee: ``<d, g_j> >=
+  0`` for every task j; d is the mean gradient when no pair conflicts. Each
+  projection is an exact non-negative least-squares solve on the cosine matrix
+  (``solvers.upgrad_weights``); a failed one keeps its last iterate.
 
   Shapes: per-task f32[k, ...] -> f32[...]. Stateless.
 
   Args:
-    iterations: coordinate-descent sweeps per projection.
-    reg: ridge on the normalized Gram matrix (0: exact).
+    reg: ridge on the cosine (unit-diagonal) Gram matrix, i.e. ``G + reg
+      diag(G)``; 0 (the default) is the exact projection. TorchJD adds 1e-4 to
+      ``G / trace(G)`` instead, a ridge that swamps a task whose gradient is 100x
+      smaller than the others.
+    max_iter: active-set steps per projection (default 4k + 20).
+    tol: residual above which the solve counts as failed (default 1e-4 in float32).
   """
 
   def solve(g, present, state, *, key, task_losses):
     del key, task_losses
-    return solvers.upgrad_weights(g, present, iterations, reg), state
+    c, stats = solvers.upgrad_weights(g, present, reg=reg, max_iter=max_iter, tol=tol)
+    return c, state, stats
 
   return base.gram_aggregator(base.init_empty, solve)
 

@@ -31,12 +31,14 @@ There are two kinds of transform, told apart by their type (``kind``):
     same update and share one state.
   ``Aggregator`` reduces the task axis away and hands an ordinary gradient,
     shaped like params, to the rest of the chain. Its ``aggregate`` attribute is
-    the same update that (a) may reuse a Gram matrix computed by the caller and
+    the same update that (a) may reuse a Gram matrix computed by the caller,
     (b) reports the task coefficients ``c`` f32[k] it applied, ``out = sum_i c_i
-    g_i``; ``update`` is derived from it. ``sum_tasks`` and ``mean_tasks`` also
-    carry gradient-free ``weights``. The function ``aggregate`` runs a whole list
-    of transforms through these attributes: one Gram matrix for the step's
-    diagnostics and the aggregator, and the chain's task weights for the metrics.
+    g_i``, and (c) when ``c`` comes from a solve, reports how well it was solved
+    (``qp.SolverStats``: residual, iterations, failed); ``update`` is derived from
+    it. ``sum_tasks`` and ``mean_tasks`` also carry gradient-free ``weights``. The
+    function ``aggregate`` runs a whole list of transforms through these
+    attributes: one Gram matrix for the step's diagnostics and the aggregator, the
+    chain's task weights and the solve's report for the metrics.
 
 Both types are still ``optax.GradientTransformationExtraArgs``, so
 ``optax.chain(mtl.pcgrad(), optax.sgd(0.1))`` works and passes the extra args
@@ -181,12 +183,14 @@ class Aggregator(_TypedTransform):
     update: ``(updates, state, params=None, *, task_losses=None,
       task_present=None, key=None, **ignored) -> (out, state)``.
     aggregate: ``(updates, state, params, *, gram_matrix, task_losses,
-      task_present, key) -> (out, new_state, c)``: ``updates`` the per-task
-      gradients f32[k, ...], ``gram_matrix`` None or their Gram matrix f32[k, k]
-      already computed by the caller (to reuse instead of computing it), ``out``
-      the aggregated gradient shaped like params, ``c`` f32[k] the coefficients
-      applied (``out == sum_i c_i updates[i]``, zero for absent tasks) or None
-      when the output is not such a combination.
+      task_present, key) -> (out, new_state, c)`` or ``(out, new_state, c,
+      stats)``: ``updates`` the per-task gradients f32[k, ...], ``gram_matrix``
+      None or their Gram matrix f32[k, k] already computed by the caller (to
+      reuse instead of computing it), ``out`` the aggregated gradient shaped like
+      params, ``c`` f32[k] the coefficients applied (``out == sum_i c_i
+      updates[i]``, zero for absent tasks) or None when the output is not such a
+      combination, and ``stats`` (optional) the ``qp.SolverStats`` of the solve
+      that gave ``c``.
     weights: None, or for an aggregator whose ``c`` is gradient-free (sum,
       mean) a ``Weighting``'s weights function giving ``c`` (it enables the
       one-gradient route; see ``needs_task_grads``).
@@ -248,7 +252,7 @@ def _aggregator_update(
   """``Aggregator.update``; ignores unknown extra args, ``gram_matrix`` among
   them: only ``aggregate`` passes one, when it is known to be right."""
   del extra_args
-  out, new_state, _ = aggregate_fn(
+  out, new_state = aggregate_fn(
     updates,
     state,
     params,
@@ -256,7 +260,7 @@ def _aggregator_update(
     task_losses=task_losses,
     task_present=task_present,
     key=key,
-  )
+  )[:2]
   return out, new_state
 
 
@@ -453,8 +457,13 @@ def aggregate(
 
   Returns:
     ``(updates, new_states, info)``: ``info`` holds ``diagnostics``'s
-    ``grad_norm`` f32[k], ``grad_cos`` f32[k, k], ``conflict_frac`` f32[], and
-    ``weights`` f32[k] when known.
+    ``grad_norm`` f32[k], ``grad_cos`` f32[k, k], ``conflict_frac`` f32[],
+    ``weights`` f32[k] when known, and when the aggregator solved for its weights
+    (MGDA, CAGrad, IMTL-G, Nash-MTL, UPGrad) the solve's report
+    (``qp.SolverStats``): ``solver_residual`` f32[] (the residual of its
+    optimality conditions, dimensionless), ``solver_iterations`` i32[] and
+    ``solver_failed`` bool[] (the residual is above tolerance and the method's
+    fallback was applied).
   """
   transforms = tuple(transforms)
   states = tuple(states)
@@ -467,7 +476,7 @@ def aggregate(
   k = num_tasks_of(per_task_grads)
   p = presence(task_present, k)
   g = gram(per_task_grads)
-  out, new_states, w = _run_chain(
+  out, new_states, w, stats = _run_chain(
     transforms,
     states,
     per_task_grads,
@@ -481,6 +490,10 @@ def aggregate(
   info = diagnostics(per_task_grads, p, gram_matrix=g)
   if w is not None:
     info["weights"] = w
+  if stats is not None:
+    info["solver_residual"] = jnp.asarray(stats.residual, jnp.float32)
+    info["solver_iterations"] = jnp.asarray(stats.iterations, jnp.int32)
+    info["solver_failed"] = jnp.asarray(stats.failed, bool)
   return out, new_states, info
 
 
@@ -496,17 +509,18 @@ def _run_chain(
   key,
   extra_args,
 ):
-  """``optax.chain`` through the mtl attributes: ``(out, new_states, w|None)``.
+  """``optax.chain`` through the mtl attributes: ``(out, new_states, w|None,
+  stats|None)``.
 
   ``transforms`` passed ``_check_order``. ``gram_matrix`` is the Gram matrix of
   ``updates`` (or None); it follows the task axis through weightings
   (``G * outer(w, w)``) and is handed to the aggregator. ``w`` is the product of
   the weightings' weights and the aggregator's coefficients (None if it reports
-  none).
+  none); ``stats`` the aggregator's solve report (None if it has none).
   """
   k = num_tasks_of(updates)
   w = jnp.ones((k,), jnp.float32)
-  out, reduced, new_states = updates, False, []
+  out, reduced, new_states, stats = updates, False, [], None
   for t, s in zip(transforms, states):
     if reduced:
       # A plain optax transform on the aggregated gradient, as optax.chain runs it.
@@ -527,7 +541,7 @@ def _run_chain(
         gram_matrix = gram_matrix * wt[:, None] * wt[None, :]
       w = w * wt
     else:  # the aggregator: _check_order lets nothing else come first
-      out, s, c = t.aggregate(
+      result = t.aggregate(
         out,
         s,
         params,
@@ -536,10 +550,12 @@ def _run_chain(
         task_present=task_present,
         key=key,
       )
+      out, s, c = result[:3]
+      stats = result[3] if len(result) > 3 else None
       w = None if c is None else w * c
       reduced = True
     new_states.append(s)
-  return out, tuple(new_states), w
+  return out, tuple(new_states), w, stats
 
 
 def _is_transform(item) -> bool:
@@ -751,8 +767,8 @@ def masked(inner, mask: Mask, num_tasks: Optional[int] = None) -> Aggregator:
       per_task {'enc': f32[k, d1], 'head': f32[k, d2]}, mask {'enc': True, 'head': False}
       out      {'enc': inner({'enc': ...})['enc'] f32[d1], 'head': sum_t head[t] f32[d2]}
 
-  Its task weights (``aggregate``'s ``info['weights']``) are the inner
-  method's, on the selected leaves.
+  Its task weights (``aggregate``'s ``info['weights']``) and solve report are the
+  inner method's, on the selected leaves.
 
   Args:
     inner: the transform applied to the selected leaves, a factory of one
@@ -802,7 +818,7 @@ def masked(inner, mask: Mask, num_tasks: Optional[int] = None) -> Aggregator:
     sub_gram = gram_matrix if all(keep) else None
     sub_params = None if params is None else _select(params, m)
     states = (state,) if single else state
-    inner_out, new_states, c = _run_chain(
+    inner_out, new_states, c, stats = _run_chain(
       inner_list,
       states,
       _select(updates, m),
@@ -830,7 +846,8 @@ def masked(inner, mask: Mask, num_tasks: Optional[int] = None) -> Aggregator:
         # sum over tasks as a contraction: XLA's CPU reduce over the leading axis of a
         # large array is ~20x slower than this (tools/bench.py, T5-small stack).
         out.append(combine(g, jnp.ones((g.shape[0],), jnp.float32)))
-    return (treedef.unflatten(out), new_states[0] if single else new_states, c)
+    result = (treedef.unflatten(out), new_states[0] if single else new_states, c)
+    return result if stats is None else result + (stats,)
 
   return Aggregator(init_fn, aggregate_fn)
 
@@ -849,7 +866,9 @@ def gram_aggregator(
   Args:
     init_fn: ``params -> state``.
     solve: ``(G f32[k,k], present bool[k], state, *, key, task_losses) ->
-      (c f32[k], new_state)``; ``G`` has zero rows/columns for absent tasks.
+      (c f32[k], new_state)`` or ``(c, new_state, stats)``, ``stats`` the
+      ``qp.SolverStats`` of the solve (reported through ``aggregate``); ``G`` has
+      zero rows/columns for absent tasks.
 
   Returns:
     The aggregator transform (it reuses a Gram matrix passed by ``aggregate``).
@@ -868,9 +887,9 @@ def gram_aggregator(
     del params
     p = presence(task_present, num_tasks_of(updates))
     g = mask_gram(gram(updates) if gram_matrix is None else gram_matrix, p)
-    c, new_state = solve(g, p, state, key=key, task_losses=task_losses)
+    c, new_state, *stats = solve(g, p, state, key=key, task_losses=task_losses)
     c = jnp.where(p, c, 0.0)
-    return combine(updates, c), new_state, c
+    return (combine(updates, c), new_state, c, *stats)
 
   return Aggregator(init_fn, aggregate_fn)
 
