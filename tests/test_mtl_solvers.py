@@ -31,6 +31,7 @@ import scipy.optimize
 
 from mtx import mtl
 from mtx.mtl import base, qp, solvers
+from mtx.train import loop
 
 C_AGRAD = 0.4
 METHODS = ("mgda", "upgrad", "cagrad", "nash_mtl", "imtl_g")
@@ -441,3 +442,31 @@ def test_a_capped_solve_keeps_a_feasible_iterate_and_says_so(method):
     g0 = jac.mean(0)
     d = (1 + C_AGRAD**2) * (w @ jac)
     assert np.linalg.norm(d - g0) <= C_AGRAD * np.linalg.norm(g0) * (1 + 1e-5)
+
+
+def test_period_metrics_log_the_worst_residual_and_count_failures(caplog):
+  def step(residual, failed, nonfinite=False):
+    return {
+      "nonfinite": nonfinite,
+      "task_loss_sums": np.ones(2),
+      "task_tokens": np.ones(2),
+      "grad_norm": 1.0,
+      "solver_residual": np.float32(residual),
+      "solver_failed": np.bool_(failed),
+    }
+
+  history = [
+    step(1e-7, False),
+    step(3e-3, True),
+    step(2e-7, False),
+    step(1.0, True, True),
+  ]
+  out = loop._period_metrics(history, ["a", "b"], ["a", "b"])  # pylint: disable=protected-access
+  assert out["mtl/solver_residual"] == pytest.approx(3e-3)
+  assert out["mtl/solver_failures"] == 1  # the skipped (non-finite) step is left out
+  with caplog.at_level("WARNING", logger="mtx"):
+    loop.warn_solver_failures(out, 40)
+  assert "1 step(s) of the period ending at step 40" in caplog.text
+  caplog.clear()
+  loop.warn_solver_failures(loop._period_metrics(history[:1], ["a"], ["a"]), 10)  # pylint: disable=protected-access
+  assert not caplog.text

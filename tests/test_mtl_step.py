@@ -69,6 +69,8 @@ def test_aggregator_weights_and_tag_affinity_are_logged(tmp_path):
     # Nash-MTL's alpha solves G alpha = 1 / alpha: positive, logged every step.
     assert all(r[k] > 0 and math.isfinite(r[k]) for k in WEIGHTS), r
     assert "grad_cos/tiny_copy/tiny_rev" in r
+    # The solve's report: its worst residual and no failed solve in the period.
+    assert r["mtl/solver_residual"] < 1e-4 and r["mtl/solver_failures"] == 0, r
   # TAG every 2 steps: logged at steps 2 and 4 only, for both ordered pairs.
   assert [r["step"] for r in rows if PAIRS[0] in r] == [2, 4]
   for r in rows[1::2]:

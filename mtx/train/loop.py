@@ -226,6 +226,9 @@ def _period_metrics(
       for b in range(a + 1, len(group_names)):
         out[f"grad_cos/{name_a}/{group_names[b]}"] = float(cos[a, b])
     out["conflict_frac"] = float(np.mean([m["conflict_frac"] for m in h]))
+  if "solver_residual" in h[-1]:  # worst solve of the period, and failed solves
+    out["mtl/solver_residual"] = float(np.max([m["solver_residual"] for m in h]))
+    out["mtl/solver_failures"] = int(np.sum([m["solver_failed"] for m in h]))
   measured = [m["tag_affinity"] for m in h if m.get("tag_due", False)]
   if measured:  # TAG affinity, averaged over the period's measurements
     out.update(mtl.affinity_metrics(group_names, np.mean(measured, axis=0)))
@@ -616,4 +619,18 @@ def _log(
   for ex in job.pipe.examples:  # Epochs of this host's shard at the trained position.
     scalars[f"data/epochs/{ex.name}"] = data_state["cursors"][ex.name] / len(ex)
   writer.write(step, scalars)
+  warn_solver_failures(scalars, step)
   return scalars
+
+
+def warn_solver_failures(scalars: dict, step: int) -> None:
+  """Warns when the period's metrics count failed gradient-surgery solves."""
+  if scalars.get("mtl/solver_failures"):
+    log.warning(
+      "%d step(s) of the period ending at step %d had a gradient-surgery solve that "
+      "did not converge (worst residual %.3g); those steps used the method's "
+      "fallback (see its docstring in mtx.mtl.aggregators).",
+      scalars["mtl/solver_failures"],
+      step,
+      scalars["mtl/solver_residual"],
+    )

@@ -478,8 +478,10 @@ def make_train_step(
   ``nonfinite_steps``, and on the per-group route ``group_grad_norm`` f32[G],
   ``group_grad_cos`` f32[G, G] and ``conflict_frac``. On the per-group route
   ``group_weights`` holds the weights the method applied, when it reports them
-  (``mtl.aggregate``). With ``tag_affinity_period`` metrics also hold ``tag_affinity``
-  f32[G, G] and ``tag_due`` (bool[], whether it was measured at this step).
+  (``mtl.aggregate``), and a method that solves for them (MGDA, CAGrad, IMTL-G,
+  Nash-MTL, UPGrad) adds ``solver_residual`` f32[] and ``solver_failed`` bool[].
+  With ``tag_affinity_period`` metrics also hold ``tag_affinity`` f32[G, G] and
+  ``tag_due`` (bool[], whether it was measured at this step).
 
   Raises:
     ValueError: TAG affinity without the per-group route or a learning rate.
@@ -516,6 +518,10 @@ def make_train_step(
     )
     if "weights" in info:
       metrics["group_weights"] = info["weights"]
+    if "solver_residual" in info:  # the method solved for its weights
+      metrics.update(
+        solver_residual=info["solver_residual"], solver_failed=info["solver_failed"]
+      )
     if cfg.tag_affinity_period:
       due = (state["step"] + 1) % cfg.tag_affinity_period == 0
       lr = (
