@@ -58,15 +58,6 @@ def exact(dtype=jnp.float32) -> SolverStats:
   )
 
 
-def merge(*stats: SolverStats) -> SolverStats:
-  """One report for several solves: the worst residual, the total iterations."""
-  return SolverStats(
-    residual=jnp.max(jnp.stack([jnp.asarray(s.residual, jnp.float32) for s in stats])),
-    iterations=sum(jnp.asarray(s.iterations, jnp.int32) for s in stats),
-    failed=jnp.any(jnp.stack([s.failed for s in stats])),
-  )
-
-
 def eps(dtype) -> float:
   return float(jnp.finfo(dtype).eps)
 
@@ -132,24 +123,27 @@ def cosine_gram(g: jax.Array, present: jax.Array):
 def masked_solve(h: jax.Array, rhs: jax.Array, mask: jax.Array) -> jax.Array:
   """Solves ``H[m, m] x[m] = rhs[m]`` (x zero off the mask m) for a PSD ``H``.
 
-  A Cholesky factorization of the masked block with the identity elsewhere, a
-  jitter of ``16 k eps max(diag H)`` against rounding (a block that is singular in
-  exact arithmetic), and one step of iterative refinement against the jitter.
-  ``rhs`` is [k] or [k, r].
+  A Cholesky factorization of the masked block, its diagonal brought into [1/2, 2] by
+  powers of two (Jacobi scaling without rounding), with the identity elsewhere, a
+  jitter of ``16 k eps`` against rounding (a block that is singular in exact
+  arithmetic), and one step of iterative refinement against the jitter. ``rhs`` is
+  [k] or [k, r].
   """
   k = h.shape[0]
+  diag = jnp.diag(h)
+  mask = mask & (diag > 0)  # a zero diagonal: a zero row and column of a PSD H
+  power = jnp.round(-0.5 * jnp.log2(jnp.where(mask, diag, 1)))
+  s = jnp.where(mask, jnp.exp2(power), 0).astype(h.dtype)
   both = mask[:, None] & mask[None, :]
-  block = jnp.where(both, h, 0) + jnp.diag(jnp.where(mask, 0, 1).astype(h.dtype))
-  scale = jnp.maximum(jnp.max(jnp.where(mask, jnp.diag(h), 0)), jnp.finfo(h.dtype).tiny)
-  jitter = 16 * k * eps(h.dtype) * scale
-  factor = jax.scipy.linalg.cho_factor(
-    block + jnp.diag(jnp.where(mask, jitter, 0).astype(h.dtype))
-  )
-  m = mask if rhs.ndim == 1 else mask[:, None]
-  rhs = jnp.where(m, rhs, 0)
-  x = jax.scipy.linalg.cho_solve(factor, rhs)
-  x = x + jax.scipy.linalg.cho_solve(factor, rhs - dot(block, x))
-  return jnp.where(m, x, 0)
+  eye = jnp.diag(jnp.where(mask, 0, 1).astype(h.dtype))
+  block = jnp.where(both, h * s[:, None] * s[None, :], 0) + eye
+  jitter = jnp.where(mask, 16 * k * eps(h.dtype), 0).astype(h.dtype)
+  factor = jax.scipy.linalg.cho_factor(block + jnp.diag(jitter))
+  col = s if rhs.ndim == 1 else s[:, None]
+  rhs = jnp.where(col != 0, rhs * col, 0)
+  y = jax.scipy.linalg.cho_solve(factor, rhs)
+  y = y + jax.scipy.linalg.cho_solve(factor, rhs - dot(block, y))
+  return y * col
 
 
 def nnqp_residual(h, q, x, free) -> jax.Array:
