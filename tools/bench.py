@@ -52,7 +52,11 @@ and batch (``tools/bench_data.py``'s measurement), next to the plain step's cons
 
 ``--breakdown`` times the pieces of the per-task route apart (gradients alone, segment
 sum, Gram matrix, PCGrad, diagnostics, optimizer) to show where its extra time goes,
-calling the step's public pieces (``step.one_gradient``, ``step.group_gradients``).
+calling the step's public pieces (``step.one_gradient``, ``step.group_gradients``). It
+also times the k-sized solve of each Gram-based method (``mtx.mtl.solvers``: MGDA,
+UPGrad, CAGrad, Nash-MTL, IMTL-G) on the Gram matrix of ``--solver_tasks`` (64)
+conflicting gradients with 1000x spread norms, in the same rounds as the plain step,
+and prints each as a fraction of that step.
 
 Prints tables, a goals summary and one JSON line (``JSON: ``; also ``--json PATH``).
 """
@@ -90,6 +94,7 @@ from mtx import mtl, parallel
 from mtx.data import packing, registry
 from mtx.errors import UserError
 from mtx.model import T5Config
+from mtx.mtl import solvers
 from mtx.runtime import params as params_lib
 from mtx.train import build as build_lib
 from mtx.train import flops as flops_lib
@@ -183,6 +188,12 @@ def _add_other_flags(p: argparse.ArgumentParser) -> None:
     "--breakdown",
     action="store_true",
     help="also time the pieces of the per-task route (more compiles)",
+  )
+  p.add_argument(
+    "--solver_tasks",
+    type=int,
+    default=64,
+    help="k of the Gram-matrix solves timed by --breakdown",
   )
   p.add_argument("--json", default="", help="also write the JSON result to this path")
   p.add_argument("--seed", type=int, default=0)
@@ -856,6 +867,7 @@ def breakdown(setup: Setup, live: dict, args) -> dict:
       (stack, pc_state, s.params),
     ),
     "optimizer": (jax.jit(opt_step), (grads1, opt_state, s.params)),
+    **solver_pieces(args.solver_tasks, args.seed),
   }
   fns = {}
   with s.mesh, nn.logical_axis_rules(list(s.rules)):
@@ -869,6 +881,27 @@ def breakdown(setup: Setup, live: dict, args) -> dict:
     name: {kind: 1e3 * float(np.median(t[kind])) for kind in ("wall", "cpu")}
     for name, t in times.items()
   }
+
+
+def solver_pieces(k: int, seed: int) -> dict:
+  """``{"solve_k<k>_<method>": (jitted solve, (G, present))}`` for the Gram-based
+  methods, on a hard Gram matrix: pairs of conflicting gradients (g_{2m+1} = -g_{2m} +
+  0.1 noise) with norms spread over 1000x, as in the solvers' property tests."""
+  rng = np.random.default_rng(seed)
+  jac = rng.normal(size=(k, 4096))
+  for m in range(k // 2):
+    jac[2 * m + 1] = -jac[2 * m] + 0.1 * rng.normal(size=4096)
+  jac *= 10.0 ** rng.uniform(-3, 0, size=(k, 1))
+  g = jnp.asarray(jac @ jac.T, jnp.float32)
+  present = jnp.ones([k], bool)
+  solves = {
+    "mgda": solvers.min_norm_weights,
+    "upgrad": solvers.upgrad_weights,
+    "cagrad": functools.partial(solvers.cagrad_coefficients, c=0.4),
+    "nash_mtl": functools.partial(solvers.nash_weights, alpha0=jnp.ones([k])),
+    "imtl_g": solvers.imtl_g_weights,
+  }
+  return {f"solve_k{k}_{m}": (jax.jit(f), (g, present)) for m, f in solves.items()}
 
 
 # ---- input pipeline --------------------------------------------------------------------
@@ -1059,6 +1092,16 @@ def report_lines(
       lines.append(
         "  breakdown, ms wall (CPU): "
         + ", ".join(f"{n} {t['wall']:.1f} ({t['cpu']:.1f})" for n, t in b.items())
+      )
+      plain = b["plain_step"]
+      lines.append(
+        "  solves, % of the plain step, wall (CPU): "
+        + ", ".join(
+          f"{n} {100 * t['wall'] / plain['wall']:.2f}% "
+          f"({100 * t['cpu'] / plain['cpu']:.2f}%)"
+          for n, t in b.items()
+          if n.startswith("solve_")
+        )
       )
     lines.append("")
   if pipe:
