@@ -491,7 +491,11 @@ def _logged_steps(model_dir):
   return [r["step"] for r in metrics_writer.read_metrics(str(model_dir))]
 
 
-@pytest.mark.parametrize("sig,status", [("SIGINT", 130), ("SIGHUP", 129)])
+# SIGHUP takes the same path as SIGINT; it runs with the slow tests (suite time).
+@pytest.mark.parametrize(
+  "sig,status",
+  [("SIGINT", 130), pytest.param("SIGHUP", 129, marks=pytest.mark.slow)],
+)
 def test_sigint_and_sighup_save_the_step_exit_128_plus_n_and_the_run_resumes(
   tmp_path, monkeypatch, capfd, guard, sig, status
 ):
@@ -517,7 +521,12 @@ def test_sigint_and_sighup_save_the_step_exit_128_plus_n_and_the_run_resumes(
   assert _steps_on_disk(tmp_path)[-1] == 8
 
 
-@pytest.mark.parametrize("swallow", [False, True], ids=["raised", "swallowed"])
+# The swallowed case is the harder one; the plain one runs with the slow tests.
+@pytest.mark.parametrize(
+  "swallow",
+  [pytest.param(False, marks=pytest.mark.slow), True],
+  ids=["raised", "swallowed"],
+)
 def test_a_second_sigint_aborts_at_once_and_the_checkpoint_restores(
   tmp_path, monkeypatch, guard, swallow
 ):
