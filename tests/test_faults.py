@@ -24,37 +24,23 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 import tiny_mixture  # noqa: F401  (registers the 'tiny' mixture)
+from loop_helpers import TINY, loop_train
 
 from mtx import mtl
 from mtx.cli import main as cli
 from mtx.errors import UserError
-from mtx.model import T5Config
 from mtx.runtime import checkpoint, metrics_writer
 from mtx.runtime import lock as lock_lib
 from mtx.train import loop, optim
-from mtx.train.settings import TrainConfig
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(TESTS)
-TINY = T5Config(
-  emb_dim=32,
-  num_heads=2,
-  head_dim=16,
-  mlp_dim=64,
-  num_encoder_layers=1,
-  num_decoder_layers=1,
-)
-
-
-def _loop_train(devices=None, **settings):
-  """``loop.train`` of the TrainConfig with these settings."""
-  return loop.train(TrainConfig(**settings), devices=devices)
 
 
 def _train(model_dir, steps, **kw):
   kw.setdefault("log_period", 1)
   kw.setdefault("checkpoint_period", 0)
-  return _loop_train(
+  return loop_train(
     model_dir=str(model_dir),
     mixture_or_task_name="tiny",
     task_feature_lengths={"inputs": 16, "targets": 16},
@@ -664,7 +650,7 @@ def test_a_stale_lock_does_not_block_and_a_refused_fresh_dir_leaves_nothing(tmp_
   assert os.listdir(written) == []
   fresh = tmp_path / "fresh" / "run"
   with pytest.raises(UserError, match="did you mean: tiny"):
-    _loop_train(
+    loop_train(
       model_dir=str(fresh),
       mixture_or_task_name="tinyy",
       task_feature_lengths={"inputs": 16, "targets": 16},

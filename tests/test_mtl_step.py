@@ -7,35 +7,19 @@ import jax
 import numpy as np
 import pytest
 import tiny_mixture  # noqa: F401  (registers the 'tiny' mixture)
+from loop_helpers import TINY, loop_train
 
 from mtx import mtl
 from mtx.errors import UserError
-from mtx.model import T5Config
 from mtx.runtime import metrics_writer
-from mtx.train import loop, optim
-from mtx.train.settings import TrainConfig
-
-TINY = T5Config(
-  emb_dim=32,
-  num_heads=2,
-  head_dim=16,
-  mlp_dim=64,
-  num_encoder_layers=1,
-  num_decoder_layers=1,
-)
-
-
-def _loop_train(devices=None, **settings):
-  """``loop.train`` of the TrainConfig with these settings."""
-  return loop.train(TrainConfig(**settings), devices=devices)
-
+from mtx.train import optim
 
 PAIRS = ("tag/tiny_copy/tiny_rev", "tag/tiny_rev/tiny_copy")
 WEIGHTS = ("mtl/weight/tiny_copy", "mtl/weight/tiny_rev")
 
 
 def _train(model_dir, devices, mesh_shape=None, transforms=(), steps=4, **kw):
-  _loop_train(
+  loop_train(
     model_dir=str(model_dir),
     mixture_or_task_name="tiny",
     task_feature_lengths={"inputs": 16, "targets": 16},

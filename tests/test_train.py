@@ -14,36 +14,23 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 import tiny_mixture  # noqa: F401  (registers the 'tiny' mixture)
+from loop_helpers import TINY, loop_train
 
 from mtx import mtl, paths
 from mtx.eval.evaluator import EvalOptions
-from mtx.model import T5Config
 from mtx.runtime import lock as lock_lib
 from mtx.runtime import metrics_writer
 from mtx.runtime import params as params_lib
-from mtx.train import loop, optim
+from mtx.train import optim
 from mtx.train.settings import TrainConfig
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(TESTS)
-TINY = T5Config(
-  emb_dim=32,
-  num_heads=2,
-  head_dim=16,
-  mlp_dim=64,
-  num_encoder_layers=1,
-  num_decoder_layers=1,
-)
-
-
-def _loop_train(devices=None, **settings):
-  """``loop.train`` of the TrainConfig with these settings."""
-  return loop.train(TrainConfig(**settings), devices=devices)
 
 
 def _train(model_dir, devices, mesh_shape=None, transforms=(), steps=4, **kw):
   kw.setdefault("batch_size", 8)
-  return _loop_train(
+  return loop_train(
     model_dir=str(model_dir),
     mixture_or_task_name="tiny",
     task_feature_lengths={"inputs": 16, "targets": 16},
@@ -532,7 +519,7 @@ def test_initial_checkpoint_path_and_tasks_json(tmp_path):
   tasks = json.loads((tmp_path / "a" / "tasks.json").read_text())
   assert [t["name"] for t in tasks["tasks"]] == ["tiny_copy", "tiny_rev"]
   # Fine-tune from a's params with a zero learning rate: b's params stay a's.
-  _loop_train(
+  loop_train(
     model_dir=str(tmp_path / "b"),
     mixture_or_task_name="tiny",
     task_feature_lengths={"inputs": 16, "targets": 16},
@@ -554,7 +541,7 @@ def test_initial_checkpoint_path_and_tasks_json(tmp_path):
     _final_params(tmp_path / "b"),
   )
   with pytest.raises(UserError, match="shape"):
-    _loop_train(
+    loop_train(
       model_dir=str(tmp_path / "c"),
       mixture_or_task_name="tiny",
       task_feature_lengths={"inputs": 16, "targets": 16},

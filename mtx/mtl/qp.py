@@ -93,6 +93,7 @@ def full_precision(fn):
 
 
 def safe_div(a, b):
+  """``a / b`` where ``b != 0``, else 0 (no NaN from an absent or zero gradient)."""
   return jnp.where(b != 0, a / jnp.where(b != 0, b, 1), 0)
 
 
@@ -238,7 +239,11 @@ def nnqp(
     last = jnp.maximum(st.last, 0)
     stuck = ~feasible & (~finite | ((st.last >= 0) & (s[last] <= 0)))
     # Step back toward s until the first coordinate reaches zero.
-    ratio = jnp.where(st.passive & (s <= 0), st.x / jnp.where(s <= 0, st.x - s, 1), 1)
+    # Coordinates that do not block the step get +inf (not 1): with alpha == 1 (a
+    # blocking s_j that rounds to 0) a 1 would drop every passive coordinate.
+    ratio = jnp.where(
+      st.passive & (s <= 0), st.x / jnp.where(s <= 0, st.x - s, 1), jnp.inf
+    )
     alpha = jnp.clip(jnp.min(ratio), 0, 1)
     back = st.x + alpha * (s - st.x)
     drop = st.passive & ((ratio <= alpha) | (back <= 0))

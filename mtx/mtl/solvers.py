@@ -24,17 +24,9 @@ import jax.numpy as jnp
 from mtx.mtl import qp
 
 
-def _safe_div(a, b):
-  return jnp.where(b != 0, a / jnp.where(b != 0, b, 1.0), 0.0)
-
-
-def _present_scale(g, present, how="mean"):
-  """A positive scale of the present diagonal, for conditioning (1 if none)."""
-  d = jnp.where(present, jnp.diag(g), 0.0)
-  if how == "max":
-    s = jnp.max(d)
-  else:
-    s = jnp.sum(d) / jnp.maximum(jnp.sum(present), 1)
+def _present_scale(g, present):
+  """The largest present diagonal entry, for conditioning (1 if none)."""
+  s = jnp.max(jnp.where(present, jnp.diag(g), 0.0))
   return jnp.where(s > 0, s, 1.0)
 
 
@@ -78,7 +70,7 @@ def pcgrad_coefficients(g, present, orders):
       j = order[s]
       dot = g[j] @ w
       project = (j != i) & present[j] & (dot < 0) & (diag[j] > 0)
-      return w.at[j].add(jnp.where(project, -_safe_div(dot, diag[j]), 0.0))
+      return w.at[j].add(jnp.where(project, -qp.safe_div(dot, diag[j]), 0.0))
 
     return jax.lax.fori_loop(0, k, body, w0)
 
@@ -124,11 +116,11 @@ def gradvac_coefficients(g, present, orders, targets, beta):
       gw = g @ w
       nw = jnp.sqrt(jnp.maximum(w @ gw, 0.0))
       valid = (j != i) & present[i] & present[j] & (norms[j] > 0) & (nw > 0)
-      cos = jnp.clip(_safe_div(gw[j], nw * norms[j]), -1.0, 1.0)
+      cos = jnp.clip(qp.safe_div(gw[j], nw * norms[j]), -1.0, 1.0)
       tgt = trow[j]
       sin_t = jnp.sqrt(jnp.maximum(1.0 - tgt**2, 0.0))
       sin_c = jnp.sqrt(jnp.maximum(1.0 - cos**2, 0.0))
-      a = _safe_div(nw * (tgt * sin_c - cos * sin_t), norms[j] * sin_t)
+      a = qp.safe_div(nw * (tgt * sin_c - cos * sin_t), norms[j] * sin_t)
       w = w.at[j].add(jnp.where(valid & (cos < tgt), a, 0.0))
       trow = trow.at[j].set(jnp.where(valid, (1.0 - beta) * tgt + beta * cos, tgt))
       return w, trow
@@ -578,7 +570,7 @@ def aligned_mtl_weights(g, present):
     ``B p`` f32[k] (p the presence indicator).
   """
   k = g.shape[0]
-  s = _present_scale(g, present, "max")
+  s = _present_scale(g, present)
   lam, v = jnp.linalg.eigh(g / s)
   tol = jnp.max(lam) * k * jnp.finfo(jnp.float32).eps
   keep = lam > tol

@@ -264,8 +264,8 @@ def train(
     KeyboardInterrupt: a second SIGINT (Ctrl-C) aborted the run without saving.
   """
   lock = lock_lib.ModelDirLock(config.model_dir, enabled=jax.process_index() == 0)
-  _on_process_0(lock.acquire)
-  try:
+  try:  # release() is a no-op for a lock not held
+    _on_process_0(lock.acquire)
     with _StopSignals() as stop:
       job, train_state, start_step = _start(config, devices, operative_config)
       return _run(job, train_state, start_step, stop)
@@ -274,12 +274,13 @@ def train(
 
 
 def _on_process_0(fn: Callable[[], object]) -> None:
-  """Runs ``fn`` on process 0; when it raises a UserError, every process raises."""
+  """Runs ``fn`` on process 0; when it raises, every process raises (process 0 its
+  error), so that none is left waiting in a collective."""
   error = None
   if jax.process_index() == 0:
     try:
       fn()
-    except UserError as e:
+    except Exception as e:  # pylint: disable=broad-except  # re-raised below
       error = e
   if _agree(int(error is not None)):
     raise error or UserError(
@@ -301,36 +302,39 @@ def _start(
   block, blocks = parallel.batch_block(mesh)
   num_shards = blocks if data.data_shards is None else data.data_shards
   build = build_lib.build_train_step(data, settings, num_shards=num_shards, mesh=mesh)
-  pipe = data_pipeline.load(
-    data.mixture_or_task_name,
-    build.lengths,
-    build.layout,
-    split=data.split,
-    seed=settings.seed if data.data_seed is None else data.data_seed,
-    rate_fn=data.rate_fn,
-    rate_maximum=data.rate_maximum,
-    rate_temperature=data.rate_temperature,
-    task_groups=data.task_groups,
-    process_index=block,
-    process_count=blocks,
-    num_shards=num_shards,
-    allgather=multihost_utils.process_allgather if jax.process_count() > 1 else None,
-  )
+  pipe = _load_data(build, block, blocks, num_shards)
   _report_mixture(pipe)
   if run.print_param_table and jax.process_index() == 0:
     print(
       params_lib.param_table(build.params_abstract, build.param_shardings), flush=True
     )
 
+  # Reads the eval data now, so that a bad eval setting fails before MODEL_DIR is
+  # written to.
+  evaluation = eval_periodic.PeriodicEval(
+    run.eval_period,
+    run.model_dir,
+    build.model,
+    build.mesh,
+    build.rules,
+    build.param_shardings,
+    data.mixture_or_task_name,
+    build.lengths,
+    run.eval_options,
+  )
   ckpt = checkpoint.Checkpointer(
     run.model_dir,
     save_period=config.checkpoint.checkpoint_period,
     keep=config.checkpoint.keep_checkpoints,
     async_save=config.checkpoint.async_checkpoint,
   )
-  start_step, train_state = _restore_or_init(
-    build, ckpt, pipe, config.checkpoint.initial_checkpoint_path
-  )
+  try:
+    start_step, train_state = _restore_or_init(
+      build, ckpt, pipe, config.checkpoint.initial_checkpoint_path
+    )
+  except BaseException:
+    _close_all((evaluation.close, ckpt.close), failed=True)
+    raise
   _write_tasks(run.model_dir, pipe)
   # Lines logged after the last checkpoint by a run that died are not part of this run.
   if jax.process_index() == 0 and os.path.exists(
@@ -345,20 +349,31 @@ def _start(
     settings=run,
     operative_config=operative_config,
     watch=_NonFiniteWatch(run.nonfinite_policy, build.spec, ckpt),
-    # Reads the eval data now, so that a bad eval setting fails before training.
-    evaluation=eval_periodic.PeriodicEval(
-      run.eval_period,
-      run.model_dir,
-      build.model,
-      mesh,
-      build.rules,
-      build.param_shardings,
-      data.mixture_or_task_name,
-      build.lengths,
-      run.eval_options,
-    ),
+    evaluation=evaluation,
   )
   return job, train_state, start_step
+
+
+def _load_data(
+  build: build_lib.StepBuild, block: int, blocks: int, num_shards: int
+) -> data_pipeline.Pipeline:
+  """This process's pipeline of the run's mixture (``block`` of ``blocks``)."""
+  data = build.data
+  return data_pipeline.load(
+    data.mixture_or_task_name,
+    build.lengths,
+    build.layout,
+    split=data.split,
+    seed=build.settings.seed if data.data_seed is None else data.data_seed,
+    rate_fn=data.rate_fn,
+    rate_maximum=data.rate_maximum,
+    rate_temperature=data.rate_temperature,
+    task_groups=data.task_groups,
+    process_index=block,
+    process_count=blocks,
+    num_shards=num_shards,
+    allgather=multihost_utils.process_allgather if jax.process_count() > 1 else None,
+  )
 
 
 def _restore_or_init(
@@ -523,9 +538,9 @@ def _run(job: _Job, train_state, start_step: int, stop: _StopSignals) -> RunResu
   step = start_step
   history, last, data_state = [], {}, job.pipe.get_state()
   t0, t0_step = None, step
-  signum = _agree(stop.signum)  # A signal while starting: stop before the first step.
   outcome = "failed"
   try:
+    signum = _agree(stop.signum)  # A signal while starting: stop before the first step.
     stop.check()
     with build.mesh, nn.logical_axis_rules(list(build.rules)):
       while not signum and step < run.train_steps:
