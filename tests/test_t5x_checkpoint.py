@@ -125,6 +125,8 @@ def test_a_directory_that_is_not_t5x_is_refused(tmp_path):
     open_t5x(str(tmp_path), what="INFER_CHECKPOINT_PATH")
   _one_sentence(e, "INFER_CHECKPOINT_PATH", str(tmp_path), "not a T5X checkpoint")
   assert not is_t5x_checkpoint(str(tmp_path / "missing"))
+  (tmp_path / "1000" / "state").mkdir(parents=True)  # an mtx (orbax) MODEL_DIR
+  assert not is_t5x_checkpoint(str(tmp_path))
 
 
 def test_a_missing_array_directory_is_named(tmp_path):
@@ -167,17 +169,28 @@ def test_an_unsupported_version_and_orbax_layout_are_refused(tmp_path):
   _one_sentence(e, "orbax", "use_orbax=False")
 
 
-def test_a_scanned_scalable_t5_layout_is_refused(tmp_path):
+@pytest.mark.parametrize(
+  "target,name",
+  [  # scanned: the layer axis at 1 ([E, layers, H, D]), under encoder/encoder
+    (
+      {"encoder": {"attention": {"query": {"kernel": np.zeros([8, 2, 2, 4])}}}},
+      "encoder/encoder/attention/query/kernel",
+    ),
+    (
+      {"layers_0": {"relpos_bias": {"rel_embedding": np.zeros([2, 32])}}},
+      "encoder/layers_0/relpos_bias/rel_embedding",
+    ),
+  ],
+)
+def test_scalable_t5_layouts_are_refused(tmp_path, target, name):
   step = tmp_path / "checkpoint_1"
   step.mkdir()
-  target = {
-    "encoder": {"encoder": {"attention": {"query": {"kernel": np.zeros([8, 2, 2, 4])}}}}
-  }
+  target = {"encoder": target}
   blob = serialization.msgpack_serialize({"version": 3, "optimizer": {"target": target}})
   (step / "checkpoint").write_bytes(blob)
   with pytest.raises(UserError) as e:
     open_t5x(str(step))
-  _one_sentence(e, "scalable_t5", "encoder/encoder/attention/query/kernel")
+  _one_sentence(e, "scalable_t5", name)
 
 
 def test_the_msgpack_is_what_t5x_writes():
