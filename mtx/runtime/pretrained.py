@@ -27,6 +27,7 @@ from typing import Any, Optional, Protocol
 import jax
 import numpy as np
 
+from mtx.data import vocab
 from mtx.errors import UserError
 from mtx.model import T5Config
 from mtx.runtime import checkpoint, hf
@@ -92,6 +93,16 @@ def open_reader(path: str, what: str) -> Optional[Reader]:
   return None
 
 
+def is_pretrained(path: Optional[str], what: str) -> bool:
+  """``path`` is a checkpoint of another format (it has no mtx steps)."""
+  if not path:
+    return False
+  reader = open_reader(path, what)
+  if reader is not None:
+    reader.close()
+  return reader is not None
+
+
 def _is_mtx_checkpoint(path: str) -> bool:
   """A MODEL_DIR (numbered step dirs), a step dir, or a step's state dir."""
   entries = os.listdir(path)
@@ -150,9 +161,6 @@ def resolve(
 
 
 def _check_vocabulary_fits(vocabulary_path: str, vocab_size: int, path, what) -> None:
-  # lazy: mtx.data (seqio, TensorFlow) loads only when a checkpoint brings a vocabulary.
-  from mtx.data import vocab  # pylint: disable=g-import-not-at-top
-
   size = vocab.get_vocabulary(vocabulary_path).vocab_size
   if vocab_size and size > vocab_size:
     raise UserError(
