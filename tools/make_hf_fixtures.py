@@ -51,9 +51,13 @@ ARCHITECTURES = {
 }
 
 
+def _vocabulary_ids() -> int:
+  """Pieces and T5's 100 extra ids (seqio's vocab_size)."""
+  return sentencepiece.SentencePieceProcessor(model_file=DEMO_SPM).get_piece_size() + 100
+
+
 def _vocab_size() -> int:
-  pieces = sentencepiece.SentencePieceProcessor(model_file=DEMO_SPM).get_piece_size()
-  return -(-(pieces + 100) // 128) * 128  # T5's 100 extra ids, padded as 32128 is
+  return -(-_vocabulary_ids() // 128) * 128  # padded as T5's 32128 is
 
 
 def _config(name: str) -> transformers.T5Config:
@@ -107,6 +111,9 @@ def _outputs(model) -> dict:
         decoder_start_token_id=0,
         eos_token_id=1,
         pad_token_id=0,
+        # mtx never predicts the padding rows of the embedding (ids past the
+        # vocabulary's pieces and extra ids); a random model would.
+        suppress_tokens=list(range(_vocabulary_ids(), model.config.vocab_size)),
       )[0, 1:].tolist()
       generated.append(out + [0] * (MAX_NEW_TOKENS - len(out)))
   return {"logits": logits.numpy(), "generated": np.array(generated, np.int32)}
