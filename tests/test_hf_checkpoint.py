@@ -140,6 +140,25 @@ def test_finetune_one_step_from_hf(finetuned):
   assert last["step"] == 1 and np.isfinite(last["loss/hf_copy"])
 
 
+def test_infer_from_the_finetuned_run(finetuned, tmp_path):
+  """The run's model comes from its INITIAL_CHECKPOINT_PATH, as in training."""
+  inputs = tmp_path / "in.txt"
+  inputs.write_text("a b c d\n")
+  out = tmp_path / "out.jsonl"
+  status = _cli(
+    *_run_args(
+      "infer",
+      finetuned,
+      f"--gin.INITIAL_CHECKPOINT_PATH='{V1_1}'",
+      f"--gin.INFER_INPUT='{inputs}'",
+      f"--gin.INFER_OUTPUT='{out}'",
+      "--gin.INFER_TASK='hf_rev'",
+      "--gin.INFER_MAX_DECODE_LENGTH=4",
+    )
+  )
+  assert status == 0 and len(out.read_text().splitlines()) == 1
+
+
 @pytest.mark.slow
 def test_finetune_v1_0_with_pcgrad(tmp_path):
   status = _cli(

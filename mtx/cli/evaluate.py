@@ -74,6 +74,7 @@ def evaluate(
   options: EvalOptions = EvalOptions(),
   checkpoint_step: Optional[int] = None,
   checkpoint_path: Optional[str] = None,
+  initial_checkpoint_path: Optional[str] = None,
   mesh_shape: Optional[Mapping[str, int]] = None,
   logical_axis_rules: Sequence = parallel.DEFAULT_RULES,
   tensorboard: bool = True,
@@ -95,6 +96,8 @@ def evaluate(
     checkpoint_path: evaluate this checkpoint instead of MODEL_DIR's (results still go
       to MODEL_DIR): another MODEL_DIR, or a Hugging Face model directory (step 0; its
       config and vocabulary become the run's).
+    initial_checkpoint_path: the run's INITIAL_CHECKPOINT_PATH; a pretrained one gives
+      the model and vocabulary (``mtx.runtime.pretrained.resolve_run``).
     tensorboard: also write the scalars to TensorBoard.
     print_table: print the per-task table (process 0).
     devices: the devices of the mesh (default all).
@@ -102,8 +105,12 @@ def evaluate(
   """
   model_dir, vocabulary_path = paths.absolute(model_dir), paths.absolute(vocabulary_path)
   checkpoint_path = paths.absolute(checkpoint_path)
-  model_config, vocabulary_path = pretrained.resolve(
-    checkpoint_path, model_config, vocabulary_path, "EVAL_CHECKPOINT_PATH"
+  model_config, vocabulary_path = pretrained.resolve_run(
+    checkpoint_path,
+    paths.absolute(initial_checkpoint_path),
+    model_config,
+    vocabulary_path,
+    "EVAL_CHECKPOINT_PATH",
   )
   registry.import_modules(mixture_or_task_module, vocabulary_path)
   lengths = data_pipeline.check_feature_lengths(task_feature_lengths)

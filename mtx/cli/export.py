@@ -113,16 +113,11 @@ def export(
     )
   source = checkpoint_path or model_dir
   what = "EXPORT_CHECKPOINT_PATH" if checkpoint_path else "MODEL_DIR"
-  if pretrained.is_pretrained(source, what):
-    model_config, vocabulary_path = pretrained.resolve(
-      source, model_config, vocabulary_path, what
-    )
-  else:
-    model_config, vocabulary_path = pretrained.resolve(
-      initial_checkpoint_path, model_config, vocabulary_path, "INITIAL_CHECKPOINT_PATH"
-    )
-    if checkpoint_step is not None:
-      source = os.path.join(source, str(int(checkpoint_step)))
+  model_config, vocabulary_path = pretrained.resolve_run(
+    source, initial_checkpoint_path, model_config, vocabulary_path, what
+  )
+  if checkpoint_step is not None and not pretrained.is_pretrained(source, what):
+    source = os.path.join(source, str(int(checkpoint_step)))
   size = _vocab_size(
     model_config, vocabulary_path, mixture_or_task_name, mixture_or_task_module
   )

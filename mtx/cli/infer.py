@@ -459,6 +459,7 @@ def infer(
   model_config: T5Config = T5Config(),
   checkpoint_path: Optional[str] = None,
   checkpoint_step: Optional[int] = None,
+  initial_checkpoint_path: Optional[str] = None,
   batch_size: int = 32,
   inputs_length: Optional[int] = None,
   max_decode_length: Optional[int] = None,
@@ -492,6 +493,8 @@ def infer(
     checkpoint_path: another MODEL_DIR or step directory to read the params from, or
       a Hugging Face model directory (its config and vocabulary become the run's).
     checkpoint_step: the step to read; None = the newest finished one.
+    initial_checkpoint_path: the run's INITIAL_CHECKPOINT_PATH; a pretrained one gives
+      the model and vocabulary (``mtx.runtime.pretrained.resolve_run``).
     batch_size: rows decoded together (rounded up to the data-parallel size).
     inputs_length: encoder length; None = TASK_FEATURE_LENGTHS['inputs'].
     max_decode_length: the most tokens predicted; None = TASK_FEATURE_LENGTHS['targets'].
@@ -529,8 +532,12 @@ def infer(
     seed=seed,
   )
   decode.check(batch_size, "INFER")
-  model_config, vocabulary_path = pretrained.resolve(
-    checkpoint_path, model_config, vocabulary_path, "INFER_CHECKPOINT_PATH"
+  model_config, vocabulary_path = pretrained.resolve_run(
+    checkpoint_path,
+    paths.absolute(initial_checkpoint_path),
+    model_config,
+    vocabulary_path,
+    "INFER_CHECKPOINT_PATH",
   )
   registry.import_modules(mixture_or_task_module, vocabulary_path)
   lengths = data_pipeline.check_feature_lengths(task_feature_lengths)

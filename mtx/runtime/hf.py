@@ -227,7 +227,7 @@ def to_hf(array: np.ndarray, kind: str) -> np.ndarray:
   return array.reshape(h * d, e).T
 
 
-def _mtx_shapes(config: T5Config) -> dict[str, tuple]:
+def mtx_shapes(config: T5Config) -> dict[str, tuple]:
   """mtx unscanned name -> mtx shape, from the config alone."""
   e, h, d, m, v = (
     config.emb_dim,
@@ -268,7 +268,7 @@ class HfReader:
     self._files = {}  # shard file name -> safe_open handle
     self._where = self._weight_files()  # HF name -> shard file name
     self._map = name_map(self.t5_config)
-    self._shapes = _mtx_shapes(self.t5_config)
+    self._shapes = mtx_shapes(self.t5_config)
     self._check_tensors()
 
   def _weight_files(self) -> dict[str, str]:

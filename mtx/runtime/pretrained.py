@@ -160,6 +160,23 @@ def resolve(
   return model_config, vocabulary_path
 
 
+def resolve_run(
+  path: Optional[str],
+  initial_checkpoint_path: Optional[str],
+  model_config: T5Config,
+  vocabulary_path: Optional[str],
+  what: str,
+) -> tuple[T5Config, Optional[str]]:
+  """(model config, vocabulary path) for reading ``path`` (eval, infer, export): those of
+  ``path`` if it is pretrained, else those of the pretrained checkpoint the run started
+  from (its INITIAL_CHECKPOINT_PATH), else gin's."""
+  if is_pretrained(path, what):
+    return resolve(path, model_config, vocabulary_path, what)
+  return resolve(
+    initial_checkpoint_path, model_config, vocabulary_path, "INITIAL_CHECKPOINT_PATH"
+  )
+
+
 def _check_vocabulary_fits(vocabulary_path: str, vocab_size: int, path, what) -> None:
   size = vocab.get_vocabulary(vocabulary_path).vocab_size
   if vocab_size and size > vocab_size:
@@ -288,7 +305,7 @@ def load_params(reader: Reader, abstract_params: Any, scanned: bool, what: str) 
     if sharding is None:
       sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     array = jax.make_array_from_callback(
-      leaf.shape, sharding, lambda index: callback(index).astype(leaf.dtype)
+      leaf.shape, sharding, lambda index: callback(index).astype(leaf.dtype, copy=False)
     )
     return array
 
