@@ -84,6 +84,26 @@ def test_logits_equal_transformers(name, scan, mesh_shape):
   np.testing.assert_allclose(logits, REFERENCE[f"{name}/logits"], atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("path", [V1_0, V1_1])
+def test_reading_a_slice_reads_that_part(path):
+  """What a device's shard asks for equals that part of the whole, for every layout
+  (transposed, heads split from [H*D, E] and [E, H*D])."""
+  reader = pretrained.open_reader(path, "X")
+  rng = np.random.default_rng(0)
+  try:
+    for name, (shape, dtype) in reader.names().items():
+      assert dtype == ("float32" if path == V1_0 else "bfloat16")
+      whole = reader.read(name)
+      assert whole.shape == shape and whole.dtype == np.float32
+      starts = [int(rng.integers(0, n)) for n in shape]
+      index = tuple(
+        slice(a, int(rng.integers(a + 1, n + 1))) for a, n in zip(starts, shape)
+      )
+      np.testing.assert_array_equal(reader.read(name, index), whole[index])
+  finally:
+    reader.close()
+
+
 def test_config_and_vocabulary_come_from_the_directory():
   config, vocabulary_path = pretrained.resolve(V1_0, T5Config(), None, "X")
   assert (config.emb_dim, config.num_encoder_layers, config.vocab_size) == (32, 2, 896)

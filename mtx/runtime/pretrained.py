@@ -106,11 +106,11 @@ def is_pretrained(path: Optional[str], what: str) -> bool:
 def _is_mtx_checkpoint(path: str) -> bool:
   """A MODEL_DIR (numbered step dirs), a step dir, or a step's state dir."""
   entries = os.listdir(path)
+  markers = ("state", "config.gin", "metrics.jsonl", "_METADATA", "_CHECKPOINT_METADATA")
   return (
-    any(e.isdigit() for e in entries)
-    or "state" in entries
+    any(e.split(".")[0].isdigit() for e in entries)  # steps, finished or not
+    or any(e in entries for e in markers)
     or os.path.basename(os.path.normpath(path)) == "state"
-    or any(e.startswith("_CHECKPOINT_METADATA") or e == "_METADATA" for e in entries)
   )
 
 
@@ -219,6 +219,10 @@ def _expected(abstract_params: Any, scanned: bool) -> dict[str, tuple[int, ...]]
     else:
       out[name] = tuple(leaf.shape)
   return out
+
+
+def _some(names: list) -> str:
+  return names[0] + (f" and {len(names) - 1} more" if len(names) > 1 else "")
 
 
 def check_names(reader: Reader, expected: dict, what: str) -> None:
