@@ -104,6 +104,24 @@ def test_reading_a_slice_reads_that_part(path):
     reader.close()
 
 
+def test_float16_files_read_exactly(tmp_path):
+  d = _copy(tmp_path, V1_0)
+  halves = {k: v.astype(np.float16) for k, v in _tensors(d).items()}
+  (d / "model.safetensors").write_bytes(safetensors.numpy.save(halves))
+  reader, original = (
+    pretrained.open_reader(str(d), "X"),
+    pretrained.open_reader(V1_0, "X"),
+  )
+  try:
+    for name, (_, dtype) in reader.names().items():
+      assert dtype == "float16"
+      want = original.read(name).astype(np.float16).astype(np.float32)
+      np.testing.assert_array_equal(reader.read(name), want)
+  finally:
+    reader.close()
+    original.close()
+
+
 def test_config_and_vocabulary_come_from_the_directory():
   config, vocabulary_path = pretrained.resolve(V1_0, T5Config(), None, "X")
   assert (config.emb_dim, config.num_encoder_layers, config.vocab_size) == (32, 2, 896)
