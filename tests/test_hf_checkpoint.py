@@ -213,6 +213,29 @@ def test_finetune_v1_0_with_pcgrad(tmp_path):
   )
 
 
+def test_byt5_directory_reads_bytes(tmp_path):
+  d = tmp_path / "byt5"
+  d.mkdir()
+  (d / "config.json").write_text(json.dumps({"vocab_size": 384}))
+  assert vocab.get_vocabulary(str(d)).vocab_size == 384  # seqio's ByteVocabulary
+  (d / "config.json").write_text(json.dumps({"vocab_size": 32128}))
+  with pytest.raises(vocab.UserError, match="has no spiece.model"):
+    vocab.get_vocabulary(str(d))
+
+
+@pytest.mark.slow
+def test_eval_of_the_finetuned_run(finetuned):
+  status = _cli(
+    *_run_args(
+      "eval",
+      finetuned,
+      f"--gin.INITIAL_CHECKPOINT_PATH='{V1_1}'",
+      "--gin.EVAL_BATCH_SIZE=8",
+    )
+  )
+  assert status == 0 and (finetuned / "eval" / "step_1.json").exists()
+
+
 @pytest.mark.slow
 def test_eval_of_hf_directory(tmp_path):
   status = _cli(
@@ -227,7 +250,7 @@ def test_eval_of_hf_directory(tmp_path):
   assert status == 0 and (tmp_path / "eval" / "step_0.json").exists()
 
 
-def _export(tmp_path, source, model_dir, initial="None"):
+def _export(tmp_path, source, model_dir, initial="None", *extra):
   out = tmp_path / "export"
   status = _cli(
     *_run_args(
@@ -236,6 +259,7 @@ def _export(tmp_path, source, model_dir, initial="None"):
       f"--gin.INITIAL_CHECKPOINT_PATH={initial}",
       f"--gin.EXPORT_CHECKPOINT_PATH={source}",
       f"--gin.EXPORT_DIR='{out}'",
+      *extra,
     )
   )
   assert status == 0
@@ -268,6 +292,17 @@ def test_export_round_trip_is_bit_identical(tmp_path):
   for name, value in original.items():
     assert exported[name].dtype == np.float32
     np.testing.assert_array_equal(exported[name], value.astype(np.float32))
+  # A model that scans its layers exports the same file.
+  scanned = _export(
+    tmp_path / "c",
+    f"'{V1_1}'",
+    tmp_path / "run",
+    "None",
+    "--gin.model.T5Config.scan_layers=True",
+  )
+  assert (scanned / "model.safetensors").read_bytes() == (
+    out / "model.safetensors"
+  ).read_bytes()
   config = json.loads((out / "config.json").read_text())
   with open(f"{V1_1}/config.json") as f:
     reference = json.load(f)

@@ -110,7 +110,7 @@ def _hf_vocabulary(directory: str) -> seqio.Vocabulary:
   except (OSError, ValueError):
     vocab_size = None
   if vocab_size == BYT5_VOCAB_SIZE:
-    return seqio.ByteVocabulary()
+    return seqio.ByteVocabulary(extra_ids=BYT5_VOCAB_SIZE - 259)  # 3 special + 256 bytes
   raise UserError(
     f"Hugging Face directory {directory} has no spiece.model (and is not a ByT5); "
     "copy the model's spiece.model there, or set VOCABULARY to it."

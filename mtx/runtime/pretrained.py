@@ -156,7 +156,8 @@ def resolve(
     reader.close()
   if own and not vocabulary_path:
     vocabulary_path = own
-    _check_vocabulary_fits(own, model_config.vocab_size, path, what)
+  if vocabulary_path and defined is not None:
+    _check_vocabulary_fits(vocabulary_path, model_config.vocab_size, path, what)
   return model_config, vocabulary_path
 
 
@@ -180,8 +181,9 @@ def resolve_run(
 def _check_vocabulary_fits(vocabulary_path: str, vocab_size: int, path, what) -> None:
   size = vocab.get_vocabulary(vocabulary_path).vocab_size
   if vocab_size and size > vocab_size:
+    whose = "its" if vocabulary_path == path else f"the vocabulary {vocabulary_path}"
     raise UserError(
-      f"{what} {path}: its vocabulary has {size} ids but its embedding only "
+      f"{what} {path}: {whose} vocabulary has {size} ids but its embedding only "
       f"{vocab_size} rows; use the vocabulary the checkpoint was trained with."
     )
 
