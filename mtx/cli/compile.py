@@ -17,8 +17,11 @@ import logging
 
 import gin
 
+from mtx import paths
 from mtx.data import registry
 from mtx.errors import UserError
+from mtx.model import T5Config
+from mtx.runtime import pretrained
 from mtx.train import build as build_lib
 from mtx.train import compile as compile_lib
 from mtx.train import settings as settings_lib
@@ -75,7 +78,14 @@ def compile_train(
   compile_lib.use_fake_devices(num_devices)
   data_names = _fields(settings_lib.DataSettings)
   step_names = _fields(settings_lib.StepSettings)
-  bindings = _step_bindings(data_names | step_names)
+  bindings = _step_bindings(data_names | step_names | {"initial_checkpoint_path"})
+  # A pretrained INITIAL_CHECKPOINT_PATH gives the model and vocabulary, as in training.
+  bindings["model_config"], bindings["vocabulary_path"] = pretrained.resolve(
+    paths.absolute(bindings.pop("initial_checkpoint_path", None)),
+    bindings.get("model_config", T5Config()),
+    bindings.get("vocabulary_path"),
+    "INITIAL_CHECKPOINT_PATH",
+  )
   data = settings_lib.DataSettings(
     **{k: v for k, v in bindings.items() if k in data_names}
   )

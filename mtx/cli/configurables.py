@@ -9,7 +9,8 @@ Names as gin files use them:
   mtl.*                   multi-task methods (gin_configs/mtl/*.gin), e.g.
                           ``train.mtl_transforms = [@mtl.uncertainty_weighting, @mtl.pcgrad]``
   eval.EvalOptions.*      evaluation (gin_configs/runs/eval.gin)
-  evaluate.*, infer.*, compile_train.*  the other commands (runs/{eval,infer,compile}.gin)
+  evaluate.*, infer.*, compile_train.*, export.*  the other commands
+                          (runs/{eval,infer,compile,export}.gin)
 Each command of the CLI (``mtx.cli.main.COMMANDS``) calls one configurable registered here.
 """
 
@@ -18,6 +19,7 @@ import gin
 from mtx import mtl
 from mtx.cli import compile as compile_command
 from mtx.cli import evaluate as eval_command
+from mtx.cli import export as export_command
 from mtx.cli import infer as infer_command
 from mtx.eval.evaluator import EvalOptions
 from mtx.model import T5Config
@@ -35,3 +37,4 @@ gin.external_configurable(EvalOptions, name="EvalOptions", module="eval")
 gin.external_configurable(eval_command.evaluate, name="evaluate")
 gin.external_configurable(compile_command.compile_train, name="compile_train")
 gin.external_configurable(infer_command.infer, name="infer")
+gin.external_configurable(export_command.export, name="export")

@@ -25,7 +25,7 @@ from mtx.data import registry
 from mtx.eval import results
 from mtx.eval.evaluator import EvalOptions, Evaluator
 from mtx.model import T5Config
-from mtx.runtime import checkpoint, metrics_writer
+from mtx.runtime import checkpoint, metrics_writer, pretrained
 from mtx.runtime import params as params_lib
 
 log = logging.getLogger("mtx")
@@ -73,6 +73,8 @@ def evaluate(
   model_config: T5Config = T5Config(),
   options: EvalOptions = EvalOptions(),
   checkpoint_step: Optional[int] = None,
+  checkpoint_path: Optional[str] = None,
+  initial_checkpoint_path: Optional[str] = None,
   mesh_shape: Optional[Mapping[str, int]] = None,
   logical_axis_rules: Sequence = parallel.DEFAULT_RULES,
   tensorboard: bool = True,
@@ -91,18 +93,36 @@ def evaluate(
       vocabulary_path, model_config, mesh_shape, logical_axis_rules: as for training.
     options: what and how to evaluate (``EvalOptions``).
     checkpoint_step: the step to evaluate; None = the newest finished checkpoint.
+    checkpoint_path: evaluate this checkpoint instead of MODEL_DIR's (results still go
+      to MODEL_DIR): another MODEL_DIR, or a Hugging Face model directory (step 0; its
+      config and vocabulary become the run's).
+    initial_checkpoint_path: the run's INITIAL_CHECKPOINT_PATH; a pretrained one gives
+      the model and vocabulary (``mtx.runtime.pretrained.resolve_run``).
     tensorboard: also write the scalars to TensorBoard.
     print_table: print the per-task table (process 0).
     devices: the devices of the mesh (default all).
     predictor: a stand-in for ``mtx.infer.predict.Predictor`` (tests).
   """
   model_dir, vocabulary_path = paths.absolute(model_dir), paths.absolute(vocabulary_path)
+  checkpoint_path = paths.absolute(checkpoint_path)
+  model_config, vocabulary_path = pretrained.resolve_run(
+    checkpoint_path,
+    paths.absolute(initial_checkpoint_path),
+    model_config,
+    vocabulary_path,
+    "EVAL_CHECKPOINT_PATH",
+  )
   registry.import_modules(mixture_or_task_module, vocabulary_path)
   lengths = data_pipeline.check_feature_lengths(task_feature_lengths)
   spec = registry.resolve(mixture_or_task_name)
   if options.baseline_dir:  # Fail before the slow part.
     results.read_results(options.baseline_dir)
-  step = find_checkpoint_step(model_dir, checkpoint_step)
+  source = checkpoint_path or model_dir
+  if pretrained.is_pretrained(checkpoint_path, "EVAL_CHECKPOINT_PATH"):
+    step, params_path = 0, checkpoint_path
+  else:
+    step = find_checkpoint_step(source, checkpoint_step)
+    params_path = os.path.join(source, str(step))
   mesh = parallel.make_mesh(mesh_shape, devices)
   rules = tuple(logical_axis_rules)
   model, params, shardings = params_lib.load_trained(
@@ -110,10 +130,10 @@ def evaluate(
     spec.vocabulary.vocab_size,
     mesh,
     rules,
-    os.path.join(model_dir, str(step)),
+    params_path,
     lengths["inputs"],
     lengths["targets"],
-    what="MODEL_DIR",
+    what="EVAL_CHECKPOINT_PATH" if checkpoint_path else "MODEL_DIR",
   )
   evaluator = Evaluator(
     model,

@@ -48,7 +48,7 @@ from mtx.errors import UserError, close_names
 from mtx.infer import decoding
 from mtx.infer.predict import Predictor
 from mtx.model import T5Config
-from mtx.runtime import metrics_writer
+from mtx.runtime import metrics_writer, pretrained
 from mtx.runtime import params as params_lib
 from mtx.runtime import progress as progress_lib
 
@@ -459,6 +459,7 @@ def infer(
   model_config: T5Config = T5Config(),
   checkpoint_path: Optional[str] = None,
   checkpoint_step: Optional[int] = None,
+  initial_checkpoint_path: Optional[str] = None,
   batch_size: int = 32,
   inputs_length: Optional[int] = None,
   max_decode_length: Optional[int] = None,
@@ -489,8 +490,11 @@ def infer(
       when it has only one.
     input_format: "auto", "text" or "jsonl".
     preprocess_mode: "auto", "tokenize" or "task" (module docstring).
-    checkpoint_path: another MODEL_DIR or step directory to read the params from.
+    checkpoint_path: another MODEL_DIR or step directory to read the params from, or
+      a Hugging Face model directory (its config and vocabulary become the run's).
     checkpoint_step: the step to read; None = the newest finished one.
+    initial_checkpoint_path: the run's INITIAL_CHECKPOINT_PATH; a pretrained one gives
+      the model and vocabulary (``mtx.runtime.pretrained.resolve_run``).
     batch_size: rows decoded together (rounded up to the data-parallel size).
     inputs_length: encoder length; None = TASK_FEATURE_LENGTHS['inputs'].
     max_decode_length: the most tokens predicted; None = TASK_FEATURE_LENGTHS['targets'].
@@ -528,6 +532,13 @@ def infer(
     seed=seed,
   )
   decode.check(batch_size, "INFER")
+  model_config, vocabulary_path = pretrained.resolve_run(
+    checkpoint_path,
+    paths.absolute(initial_checkpoint_path),
+    model_config,
+    vocabulary_path,
+    "INFER_CHECKPOINT_PATH",
+  )
   registry.import_modules(mixture_or_task_module, vocabulary_path)
   lengths = data_pipeline.check_feature_lengths(task_feature_lengths)
   inputs_length = int(inputs_length or lengths["inputs"])

@@ -1,4 +1,4 @@
-"""``mtx train|eval|infer|compile ...``: the command line, with T5X's gin flags.
+"""``mtx train|eval|infer|compile|export ...``: the command line, with T5X's gin flags.
 
     mtx train --gin_file=gin_configs/demo.gin --gin.MODEL_DIR="'/tmp/demo'"
     mtx train --gin_file=runs/train.gin --gin_file=mtl/pcgrad.gin \\
@@ -45,6 +45,7 @@ COMMANDS = {
   "eval": ("evaluate", ("MIXTURE_OR_TASK_NAME", "TASK_FEATURE_LENGTHS", "MODEL_DIR")),
   "infer": ("infer", ("MIXTURE_OR_TASK_NAME", "TASK_FEATURE_LENGTHS", "MODEL_DIR")),
   "compile": ("compile_train", ("MIXTURE_OR_TASK_NAME", "TASK_FEATURE_LENGTHS")),
+  "export": ("export", ("MODEL_DIR",)),
 }
 _MACRO = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 # The exit status of a training stopped by a signal (after saving); SIGTERM, the

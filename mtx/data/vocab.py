@@ -11,6 +11,7 @@ turns every failure into one ``UserError``.
 """
 
 import contextlib
+import json
 import os
 from typing import Iterator, Optional
 
@@ -25,6 +26,10 @@ DEFAULT_SPM_PATH = os.path.join(os.path.dirname(__file__), "assets", "mtx_demo.m
 PAD_ID = 0
 EOS_ID = 1
 UNK_ID = 2
+# Sentinels T5's Hugging Face tokenizers add after the SentencePiece pieces.
+T5_EXTRA_IDS = 100
+# ByT5's embedding rows: 3 special ids, 256 bytes, 125 extra ids (seqio's ByteVocabulary).
+BYT5_VOCAB_SIZE = 384
 
 # The default vocabulary's path while task modules are imported (gin's VOCABULARY):
 # set only by ``default_vocabulary_path``, for the duration of that import.
@@ -33,13 +38,12 @@ _default_path: Optional[str] = None
 _FIX = "pass the path of a SentencePiece .model file or create one with `python tools/train_vocab.py`"
 
 
-def get_vocabulary(
-  path: Optional[str] = None, extra_ids: int = 0
-) -> seqio.SentencePieceVocabulary:
+def get_vocabulary(path: Optional[str] = None, extra_ids: int = 0) -> seqio.Vocabulary:
   """Loads a local SentencePiece model as a seqio vocabulary, failing early and clearly.
 
   Args:
-    path: a local ``.model`` file; None means the default: the path given to
+    path: a local ``.model`` file, or a Hugging Face T5 directory (its spiece.model
+      with T5's 100 extra ids, or bytes for ByT5); None means the default: the path given to
       ``default_vocabulary_path`` while task modules are imported (gin's
       ``VOCABULARY``), else the shipped demo model (``DEFAULT_SPM_PATH``).
     extra_ids: sentinel ids appended after the model's pieces (T5 uses 100 for span
@@ -55,6 +59,8 @@ def get_vocabulary(
   if path is None:
     path = default_path()
   path = os.fspath(path)
+  if os.path.isdir(path) and os.path.isfile(os.path.join(path, "config.json")):
+    return _hf_vocabulary(path)
   if "://" in path:
     raise UserError(
       f"Vocabulary path {path} is remote but mtx reads vocabularies only "
@@ -90,6 +96,25 @@ def get_vocabulary(
   vocab = seqio.SentencePieceVocabulary(path, extra_ids=extra_ids)
   vocab.tokenizer  # pylint: disable=pointless-statement  # Loads the model now.
   return vocab
+
+
+def _hf_vocabulary(directory: str) -> seqio.Vocabulary:
+  """A Hugging Face T5 directory's vocabulary: its spiece.model with T5's 100 extra ids
+  (T5, Flan-T5, mT5), or bytes when it has none and is a ByT5 (vocab_size 384)."""
+  spm = os.path.join(directory, "spiece.model")
+  if os.path.isfile(spm):
+    return get_vocabulary(spm, extra_ids=T5_EXTRA_IDS)
+  try:
+    with open(os.path.join(directory, "config.json")) as f:
+      vocab_size = json.load(f).get("vocab_size")
+  except (OSError, ValueError):
+    vocab_size = None
+  if vocab_size == BYT5_VOCAB_SIZE:
+    return seqio.ByteVocabulary(extra_ids=BYT5_VOCAB_SIZE - 259)  # 3 special + 256 bytes
+  raise UserError(
+    f"Hugging Face directory {directory} has no spiece.model (and is not a ByT5); "
+    "copy the model's spiece.model there, or set VOCABULARY to it."
+  )
 
 
 def default_path() -> str:

@@ -1,4 +1,4 @@
-"""Building blocks of the T5 v1.1 model: norm, embedding, attention, MLP, masks.
+"""Building blocks of the T5 model: norm, embedding, attention, MLP, masks.
 
 Conventions shared by every module here:
 
@@ -9,7 +9,7 @@ Conventions shared by every module here:
   point of use, so the optimizer always sees float32 master weights.
 * Shapes in docstrings: B batch, Lq / Lk query / key length, E embed, H heads,
   D head dim, M mlp dim, V vocab.
-* No biases anywhere (T5 v1.1).
+* No biases anywhere (T5 v1.0 and v1.1).
 """
 
 import math
@@ -78,7 +78,7 @@ class RMSNorm(nn.Module):
 
 
 class Embed(nn.Module):
-  """Token embedding, shared by encoder and decoder inputs.
+  """Token embedding, shared by encoder and decoder inputs (and, in T5 v1.0, the output).
 
   Attributes:
     vocab_size: V.
@@ -90,19 +90,32 @@ class Embed(nn.Module):
   features: int
   dtype: DType = jnp.float32
 
-  @nn.compact
-  def __call__(self, tokens: Array) -> Array:
-    """int32 [B, L] -> dtype [B, L, E]."""
-    table = _param(
+  def setup(self):
+    self.embedding = _param(
       self,
       "embedding",
       nn.initializers.normal(stddev=1.0),
       (self.vocab_size, self.features),
       ("vocab", "embed"),
     )
+
+  def __call__(self, tokens: Array) -> Array:
+    """int32 [B, L] -> dtype [B, L, E]."""
     # Gather first, then cast: casting the whole [V, E] table costs more.
-    x = jnp.take(table, tokens, axis=0).astype(self.dtype)
+    x = jnp.take(self.embedding, tokens, axis=0).astype(self.dtype)
     return constrain(x, ("activation_batch", "activation_length", "activation_embed"))
+
+  def attend(self, x: Array) -> Array:
+    """[B, L, E] -> float32 [B, L, V]: logits against the embedding table (tied output)."""
+    logits = jnp.einsum(
+      "ble,ve->blv",
+      x,
+      self.embedding.astype(self.dtype),
+      preferred_element_type=jnp.float32,
+    )
+    return constrain(
+      logits, ("activation_batch", "activation_length", "activation_vocab")
+    )
 
 
 def relative_position_bucket(
@@ -308,19 +321,32 @@ class MultiHeadAttention(nn.Module):
     return constrain(out, ("activation_batch", "activation_length", "activation_embed"))
 
 
-class GatedGeluMlp(nn.Module):
-  """T5 v1.1 feed-forward: wo(gelu(x wi_0) * (x wi_1)), no biases.
+ACTIVATIONS = {
+  # GELU uses the tanh approximation, as T5X's ``nn.gelu`` default and Hugging Face's
+  # ``gelu_new`` (T5 v1.1's "gated-gelu") do.
+  "gelu": lambda x: nn.gelu(x, approximate=True),
+  "relu": nn.relu,
+  "linear": lambda x: x,
+}
 
-  GELU uses the tanh approximation, as T5X's ``nn.gelu`` default does.
+
+class MlpBlock(nn.Module):
+  """T5's feed-forward, no biases: wo(prod_i act_i(x wi_i)), T5X's ``MlpBlock``.
+
+  ``activations=("gelu", "linear")`` is T5 v1.1's gated GELU, wo(gelu(x wi_0) * (x wi_1));
+  ``("relu",)`` is T5 v1.0's wo(relu(x wi)). One activation names its input matrix
+  ``wi``, several name theirs ``wi_0``, ``wi_1``, ... (T5X's names).
 
   Attributes:
     mlp_dim: M.
+    activations: one name per input matrix, from "gelu", "relu", "linear".
     dtype: activation dtype.
     dropout_rate: dropout on the hidden activations.
     enable_dropout: whether dropout is applied (needs rng 'dropout').
   """
 
   mlp_dim: int
+  activations: Sequence[str] = ("gelu", "linear")
   dtype: DType = jnp.float32
   dropout_rate: float = 0.0
   enable_dropout: bool = False
@@ -330,11 +356,18 @@ class GatedGeluMlp(nn.Module):
     """[B, L, E] -> [B, L, E], in dtype."""
     emb = x.shape[-1]
     init = _fan_in_normal(0, 1, truncated=True)
-    wi_0 = _param(self, "wi_0", init, (emb, self.mlp_dim), ("embed", "mlp"))
-    wi_1 = _param(self, "wi_1", init, (emb, self.mlp_dim), ("embed", "mlp"))
+    names = (
+      ["wi"]
+      if len(self.activations) == 1
+      else [f"wi_{i}" for i in range(len(self.activations))]
+    )
+    # Created in this order (wi..., wo): each param's init key depends on it.
+    wis = [_param(self, n, init, (emb, self.mlp_dim), ("embed", "mlp")) for n in names]
     wo = _param(self, "wo", init, (self.mlp_dim, emb), ("mlp", "embed"))
-    gate = nn.gelu(x @ wi_0.astype(self.dtype), approximate=True)
-    hidden = gate * (x @ wi_1.astype(self.dtype))
+    hidden = None
+    for activation, wi in zip(self.activations, wis):
+      h = ACTIVATIONS[activation](x @ wi.astype(self.dtype))
+      hidden = h if hidden is None else hidden * h
     hidden = constrain(
       hidden, ("activation_batch", "activation_length", "activation_mlp")
     )

@@ -1,4 +1,4 @@
-"""T5 v1.1 encoder-decoder in flax.linen, with packing, a decoding cache and SPMD names.
+"""T5 (v1.1 and v1.0) encoder-decoder in flax.linen, with packing, a decoding cache and SPMD names.
 
 The model maps token ids to float32 logits:
 
@@ -8,6 +8,9 @@ The model maps token ids to float32 logits:
 What makes it T5 v1.1 (and what differs from the original T5): RMS pre-norm, gated-GELU
 MLP, relative position biases (one table per stack, shared by its layers), no biases,
 an output projection untied from the input embedding, no 1/sqrt(D) in attention.
+T5 v1.0 (``mlp_activations=("relu",)``, ``logits_via_embedding=True``) differs in two
+places: a ReLU MLP with one input matrix (``mlp/wi``), and logits from the input
+embedding (``embedding.attend(y) / sqrt(E)``, no ``decoder/logits_dense``).
 
 Parameter tree (``scan_layers=False``; with ``scan_layers=True`` the ``layers_i``
 subtrees become one ``layers`` subtree whose leaves have a leading layer axis with the
@@ -19,7 +22,7 @@ logical name 'layers')::
     encoder/layers_i/attention/{query,key,value}  [E, H, D]  (embed, heads, kv)
     encoder/layers_i/attention/out                [H, D, E]  (heads, kv, embed)
     encoder/layers_i/pre_mlp_layer_norm/scale     [E]  (embed)
-    encoder/layers_i/mlp/{wi_0,wi_1}              [E, M]  (embed, mlp)
+    encoder/layers_i/mlp/{wi_0,wi_1}              [E, M]  (embed, mlp)  (one activation: mlp/wi)
     encoder/layers_i/mlp/wo                       [M, E]  (mlp, embed)
     encoder/encoder_norm/scale
     decoder/relpos_bias/rel_embedding
@@ -27,7 +30,8 @@ logical name 'layers')::
                       pre_cross_attention_layer_norm, encoder_decoder_attention,
                       pre_mlp_layer_norm, mlp}
     decoder/decoder_norm/scale
-    decoder/logits_dense/kernel                   [E, V]  (embed, vocab)
+    decoder/logits_dense/kernel                   [E, V]  (embed, vocab)  (not with
+                                                  logits_via_embedding)
 
 Decoding cache (the 'cache' collection; see ``init_cache``)::
 
@@ -67,7 +71,7 @@ _EMBED_AXES = ("activation_batch", "activation_length", "activation_embed")
 
 @dataclasses.dataclass(frozen=True)
 class T5Config:
-  """Hyperparameters of the T5 v1.1 model; gin binds them as ``model.T5Config.*``.
+  """Hyperparameters of the T5 model; gin binds them as ``model.T5Config.*``.
 
   Attributes:
     vocab_size: V; 0 means "set by the trainer from the vocabulary, padded to a
@@ -88,6 +92,10 @@ class T5Config:
       but each layer's input).
     scan_layers: run each stack's layers with ``nn.scan``; params get a leading
       'layers' axis. Compile time stops growing with depth.
+    mlp_activations: the MLP's activations, one per input matrix (T5X's name):
+      ("gelu", "linear") is v1.1's gated GELU, ("relu",) is v1.0's.
+    logits_via_embedding: logits from the input embedding, scaled by 1/sqrt(E)
+      (T5 v1.0, tied embeddings) instead of a separate ``logits_dense``.
   """
 
   vocab_size: int = 0
@@ -103,6 +111,12 @@ class T5Config:
   relative_attention_max_distance: int = 128
   remat_policy: str = "none"
   scan_layers: bool = False
+  mlp_activations: tuple = ("gelu", "linear")
+  logits_via_embedding: bool = False
+
+  def __post_init__(self):
+    # gin gives lists; a tuple keeps the config hashable (jit static arguments).
+    object.__setattr__(self, "mlp_activations", tuple(self.mlp_activations))
 
   @property
   def activation_dtype(self) -> Any:
@@ -144,6 +158,12 @@ def _validate_config(config: T5Config) -> None:
       f"relative_attention_max_distance {distance}; use at least 4 buckets and a "
       "max distance above half of them (T5: 32 and 128)."
     )
+  activations = tuple(config.mlp_activations)
+  if not activations or any(a not in layers.ACTIVATIONS for a in activations):
+    raise UserError(
+      f"T5Config.mlp_activations is {activations}; use one or more of "
+      f"{sorted(layers.ACTIVATIONS)}, e.g. ('gelu', 'linear') or ('relu',)."
+    )
   if not 0.0 <= config.dropout_rate < 1.0:
     raise UserError(
       f"T5Config.dropout_rate is {config.dropout_rate}; it must be in [0, 1)."
@@ -175,9 +195,10 @@ def _attention(
   )
 
 
-def _mlp(config: T5Config, enable_dropout: bool) -> layers.GatedGeluMlp:
-  return layers.GatedGeluMlp(
+def _mlp(config: T5Config, enable_dropout: bool) -> layers.MlpBlock:
+  return layers.MlpBlock(
     mlp_dim=config.mlp_dim,
+    activations=tuple(config.mlp_activations),
     dtype=config.activation_dtype,
     dropout_rate=config.dropout_rate,
     enable_dropout=enable_dropout,
@@ -374,6 +395,9 @@ class Decoder(nn.Module):
   ) -> Array:
     """Embedded decoder inputs [B, Ld, E] -> float32 logits [B, Ld, V].
 
+    With ``config.logits_via_embedding`` the output is the final hidden state
+    [B, Ld, E] instead, which ``T5.decode`` projects with the input embedding.
+
     Args:
       y: [B, Ld, E] embedded decoder inputs (Ld = 1 in a decode step).
       encoded: [B, Le, E] encoder output.
@@ -445,16 +469,17 @@ class Decoder(nn.Module):
     )
     y = layers.RMSNorm(cfg.activation_dtype, name="decoder_norm")(y)
     y = _dropout(cfg, enable_dropout, y)
-    logits = layers.VocabProjection(
-      cfg.vocab_size, cfg.activation_dtype, name="logits_dense"
-    )(y)
     if decode_step:
       cache_index.value = index + 1
-    return logits
+    if cfg.logits_via_embedding:
+      return y  # T5.decode projects with the input embedding.
+    return layers.VocabProjection(
+      cfg.vocab_size, cfg.activation_dtype, name="logits_dense"
+    )(y)
 
 
 class T5(nn.Module):
-  """T5 v1.1 encoder-decoder.
+  """T5 encoder-decoder (v1.1, or v1.0 by its config).
 
   Token id 0 is padding (and, in ``decoder_input_tokens``, also T5's start token).
   Rows may pack several examples: segment ids (0 = padding, 1, 2, ... = example
@@ -560,7 +585,7 @@ class T5(nn.Module):
         decoder_segment_ids > 0, enc_valid, decoder_segment_ids, encoder_segment_ids
       )
     y = self.token_embedder(decoder_input_tokens)
-    return self.decoder(
+    y = self.decoder(
       y,
       encoded,
       cross_mask,
@@ -569,6 +594,10 @@ class T5(nn.Module):
       decode=decode,
       max_decode_length=max_decode_length,
     )
+    if self.config.logits_via_embedding:
+      # T5 v1.0 (T5X's logits_via_embedding): tied output, scaled by 1/sqrt(E).
+      return self.token_embedder.attend(y) / jnp.sqrt(jnp.float32(y.shape[-1]))
+    return y
 
   def __call__(
     self,

@@ -15,7 +15,7 @@ from jax.sharding import NamedSharding
 
 from mtx.errors import UserError
 from mtx.model import T5
-from mtx.runtime import checkpoint
+from mtx.runtime import pretrained
 
 
 def dummy_batch(batch_size: int, inputs_length: int, targets_length: int) -> dict:
@@ -112,7 +112,9 @@ def load_trained(
     model_config: the run's ``T5Config`` (vocab_size 0 = from the vocabulary).
     vocab_size: the vocabulary's size (before padding).
     mesh, rules: where the params go, by their logical axis names.
-    path: a MODEL_DIR (newest finished step), a step directory, or its state dir.
+    path: a MODEL_DIR (newest finished step), a step directory, or its state dir;
+      or a pretrained checkpoint (``mtx.runtime.pretrained``) whose config
+      ``model_config`` already is (``pretrained.resolve``).
     inputs_length, targets_length: only used to trace shapes.
     what: how errors name ``path``.
 
@@ -125,4 +127,5 @@ def load_trained(
   target = jax.tree.map(
     lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
   )
-  return model, checkpoint.load_params(path, target, what=what), shardings
+  params = pretrained.load(path, target, model.config.scan_layers, what)
+  return model, params, shardings

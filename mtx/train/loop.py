@@ -25,7 +25,7 @@ from mtx.data import pipeline as data_pipeline
 from mtx.data import registry
 from mtx.errors import UserError
 from mtx.eval import periodic as eval_periodic
-from mtx.runtime import checkpoint, metrics_writer, progress
+from mtx.runtime import checkpoint, metrics_writer, pretrained, progress
 from mtx.runtime import lock as lock_lib
 from mtx.runtime import params as params_lib
 from mtx.train import build as build_lib
@@ -295,6 +295,7 @@ def _start(
   operative_config: Optional[Callable[[], str]],
 ) -> tuple:
   """(the job, the train state, the start step): data, step, restored checkpoint."""
+  config = _with_checkpoint_model(config)
   data, settings, run = config.data, config.step, config.loop
   registry.import_modules(data.mixture_or_task_module, data.vocabulary_path)
   mesh = parallel.make_mesh(settings.mesh_shape, devices)
@@ -354,6 +355,22 @@ def _start(
   return job, train_state, start_step
 
 
+def _with_checkpoint_model(
+  config: settings_lib.TrainConfig,
+) -> settings_lib.TrainConfig:
+  """``config`` with the model and vocabulary of a pretrained INITIAL_CHECKPOINT_PATH
+  (Hugging Face, T5X), as ``mtx.runtime.pretrained.resolve`` gives them."""
+  model_config, vocabulary_path = pretrained.resolve(
+    config.initial_checkpoint_path,
+    config.model_config,
+    config.vocabulary_path,
+    "INITIAL_CHECKPOINT_PATH",
+  )
+  return dataclasses.replace(
+    config, model_config=model_config, vocabulary_path=vocabulary_path
+  )
+
+
 def _load_data(
   build: build_lib.StepBuild, block: int, blocks: int, num_shards: int
 ) -> data_pipeline.Pipeline:
@@ -395,8 +412,11 @@ def _restore_or_init(
   with build.mesh:
     params = None
     if initial_checkpoint_path:
-      params = checkpoint.load_params(
-        initial_checkpoint_path, build.sharded_state()["params"]
+      params = pretrained.load(
+        initial_checkpoint_path,
+        build.sharded_state()["params"],
+        build.model_config.scan_layers,
+        "INITIAL_CHECKPOINT_PATH",
       )
     return 0, build.init_state(params)
 

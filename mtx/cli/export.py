@@ -1,0 +1,135 @@
+"""``mtx export``: a run's params as a Hugging Face T5 directory that transformers loads.
+
+    mtx export --gin_file=my_run.gin --gin_file=runs/export.gin \\
+      --gin.EXPORT_DIR="'/tmp/my-t5'"
+
+reads MODEL_DIR's newest checkpoint (or EXPORT_CHECKPOINT_PATH: another run, a step
+directory, or a Hugging Face directory) and writes ``config.json``, ``model.safetensors``
+(float32) and ``spiece.model`` (the run's vocabulary) to EXPORT_DIR, each file atomically,
+so that ``T5ForConditionalGeneration.from_pretrained(EXPORT_DIR)`` gives mtx's logits.
+The model is the run's: gin's ``model.T5Config``, or that of a pretrained
+INITIAL_CHECKPOINT_PATH the run started from. Hugging Face -> mtx -> Hugging Face gives
+the same tensors, bit for bit.
+"""
+
+import dataclasses
+import logging
+import os
+import re
+import time
+from typing import Optional, Sequence
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+
+from mtx import parallel, paths
+from mtx.data import registry, vocab
+from mtx.errors import UserError
+from mtx.model import T5Config
+from mtx.runtime import hf, pretrained
+from mtx.runtime import params as params_lib
+
+log = logging.getLogger("mtx")
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportResult:
+  """What ``mtx export`` did; ``str()`` is the line the CLI prints."""
+
+  directory: str
+  files: tuple
+  seconds: float
+
+  def __str__(self) -> str:
+    names = ", ".join(os.path.basename(f) for f in self.files)
+    return f"Exported {names} to {self.directory}."
+
+
+def _host_arrays(params, scanned: bool) -> dict[str, np.ndarray]:
+  """Unscanned mtx name -> float32 host array (a scanned stack split per layer)."""
+  out = {}
+  for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+    name = "/".join(str(getattr(k, "key", k)) for k in path)
+    array = np.asarray(multihost_utils.process_allgather(leaf, tiled=True), np.float32)
+    if scanned and re.search(r"(^|/)layers(/|$)", name):
+      for i in range(array.shape[0]):
+        out[re.sub(r"(^|/)layers(/|$)", rf"\1layers_{i}\2", name, count=1)] = array[i]
+    else:
+      out[name] = array
+  return out
+
+
+def _vocab_size(
+  model_config: T5Config,
+  vocabulary_path: Optional[str],
+  mixture_or_task_name: Optional[str],
+  mixture_or_task_module: Optional[str],
+) -> int:
+  """The vocabulary's size, as training saw it (the mixture's, else VOCABULARY's)."""
+  if model_config.vocab_size:
+    return model_config.vocab_size
+  registry.import_modules(mixture_or_task_module, vocabulary_path)
+  if mixture_or_task_name:
+    return registry.resolve(mixture_or_task_name).vocabulary.vocab_size
+  return vocab.get_vocabulary(vocabulary_path).vocab_size
+
+
+def export(
+  *,
+  model_dir: Optional[str],
+  export_dir: str,
+  checkpoint_path: Optional[str] = None,
+  checkpoint_step: Optional[int] = None,
+  initial_checkpoint_path: Optional[str] = None,
+  vocabulary_path: Optional[str] = None,
+  model_config: T5Config = T5Config(),
+  mixture_or_task_name: Optional[str] = None,
+  mixture_or_task_module: Optional[str] = None,
+  devices: Optional[Sequence[jax.Device]] = None,
+) -> ExportResult:
+  """Writes a checkpoint as a Hugging Face T5 directory; see the module docstring.
+
+  Args:
+    model_dir: the run (its newest finished checkpoint is exported).
+    export_dir: where config.json, model.safetensors and spiece.model go (EXPORT_DIR).
+    checkpoint_path: export this checkpoint instead (EXPORT_CHECKPOINT_PATH).
+    checkpoint_step: the step to export; None = the newest finished one.
+    initial_checkpoint_path: the run's INITIAL_CHECKPOINT_PATH (a pretrained one
+      defines the model and vocabulary).
+    vocabulary_path, model_config, mixture_or_task_name, mixture_or_task_module: the
+      run's, as for training (they give the vocabulary size and the file to copy).
+    devices: the devices to load on (default all).
+  """
+  start = time.time()
+  model_dir, export_dir = paths.absolute(model_dir), paths.absolute(export_dir)
+  checkpoint_path = paths.absolute(checkpoint_path)
+  vocabulary_path = paths.absolute(vocabulary_path)
+  initial_checkpoint_path = paths.absolute(initial_checkpoint_path)
+  if not export_dir:
+    raise UserError(
+      "EXPORT_DIR is not set; set it to the directory to write, e.g. "
+      "--gin.EXPORT_DIR=\"'/tmp/my-t5'\"."
+    )
+  source = checkpoint_path or model_dir
+  what = "EXPORT_CHECKPOINT_PATH" if checkpoint_path else "MODEL_DIR"
+  model_config, vocabulary_path = pretrained.resolve_run(
+    source, initial_checkpoint_path, model_config, vocabulary_path, what
+  )
+  if checkpoint_step is not None and not pretrained.is_pretrained(source, what):
+    source = os.path.join(source, str(int(checkpoint_step)))
+  size = _vocab_size(
+    model_config, vocabulary_path, mixture_or_task_name, mixture_or_task_module
+  )
+  mesh = parallel.make_mesh(None, devices)
+  model, params, _ = params_lib.load_trained(
+    model_config, size, mesh, parallel.DEFAULT_RULES, source, what=what
+  )
+  arrays = _host_arrays(params, model.config.scan_layers)
+  spiece = hf.spiece_of(vocabulary_path or vocab.default_path())
+  files = ()
+  if jax.process_index() == 0:
+    files = tuple(hf.export(arrays, model.config, export_dir, spiece))
+  seconds = time.time() - start
+  log.info("Exported %s to %s in %.1f s.", source, export_dir, seconds)
+  return ExportResult(export_dir, files, seconds)
