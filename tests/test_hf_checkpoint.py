@@ -5,6 +5,7 @@ untied, bfloat16, sharded) were written by tools/make_hf_fixtures.py with transf
 with hf_reference.npz holding transformers' float32 logits and greedy outputs.
 """
 
+import importlib.util
 import json
 import os
 import shutil
@@ -29,6 +30,11 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 FIXTURES = os.path.join(HERE, "fixtures")
 V1_0, V1_1 = (os.path.join(FIXTURES, n) for n in ("hf_t5_v1_0", "hf_t5_v1_1"))
 REFERENCE = np.load(os.path.join(FIXTURES, "hf_reference.npz"))
+_spec = importlib.util.spec_from_file_location(
+  "make_t5x_fixture", os.path.join(HERE, "..", "tools", "make_t5x_fixture.py")
+)
+make_t5x_fixture = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(make_t5x_fixture)
 INPUT_TEXTS = ["sort: c a b", "copy: hello world", "reverse: abc"]  # the tool's
 
 
@@ -430,3 +436,58 @@ def test_bad_checkpoint_one_sentence(tmp_path, capsys, case, make, args, pattern
   assert re.search(pattern, err), err
   written = [f for _, _, files in os.walk(model_dir) for f in files]
   assert written == [], written
+
+
+# ---- T5X checkpoints through the same settings --------------------------------------------
+def _as_t5x(tmp_path, source=V1_1):
+  """The Hugging Face fixture's params rewritten as a T5X checkpoint, the way
+  tools/make_t5x_fixture.py writes T5X's format; the model comes from gin then."""
+  reader = pretrained.open_reader(source, "INITIAL_CHECKPOINT_PATH")
+  try:
+    params = {name: reader.read(name) for name in reader.names()}
+    defined = reader.model_config()
+  finally:
+    reader.close()
+  t5x_dir = tmp_path / "t5x_run"
+  make_t5x_fixture.write_t5x_checkpoint(params, str(t5x_dir), step=7)
+  bindings = [f"--gin.model.T5Config.{k} = {v!r}" for k, v in defined.items()]
+  return t5x_dir, T5Config(**defined), bindings
+
+
+def test_t5x_checkpoint_gives_transformers_logits(tmp_path):
+  """An independent reference for the T5X reader: the same weights in T5X's layout load
+  to transformers' logits (the T5X model dir resolves to its newest checkpoint_N)."""
+  t5x_dir, model_config, _ = _as_t5x(tmp_path)
+  mesh = parallel.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+  model, params, _ = params_lib.load_trained(
+    model_config,
+    0,
+    mesh,
+    parallel.DEFAULT_RULES,
+    str(t5x_dir),
+    what="INFER_CHECKPOINT_PATH",
+  )
+  logits = model.apply(
+    {"params": params},
+    jnp.asarray(REFERENCE["encoder_ids"]),
+    jnp.asarray(REFERENCE["decoder_ids"]),
+  )
+  np.testing.assert_allclose(logits, REFERENCE["hf_t5_v1_1/logits"], atol=1e-5, rtol=0)
+
+
+@pytest.mark.slow
+def test_finetune_one_step_from_t5x(tmp_path):
+  """INITIAL_CHECKPOINT_PATH accepts a T5X model directory; gin gives the model and the
+  vocabulary, as in T5X's fine-tuning configs."""
+  t5x_dir, _, bindings = _as_t5x(tmp_path)
+  model_dir = tmp_path / "ft"
+  args = _run_args(
+    "train",
+    model_dir,
+    f"--gin.INITIAL_CHECKPOINT_PATH='{t5x_dir}'",
+    f"--gin.VOCABULARY='{os.path.join(V1_1, 'spiece.model')}'",
+    *bindings,
+  )
+  assert _cli(*args) == 0
+  last = json.loads((model_dir / "metrics.jsonl").read_text().splitlines()[-1])
+  assert last["step"] == 1 and np.isfinite(last["loss/hf_copy"])

@@ -30,7 +30,7 @@ import numpy as np
 from mtx.data import vocab
 from mtx.errors import UserError
 from mtx.model import T5Config
-from mtx.runtime import checkpoint, hf
+from mtx.runtime import checkpoint, hf, t5x
 
 # T5Config fields that describe the architecture (a checkpoint defines them); the others
 # (dropout_rate, dtype, remat_policy, scan_layers) stay gin's.
