@@ -103,7 +103,7 @@ def test_progress_line_shows_steps_rate_eta_and_losses():
   start = progress._start_time  # pylint: disable=protected-access
   line = progress.line(50, {"loss/cola": 1.23456}, now=start + 10.0)
   assert "50/100" in line and "5.0 steps/s" in line and "ETA 0:00:10" in line
-  assert "loss/cola 1.235" in line
+  assert "cola 1.235" in line
   progress.update(100, {"loss": 1.0})
   progress.close()
   assert stream.getvalue().startswith("\r[") and stream.getvalue().endswith("\n")

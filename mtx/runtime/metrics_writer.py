@@ -29,6 +29,7 @@ import os
 import tempfile
 from typing import Any, Mapping
 
+from mtx import tf_logs
 from mtx.errors import UserError
 
 METRICS_FILE = "metrics.jsonl"
@@ -288,7 +289,8 @@ class _TensorBoardWriter:
     from tensorflow.core.framework import summary_pb2
 
     try:
-      tf.config.set_visible_devices([], "GPU")
+      with tf_logs.filtered_stderr():
+        tf.config.set_visible_devices([], "GPU")
     except RuntimeError:
       pass  # TF was initialized earlier by other code; it keeps the devices it chose.
     self._tf = tf

@@ -537,6 +537,7 @@ def _run(job: _Job, train_state, start_step: int, stop: _StopSignals) -> RunResu
   prefetch = Prefetcher(job.pipe, build.mesh)
   step = start_step
   history, last, data_state = [], {}, job.pipe.get_state()
+  _log_resume(job, start_step, data_state)
   t0, t0_step = None, step
   outcome = "failed"
   try:
@@ -554,11 +555,12 @@ def _run(job: _Job, train_state, start_step: int, stop: _StopSignals) -> RunResu
           if job.operative_config is not None:  # after tracing: it is complete now
             _write_config(run.model_dir, job.operative_config())
         if step % run.log_period == 0 or step == run.train_steps:
+          bar.clear()  # the log line goes where the bar was; the bar comes back below
           last = _log(job, writer, step, history, data_state, t0, t0_step)
           job.watch.review(history, step - len(history) + 1)
           history = []
           t0, t0_step = time.time(), step
-          bar.update(step, {k: v for k, v in last.items() if k.startswith("loss")})
+        bar.update(step, {k: v for k, v in last.items() if k.startswith("loss")})
         # Processes must agree to stop; asking costs a collective, so not every step.
         if jax.process_count() == 1 or step % 10 == 0:
           signum = _agree(stop.signum)
@@ -634,8 +636,30 @@ def _log(
   for ex in job.pipe.examples:  # Epochs of this host's shard at the trained position.
     scalars[f"data/epochs/{ex.name}"] = data_state["cursors"][ex.name] / len(ex)
   writer.write(step, scalars)
+  if jax.process_index() == 0:
+    progress.log.info("%s", progress.log_line(step, job.settings.train_steps, scalars))
   warn_solver_failures(scalars, step)
   return scalars
+
+
+def _log_resume(job: _Job, start_step: int, data_state: dict) -> None:
+  """'Resumed from step N of M; data position: ...' (process 0; none at step 0)."""
+  if start_step and jax.process_index() == 0:
+    progress.log.info(
+      "Resumed from step %d of %d; data position: %s.",
+      start_step,
+      job.settings.train_steps,
+      _data_position(job.pipe, data_state),
+    )
+
+
+def _data_position(pipe: data_pipeline.Pipeline, data_state: dict) -> str:
+  """'batch 40; epochs tiny_copy 0.52, tiny_rev 0.48' (this host's shard)."""
+  epochs = ", ".join(
+    f"{ex.name} {data_state['cursors'][ex.name] / max(len(ex), 1):.2f}"
+    for ex in pipe.examples
+  )
+  return f"batch {data_state['batches']}; epochs {epochs}"
 
 
 def warn_solver_failures(scalars: dict, step: int) -> None:

@@ -1,0 +1,128 @@
+"""What an operator reads: a log line per LOG_PERIOD without a terminal, resumes and
+evaluations at the default level, a bar that fits, no TensorFlow start-up noise."""
+
+import io
+import logging
+import os
+import subprocess
+import sys
+
+import tiny_mixture  # noqa: F401  (registers the 'tiny' mixture)
+from loop_helpers import TINY, loop_train
+
+from mtx import tf_logs
+from mtx.runtime import progress
+from mtx.train import optim
+
+TESTS = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(TESTS)
+
+
+def _train(model_dir, steps, log_period, **kw):
+  return loop_train(
+    model_dir=str(model_dir),
+    mixture_or_task_name="tiny",
+    task_feature_lengths={"inputs": 16, "targets": 16},
+    train_steps=steps,
+    batch_size=8,
+    model_config=TINY,
+    optimizer_fn=lambda learning_rate: optim.make_optimizer("adamw", learning_rate),
+    learning_rate=1e-3,
+    log_period=log_period,
+    checkpoint_period=0,
+    print_param_table=False,
+    tensorboard=False,
+    **kw,
+  )
+
+
+def _progress_lines(caplog):
+  return [r.getMessage() for r in caplog.records if r.name == "mtx.progress"]
+
+
+def test_a_log_line_every_log_period_and_the_resume_at_the_default_level(
+  tmp_path, caplog
+):
+  # No caplog.at_level: the root logger stays at WARNING, as under `mtx train`.
+  assert not sys.stderr.isatty()
+  _train(tmp_path / "r", steps=3, log_period=1)
+  lines = _progress_lines(caplog)
+  assert [line.split(":")[0] for line in lines] == ["step 1/3", "step 2/3", "step 3/3"]
+  assert "loss " in lines[0] and "(copy " in lines[0] and "rev " in lines[0]
+  assert "steps/s" in lines[1] and "tokens/s" in lines[1]  # step 1 is compile time
+  assert "ETA" in lines[1] and "ETA" not in lines[2]  # nothing left after the end
+  caplog.clear()
+  _train(tmp_path / "r", steps=5, log_period=2)
+  lines = _progress_lines(caplog)
+  assert lines[0].startswith("Resumed from step 3 of 5; data position: batch 3; epochs ")
+  assert "tiny_copy" in lines[0] and "tiny_rev" in lines[0]
+  assert [line.split(":")[0] for line in lines[1:]] == ["step 4/5", "step 5/5"]
+
+
+def test_log_line_formats_the_period():
+  scalars = {
+    "loss": 2.3104,
+    "loss/glue_cola": 2.0512,
+    "loss/glue_sst2": float("nan"),  # absent from the period
+    "loss/glue_rte": 2.5,
+    "timing/step_s": 0.5,
+    "timing/tokens_per_s": 25300.0,
+  }
+  assert progress.log_line(100, 1000, scalars) == (
+    "step 100/1000: loss 2.310 (cola 2.051, rte 2.500); 2.00 steps/s, "
+    "25.3k tokens/s, ETA 0:07:30"
+  )
+  assert progress.task_labels(["a_x", "a_y"]) == ["x", "y"]
+  assert progress.task_labels(["copy", "cop"]) == ["copy", "cop"]  # no '_' in common
+  assert progress.task_labels(["only_one"]) == ["only_one"]
+
+
+def test_the_bar_shows_the_task_losses_that_fit_and_counts_the_rest(monkeypatch):
+  monkeypatch.setattr(
+    progress.shutil, "get_terminal_size", lambda *a: os.terminal_size((120, 24))
+  )
+  bar = progress.Progress(100, 0, enabled=True, stream=io.StringIO())
+  info = {"loss": 1.0, **{f"loss/mix_task{i}": 1.0 + i for i in range(20)}}
+  line = bar.line(50, info, now=bar._start_time + 10.0)  # pylint: disable=protected-access
+  assert len(line) <= 119
+  assert "loss 1.000  task0 1.000  task1 2.000" in line
+  shown = sum(f"task{i} " in line for i in range(20))
+  assert 0 < shown < 20 and line.endswith(f"+{20 - shown}")
+
+
+def test_the_bar_advances_every_step_and_clears_for_a_log_line():
+  stream = io.StringIO()
+  bar = progress.Progress(3, 0, enabled=True, stream=stream)
+  bar.update(1, {})
+  bar.clear()
+  bar.update(2, {})  # right after a clear: drawn again, though < 0.1 s went by
+  assert stream.getvalue().count("\r[") == 2 and "\r\x1b[K" in stream.getvalue()
+
+
+def test_tensorflow_start_up_notices_are_not_printed():
+  env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+  env["PYTHONPATH"] = REPO
+  code = (
+    "import mtx.data.materialize, mtx.runtime.metrics_writer, sys;"
+    "import tensorflow as tf; tf.constant(1);"
+    "print('kept', file=sys.stderr)"
+  )
+  out = subprocess.run(
+    [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300
+  )
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert out.stderr.strip() == "kept", out.stderr[-2000:]
+
+
+def test_a_user_setting_of_the_tf_log_level_is_kept(monkeypatch):
+  monkeypatch.setenv("TF_CPP_MIN_LOG_LEVEL", "0")
+  tf_logs.install()
+  assert os.environ["TF_CPP_MIN_LOG_LEVEL"] == "0"
+  assert tf_logs.is_noise("I0000 port.cc:153] oneDNN custom operations are on.")
+  assert not tf_logs.is_noise("ERROR mtx: something real")
+
+
+def test_noise_is_filtered_and_the_rest_kept(capfd):
+  with tf_logs.filtered_stderr():
+    os.write(2, b"W0000 cudart_stub.cc:31] Could not find cuda drivers\nreal line\n")
+  assert capfd.readouterr().err == "real line\n"
