@@ -2,17 +2,20 @@
 evaluations at the default level, a bar that fits, no TensorFlow start-up noise."""
 
 import io
-import logging
+import json
+import math
 import os
 import subprocess
 import sys
 
+import numpy as np
+import pytest
 import tiny_mixture  # noqa: F401  (registers the 'tiny' mixture)
 from loop_helpers import TINY, loop_train
 
 from mtx import tf_logs
-from mtx.runtime import progress
-from mtx.train import optim
+from mtx.runtime import metrics_writer, progress
+from mtx.train import loop, optim
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(TESTS)
@@ -51,6 +54,12 @@ def test_a_log_line_every_log_period_and_the_resume_at_the_default_level(
   assert "loss " in lines[0] and "(copy " in lines[0] and "rev " in lines[0]
   assert "steps/s" in lines[1] and "tokens/s" in lines[1]  # step 1 is compile time
   assert "ETA" in lines[1] and "ETA" not in lines[2]  # nothing left after the end
+  # T5X's metrics: the loss's parts apart (eval reports the plain cross-entropy).
+  row = metrics_writer.read_metrics(str(tmp_path / "r"))[-1]
+  for task in ("tiny_copy", "tiny_rev"):
+    assert row[f"cross_ent_loss/{task}"] < row[f"loss/{task}"]
+    assert 0.0 <= row[f"accuracy/{task}"] <= 1.0
+  assert 0.0 < row["z_loss"] < row["loss"] - row["cross_ent_loss"] + 1e-6
   caplog.clear()
   _train(tmp_path / "r", steps=5, log_period=2)
   lines = _progress_lines(caplog)
@@ -126,3 +135,52 @@ def test_noise_is_filtered_and_the_rest_kept(capfd):
   with tf_logs.filtered_stderr():
     os.write(2, b"W0000 cudart_stub.cc:31] Could not find cuda drivers\nreal line\n")
   assert capfd.readouterr().err == "real line\n"
+
+
+def _step_metrics(tokens, weights, loss=2.0):
+  tokens = np.asarray(tokens, np.float32)
+  return {
+    "nonfinite": False,
+    "task_loss_sums": loss * tokens,
+    "task_cross_ent_sums": (loss - 0.5) * tokens,
+    "task_z_loss_sums": 0.1 * tokens,
+    "task_correct": 0.25 * tokens,
+    "task_tokens": tokens,
+    "grad_norm": 1.0,
+    "group_weights": np.asarray(weights, np.float32),
+  }
+
+
+def test_an_absent_task_is_null_and_weights_average_over_the_steps_it_was_present(
+  tmp_path,
+):
+  # Task c never appears; task b is absent at the period's last step, where the method
+  # (PCGrad, say) reports weight 0 for it: its logged weight is its mean when present.
+  history = [
+    _step_metrics([4, 2, 0], [1.0, 0.5, 0.0]),
+    _step_metrics([4, 2, 0], [1.0, 1.5, 0.0]),
+    _step_metrics([4, 0, 0], [2.0, 0.0, 0.0]),
+  ]
+  out = loop._period_metrics(history, ["a", "b", "c"], ["a", "b", "c"])  # pylint: disable=protected-access
+  assert out["mtl/weight/a"] == pytest.approx(4 / 3)
+  assert out["mtl/weight/b"] == pytest.approx(1.0)
+  assert out["loss/b"] == pytest.approx(2.0)
+  assert out["cross_ent_loss/a"] == pytest.approx(1.5)
+  assert out["accuracy/b"] == pytest.approx(0.25)
+  assert out["z_loss"] == pytest.approx(0.1)
+  assert math.isnan(out["loss/c"]) and math.isnan(out["mtl/weight/c"])
+  with metrics_writer.MetricsWriter(str(tmp_path), tensorboard=False) as writer:
+    writer.write(3, out)
+  record = json.loads((tmp_path / "metrics.jsonl").read_text())
+  for key in ("loss/c", "cross_ent_loss/c", "accuracy/c", "mtl/weight/c"):
+    assert key in record and record[key] is None, key
+  numeric = [v for k, v in record.items() if not k.endswith("/c")]
+  assert all(isinstance(v, (int, float)) for v in numeric)
+
+
+def test_weights_of_task_groups_use_the_groups_presence():
+  # Tasks 0 and 1 form group "g0"; task 2 is "g1", absent at the last step.
+  history = [_step_metrics([1, 0, 3], [1.0, 3.0]), _step_metrics([0, 2, 0], [1.0, 0.0])]
+  out = loop._period_metrics(history, ["a", "b", "c"], ["g0", "g1"], [0, 0, 1])  # pylint: disable=protected-access
+  assert out["mtl/weight/g0"] == pytest.approx(1.0)
+  assert out["mtl/weight/g1"] == pytest.approx(3.0)

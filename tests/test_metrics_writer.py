@@ -28,20 +28,22 @@ def test_write_appends_one_json_object_per_step(tmp_path):
   ]
 
 
-def test_non_finite_values_are_strings_and_read_back_as_floats(tmp_path):
+def test_non_finite_values_are_null_and_read_back_as_nan(tmp_path):
+  # null keeps every column numeric for pandas and jq (a "NaN" string would not).
   with metrics_writer.MetricsWriter(str(tmp_path), tensorboard=False) as writer:
     writer.write(1, {"a": float("nan"), "b": float("inf"), "c": -np.inf, "d": 1.0})
   line = _lines(tmp_path)[0]
-  assert json.loads(line) == {
-    "step": 1,
-    "a": "NaN",
-    "b": "Infinity",
-    "c": "-Infinity",
-    "d": 1.0,
-  }
+  assert line == '{"step": 1, "a": null, "b": null, "c": null, "d": 1.0}'
   (record,) = metrics_writer.read_metrics(str(tmp_path))
-  assert math.isnan(record["a"]) and record["b"] == math.inf
-  assert record["c"] == -math.inf and record["d"] == 1.0
+  assert all(math.isnan(record[k]) for k in "abc") and record["d"] == 1.0
+
+
+def test_strings_of_older_files_are_still_read_as_floats(tmp_path):
+  (tmp_path / "metrics.jsonl").write_text(
+    '{"step": 1, "a": "NaN", "b": "Infinity", "c": "-Infinity"}\n'
+  )
+  (record,) = metrics_writer.read_metrics(str(tmp_path))
+  assert math.isnan(record["a"]) and record["b"] == math.inf and record["c"] == -math.inf
 
 
 def test_read_metrics_skips_a_truncated_last_line_and_writer_repairs_it(tmp_path):

@@ -4,9 +4,13 @@
 
   {"step": 100, "loss": 2.31, "loss/glue_cola": 2.05, "learning_rate": 0.01}
 
-Non-finite floats are written as the JSON strings ``"NaN"``, ``"Infinity"`` and
-``"-Infinity"`` (bare ``NaN`` is not JSON, and ``null`` would lose which one it was);
-``read_metrics`` turns those strings back into floats. Each line goes out in one
+A value that is not a finite number is written as ``null``: a task absent from the
+logging period (its ``loss/<task>``, ``cross_ent_loss/<task>``, ``accuracy/<task>``),
+and a NaN or infinite value (bare ``NaN`` is not JSON; a string would make the column
+text for pandas and jq). Every column stays numeric: ``pandas.read_json(path,
+lines=True)`` reads ``null`` as NaN, ``jq 'select(.["loss/cola"] != null)'`` skips it.
+``read_metrics`` gives NaN for ``null`` (and reads the ``"NaN"``/``"Infinity"`` strings
+of files written before). Each line goes out in one
 ``write`` on a file opened for appending, so a killed run leaves at most one partial
 last line, which ``read_metrics`` skips and the next ``MetricsWriter`` removes.
 
@@ -174,8 +178,8 @@ class MetricsWriter:
 def read_metrics(model_dir: str) -> list[dict[str, Any]]:
   """Returns the objects of ``model_dir/metrics.jsonl`` in order ([] if it is missing).
 
-  A partial last line (a run killed mid-write) is skipped; "NaN", "Infinity" and
-  "-Infinity" strings come back as floats.
+  A partial last line (a run killed mid-write) is skipped; ``null`` comes back as NaN
+  (and the "NaN", "Infinity" and "-Infinity" strings of older files as floats).
   """
   path = os.path.join(model_dir, METRICS_FILE)
   if not os.path.exists(path):
@@ -247,12 +251,14 @@ def _to_number(value):
 
 def _encode(value):
   if isinstance(value, float) and not math.isfinite(value):
-    return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
+    return None
   return value
 
 
 def _decode(value):
-  if isinstance(value, str) and value in _NON_FINITE:
+  if value is None:
+    return math.nan
+  if isinstance(value, str) and value in _NON_FINITE:  # files written before null
     return _NON_FINITE[value]
   return value
 
@@ -305,7 +311,8 @@ class _TensorBoardWriter:
     tf = self._tf
     with tf.device("/cpu:0"), self._writer.as_default():
       for name, value in record.items():
-        if name != "step":
+        # NaN: no point (a task absent from the period), not a point at NaN.
+        if name != "step" and not math.isnan(value):
           tf.summary.write(
             name,
             tf.constant(float(value), tf.float32),
