@@ -6,6 +6,7 @@ import math
 import os
 
 import numpy as np
+import pytest
 
 from mtx.runtime import metrics_writer
 from mtx.runtime.progress import Progress
@@ -95,7 +96,7 @@ def test_tensorboard_events_are_written(tmp_path):
     path = str(tmp_path / "tensorboard" / name)
     for event in tf.compat.v1.train.summary_iterator(path):
       for value in event.summary.value:
-        values.append((event.step, value.tag, float(tf.make_ndarray(value.tensor))))
+        values.append((event.step, value.tag, value.simple_value))
   assert values == [(5, "loss/cola", 1.5)]
 
 
@@ -118,3 +119,20 @@ def test_progress_disabled_writes_nothing():
   progress.close()
   assert stream.getvalue() == ""
   assert Progress(10, 0, stream=stream).enabled is False  # StringIO is not a tty.
+
+
+def test_tensorboard_reads_the_losses_as_scalars(tmp_path):
+  event_accumulator = pytest.importorskip(
+    "tensorboard.backend.event_processing.event_accumulator"
+  )
+  with metrics_writer.MetricsWriter(str(tmp_path)) as writer:
+    writer.write(10, {"loss": 2.5, "loss/cola": 2.0, "loss/rte": float("nan")})
+    writer.write(20, {"loss": 2.25, "loss/cola": 1.75, "loss/rte": 3.0})
+  events = event_accumulator.EventAccumulator(str(tmp_path / "tensorboard"))
+  events.Reload()
+  scalars = events.Tags()["scalars"]
+  assert {"loss", "loss/cola", "loss/rte"} <= set(scalars)
+  read = {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in scalars}
+  assert read["loss"] == [(10, 2.5), (20, 2.25)]
+  assert read["loss/cola"] == [(10, 2.0), (20, 1.75)]
+  assert read["loss/rte"] == [(20, 3.0)]  # absent at step 10: no point, not NaN

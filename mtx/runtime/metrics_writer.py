@@ -20,9 +20,10 @@ are written with ``write_atomically``: a temporary file in the same directory,
 fsynced, then renamed over the old one, so a reader sees the old or the new file,
 never part of one.
 
-TensorBoard events go to ``MODEL_DIR/tensorboard``, written by ``tf.summary.write`` on
-the CPU only: TensorFlow is told to see no GPU before it is first used, so it never
-takes accelerator memory from JAX.
+TensorBoard events go to ``MODEL_DIR/tensorboard`` (view them with ``pip install
+"mtx[tensorboard]"`` and ``tensorboard --logdir MODEL_DIR/tensorboard``), written by
+TensorFlow on the CPU only: TensorFlow is told to see no GPU before it is first used,
+so it never takes accelerator memory from JAX.
 """
 
 import errno
@@ -283,8 +284,10 @@ def _drop_partial_last_line(path: str) -> None:
 class _TensorBoardWriter:
   """Scalar events through TensorFlow core alone (the tensorboard package is optional).
 
-  ``tf.summary.scalar`` lives in the tensorboard package; this writes the same event
-  (a float32 scalar tensor tagged for the "scalars" plugin) with ``tf.summary.write``.
+  Each ``write`` is one event whose summary holds every value as a ``simple_value``:
+  the scalar form every TensorBoard reader knows (the scalar dashboard, and the event
+  reader ``tensorboard.backend.event_processing.event_accumulator``, whose ``Scalars``
+  does not list tensor summaries), written with ``tf.summary.experimental.write_raw_pb``.
   """
 
   def __init__(self, logdir: str):
@@ -300,25 +303,21 @@ class _TensorBoardWriter:
     except RuntimeError:
       pass  # TF was initialized earlier by other code; it keeps the devices it chose.
     self._tf = tf
-    metadata = summary_pb2.SummaryMetadata()
-    metadata.plugin_data.plugin_name = "scalars"
-    metadata.data_class = summary_pb2.DATA_CLASS_SCALAR
-    self._metadata = metadata.SerializeToString()
+    self._summary = summary_pb2.Summary
     with tf.device("/cpu:0"):
       self._writer = tf.summary.create_file_writer(logdir)
 
   def write(self, step: int, record: Mapping[str, Any]) -> None:
     tf = self._tf
+    summary = self._summary()
+    for name, value in record.items():
+      # NaN: no point (a task absent from the period), not a point at NaN.
+      if name != "step" and not math.isnan(value):
+        summary.value.add(tag=name, simple_value=float(value))
     with tf.device("/cpu:0"), self._writer.as_default():
-      for name, value in record.items():
-        # NaN: no point (a task absent from the period), not a point at NaN.
-        if name != "step" and not math.isnan(value):
-          tf.summary.write(
-            name,
-            tf.constant(float(value), tf.float32),
-            step=int(step),
-            metadata=self._metadata,
-          )
+      tf.summary.experimental.write_raw_pb(
+        tf.constant(summary.SerializeToString()), step=int(step)
+      )
 
   def flush(self) -> None:
     self._writer.flush()
