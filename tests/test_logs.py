@@ -8,13 +8,14 @@ import os
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 import tiny_mixture  # noqa: F401  (registers the 'tiny' mixture)
 from loop_helpers import TINY, loop_train
 
 from mtx import tf_logs
-from mtx.runtime import metrics_writer, progress
+from mtx.runtime import metrics_writer, model_info, progress
 from mtx.train import loop, optim
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
@@ -50,6 +51,9 @@ def test_a_log_line_every_log_period_and_the_resume_at_the_default_level(
   assert not sys.stderr.isatty()
   _train(tmp_path / "r", steps=3, log_period=1)
   lines = _progress_lines(caplog)
+  assert lines[0].startswith("Model: ") and "model-info.txt" in lines[0]
+  assert (tmp_path / "r" / "model-info.txt").read_text().count("\n") > 10
+  lines = [line for line in lines if line.startswith("step")]
   assert [line.split(":")[0] for line in lines] == ["step 1/3", "step 2/3", "step 3/3"]
   assert "loss " in lines[0] and "(copy " in lines[0] and "rev " in lines[0]
   assert "steps/s" in lines[1] and "tokens/s" in lines[1]  # step 1 is compile time
@@ -63,6 +67,7 @@ def test_a_log_line_every_log_period_and_the_resume_at_the_default_level(
   caplog.clear()
   _train(tmp_path / "r", steps=5, log_period=2)
   lines = _progress_lines(caplog)
+  lines = [line for line in lines if not line.startswith("Model: ")]
   assert lines[0].startswith("Resumed from step 3 of 5; data position: batch 3; epochs ")
   assert "tiny_copy" in lines[0] and "tiny_rev" in lines[0]
   assert [line.split(":")[0] for line in lines[1:]] == ["step 4/5", "step 5/5"]
@@ -184,3 +189,28 @@ def test_weights_of_task_groups_use_the_groups_presence():
   out = loop._period_metrics(history, ["a", "b", "c"], ["g0", "g1"], [0, 0, 1])  # pylint: disable=protected-access
   assert out["mtl/weight/g0"] == pytest.approx(1.0)
   assert out["mtl/weight/g1"] == pytest.approx(3.0)
+
+
+def test_model_info_summarizes_parameters_bytes_and_shardings(tmp_path):
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:4]).reshape(2, 2), ("fsdp", "tensor"))
+  spec = jax.sharding.PartitionSpec
+  params = {
+    "dense": {"kernel": jax.ShapeDtypeStruct((64, 32), np.float32)},
+    "mlp": {"wi": jax.ShapeDtypeStruct((32, 128), np.float32)},
+    "norm": {"scale": jax.ShapeDtypeStruct((32,), np.float32)},
+  }
+  shardings = {
+    "dense": {"kernel": jax.sharding.NamedSharding(mesh, spec("fsdp", None))},
+    "mlp": {"wi": jax.sharding.NamedSharding(mesh, spec("fsdp", "tensor"))},
+    "norm": {"scale": jax.sharding.NamedSharding(mesh, spec())},
+  }
+  line = model_info.write(str(tmp_path), params, shardings)
+  # 2048 + 4096 + 32 = 6176 parameters, 24704 bytes; per device 1024 + 1024 + 32 floats.
+  assert line == (
+    "Model: 6,176 parameters, 24.1 KiB (float32), 8.1 KiB per device; 2 of 3 arrays "
+    f"sharded (fsdp 2, tensor 1); table in {tmp_path / 'model-info.txt'}."
+  )
+  text = (tmp_path / "model-info.txt").read_text().splitlines()
+  assert text[0] == line[len("Model: ") : line.index("; table")]
+  assert any(row.startswith("mlp/wi") and "('fsdp', 'tensor')" in row for row in text)
+  assert text[-1] == "total parameters: 6,176"

@@ -25,7 +25,7 @@ from mtx.data import pipeline as data_pipeline
 from mtx.data import registry
 from mtx.errors import UserError
 from mtx.eval import periodic as eval_periodic
-from mtx.runtime import checkpoint, metrics_writer, progress
+from mtx.runtime import checkpoint, metrics_writer, model_info, progress
 from mtx.runtime import lock as lock_lib
 from mtx.runtime import params as params_lib
 from mtx.train import build as build_lib
@@ -346,10 +346,6 @@ def _start(
   build = build_lib.build_train_step(data, settings, num_shards=num_shards, mesh=mesh)
   pipe = _load_data(build, block, blocks, num_shards)
   _report_mixture(pipe)
-  if run.print_param_table and jax.process_index() == 0:
-    print(
-      params_lib.param_table(build.params_abstract, build.param_shardings), flush=True
-    )
 
   # Reads the eval data now, so that a bad eval setting fails before MODEL_DIR is
   # written to.
@@ -378,6 +374,7 @@ def _start(
     _close_all((evaluation.close, ckpt.close), failed=True)
     raise
   _write_tasks(run.model_dir, pipe)
+  _write_model_info(run, build)
   # Lines logged after the last checkpoint by a run that died are not part of this run.
   if jax.process_index() == 0 and os.path.exists(
     os.path.join(run.model_dir, "metrics.jsonl")
@@ -551,6 +548,19 @@ def _write_tasks(model_dir: str, pipe) -> None:
   metrics_writer.write_atomically(
     os.path.join(model_dir, "tasks.json"), json.dumps(info, indent=1)
   )
+
+
+def _write_model_info(run: settings_lib.LoopSettings, build: build_lib.StepBuild):
+  """MODEL_DIR/model-info.txt (the parameter table) and its one-line summary in the
+  log (process 0); ``print_param_table`` prints the table too."""
+  if jax.process_index() != 0:
+    return
+  line = model_info.write(run.model_dir, build.params_abstract, build.param_shardings)
+  progress.log.info("%s", line)
+  if run.print_param_table:
+    print(
+      params_lib.param_table(build.params_abstract, build.param_shardings), flush=True
+    )
 
 
 def _write_config(model_dir: str, text: str) -> None:
