@@ -51,6 +51,7 @@ class PeriodicEval:
         task_feature_lengths,
         self.options,
         predictor=predictor,
+        model_dir=model_dir,
       )
 
   def due(self, step: int, last: bool = False) -> bool:
