@@ -44,9 +44,7 @@ def _progress_lines(caplog):
   return [r.getMessage() for r in caplog.records if r.name == "mtx.progress"]
 
 
-def test_a_log_line_every_log_period_and_the_resume_at_the_default_level(
-  tmp_path, caplog
-):
+def test_a_log_line_every_log_period_at_the_default_level(tmp_path, caplog):
   # No caplog.at_level: the root logger stays at WARNING, as under `mtx train`.
   assert not sys.stderr.isatty()
   _train(tmp_path / "r", steps=3, log_period=1)
@@ -64,11 +62,15 @@ def test_a_log_line_every_log_period_and_the_resume_at_the_default_level(
     assert row[f"cross_ent_loss/{task}"] < row[f"loss/{task}"]
     assert 0.0 <= row[f"accuracy/{task}"] <= 1.0
   assert 0.0 < row["z_loss"] < row["loss"] - row["cross_ent_loss"] + 1e-6
+
+
+@pytest.mark.slow  # two runs: ~20 s on 2 idle cores
+def test_a_resume_is_logged_at_the_default_level_with_the_data_position(tmp_path, caplog):
+  _train(tmp_path / "r", steps=2, log_period=2)
   caplog.clear()
   _train(tmp_path / "r", steps=5, log_period=2)
-  lines = _progress_lines(caplog)
-  lines = [line for line in lines if not line.startswith("Model: ")]
-  assert lines[0].startswith("Resumed from step 3 of 5; data position: batch 3; epochs ")
+  lines = [line for line in _progress_lines(caplog) if not line.startswith("Model: ")]
+  assert lines[0].startswith("Resumed from step 2 of 5; data position: batch 2; epochs ")
   assert "tiny_copy" in lines[0] and "tiny_rev" in lines[0]
   assert [line.split(":")[0] for line in lines[1:]] == ["step 4/5", "step 5/5"]
 
