@@ -39,6 +39,11 @@ its two eval-only tasks above name them "validation" and "test".
 Unlabelled (test) examples get the target ``<unk>``. Predictions are postprocessed from
 the label word to its class id (-1 for anything else), STS-B's to a float.
 
+Metrics are T5's definitions (``mtx.eval.metrics``): F1 is T5's
+``f1_score_with_invalid`` (a prediction that is no label is wrong: a false positive on a
+negative example), mean F1 the macro F1 over CB's three classes, ReCoRD's EM/F1 T5's
+``squad``; correlations of a constant prediction are 0 where T5 gets NaN.
+
 Simpler than T5, on purpose:
 
 - MultiRC is scored per answer (F1 of True, accuracy), not with T5's per-question exact

@@ -26,8 +26,8 @@ def clean_gin():
 
 
 def _gib(text, row):
-  value, unit = re.search(rf"{re.escape(row)}\s+([\d.]+) (GiB|MiB)", text).groups()
-  return float(value) * (1024 if unit == "GiB" else 1) / 1024
+  value, unit = re.search(rf"{re.escape(row)}\s+([\d.]+) (GiB|MiB|KiB)", text).groups()
+  return float(value) * {"GiB": 1.0, "MiB": 2**-10, "KiB": 2**-20}[unit]
 
 
 def test_tiny_step_compiles_on_a_mesh_and_does_not_fit_a_tiny_device(
@@ -94,6 +94,38 @@ def test_report_fits_when_memory_is_enough():
     flops=1.0,
   )
   assert report.fits and "fits (2% used)" in str(report)
+
+
+def test_the_memory_column_has_one_unit():
+  gib, mib = 2**30, 2**20
+  nbytes = {
+    "params": 3 * gib,
+    "optimizer": 6 * gib,
+    "mtl": 0,
+    "batch": 2 * mib,
+    "groups": 2,
+    "task_grads": 6 * gib,
+    "other_temp": 512 * mib,
+    "unaliased_output": 0,
+    "code": 3 * mib,
+  }
+  nbytes["total"] = sum(v for k, v in nbytes.items() if k != "groups")
+  report = compile_lib.CompileReport(
+    mesh_shape={"data": 1},
+    num_devices=1,
+    num_params=1,
+    model="m",
+    route="r",
+    bytes=nbytes,
+    device_memory=None,
+    lower_s=0.0,
+    compile_s=0.0,
+    flops=None,
+  )
+  rows = [line for line in str(report).splitlines() if line.startswith("  ")]
+  assert len(rows) == 9 and all(line.endswith(" GiB") for line in rows)
+  assert any(line.split()[-2] == "0.003" for line in rows if "generated code" in line)
+  assert any(line.split()[-2] == "0.500" for line in rows if "activations" in line)
 
 
 @pytest.mark.slow

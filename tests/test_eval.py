@@ -12,7 +12,7 @@ import tiny_mixture
 from mtx import parallel
 from mtx.cli import main as cli
 from mtx.errors import UserError
-from mtx.eval import metrics, results, summary
+from mtx.eval import metrics, predictions, results, summary
 from mtx.eval.evaluator import EvalOptions, Evaluator
 from mtx.model import T5, T5Config
 from mtx.runtime import metrics_writer
@@ -111,7 +111,7 @@ def _hand_loss(model, params, pairs):
   return float(-(token_lp * (tgt_arr > 0)).sum() / (tgt_arr > 0).sum())
 
 
-def test_evaluator_scores_per_task_and_computes_the_loss_on_a_mesh():
+def test_evaluator_scores_per_task_and_computes_the_loss_on_a_mesh(tmp_path):
   assert len(jax.devices()) == 8, "conftest sets 8 fake CPU devices"
   model = T5(TINY)
   mesh = parallel.make_mesh({"data": 4, "tensor": 2})
@@ -127,8 +127,9 @@ def test_evaluator_scores_per_task_and_computes_the_loss_on_a_mesh():
     shardings,
     "tiny",
     LENGTHS,
-    EvalOptions(batch_size=24),
+    EvalOptions(batch_size=24, output_dir=str(tmp_path / "preds")),
     predictor=_CopyPredictor(),
+    model_dir=str(tmp_path / "run"),  # EVAL_OUTPUT_DIR wins over its inference_eval/
   )
   result = evaluator.evaluate(params, step=5)
   words = tiny_mixture._strings(64, 1)  # pylint: disable=protected-access
@@ -142,6 +143,18 @@ def test_evaluator_scores_per_task_and_computes_the_loss_on_a_mesh():
     assert result.tasks[task]["num_examples"] == 64
     expected = _hand_loss(model, host_params, [(w, fn(w)) for w in words])
     assert result.tasks[task]["loss"] == pytest.approx(expected, rel=1e-5)
+  # Every example's prediction is kept, in the split's order (T5X's inference_eval).
+  assert sorted(os.listdir(tmp_path / "preds")) == [
+    "tiny_copy-000005.jsonl",
+    "tiny_rev-000005.jsonl",
+  ]
+  assert not (tmp_path / "run").exists()
+  for task, fn in (("tiny_copy", lambda w: w), ("tiny_rev", lambda w: w[::-1])):
+    text = (tmp_path / "preds" / f"{task}-000005.jsonl").read_text()
+    rows = [json.loads(line) for line in text.splitlines()]
+    assert [(r["input"], r["target"], r["prediction"]) for r in rows] == [
+      (w, fn(w), w) for w in words
+    ]
 
 
 # ---- `mtx eval` --------------------------------------------------------------------------
@@ -240,6 +253,10 @@ def test_mtx_eval_writes_json_metrics_and_delta_m(tmp_path, capsys):
   assert "tiny_copy" in out and "exact_match" in out
   assert out.strip().splitlines()[-1].startswith("Evaluated step 4 on 2 tasks")
   assert "delta_m" in out.strip().splitlines()[-1]
+  # Predictions: MODEL_DIR/inference_eval by default.
+  for task in ("tiny_copy", "tiny_rev"):
+    lines = (run / "inference_eval" / f"{task}-000004.jsonl").read_text().splitlines()
+    assert len(lines) == 64 and set(json.loads(lines[0])) >= {"input", "target"}
 
 
 @pytest.mark.parametrize(
@@ -299,3 +316,13 @@ def test_mtx_eval_two_runs_checkpoint_step_and_delta_m(tmp_path):
   # The same params (step 2 of identical runs) score the same.
   at_2 = results.read_results(str(run), step=2)
   assert at_2["tasks"] == baseline["tasks"]
+
+
+def test_predictions_dir_follows_eval_output_dir():
+  assert predictions.output_dir("/runs/a", None) == "/runs/a/inference_eval"
+  assert predictions.output_dir("/runs/a", "/preds") == "/preds"
+  assert predictions.output_dir("/runs/a", "") is None  # '' turns them off
+  assert predictions.output_dir(None, None) is None
+  assert (
+    predictions.path("/p", "glue_cola_v002", 1000) == "/p/glue_cola_v002-001000.jsonl"
+  )

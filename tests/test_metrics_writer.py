@@ -6,6 +6,7 @@ import math
 import os
 
 import numpy as np
+import pytest
 
 from mtx.runtime import metrics_writer
 from mtx.runtime.progress import Progress
@@ -28,20 +29,22 @@ def test_write_appends_one_json_object_per_step(tmp_path):
   ]
 
 
-def test_non_finite_values_are_strings_and_read_back_as_floats(tmp_path):
+def test_non_finite_values_are_null_and_read_back_as_nan(tmp_path):
+  # null keeps every column numeric for pandas and jq (a "NaN" string would not).
   with metrics_writer.MetricsWriter(str(tmp_path), tensorboard=False) as writer:
     writer.write(1, {"a": float("nan"), "b": float("inf"), "c": -np.inf, "d": 1.0})
   line = _lines(tmp_path)[0]
-  assert json.loads(line) == {
-    "step": 1,
-    "a": "NaN",
-    "b": "Infinity",
-    "c": "-Infinity",
-    "d": 1.0,
-  }
+  assert line == '{"step": 1, "a": null, "b": null, "c": null, "d": 1.0}'
   (record,) = metrics_writer.read_metrics(str(tmp_path))
-  assert math.isnan(record["a"]) and record["b"] == math.inf
-  assert record["c"] == -math.inf and record["d"] == 1.0
+  assert all(math.isnan(record[k]) for k in "abc") and record["d"] == 1.0
+
+
+def test_strings_of_older_files_are_still_read_as_floats(tmp_path):
+  (tmp_path / "metrics.jsonl").write_text(
+    '{"step": 1, "a": "NaN", "b": "Infinity", "c": "-Infinity"}\n'
+  )
+  (record,) = metrics_writer.read_metrics(str(tmp_path))
+  assert math.isnan(record["a"]) and record["b"] == math.inf and record["c"] == -math.inf
 
 
 def test_read_metrics_skips_a_truncated_last_line_and_writer_repairs_it(tmp_path):
@@ -93,7 +96,7 @@ def test_tensorboard_events_are_written(tmp_path):
     path = str(tmp_path / "tensorboard" / name)
     for event in tf.compat.v1.train.summary_iterator(path):
       for value in event.summary.value:
-        values.append((event.step, value.tag, float(tf.make_ndarray(value.tensor))))
+        values.append((event.step, value.tag, value.simple_value))
   assert values == [(5, "loss/cola", 1.5)]
 
 
@@ -103,7 +106,7 @@ def test_progress_line_shows_steps_rate_eta_and_losses():
   start = progress._start_time  # pylint: disable=protected-access
   line = progress.line(50, {"loss/cola": 1.23456}, now=start + 10.0)
   assert "50/100" in line and "5.0 steps/s" in line and "ETA 0:00:10" in line
-  assert "loss/cola 1.235" in line
+  assert "cola 1.235" in line
   progress.update(100, {"loss": 1.0})
   progress.close()
   assert stream.getvalue().startswith("\r[") and stream.getvalue().endswith("\n")
@@ -116,3 +119,20 @@ def test_progress_disabled_writes_nothing():
   progress.close()
   assert stream.getvalue() == ""
   assert Progress(10, 0, stream=stream).enabled is False  # StringIO is not a tty.
+
+
+def test_tensorboard_reads_the_losses_as_scalars(tmp_path):
+  event_accumulator = pytest.importorskip(
+    "tensorboard.backend.event_processing.event_accumulator"
+  )
+  with metrics_writer.MetricsWriter(str(tmp_path)) as writer:
+    writer.write(10, {"loss": 2.5, "loss/cola": 2.0, "loss/rte": float("nan")})
+    writer.write(20, {"loss": 2.25, "loss/cola": 1.75, "loss/rte": 3.0})
+  events = event_accumulator.EventAccumulator(str(tmp_path / "tensorboard"))
+  events.Reload()
+  scalars = events.Tags()["scalars"]
+  assert {"loss", "loss/cola", "loss/rte"} <= set(scalars)
+  read = {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in scalars}
+  assert read["loss"] == [(10, 2.5), (20, 2.25)]
+  assert read["loss/cola"] == [(10, 2.0), (20, 1.75)]
+  assert read["loss/rte"] == [(20, 3.0)]  # absent at step 10: no point, not NaN

@@ -1,5 +1,6 @@
 """Tests for mtx.train.optim: schedules' values, optimizers under jit, clipping."""
 
+import logging
 import math
 
 import jax
@@ -157,3 +158,16 @@ def test_as_schedule_turns_a_float_into_a_schedule():
   schedule = optim.as_schedule(0.25)
   assert math.isclose(float(schedule(123)), 0.25)
   assert optim.as_schedule(schedule) is schedule
+
+
+def test_a_warmup_longer_than_a_short_run_is_cut_to_a_tenth_of_it(caplog):
+  # The demo's 100 warmup steps with --gin.TRAIN_STEPS=60: a smoke run must just work.
+  with caplog.at_level(logging.WARNING, logger="mtx.train.optim"):
+    schedule = optim.learning_rate_fn(
+      "warmup_cosine", base_lr=1.0, warmup_steps=100, total_steps=60
+    )
+  assert "warming up for 6 steps" in caplog.text
+  assert len(caplog.records) == 1
+  np.testing.assert_allclose(schedule(3), 0.5, rtol=1e-6)
+  np.testing.assert_allclose(schedule(6), 1.0, rtol=1e-6)
+  assert float(schedule(59)) < float(schedule(30)) < 1.0

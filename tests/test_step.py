@@ -160,7 +160,7 @@ def test_group_gradients_equal_per_group_grad_of_mean_loss(tiny, group_of_task):
     )
     for t in range(cfg.num_tasks)
   ]
-  np.testing.assert_allclose(np.asarray(sums), want_sums, rtol=RTOL)
+  np.testing.assert_allclose(np.asarray(sums["loss"]), want_sums, rtol=RTOL)
   if group_of_task == (0, 1, 2):
     # Group 2 has no unit in this batch: its gradient is exactly zero, not NaN.
     assert all(np.all(np.asarray(x[2]) == 0) for x in jax.tree.leaves(grads))
@@ -177,7 +177,72 @@ def test_group_gradients_with_two_microbatches_equal_one(tiny):
     tiny, config(group_of_task, task_grads=True, grad_accum_steps=2), batch
   )
   assert_trees_close(two[0], one[0])
-  np.testing.assert_allclose(np.asarray(two[1]), np.asarray(one[1]), rtol=RTOL)
+  for part in step.LOSS_PARTS:
+    np.testing.assert_allclose(
+      np.asarray(two[1][part]), np.asarray(one[1][part]), rtol=RTOL, atol=1e-6
+    )
+
+
+def numpy_task_sums(logits, rows, num_tasks, z_loss, label_smoothing):
+  """The per-task sums of the loss and its parts, in float64 numpy from the logits."""
+  logits = np.asarray(logits, np.float64)
+  targets, weights = rows["decoder_target_tokens"], rows["decoder_loss_weights"]
+  vocab = logits.shape[-1]
+  log_z = np.log(np.sum(np.exp(logits - logits.max(-1, keepdims=True)), -1))
+  log_z += logits.max(-1)
+  log_p = logits - log_z[..., None]
+  nll = -np.take_along_axis(log_p, targets[..., None], -1)[..., 0]
+  # Label smoothing: cross-entropy against (1 - s) on the target, s / (V - 1) elsewhere,
+  # minus that distribution's entropy.
+  q = np.full(log_p.shape, label_smoothing / (vocab - 1))
+  np.put_along_axis(q, targets[..., None], 1 - label_smoothing, -1)
+  smoothed = -np.sum(q * log_p, -1) + np.sum(q * np.log(q), -1)
+  z = z_loss * log_z**2
+  correct = (np.argmax(logits, -1) == targets).astype(np.float64)
+  parts = {"loss": smoothed + z, "cross_ent": nll, "z_loss": z, "correct": correct}
+  return {
+    name: np.array(
+      [np.sum(v * weights * (rows["decoder_task_ids"] == t)) for t in range(num_tasks)]
+    )
+    for name, v in parts.items()
+  }
+
+
+@pytest.mark.parametrize("route", ["per_group", "one_gradient"])
+def test_the_step_sums_cross_entropy_z_loss_and_correct_tokens_per_task(tiny, route):
+  """The logs' cross_ent_loss/<task>, z_loss and accuracy/<task> against numpy."""
+  model, params, shardings, mesh = tiny
+  group_of_task = (0, 0, 1)
+  cfg = step.StepConfig(
+    num_tasks=3,
+    group_of_task=group_of_task,
+    z_loss=0.05,
+    label_smoothing=0.1,
+    task_grads=route == "per_group",
+  )
+  batch = task_major_batch(group_of_task, seed=3)
+  rows = flat_rows(batch)
+  if route == "per_group":
+    _, sums = run_group_gradients(tiny, cfg, batch)
+  else:
+    transforms = mtl.ensure_aggregator(())
+    state = optax.chain(*transforms).init(params)
+
+    def fn(p, b, key):
+      counts = group_counts(cfg, b)
+      return step.one_gradient(model, cfg, transforms, p, state, b, counts, key, key)
+
+    with mesh, nn.logical_axis_rules(list(cfg.rules)):
+      sums = jax.jit(fn)(params, rows, jax.random.key(0))[1]
+  with mesh, nn.logical_axis_rules(list(cfg.rules)):
+    logits = model.apply({"params": params}, **{k: rows[k] for k in MODEL_INPUTS})
+  want = numpy_task_sums(logits, rows, 3, cfg.z_loss, cfg.label_smoothing)
+  assert want["correct"].sum() > 0 and want["z_loss"].min() > 0
+  assert not np.allclose(want["loss"], want["cross_ent"] + want["z_loss"])  # smoothing
+  for part in step.LOSS_PARTS:
+    np.testing.assert_allclose(
+      np.asarray(sums[part]), want[part], rtol=1e-4, err_msg=part
+    )
 
 
 @pytest.mark.parametrize("grad_accum_steps", [1, 2])

@@ -145,6 +145,15 @@ def test_config_gin_written(tmp_path):
   text = (model_dir / "config.gin").read_text()
   assert "TRAIN_STEPS = 2" in text and "train.train_steps = %TRAIN_STEPS" in text
   assert "model.T5Config" in text
+  # stderr is no terminal: a log line per LOG_PERIOD (1) at the default level, no bar,
+  # and none of TensorFlow's start-up notices.
+  lines = out.stderr.splitlines()
+  assert [line.split(":")[1] for line in lines if "mtx.progress: step" in line] == [
+    " step 1/2",
+    " step 2/2",
+  ], out.stderr[-2000:]
+  assert "\r" not in out.stderr
+  assert not [line for line in lines if "oneDNN" in line or "cuda" in line.lower()]
 
 
 def _cli(model_dir, *extra):

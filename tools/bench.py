@@ -348,7 +348,7 @@ def naive_group_gradients(model, cfg, params, batch, group_counts, dkey, param_s
   """Per-group gradients the usual way: ``jax.jacrev`` of the group-loss vector.
 
   Same signature and results as ``step.group_gradients`` (per-group gradients
-  [G, *param] of each group's mean loss, and task loss sums f32[k]), computed over the
+  [G, *param] of each group's mean loss, and the task sums dict), computed over the
   whole batch flattened to [rows, length]: one forward pass, then one backward pass per
   group (jacrev vmaps the VJP over G one-hot cotangents), about (1 + 2G) / 3 the FLOPs
   of one gradient. ``build_train_step(..., group_gradients_fn=naive_group_gradients)``
@@ -359,7 +359,7 @@ def naive_group_gradients(model, cfg, params, batch, group_counts, dkey, param_s
 
   def group_losses(p):
     sums, _ = step_lib.task_loss_sums(model, cfg, p, data, dkey)
-    return step_lib.safe_div(sums @ gm, group_counts), sums
+    return step_lib.safe_div(sums["loss"] @ gm, group_counts), sums
 
   grads, sums = jax.jacrev(group_losses, has_aux=True)(params)
   grads = jax.tree.map(

@@ -144,6 +144,7 @@ def evaluate(
     lengths,
     options,
     predictor=predictor,
+    model_dir=model_dir,
   )
   try:
     result = evaluator.evaluate(params, step)

@@ -23,10 +23,13 @@ import numpy as np
 import seqio
 import tensorflow as tf
 
+from mtx import tf_logs
 from mtx.errors import UserError
 
-# The input pipeline must never take an accelerator from JAX.
-tf.config.set_visible_devices([], "GPU")
+# The input pipeline must never take an accelerator from JAX (and TF's CUDA probing on
+# a machine without one is noise).
+with tf_logs.filtered_stderr():
+  tf.config.set_visible_devices([], "GPU")
 
 _READ_BATCH = 4096
 

@@ -43,7 +43,7 @@ import seqio
 from mtx import parallel, paths
 from mtx.data import pipeline as data_pipeline
 from mtx.errors import UserError
-from mtx.eval import results
+from mtx.eval import predictions, results
 from mtx.eval.results import LOSS, NUM_EXAMPLES, EvalResult
 from mtx.infer import decoding
 from mtx.infer.predict import Predictor
@@ -80,6 +80,8 @@ class EvalOptions:
     loss: also compute the teacher-forced per-task loss.
     baseline_dir: another run's MODEL_DIR whose newest ``eval/step_N.json`` is the
       baseline of Delta-m (None = no Delta-m).
+    output_dir: where every example's prediction goes, ``<task>-<step>.jsonl``
+      (``mtx.eval.predictions``); None = MODEL_DIR/inference_eval, '' = nowhere.
   """
 
   split: str = "validation"
@@ -95,6 +97,7 @@ class EvalOptions:
   seed: int = 0
   loss: bool = True
   baseline_dir: Optional[str] = None
+  output_dir: Optional[str] = None
 
   def __post_init__(self):  # Bad settings fail where they are given, before any work.
     object.__setattr__(self, "baseline_dir", paths.absolute(self.baseline_dir))
@@ -231,6 +234,8 @@ class Evaluator:
     predictor: anything with ``predict(params, inputs)`` (and ``score`` for score
       metrics) as ``mtx.infer.predict.Predictor`` has; None builds that Predictor from
       the options.
+    model_dir: the run's MODEL_DIR: predictions go to its ``inference_eval/`` unless
+      ``options.output_dir`` says otherwise (None and no output_dir: not written).
   """
 
   def __init__(
@@ -244,6 +249,7 @@ class Evaluator:
     options: EvalOptions = EvalOptions(),
     *,
     predictor: Any = None,
+    model_dir: Optional[str] = None,
   ):
     self.options = options
     self._model, self._mesh, self._rules = model, mesh, tuple(rules)
@@ -262,6 +268,7 @@ class Evaluator:
     split = options.split
     tasks = _eval_tasks(name, split)
     self.task_names = tuple(sorted(t.name for t in tasks if split in t.splits))
+    self.predictions_dir = predictions.output_dir(model_dir, options.output_dir)
     self._seqio = seqio.Evaluator(
       name,
       seqio.EncDecFeatureConverter(pack=False),
@@ -270,7 +277,8 @@ class Evaluator:
       num_examples=options.max_examples,
       use_memory_cache=True,
       async_compute_metrics=False,
-      logger_cls=(),
+      logger_cls=(predictions.PredictionsLogger,) if self.predictions_dir else (),
+      log_dir=self.predictions_dir,
     )
     scored = {t.name for t in self._seqio.eval_tasks}
     self._metric_tasks = tuple(n for n in self.task_names if n in scored)

@@ -64,23 +64,48 @@ def f1_binary(
   targets: Sequence[Hashable],
   predictions: Sequence[Hashable],
   positive_label: Hashable = 1,
+  negative_label: Optional[Hashable] = None,
 ) -> Mapping[str, float]:
-  """F1 of the positive class; any other value (including invalid ones) is negative.
+  """F1 of the positive class, an invalid prediction counted wrong (T5's
+  ``f1_score_with_invalid``, for MRPC, QQP and MultiRC).
+
+  A prediction that is neither label (-1 from a label postprocessor, text the model
+  made up) is wrong whatever the target: a false positive on a negative example, a false
+  negative on a positive one. (Counting it as a negative prediction would make it a
+  true negative on a negative example: targets [0, 0, 0, 1, 1] and predictions
+  [-1, -1, 0, 1, 0] score 40.0 here and in T5, 66.7 that way.)
 
   Args:
     targets: gold labels.
     predictions: predicted labels.
     positive_label: the label counted as positive (e.g. 1 after a label-to-id
       postprocessor, or "duplicate" on raw text).
+    negative_label: the other valid label; None takes the targets' one value that is
+      not ``positive_label`` (0 for 0/1 targets).
 
   Returns:
     ``{"f1": ...}`` in percent; 0 when there is no positive target or prediction.
+
+  Raises:
+    UserError: ``negative_label`` is None and the targets hold more than two labels.
   """
   _check(targets, predictions, "f1_binary")
+  if negative_label is None:
+    others = {t for t in targets if t != positive_label}
+    if len(others) > 1:
+      raise UserError(
+        f"Metric f1_binary got targets with labels {sorted(others, key=repr)[:5]} "
+        f"besides the positive {positive_label!r}; bind negative_label (say with "
+        "functools.partial) to the one negative label."
+      )
+    negative_label = others.pop() if others else None
   t = np.array([x == positive_label for x in targets], dtype=bool)
   p = np.array([x == positive_label for x in predictions], dtype=bool)
+  invalid = np.array(
+    [x != positive_label and x != negative_label for x in predictions], dtype=bool
+  )
   tp = int(np.sum(t & p))
-  fp = int(np.sum(~t & p))
+  fp = int(np.sum(~t & (p | invalid)))
   fn = int(np.sum(t & ~p))
   return {"f1": 100.0 * _f1(tp, fp, fn)}
 
@@ -90,7 +115,9 @@ def mean_multiclass_f1(
   predictions: Sequence[Hashable],
   labels: Optional[Sequence[Hashable]] = None,
 ) -> Mapping[str, float]:
-  """Unweighted mean over classes of one-vs-rest F1 (macro F1), as T5 uses for CB.
+  """Unweighted mean over classes of one-vs-rest F1 (macro F1), as T5 uses for CB
+  (``mean_multiclass_f1(num_classes=3)``: scikit-learn's macro F-score over
+  ``labels=range(3)``; a class with no target and no prediction scores 0).
 
   Args:
     targets: gold labels.
@@ -117,7 +144,9 @@ def mean_multiclass_f1(
 def matthews_corrcoef(
   targets: Sequence[Hashable], predictions: Sequence[Hashable]
 ) -> Mapping[str, float]:
-  """Matthews correlation (multiclass form of Gorodkin 2004; the usual one for 2 classes).
+  """Matthews correlation (multiclass form of Gorodkin 2004; the usual one for 2 classes),
+  as T5 takes it from scikit-learn for CoLA. An invalid prediction (-1) is a class of
+  its own, which no target has.
 
   Computed from the confusion matrix C as
   ``(c*s - t.p) / sqrt((s^2 - p.p) * (s^2 - t.t))`` with c the correct count, s the total,
@@ -151,7 +180,9 @@ def _as_floats(values: Sequence[Any], metric: str) -> np.ndarray:
 def pearson(
   targets: Sequence[float], predictions: Sequence[float]
 ) -> Mapping[str, float]:
-  """Pearson correlation times 100 (0 if either side is constant)."""
+  """Pearson correlation times 100, T5's ``pearson_corrcoef`` (scipy's), except that a
+  constant side gives 0 where scipy gives NaN (a model that always says "2.6" has no
+  correlation; a NaN would also void the eval's mean over tasks)."""
   _check(targets, predictions, "pearson")
   t, p = _as_floats(targets, "pearson"), _as_floats(predictions, "pearson")
   if t.size < 2:
@@ -164,7 +195,8 @@ def pearson(
 def spearman(
   targets: Sequence[float], predictions: Sequence[float]
 ) -> Mapping[str, float]:
-  """Spearman rank correlation times 100 (0 if either side is constant)."""
+  """Spearman rank correlation times 100, T5's ``spearman_corrcoef`` (scipy's), with 0
+  for a constant side as in ``pearson``."""
   _check(targets, predictions, "spearman")
   t, p = _as_floats(targets, "spearman"), _as_floats(predictions, "spearman")
   if t.size < 2:
@@ -186,10 +218,10 @@ def _normalize_answer(text: str) -> str:
 
 
 def _token_f1(target: str, prediction: str) -> float:
+  """Token F1 of SQuAD v1.1 as T5 computes it: 0 when no token is shared (two empty
+  strings included)."""
   t, p = target.split(), prediction.split()
   common = sum((collections.Counter(t) & collections.Counter(p)).values())
-  if not t or not p:
-    return float(t == p)
   if common == 0:
     return 0.0
   precision, recall = common / len(p), common / len(t)
@@ -203,6 +235,8 @@ def max_over_answers_em_f1(
 
   Each target is a string or a list of acceptable answers (as ReCoRD has); answers and
   predictions are normalized (case, punctuation, articles, spaces) before comparing.
+  T5's ``squad`` metric (``qa_utils.qa_metrics`` on ``normalize_squad``ed text), which
+  it uses for ReCoRD.
 
   Returns:
     ``{"em": ..., "f1": ...}`` in percent.

@@ -12,14 +12,12 @@ The eval data is read once, when the object is built (before training starts, so
 a bad eval setting fails at once).
 """
 
-import logging
 import time
 from typing import Mapping, Optional, Sequence
 
 from mtx.eval import results
 from mtx.eval.evaluator import EvalOptions, Evaluator
-
-log = logging.getLogger("mtx")
+from mtx.runtime import progress
 
 
 class PeriodicEval:
@@ -53,6 +51,7 @@ class PeriodicEval:
         task_feature_lengths,
         self.options,
         predictor=predictor,
+        model_dir=model_dir,
       )
 
   def due(self, step: int, last: bool = False) -> bool:
@@ -68,7 +67,7 @@ class PeriodicEval:
     )
     s = record["summary"]
     delta = "" if s["delta_m"] is None else f", delta_m {s['delta_m']:+.2f}%"
-    log.info(
+    progress.log.info(  # at the default level, like the training lines
       "Eval at step %d: mean primary %.2f%s (%.1f s).",
       step,
       s["mean_primary"],

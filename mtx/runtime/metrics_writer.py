@@ -4,9 +4,13 @@
 
   {"step": 100, "loss": 2.31, "loss/glue_cola": 2.05, "learning_rate": 0.01}
 
-Non-finite floats are written as the JSON strings ``"NaN"``, ``"Infinity"`` and
-``"-Infinity"`` (bare ``NaN`` is not JSON, and ``null`` would lose which one it was);
-``read_metrics`` turns those strings back into floats. Each line goes out in one
+A value that is not a finite number is written as ``null``: a task absent from the
+logging period (its ``loss/<task>``, ``cross_ent_loss/<task>``, ``accuracy/<task>``),
+and a NaN or infinite value (bare ``NaN`` is not JSON; a string would make the column
+text for pandas and jq). Every column stays numeric: ``pandas.read_json(path,
+lines=True)`` reads ``null`` as NaN, ``jq 'select(.["loss/cola"] != null)'`` skips it.
+``read_metrics`` gives NaN for ``null`` (and reads the ``"NaN"``/``"Infinity"`` strings
+of files written before). Each line goes out in one
 ``write`` on a file opened for appending, so a killed run leaves at most one partial
 last line, which ``read_metrics`` skips and the next ``MetricsWriter`` removes.
 
@@ -16,9 +20,10 @@ are written with ``write_atomically``: a temporary file in the same directory,
 fsynced, then renamed over the old one, so a reader sees the old or the new file,
 never part of one.
 
-TensorBoard events go to ``MODEL_DIR/tensorboard``, written by ``tf.summary.write`` on
-the CPU only: TensorFlow is told to see no GPU before it is first used, so it never
-takes accelerator memory from JAX.
+TensorBoard events go to ``MODEL_DIR/tensorboard`` (view them with ``pip install
+"mtx[tensorboard]"`` and ``tensorboard --logdir MODEL_DIR/tensorboard``), written by
+TensorFlow on the CPU only: TensorFlow is told to see no GPU before it is first used,
+so it never takes accelerator memory from JAX.
 """
 
 import errno
@@ -29,6 +34,7 @@ import os
 import tempfile
 from typing import Any, Mapping
 
+from mtx import tf_logs
 from mtx.errors import UserError
 
 METRICS_FILE = "metrics.jsonl"
@@ -173,8 +179,8 @@ class MetricsWriter:
 def read_metrics(model_dir: str) -> list[dict[str, Any]]:
   """Returns the objects of ``model_dir/metrics.jsonl`` in order ([] if it is missing).
 
-  A partial last line (a run killed mid-write) is skipped; "NaN", "Infinity" and
-  "-Infinity" strings come back as floats.
+  A partial last line (a run killed mid-write) is skipped; ``null`` comes back as NaN
+  (and the "NaN", "Infinity" and "-Infinity" strings of older files as floats).
   """
   path = os.path.join(model_dir, METRICS_FILE)
   if not os.path.exists(path):
@@ -246,12 +252,14 @@ def _to_number(value):
 
 def _encode(value):
   if isinstance(value, float) and not math.isfinite(value):
-    return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
+    return None
   return value
 
 
 def _decode(value):
-  if isinstance(value, str) and value in _NON_FINITE:
+  if value is None:
+    return math.nan
+  if isinstance(value, str) and value in _NON_FINITE:  # files written before null
     return _NON_FINITE[value]
   return value
 
@@ -276,8 +284,10 @@ def _drop_partial_last_line(path: str) -> None:
 class _TensorBoardWriter:
   """Scalar events through TensorFlow core alone (the tensorboard package is optional).
 
-  ``tf.summary.scalar`` lives in the tensorboard package; this writes the same event
-  (a float32 scalar tensor tagged for the "scalars" plugin) with ``tf.summary.write``.
+  Each ``write`` is one event whose summary holds every value as a ``simple_value``:
+  the scalar form every TensorBoard reader knows (the scalar dashboard, and the event
+  reader ``tensorboard.backend.event_processing.event_accumulator``, whose ``Scalars``
+  does not list tensor summaries), written with ``tf.summary.experimental.write_raw_pb``.
   """
 
   def __init__(self, logdir: str):
@@ -288,28 +298,26 @@ class _TensorBoardWriter:
     from tensorflow.core.framework import summary_pb2
 
     try:
-      tf.config.set_visible_devices([], "GPU")
+      with tf_logs.filtered_stderr():
+        tf.config.set_visible_devices([], "GPU")
     except RuntimeError:
       pass  # TF was initialized earlier by other code; it keeps the devices it chose.
     self._tf = tf
-    metadata = summary_pb2.SummaryMetadata()
-    metadata.plugin_data.plugin_name = "scalars"
-    metadata.data_class = summary_pb2.DATA_CLASS_SCALAR
-    self._metadata = metadata.SerializeToString()
+    self._summary = summary_pb2.Summary
     with tf.device("/cpu:0"):
       self._writer = tf.summary.create_file_writer(logdir)
 
   def write(self, step: int, record: Mapping[str, Any]) -> None:
     tf = self._tf
+    summary = self._summary()
+    for name, value in record.items():
+      # NaN: no point (a task absent from the period), not a point at NaN.
+      if name != "step" and not math.isnan(value):
+        summary.value.add(tag=name, simple_value=float(value))
     with tf.device("/cpu:0"), self._writer.as_default():
-      for name, value in record.items():
-        if name != "step":
-          tf.summary.write(
-            name,
-            tf.constant(float(value), tf.float32),
-            step=int(step),
-            metadata=self._metadata,
-          )
+      tf.summary.experimental.write_raw_pb(
+        tf.constant(summary.SerializeToString()), step=int(step)
+      )
 
   def flush(self) -> None:
     self._writer.flush()

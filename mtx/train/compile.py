@@ -94,12 +94,13 @@ class CompileReport:
     ]
     width = max(len(r[0]) for r in rows)
     mesh = ", ".join(f"{k}={v}" for k, v in self.mesh_shape.items())
+    unit, scale = column_unit(b["total"])  # one unit for the column: rows compare
     lines = [
       f"Compiled the train step for {self.num_devices} devices (mesh {mesh}), "
       f"{self.model}, {self.num_params:,} parameters, {self.route}.",
       "Memory per device (XLA's analysis of the CPU compile):",
     ]
-    lines += [f"  {name:<{width}}  {_gib(n):>10}" for name, n in rows]
+    lines += [f"  {name:<{width}}  {n / scale:>10.3f} {unit}" for name, n in rows]
     flops = f"{self.flops:.3e}" if self.flops is not None else "n/a"
     lines.append(
       f"XLA FLOPs per device per step: {flops}{self.flops_note}; lowering "
@@ -114,6 +115,15 @@ class CompileReport:
     else:
       lines.append("No COMPILE_DEVICE_MEMORY_GIB given: fit not checked.")
     return "\n".join(lines)
+
+
+def column_unit(largest: int) -> tuple:
+  """(name, bytes) of the unit a column of byte counts up to ``largest`` is shown in:
+  GiB from 1 GiB, MiB from 1 MiB, else KiB."""
+  for name, scale in (("GiB", GIB), ("MiB", 2**20)):
+    if largest >= scale:
+      return name, scale
+  return "KiB", 2**10
 
 
 def _gib(n: int) -> str:

@@ -25,7 +25,7 @@ from mtx.data import pipeline as data_pipeline
 from mtx.data import registry
 from mtx.errors import UserError
 from mtx.eval import periodic as eval_periodic
-from mtx.runtime import checkpoint, metrics_writer, pretrained, progress
+from mtx.runtime import checkpoint, metrics_writer, model_info, pretrained, progress
 from mtx.runtime import lock as lock_lib
 from mtx.runtime import params as params_lib
 from mtx.train import build as build_lib
@@ -203,21 +203,46 @@ def _detach_from_terminal() -> None:
 
 
 def _period_metrics(
-  h: Sequence[dict], task_names: Sequence[str], group_names: Sequence[str]
+  h: Sequence[dict],
+  task_names: Sequence[str],
+  group_names: Sequence[str],
+  group_of_task: Optional[Sequence[int]] = None,
 ) -> dict:
-  """Means over the logging period (host copies of the step metrics); per-task losses
-  weighted by their tokens. Skipped (non-finite) steps are left out of the means; a
-  period of only skipped steps reports their (non-finite) values."""
+  """Means over the logging period (host copies of the step metrics).
+
+  Per-task values are means over the task's target tokens in the period, as T5X logs
+  them: ``loss/<task>`` (what training minimizes: cross-entropy, z-loss and label
+  smoothing as configured), ``cross_ent_loss/<task>`` (the plain cross-entropy, which
+  ``eval/<task>/loss`` reports too), ``accuracy/<task>`` (tokens whose most likely
+  prediction is the target); ``z_loss`` is the z-loss term's mean over all tokens. A
+  task with no token in the period gets NaN (written as null). ``mtl/weight/<group>`` is
+  the mean over the steps where the group had tokens (a method does not weigh an
+  absent group); ``group_of_task`` (default: every task its own group) says which.
+  Skipped (non-finite) steps are left out of the means; a period of only skipped steps
+  reports their (non-finite) values.
+  """
   h = [m for m in h if not m["nonfinite"]] or h
-  sums = np.sum([m["task_loss_sums"] for m in h], axis=0)
   toks = np.sum([m["task_tokens"] for m in h], axis=0)
-  out = {"loss": float(sums.sum() / max(toks.sum(), 1.0))}
-  for i, name in enumerate(task_names):
-    out[f"loss/{name}"] = float(sums[i] / toks[i]) if toks[i] > 0 else float("nan")
+  total = max(toks.sum(), 1.0)
+
+  def per_task(key):
+    sums = np.sum([m[key] for m in h], axis=0)
+    return [float(v / n) if n > 0 else float("nan") for v, n in zip(sums, toks)], sums
+
+  losses, sums = per_task("task_loss_sums")
+  out = {"loss": float(sums.sum() / total)}
+  out.update({f"loss/{name}": v for name, v in zip(task_names, losses)})
+  if "task_cross_ent_sums" in h[-1]:
+    cross_ent, ce_sums = per_task("task_cross_ent_sums")
+    accuracy, correct = per_task("task_correct")
+    out["cross_ent_loss"] = float(ce_sums.sum() / total)
+    out["z_loss"] = float(np.sum([m["task_z_loss_sums"] for m in h]) / total)
+    out["accuracy"] = float(correct.sum() / total)
+    out.update({f"cross_ent_loss/{n}": v for n, v in zip(task_names, cross_ent)})
+    out.update({f"accuracy/{n}": v for n, v in zip(task_names, accuracy)})
   out["grad_norm"] = float(np.mean([m["grad_norm"] for m in h]))
   if "group_weights" in h[-1]:
-    for g, name in enumerate(group_names):
-      out[f"mtl/weight/{name}"] = float(h[-1]["group_weights"][g])
+    out.update(_mean_weights(h, group_names, group_of_task))
   if "group_grad_cos" in h[-1]:
     cos = np.mean([m["group_grad_cos"] for m in h], axis=0)
     norms = np.mean([m["group_grad_norm"] for m in h], axis=0)
@@ -233,6 +258,23 @@ def _period_metrics(
   if measured:  # TAG affinity, averaged over the period's measurements
     out.update(mtl.affinity_metrics(group_names, np.mean(measured, axis=0)))
   return out
+
+
+def _mean_weights(
+  h: Sequence[dict],
+  group_names: Sequence[str],
+  group_of_task: Optional[Sequence[int]],
+) -> dict:
+  """``mtl/weight/<group>``: the mean weight over the steps where the group had tokens
+  (the last step's weight, or 0, would make a method look as if it dropped a group that
+  was merely absent); NaN (null) for a group absent from the whole period."""
+  of_task = np.arange(len(group_names)) if group_of_task is None else group_of_task
+  onehot = np.eye(len(group_names))[np.asarray(of_task)]  # [k, G]
+  present = np.stack([np.asarray(m["task_tokens"]) @ onehot > 0 for m in h])  # [T, G]
+  weights = np.stack([np.asarray(m["group_weights"], np.float64) for m in h])
+  n = present.sum(0)
+  mean = np.where(n > 0, (weights * present).sum(0) / np.maximum(n, 1), np.nan)
+  return {f"mtl/weight/{name}": float(mean[g]) for g, name in enumerate(group_names)}
 
 
 def train(
@@ -305,10 +347,6 @@ def _start(
   build = build_lib.build_train_step(data, settings, num_shards=num_shards, mesh=mesh)
   pipe = _load_data(build, block, blocks, num_shards)
   _report_mixture(pipe)
-  if run.print_param_table and jax.process_index() == 0:
-    print(
-      params_lib.param_table(build.params_abstract, build.param_shardings), flush=True
-    )
 
   # Reads the eval data now, so that a bad eval setting fails before MODEL_DIR is
   # written to.
@@ -337,6 +375,7 @@ def _start(
     _close_all((evaluation.close, ckpt.close), failed=True)
     raise
   _write_tasks(run.model_dir, pipe)
+  _write_model_info(run, build)
   # Lines logged after the last checkpoint by a run that died are not part of this run.
   if jax.process_index() == 0 and os.path.exists(
     os.path.join(run.model_dir, "metrics.jsonl")
@@ -531,6 +570,19 @@ def _write_tasks(model_dir: str, pipe) -> None:
   )
 
 
+def _write_model_info(run: settings_lib.LoopSettings, build: build_lib.StepBuild):
+  """MODEL_DIR/model-info.txt (the parameter table) and its one-line summary in the
+  log (process 0); ``print_param_table`` prints the table too."""
+  if jax.process_index() != 0:
+    return
+  line = model_info.write(run.model_dir, build.params_abstract, build.param_shardings)
+  progress.log.info("%s", line)
+  if run.print_param_table:
+    print(
+      params_lib.param_table(build.params_abstract, build.param_shardings), flush=True
+    )
+
+
 def _write_config(model_dir: str, text: str) -> None:
   """MODEL_DIR/config.gin: the configuration the run used (process 0)."""
   if jax.process_index() != 0:
@@ -554,6 +606,7 @@ def _run(job: _Job, train_state, start_step: int, stop: _StopSignals) -> RunResu
   bar = progress.Progress(
     run.train_steps, start_step, enabled=jax.process_index() == 0 and os.isatty(2)
   )
+  _log_resume(job, start_step, job.pipe.get_state())  # before the prefetcher reads on
   prefetch = Prefetcher(job.pipe, build.mesh)
   step = start_step
   history, last, data_state = [], {}, job.pipe.get_state()
@@ -574,11 +627,12 @@ def _run(job: _Job, train_state, start_step: int, stop: _StopSignals) -> RunResu
           if job.operative_config is not None:  # after tracing: it is complete now
             _write_config(run.model_dir, job.operative_config())
         if step % run.log_period == 0 or step == run.train_steps:
+          bar.clear()  # the log line goes where the bar was; the bar comes back below
           last = _log(job, writer, step, history, data_state, t0, t0_step)
           job.watch.review(history, step - len(history) + 1)
           history = []
           t0, t0_step = time.time(), step
-          bar.update(step, {k: v for k, v in last.items() if k.startswith("loss")})
+        bar.update(step, {k: v for k, v in last.items() if k.startswith("loss")})
         # Processes must agree to stop; asking costs a collective, so not every step.
         if jax.process_count() == 1 or step % 10 == 0:
           signum = _agree(stop.signum)
@@ -644,7 +698,7 @@ def _log(
   elapsed = time.time() - t0
   steps = step - t0_step
   spec = job.build.spec
-  scalars = _period_metrics(host, spec.task_names, spec.group_names)
+  scalars = _period_metrics(host, spec.task_names, spec.group_names, spec.group_of_task)
   tokens = float(np.sum([m["task_tokens"] for m in host[-steps:]])) if steps > 0 else 0.0
   scalars["learning_rate"] = float(job.build.schedule(step - 1))
   scalars["nonfinite_steps"] = int(host[-1]["nonfinite_steps"])
@@ -654,8 +708,30 @@ def _log(
   for ex in job.pipe.examples:  # Epochs of this host's shard at the trained position.
     scalars[f"data/epochs/{ex.name}"] = data_state["cursors"][ex.name] / len(ex)
   writer.write(step, scalars)
+  if jax.process_index() == 0:
+    progress.log.info("%s", progress.log_line(step, job.settings.train_steps, scalars))
   warn_solver_failures(scalars, step)
   return scalars
+
+
+def _log_resume(job: _Job, start_step: int, data_state: dict) -> None:
+  """'Resumed from step N of M; data position: ...' (process 0; none at step 0)."""
+  if start_step and jax.process_index() == 0:
+    progress.log.info(
+      "Resumed from step %d of %d; data position: %s.",
+      start_step,
+      job.settings.train_steps,
+      _data_position(job.pipe, data_state),
+    )
+
+
+def _data_position(pipe: data_pipeline.Pipeline, data_state: dict) -> str:
+  """'batch 40; epochs tiny_copy 0.52, tiny_rev 0.48' (this host's shard)."""
+  epochs = ", ".join(
+    f"{ex.name} {data_state['cursors'][ex.name] / max(len(ex), 1):.2f}"
+    for ex in pipe.examples
+  )
+  return f"batch {data_state['batches']}; epochs {epochs}"
 
 
 def warn_solver_failures(scalars: dict, step: int) -> None:

@@ -9,6 +9,7 @@ momentum, update clipping at block RMS 1.0, steps scaled by the parameter's RMS)
 the inverse-square-root schedule ``lr(step) = 1 / sqrt(max(step, 10000))``.
 """
 
+import logging
 from typing import Union
 
 import jax
@@ -17,7 +18,13 @@ import optax
 
 from mtx.errors import UserError, close_names
 
+log = logging.getLogger(__name__)
+
 LearningRate = Union[float, optax.Schedule]
+
+# A warmup that would not fit the run is cut to this fraction of it (MaxText's default
+# ``warmup_steps_fraction``), so that a short smoke run just works.
+SHORT_RUN_WARMUP_FRACTION = 0.1
 
 OPTIMIZERS = ("adafactor", "adamw")
 SCHEDULES = ("constant", "rsqrt", "warmup_cosine")
@@ -95,7 +102,9 @@ def learning_rate_fn(
       (``rsqrt_schedule(base_lr, warmup_steps)``), "warmup_cosine"
       (``warmup_cosine_schedule(base_lr, warmup_steps, total_steps, end_lr_ratio)``).
     base_lr: the constant rate, rsqrt's numerator, or the cosine schedule's peak.
-    warmup_steps: see the schedules.
+    warmup_steps: see the schedules. For "warmup_cosine", a warmup as long as the run
+      or longer (a smoke run of a config made for a long one) is cut to
+      ``SHORT_RUN_WARMUP_FRACTION`` of ``total_steps``, with a one-line warning.
     total_steps: the end of the cosine decay; required by "warmup_cosine".
     end_lr_ratio: see ``warmup_cosine_schedule``.
 
@@ -112,6 +121,17 @@ def learning_rate_fn(
         "The 'warmup_cosine' learning-rate schedule needs total_steps; pass "
         "total_steps (usually TRAIN_STEPS) to learning_rate_fn."
       )
+    if 0 < total_steps <= warmup_steps:
+      short = int(total_steps * SHORT_RUN_WARMUP_FRACTION)
+      log.warning(
+        "warmup_steps=%d does not fit a run of %d steps; warming up for %d steps "
+        "(%d%% of the run) instead.",
+        warmup_steps,
+        total_steps,
+        short,
+        round(100 * SHORT_RUN_WARMUP_FRACTION),
+      )
+      warmup_steps = short
     return warmup_cosine_schedule(base_lr, warmup_steps, total_steps, end_lr_ratio)
   raise UserError(
     f"Unknown learning-rate schedule {name!r}; use one of {', '.join(SCHEDULES)}"

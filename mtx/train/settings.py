@@ -160,7 +160,8 @@ class LoopSettings:
     eval_period: steps between evaluations; 0 = none.
     eval_options: what and how to evaluate (``EvalOptions``); None = its defaults.
     tensorboard: also write TensorBoard events.
-    print_param_table: print the parameter table at the start.
+    print_param_table: also print the parameter table (it is always written to
+      MODEL_DIR/model-info.txt, with a one-line summary in the log).
     nonfinite_policy: "skip" or "stop" on a step with a NaN/Inf (runs/train.gin).
   """
 
@@ -170,7 +171,7 @@ class LoopSettings:
   eval_period: int = 0
   eval_options: Optional[EvalOptions] = None
   tensorboard: bool = True
-  print_param_table: bool = True
+  print_param_table: bool = False
   nonfinite_policy: str = "skip"
 
   def __post_init__(self):

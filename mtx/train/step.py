@@ -33,7 +33,8 @@ The pieces are public, pure functions of arrays and pytrees (``StepConfig`` is t
 static, hashable configuration), so that tests and tools/bench.py can call or time them
 apart:
 
-    task_loss_sums      loss sums and target tokens per task of some rows, f32[k] each
+    task_loss_sums      per task of some rows: sums of the loss and of its parts
+                        (``LOSS_PARTS``), and target tokens, f32[k] each
     token_counts        target tokens per task of a batch, no model needed
     group_matrix        the task -> group one-hot matrix f32[k, G]
     safe_div            a / b, 0 where b is 0 (a group absent from the batch)
@@ -58,6 +59,12 @@ import optax
 
 from mtx import mtl, parallel
 from mtx.model import losses
+
+# The per-task sums the routes return, one f32[k] each (``losses.token_losses``): the
+# training loss (what the gradient is of) and, for the logs, the plain cross-entropy,
+# the z-loss term and the correctly predicted tokens. Taken from the same forward pass
+# as the gradient, so they cost k-sized sums only.
+LOSS_PARTS = ("loss", "cross_ent", "z_loss", "correct")
 
 MODEL_KEYS = (
   "encoder_input_tokens",
@@ -122,10 +129,12 @@ def task_loss_sums(model, cfg: StepConfig, params, batch, key):
     key: the dropout PRNG key (unused unless ``cfg.dropout``).
 
   Returns:
-    (loss_sums f32[k], token_counts f32[k]): per task, the sum of its token losses
-    (cross-entropy, plus z-loss and label smoothing as configured) times
-    ``decoder_loss_weights``, and the sum of those weights. A task's mean loss over
-    these rows is ``safe_div(loss_sums, token_counts)``.
+    (sums, token_counts f32[k]): ``sums`` maps each of ``LOSS_PARTS`` to f32[k]: per
+    task, the sum of its token values times ``decoder_loss_weights`` (``loss``: the
+    cross-entropy plus z-loss and label smoothing as configured; ``cross_ent``, ``z_loss``
+    and ``correct`` apart, see ``losses.token_losses``), and ``token_counts`` the sum of
+    those weights. A task's mean loss over these rows is
+    ``safe_div(sums["loss"], token_counts)``.
   """
   logits = model.apply(
     {"params": params},
@@ -133,7 +142,7 @@ def task_loss_sums(model, cfg: StepConfig, params, batch, key):
     enable_dropout=cfg.dropout,
     rngs={"dropout": key},
   )
-  tok = losses.cross_entropy(
+  tok = losses.token_losses(
     logits,
     batch["decoder_target_tokens"],
     z_loss=cfg.z_loss,
@@ -249,7 +258,8 @@ def one_gradient(
   Equivalently, for the w it returns (with ``gm = group_matrix(cfg)``)::
 
       grads == jax.grad(lambda p: w @ safe_div(
-          task_loss_sums(model, cfg, p, batch, dkey)[0] @ gm, group_counts))(params)
+          task_loss_sums(model, cfg, p, batch, dkey)[0]["loss"] @ gm,
+          group_counts))(params)
 
   Args:
     model, cfg, params: as for ``task_loss_sums``.
@@ -263,7 +273,8 @@ def one_gradient(
     mkey: the mtl transforms' key (randomised weightings).
 
   Returns:
-    (grads like params, task loss sums f32[k], w f32[G], the new mtl state).
+    (grads like params, task sums (``task_loss_sums``' dict of f32[k]), w f32[G], the
+    new mtl state).
   """
   gm = group_matrix(cfg)
   m = cfg.grad_accum_steps
@@ -281,7 +292,7 @@ def one_gradient(
 
     def group_losses(p):
       sums, _ = task_loss_sums(model, cfg, p, batch, dkey)
-      return safe_div(sums @ gm, group_counts), sums
+      return safe_div(sums["loss"] @ gm, group_counts), sums
 
     lg, vjp_fn, sums = jax.vjp(group_losses, params, has_aux=True)
     w, new_state = weights_for(jax.lax.stop_gradient(lg))
@@ -294,19 +305,26 @@ def one_gradient(
   def fwd(carry, xs):
     mb, key = xs
     sums, _ = task_loss_sums(model, cfg, params, mb, key)
-    return carry + sums, None
+    return jax.tree.map(jnp.add, carry, sums), None
 
-  sums, _ = jax.lax.scan(fwd, jnp.zeros([cfg.num_tasks]), (micro, keys))
-  w, new_state = weights_for(safe_div(sums @ gm, group_counts))
+  sums, _ = jax.lax.scan(fwd, zero_sums(cfg), (micro, keys))
+  w, new_state = weights_for(safe_div(sums["loss"] @ gm, group_counts))
   scale = safe_div(w, group_counts)  # d/dp sum_g w_g S_g / N_g
 
   def bwd(acc, xs):
     mb, key = xs
-    g = jax.grad(lambda p: task_loss_sums(model, cfg, p, mb, key)[0] @ gm @ scale)(params)
+    g = jax.grad(
+      lambda p: task_loss_sums(model, cfg, p, mb, key)[0]["loss"] @ gm @ scale
+    )(params)
     return jax.tree.map(jnp.add, acc, g), None
 
   grads, _ = jax.lax.scan(bwd, jax.tree.map(jnp.zeros_like, params), (micro, keys))
   return grads, sums, w, new_state
+
+
+def zero_sums(cfg: StepConfig) -> dict:
+  """Zeros shaped like ``task_loss_sums``' sums: f32[k] for each of ``LOSS_PARTS``."""
+  return {part: jnp.zeros([cfg.num_tasks], jnp.float32) for part in LOSS_PARTS}
 
 
 def sum_units_by_group(per_unit, unit_task, num_groups: int):
@@ -367,7 +385,8 @@ def group_gradients(model, cfg, params, batch, group_counts, dkey, param_shardin
       sharded like its param (the group axis is not sharded).
 
   Returns:
-    (grads: a params-like pytree of f32[G, *param_shape], task loss sums f32[k]).
+    (grads: a params-like pytree of f32[G, *param_shape], task sums: ``task_loss_sums``'
+    dict of f32[k]).
   """
   unit_task = batch["unit_task"]
   data = {k: v for k, v in batch.items() if k != "unit_task"}
@@ -378,7 +397,7 @@ def group_gradients(model, cfg, params, batch, group_counts, dkey, param_shardin
 
   def unit_objective(p, unit, scale, key):
     sums, _ = task_loss_sums(model, cfg, p, unit, key)
-    return scale * jnp.sum(sums), sums
+    return scale * jnp.sum(sums["loss"]), sums
 
   per_unit = jax.vmap(
     jax.grad(unit_objective, has_aux=True),
@@ -389,7 +408,8 @@ def group_gradients(model, cfg, params, batch, group_counts, dkey, param_shardin
   def chunk(p, units, scales, keys, tasks):
     with nn.logical_axis_rules(parallel.rules_without_batch(cfg.rules)):
       grads, sums = per_unit(p, units, scales, keys)
-    return sum_units_by_group(grads, tasks, cfg.num_groups), sums.sum(0)
+    unit_sums = jax.tree.map(lambda x: x.sum(0), sums)
+    return sum_units_by_group(grads, tasks, cfg.num_groups), unit_sums
 
   def constrain(grads):
     return jax.tree.map(
@@ -411,12 +431,15 @@ def group_gradients(model, cfg, params, batch, group_counts, dkey, param_shardin
   def body(carry, x):
     acc, acc_sums = carry
     g, s = chunk(params, x["units"], x["scales"], x["keys"], x["groups"])
-    return (jax.tree.map(jnp.add, acc, constrain(g)), acc_sums + s), None
+    return (
+      jax.tree.map(jnp.add, acc, constrain(g)),
+      jax.tree.map(jnp.add, acc_sums, s),
+    ), None
 
   zeros = constrain(
     jax.tree.map(lambda p: jnp.zeros((cfg.num_groups,) + p.shape, jnp.float32), params)
   )
-  (grads, sums), _ = jax.lax.scan(body, (zeros, jnp.zeros([cfg.num_tasks])), xs)
+  (grads, sums), _ = jax.lax.scan(body, (zeros, zero_sums(cfg)), xs)
   return grads, sums
 
 
@@ -430,7 +453,7 @@ def _tag_affinity(
 
   def group_losses(p):
     sums, _ = task_loss_sums(model, no_dropout, p, rows, key)
-    return safe_div(sums @ group_matrix(cfg), group_counts)
+    return safe_div(sums["loss"] @ group_matrix(cfg), group_counts)
 
   def affinity(_):
     return mtl.tag_affinity(group_losses, params, group_grads, lr, task_present=present)
@@ -473,7 +496,9 @@ def make_train_step(
   one-gradient route and task-major [U, B/U, length] plus ``unit_task`` on the
   per-group route (``mtx.data.pipeline``).
 
-  Metrics hold ``task_loss_sums``/``task_tokens`` f32[k], ``group_weights`` f32[G]
+  Metrics hold ``task_loss_sums``/``task_tokens`` f32[k] (and the loss's parts for the
+  logs: ``task_cross_ent_sums``, ``task_z_loss_sums``, ``task_correct``, f32[k] each,
+  see ``LOSS_PARTS``), ``group_weights`` f32[G]
   (one-gradient route), ``grad_norm``, ``nonfinite`` (bool[], this step was skipped),
   ``nonfinite_steps``, and on the per-group route ``group_grad_norm`` f32[G],
   ``group_grad_cos`` f32[G, G] and ``conflict_frac``. On the per-group route
@@ -501,7 +526,7 @@ def make_train_step(
       model, cfg, params, batch, group_counts, dkey, param_shardings
     )
     present = group_counts > 0
-    group_losses = safe_div(sums @ group_matrix(cfg), group_counts)
+    group_losses = safe_div(sums["loss"] @ group_matrix(cfg), group_counts)
     grads, mtl_state, info = mtl.aggregate(
       transforms,
       state["mtl_state"],
@@ -564,9 +589,12 @@ def make_train_step(
     new_params = optax.apply_updates(params, updates)
     grad_norm = optax.global_norm(grads)
     # The update is checked too: a finite gradient can still overflow in the optimizer.
-    ok = _all_finite(sums, grad_norm, updates)
+    ok = _all_finite(sums["loss"], grad_norm, updates)
     metrics.update(
-      task_loss_sums=sums,
+      task_loss_sums=sums["loss"],
+      task_cross_ent_sums=sums["cross_ent"],
+      task_z_loss_sums=sums["z_loss"],
+      task_correct=sums["correct"],
       task_tokens=counts,
       grad_norm=grad_norm,
       nonfinite=jnp.logical_not(ok),
