@@ -420,6 +420,19 @@ def run(argv: Sequence[str]) -> int:
       result = loop.train(result, operative_config=gin.operative_config_str)
   except UserError:
     raise
+  except TypeError as e:  # gin: a configurable called without a required argument
+    missing = re.search(
+      r"No values supplied by Gin or caller for arguments: \[([^\]]*)\].*"
+      r"In call to configurable '([\w.]+)'",
+      _one_line(e),
+    )
+    if not missing:
+      raise
+    args_, name = missing.group(1).replace("'", "").split(", "), missing.group(2)
+    raise UserError(
+      f"{name} needs a value for {', '.join(args_)}; bind it in a gin file or with "
+      f"--gin.{name}.{args_[0]}=VALUE."
+    ) from e
   except ValueError as e:  # gin's missing-required-binding error
     msg = _one_line(e)
     if "Required bindings" in msg or "REQUIRED" in msg:
@@ -448,6 +461,12 @@ def _summary(command: str, result) -> str:
       )
     if result.preempted:
       return f"Preempted: saved step {result.step}."
+    if result.step == result.start_step:
+      # Exit status 0: a finished job started again (a scheduler's retry) succeeded.
+      return (
+        f"Nothing to train: the checkpoint is at step {result.step}, which is "
+        "TRAIN_STEPS; raise TRAIN_STEPS to train on."
+      )
     return f"Done: {result.step} steps."
   return str(result)
 
