@@ -217,6 +217,15 @@ def _eval_tasks(name: str, split: str) -> list:
       f"No task of '{name}' has a '{split}' split; set EVAL_SPLIT to "
       f"one of their splits ({', '.join(splits)})."
     )
+  left_out = sorted(t.name for t in tasks if split not in t.splits)
+  if left_out:
+    log.warning(
+      "Evaluation of '%s' leaves out task(s) %s: they have no '%s' split (set "
+      "EVAL_SPLIT or EVAL_MIXTURE_OR_TASK_NAME to evaluate them).",
+      name,
+      ", ".join(left_out),
+      split,
+    )
   return tasks
 
 

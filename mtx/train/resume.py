@@ -42,7 +42,7 @@ def check_task_set(model_dir: str, step: int, task_names: Sequence[str]) -> None
     return
   gone = [t for t in saved if t not in task_names]
   new = [t for t in task_names if t not in saved]
-  change = "; ".join(
+  change = " and ".join(
     part
     for part in (
       f"without {', '.join(gone)}" if gone else "",
