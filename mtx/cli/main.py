@@ -441,7 +441,9 @@ def run(argv: Sequence[str]) -> int:
         "or with --gin.NAME=VALUE."
       ) from e
     raise
-  print(_summary(args.command, result), flush=True)
+  # Predictions written to stdout keep it for themselves.
+  to = sys.stderr if getattr(result, "path", None) == "-" else sys.stdout
+  print(_summary(args.command, result), file=to, flush=True)
   failure = getattr(result, "failure", None)  # e.g. `mtx compile`: does not fit
   if failure:
     print(f"mtx: error: {failure}", file=sys.stderr, flush=True)
