@@ -151,11 +151,11 @@ def _lines(path: str, limit: int = 100_000):
 
 def _first_line_without_tab(files) -> Optional[tuple]:
   """(path, line number) of the first non-empty line without a tab in TSV-like files
-  (where most lines have one), else None."""
+  (where at least half the lines have one), else None."""
   for path in files:
     lines = [(i, t) for i, t in _lines(path) if t.strip()]
     tabbed = sum("\t" in t for _, t in lines)
-    if tabbed * 2 > len(lines):
+    if tabbed * 2 >= len(lines):
       for i, t in lines:
         if "\t" not in t:
           return path, i
