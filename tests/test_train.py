@@ -562,6 +562,147 @@ def test_bad_input_leaves_a_fresh_model_dir(
   assert not model_dir.exists() or not os.listdir(model_dir)
 
 
+def _copy_run(src, dst):
+  import shutil
+
+  shutil.copytree(src, dst)
+  return dst
+
+
+def test_nothing_to_train_at_train_steps(finished_run, tmp_path, capsys):
+  """A finished run started again (a scheduler's retry) says so and exits 0: the job
+  did succeed; nothing in MODEL_DIR changes. (A TRAIN_STEPS below the checkpoint is a
+  mistake: exit 2, a row of the bad-input table.)"""
+  import gin
+
+  from mtx.cli import main as cli
+
+  run = _copy_run(finished_run, tmp_path / "run")
+  before = _snapshot(run)
+  gin.clear_config()
+  try:
+    code = cli.run(
+      [
+        "train",
+        "--gin_file=tests/tiny.gin",
+        f"--gin.MODEL_DIR='{run}'",
+        "--gin.TRAIN_STEPS=2",
+      ]
+    )
+  finally:
+    gin.clear_config()
+  assert code == 0
+  out = capsys.readouterr().out.strip().splitlines()[-1]
+  assert out.startswith("Nothing to train: the checkpoint is at step 2"), out
+  assert _snapshot(run) == before
+
+
+def test_resume_reports_changed_settings(finished_run, tmp_path, caplog):
+  """Resuming with another learning rate, batch or step count names each change
+  against the run's saved config.gin."""
+  import gin
+
+  from mtx.cli import main as cli
+
+  run = _copy_run(finished_run, tmp_path / "run")
+  # The previous launch's operative config, as `mtx train` writes it.
+  (run / "config.gin").write_text(
+    "# Macros:\nBATCH_SIZE = 8\nTRAIN_STEPS = 2\n\n"
+    "# Parameters for learning_rate_fn:\n"
+    "learning_rate_fn.base_lr = 0.003\nlearning_rate_fn.name = 'constant'\n"
+  )
+  gin.clear_config()
+  try:
+    with caplog.at_level("WARNING", logger="mtx"):
+      code = cli.run(
+        [
+          "train",
+          "--gin_file=tests/tiny.gin",
+          f"--gin.MODEL_DIR='{run}'",
+          "--gin.TRAIN_STEPS=3",
+          "--gin.BATCH_SIZE=16",
+          "--gin_bindings=optim.learning_rate_fn.base_lr = 0.001",
+        ]
+      )
+  finally:
+    gin.clear_config()
+  assert code == 0
+  text = " ".join(r.getMessage() for r in caplog.records if "Resuming" in r.getMessage())
+  assert "Resuming step 2 of" in text, caplog.text
+  assert "learning_rate_fn.base_lr: 0.003 -> 0.001" in text, text
+  assert "BATCH_SIZE: 8 -> 16" in text and "TRAIN_STEPS: 2 -> 3" in text, text
+  assert "learning_rate_fn.name" not in text  # unchanged settings are not listed
+
+
+def test_task_set_changes_are_refused_on_resume(tmp_path):
+  """Fewer, more or renamed tasks than MODEL_DIR/tasks.json: one sentence with the
+  ways on; the same tasks pass."""
+  from mtx.errors import UserError
+  from mtx.train import resume
+
+  tasks = [{"id": 0, "name": "a"}, {"id": 1, "name": "b"}]
+  (tmp_path / "tasks.json").write_text(json.dumps({"mixture": "m", "tasks": tasks}))
+  resume.check_task_set(str(tmp_path), 5, ["a", "b"])
+  for names, what in (
+    (["a"], "without b"),
+    (["a", "b", "c"], "with c added"),
+    (["a", "c"], "without b and with c added"),
+  ):
+    with pytest.raises(
+      UserError,
+      match=f"at step 5 on tasks a, b and this launch is {what}; .*INITIAL_CHECKPOINT_PATH",
+    ):
+      resume.check_task_set(str(tmp_path), 5, names)
+
+
+def test_every_weighting_passes_the_task_count_check():
+  """check_task_counts traces each weighting on k tasks: the right k passes for every
+  method, and static_weights with another count is refused naming the groups."""
+  import types
+
+  import jax.numpy as jnp
+  import optax
+
+  from mtx.errors import UserError
+  from mtx.train import build as build_lib
+
+  spec = types.SimpleNamespace(num_groups=3, group_names=("a", "b", "c"))
+  params = {"w": jnp.zeros((2, 2))}
+  for name, factory in mtl.METHODS.items():
+    transform = (
+      build_lib.build_transforms([factory], 3)[0]
+      if name != "static_weights"
+      else factory([1.0, 2.0, 3.0])
+    )
+    state = optax.chain(transform).init(params)
+    build_lib.check_task_counts([transform], state, spec)
+  wrong = mtl.static_weights([1.0, 2.0])
+  with pytest.raises(UserError, match="in id order: a, b, c"):
+    build_lib.check_task_counts([wrong], optax.chain(wrong).init(params), spec)
+
+
+def test_cosines_are_logged_only_where_measured():
+  """A pair of groups never present in the same step has no cosine (absent, not
+  0.0); conflict_frac averages only steps that held two groups or more."""
+  from mtx.train import loop
+
+  def step(norms, cos_ab, frac):
+    cos = np.eye(3, dtype=np.float32)
+    cos[0, 1] = cos[1, 0] = cos_ab
+    return {
+      "group_grad_norm": np.array(norms, np.float32),
+      "group_grad_cos": cos,
+      "conflict_frac": np.float32(frac),
+    }
+
+  h = [step([1, 1, 0], -0.5, 1.0), step([1, 0, 0], 0.0, 0.0), step([0, 1, 0], 0.0, 0.0)]
+  out = loop.cosine_metrics(h, ["a", "b", "c"])
+  assert out["grad_cos/a/b"] == pytest.approx(-0.5)
+  assert "grad_cos/a/c" not in out and "grad_cos/b/c" not in out
+  assert out["conflict_frac"] == pytest.approx(1.0)
+  assert "conflict_frac" not in loop.cosine_metrics(h[1:], ["a", "b", "c"])
+
+
 def test_gin_syntax_error_names_file_and_line(tmp_path, capsys):
   bad = tmp_path / "bad.gin"
   bad.write_text("include 'runs/train.gin'\ntrain.seed = = 3\n")

@@ -239,12 +239,10 @@ def build_train_step(
   optimizer = settings.optimizer_fn(learning_rate=schedule)
   # Before tracing the model: a bad debug setting fails at once.
   cfg = step_config(settings, spec, task_grads, model_config.dropout_rate > 0)
-  mtl_init = optax.chain(*transforms).init
   rules = tuple(settings.logical_axis_rules)
   params_abstract, p_shardings, abstract_state, s_shardings = _abstract_state(
-    model, layout, optimizer, mtl_init, settings.seed, mesh, rules
+    model, layout, optimizer, (transforms, spec), settings.seed, mesh, rules
   )
-  check_task_counts(transforms, abstract_state["mtl_state"], spec)
   step_fn = step_lib.make_train_step(
     model,
     optimizer,
@@ -273,7 +271,7 @@ def build_train_step(
     model=model,
     schedule=schedule,
     optimizer=optimizer,
-    mtl_init=mtl_init,
+    mtl_init=optax.chain(*transforms).init,
     params_abstract=params_abstract,
     param_shardings=p_shardings,
     abstract_state=abstract_state,
@@ -293,7 +291,7 @@ def check_task_counts(transforms: Sequence, mtl_state: Sequence, spec) -> None:
   extra = {
     "task_losses": jax.ShapeDtypeStruct((k,), np.float32),
     "task_present": jax.ShapeDtypeStruct((k,), np.bool_),
-    "key": jax.ShapeDtypeStruct((2,), np.uint32),
+    "key": jax.eval_shape(jax.random.key, 0),  # the step's typed key
   }
   for transform, state in zip(transforms, mtl_state):
     if mtl.kind(transform) != mtl.WEIGHTING:
@@ -308,9 +306,14 @@ def check_task_counts(transforms: Sequence, mtl_state: Sequence, spec) -> None:
       ) from e
 
 
-def _abstract_state(model, layout, optimizer, mtl_init, seed: int, mesh, rules) -> tuple:
+def _abstract_state(
+  model, layout, optimizer, mtl_and_spec, seed: int, mesh, rules
+) -> tuple:
   """(params ShapeDtypeStructs, their shardings, the abstract train state, its
-  shardings), traced without allocating anything."""
+  shardings), traced without allocating anything. ``mtl_and_spec`` is (the mtl transforms,
+  the MixtureSpec); their task counts are checked here (``check_task_counts``)."""
+  transforms, spec = mtl_and_spec
+  mtl_init = optax.chain(*transforms).init
   boxed, params_abstract = params_lib.abstract_params(
     model, layout.inputs_length, layout.targets_length
   )
@@ -318,6 +321,7 @@ def _abstract_state(model, layout, optimizer, mtl_init, seed: int, mesh, rules) 
   abstract_state = jax.eval_shape(
     lambda p: state_lib.make_state(p, optimizer, mtl_init, seed), params_abstract
   )
+  check_task_counts(transforms, abstract_state["mtl_state"], spec)
   s_shardings = state_lib.state_shardings(
     abstract_state, params_abstract, p_shardings, mesh
   )

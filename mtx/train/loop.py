@@ -222,7 +222,7 @@ def _period_metrics(
     for g, name in enumerate(group_names):
       out[f"mtl/weight/{name}"] = float(h[-1]["group_weights"][g])
   if "group_grad_cos" in h[-1]:
-    out.update(_cosine_metrics(h, group_names))
+    out.update(cosine_metrics(h, group_names))
   if "solver_residual" in h[-1]:  # worst solve of the period, and failed solves
     out["mtl/solver_residual"] = float(np.max([m["solver_residual"] for m in h]))
     out["mtl/solver_failures"] = int(np.sum([m["solver_failed"] for m in h]))
@@ -232,7 +232,7 @@ def _period_metrics(
   return out
 
 
-def _cosine_metrics(h: Sequence[dict], group_names: Sequence[str]) -> dict:
+def cosine_metrics(h: Sequence[dict], group_names: Sequence[str]) -> dict:
   """Gradient norms, pairwise cosines and conflict_frac of the period, each a mean
   over the steps where it was measured: a cosine where both groups had a gradient,
   conflict_frac where at least two had. One never measured (a pair never in the same

@@ -74,8 +74,8 @@ def _bindings(text: str) -> dict:
 
 
 def changed_settings(model_dir: str, operative_config: str) -> list:
-  """['name: old -> new', ...] for the bindings that differ from MODEL_DIR/config.gin
-  (sorted; a binding one of the two lacks shows as 'unset')."""
+  """['name: old -> new', ...] for the bindings of both MODEL_DIR/config.gin and
+  ``operative_config`` whose values differ (sorted by name)."""
   try:
     with open(os.path.join(model_dir, CONFIG_FILE), encoding="utf-8") as f:
       before = _bindings(f.read())
@@ -83,7 +83,7 @@ def changed_settings(model_dir: str, operative_config: str) -> list:
     return []
   now = _bindings(operative_config)
   return [
-    f"{name}: {before.get(name, 'unset')} -> {now[name]}"
+    f"{name}: {before[name]} -> {now[name]}"
     for name in sorted(now)
-    if before.get(name) != now[name]
+    if name in before and before[name] != now[name]
   ]
