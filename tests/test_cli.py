@@ -1,0 +1,70 @@
+"""The command line before any work: --help, and gin mistakes reported before JAX and
+TensorFlow are imported (a fraction of a second instead of the seconds they take)."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# Runs `mtx ARGS` in a fresh interpreter and reports the exit status, the message and
+# whether JAX or TensorFlow were imported by then.
+_PROBE = """
+import sys
+from mtx.cli import main
+try:
+  main.main(sys.argv[1:])
+except SystemExit as e:
+  heavy = sorted(m for m in ("jax", "tensorflow", "seqio") if m in sys.modules)
+  print("STATUS", e.code, "HEAVY", ",".join(heavy) or "-")
+"""
+
+
+def _probe(*args):
+  done = subprocess.run(
+    [sys.executable, "-c", _PROBE, *args],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=120,
+    env=dict(os.environ, PYTHONPATH=REPO),
+  )
+  status_line = done.stdout.strip().splitlines()[-1]
+  return status_line, done.stderr.strip().splitlines()[-1] if done.stderr.strip() else ""
+
+
+@pytest.mark.parametrize(
+  "args,pattern",
+  [
+    (["--gin_file=nonexistent.gin"], "nonexistent.gin was not found"),
+    (["--gin_file=mtl/pcgard.gin"], "did you mean: mtl/pcgrad.gin"),
+    (["--gin_file=tests/tiny.gin", "--gin.MODEL_DIR=/tmp/x"], "strings need quotes"),
+    (["--gin_file=gin_configs/runs/train.gin"], "Required setting"),
+  ],
+)
+def test_gin_mistakes_are_reported_before_jax_is_imported(args, pattern):
+  import re
+
+  status, err = _probe("train", *args)
+  assert status == "STATUS 2 HEAVY -", (status, err)
+  assert err.startswith("mtx: error: ") and re.search(pattern, err), err
+
+
+def test_help_explains_gin_flags_and_the_required_macros():
+  done = subprocess.run(
+    [sys.executable, "-m", "mtx", "train", "--help"],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=120,
+    env=dict(os.environ, PYTHONPATH=REPO),
+  )
+  assert done.returncode == 0, done.stderr
+  text = done.stdout
+  assert "--gin.NAME=VALUE" in text and "strings need" in text
+  assert (
+    "train    MIXTURE_OR_TASK_NAME, TASK_FEATURE_LENGTHS, TRAIN_STEPS, MODEL_DIR" in text
+  )
+  assert "infer    MIXTURE_OR_TASK_NAME, TASK_FEATURE_LENGTHS, MODEL_DIR" in text
