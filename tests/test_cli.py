@@ -68,3 +68,41 @@ def test_help_explains_gin_flags_and_the_required_macros():
     "train    MIXTURE_OR_TASK_NAME, TASK_FEATURE_LENGTHS, TRAIN_STEPS, MODEL_DIR" in text
   )
   assert "infer    MIXTURE_OR_TASK_NAME, TASK_FEATURE_LENGTHS, MODEL_DIR" in text
+
+
+def _mtx(*args, cwd=REPO):
+  return subprocess.run(
+    [sys.executable, "-m", "mtx", *args],
+    cwd=cwd,
+    capture_output=True,
+    text=True,
+    timeout=600,
+    env=dict(os.environ, PYTHONPATH=os.pathsep.join([REPO, os.path.join(REPO, "tests")])),
+  )
+
+
+def _own_lines(stderr):
+  """stderr without TensorFlow's and XLA's C++ start-up notices."""
+  noise = ("WARNING: All log messages", "I0000", "E0000", "W0000")
+  return [
+    line for line in stderr.splitlines() if line.strip() and not line.startswith(noise)
+  ]
+
+
+@pytest.mark.slow
+def test_initial_checkpoint_error_exits_cleanly(tmp_path):
+  """An INITIAL_CHECKPOINT_PATH of another model: one line, exit 2, and orbax shut
+  down before the interpreter (no 'cannot schedule new futures' traceback after it)."""
+  base = tmp_path / "base"
+  done = _mtx("train", "--gin_file=tests/tiny.gin", f"--gin.MODEL_DIR='{base}'",
+              "--gin.TRAIN_STEPS=1")  # fmt: skip
+  assert done.returncode == 0, done.stderr[-2000:]
+  done = _mtx("train", "--gin_file=tests/tiny.gin", f"--gin.MODEL_DIR='{tmp_path}/new'",
+              f"--gin.INITIAL_CHECKPOINT_PATH='{base}'",
+              "--gin.model.T5Config.mlp_dim=96")  # fmt: skip
+  lines = _own_lines(done.stderr)
+  assert done.returncode == 2, done.stderr[-2000:]
+  assert len(lines) == 1 and lines[0].startswith("mtx: error: INITIAL_CHECKPOINT_PATH"), (
+    lines
+  )
+  assert not (tmp_path / "new").exists()

@@ -231,7 +231,11 @@ _TRAINED_BAD = [
     ["--gin.INFER_INPUT='{good}'", "--gin.INFER_NUM_RETURN=2"],
     r"INFER_NUM_RETURN 2 .* beam",
   ),
-  ("steps_as_string", ["--gin.INFER_INPUT='{good}'", "--gin.INFER_BATCH_SIZE=8.0"], "8"),
+  (
+    "batch_float",
+    ["--gin.INFER_INPUT='{good}'", "--gin.INFER_BATCH_SIZE=8.0"],
+    "INFER_BATCH_SIZE must be an integer .*write 8",
+  ),
 ]
 
 

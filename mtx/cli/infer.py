@@ -44,7 +44,7 @@ import tensorflow as tf
 from mtx import parallel, paths
 from mtx.data import pipeline as data_pipeline
 from mtx.data import registry
-from mtx.errors import UserError, close_names
+from mtx.errors import UserError, check_int, close_names
 from mtx.infer import decoding
 from mtx.infer.predict import Predictor
 from mtx.model import T5Config
@@ -575,6 +575,20 @@ def infer(
       "INFER_INPUT is not set; set it to a text or JSONL file of inputs "
       "(or '-' for stdin), e.g. --gin.INFER_INPUT=\"'inputs.txt'\"."
     )
+  for name, value, minimum in (
+    ("INFER_BATCH_SIZE", batch_size, 1),
+    ("INFER_NUM_BEAMS", num_beams, 1),
+    ("INFER_TOP_K", top_k, 0),
+    ("INFER_SEED", seed, 0),
+    ("INFER_NUM_RETURN", num_return, 1),
+  ):
+    check_int(name, value, minimum)
+  for name, value in (
+    ("INFER_CHECKPOINT_STEP", checkpoint_step),
+    ("INFER_INPUTS_LENGTH", inputs_length),
+    ("INFER_MAX_DECODE_LENGTH", max_decode_length),
+  ):
+    check_int(name, value, 0 if name == "INFER_CHECKPOINT_STEP" else 1, optional=True)
   decode = decoding.DecodeOptions(
     method=decode_method,
     num_beams=num_beams,
@@ -635,7 +649,12 @@ def infer(
     vocab_size=vocabulary.vocab_size,
   )
   ids, scores = _predict(predictor, params, tokens, show_progress)
-  predictions = [_text(vocabulary.decode(x)) for x in ids]
+  predictions = [
+    [_text(vocabulary.decode(y)) for y in x]
+    if num_return > 1
+    else _text(vocabulary.decode(x))
+    for x in ids
+  ]
   if jax.process_index() == 0:
     write_jsonl(output_path, output_rows(records, texts, predictions, scores))
   seconds = time.time() - start

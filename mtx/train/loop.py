@@ -372,10 +372,11 @@ def _check_resume(run, ckpt, pipe, operative_config) -> None:
   """Before restoring MODEL_DIR's checkpoint: the same tasks (or a UserError), and a
   warning naming the settings that changed since the previous launch."""
   step = ckpt.latest_step()
-  if step is None or jax.process_index() != 0:
+  if step is None:
     return
+  # Every process checks (they read the same MODEL_DIR), so that all stop together.
   resume.check_task_set(run.model_dir, step, pipe.spec.task_names)
-  if operative_config is not None:
+  if operative_config is not None and jax.process_index() == 0:
     changed = resume.changed_settings(run.model_dir, operative_config())
     if changed:
       log.warning(
