@@ -8,6 +8,7 @@ import sys
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_DIR = "--gin.MODEL_DIR='/nonexistent/mtx_test_run'"  # never created: each case fails
 
 # Runs `mtx ARGS` in a fresh interpreter and reports the exit status, the message and
 # whether JAX or TensorFlow were imported by then.
@@ -42,6 +43,18 @@ def _probe(*args):
     (["--gin_file=mtl/pcgard.gin"], "did you mean: mtl/pcgrad.gin"),
     (["--gin_file=tests/tiny.gin", "--gin.MODEL_DIR=/tmp/x"], "strings need quotes"),
     (["--gin_file=gin_configs/runs/train.gin"], "Required setting"),
+    (
+      ["--gin_file=tests/tiny.gin", _DIR, "--gin.TRAIN_STEP=3"],
+      "did you mean: TRAIN_STEPS",
+    ),
+    (
+      ["--gin_file=tests/tiny.gin", _DIR, "--gin.model.T5Config.num_layer=2"],
+      "'num_layer'.*did you mean: .*num_encoder_layers",
+    ),
+    (
+      ["--gin_file=tests/tiny.gin", _DIR, "--gin_bindings=train.seed = %NO_SUCH_MACRO"],
+      "Macro %NO_SUCH_MACRO is used but never defined",
+    ),
   ],
 )
 def test_gin_mistakes_are_reported_before_jax_is_imported(args, pattern):
@@ -50,6 +63,21 @@ def test_gin_mistakes_are_reported_before_jax_is_imported(args, pattern):
   status, err = _probe("train", *args)
   assert status == "STATUS 2 HEAVY -", (status, err)
   assert err.startswith("mtx: error: ") and re.search(pattern, err), err
+
+
+def test_the_parameter_manifest_matches_the_registered_configurables():
+  """mtx/cli/configurables.json (what the first look checks flags against) lists
+  every registered configurable's parameters; regenerate it with
+  `python -m mtx.cli.gin_check` when this fails."""
+  import io
+  import json
+
+  from mtx.cli import configurables, gin_check
+
+  out = io.StringIO()
+  gin_check.write_manifest(configurables.NAMES, out)
+  with open(gin_check.MANIFEST, encoding="utf-8") as f:
+    assert json.load(f) == json.loads(out.getvalue())
 
 
 def test_help_explains_gin_flags_and_the_required_macros():

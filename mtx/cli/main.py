@@ -17,7 +17,6 @@ second Ctrl-C aborts at once, without saving, with status 130.
 """
 
 import argparse
-import inspect
 import logging
 import os
 import re
@@ -27,6 +26,7 @@ from typing import Optional, Sequence
 import gin
 
 import gin_configs
+from mtx.cli import gin_check
 from mtx.errors import UserError, close_names
 
 # The shipped gin files (a package, so an installed mtx has them too): searched as
@@ -182,6 +182,7 @@ def parse_gin(
   _parse_files(gin_files, paths, skip_unknown=True)
   _parse_bindings(flag_bindings, extra_bindings, skip_unknown=True)
   _check_required(required)
+  gin_check.check(gin_files, flag_bindings, extra_bindings, paths)
   gin.clear_config()
   # lazy: the configurables import JAX and TensorFlow; gin mistakes are reported first.
   import mtx.cli.configurables  # pylint: disable=g-import-not-at-top,unused-import # lazy: JAX/TF
@@ -264,19 +265,8 @@ def _did_you_mean(e: Exception) -> str:
   m = re.search(r"Configurable '([\w.]+)' doesn't have a parameter named '(\w+)'", str(e))
   if not m:
     return ""
-  configurable = gin.get_configurable(m.group(1))
-  # A class comes back as gin's subclass, whose __init__ takes (*args, **kwargs).
-  for candidate in getattr(configurable, "__mro__", (configurable,)):
-    try:
-      params = inspect.signature(candidate).parameters
-    except (ValueError, TypeError):
-      continue
-    named = [
-      n for n, p in params.items() if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
-    ]
-    if named:
-      return close_names(m.group(2), named)
-  return ""
+  params = gin_check.parameters(gin.get_configurable(m.group(1)))
+  return close_names(m.group(2), params) if params else ""
 
 
 def _value_hint(name: str, value: str) -> str:
