@@ -273,6 +273,12 @@ def test_mtx_eval_writes_json_metrics_and_delta_m(tmp_path, capsys):
       ("--gin.EVAL_TASK_FEATURE_LENGTHS={{'inputs': '8', 'targets': 8}}",),
       r"EVAL_TASK_FEATURE_LENGTHS\['inputs'\] must be a positive integer",
     ),
+    (("--gin.EVAL_MAX_EXAMPLES=0",), "EVAL_MAX_EXAMPLES must be positive"),
+    (
+      ("--gin.EVAL_CHECKPOINT_STEP=7",),
+      "EVAL_CHECKPOINT_STEP has no checkpoint at step 7 in .*empty: it holds no "
+      "finished checkpoint",
+    ),
   ],
 )
 def test_mtx_eval_bad_input_one_sentence(tmp_path, capsys, extra, pattern):

@@ -137,7 +137,7 @@ def test_eval_and_infer_read_a_run_in_training_through_relative_paths(
     )
     assert code == 0
     out = tmp_path / "home" / "out.jsonl"
-    assert f"Wrote 1 predictions to {out}." in capsys.readouterr().out
+    assert f"Wrote 1 prediction to {out}." in capsys.readouterr().out
     assert [r["inputs"] for r in _read(out)] == ["abc"]
     code = _cli(
       "eval",
@@ -206,6 +206,98 @@ def test_bad_input_is_one_sentence(tmp_path, capsys, extra, pattern):
   assert e.value.code == 2
   assert err.startswith("mtx: error: ") and "\n" not in err, err
   assert re.search(pattern, err), err
+
+
+_TRAINED_BAD = [
+  ("not_utf8", ["--gin.INFER_INPUT='{latin}'"], r"latin1.txt:2 is not valid UTF-8"),
+  ("input_is_dir", ["--gin.INFER_INPUT='{tmp}'"], r"INFER_INPUT .* is a directory"),
+  (
+    "output_is_dir",
+    ["--gin.INFER_INPUT='{good}'", "--gin.INFER_OUTPUT='{tmp}'"],
+    r"INFER_OUTPUT .* is a directory; name a file in it",
+  ),
+  (
+    "output_is_input",
+    ["--gin.INFER_INPUT='{good}'", "--gin.INFER_OUTPUT='{good}'"],
+    r"INFER_OUTPUT .*good.txt is INFER_INPUT too, which the predictions would overwrite",
+  ),
+  (
+    "missing_step",
+    ["--gin.INFER_INPUT='{good}'", "--gin.INFER_CHECKPOINT_STEP=7"],
+    r"7.*steps? .*2",
+  ),
+  (
+    "num_return_without_beam",
+    ["--gin.INFER_INPUT='{good}'", "--gin.INFER_NUM_RETURN=2"],
+    r"INFER_NUM_RETURN 2 .* beam",
+  ),
+  (
+    "batch_float",
+    ["--gin.INFER_INPUT='{good}'", "--gin.INFER_BATCH_SIZE=8.0"],
+    "INFER_BATCH_SIZE must be an integer .*write 8",
+  ),
+]
+
+
+@pytest.mark.parametrize(
+  "case,extra,pattern", [pytest.param(*c, id=c[0]) for c in _TRAINED_BAD]
+)
+def test_bad_input_on_a_trained_run(trained, tmp_path, capsys, case, extra, pattern):
+  """Mistakes about the inputs, the output and the checkpoint: one sentence, exit 2,
+  nothing written (the input, the output folder and the run unchanged)."""
+  (tmp_path / "good.txt").write_text("ab\n")
+  (tmp_path / "latin1.txt").write_bytes("ab\ncaf\u00e9\n".encode("latin-1"))
+  extra = [
+    e.format(good=tmp_path / "good.txt", latin=tmp_path / "latin1.txt", tmp=tmp_path)
+    for e in extra
+  ]
+  before = sorted(os.listdir(tmp_path)), sorted(os.listdir(trained))
+  gin.clear_config()
+  try:
+    with pytest.raises(SystemExit) as e:
+      cli.main(_infer_args(trained, "--gin.INFER_TASK='tiny_copy'", *extra))
+  finally:
+    gin.clear_config()
+  err = capsys.readouterr().err.strip()
+  assert e.value.code == 2, err
+  assert err.startswith("mtx: error: ") and "\n" not in err, err
+  assert re.search(pattern, err), err
+  assert (sorted(os.listdir(tmp_path)), sorted(os.listdir(trained))) == before
+  assert (tmp_path / "good.txt").read_text() == "ab\n"
+
+
+def test_n_best_to_stdout_and_file_mode(trained, tmp_path, capsys):
+  """INFER_OUTPUT='-' writes the JSONL to stdout (the summary goes to stderr);
+  INFER_NUM_RETURN=n lists the n best beams, the first of them the prediction a
+  single-result beam search makes; a file output has the mode of the run's files."""
+  (tmp_path / "in.txt").write_text("abc\nhg\n")
+  beam = ["--gin.INFER_DECODE_METHOD='beam'", "--gin.INFER_NUM_BEAMS=3"]
+  common = ["--gin.INFER_TASK='tiny_copy'", f"--gin.INFER_INPUT='{tmp_path}/in.txt'"]
+  assert (
+    _cli(
+      *_infer_args(
+        trained, *common, *beam, "--gin.INFER_NUM_RETURN=2", "--gin.INFER_OUTPUT='-'"
+      )
+    )
+    == 0
+  )
+  captured = capsys.readouterr()
+  rows = [json.loads(line) for line in captured.out.splitlines()]
+  assert "Wrote 2 predictions to stdout." in captured.err
+  assert not os.path.exists("-") and not os.path.exists(tmp_path / "-")
+  out = tmp_path / "one.jsonl"
+  assert _cli(*_infer_args(trained, *common, *beam, f"--gin.INFER_OUTPUT='{out}'")) == 0
+  single = _read(out)
+  for row, one in zip(rows, single):
+    assert len(row["predictions"]) == 2
+    assert row["predictions"][0] == {
+      "prediction": row["prediction"],
+      "score": row["score"],
+    }
+    assert row["prediction"] == one["prediction"]
+    assert row["score"] == pytest.approx(one["score"], abs=1e-5)
+  mode = os.stat(out).st_mode & 0o777
+  assert mode == os.stat(trained / "metrics.jsonl").st_mode & 0o777 == 0o644
 
 
 def test_read_records_formats(tmp_path):

@@ -167,3 +167,41 @@ def test_empty_split_and_unknown_split(tmp_path):
   assert "no examples" in _error(src.validate)
   good = sources.tsv_source({"train": _write(tmp_path / "g.tsv", "a\tb\n")})
   assert "did you mean: train" in _error(lambda: good.num_input_examples("trian"))
+
+
+def test_a_header_line_of_a_plain_seqio_tsv_is_warned_about(tmp_path, caplog):
+  """A TextLineDataSource whose file starts with the feature names: a warning naming
+  the task and the fix (skip_header_lines=1); without the header, no warning."""
+  import seqio
+  import tsv_tasks
+
+  from mtx.data import materialize
+
+  tsv_tasks.register_tsv(
+    "hdr_task", tmp_path / "h.tsv", [("inputs", "targets"), ("a", "b")]
+  )
+  tsv_tasks.register_tsv("plain_task", tmp_path / "p.tsv", [("a", "b")])
+  with caplog.at_level("WARNING"):
+    materialize.warn_header_lines(seqio.get_mixture_or_task("plain_task"), "train")
+    assert not caplog.records
+    materialize.warn_header_lines(seqio.get_mixture_or_task("hdr_task"), "train")
+  assert "Task hdr_task: the first line" in caplog.text
+  assert "skip_header_lines=1" in caplog.text
+
+
+def test_eval_names_the_tasks_without_the_eval_split(tmp_path, caplog):
+  """EVAL_PERIOD on a mixture where some task has no validation split: the run goes
+  on, and a warning says which tasks evaluation leaves out."""
+  import seqio
+  import tiny_mixture  # noqa: F401  (registers tiny_copy)
+  import tsv_tasks
+
+  from mtx.eval import evaluator
+
+  tsv_tasks.register_tsv("train_only", tmp_path / "t.tsv", [("a", "b")])
+  tsv_tasks.register_mixture("with_train_only", [("tiny_copy", 1.0), ("train_only", 1.0)])
+  with caplog.at_level("WARNING", logger="mtx"):
+    tasks = evaluator._eval_tasks("with_train_only", "validation")  # pylint: disable=protected-access
+  assert sorted(t.name for t in tasks) == ["tiny_copy", "train_only"]
+  assert "leaves out task(s) train_only: they have no 'validation' split" in caplog.text
+  seqio.MixtureRegistry.remove("with_train_only")

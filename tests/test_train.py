@@ -249,6 +249,28 @@ def bad_files(tmp_path_factory):
       f"{{'train': {str(path)!r}}}), preprocessors=[seqio.preprocessors.tokenize, "
       "seqio.preprocessors.append_eos_after_trim], output_features=tsv_tasks.FEATURES)\n"
     )
+  (d / "bad_raises.py").write_text(
+    "import seqio\nx = 1\nraise RuntimeError('my task module is broken')\n"
+  )
+  (d / "bad_syntax.py").write_text("import seqio\ndef f(:\n  pass\n")
+  (d / "bad_unregistered.py").write_text(
+    "import seqio\nimport tiny_mixture\n"
+    "seqio.MixtureRegistry.remove('bad_unregistered')\n"
+    "seqio.MixtureRegistry.add('bad_unregistered', "
+    "[('tiny_copy', 1.0), ('no_such_task', 1.0)])\n"
+  )
+  (d / "bad_rate.py").write_text(
+    "import seqio\nimport tiny_mixture\nseqio.MixtureRegistry.remove('bad_rate')\n"
+    "seqio.MixtureRegistry.add('bad_rate', [('tiny_copy', 1.0), ('tiny_rev', -1.0)])\n"
+  )
+  (d / "bad_notab.py").write_text(
+    "import tsv_tasks\n"
+    f"tsv_tasks.register_tsv('bad_notab', {str(d / 'notab.tsv')!r}, [('a', 'b')])\n"
+    f"open({str(d / 'notab.tsv')!r}, 'a').write('no tab here\\n')\n"
+  )
+  (d / "include_missing.gin").write_text(
+    "include 'tests/tiny.gin'\ninclude 'runs/no_such_include.gin'\n"
+  )
   sys.path.insert(0, str(d))
   yield d
   sys.path.remove(str(d))
@@ -347,7 +369,130 @@ _BAD = [
     ["--gin_bindings=model.T5Config.vocab_size = 64"],
     "smaller than the vocabulary",
   ),
+  # Issue #19's confusing mistakes.
+  (
+    "steps_quoted",
+    ["--gin.TRAIN_STEPS='100'"],
+    "TRAIN_STEPS must be an integer .*write 100 without quotes",
+  ),
+  ("batch_float", ["--gin.BATCH_SIZE=8.0"], "BATCH_SIZE must be an integer .*write 8"),
+  ("log_period_zero", ["--gin.LOG_PERIOD=0"], "LOG_PERIOD must be positive"),
+  ("log_period_negative", ["--gin.LOG_PERIOD=-5"], "LOG_PERIOD must be positive"),
+  ("checkpoint_period_negative", ["--gin.CHECKPOINT_PERIOD=-1"], "CHECKPOINT_PERIOD"),
+  ("eval_period_negative", ["--gin.EVAL_PERIOD=-1"], "EVAL_PERIOD must be >= 0"),
+  (
+    "module_raises",
+    _task("bad_raises"),
+    r"'bad_raises' raised RuntimeError at .*bad_raises.py:3.*my task module is broken",
+  ),
+  (
+    "module_syntax_error",
+    _task("bad_syntax"),
+    r"'bad_syntax' has a syntax error at .*bad_syntax.py:2",
+  ),
+  (
+    "mixture_unregistered_task",
+    _task("bad_unregistered"),
+    r"bad_unregistered.py:4 \(seqio.MixtureRegistry.add\('bad_unregistered'.*"
+    "no_such_task",
+  ),
+  (
+    "negative_rate",
+    _task("bad_rate"),
+    "Mixture 'bad_rate' gives task.* tiny_rev a negative rate",
+  ),
+  (
+    "tsv_line_without_tab",
+    _task("bad_notab"),
+    r"Task 'bad_notab' failed .*notab.tsv:2 has no tab",
+  ),
+  (
+    "static_weights_count",
+    [
+      "--gin_bindings=train.mtl_transforms = [@mtl.static_weights()]",
+      "--gin_bindings=mtl.static_weights.weights = [1.0]",
+    ],
+    "does not fit the run's 2 task group.*in id order: tiny_copy, tiny_rev",
+  ),
+  (
+    "static_weights_none",
+    ["--gin_bindings=train.mtl_transforms = [@mtl.static_weights()]"],
+    "static_weights needs a value for weights",
+  ),
+  ("units_zero", ["--gin.UNITS=0", "--gin_file=mtl/pcgrad.gin"], "UNITS must be"),
+  (
+    "units_below_groups",
+    ["--gin.UNITS=1", "--gin_file=mtl/pcgrad.gin"],
+    "UNITS 1 is below the 2 task groups .*set UNITS to at least 2",
+  ),
+  (
+    "mask_matches_nothing",
+    [
+      "--gin_bindings=train.mtl_transforms = [@mtl.masked()]",
+      "--gin_bindings=mtl.masked.inner = @mtl.pcgrad",
+      "--gin_bindings=mtl.masked.mask = 'nomatch/'",
+    ],
+    "mask 'nomatch/' matches no parameter",
+  ),
+  (
+    "units_not_multiple_of_accumulation",
+    [
+      "--gin_file=mtl/pcgrad.gin",
+      "--gin.UNITS=3",
+      "--gin_bindings=train.grad_accum_steps = 2",
+    ],
+    r"UNITS 3 must be a multiple .*grad_accum_steps 2.*set UNITS to a multiple of \d+",
+  ),
+  (
+    "include_missing",
+    ["--gin_file={d}/include_missing.gin"],
+    "includes runs/no_such_include.gin, which was not found",
+  ),
+  (
+    "dict_unquoted",
+    ["--gin.TASK_FEATURE_LENGTHS={inputs: 8, targets: 8}"],
+    "removed the quotes",
+  ),
+  ("dict_split_by_shell", ["--gin.TASK_FEATURE_LENGTHS={inputs:"], "is cut off"),
+  ("path_unquoted", ["--gin.MODEL_DIR=/tmp/x"], "strings need quotes"),
+  ("gin_file_misspelt", ["--gin_file=mtl/pcgard.gin"], "did you mean: mtl/pcgrad.gin"),
+  (
+    "parameter_misspelt",
+    ["--gin.model.T5Config.num_layer=2"],
+    "num_layer.*did you mean: .*num_encoder_layers",
+  ),
+  (
+    "eval_max_examples_zero",
+    ["--gin.EVAL_PERIOD=1", "--gin.EVAL_MAX_EXAMPLES=0"],
+    "EVAL_MAX_EXAMPLES must be positive",
+  ),
+  (
+    "fewer_tasks_on_resume",
+    ["--gin.MIXTURE_OR_TASK_NAME='tiny_copy'"],
+    "holds a run at step 2 on tasks tiny_copy, tiny_rev and this launch is without "
+    "tiny_rev; .*INITIAL_CHECKPOINT_PATH",
+  ),
+  (
+    "steps_below_checkpoint",
+    ["--gin.TRAIN_STEPS=1"],
+    "Nothing to train: the checkpoint .* is at step 2, beyond TRAIN_STEPS=1",
+  ),
+  (
+    "initial_checkpoint_of_another_shape",
+    ["--gin.INITIAL_CHECKPOINT_PATH='{run}'", "--gin.model.T5Config.mlp_dim=96"],
+    "INITIAL_CHECKPOINT_PATH .* does not fit the model",
+  ),
 ]
+# Rows that are about resuming the finished run: with a fresh MODEL_DIR they train.
+_RESUME_ONLY = {
+  "fewer_tasks_on_resume",
+  "steps_below_checkpoint",
+  "checkpoint_of_another_shape",
+  "model_dir_in_use",
+}
+# Rows whose MODEL_DIR is the finished run's only to resume: started fresh, they would
+# read the finished run's (another model's) checkpoint as INITIAL_CHECKPOINT_PATH.
+_FRESH_ONLY = {"initial_checkpoint_of_another_shape"}
 _MARKS = {}
 # Cases run while the test process holds MODEL_DIR's lock (mtx.runtime.lock).
 _LOCKED = {"model_dir_in_use"}
@@ -372,6 +517,8 @@ def test_bad_input_one_sentence(finished_run, bad_files, capsys, case, args, pat
 
   if case == "vocabulary_unreadable" and os.geteuid() == 0:
     pytest.skip("root reads any file")
+  if case in _FRESH_ONLY:
+    pytest.skip("a fresh-MODEL_DIR case (test_bad_input_leaves_a_fresh_model_dir)")
   args = [a.replace("{d}", str(bad_files)) for a in args]
   pattern = pattern.replace("{pid}", str(os.getpid()))
   with (
@@ -392,6 +539,177 @@ def test_bad_input_one_sentence(finished_run, bad_files, capsys, case, args, pat
     assert re.search(pattern, err, re.I), err
     assert _snapshot(finished_run) == before
   assert lock_lib.LOCK_FILE not in os.listdir(finished_run)  # Released on every error.
+
+
+FRESH = [
+  pytest.param(*c, id=c[0], marks=_MARKS.get(c[0], ()))
+  for c in _BAD
+  if c[0] not in _RESUME_ONLY
+]
+
+
+@pytest.mark.parametrize("case,args,pattern", FRESH)
+def test_bad_input_leaves_a_fresh_model_dir(
+  finished_run, bad_files, tmp_path, capsys, case, args, pattern
+):
+  """The same mistakes on a MODEL_DIR that does not exist yet: one sentence, exit 2,
+  and no MODEL_DIR afterwards (validation comes before anything is written)."""
+  import re
+
+  if case == "vocabulary_unreadable" and os.geteuid() == 0:
+    pytest.skip("root reads any file")
+  args = [
+    a.replace("{d}", str(bad_files)).replace("{run}", str(finished_run)) for a in args
+  ]
+  model_dir = tmp_path / "fresh"
+  code, err = _run_cli(
+    None, capsys, "--gin_file=tests/tiny.gin", f"--gin.MODEL_DIR='{model_dir}'", *args
+  )
+  assert code == 2, err
+  assert err.startswith("mtx: error: ") and "\n" not in err, err
+  assert re.search(pattern, err, re.I), err
+  assert not model_dir.exists() or not os.listdir(model_dir)
+
+
+def _copy_run(src, dst):
+  import shutil
+
+  shutil.copytree(src, dst)
+  return dst
+
+
+def test_nothing_to_train_at_train_steps(finished_run, tmp_path, capsys):
+  """A finished run started again (a scheduler's retry) says so and exits 0: the job
+  did succeed; nothing in MODEL_DIR changes. (A TRAIN_STEPS below the checkpoint is a
+  mistake: exit 2, a row of the bad-input table.)"""
+  import gin
+
+  from mtx.cli import main as cli
+
+  run = _copy_run(finished_run, tmp_path / "run")
+  before = _snapshot(run)
+  gin.clear_config()
+  try:
+    code = cli.run(
+      [
+        "train",
+        "--gin_file=tests/tiny.gin",
+        f"--gin.MODEL_DIR='{run}'",
+        "--gin.TRAIN_STEPS=2",
+      ]
+    )
+  finally:
+    gin.clear_config()
+  assert code == 0
+  out = capsys.readouterr().out.strip().splitlines()[-1]
+  assert out.startswith("Nothing to train: the checkpoint is at step 2"), out
+  assert _snapshot(run) == before
+
+
+def test_resume_reports_changed_settings(finished_run, tmp_path, caplog):
+  """Resuming with another learning rate, batch or step count names each change
+  against the run's saved config.gin."""
+  import gin
+
+  from mtx.cli import main as cli
+
+  run = _copy_run(finished_run, tmp_path / "run")
+  # The previous launch's operative config, as `mtx train` writes it.
+  (run / "config.gin").write_text(
+    "# Macros:\nBATCH_SIZE = 8\nTRAIN_STEPS = 2\n\n"
+    "# Parameters for learning_rate_fn:\n"
+    "learning_rate_fn.base_lr = 0.003\nlearning_rate_fn.name = 'constant'\n"
+  )
+  gin.clear_config()
+  try:
+    with caplog.at_level("WARNING", logger="mtx"):
+      code = cli.run(
+        [
+          "train",
+          "--gin_file=tests/tiny.gin",
+          f"--gin.MODEL_DIR='{run}'",
+          "--gin.TRAIN_STEPS=3",
+          "--gin.BATCH_SIZE=16",
+          "--gin_bindings=optim.learning_rate_fn.base_lr = 0.001",
+        ]
+      )
+  finally:
+    gin.clear_config()
+  assert code == 0
+  text = " ".join(r.getMessage() for r in caplog.records if "Resuming" in r.getMessage())
+  assert "Resuming step 2 of" in text, caplog.text
+  assert "learning_rate_fn.base_lr: 0.003 -> 0.001" in text, text
+  assert "BATCH_SIZE: 8 -> 16" in text and "TRAIN_STEPS: 2 -> 3" in text, text
+  assert "learning_rate_fn.name" not in text  # unchanged settings are not listed
+
+
+def test_task_set_changes_are_refused_on_resume(tmp_path):
+  """Fewer, more or renamed tasks than MODEL_DIR/tasks.json: one sentence with the
+  ways on; the same tasks pass."""
+  from mtx.errors import UserError
+  from mtx.train import resume
+
+  tasks = [{"id": 0, "name": "a"}, {"id": 1, "name": "b"}]
+  (tmp_path / "tasks.json").write_text(json.dumps({"mixture": "m", "tasks": tasks}))
+  resume.check_task_set(str(tmp_path), 5, ["a", "b"])
+  for names, what in (
+    (["a"], "without b"),
+    (["a", "b", "c"], "with c added"),
+    (["a", "c"], "without b and with c added"),
+  ):
+    with pytest.raises(
+      UserError,
+      match=f"at step 5 on tasks a, b and this launch is {what}; .*INITIAL_CHECKPOINT_PATH",
+    ):
+      resume.check_task_set(str(tmp_path), 5, names)
+
+
+def test_every_weighting_passes_the_task_count_check():
+  """check_task_counts traces each weighting on k tasks: the right k passes for every
+  method, and static_weights with another count is refused naming the groups."""
+  import types
+
+  import jax.numpy as jnp
+  import optax
+
+  from mtx.errors import UserError
+  from mtx.train import build as build_lib
+
+  spec = types.SimpleNamespace(num_groups=3, group_names=("a", "b", "c"))
+  params = {"w": jnp.zeros((2, 2))}
+  for name, factory in mtl.METHODS.items():
+    transform = (
+      build_lib.build_transforms([factory], 3)[0]
+      if name != "static_weights"
+      else factory([1.0, 2.0, 3.0])
+    )
+    state = optax.chain(transform).init(params)
+    build_lib.check_task_counts([transform], state, spec)
+  wrong = mtl.static_weights([1.0, 2.0])
+  with pytest.raises(UserError, match="in id order: a, b, c"):
+    build_lib.check_task_counts([wrong], optax.chain(wrong).init(params), spec)
+
+
+def test_cosines_are_logged_only_where_measured():
+  """A pair of groups never present in the same step has no cosine (absent, not
+  0.0); conflict_frac averages only steps that held two groups or more."""
+  from mtx.train import loop
+
+  def step(norms, cos_ab, frac):
+    cos = np.eye(3, dtype=np.float32)
+    cos[0, 1] = cos[1, 0] = cos_ab
+    return {
+      "group_grad_norm": np.array(norms, np.float32),
+      "group_grad_cos": cos,
+      "conflict_frac": np.float32(frac),
+    }
+
+  h = [step([1, 1, 0], -0.5, 1.0), step([1, 0, 0], 0.0, 0.0), step([0, 1, 0], 0.0, 0.0)]
+  out = loop.cosine_metrics(h, ["a", "b", "c"])
+  assert out["grad_cos/a/b"] == pytest.approx(-0.5)
+  assert "grad_cos/a/c" not in out and "grad_cos/b/c" not in out
+  assert out["conflict_frac"] == pytest.approx(1.0)
+  assert "conflict_frac" not in loop.cosine_metrics(h[1:], ["a", "b", "c"])
 
 
 def test_gin_syntax_error_names_file_and_line(tmp_path, capsys):

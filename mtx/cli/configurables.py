@@ -38,3 +38,19 @@ gin.external_configurable(eval_command.evaluate, name="evaluate")
 gin.external_configurable(compile_command.compile_train, name="compile_train")
 gin.external_configurable(infer_command.infer, name="infer")
 gin.external_configurable(export_command.export, name="export")
+
+# Every name registered above, as gin selects it (``mtx.cli.gin_check`` checks flags
+# against their parameters before this module is imported).
+NAMES = (
+  "train",
+  "model.T5Config",
+  "optim.make_optimizer",
+  "optim.learning_rate_fn",
+  *(f"mtl.{name}" for name in sorted(mtl.METHODS)),
+  "mtl.masked",
+  "eval.EvalOptions",
+  "evaluate",
+  "compile_train",
+  "infer",
+  "export",
+)

@@ -44,7 +44,7 @@ import tensorflow as tf
 from mtx import parallel, paths
 from mtx.data import pipeline as data_pipeline
 from mtx.data import registry
-from mtx.errors import UserError, close_names
+from mtx.errors import UserError, check_int, close_names
 from mtx.infer import decoding
 from mtx.infer.predict import Predictor
 from mtx.model import T5Config
@@ -59,7 +59,7 @@ PREPROCESS_MODES = ("auto", "tokenize", "task")
 _JSONL_EXTENSIONS = (".jsonl", ".json", ".ndjson")
 _TOKENIZERS = (seqio.preprocessors.tokenize, seqio.preprocessors.tokenize_and_append_eos)
 # Fields of the output that the predictor owns; an input's own fields never replace them.
-_OUTPUT_FIELDS = ("inputs", "prediction", "score")
+_OUTPUT_FIELDS = ("inputs", "prediction", "score", "predictions")
 
 
 @dataclasses.dataclass
@@ -72,7 +72,9 @@ class InferResult:
   seconds: float
 
   def __str__(self) -> str:
-    return f"Wrote {self.count} predictions to {self.path}."
+    where = "stdout" if self.path == "-" else self.path
+    noun = "prediction" if self.count == 1 else "predictions"
+    return f"Wrote {self.count} {noun} to {where}."
 
 
 # ---- reading inputs -------------------------------------------------------------------
@@ -102,13 +104,17 @@ def read_records(
     text = (stdin if stdin is not None else sys.stdin).read()
     where = "stdin"
   else:
+    if os.path.isdir(path):
+      raise UserError(
+        f"INFER_INPUT {path} is a directory; point it at a text or JSONL file of "
+        "inputs (or '-' for stdin)."
+      )
     if not os.path.isfile(path):
       raise UserError(
         f"INFER_INPUT {path} does not exist; point it at a text or JSONL "
         "file of inputs (or '-' for stdin)."
       )
-    with open(path, encoding="utf-8") as f:
-      text = f.read()
+    text = _read_utf8(path)
     where = path
   lines = text.splitlines()
   if input_format == "auto":
@@ -139,6 +145,36 @@ def read_records(
     record["_line"] = number
     records.append(record)
   return records
+
+
+def _read_utf8(path: str) -> str:
+  """The file's text; a UserError naming the first line that is not UTF-8."""
+  with open(path, "rb") as f:
+    data = f.read()
+  try:
+    return data.decode("utf-8")
+  except UnicodeDecodeError as e:
+    line = data.count(b"\n", 0, e.start) + 1
+    raise UserError(
+      f"INFER_INPUT {path}:{line} is not valid UTF-8 ({e.reason} at byte "
+      f"{e.start}); convert the file to UTF-8 (e.g. iconv -f latin1 -t utf-8)."
+    ) from e
+
+
+def check_output_path(output_path: str, input_path: str) -> None:
+  """Refuses an INFER_OUTPUT that is a directory or the input itself."""
+  if output_path == "-":
+    return
+  if os.path.isdir(output_path):
+    raise UserError(
+      f"INFER_OUTPUT {output_path} is a directory; name a file in it, e.g. "
+      f"{os.path.join(output_path, 'predictions.jsonl')} (or '-' for stdout)."
+    )
+  if input_path != "-" and os.path.realpath(output_path) == os.path.realpath(input_path):
+    raise UserError(
+      f"INFER_OUTPUT {output_path} is INFER_INPUT too, which the predictions would "
+      "overwrite; choose another output file."
+    )
 
 
 # ---- preprocessing --------------------------------------------------------------------
@@ -335,13 +371,22 @@ def _text(value: Any) -> str:
 def output_rows(
   records: Sequence[dict],
   texts: Sequence[str],
-  predictions: Sequence[str],
-  scores: Sequence[float],
+  predictions: Sequence,
+  scores: Sequence,
 ) -> list:
-  """The output objects: inputs, prediction, score, then the input's other fields."""
+  """The output objects: inputs, prediction, score, then the input's other fields.
+
+  An input's prediction and score may be lists (the n best, best first): its
+  ``prediction`` and ``score`` are then the best, and ``predictions`` lists all n as
+  ``{"prediction": text, "score": float}``.
+  """
   rows = []
   for record, text, prediction, score in zip(records, texts, predictions, scores):
-    row = {"inputs": text, "prediction": prediction, "score": float(score)}
+    if isinstance(prediction, list):
+      n_best = [{"prediction": p, "score": float(s)} for p, s in zip(prediction, score)]
+      row = {"inputs": text, **n_best[0], "predictions": n_best}
+    else:
+      row = {"inputs": text, "prediction": prediction, "score": float(score)}
     row.update(
       {k: v for k, v in record.items() if k not in _OUTPUT_FIELDS and k != "_line"}
     )
@@ -349,8 +394,17 @@ def output_rows(
   return rows
 
 
-def write_jsonl(path: str, rows: Sequence[Mapping[str, Any]]) -> None:
-  """Writes the rows as JSONL atomically: a temporary file, then a rename."""
+def write_jsonl(
+  path: str, rows: Sequence[Mapping[str, Any]], stdout: Optional[TextIO] = None
+) -> None:
+  """Writes the rows as JSONL atomically: a temporary file, then a rename; '-' writes
+  them to ``stdout`` (default ``sys.stdout``)."""
+  text = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+  if path == "-":
+    stream = stdout if stdout is not None else sys.stdout
+    stream.write(text)
+    stream.flush()
+    return
   try:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   except OSError as e:
@@ -358,9 +412,7 @@ def write_jsonl(path: str, rows: Sequence[Mapping[str, Any]]) -> None:
       f"INFER_OUTPUT {path} cannot be written ({e.strerror}); choose a writable path."
     ) from e
   # Temp file, fsync, rename; a failed write is one sentence (WriteError, a UserError).
-  metrics_writer.write_atomically(
-    path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
-  )
+  metrics_writer.write_atomically(path, text)
 
 
 class _InputsProgress(progress_lib.Progress):
@@ -469,6 +521,7 @@ def infer(
   temperature: float = 1.0,
   top_k: int = 0,
   seed: int = 0,
+  num_return: int = 1,
   mesh_shape: Optional[Mapping[str, int]] = None,
   logical_axis_rules: Sequence = parallel.DEFAULT_RULES,
   show_progress: Optional[bool] = None,
@@ -485,7 +538,8 @@ def infer(
     mixture_or_task_name, task_feature_lengths, mixture_or_task_module,
       vocabulary_path, model_config, mesh_shape, logical_axis_rules: as for training.
     input_path: the inputs (INFER_INPUT); '-' reads stdin.
-    output_path: the JSONL to write; None = MODEL_DIR/infer/<input name>.<task>.jsonl.
+    output_path: the JSONL to write ('-': stdout); None =
+      MODEL_DIR/infer/<input name>.<task>.jsonl.
     task_name: the task whose preprocessing the inputs get; None = the run's task
       when it has only one.
     input_format: "auto", "text" or "jsonl".
@@ -500,22 +554,24 @@ def infer(
     max_decode_length: the most tokens predicted; None = TASK_FEATURE_LENGTHS['targets'].
     decode_method, num_beams, length_penalty, temperature, top_k, seed: decoding
       (``mtx.infer.decoding.decode``).
+    num_return: the n best predictions per input (beam search, n <= num_beams);
+      above 1 each output object lists them under "predictions".
     show_progress: draw a progress bar on stderr; None = when stderr is a terminal.
     devices: the mesh's devices (default all).
     stdin: the stream '-' reads (tests).
 
   Returns:
-    An ``InferResult``; ``str()`` is "Wrote N predictions to PATH."
+    An ``InferResult``; ``str()`` is "Wrote N predictions to PATH." (the CLI prints
+    it on stderr when the predictions go to stdout).
   """
   # long: the command's steps in order (check the settings, read and preprocess the
   # inputs, load the model, predict, write), each a call; the formatter's one argument
   # per line makes it long, and splitting it would hand its settings around again.
   start = time.time()
   model_dir, vocabulary_path = paths.absolute(model_dir), paths.absolute(vocabulary_path)
-  checkpoint_path, output_path = (
-    paths.absolute(checkpoint_path),
-    paths.absolute(output_path),
-  )
+  checkpoint_path = paths.absolute(checkpoint_path)
+  if output_path != "-":
+    output_path = paths.absolute(output_path)
   if input_path != "-":
     input_path = paths.absolute(input_path)
   if not input_path:
@@ -523,6 +579,20 @@ def infer(
       "INFER_INPUT is not set; set it to a text or JSONL file of inputs "
       "(or '-' for stdin), e.g. --gin.INFER_INPUT=\"'inputs.txt'\"."
     )
+  for name, value, minimum in (
+    ("INFER_BATCH_SIZE", batch_size, 1),
+    ("INFER_NUM_BEAMS", num_beams, 1),
+    ("INFER_TOP_K", top_k, 0),
+    ("INFER_SEED", seed, 0),
+    ("INFER_NUM_RETURN", num_return, 1),
+  ):
+    check_int(name, value, minimum)
+  for name, value in (
+    ("INFER_CHECKPOINT_STEP", checkpoint_step),
+    ("INFER_INPUTS_LENGTH", inputs_length),
+    ("INFER_MAX_DECODE_LENGTH", max_decode_length),
+  ):
+    check_int(name, value, 0 if name == "INFER_CHECKPOINT_STEP" else 1, optional=True)
   decode = decoding.DecodeOptions(
     method=decode_method,
     num_beams=num_beams,
@@ -530,6 +600,7 @@ def infer(
     temperature=temperature,
     top_k=top_k,
     seed=seed,
+    num_return=num_return,
   )
   decode.check(batch_size, "INFER")
   model_config, vocabulary_path = pretrained.resolve_run(
@@ -546,6 +617,7 @@ def infer(
   spec = registry.resolve(mixture_or_task_name)
   task = _find_task(task_name, mixture_or_task_name, spec)
   output_path = output_path or _default_output(model_dir, input_path, task.name)
+  check_output_path(output_path, input_path)
 
   # Inputs first: their mistakes show before the slow part.
   records = read_records(input_path, input_format, stdin)
@@ -588,7 +660,12 @@ def infer(
     vocab_size=vocabulary.vocab_size,
   )
   ids, scores = _predict(predictor, params, tokens, show_progress)
-  predictions = [_text(vocabulary.decode(x)) for x in ids]
+  predictions = [
+    [_text(vocabulary.decode(y)) for y in x]
+    if num_return > 1
+    else _text(vocabulary.decode(x))
+    for x in ids
+  ]
   if jax.process_index() == 0:
     write_jsonl(output_path, output_rows(records, texts, predictions, scores))
   seconds = time.time() - start

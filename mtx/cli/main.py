@@ -26,6 +26,7 @@ from typing import Optional, Sequence
 import gin
 
 import gin_configs
+from mtx.cli import gin_check
 from mtx.errors import UserError, close_names
 
 # The shipped gin files (a package, so an installed mtx has them too): searched as
@@ -54,12 +55,55 @@ SIGNAL_STATUS = {"SIGINT": 130, "SIGHUP": 129}
 ABORT_STATUS = 130
 
 
+def _help_epilog() -> str:
+  """What --help says about gin flags and each command's required macros."""
+  lines = [
+    "Configuration is gin, as in T5X:",
+    "  --gin_file=FILE         a gin file (repeatable), e.g. runs/train.gin, mtl/pcgrad.gin",
+    "  --gin.NAME=VALUE        one binding: a macro (--gin.TRAIN_STEPS=1000) or a",
+    "                          parameter (--gin.model.T5Config.num_heads=8); strings need",
+    "                          quotes inside the value: --gin.MODEL_DIR=\"'/tmp/run'\"",
+    "  --gin_bindings='A = B'  a binding in gin syntax (repeatable)",
+    "",
+    "Macros each command requires (set them in a gin file or with --gin.NAME=VALUE):",
+  ]
+  for command, (_, required) in sorted(COMMANDS.items()):
+    lines.append(f"  {command:8s} {', '.join(required)}")
+  lines += [
+    "",
+    "Example:",
+    "  mtx train --gin_file=gin_configs/demo.gin --gin.MODEL_DIR=\"'/tmp/demo'\"",
+  ]
+  return "\n".join(lines)
+
+
 def _parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(prog="mtx", description="Multi-task T5 training in JAX.")
-  p.add_argument("command", choices=sorted(COMMANDS))
-  p.add_argument("--gin_file", action="append", default=[])
-  p.add_argument("--gin_bindings", action="append", default=[])
-  p.add_argument("--gin_search_paths", action="append", default=[])
+  p = argparse.ArgumentParser(
+    prog="mtx",
+    description="Multi-task T5 training in JAX.",
+    epilog=_help_epilog(),
+    formatter_class=argparse.RawDescriptionHelpFormatter,
+  )
+  p.add_argument(
+    "command",
+    choices=sorted(COMMANDS),
+    help="train | eval | infer | compile (the macros each requires: below)",
+  )
+  p.add_argument(
+    "--gin_file", action="append", default=[], help="a gin file (repeatable)"
+  )
+  p.add_argument(
+    "--gin_bindings",
+    action="append",
+    default=[],
+    help="a gin binding, 'NAME = VALUE' (repeatable); or --gin.NAME=VALUE",
+  )
+  p.add_argument(
+    "--gin_search_paths",
+    action="append",
+    default=[],
+    help="folders to search for gin files (the repo's gin_configs/ is always searched)",
+  )
   p.add_argument("--coordinator_address", default=None)
   p.add_argument("--num_processes", type=int, default=None)
   p.add_argument("--process_id", type=int, default=None)
@@ -86,6 +130,12 @@ def split_gin_flags(argv: Sequence[str]) -> tuple:
         except StopIteration:
           raise UserError(f"Flag {arg} has no value; write --gin.NAME=VALUE.") from None
       name, value = body.split("=", 1)
+      if value.count("{") != value.count("}") or value.count("[") != value.count("]"):
+        raise UserError(
+          f"--gin.{name}={value} is cut off: the shell split the value at its spaces "
+          "(and removed its quotes); quote the whole flag, e.g. "
+          f"\"--gin.{name}={{'inputs': 64, 'targets': 32}}\"."
+        )
       bindings.append((name, value))
     else:
       rest.append(arg)
@@ -120,21 +170,62 @@ def parse_gin(
   search_paths: Sequence[str],
   required: Sequence[str] = REQUIRED_MACROS,
 ) -> None:
-  """Parses gin files and bindings, turning gin's errors into one-line UserErrors."""
-  # lazy: the configurables import JAX and TensorFlow; `mtx --help` should not wait.
+  """Parses gin files and bindings, turning gin's errors into one-line UserErrors.
+
+  Parses twice: first before mtx's configurables are registered (they import JAX and
+  TensorFlow, seconds), which checks the files, includes, syntax, values and the
+  required macros at once; then with every configurable, which checks the names
+  (configurables, parameters, macros) and keeps the bindings.
+  """
+  paths = _add_search_paths(
+    list(search_paths) + [GIN_DIR, os.path.dirname(GIN_DIR), os.getcwd()]
+  )
+  _parse_files(gin_files, paths, skip_unknown=True)
+  _parse_bindings(flag_bindings, extra_bindings, skip_unknown=True)
+  _check_required(required)
+  gin_check.check(gin_files, flag_bindings, extra_bindings, paths)
+  gin.clear_config()
+  # lazy: the configurables import JAX and TensorFlow; gin mistakes are reported first.
   import mtx.cli.configurables  # pylint: disable=g-import-not-at-top,unused-import # lazy: JAX/TF
 
-  _parse_files(
-    gin_files,
-    list(search_paths) + [GIN_DIR, os.path.dirname(GIN_DIR), os.getcwd()],
-  )
+  _parse_files(gin_files, paths)
   _parse_bindings(flag_bindings, extra_bindings)
   _check_macros(flag_bindings, required)
 
 
-def _parse_files(gin_files: Sequence[str], search_paths: Sequence[str]) -> None:
-  for path in search_paths:
-    gin.add_config_file_search_path(path)
+_SEARCH_PATHS_ADDED = []  # gin keeps its search paths for the process: add each once
+
+
+def _add_search_paths(search_paths: Sequence[str]) -> list:
+  paths = list(dict.fromkeys(search_paths))
+  for path in paths:
+    if path not in _SEARCH_PATHS_ADDED:
+      gin.add_config_file_search_path(path)
+      _SEARCH_PATHS_ADDED.append(path)
+  return paths
+
+
+def _gin_files_known(search_paths: Sequence[str]) -> list:
+  """The .gin files under the search paths, as --gin_file would name them."""
+  found = []
+  for root in search_paths:
+    if not os.path.isdir(root) or root == os.path.dirname(GIN_DIR):
+      continue
+    for folder, dirs, files in os.walk(root):
+      dirs[:] = [d for d in dirs if not d.startswith(".")][:50]
+      found += [
+        os.path.relpath(os.path.join(folder, f), root)
+        for f in files
+        if f.endswith(".gin")
+      ]
+      if len(found) > 2000:
+        return found
+  return found
+
+
+def _parse_files(
+  gin_files: Sequence[str], search_paths: Sequence[str], skip_unknown: bool = False
+) -> None:
   if not gin_files:
     raise UserError(
       "No --gin_file given; start from --gin_file=gin_configs/demo.gin or "
@@ -144,58 +235,91 @@ def _parse_files(gin_files: Sequence[str], search_paths: Sequence[str]) -> None:
     if not any(os.path.isfile(os.path.join(p, f)) for p in [""] + list(search_paths)):
       raise UserError(
         f"Gin file {f} was not found here or in the search paths "
-        f"{list(search_paths)}; check the path or add its folder with "
-        "--gin_search_paths."
+        f"{list(search_paths)}{close_names(f, _gin_files_known(search_paths))}; check "
+        "the path or add its folder with --gin_search_paths."
       )
     try:
-      gin.parse_config_file(f)
+      gin.parse_config_file(f, skip_unknown=skip_unknown)
     except UserError:
       raise  # a task module's own sentence (UserError is a ValueError too)
     except IOError as e:
+      missing = re.search(r"Unable to open file: (.*?)\. Searched", str(e))
+      if missing and missing.group(1) != f:
+        name = missing.group(1)
+        raise UserError(
+          f"Gin file {f} includes {name}, which was not found in the search paths "
+          f"{list(search_paths)}{close_names(name, _gin_files_known(search_paths))}; "
+          "fix the include or add its folder with --gin_search_paths."
+        ) from e
       raise UserError(
-        f"Gin file {f} was not found ({e}); check the path or add its "
+        f"Gin file {f} was not found ({_one_line(e)}); check the path or add its "
         "folder with --gin_search_paths."
       ) from e
     except (SyntaxError, ValueError) as e:
       raise UserError(
-        f"Gin file {f} does not parse: {_one_line(e)}; fix that line."
+        f"Gin file {f} does not parse: {_one_line(e)}{_did_you_mean(e)}; fix that line."
       ) from e
 
 
+def _did_you_mean(e: Exception) -> str:
+  """Close names for gin's 'no parameter named' error, else ''."""
+  m = re.search(r"Configurable '([\w.]+)' doesn't have a parameter named '(\w+)'", str(e))
+  if not m:
+    return ""
+  params = gin_check.parameters(gin.get_configurable(m.group(1)))
+  return close_names(m.group(2), params) if params else ""
+
+
+def _value_hint(name: str, value: str) -> str:
+  """Why a --gin.NAME=VALUE value may not parse: quotes the shell removed."""
+  if re.match(r"^[\w./~-]+$", value) and not re.match(r"^[\d.eE+-]+$", value):
+    return f" (strings need quotes: --gin.{name}=\"'{value}'\")"
+  if value[:1] in "{[" and re.search(r"[{\[,]\s*[A-Za-z_][\w.]*\s*:", value):
+    return (
+      " (the shell removed the quotes of the keys: quote the whole flag, e.g. "
+      f"\"--gin.{name}={{'inputs': 64, 'targets': 32}}\")"
+    )
+  return ""
+
+
 def _parse_bindings(
-  flag_bindings: Sequence[tuple], extra_bindings: Sequence[str]
+  flag_bindings: Sequence[tuple],
+  extra_bindings: Sequence[str],
+  skip_unknown: bool = False,
 ) -> None:
   for name, value in flag_bindings:
     try:
-      gin.parse_config(f"{name} = {value}")
+      gin.parse_config(f"{name} = {value}", skip_unknown=skip_unknown)
     except UserError:
       raise
     except (SyntaxError, ValueError) as e:
-      hint = (
-        f" (strings need quotes: --gin.{name}=\"'{value}'\")"
-        if re.match(r"^[A-Za-z_][\w./-]*$", value)
-        else ""
-      )
+      hint = _value_hint(name, value) or _did_you_mean(e)
       raise UserError(
         f"--gin.{name}={value} does not parse: {_one_line(e)}{hint}."
       ) from e
   for text in extra_bindings:
     try:
-      gin.parse_config(text)
+      gin.parse_config(text, skip_unknown=skip_unknown)
     except UserError:
       raise
     except (SyntaxError, ValueError) as e:
-      raise UserError(f"--gin_bindings '{text}' does not parse: {_one_line(e)}.") from e
+      raise UserError(
+        f"--gin_bindings '{text}' does not parse: {_one_line(e)}{_did_you_mean(e)}."
+      ) from e
 
 
-def _check_macros(flag_bindings: Sequence[tuple], required: Sequence[str]) -> None:
-  """Required macros set; every macro used defined; every --gin.MACRO used."""
+def _check_required(required: Sequence[str]) -> None:
   missing = [name for name in required if _is_required(name)]
   if missing:
     raise UserError(
       f"Required setting(s) {', '.join(missing)} not given; set them in "
       f"your gin file or with --gin.{missing[0]}=VALUE."
     )
+
+
+def _check_macros(flag_bindings: Sequence[tuple], required: Sequence[str]) -> None:
+  """Required macros set; every macro used defined; every --gin.MACRO used."""
+  _check_required(required)
   used = _macro_references()
   defined = {
     scope
@@ -287,6 +411,19 @@ def run(argv: Sequence[str]) -> int:
       result = loop.train(result, operative_config=gin.operative_config_str)
   except UserError:
     raise
+  except TypeError as e:  # gin: a configurable called without a required argument
+    missing = re.search(
+      r"No values supplied by Gin or caller for arguments: \[([^\]]*)\].*"
+      r"In call to configurable '([\w.]+)'",
+      _one_line(e),
+    )
+    if not missing:
+      raise
+    args_, name = missing.group(1).replace("'", "").split(", "), missing.group(2)
+    raise UserError(
+      f"{name} needs a value for {', '.join(args_)}; bind it in a gin file or with "
+      f"--gin.{name}.{args_[0]}=VALUE."
+    ) from e
   except ValueError as e:  # gin's missing-required-binding error
     msg = _one_line(e)
     if "Required bindings" in msg or "REQUIRED" in msg:
@@ -295,7 +432,9 @@ def run(argv: Sequence[str]) -> int:
         "or with --gin.NAME=VALUE."
       ) from e
     raise
-  print(_summary(args.command, result), flush=True)
+  # Predictions written to stdout keep it for themselves.
+  to = sys.stderr if getattr(result, "path", None) == "-" else sys.stdout
+  print(_summary(args.command, result), file=to, flush=True)
   failure = getattr(result, "failure", None)  # e.g. `mtx compile`: does not fit
   if failure:
     print(f"mtx: error: {failure}", file=sys.stderr, flush=True)
@@ -315,6 +454,12 @@ def _summary(command: str, result) -> str:
       )
     if result.preempted:
       return f"Preempted: saved step {result.step}."
+    if result.step == result.start_step:
+      # Exit status 0: a finished job started again (a scheduler's retry) succeeded.
+      return (
+        f"Nothing to train: the checkpoint is at step {result.step}, which is "
+        "TRAIN_STEPS; raise TRAIN_STEPS to train on."
+      )
     return f"Done: {result.step} steps."
   return str(result)
 

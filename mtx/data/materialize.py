@@ -17,6 +17,7 @@ TensorFlow runs only here, on the host CPU, to execute the seqio preprocessors.
 
 import dataclasses
 import logging
+import re
 from typing import Mapping, Optional
 
 import numpy as np
@@ -132,6 +133,81 @@ def _trim(seqs: Ragged, max_len: int, eos_id: Optional[int]) -> tuple:
   return Ragged(tokens, offsets), over
 
 
+def source_files(task: seqio.Task, split: str) -> list:
+  """The files of a file-based seqio source's split ([] for other sources)."""
+  if not isinstance(task.source, seqio.FileDataSource):
+    return []
+  try:
+    return sorted(task.source.list_shards(split))[:100]
+  except Exception:  # pylint: disable=broad-except  # only to name a file
+    return []
+
+
+def _lines(path: str, limit: int = 100_000):
+  """(line number, text) of a text file's first ``limit`` lines ([] if unreadable)."""
+  try:
+    with open(path, encoding="utf-8", errors="replace") as f:
+      return [(i, line.rstrip("\n")) for i, line in zip(range(1, limit + 1), f)]
+  except OSError:
+    return []
+
+
+def _first_line_without_tab(files) -> Optional[tuple]:
+  """(path, line number) of the first non-empty line without a tab in TSV-like files
+  (where at least half the lines have one), else None."""
+  for path in files:
+    lines = [(i, t) for i, t in _lines(path) if t.strip()]
+    tabbed = sum("\t" in t for _, t in lines)
+    if tabbed * 2 >= len(lines):
+      for i, t in lines:
+        if "\t" not in t:
+          return path, i
+  return None
+
+
+def warn_header_lines(task: seqio.Task, split: str) -> None:
+  """Warns when a plain seqio text-line source starts with a header line (the
+  feature names, tab-separated): it would be read as an example."""
+  if not isinstance(task.source, seqio.TextLineDataSource):
+    return
+  names = {"\t".join(task.output_features), "\t".join(sorted(task.output_features))}
+  try:  # the source's first line as it reads it (skip_header_lines applied)
+    first = next(iter(task.source.get_dataset(split, shuffle=False).take(1)), None)
+  except Exception:  # pylint: disable=broad-except  # read errors come later, named
+    return
+  if first is None or not isinstance(first, tf.Tensor):
+    return
+  line = first.numpy().decode("utf-8", "replace").strip()
+  if line in names:
+    logging.warning(
+      "Task %s: the first line of its split '%s' is a header (%s) and is read as an "
+      "example; pass skip_header_lines=1 to its TextLineDataSource.",
+      task.name,
+      split,
+      line.replace("\t", "<TAB>"),
+    )
+
+
+def _read_error(task: seqio.Task, split: str, error: Exception) -> UserError:
+  """A TensorFlow error while running a task's preprocessors, in one sentence naming
+  the task and its file (and the line without a tab, for TSV-like files)."""
+  text = " ".join(str(error).split())
+  m = re.search(r"transformation with iterator: [^ ]*: (.*?)\s*\[\[", text)
+  reason = (m.group(1) if m else text)[:300]
+  files = source_files(task, split)
+  bad = _first_line_without_tab(files)
+  if bad:
+    where = f"; {bad[0]}:{bad[1]} has no tab, unlike the other lines: fix or drop it"
+  elif files:
+    where = f"; its files: {', '.join(files[:3])}"
+  else:
+    where = "; check its data and preprocessors"
+  return UserError(
+    f"Task '{task.name}' failed reading split '{split}' in its preprocessors "
+    f"({reason}){where}."
+  )
+
+
 def read_task(
   task: seqio.Task,
   split: str,
@@ -153,6 +229,7 @@ def read_task(
       f"Task '{task.name}' has no split '{split}' (it has {list(task.splits)}); "
       "choose one of those."
     )
+  warn_header_lines(task, split)
   shard_info = seqio.ShardInfo(shard_index, num_shards) if num_shards > 1 else None
   num_truncated = 0
   try:
@@ -166,7 +243,10 @@ def read_task(
       task.name,
       e,
     )
-    data = _read(_dataset(task, split, dict(feature_lengths), shard_info))
+    try:
+      data = _read(_dataset(task, split, dict(feature_lengths), shard_info))
+    except tf.errors.OpError as e2:
+      raise _read_error(task, split, e2) from e2
     num_truncated = -1
   keep = data["targets"].lengths() > 0  # An empty target teaches nothing; skip it.
   if not keep.all():

@@ -14,6 +14,8 @@ same way (sorted names). Without a mapping every task is its own group.
 import dataclasses
 import fnmatch
 import importlib
+import importlib.util
+import traceback
 from typing import Mapping, Optional, Sequence
 
 import seqio
@@ -81,11 +83,40 @@ def import_modules(
     try:
       with vocab.default_vocabulary_path(vocabulary_path):
         importlib.import_module(module)
+    except UserError:
+      raise
     except ModuleNotFoundError as e:
       raise UserError(
         f"MIXTURE_OR_TASK_MODULE '{module}' could not be imported ({e}); check the "
         "module name and that its folder is on PYTHONPATH or installed."
       ) from e
+    except SyntaxError as e:
+      raise UserError(
+        f"MIXTURE_OR_TASK_MODULE '{module}' has a syntax error at "
+        f"{e.filename}:{e.lineno} ({e.msg}); fix that line."
+      ) from e
+    except Exception as e:  # pylint: disable=broad-except  # the user's own code
+      raise UserError(
+        f"MIXTURE_OR_TASK_MODULE '{module}' raised {type(e).__name__} at "
+        f"{_where(module, e)}: {' '.join(str(e).split())}; fix the module."
+      ) from e
+
+
+def _where(module: str, error: BaseException) -> str:
+  """'file:line' in ``module``'s own file where ``error`` was raised (or the last
+  frame of the traceback when the module's file is not in it)."""
+  frames = traceback.extract_tb(error.__traceback__)
+  try:
+    spec = importlib.util.find_spec(module)
+  except (ImportError, ValueError):
+    spec = None
+  own = [f for f in frames if spec is not None and f.filename == spec.origin]
+  frame = (own or frames or [None])[-1]
+  if frame is None:
+    return module
+  code = (frame.line or "").strip()
+  code = f" ({code[:117]}...)" if len(code) > 120 else (f" ({code})" if code else "")
+  return f"{frame.filename}:{frame.lineno}{code}"
 
 
 def _registered_names() -> list:
@@ -105,10 +136,7 @@ def resolve(name: str, task_groups: Optional[Mapping[str, str]] = None) -> Mixtu
       features, or a mixture without an "inputs"/"targets" pair.
   """
   if name in seqio.MixtureRegistry.names():
-    mixture = seqio.get_mixture_or_task(name)
-    # seqio flattens sub-mixtures (rates multiplied through) into leaf tasks.
-    tasks = tuple(sorted(mixture.tasks, key=lambda t: t.name))
-    rates = tuple(float(mixture.get_rate(t)) for t in tasks)
+    tasks, rates = _mixture_tasks(name)
   elif name in seqio.TaskRegistry.names():
     tasks = (seqio.get_mixture_or_task(name),)
     rates = (1.0,)
@@ -127,6 +155,32 @@ def resolve(name: str, task_groups: Optional[Mapping[str, str]] = None) -> Mixtu
   group_names = tuple(sorted(set(groups)))
   group_of_task = tuple(group_names.index(g) for g in groups)
   return MixtureSpec(name, tasks, rates, group_names, group_of_task)
+
+
+def _mixture_tasks(name: str) -> tuple:
+  """(leaf tasks sorted by name, their rates) of mixture ``name``; a task it names
+  that is not registered, or a negative rate, is the user's to fix."""
+  try:
+    mixture = seqio.get_mixture_or_task(name)
+    # seqio flattens sub-mixtures (rates multiplied through) into leaf tasks.
+    tasks = tuple(sorted(mixture.tasks, key=lambda t: t.name))
+  except ValueError as e:
+    missing = str(e).split("Provider name not registered:")[-1].strip()
+    if "not registered" not in str(e):
+      raise
+    raise UserError(
+      f"Mixture '{name}' names '{missing}', which is not a registered task or "
+      f"mixture{close_names(missing, _registered_names())}; register it (in "
+      "MIXTURE_OR_TASK_MODULE) or fix the mixture."
+    ) from e
+  rates = tuple(float(mixture.get_rate(t)) for t in tasks)
+  negative = [t.name for t, r in zip(tasks, rates) if r < 0]
+  if negative:
+    raise UserError(
+      f"Mixture '{name}' gives task(s) {', '.join(negative)} a negative rate "
+      f"({', '.join(str(r) for r in rates if r < 0)}); rates must be >= 0."
+    )
+  return tasks, rates
 
 
 def _check_compatible(name: str, tasks: Sequence[seqio.Task]) -> None:

@@ -42,7 +42,7 @@ import seqio
 
 from mtx import parallel, paths
 from mtx.data import pipeline as data_pipeline
-from mtx.errors import UserError
+from mtx.errors import UserError, check_int
 from mtx.eval import predictions, results
 from mtx.eval.results import LOSS, NUM_EXAMPLES, EvalResult
 from mtx.infer import decoding
@@ -101,6 +101,8 @@ class EvalOptions:
 
   def __post_init__(self):  # Bad settings fail where they are given, before any work.
     object.__setattr__(self, "baseline_dir", paths.absolute(self.baseline_dir))
+    check_int("EVAL_BATCH_SIZE", self.batch_size, 1)
+    check_int("EVAL_MAX_EXAMPLES", self.max_examples, 1, optional=True)
     self.decode.check(self.batch_size, "EVAL")
     if self.task_feature_lengths is not None:
       data_pipeline.check_feature_lengths(
@@ -217,6 +219,15 @@ def _eval_tasks(name: str, split: str) -> list:
     raise UserError(
       f"No task of '{name}' has a '{split}' split; set EVAL_SPLIT to "
       f"one of their splits ({', '.join(splits)})."
+    )
+  left_out = sorted(t.name for t in tasks if split not in t.splits)
+  if left_out:
+    log.warning(
+      "Evaluation of '%s' leaves out task(s) %s: they have no '%s' split (set "
+      "EVAL_SPLIT or EVAL_MIXTURE_OR_TASK_NAME to evaluate them).",
+      name,
+      ", ".join(left_out),
+      split,
     )
   return tasks
 

@@ -54,6 +54,7 @@ class DecodeOptions:
   temperature: float = 1.0
   top_k: int = 0
   seed: int = 0
+  num_return: int = 1
 
   def check(self, batch_size: int, prefix: Optional[str] = None) -> None:
     """Raises a one-sentence UserError for settings out of range.
@@ -73,6 +74,15 @@ class DecodeOptions:
         f"batch_size {batch_size}, top_k {self.top_k}, temperature "
         f"{self.temperature}); use num_beams >= 1, batch_size >= 1, top_k >= 0 and "
         "temperature >= 0."
+      )
+    if self.num_return != 1 and not (
+      self.method == "beam" and 1 <= self.num_return <= self.num_beams
+    ):
+      which = f"{prefix}_NUM_RETURN" if prefix else "num_return"
+      raise UserError(
+        f"{which} {self.num_return} asks for that many predictions per input, which "
+        f"beam search gives, up to its num_beams ({self.num_beams}); set the decode "
+        "method to 'beam' with enough beams, or return 1."
       )
 
 
@@ -229,8 +239,10 @@ def beam_search(
   num_beams: int = 4,
   length_penalty: float = 0.6,
   eos_id: int = 1,
+  num_return: int = 1,
 ) -> tuple[Array, Array]:
-  """Beam search with GNMT's length penalty; returns the best beam of each example.
+  """Beam search with GNMT's length penalty; returns the best beam of each example
+  (or its ``num_return`` best).
 
   The layout is T5X's: each example keeps K *alive* beams (no EOS yet) and the K best
   *finished* ones (ended by EOS, scored ``log_prob / ((5 + len) / 6) ** alpha``, len
@@ -260,9 +272,12 @@ def beam_search(
     num_beams: K.
     length_penalty: alpha.
     eos_id: the end-of-sequence token.
+    num_return: n <= K; above 1, the n best of each example: its finished beams
+      best first, then (should fewer than n have finished) its best alive ones.
 
   Returns:
-    (tokens int32 [B, L] with 0 after EOS, scores float32 [B], length-penalised).
+    (tokens int32 [B, L] with 0 after EOS, scores float32 [B], length-penalised);
+    with ``num_return`` n > 1, tokens int32 [B, n, L] and scores float32 [B, n].
   """
   k, length = num_beams, max_decode_length
 
@@ -349,6 +364,12 @@ def beam_search(
   _, alive_seqs, alive_lp, finished_seqs, finished_scores, finished, _ = (
     jax.lax.while_loop(cond, body, state)
   )
+  if num_return > 1:
+    return _n_best(
+      num_return,
+      (finished_seqs, finished_scores, finished),
+      (alive_seqs, alive_lp / length_penalty_factor(length, length_penalty)),
+    )
   # top_k keeps the best first: beam 0 is the best of each set.
   has_finished = finished[:, 0]
   tokens = jnp.where(has_finished[:, None], finished_seqs[:, 0], alive_seqs[:, 0])
@@ -423,6 +444,20 @@ def model_step_fn(
   return step
 
 
+def _n_best(n: int, finished_set: tuple, alive_set: tuple) -> tuple[Array, Array]:
+  """The n best of each example's K finished and K alive beams: finished ones first
+  (best first), then alive ones (best first). Shapes: [B, K, L] and [B, K] each ->
+  tokens [B, n, L], scores [B, n]."""
+  finished_seqs, finished_scores, finished = finished_set
+  alive_seqs, alive_scores = alive_set
+  seqs = jnp.concatenate([finished_seqs, alive_seqs], axis=1)  # [B, 2K, L]
+  scores = jnp.concatenate([finished_scores, alive_scores], axis=1)
+  tier = jnp.concatenate([~finished, jnp.ones_like(finished)], axis=1).astype(jnp.int32)
+  # lexsort: the last key is the primary one (finished first), then the best score.
+  order = jax.vmap(lambda t, s: jnp.lexsort((-s, t)))(tier, scores)[:, :n]
+  return _gather_beams(seqs, order), jnp.take_along_axis(scores, order, axis=1)
+
+
 def decode(
   model,
   params: Any,
@@ -437,6 +472,7 @@ def decode(
   key: Optional[Array] = None,
   eos_id: int = 1,
   vocab_size: int = 0,
+  num_return: int = 1,
 ) -> tuple[Array, Array]:
   """Decodes a batch with ``model`` (an ``mtx.model.T5``) and its key/value cache.
 
@@ -454,10 +490,11 @@ def decode(
     eos_id: the end-of-sequence token.
     vocab_size: when > 0, ids at or above it are never emitted. Id 0 (padding)
       never is either.
+    num_return: beam search only: the n best per row (``beam_search``).
 
   Returns:
     (tokens int32 [B, L] with 0 after EOS, scores float32 [B]: summed log-prob,
-    length-penalised for beam search).
+    length-penalised for beam search); [B, n, L] and [B, n] for ``num_return`` n > 1.
   """
   if method not in METHODS:
     raise ValueError(f"Unknown decoding method {method!r}; use one of {METHODS}.")
@@ -479,6 +516,7 @@ def decode(
       num_beams=num_beams,
       length_penalty=length_penalty,
       eos_id=eos_id,
+      num_return=num_return,
     )
   return sample_loop(
     step,

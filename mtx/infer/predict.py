@@ -120,8 +120,11 @@ class Predictor:
     self._mesh = mesh
     self._rules = list(rules)
     self._seed = int(decode.seed)
+    self.num_return = int(decode.num_return)
     self._rows = parallel.batch_sharding(mesh, 2)
     self._scalars = parallel.batch_sharding(mesh, 1)
+    n_best = self.num_return > 1  # [B, n, L] tokens and [B, n] scores
+    decoded = (parallel.batch_sharding(mesh, 3), self._rows) if n_best else None
     options = dict(
       max_decode_length=self.max_decode_length,
       method=decode.method,
@@ -131,6 +134,7 @@ class Predictor:
       top_k=decode.top_k,
       eos_id=self.eos_id,
       vocab_size=vocab_size,
+      num_return=self.num_return,
     )
 
     def decode_fn(params, tokens, key):
@@ -143,7 +147,7 @@ class Predictor:
     self._decode = jax.jit(
       decode_fn,
       in_shardings=(param_shardings, self._rows, replicated),
-      out_shardings=(self._rows, self._scalars),
+      out_shardings=decoded or (self._rows, self._scalars),
     )
     self._score = jax.jit(
       score_fn,
@@ -174,7 +178,9 @@ class Predictor:
   ) -> tuple[list, list]:
     """Decodes every input; returns (list of id lists without EOS, list of scores).
 
-    ``on_batch(n)`` is called after each batch with the number of inputs done.
+    With ``decode.num_return`` n > 1, each input's entry is a list of its n best
+    (id lists and scores, best first). ``on_batch(n)`` is called after each batch
+    with the number of inputs done.
     """
     outputs, scores = [], []
     base_key = jax.random.key(self._seed)
@@ -185,8 +191,15 @@ class Predictor:
         key = jax.random.fold_in(base_key, i)
         out, score = self._decode(params, tokens, key)
         out, score = self._to_host(out), self._to_host(score)
-        outputs += [strip_output(row, self.eos_id) for row in out[: end - start]]
-        scores += [float(s) for s in score[: end - start]]
+        if self.num_return > 1:
+          outputs += [
+            [strip_output(r, self.eos_id) for r in rows_n]
+            for rows_n in out[: end - start]
+          ]
+          scores += [[float(s) for s in row] for row in score[: end - start]]
+        else:
+          outputs += [strip_output(row, self.eos_id) for row in out[: end - start]]
+          scores += [float(s) for s in score[: end - start]]
         if on_batch is not None:
           on_batch(end)
     return outputs, scores

@@ -798,7 +798,19 @@ def masked(inner, mask: Mask, num_tasks: Optional[int] = None) -> Aggregator:
     )
 
   def init_fn(params):
-    sub = _select(params, leaf_mask(mask, params))
+    m = leaf_mask(mask, params)
+    leaves = jax.tree_util.tree_leaves(params)
+    if leaves and not any(jax.tree_util.tree_leaves(m)):
+      paths = [
+        "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+        for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]
+      ]
+      raise UserError(
+        f"mtl.masked's mask {mask!r} matches no parameter, so its method would act "
+        f"on nothing; match a path such as {', '.join(paths[:3])} (regexes on the "
+        "'/'-joined parameter path)."
+      )
+    sub = _select(params, m)
     states = tuple(t.init(sub) for t in inner_list)
     return states[0] if single else states
 

@@ -585,6 +585,8 @@ def _all_processes_agree(ok: bool) -> bool:
 def find_state_dir(path: str, what: str) -> epath.Path:
   """The ``state`` item directory that ``path`` names or contains (newest step)."""
   root = epath.Path(path)
+  if not root.exists() and root.name.isdigit() and root.parent.is_dir():
+    raise UserError(_missing_step(root, what))
   if not root.exists():
     raise UserError(
       f"{what} {path} does not exist; point it at the MODEL_DIR of "
@@ -610,6 +612,21 @@ def find_state_dir(path: str, what: str) -> epath.Path:
       "the MODEL_DIR of a run that saved one, or at one of its step directories."
     )
   return root / str(max(steps)) / STATE_ITEM
+
+
+def _missing_step(step_dir: epath.Path, what: str) -> str:
+  """The sentence for a step directory that does not exist: the steps that do."""
+  steps = sorted(
+    int(c.name)
+    for c in step_dir.parent.iterdir()
+    if c.name.isdigit() and _incomplete_reason(c) is None
+  )
+  held = (
+    f"it holds step(s) {', '.join(map(str, steps))}; choose one of them"
+    if steps
+    else "it holds no finished checkpoint"
+  )
+  return f"{what} has no checkpoint at step {step_dir.name} in {step_dir.parent}: {held}."
 
 
 def _short(error: Exception, limit: int = 300) -> str:

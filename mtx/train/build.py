@@ -25,10 +25,13 @@ from mtx.train import state as state_lib
 from mtx.train import step as step_lib
 
 
-def default_units(num_groups: int, batch_size: int, dp: int, shards: int) -> int:
-  """Smallest multiple of the data-parallel size and of the data shards that is at
-  least the number of groups and divides the batch."""
-  step = math.lcm(dp, shards)
+def default_units(
+  num_groups: int, batch_size: int, dp: int, shards: int, accum: int = 1
+) -> int:
+  """Smallest multiple of the data-parallel size, the data shards and the gradient
+  accumulation microbatches that is at least the number of groups and divides the
+  batch."""
+  step = math.lcm(dp, shards, accum)
   for units in range(step, batch_size + 1, step):
     if units >= num_groups and batch_size % units == 0:
       return units
@@ -164,12 +167,22 @@ def batch_layout(
       f"(data x fsdp = {dp}); use a multiple of {dp}."
     )
   if task_grads and units is None:
-    units = default_units(num_groups, batch_size, dp, num_shards)
+    units = default_units(num_groups, batch_size, dp, num_shards, grad_accum_steps)
   num_units = units if task_grads else 0
+  if task_grads and units < num_groups:
+    raise UserError(
+      f"UNITS {units} is below the {num_groups} task groups of a per-task method: "
+      "a step would never hold every group, so the method could not compare their "
+      f"gradients; set UNITS to at least {num_groups} (or leave it None, automatic), "
+      "or group tasks (train.task_groups)."
+    )
   if task_grads and (num_units % dp or num_units % grad_accum_steps):
     raise UserError(
       f"UNITS {num_units} must be a multiple of the data-parallel size "
-      f"{dp} and of grad_accum_steps {grad_accum_steps}."
+      f"{dp} and of train.grad_accum_steps {grad_accum_steps} (each microbatch "
+      f"holds UNITS / grad_accum_steps units); set UNITS to a multiple of "
+      f"{math.lcm(dp, grad_accum_steps)} (or leave it None, automatic), or change "
+      "train.grad_accum_steps."
     )
   if not task_grads and (batch_size // dp) % grad_accum_steps:
     raise UserError(
@@ -226,10 +239,9 @@ def build_train_step(
   optimizer = settings.optimizer_fn(learning_rate=schedule)
   # Before tracing the model: a bad debug setting fails at once.
   cfg = step_config(settings, spec, task_grads, model_config.dropout_rate > 0)
-  mtl_init = optax.chain(*transforms).init
   rules = tuple(settings.logical_axis_rules)
   params_abstract, p_shardings, abstract_state, s_shardings = _abstract_state(
-    model, layout, optimizer, mtl_init, settings.seed, mesh, rules
+    model, layout, optimizer, (transforms, spec), settings.seed, mesh, rules
   )
   step_fn = step_lib.make_train_step(
     model,
@@ -259,7 +271,7 @@ def build_train_step(
     model=model,
     schedule=schedule,
     optimizer=optimizer,
-    mtl_init=mtl_init,
+    mtl_init=optax.chain(*transforms).init,
     params_abstract=params_abstract,
     param_shardings=p_shardings,
     abstract_state=abstract_state,
@@ -271,9 +283,37 @@ def build_train_step(
   )
 
 
-def _abstract_state(model, layout, optimizer, mtl_init, seed: int, mesh, rules) -> tuple:
+def check_task_counts(transforms: Sequence, mtl_state: Sequence, spec) -> None:
+  """Traces each weighting's ``weights`` on the run's k task groups (shapes only), so
+  that one built for another k (``static_weights`` with the wrong count) fails now,
+  naming the groups in id order, instead of in the first step."""
+  k = spec.num_groups
+  extra = {
+    "task_losses": jax.ShapeDtypeStruct((k,), np.float32),
+    "task_present": jax.ShapeDtypeStruct((k,), np.bool_),
+    "key": jax.eval_shape(jax.random.key, 0),  # the step's typed key
+  }
+  for transform, state in zip(transforms, mtl_state):
+    if mtl.kind(transform) != mtl.WEIGHTING:
+      continue
+    try:
+      jax.eval_shape(lambda s, x, t=transform: t.weights(s, **x), state, extra)
+    except UserError as e:
+      raise UserError(
+        f"A weighting in train.mtl_transforms does not fit the run's {k} task "
+        f"group(s) ({' '.join(str(e).split())}); give one weight per group, in id "
+        f"order: {', '.join(spec.group_names)}."
+      ) from e
+
+
+def _abstract_state(
+  model, layout, optimizer, mtl_and_spec, seed: int, mesh, rules
+) -> tuple:
   """(params ShapeDtypeStructs, their shardings, the abstract train state, its
-  shardings), traced without allocating anything."""
+  shardings), traced without allocating anything. ``mtl_and_spec`` is (the mtl transforms,
+  the MixtureSpec); their task counts are checked here (``check_task_counts``)."""
+  transforms, spec = mtl_and_spec
+  mtl_init = optax.chain(*transforms).init
   boxed, params_abstract = params_lib.abstract_params(
     model, layout.inputs_length, layout.targets_length
   )
@@ -281,6 +321,7 @@ def _abstract_state(model, layout, optimizer, mtl_init, seed: int, mesh, rules) 
   abstract_state = jax.eval_shape(
     lambda p: state_lib.make_state(p, optimizer, mtl_init, seed), params_abstract
   )
+  check_task_counts(transforms, abstract_state["mtl_state"], spec)
   s_shardings = state_lib.state_shardings(
     abstract_state, params_abstract, p_shardings, mesh
   )

@@ -29,6 +29,7 @@ from mtx.runtime import checkpoint, metrics_writer, model_info, pretrained, prog
 from mtx.runtime import lock as lock_lib
 from mtx.runtime import params as params_lib
 from mtx.train import build as build_lib
+from mtx.train import resume
 from mtx.train import settings as settings_lib
 
 log = logging.getLogger("mtx")
@@ -44,12 +45,14 @@ class RunResult:
 
   ``preempted`` is True when a signal stopped the run (after saving ``step``);
   ``signal`` names it ("SIGTERM", "SIGINT" or "SIGHUP"; None when it ran to the end).
+  ``start_step`` is the step it started from (the restored checkpoint's, or 0).
   """
 
   step: int
   preempted: bool
   last_metrics: dict
   signal: Optional[str] = None
+  start_step: int = 0
 
 
 class Prefetcher:
@@ -244,13 +247,7 @@ def _period_metrics(
   if "group_weights" in h[-1]:
     out.update(_mean_weights(h, group_names, group_of_task))
   if "group_grad_cos" in h[-1]:
-    cos = np.mean([m["group_grad_cos"] for m in h], axis=0)
-    norms = np.mean([m["group_grad_norm"] for m in h], axis=0)
-    for a, name_a in enumerate(group_names):
-      out[f"grad_norm/{name_a}"] = float(norms[a])
-      for b in range(a + 1, len(group_names)):
-        out[f"grad_cos/{name_a}/{group_names[b]}"] = float(cos[a, b])
-    out["conflict_frac"] = float(np.mean([m["conflict_frac"] for m in h]))
+    out.update(cosine_metrics(h, group_names))
   if "solver_residual" in h[-1]:  # worst solve of the period, and failed solves
     out["mtl/solver_residual"] = float(np.max([m["solver_residual"] for m in h]))
     out["mtl/solver_failures"] = int(np.sum([m["solver_failed"] for m in h]))
@@ -275,6 +272,27 @@ def _mean_weights(
   n = present.sum(0)
   mean = np.where(n > 0, (weights * present).sum(0) / np.maximum(n, 1), np.nan)
   return {f"mtl/weight/{name}": float(mean[g]) for g, name in enumerate(group_names)}
+
+
+def cosine_metrics(h: Sequence[dict], group_names: Sequence[str]) -> dict:
+  """Gradient norms, pairwise cosines and conflict_frac of the period, each a mean
+  over the steps where it was measured: a cosine where both groups had a gradient,
+  conflict_frac where at least two had. One never measured (a pair never in the same
+  step) is left out, not logged as 0."""
+  norms = np.stack([np.asarray(m["group_grad_norm"]) for m in h])  # [steps, G]
+  cos = np.stack([np.asarray(m["group_grad_cos"]) for m in h])  # [steps, G, G]
+  has = norms > 0
+  out = {f"grad_norm/{n}": float(norms[:, a].mean()) for a, n in enumerate(group_names)}
+  for a, name_a in enumerate(group_names):
+    for b in range(a + 1, len(group_names)):
+      both = has[:, a] & has[:, b]
+      if both.any():
+        out[f"grad_cos/{name_a}/{group_names[b]}"] = float(cos[both, a, b].mean())
+  compared = has.sum(axis=1) >= 2
+  if compared.any():
+    fracs = np.asarray([float(m["conflict_frac"]) for m in h])
+    out["conflict_frac"] = float(fracs[compared].mean())
+  return out
 
 
 def train(
@@ -368,19 +386,14 @@ def _start(
     async_save=config.checkpoint.async_checkpoint,
   )
   try:
+    _check_resume(run, ckpt, pipe, operative_config)
     start_step, train_state = _restore_or_init(
       build, ckpt, pipe, config.checkpoint.initial_checkpoint_path
     )
+    _check_steps_left(run, start_step)
   except BaseException:
     _close_all((evaluation.close, ckpt.close), failed=True)
     raise
-  _write_tasks(run.model_dir, pipe)
-  _write_model_info(run, build)
-  # Lines logged after the last checkpoint by a run that died are not part of this run.
-  if jax.process_index() == 0 and os.path.exists(
-    os.path.join(run.model_dir, "metrics.jsonl")
-  ):
-    metrics_writer.truncate_after(run.model_dir, start_step)
 
   job = _Job(
     build=build,
@@ -407,6 +420,56 @@ def _with_checkpoint_model(
   )
   return dataclasses.replace(
     config, model_config=model_config, vocabulary_path=vocabulary_path
+  )
+
+
+def _check_resume(run, ckpt, pipe, operative_config) -> None:
+  """Before restoring MODEL_DIR's checkpoint: the same tasks (or a UserError), and a
+  warning naming the settings that changed since the previous launch."""
+  step = ckpt.latest_step()
+  if step is None:
+    return
+  # Every process checks (they read the same MODEL_DIR), so that all stop together.
+  resume.check_task_set(run.model_dir, step, pipe.spec.task_names)
+  if operative_config is not None and jax.process_index() == 0:
+    changed = resume.changed_settings(run.model_dir, operative_config())
+    if changed:
+      log.warning(
+        "Resuming step %d of %s with settings changed since its last launch "
+        "(config.gin): %s.",
+        step,
+        run.model_dir,
+        "; ".join(changed),
+      )
+
+
+def _check_steps_left(run, start_step: int) -> None:
+  """A checkpoint beyond TRAIN_STEPS is a mistake; one at TRAIN_STEPS is a finished
+  run started again (a retried job: ``_run`` does nothing and the CLI says so)."""
+  if start_step > run.train_steps:
+    raise UserError(
+      f"Nothing to train: the checkpoint in {run.model_dir} is at step {start_step}, "
+      f"beyond TRAIN_STEPS={run.train_steps}; raise TRAIN_STEPS above {start_step} to "
+      "train on, or evaluate it with mtx eval."
+    )
+
+
+def _first_step_done(job, start_step: int):
+  """After the first step has traced and run (so every check of the configuration
+  has passed), writes the run's files and returns its metrics writer: tasks.json,
+  config.gin, and metrics.jsonl without the lines after ``start_step`` (logged by a
+  run that died after its last checkpoint: not part of this run)."""
+  run = job.settings
+  _write_tasks(run.model_dir, job.pipe)
+  _write_model_info(run, job.build)
+  if job.operative_config is not None:  # after tracing: it is complete now
+    _write_config(run.model_dir, job.operative_config())
+  if jax.process_index() == 0 and os.path.exists(
+    os.path.join(run.model_dir, "metrics.jsonl")
+  ):
+    metrics_writer.truncate_after(run.model_dir, start_step)
+  return metrics_writer.MetricsWriter(
+    run.model_dir, tensorboard=run.tensorboard, is_primary=jax.process_index() == 0
   )
 
 
@@ -600,9 +663,7 @@ def _run(job: _Job, train_state, start_step: int, stop: _StopSignals) -> RunResu
   stays the one a restart takes.
   """
   run, build, ckpt = job.settings, job.build, job.ckpt
-  writer = metrics_writer.MetricsWriter(
-    run.model_dir, tensorboard=run.tensorboard, is_primary=jax.process_index() == 0
-  )
+  writer = None  # Created after the first step: bad settings leave MODEL_DIR as it was.
   bar = progress.Progress(
     run.train_steps, start_step, enabled=jax.process_index() == 0 and os.isatty(2)
   )
@@ -624,8 +685,7 @@ def _run(job: _Job, train_state, start_step: int, stop: _StopSignals) -> RunResu
         if t0 is None:  # The first step compiles: time from its end.
           jax.block_until_ready(metrics)
           t0, t0_step = time.time(), step
-          if job.operative_config is not None:  # after tracing: it is complete now
-            _write_config(run.model_dir, job.operative_config())
+          writer = _first_step_done(job, start_step)
         if step % run.log_period == 0 or step == run.train_steps:
           bar.clear()  # the log line goes where the bar was; the bar comes back below
           last = _log(job, writer, step, history, data_state, t0, t0_step)
@@ -653,13 +713,14 @@ def _run(job: _Job, train_state, start_step: int, stop: _StopSignals) -> RunResu
     prefetch.close()
     bar.close()
     waits = () if outcome == "aborted" else (ckpt.close,)  # Abort: no waiting for saves.
-    _close_all((job.evaluation.close, *waits, writer.close), outcome != "done")
+    closers = (job.evaluation.close, *waits) + ((writer.close,) if writer else ())
+    _close_all(closers, outcome != "done")
   name = signal.Signals(signum).name if signum else None
   if name and step > start_step:
     log.warning("%s: saved step %d and stopping.", name, step)
   elif name:
     log.warning("%s before the first step: stopping with nothing new to save.", name)
-  return RunResult(step, bool(signum), last, name)
+  return RunResult(step, bool(signum), last, name, start_step)
 
 
 def _close_all(closers: Sequence[Callable], failed: bool) -> None:

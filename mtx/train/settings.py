@@ -25,7 +25,7 @@ import dataclasses
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 from mtx import parallel, paths
-from mtx.errors import UserError, close_names
+from mtx.errors import UserError, check_int, close_names
 from mtx.eval.evaluator import EvalOptions
 from mtx.model import T5Config
 from mtx.train import optim
@@ -69,6 +69,10 @@ class DataSettings:
 
   def __post_init__(self):
     _make_absolute(self, "vocabulary_path")
+    check_int("BATCH_SIZE", self.batch_size, 1)
+    check_int("UNITS", self.units, 1, optional=True)
+    check_int("DATA_SHARDS", self.data_shards, 1, optional=True)
+    check_int("train.data_seed", self.data_seed, 0, optional=True)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -108,8 +112,9 @@ class StepSettings:
   debug_inject_nonfinite_task: Optional[str] = None
 
   def __post_init__(self):
-    if self.grad_accum_steps < 1:
-      raise UserError(f"grad_accum_steps must be >= 1 (got {self.grad_accum_steps}).")
+    check_int("train.grad_accum_steps", self.grad_accum_steps, 1)
+    check_int("train.tag_affinity_period", self.tag_affinity_period, 0)
+    check_int("train.seed", self.seed, 0)
     period, lr = self.tag_affinity_period, self.tag_affinity_lr
     if period < 0 or (lr is not None and lr <= 0):
       raise UserError(
@@ -145,6 +150,8 @@ class CheckpointSettings:
 
   def __post_init__(self):
     _make_absolute(self, "initial_checkpoint_path")
+    check_int("CHECKPOINT_PERIOD", self.checkpoint_period, 0)
+    check_int("train.keep_checkpoints", self.keep_checkpoints, 1, optional=True)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -176,8 +183,9 @@ class LoopSettings:
 
   def __post_init__(self):
     _make_absolute(self, "model_dir")
-    if self.train_steps <= 0:
-      raise UserError(f"TRAIN_STEPS must be positive (got {self.train_steps}).")
+    check_int("TRAIN_STEPS", self.train_steps, 1)
+    check_int("LOG_PERIOD", self.log_period, 1)
+    check_int("EVAL_PERIOD", self.eval_period, 0)
     if self.nonfinite_policy not in NONFINITE_POLICIES:
       raise UserError(
         f"train.nonfinite_policy is '{self.nonfinite_policy}'"

@@ -1,0 +1,89 @@
+"""What a resumed run checks against the run it continues (MODEL_DIR's own files).
+
+A run keeps its task set: the checkpoint's per-task state (data cursors, the mtl
+methods' k-sized state, the task ids of metrics.jsonl) belongs to those tasks, so a
+launch on fewer, more or renamed tasks is refused, with the two ways on. Settings
+that may change on resume (the learning rate, the steps, the batch) are reported,
+so that a changed flag is never a surprise:
+
+    MODEL_DIR/tasks.json   {"mixture": "demo", "tasks": [{"id": 0, "name": ...}, ...]}
+    MODEL_DIR/config.gin   the previous launch's operative gin configuration
+"""
+
+import json
+import os
+import re
+from typing import Optional, Sequence
+
+from mtx.errors import UserError
+
+TASKS_FILE = "tasks.json"
+CONFIG_FILE = "config.gin"
+
+
+def saved_task_names(model_dir: str) -> Optional[list]:
+  """The task names of MODEL_DIR/tasks.json in id order; None without a readable one."""
+  try:
+    with open(os.path.join(model_dir, TASKS_FILE), encoding="utf-8") as f:
+      info = json.load(f)
+    return [t["name"] for t in sorted(info["tasks"], key=lambda t: t["id"])]
+  except (OSError, ValueError, KeyError, TypeError):
+    return None
+
+
+def check_task_set(model_dir: str, step: int, task_names: Sequence[str]) -> None:
+  """Refuses to resume MODEL_DIR's checkpoint at ``step`` on another task set.
+
+  Raises:
+    UserError: the tasks differ from the saved tasks.json (fewer, more or renamed).
+  """
+  saved = saved_task_names(model_dir)
+  if saved is None or list(saved) == list(task_names):
+    return
+  gone = [t for t in saved if t not in task_names]
+  new = [t for t in task_names if t not in saved]
+  change = " and ".join(
+    part
+    for part in (
+      f"without {', '.join(gone)}" if gone else "",
+      f"with {', '.join(new)} added" if new else "",
+    )
+    if part
+  )
+  raise UserError(
+    f"MODEL_DIR {model_dir} holds a run at step {step} on tasks {', '.join(saved)} "
+    f"and this launch is {change}; a run keeps its tasks, so start a new run in "
+    "another MODEL_DIR, or fine-tune from this one there with "
+    f"--gin.INITIAL_CHECKPOINT_PATH=\"'{model_dir}'\"."
+  )
+
+
+def _bindings(text: str) -> dict:
+  """{'selector.param' or 'MACRO': value text} of an operative gin config."""
+  out, key = {}, None
+  for line in text.splitlines():
+    if not line.strip() or line.lstrip().startswith("#"):
+      continue
+    m = re.match(r"^([A-Za-z_][\w./]*)\s*=\s*(.*)$", line)
+    if m and not line[0].isspace():
+      key = m.group(1)
+      out[key] = m.group(2).strip()
+    elif key is not None:  # a value continued over several lines
+      out[key] += " " + line.strip()
+  return out
+
+
+def changed_settings(model_dir: str, operative_config: str) -> list:
+  """['name: old -> new', ...] for the bindings of both MODEL_DIR/config.gin and
+  ``operative_config`` whose values differ (sorted by name)."""
+  try:
+    with open(os.path.join(model_dir, CONFIG_FILE), encoding="utf-8") as f:
+      before = _bindings(f.read())
+  except OSError:
+    return []
+  now = _bindings(operative_config)
+  return [
+    f"{name}: {before[name]} -> {now[name]}"
+    for name in sorted(now)
+    if name in before and before[name] != now[name]
+  ]
