@@ -25,18 +25,27 @@ from mtx.train import state as state_lib
 from mtx.train import step as step_lib
 
 
-def default_units(num_groups: int, batch_size: int, dp: int, shards: int) -> int:
-  """Smallest multiple of the data-parallel size and of the data shards that is at
-  least the number of groups and divides the batch."""
+def default_units(
+  num_groups: int, batch_size: int, dp: int, shards: int, rows_over: int = 1
+) -> int:
+  """Smallest multiple of ``dp`` (the devices the units are split over: the data axis)
+  and of the data shards that is at least the number of groups and divides the batch,
+  preferring one whose rows per unit divide evenly over ``rows_over`` (the fsdp axis
+  a unit's rows are split over; otherwise XLA pads them, which costs FLOPs)."""
   step = math.lcm(dp, shards)
-  for units in range(step, batch_size + 1, step):
-    if units >= num_groups and batch_size % units == 0:
-      return units
-  raise UserError(
-    f"No number of units divides BATCH_SIZE {batch_size} into at least {num_groups} "
-    f"task groups and is a multiple of the {dp} data-parallel devices; raise "
-    "BATCH_SIZE, set UNITS, or group tasks (train.task_groups)."
-  )
+  fits = [
+    units
+    for units in range(step, batch_size + 1, step)
+    if units >= num_groups and batch_size % units == 0
+  ]
+  if not fits:
+    raise UserError(
+      f"No number of units divides BATCH_SIZE {batch_size} into at least {num_groups} "
+      f"task groups and is a multiple of the {dp} data-parallel devices; raise "
+      "BATCH_SIZE, set UNITS, or group tasks (train.task_groups)."
+    )
+  even = [u for u in fits if (batch_size // u) % rows_over == 0]
+  return (even or fits)[0]
 
 
 def build_transforms(items: Sequence, num_tasks: int) -> tuple:
@@ -48,12 +57,20 @@ def build_transforms(items: Sequence, num_tasks: int) -> tuple:
   return tuple(mtl.build(item, num_tasks) for item in items)
 
 
+def batch_axes(layout: data_pipeline.Layout) -> tuple:
+  """The mesh axes the batch's leading axis is split over: rows over the data axes,
+  task-major units over ``parallel.UNIT_AXES`` (their rows are split over fsdp in the
+  step, ``mtx.train.step.group_gradients``)."""
+  return parallel.UNIT_AXES if layout.task_major else parallel.BATCH_AXES
+
+
 def batch_shardings(layout: data_pipeline.Layout, mesh) -> dict:
-  """NamedShardings of the batch features: rows (or units) over the data axes."""
+  """NamedShardings of the batch features: rows (or units) over ``batch_axes``."""
   ndim = 3 if layout.task_major else 2
-  out = {k: parallel.batch_sharding(mesh, ndim) for k in packing.FEATURES}
+  axes = batch_axes(layout)
+  out = {k: parallel.batch_sharding(mesh, ndim, axes) for k in packing.FEATURES}
   if layout.task_major:
-    out["unit_task"] = parallel.batch_sharding(mesh, 1)
+    out["unit_task"] = parallel.batch_sharding(mesh, 1, axes)
   return out
 
 
@@ -71,6 +88,7 @@ class StepBuild:
     step_config: the step's static settings; rules: the logical axis rules.
     jit_step: ``jax.jit(step, in/out shardings, donated state)``.
     batch_shardings: NamedShardings of the batch features.
+    num_shards: the data shards the global batch is read in.
   """
 
   data: settings_lib.DataSettings
@@ -93,6 +111,16 @@ class StepBuild:
   rules: tuple
   jit_step: Callable
   batch_shardings: dict
+  num_shards: int
+
+  @property
+  def batch_axes(self) -> tuple:
+    """The mesh axes the batch's leading axis is split over (``batch_axes``)."""
+    return batch_axes(self.layout)
+
+  def batch_block(self) -> tuple:
+    """(block, blocks) of the batch this process builds (``parallel.batch_block``)."""
+    return parallel.batch_block(self.mesh, axes=self.batch_axes)
 
   @property
   def lengths(self) -> dict:
@@ -156,6 +184,7 @@ def batch_layout(
   route (default UNITS: ``default_units``). Raises UserError when the batch, units,
   accumulation and mesh do not fit together."""
   dp = parallel.data_parallel_size(mesh)
+  unit_dp = math.prod(mesh.shape[a] for a in parallel.UNIT_AXES)
   batch_size, units = data.batch_size, data.units
   lengths = data_pipeline.check_feature_lengths(data.task_feature_lengths)
   if batch_size % dp:
@@ -164,12 +193,13 @@ def batch_layout(
       f"(data x fsdp = {dp}); use a multiple of {dp}."
     )
   if task_grads and units is None:
-    units = default_units(num_groups, batch_size, dp, num_shards)
+    units = default_units(num_groups, batch_size, unit_dp, num_shards, dp // unit_dp)
   num_units = units if task_grads else 0
-  if task_grads and (num_units % dp or num_units % grad_accum_steps):
+  if task_grads and (num_units % unit_dp or num_units % grad_accum_steps):
     raise UserError(
-      f"UNITS {num_units} must be a multiple of the data-parallel size "
-      f"{dp} and of grad_accum_steps {grad_accum_steps}."
+      f"UNITS {num_units} must be a multiple of the mesh's data axis "
+      f"({unit_dp}; units are split over it, their rows over fsdp) and of "
+      f"grad_accum_steps {grad_accum_steps}."
     )
   if not task_grads and (batch_size // dp) % grad_accum_steps:
     raise UserError(
@@ -187,7 +217,7 @@ def build_train_step(
   data: settings_lib.DataSettings,
   settings: settings_lib.StepSettings,
   *,
-  num_shards: int = 1,
+  num_shards: Optional[int] = None,
   mesh: Optional[jax.sharding.Mesh] = None,
   devices: Optional[Sequence[jax.Device]] = None,
   group_gradients_fn: Callable = step_lib.group_gradients,
@@ -197,7 +227,8 @@ def build_train_step(
   Args:
     data: which mixture, its lengths, the batch size, units and task groups.
     settings: the model, optimizer, loss, mtl transforms, mesh and rules.
-    num_shards: the number of data shards, which default UNITS must be a multiple of.
+    num_shards: the number of data shards, which default UNITS must be a multiple of;
+      None: one per block of processes holding distinct batch rows (``batch_block``).
     mesh: the mesh to build on; None makes one from ``settings.mesh_shape`` and
       ``devices``.
     devices: the devices of that mesh (default all).
@@ -215,6 +246,9 @@ def build_train_step(
   )
   # TAG's lookahead needs per-group gradients, so it takes the per-group route.
   task_grads = mtl.needs_task_grads(transforms) or settings.tag_affinity_period > 0
+  if num_shards is None:
+    axes = parallel.UNIT_AXES if task_grads else parallel.BATCH_AXES
+    num_shards = parallel.batch_block(mesh, axes=axes)[1]
   layout = batch_layout(
     data, settings.grad_accum_steps, spec.num_groups, task_grads, mesh, num_shards
   )
@@ -242,7 +276,7 @@ def build_train_step(
   )
   b_shardings = batch_shardings(layout, mesh)
   jit_step = jax.jit(
-    step_fn,
+    parallel.traced_in_mesh(step_fn, mesh, rules),
     in_shardings=(s_shardings, b_shardings),
     out_shardings=(s_shardings, None),
     donate_argnums=(0,),
@@ -268,6 +302,7 @@ def build_train_step(
     rules=rules,
     jit_step=jit_step,
     batch_shardings=b_shardings,
+    num_shards=num_shards,
   )
 
 

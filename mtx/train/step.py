@@ -337,6 +337,15 @@ def sum_units_by_group(per_unit, unit_task, num_groups: int):
   )
 
 
+def _units_layout(x, param_shardings):
+  """Task-major features [U, R, ...] laid out for the per-unit gradients: units over
+  the data axis, each unit's rows over fsdp (``parallel.unit_batch_spec``). The batch
+  arrives with units over data only, so this is a local slice, no communication."""
+  mesh = jax.tree.leaves(param_shardings)[0].mesh
+  sharding = jax.sharding.NamedSharding(mesh, parallel.unit_batch_spec(x.ndim))
+  return jax.lax.with_sharding_constraint(x, sharding)
+
+
 def group_gradients(model, cfg, params, batch, group_counts, dkey, param_shardings):
   """The per-group route: the gradient of every group's mean loss, stacked.
 
@@ -370,7 +379,9 @@ def group_gradients(model, cfg, params, batch, group_counts, dkey, param_shardin
     (grads: a params-like pytree of f32[G, *param_shape], task loss sums f32[k]).
   """
   unit_task = batch["unit_task"]
-  data = {k: v for k, v in batch.items() if k != "unit_task"}
+  data = {
+    k: _units_layout(v, param_shardings) for k, v in batch.items() if k != "unit_task"
+  }
   unit_scale = safe_div(1.0, group_counts)[unit_task]  # [U]
   num_units = unit_task.shape[0]
   unit_keys = jax.random.split(dkey, num_units)
@@ -383,19 +394,29 @@ def group_gradients(model, cfg, params, batch, group_counts, dkey, param_shardin
   per_unit = jax.vmap(
     jax.grad(unit_objective, has_aux=True),
     in_axes=(None, 0, 0, 0),
-    spmd_axis_name=parallel.BATCH_AXES,
+    spmd_axis_name=parallel.UNIT_AXES,
   )
 
   def chunk(p, units, scales, keys, tasks):
-    with nn.logical_axis_rules(parallel.rules_without_batch(cfg.rules)):
+    with nn.logical_axis_rules(parallel.rules_within_unit(cfg.rules)):
       grads, sums = per_unit(p, units, scales, keys)
+    # Each unit's gradient comes out sharded like its param (FSDP: reduce-scattered
+    # over fsdp layer by layer), the unit axis over data; an all-to-all over data
+    # then gives every device a slice of all units, so that summing them by group is
+    # local (no G x params / fsdp partial sums to all-reduce).
+    grads = jax.tree.map(
+      lambda g, s: jax.lax.with_sharding_constraint(
+        jax.lax.with_sharding_constraint(g, parallel.unit_stack_sharding(s)),
+        parallel.group_stack_sharding(s),
+      ),
+      grads,
+      param_shardings,
+    )
     return sum_units_by_group(grads, tasks, cfg.num_groups), sums.sum(0)
 
   def constrain(grads):
     return jax.tree.map(
-      lambda g, s: jax.lax.with_sharding_constraint(
-        g, jax.sharding.NamedSharding(s.mesh, jax.sharding.PartitionSpec(None, *s.spec))
-      ),
+      lambda g, s: jax.lax.with_sharding_constraint(g, parallel.group_stack_sharding(s)),
       grads,
       param_shardings,
     )
@@ -510,6 +531,15 @@ def make_train_step(
       task_losses=group_losses,
       task_present=present,
       key=mkey,
+    )
+    # The stacks are split over data too (``parallel.group_stack_sharding``); the
+    # combined gradient is gathered into the params' sharding once, here.
+    grads = jax.tree.map(
+      lambda g, s: jax.lax.with_sharding_constraint(
+        jax.lax.with_sharding_constraint(g, parallel.group_split_sharding(s)), s
+      ),
+      grads,
+      param_shardings,
     )
     metrics.update(
       group_grad_norm=info["grad_norm"],
