@@ -61,7 +61,11 @@ def batch_axes(layout: data_pipeline.Layout) -> tuple:
   """The mesh axes the batch's leading axis is split over: rows over the data axes,
   task-major units over ``parallel.UNIT_AXES`` (their rows are split over fsdp in the
   step, ``mtx.train.step.group_gradients``)."""
-  return parallel.UNIT_AXES if layout.task_major else parallel.BATCH_AXES
+  return _axes(layout.task_major)
+
+
+def _axes(task_major: bool) -> tuple:
+  return parallel.UNIT_AXES if task_major else parallel.BATCH_AXES
 
 
 def batch_shardings(layout: data_pipeline.Layout, mesh) -> dict:
@@ -246,17 +250,15 @@ def build_train_step(
   )
   # TAG's lookahead needs per-group gradients, so it takes the per-group route.
   task_grads = mtl.needs_task_grads(transforms) or settings.tag_affinity_period > 0
-  if num_shards is None:
-    axes = parallel.UNIT_AXES if task_grads else parallel.BATCH_AXES
-    num_shards = parallel.batch_block(mesh, axes=axes)[1]
+  # Default: one shard per block of processes holding distinct batch rows.
+  num_shards = num_shards or parallel.batch_block(mesh, axes=_axes(task_grads))[1]
   layout = batch_layout(
     data, settings.grad_accum_steps, spec.num_groups, task_grads, mesh, num_shards
   )
   model_config = params_lib.resolve_model_config(
     settings.model_config, spec.vocabulary.vocab_size
   )
-  model = T5(model_config)
-  schedule = settings.schedule
+  model, schedule = T5(model_config), settings.schedule
   optimizer = settings.optimizer_fn(learning_rate=schedule)
   # Before tracing the model: a bad debug setting fails at once.
   cfg = step_config(settings, spec, task_grads, model_config.dropout_rate > 0)
@@ -275,12 +277,7 @@ def build_train_step(
     group_gradients_fn=group_gradients_fn,
   )
   b_shardings = batch_shardings(layout, mesh)
-  jit_step = jax.jit(
-    parallel.traced_in_mesh(step_fn, mesh, rules),
-    in_shardings=(s_shardings, b_shardings),
-    out_shardings=(s_shardings, None),
-    donate_argnums=(0,),
-  )
+  jit_step = jit_step_fn(step_fn, mesh, rules, s_shardings, b_shardings)
   return StepBuild(
     data=data,
     settings=settings,
@@ -303,6 +300,18 @@ def build_train_step(
     jit_step=jit_step,
     batch_shardings=b_shardings,
     num_shards=num_shards,
+  )
+
+
+def jit_step_fn(step_fn: Callable, mesh, rules, state_shardings, b_shardings) -> Callable:
+  """``jax.jit`` of the step with explicit shardings and the state donated, traced
+  under the mesh and logical rules (``parallel.traced_in_mesh``), so that the model's
+  activation constraints hold whatever context the caller runs it in."""
+  return jax.jit(
+    parallel.traced_in_mesh(step_fn, mesh, rules),
+    in_shardings=(state_shardings, b_shardings),
+    out_shardings=(state_shardings, None),
+    donate_argnums=(0,),
   )
 
 
