@@ -16,16 +16,20 @@ group and held sharded like the params (``unit_stack_sharding``): per device
 """
 
 import functools
+import logging
 import math
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 import flax.linen as nn
 import jax
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from mtx.errors import UserError
+
+log = logging.getLogger("mtx")
 
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
@@ -137,41 +141,141 @@ def traced_in_mesh(fn: Callable, mesh: Mesh, rules: Sequence) -> Callable:
 def make_mesh(
   shape: Optional[Mapping[str, int]] = None,
   devices: Optional[Sequence[jax.Device]] = None,
+  dcn_shape: Optional[Mapping[str, int]] = None,
 ) -> Mesh:
-  """Builds the mesh; ``shape`` maps axis names to sizes, one of which may be -1.
+  """Builds the mesh from the devices' topology, MaxText-style.
 
-  The default puts every device on "data". Raises UserError when the sizes do not
-  multiply to the number of devices.
+  Args:
+    shape: ``MESH_SHAPE``, axis name -> size within one slice (ICI), one size may be
+      -1; None puts every device of a slice on "data".
+    devices: the devices (default ``jax.devices()``).
+    dcn_shape: ``DCN_MESH_SHAPE``, axis name -> size across slices (multi-slice TPU
+      over the data-center network, or hosts of GPUs); None = one slice. A mesh axis
+      is then ``dcn x ici`` long, slices outermost, so that only the axes given here
+      (usually "data") communicate between slices.
+
+  One slice: ``jax.make_mesh`` (``mesh_utils.create_device_mesh``), which orders TPU
+  devices along the physical torus so that each mesh axis is a ring of neighbours;
+  several: ``mesh_utils.create_hybrid_device_mesh``. Devices without a topology (CPU,
+  including ``mtx compile``'s fake devices) keep ``jax.devices()``'s order. A topology
+  order that would give processes non-contiguous batch rows (``batch_block``) falls
+  back to that order too, with a warning.
+
+  Raises:
+    UserError: unknown axes, or sizes that do not multiply to the number of devices.
   """
   devices = list(devices if devices is not None else jax.devices())
-  shape = dict(shape or {"data": -1})
+  dcn = _sizes(dcn_shape or {}, None, "DCN_MESH_SHAPE", default=1)
+  slices = math.prod(dcn.values())
+  if len(devices) % slices:
+    raise UserError(
+      f"DCN_MESH_SHAPE {dict(dcn_shape)} makes {slices} slices, which do not divide "
+      f"the {len(devices)} devices; give sizes whose product is the number of slices."
+    )
+  ici = _sizes(shape or {"data": -1}, len(devices) // slices, "MESH_SHAPE")
+  ici_shape = [ici[a] for a in MESH_AXES]
+  dcn_list = [dcn[a] for a in MESH_AXES]
+  if slices > 1:
+    array = _hybrid_device_array(ici_shape, dcn_list, devices)
+  else:
+    array = _device_array(ici_shape, devices)
+  mesh = Mesh(array, MESH_AXES)
+  if not _rows_contiguous(mesh):
+    log.warning(
+      "The topology-ordered mesh would give processes non-contiguous batch rows; "
+      "using jax.devices()' order instead."
+    )
+    mesh = Mesh(_in_order(ici_shape, dcn_list, devices), MESH_AXES)
+  return mesh
+
+
+def _sizes(shape: Mapping[str, int], devices: Optional[int], name: str, default=1):
+  """``{axis: size}`` over ``MESH_AXES`` from a user's shape, the -1 resolved against
+  ``devices`` (None: no -1 allowed, no product check)."""
   unknown = set(shape) - set(MESH_AXES)
   if unknown:
     raise UserError(
-      f"Unknown mesh axes {sorted(unknown)} in MESH_SHAPE; use {', '.join(MESH_AXES)}."
+      f"Unknown mesh axes {sorted(unknown)} in {name}; use {', '.join(MESH_AXES)}."
     )
-  sizes = {a: int(shape.get(a, 1)) for a in MESH_AXES}
+  sizes = {a: int(shape.get(a, default)) for a in MESH_AXES}
   free = [a for a, s in sizes.items() if s == -1]
   known = math.prod(s for s in sizes.values() if s != -1)
-  if len(free) > 1 or any(s == 0 or s < -1 for s in sizes.values()):
+  if len(free) > (0 if devices is None else 1) or any(
+    s == 0 or s < -1 for s in sizes.values()
+  ):
     raise UserError(
-      f"MESH_SHAPE {dict(shape)} must have positive sizes and at most one -1."
+      f"{name} {dict(shape)} must have positive sizes"
+      + (" and at most one -1." if devices is not None else ".")
     )
+  if devices is None:
+    return sizes
   if free:
-    if len(devices) % known:
+    if devices % known:
       raise UserError(
-        f"MESH_SHAPE {dict(shape)} does not divide the {len(devices)} "
-        "devices; make the product of the fixed sizes divide it."
+        f"{name} {dict(shape)} does not divide the {devices} devices; make the "
+        "product of the fixed sizes divide it."
       )
-    sizes[free[0]] = len(devices) // known
-  if math.prod(sizes.values()) != len(devices):
+    sizes[free[0]] = devices // known
+  if math.prod(sizes.values()) != devices:
     raise UserError(
-      f"MESH_SHAPE {dict(shape)} needs {math.prod(sizes.values())} "
-      f"devices but {len(devices)} are present; make the sizes multiply "
-      f"to {len(devices)} (or use -1 for one axis)."
+      f"{name} {dict(shape)} needs {math.prod(sizes.values())} devices but "
+      f"{devices} are present; make the sizes multiply to {devices} (or use -1 for "
+      "one axis)."
     )
-  arr = np.asarray(devices).reshape([sizes[a] for a in MESH_AXES])
-  return Mesh(arr, MESH_AXES)
+  return sizes
+
+
+def _has_topology(devices: Sequence[jax.Device]) -> bool:
+  return devices[0].platform in ("tpu", "gpu", "cuda", "rocm")
+
+
+def _device_array(ici_shape: list, devices: list) -> np.ndarray:
+  """One slice: the devices along the physical topology where there is one."""
+  if not _has_topology(devices):
+    return np.asarray(devices).reshape(ici_shape)
+  mesh = jax.make_mesh(
+    ici_shape,
+    MESH_AXES,
+    axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES),
+    devices=devices,
+  )
+  return mesh.devices
+
+
+def _hybrid_device_array(ici_shape: list, dcn_shape: list, devices: list) -> np.ndarray:
+  """Several slices (``slice_index`` on multi-slice TPU, else one per process)."""
+  if not _has_topology(devices):
+    return _in_order(ici_shape, dcn_shape, devices)
+  return mesh_utils.create_hybrid_device_mesh(
+    ici_shape,
+    dcn_shape,
+    devices,
+    process_is_granule=not hasattr(devices[0], "slice_index"),
+    allow_split_physical_axes=True,
+  )
+
+
+def _in_order(ici_shape: list, dcn_shape: list, devices: list) -> np.ndarray:
+  """``jax.devices()`` in order, slices outermost on every axis: the devices as
+  [dcn..., ici...], each axis then ``dcn x ici`` long."""
+  n = len(MESH_AXES)
+  array = np.asarray(devices).reshape(list(dcn_shape) + list(ici_shape))
+  array = array.transpose([i for a in range(n) for i in (a, a + n)])
+  return array.reshape([d * i for d, i in zip(dcn_shape, ici_shape)])
+
+
+def _rows_contiguous(mesh: Mesh) -> bool:
+  """Whether every process's batch rows (and units) are one contiguous block."""
+  if jax.process_count() == 1 and all(
+    d.process_index == mesh.devices.flat[0].process_index for d in mesh.devices.flat
+  ):
+    return True
+  try:
+    for axes in (BATCH_AXES, UNIT_AXES):
+      _batch_block(mesh, mesh.devices.flat[0].process_index, axes)
+  except UserError:
+    return False
+  return True
 
 
 def data_parallel_size(mesh: Mesh) -> int:

@@ -233,8 +233,8 @@ def build_train_step(
     settings: the model, optimizer, loss, mtl transforms, mesh and rules.
     num_shards: the number of data shards, which default UNITS must be a multiple of;
       None: one per block of processes holding distinct batch rows (``batch_block``).
-    mesh: the mesh to build on; None makes one from ``settings.mesh_shape`` and
-      ``devices``.
+    mesh: the mesh to build on; None makes one from ``settings.mesh_shape``,
+      ``settings.dcn_mesh_shape`` and ``devices``.
     devices: the devices of that mesh (default all).
     group_gradients_fn: the per-group route's gradients (``step.make_train_step``);
       benchmarks pass another to compare routes.
@@ -243,7 +243,7 @@ def build_train_step(
     UserError: settings that do not fit together (batch vs mesh, units, accumulation).
   """
   if mesh is None:
-    mesh = parallel.make_mesh(settings.mesh_shape, devices)
+    mesh = parallel.make_mesh(settings.mesh_shape, devices, settings.dcn_mesh_shape)
   spec = registry.resolve(data.mixture_or_task_name, data.task_groups)
   transforms = mtl.ensure_aggregator(
     build_transforms(settings.mtl_transforms, spec.num_groups)

@@ -299,7 +299,7 @@ def _start(
   """(the job, the train state, the start step): data, step, restored checkpoint."""
   data, settings, run = config.data, config.step, config.loop
   registry.import_modules(data.mixture_or_task_module, data.vocabulary_path)
-  mesh = parallel.make_mesh(settings.mesh_shape, devices)
+  mesh = parallel.make_mesh(settings.mesh_shape, devices, settings.dcn_mesh_shape)
   # Processes whose devices hold the same batch rows read the same data shards.
   build = build_lib.build_train_step(
     data, settings, num_shards=data.data_shards, mesh=mesh
