@@ -87,7 +87,7 @@ class CompileReport:
       ("optimizer state", b["optimizer"]),
       ("mtl state", b["mtl"]),
       ("batch", b["batch"]),
-      (f"per-task gradients ({b['groups']} x params)", b["task_grads"]),
+      (f"per-task gradients ({b['groups']} x params / data)", b["task_grads"]),
       ("other activations/temporaries", b["other_temp"]),
       ("outputs not aliased to inputs", b["unaliased_output"]),
       ("generated code", b["code"]),
