@@ -7,6 +7,7 @@ compile exactly the same program.
 """
 
 import dataclasses
+import logging
 import math
 from typing import Any, Callable, Optional, Sequence
 
@@ -23,6 +24,8 @@ from mtx.runtime import params as params_lib
 from mtx.train import settings as settings_lib
 from mtx.train import state as state_lib
 from mtx.train import step as step_lib
+
+log = logging.getLogger("mtx")
 
 
 def default_units(
@@ -214,6 +217,18 @@ def batch_layout(
     batch_size, num_units, lengths["inputs"], lengths["targets"]
   )
   data_pipeline.check_layout(layout, num_shards)
+  rows_over = dp // unit_dp
+  if task_grads and layout.rows_per_unit % rows_over:
+    log.warning(
+      "Each of the %d units has %d rows for the %d fsdp devices that share it, so XLA "
+      "pads them (up to %.1fx the FLOPs and activations of the plain step); give the "
+      "mesh a data axis of at least the number of task groups (%d), or raise BATCH_SIZE.",
+      num_units,
+      layout.rows_per_unit,
+      rows_over,
+      math.ceil(layout.rows_per_unit / rows_over) * rows_over / layout.rows_per_unit,
+      num_groups,
+    )
   return layout
 
 
