@@ -9,7 +9,10 @@ Two routes, chosen once from the mtl transforms (``mtx.mtl.needs_task_grads``):
   [units, rows_per_unit, length]; ``vmap(grad)`` over units (params unbatched) gives one
   gradient per unit at the FLOPs of one gradient, each unit's loss pre-scaled by
   1 / (its group's token count) so that a segment-sum over ``unit_task`` yields the
-  gradient of every group's mean loss, [G, *param_shape], sharded like params.
+  gradient of every group's mean loss, [G, *param_shape], sharded like params and split
+  over the data axis too. On a mesh the units go over "data" and each unit's rows over
+  "fsdp" (``parallel.unit_batch_spec``), so a unit's gradient is computed FSDP-style by
+  one data group; the stacks never hold a whole gradient per device (issue 15).
 
 Group loss L_g = (sum of token losses of group g) / (its target tokens in the global
 batch), so a group's weight does not depend on how many units it got this step.
@@ -373,7 +376,8 @@ def group_gradients(model, cfg, params, batch, group_counts, dkey, param_shardin
     group_counts: f32[G], target tokens per group in the global batch.
     dkey: the dropout key, split into one key per unit.
     param_shardings: the params' ``NamedSharding`` pytree; each group's gradient is
-      sharded like its param (the group axis is not sharded).
+      sharded like its param and split over data too (``parallel.group_stack_sharding``;
+      the group axis is not sharded).
 
   Returns:
     (grads: a params-like pytree of f32[G, *param_shape], task loss sums f32[k]).
