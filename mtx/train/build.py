@@ -32,9 +32,17 @@ def default_units(
   num_groups: int, batch_size: int, dp: int, shards: int, rows_over: int = 1
 ) -> int:
   """Smallest multiple of ``dp`` (the devices the units are split over: the data axis)
-  and of the data shards that is at least the number of groups and divides the batch,
-  preferring one whose rows per unit divide evenly over ``rows_over`` (the fsdp axis
-  a unit's rows are split over; otherwise XLA pads them, which costs FLOPs)."""
+  and of the data shards that is at least the number of groups and divides the batch.
+
+  Among those, first choice: rows per unit that divide evenly over ``rows_over`` (the
+  fsdp devices a unit's rows are split over; otherwise XLA pads them, which costs
+  FLOPs) and room for every group in every shard (units >= groups x shards, so that
+  each shard's scheduler can give every group a unit); then even rows alone; then the
+  smallest.
+
+      >>> default_units(7, 512, 16, 1, rows_over=16)   # T5-XXL on data=16 x fsdp=16
+      16
+  """
   step = math.lcm(dp, shards)
   fits = [
     units
@@ -48,7 +56,8 @@ def default_units(
       "BATCH_SIZE, set UNITS, or group tasks (train.task_groups)."
     )
   even = [u for u in fits if (batch_size // u) % rows_over == 0]
-  return (even or fits)[0]
+  roomy = [u for u in even if u >= num_groups * shards]
+  return (roomy or even or fits)[0]
 
 
 def build_transforms(items: Sequence, num_tasks: int) -> tuple:
