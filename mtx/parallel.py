@@ -7,21 +7,33 @@ mesh axes, MaxText-style, and gin may replace them (``train.logical_axis_rules``
     batch rows       -> ("data", "fsdp")     data parallel, FSDP shards the batch too
     param "embed"    -> "fsdp"               FSDP shards every weight's embed side
     "mlp"/"heads"/"vocab" -> "tensor"        Megatron-style tensor parallelism
+
+The per-task route's task-major batch [units, rows_per_unit, length] is laid out
+differently: units over ``UNIT_AXES`` ("data") only, the rows of a unit over the other
+batch axes ("fsdp"), so that every per-unit gradient is computed FSDP-style by one data
+group and held sharded like the params (``unit_stack_sharding``): per device
+``units / data`` x params / (fsdp x tensor), not one whole gradient per device.
 """
 
 import functools
+import logging
 import math
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
+import flax.linen as nn
 import jax
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from mtx.errors import UserError
 
+log = logging.getLogger("mtx")
+
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
+UNIT_AXES = ("data",)
 
 DEFAULT_RULES = (
   ("activation_batch", BATCH_AXES),
@@ -41,68 +53,250 @@ DEFAULT_RULES = (
 )
 
 
-def rules_without_batch(rules: Sequence) -> tuple:
-  """The rules with activation_batch unsharded: for use inside ``vmap(spmd_axis_name=
-  BATCH_AXES)`` over units, where the unit axis already takes the data axes."""
+def rules_within_unit(rules: Sequence) -> tuple:
+  """The rules inside ``vmap(spmd_axis_name=UNIT_AXES)`` over units: a unit's rows
+  (activation_batch) take the batch axes the unit axis does not ("fsdp"), so that the
+  unit axis and the rows never claim the same mesh axis.
+
+      (("activation_batch", ("data", "fsdp")), ...)  ->  (("activation_batch", ("fsdp",)), ...)
+  """
+
+  def within(axes):
+    axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+    kept = tuple(a for a in axes if a not in UNIT_AXES)
+    return kept or None
+
   return tuple(
-    (name, None if name == "activation_batch" else axes) for name, axes in rules
+    (name, within(axes) if name == "activation_batch" else axes) for name, axes in rules
   )
+
+
+def unit_stack_sharding(param_sharding: NamedSharding) -> NamedSharding:
+  """The sharding of a per-unit stack [units, *param]: the param's, the unit axis over
+  ``UNIT_AXES`` (unsharded if the param already uses one of them)."""
+  used = {a for part in param_sharding.spec if part for a in _axes_of(part)}
+  lead = None if used & set(UNIT_AXES) else UNIT_AXES
+  return NamedSharding(param_sharding.mesh, P(lead, *param_sharding.spec))
+
+
+def group_stack_sharding(param_sharding: NamedSharding) -> NamedSharding:
+  """The sharding of a per-group gradient stack [G, *param]: the param's, with the
+  dimension it shards over "fsdp" split over the data axis too (ZeRO-2 style).
+
+  Params are replicated over "data", so a stack sharded like them would hold G x
+  params / fsdp per device; this holds G x params / (fsdp x data), and summing the
+  units into groups becomes a reduce-scatter over data rather than an all-reduce. The
+  Gram matrix is then a sum of local dots (k x k all-reduced), and the combined
+  gradient is all-gathered over data once, into the params' own sharding.
+  """
+  spec = list(param_sharding.spec)
+  used = {a for part in spec if part for a in _axes_of(part)}
+  extra = tuple(a for a in UNIT_AXES if a not in used)
+  for i, part in enumerate(spec):
+    if part and "fsdp" in _axes_of(part) and extra:
+      spec[i] = _axes_of(part) + extra
+      break
+  return NamedSharding(param_sharding.mesh, P(None, *spec))
+
+
+def group_split_sharding(param_sharding: NamedSharding) -> NamedSharding:
+  """A param's sharding split over data as ``group_stack_sharding``'s stacks are: what
+  their combination ``sum_i c_i g_i`` is computed in, before one all-gather."""
+  stack = group_stack_sharding(param_sharding)
+  return NamedSharding(stack.mesh, P(*stack.spec[1:]))
+
+
+def unit_batch_spec(ndim: int) -> P:
+  """Task-major features [units, rows, ...] inside the step: units over ``UNIT_AXES``,
+  rows over the other batch axes (padded by XLA when they do not divide)."""
+  rows = tuple(a for a in BATCH_AXES if a not in UNIT_AXES)
+  return P(UNIT_AXES, rows, *([None] * (ndim - 2)))
+
+
+def _axes_of(part) -> tuple:
+  return (part,) if isinstance(part, str) else tuple(part)
+
+
+def traced_in_mesh(fn: Callable, mesh: Mesh, rules: Sequence) -> Callable:
+  """``fn`` traced with ``mesh`` and the logical ``rules`` in effect, wherever it is called.
+
+  The model's activation constraints (``nn.with_logical_constraint``) are no-ops unless
+  an abstract mesh is set when the step is traced; the legacy ``with mesh:`` context
+  sets none (JAX 0.10, flax 0.12), so without this the batch layout reached the layers
+  only through XLA's propagation, which on an FSDP mesh gave up the batch sharding at
+  the first fsdp-sharded weight: T5-XXL's plain step needed 664 GiB per device on
+  data=1 x fsdp=256 (issue 15). Setting them here, inside the jitted function, makes
+  the step's program independent of the caller's contexts.
+  """
+
+  @functools.wraps(fn)
+  def wrapped(*args, **kwargs):
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+      with nn.logical_axis_rules(list(rules)):
+        return fn(*args, **kwargs)
+
+  return wrapped
 
 
 def make_mesh(
   shape: Optional[Mapping[str, int]] = None,
   devices: Optional[Sequence[jax.Device]] = None,
+  dcn_shape: Optional[Mapping[str, int]] = None,
 ) -> Mesh:
-  """Builds the mesh; ``shape`` maps axis names to sizes, one of which may be -1.
+  """Builds the mesh from the devices' topology, MaxText-style.
 
-  The default puts every device on "data". Raises UserError when the sizes do not
-  multiply to the number of devices.
+  Args:
+    shape: ``MESH_SHAPE``, axis name -> size within one slice (ICI), one size may be
+      -1; None puts every device of a slice on "data".
+    devices: the devices (default ``jax.devices()``).
+    dcn_shape: ``DCN_MESH_SHAPE``, axis name -> size across slices (multi-slice TPU
+      over the data-center network, or hosts of GPUs); None = one slice. A mesh axis
+      is then ``dcn x ici`` long, slices outermost, so that only the axes given here
+      (usually "data") communicate between slices.
+
+  One slice: ``jax.make_mesh`` (``mesh_utils.create_device_mesh``), which orders TPU
+  devices along the physical torus so that each mesh axis is a ring of neighbours;
+  several: ``mesh_utils.create_hybrid_device_mesh``. Devices without a topology (CPU,
+  including ``mtx compile``'s fake devices) keep ``jax.devices()``'s order. A topology
+  order that would give processes non-contiguous batch rows (``batch_block``) falls
+  back to that order too, with a warning.
+
+  Raises:
+    UserError: unknown axes, or sizes that do not multiply to the number of devices.
   """
   devices = list(devices if devices is not None else jax.devices())
-  shape = dict(shape or {"data": -1})
+  dcn = _sizes(dcn_shape or {}, None, "DCN_MESH_SHAPE", default=1)
+  slices = math.prod(dcn.values())
+  if len(devices) % slices:
+    raise UserError(
+      f"DCN_MESH_SHAPE {dict(dcn_shape)} makes {slices} slices, which do not divide "
+      f"the {len(devices)} devices; give sizes whose product is the number of slices."
+    )
+  ici = _sizes(shape or {"data": -1}, len(devices) // slices, "MESH_SHAPE")
+  ici_shape = [ici[a] for a in MESH_AXES]
+  dcn_list = [dcn[a] for a in MESH_AXES]
+  if slices > 1:
+    array = _hybrid_device_array(ici_shape, dcn_list, devices)
+  else:
+    array = _device_array(ici_shape, devices)
+  mesh = Mesh(array, MESH_AXES)
+  if not _rows_contiguous(mesh):
+    log.warning(
+      "The topology-ordered mesh would give processes non-contiguous batch rows; "
+      "using jax.devices()' order instead."
+    )
+    mesh = Mesh(_in_order(ici_shape, dcn_list, devices), MESH_AXES)
+  return mesh
+
+
+def _sizes(shape: Mapping[str, int], devices: Optional[int], name: str, default=1):
+  """``{axis: size}`` over ``MESH_AXES`` from a user's shape, the -1 resolved against
+  ``devices`` (None: no -1 allowed, no product check)."""
   unknown = set(shape) - set(MESH_AXES)
   if unknown:
     raise UserError(
-      f"Unknown mesh axes {sorted(unknown)} in MESH_SHAPE; use {', '.join(MESH_AXES)}."
+      f"Unknown mesh axes {sorted(unknown)} in {name}; use {', '.join(MESH_AXES)}."
     )
-  sizes = {a: int(shape.get(a, 1)) for a in MESH_AXES}
+  sizes = {a: int(shape.get(a, default)) for a in MESH_AXES}
   free = [a for a, s in sizes.items() if s == -1]
   known = math.prod(s for s in sizes.values() if s != -1)
-  if len(free) > 1 or any(s == 0 or s < -1 for s in sizes.values()):
+  if len(free) > (0 if devices is None else 1) or any(
+    s == 0 or s < -1 for s in sizes.values()
+  ):
     raise UserError(
-      f"MESH_SHAPE {dict(shape)} must have positive sizes and at most one -1."
+      f"{name} {dict(shape)} must have positive sizes"
+      + (" and at most one -1." if devices is not None else ".")
     )
+  if devices is None:
+    return sizes
   if free:
-    if len(devices) % known:
+    if devices % known:
       raise UserError(
-        f"MESH_SHAPE {dict(shape)} does not divide the {len(devices)} "
-        "devices; make the product of the fixed sizes divide it."
+        f"{name} {dict(shape)} does not divide the {devices} devices; make the "
+        "product of the fixed sizes divide it."
       )
-    sizes[free[0]] = len(devices) // known
-  if math.prod(sizes.values()) != len(devices):
+    sizes[free[0]] = devices // known
+  if math.prod(sizes.values()) != devices:
     raise UserError(
-      f"MESH_SHAPE {dict(shape)} needs {math.prod(sizes.values())} "
-      f"devices but {len(devices)} are present; make the sizes multiply "
-      f"to {len(devices)} (or use -1 for one axis)."
+      f"{name} {dict(shape)} needs {math.prod(sizes.values())} devices but "
+      f"{devices} are present; make the sizes multiply to {devices} (or use -1 for "
+      "one axis)."
     )
-  arr = np.asarray(devices).reshape([sizes[a] for a in MESH_AXES])
-  return Mesh(arr, MESH_AXES)
+  return sizes
+
+
+def _has_topology(devices: Sequence[jax.Device]) -> bool:
+  return devices[0].platform in ("tpu", "gpu", "cuda", "rocm")
+
+
+def _device_array(ici_shape: list, devices: list) -> np.ndarray:
+  """One slice: the devices along the physical topology where there is one."""
+  if not _has_topology(devices):
+    return np.asarray(devices).reshape(ici_shape)
+  mesh = jax.make_mesh(
+    ici_shape,
+    MESH_AXES,
+    axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES),
+    devices=devices,
+  )
+  return mesh.devices
+
+
+def _hybrid_device_array(ici_shape: list, dcn_shape: list, devices: list) -> np.ndarray:
+  """Several slices (``slice_index`` on multi-slice TPU, else one per process)."""
+  if not _has_topology(devices):
+    return _in_order(ici_shape, dcn_shape, devices)
+  return mesh_utils.create_hybrid_device_mesh(
+    ici_shape,
+    dcn_shape,
+    devices,
+    process_is_granule=not hasattr(devices[0], "slice_index"),
+    allow_split_physical_axes=True,
+  )
+
+
+def _in_order(ici_shape: list, dcn_shape: list, devices: list) -> np.ndarray:
+  """``jax.devices()`` in order, slices outermost on every axis: the devices as
+  [dcn..., ici...], each axis then ``dcn x ici`` long."""
+  n = len(MESH_AXES)
+  array = np.asarray(devices).reshape(list(dcn_shape) + list(ici_shape))
+  array = array.transpose([i for a in range(n) for i in (a, a + n)])
+  return array.reshape([d * i for d, i in zip(dcn_shape, ici_shape)])
+
+
+def _rows_contiguous(mesh: Mesh) -> bool:
+  """Whether every process's batch rows (and units) are one contiguous block."""
+  if jax.process_count() == 1 and all(
+    d.process_index == mesh.devices.flat[0].process_index for d in mesh.devices.flat
+  ):
+    return True
+  try:
+    for axes in (BATCH_AXES, UNIT_AXES):
+      _batch_block(mesh, mesh.devices.flat[0].process_index, axes)
+  except UserError:
+    return False
+  return True
 
 
 def data_parallel_size(mesh: Mesh) -> int:
   return mesh.shape["data"] * mesh.shape["fsdp"]
 
 
-def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
-  """Leading axis over the data axes, the rest replicated."""
-  return NamedSharding(mesh, P(BATCH_AXES, *([None] * (ndim - 1))))
+def batch_sharding(
+  mesh: Mesh, ndim: int, axes: Sequence[str] = BATCH_AXES
+) -> NamedSharding:
+  """Leading axis over ``axes`` (the data axes; ``UNIT_AXES`` for task-major units),
+  the rest replicated."""
+  return NamedSharding(mesh, P(tuple(axes), *([None] * (ndim - 1))))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
-def batch_block(mesh: Mesh, process_index: Optional[int] = None) -> tuple:
+def batch_block(
+  mesh: Mesh, process_index: Optional[int] = None, axes: Sequence[str] = BATCH_AXES
+) -> tuple:
   """Which block of the global batch rows this process's devices hold, of how many.
 
   The batch's leading axis is split over the data axes; a process feeds the rows of
@@ -110,21 +304,23 @@ def batch_block(mesh: Mesh, process_index: Optional[int] = None) -> tuple:
   processes, say) form one block and must build the same rows; the data pipeline gives
   each block its own data shard(s). Returns ``(block index, number of blocks)``, with
   blocks numbered in row order: ``(jax.process_index(), jax.process_count())`` when
-  every process holds its own rows, ``(0, 1)`` on one process.
+  every process holds its own rows, ``(0, 1)`` on one process. ``axes``: the mesh axes
+  the leading axis is split over (``UNIT_AXES`` for the per-task route's units).
 
   Raises:
     UserError: when a process's rows are not one contiguous block of equal size
       (an unusual device order in a hand-made mesh).
   """
   process_index = jax.process_index() if process_index is None else process_index
-  return _batch_block(mesh, process_index)
+  return _batch_block(mesh, process_index, tuple(axes))
 
 
 @functools.lru_cache(maxsize=8)
-def _batch_block(mesh: Mesh, process_index: int) -> tuple:
-  n = data_parallel_size(mesh)
+def _batch_block(mesh: Mesh, process_index: int, axes: tuple) -> tuple:
+  n = math.prod(mesh.shape[a] for a in axes)
   rows_of = {}
-  for device, index in batch_sharding(mesh, 1).devices_indices_map((n,)).items():
+  sharding = batch_sharding(mesh, 1, axes)
+  for device, index in sharding.devices_indices_map((n,)).items():
     start = index[0].start or 0
     stop = n if index[0].stop is None else index[0].stop
     rows_of.setdefault(device.process_index, set()).update(range(start, stop))
@@ -153,15 +349,18 @@ def row_blocks(rows_of: Mapping[int, Any]) -> dict:
   return {p: (blocks.index(tuple(sorted(r))), len(blocks)) for p, r in rows_of.items()}
 
 
-def host_to_global(local: Mapping[str, np.ndarray], mesh: Mesh) -> dict:
-  """Assembles each process's rows (or units) into global arrays over the data axes.
+def host_to_global(
+  local: Mapping[str, np.ndarray], mesh: Mesh, axes: Sequence[str] = BATCH_AXES
+) -> dict:
+  """Assembles each process's rows (or units) into global arrays over ``axes``.
 
-  ``local`` holds this process's block of rows (``batch_block``): [rows/blocks, ...].
+  ``local`` holds this process's block of rows (``batch_block`` with the same
+  ``axes``): [rows/blocks, ...].
   """
-  _, blocks = batch_block(mesh)
+  _, blocks = batch_block(mesh, axes=axes)
   out = {}
   for key, value in local.items():
-    sharding = batch_sharding(mesh, value.ndim)
+    sharding = batch_sharding(mesh, value.ndim, axes)
     global_shape = (value.shape[0] * blocks,) + value.shape[1:]
     out[key] = jax.make_array_from_process_local_data(sharding, value, global_shape)
   return out

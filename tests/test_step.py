@@ -12,11 +12,14 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from jax.sharding import PartitionSpec as P
 
 from mtx import mtl, parallel
 from mtx.data import packing
 from mtx.model import T5, T5Config
 from mtx.runtime import params as params_lib
+from mtx.train import build as build_lib
+from mtx.train import state as state_lib
 from mtx.train import step
 
 CONFIG = T5Config(
@@ -283,3 +286,63 @@ def test_group_matrix_maps_tasks_to_groups_and_safe_div_zeroes_empty_groups():
   np.testing.assert_array_equal(
     step.safe_div(jnp.array([3.0, 2.0]), jnp.array([2.0, 0.0])), [1.5, 0.0]
   )
+
+
+def _one_pcgrad_step(mesh_shape, devices, group_of_task, batch):
+  """(new params, metrics) of one PCGrad step built as ``build_train_step`` builds it:
+  the pod layout (units over data, a unit's rows over fsdp, per-unit and per-group
+  stacks split over fsdp x data), traced under the mesh and the logical rules."""
+  mesh = parallel.make_mesh(mesh_shape, devices)
+  model = T5(CONFIG)
+  boxed, abstract = params_lib.abstract_params(model, *LENGTHS)
+  p_shardings = params_lib.param_shardings(boxed, mesh, parallel.DEFAULT_RULES)
+  params = params_lib.init_params(model, 0, *LENGTHS, p_shardings)
+  cfg = config(group_of_task, task_grads=True)
+  optimizer = optax.sgd(0.5)
+  transforms = mtl.ensure_aggregator((mtl.pcgrad(),))
+  mtl_init = optax.chain(*transforms).init
+  fn = step.make_train_step(model, optimizer, transforms, cfg, p_shardings)
+  state = state_lib.make_state(params, optimizer, mtl_init, 0)
+  s_shardings = state_lib.state_shardings(
+    jax.eval_shape(lambda s: s, state), abstract, p_shardings, mesh
+  )
+  b_shardings = {
+    k: parallel.batch_sharding(mesh, v.ndim, parallel.UNIT_AXES) for k, v in batch.items()
+  }
+  jitted = build_lib.jit_step_fn(fn, mesh, cfg.rules, s_shardings, b_shardings)
+  new_state, metrics = jitted(state, jax.device_put(batch, b_shardings))
+  return jax.tree.map(np.asarray, new_state["params"]), jax.tree.map(np.asarray, metrics)
+
+
+def test_pcgrad_step_on_a_data_fsdp_tensor_mesh_equals_one_device():
+  """The pod layout moves where the per-task gradients are computed and summed, not
+  what they are: the update and the Gram diagnostics on (data, fsdp, tensor) =
+  (2, 2, 2) equal those on one device, to float32 precision."""
+  group_of_task = (0, 0, 1)
+  batch = task_major_batch(group_of_task, seed=3)
+  one = _one_pcgrad_step({"data": 1}, jax.devices()[:1], group_of_task, batch)
+  pod = _one_pcgrad_step(
+    {"data": 2, "fsdp": 2, "tensor": 2}, jax.devices(), group_of_task, batch
+  )
+  assert_trees_close(pod[0], one[0])
+  for key in ("group_grad_norm", "group_grad_cos", "task_loss_sums", "grad_norm"):
+    np.testing.assert_allclose(pod[1][key], one[1][key], rtol=RTOL, atol=1e-6)
+  assert one[1]["conflict_frac"] == pod[1]["conflict_frac"]
+
+
+def test_pod_layout_shardings():
+  """Units over data, rows over fsdp; the stacks split the fsdp-sharded dimension
+  over data too, and the unit axis never reuses an axis a param already takes."""
+  mesh = parallel.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+  kernel = jax.sharding.NamedSharding(mesh, P("fsdp", "tensor"))
+  assert parallel.unit_batch_spec(3) == P(("data",), ("fsdp",), None)
+  assert parallel.unit_stack_sharding(kernel).spec == P(("data",), "fsdp", "tensor")
+  assert parallel.group_stack_sharding(kernel).spec == P(None, ("fsdp", "data"), "tensor")
+  assert parallel.group_split_sharding(kernel).spec == P(("fsdp", "data"), "tensor")
+  on_data = jax.sharding.NamedSharding(mesh, P("data"))
+  assert parallel.unit_stack_sharding(on_data).spec == P(None, "data")
+  rules = dict(parallel.rules_within_unit(parallel.DEFAULT_RULES))
+  assert rules["activation_batch"] == ("fsdp",)
+  # Default units: a multiple of the data axis whose rows divide evenly over fsdp.
+  assert build_lib.default_units(7, 512, 16, 1, rows_over=16) == 16
+  assert build_lib.default_units(3, 64, 2, 1, rows_over=8) == 4

@@ -311,8 +311,9 @@ class Evaluator:
     if self._predictor is None and self._metric_tasks:
       self._predictor = self._make_predictor(param_shardings, vocabulary.vocab_size)
     rows = parallel.batch_sharding(mesh, 2)
+    # Traced under the mesh and rules, so the model's activation constraints hold.
     self._loss_fn = jax.jit(
-      make_loss_fn(model),
+      parallel.traced_in_mesh(make_loss_fn(model), mesh, self._rules),
       in_shardings=(param_shardings, {k: rows for k in _MODEL_FEATURES}),
     )
     log.info(

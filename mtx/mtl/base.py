@@ -648,9 +648,11 @@ def gram(per_task_grads: PyTree) -> jax.Array:
   total = jnp.zeros((k, k), jnp.float32)
   letters = "abcdefghmnopqrstuvwxyz"
   # On CPU, XLA runs a dot with several contracting dimensions ~2x slower than the
-  # same dot on [k, n] (tools/bench.py --breakdown). Elsewhere the reshape could make
-  # XLA regather a leaf sharded on a trailing dimension, so it is CPU only.
-  flatten = jax.default_backend() == "cpu"
+  # same dot on [k, n] (tools/bench.py --breakdown). On a mesh the reshape makes XLA
+  # regather a leaf sharded on a trailing dimension (T5-XXL on 256 fake CPU devices:
+  # 7 whole gradients per device, issue 15), so it is for one CPU device only.
+  mesh = jax.sharding.get_abstract_mesh()
+  flatten = jax.default_backend() == "cpu" and (mesh.empty or mesh.size == 1)
   for g in jax.tree_util.tree_leaves(per_task_grads):
     if flatten and g.ndim > 2:
       g = g.reshape(k, -1)

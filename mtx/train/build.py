@@ -7,6 +7,7 @@ compile exactly the same program.
 """
 
 import dataclasses
+import logging
 import math
 from typing import Any, Callable, Optional, Sequence
 
@@ -24,22 +25,45 @@ from mtx.train import settings as settings_lib
 from mtx.train import state as state_lib
 from mtx.train import step as step_lib
 
+log = logging.getLogger("mtx")
+
 
 def default_units(
-  num_groups: int, batch_size: int, dp: int, shards: int, accum: int = 1
+  num_groups: int,
+  batch_size: int,
+  dp: int,
+  shards: int,
+  accum: int = 1,
+  rows_over: int = 1,
 ) -> int:
-  """Smallest multiple of the data-parallel size, the data shards and the gradient
-  accumulation microbatches that is at least the number of groups and divides the
-  batch."""
+  """Smallest multiple of ``dp`` (the devices the units are split over: the data axis),
+  of the data shards and of the gradient accumulation microbatches (``accum``) that is
+  at least the number of groups and divides the batch.
+
+  Among those, first choice: rows per unit that divide evenly over ``rows_over`` (the
+  fsdp devices a unit's rows are split over; otherwise XLA pads them, which costs
+  FLOPs) and room for every group in every shard (units >= groups x shards, so that
+  each shard's scheduler can give every group a unit); then even rows alone; then the
+  smallest.
+
+      >>> default_units(7, 512, 16, 1, rows_over=16)   # T5-XXL on data=16 x fsdp=16
+      16
+  """
   step = math.lcm(dp, shards, accum)
-  for units in range(step, batch_size + 1, step):
-    if units >= num_groups and batch_size % units == 0:
-      return units
-  raise UserError(
-    f"No number of units divides BATCH_SIZE {batch_size} into at least {num_groups} "
-    f"task groups and is a multiple of the {dp} data-parallel devices; raise "
-    "BATCH_SIZE, set UNITS, or group tasks (train.task_groups)."
-  )
+  fits = [
+    units
+    for units in range(step, batch_size + 1, step)
+    if units >= num_groups and batch_size % units == 0
+  ]
+  if not fits:
+    raise UserError(
+      f"No number of units divides BATCH_SIZE {batch_size} into at least {num_groups} "
+      f"task groups and is a multiple of the {dp} data-parallel devices; raise "
+      "BATCH_SIZE, set UNITS, or group tasks (train.task_groups)."
+    )
+  even = [u for u in fits if (batch_size // u) % rows_over == 0]
+  roomy = [u for u in even if u >= num_groups * shards]
+  return (roomy or even or fits)[0]
 
 
 def build_transforms(items: Sequence, num_tasks: int) -> tuple:
@@ -51,12 +75,24 @@ def build_transforms(items: Sequence, num_tasks: int) -> tuple:
   return tuple(mtl.build(item, num_tasks) for item in items)
 
 
+def batch_axes(layout: data_pipeline.Layout) -> tuple:
+  """The mesh axes the batch's leading axis is split over: rows over the data axes,
+  task-major units over ``parallel.UNIT_AXES`` (their rows are split over fsdp in the
+  step, ``mtx.train.step.group_gradients``)."""
+  return _axes(layout.task_major)
+
+
+def _axes(task_major: bool) -> tuple:
+  return parallel.UNIT_AXES if task_major else parallel.BATCH_AXES
+
+
 def batch_shardings(layout: data_pipeline.Layout, mesh) -> dict:
-  """NamedShardings of the batch features: rows (or units) over the data axes."""
+  """NamedShardings of the batch features: rows (or units) over ``batch_axes``."""
   ndim = 3 if layout.task_major else 2
-  out = {k: parallel.batch_sharding(mesh, ndim) for k in packing.FEATURES}
+  axes = batch_axes(layout)
+  out = {k: parallel.batch_sharding(mesh, ndim, axes) for k in packing.FEATURES}
   if layout.task_major:
-    out["unit_task"] = parallel.batch_sharding(mesh, 1)
+    out["unit_task"] = parallel.batch_sharding(mesh, 1, axes)
   return out
 
 
@@ -74,6 +110,7 @@ class StepBuild:
     step_config: the step's static settings; rules: the logical axis rules.
     jit_step: ``jax.jit(step, in/out shardings, donated state)``.
     batch_shardings: NamedShardings of the batch features.
+    num_shards: the data shards the global batch is read in.
   """
 
   data: settings_lib.DataSettings
@@ -96,6 +133,16 @@ class StepBuild:
   rules: tuple
   jit_step: Callable
   batch_shardings: dict
+  num_shards: int
+
+  @property
+  def batch_axes(self) -> tuple:
+    """The mesh axes the batch's leading axis is split over (``batch_axes``)."""
+    return batch_axes(self.layout)
+
+  def batch_block(self) -> tuple:
+    """(block, blocks) of the batch this process builds (``parallel.batch_block``)."""
+    return parallel.batch_block(self.mesh, axes=self.batch_axes)
 
   @property
   def lengths(self) -> dict:
@@ -159,6 +206,7 @@ def batch_layout(
   route (default UNITS: ``default_units``). Raises UserError when the batch, units,
   accumulation and mesh do not fit together."""
   dp = parallel.data_parallel_size(mesh)
+  unit_dp = math.prod(mesh.shape[a] for a in parallel.UNIT_AXES)
   batch_size, units = data.batch_size, data.units
   lengths = data_pipeline.check_feature_lengths(data.task_feature_lengths)
   if batch_size % dp:
@@ -167,7 +215,14 @@ def batch_layout(
       f"(data x fsdp = {dp}); use a multiple of {dp}."
     )
   if task_grads and units is None:
-    units = default_units(num_groups, batch_size, dp, num_shards, grad_accum_steps)
+    units = default_units(
+      num_groups,
+      batch_size,
+      unit_dp,
+      num_shards,
+      grad_accum_steps,
+      rows_over=dp // unit_dp,
+    )
   num_units = units if task_grads else 0
   if task_grads and units < num_groups:
     raise UserError(
@@ -176,13 +231,13 @@ def batch_layout(
       f"gradients; set UNITS to at least {num_groups} (or leave it None, automatic), "
       "or group tasks (train.task_groups)."
     )
-  if task_grads and (num_units % dp or num_units % grad_accum_steps):
+  if task_grads and (num_units % unit_dp or num_units % grad_accum_steps):
     raise UserError(
-      f"UNITS {num_units} must be a multiple of the data-parallel size "
-      f"{dp} and of train.grad_accum_steps {grad_accum_steps} (each microbatch "
-      f"holds UNITS / grad_accum_steps units); set UNITS to a multiple of "
-      f"{math.lcm(dp, grad_accum_steps)} (or leave it None, automatic), or change "
-      "train.grad_accum_steps."
+      f"UNITS {num_units} must be a multiple of the mesh's data axis ({unit_dp}; "
+      "units are split over it, their rows over fsdp) and of train.grad_accum_steps "
+      f"{grad_accum_steps} (each microbatch holds UNITS / grad_accum_steps units); set "
+      f"UNITS to a multiple of {math.lcm(unit_dp, grad_accum_steps)} (or leave it None, "
+      "automatic), or change train.grad_accum_steps."
     )
   if not task_grads and (batch_size // dp) % grad_accum_steps:
     raise UserError(
@@ -193,6 +248,18 @@ def batch_layout(
     batch_size, num_units, lengths["inputs"], lengths["targets"]
   )
   data_pipeline.check_layout(layout, num_shards)
+  rows_over = dp // unit_dp
+  if task_grads and layout.rows_per_unit % rows_over:
+    log.warning(
+      "Each of the %d units has %d rows for the %d fsdp devices that share it, so XLA "
+      "pads them (up to %.1fx the FLOPs and activations of the plain step); give the "
+      "mesh a data axis of at least the number of task groups (%d), or raise BATCH_SIZE.",
+      num_units,
+      layout.rows_per_unit,
+      rows_over,
+      math.ceil(layout.rows_per_unit / rows_over) * rows_over / layout.rows_per_unit,
+      num_groups,
+    )
   return layout
 
 
@@ -200,7 +267,7 @@ def build_train_step(
   data: settings_lib.DataSettings,
   settings: settings_lib.StepSettings,
   *,
-  num_shards: int = 1,
+  num_shards: Optional[int] = None,
   mesh: Optional[jax.sharding.Mesh] = None,
   devices: Optional[Sequence[jax.Device]] = None,
   group_gradients_fn: Callable = step_lib.group_gradients,
@@ -210,9 +277,10 @@ def build_train_step(
   Args:
     data: which mixture, its lengths, the batch size, units and task groups.
     settings: the model, optimizer, loss, mtl transforms, mesh and rules.
-    num_shards: the number of data shards, which default UNITS must be a multiple of.
-    mesh: the mesh to build on; None makes one from ``settings.mesh_shape`` and
-      ``devices``.
+    num_shards: the number of data shards, which default UNITS must be a multiple of;
+      None: one per block of processes holding distinct batch rows (``batch_block``).
+    mesh: the mesh to build on; None makes one from ``settings.mesh_shape``,
+      ``settings.dcn_mesh_shape`` and ``devices``.
     devices: the devices of that mesh (default all).
     group_gradients_fn: the per-group route's gradients (``step.make_train_step``);
       benchmarks pass another to compare routes.
@@ -221,21 +289,22 @@ def build_train_step(
     UserError: settings that do not fit together (batch vs mesh, units, accumulation).
   """
   if mesh is None:
-    mesh = parallel.make_mesh(settings.mesh_shape, devices)
+    mesh = parallel.make_mesh(settings.mesh_shape, devices, settings.dcn_mesh_shape)
   spec = registry.resolve(data.mixture_or_task_name, data.task_groups)
   transforms = mtl.ensure_aggregator(
     build_transforms(settings.mtl_transforms, spec.num_groups)
   )
   # TAG's lookahead needs per-group gradients, so it takes the per-group route.
   task_grads = mtl.needs_task_grads(transforms) or settings.tag_affinity_period > 0
+  # Default: one shard per block of processes holding distinct batch rows.
+  num_shards = num_shards or parallel.batch_block(mesh, axes=_axes(task_grads))[1]
   layout = batch_layout(
     data, settings.grad_accum_steps, spec.num_groups, task_grads, mesh, num_shards
   )
   model_config = params_lib.resolve_model_config(
     settings.model_config, spec.vocabulary.vocab_size
   )
-  model = T5(model_config)
-  schedule = settings.schedule
+  model, schedule = T5(model_config), settings.schedule
   optimizer = settings.optimizer_fn(learning_rate=schedule)
   # Before tracing the model: a bad debug setting fails at once.
   cfg = step_config(settings, spec, task_grads, model_config.dropout_rate > 0)
@@ -253,12 +322,7 @@ def build_train_step(
     group_gradients_fn=group_gradients_fn,
   )
   b_shardings = batch_shardings(layout, mesh)
-  jit_step = jax.jit(
-    step_fn,
-    in_shardings=(s_shardings, b_shardings),
-    out_shardings=(s_shardings, None),
-    donate_argnums=(0,),
-  )
+  jit_step = jit_step_fn(step_fn, mesh, rules, s_shardings, b_shardings)
   return StepBuild(
     data=data,
     settings=settings,
@@ -280,6 +344,19 @@ def build_train_step(
     rules=rules,
     jit_step=jit_step,
     batch_shardings=b_shardings,
+    num_shards=num_shards,
+  )
+
+
+def jit_step_fn(step_fn: Callable, mesh, rules, state_shardings, b_shardings) -> Callable:
+  """``jax.jit`` of the step with explicit shardings and the state donated, traced
+  under the mesh and logical rules (``parallel.traced_in_mesh``), so that the model's
+  activation constraints hold whatever context the caller runs it in."""
+  return jax.jit(
+    parallel.traced_in_mesh(step_fn, mesh, rules),
+    in_shardings=(state_shardings, b_shardings),
+    out_shardings=(state_shardings, None),
+    donate_argnums=(0,),
   )
 
 

@@ -29,6 +29,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 
+from mtx import parallel
 from mtx.errors import UserError
 from mtx.runtime import params as params_lib
 from mtx.train.build import StepBuild
@@ -86,7 +87,7 @@ class CompileReport:
       ("optimizer state", b["optimizer"]),
       ("mtl state", b["mtl"]),
       ("batch", b["batch"]),
-      (f"per-task gradients ({b['groups']} x params)", b["task_grads"]),
+      (f"per-task gradients ({b['groups']} x params / data)", b["task_grads"]),
       ("other activations/temporaries", b["other_temp"]),
       ("outputs not aliased to inputs", b["unaliased_output"]),
       ("generated code", b["code"]),
@@ -149,12 +150,14 @@ def memory_breakdown(build: StepBuild, mem) -> dict:
   optimizer = sharded_bytes(state["opt_state"], shard["opt_state"])
   mtl_state = sharded_bytes(state["mtl_state"], shard["mtl_state"])
   groups = build.step_config.num_groups if build.task_grads else 0
-  # Per-task gradients are f32 stacks shaped [G, *param], sharded like params.
-  f32_params = sharded_bytes(
-    jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, np.float32), state["params"]),
-    shard["params"],
+  # Per-task gradients are f32 stacks [G, *param], laid out by
+  # parallel.group_stack_sharding (like params, split over data too).
+  task_grads = sharded_bytes(
+    jax.tree.map(
+      lambda a: jax.ShapeDtypeStruct((groups,) + a.shape, np.float32), state["params"]
+    ),
+    jax.tree.map(parallel.group_stack_sharding, shard["params"]),
   )
-  task_grads = groups * f32_params
   temp = int(mem.temp_size_in_bytes)
   unaliased = max(int(mem.output_size_in_bytes) - int(mem.alias_size_in_bytes), 0)
   total = (

@@ -62,8 +62,10 @@ class Prefetcher:
   batch has been trained on.
   """
 
-  def __init__(self, pipe: data_pipeline.Pipeline, mesh, depth: int = 2):
-    self._pipe, self._mesh = pipe, mesh
+  def __init__(
+    self, pipe: data_pipeline.Pipeline, mesh, depth: int = 2, axes=parallel.BATCH_AXES
+  ):
+    self._pipe, self._mesh, self._axes = pipe, mesh, axes
     self._queue = queue.Queue(maxsize=depth)
     self._stop = threading.Event()
     self._thread = threading.Thread(target=self._run, daemon=True)
@@ -82,7 +84,7 @@ class Prefetcher:
       while not self._stop.is_set():
         local = self._pipe.next_batch()
         state = self._pipe.get_state()
-        self._put((parallel.host_to_global(local, self._mesh), state, None))
+        self._put((parallel.host_to_global(local, self._mesh, self._axes), state, None))
     except Exception as e:  # pylint: disable=broad-except
       self._put((None, None, e))
 
@@ -358,11 +360,13 @@ def _start(
   config = _with_checkpoint_model(config)
   data, settings, run = config.data, config.step, config.loop
   registry.import_modules(data.mixture_or_task_module, data.vocabulary_path)
-  mesh = parallel.make_mesh(settings.mesh_shape, devices)
+  mesh = parallel.make_mesh(settings.mesh_shape, devices, settings.dcn_mesh_shape)
   # Processes whose devices hold the same batch rows read the same data shards.
-  block, blocks = parallel.batch_block(mesh)
-  num_shards = blocks if data.data_shards is None else data.data_shards
-  build = build_lib.build_train_step(data, settings, num_shards=num_shards, mesh=mesh)
+  build = build_lib.build_train_step(
+    data, settings, num_shards=data.data_shards, mesh=mesh
+  )
+  block, blocks = build.batch_block()
+  num_shards = build.num_shards
   pipe = _load_data(build, block, blocks, num_shards)
   _report_mixture(pipe)
 
@@ -668,7 +672,7 @@ def _run(job: _Job, train_state, start_step: int, stop: _StopSignals) -> RunResu
     run.train_steps, start_step, enabled=jax.process_index() == 0 and os.isatty(2)
   )
   _log_resume(job, start_step, job.pipe.get_state())  # before the prefetcher reads on
-  prefetch = Prefetcher(job.pipe, build.mesh)
+  prefetch = Prefetcher(job.pipe, build.mesh, axes=build.batch_axes)
   step = start_step
   history, last, data_state = [], {}, job.pipe.get_state()
   t0, t0_step = None, step

@@ -84,7 +84,10 @@ class StepSettings:
     mtl_transforms: mtl transforms or their factories (gin's ``@mtl.pcgrad``).
     optimizer_fn: ``(learning_rate=schedule) -> optax transform``.
     learning_rate: a float or a schedule; None = T5's rsqrt schedule.
-    mesh_shape: ``{"data": d, "fsdp": f, "tensor": t}``; None = all devices on data.
+    mesh_shape: ``{"data": d, "fsdp": f, "tensor": t}`` within a slice (ICI); None =
+      all devices on data.
+    dcn_mesh_shape: the same across slices (multi-slice TPU, GPU hosts: DCN); None =
+      one slice (``parallel.make_mesh``).
     logical_axis_rules: logical axis name -> mesh axes.
     grad_accum_steps: microbatches per step.
     z_loss: PaLM's z-loss coefficient on log(Z)^2; 0 turns it off.
@@ -101,6 +104,7 @@ class StepSettings:
   optimizer_fn: Callable = optim.make_optimizer
   learning_rate: Any = None
   mesh_shape: Optional[Mapping[str, int]] = None
+  dcn_mesh_shape: Optional[Mapping[str, int]] = None
   logical_axis_rules: Sequence = parallel.DEFAULT_RULES
   grad_accum_steps: int = 1
   z_loss: float = 1e-4

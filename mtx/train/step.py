@@ -9,7 +9,10 @@ Two routes, chosen once from the mtl transforms (``mtx.mtl.needs_task_grads``):
   [units, rows_per_unit, length]; ``vmap(grad)`` over units (params unbatched) gives one
   gradient per unit at the FLOPs of one gradient, each unit's loss pre-scaled by
   1 / (its group's token count) so that a segment-sum over ``unit_task`` yields the
-  gradient of every group's mean loss, [G, *param_shape], sharded like params.
+  gradient of every group's mean loss, [G, *param_shape], sharded like params and split
+  over the data axis too. On a mesh the units go over "data" and each unit's rows over
+  "fsdp" (``parallel.unit_batch_spec``), so a unit's gradient is computed FSDP-style by
+  one data group; the stacks never hold a whole gradient per device (issue 15).
 
 Group loss L_g = (sum of token losses of group g) / (its target tokens in the global
 batch), so a group's weight does not depend on how many units it got this step.
@@ -355,6 +358,15 @@ def sum_units_by_group(per_unit, unit_task, num_groups: int):
   )
 
 
+def _units_layout(x, param_shardings):
+  """Task-major features [U, R, ...] laid out for the per-unit gradients: units over
+  the data axis, each unit's rows over fsdp (``parallel.unit_batch_spec``). The batch
+  arrives with units over data only, so this is a local slice, no communication."""
+  mesh = jax.tree.leaves(param_shardings)[0].mesh
+  sharding = jax.sharding.NamedSharding(mesh, parallel.unit_batch_spec(x.ndim))
+  return jax.lax.with_sharding_constraint(x, sharding)
+
+
 def group_gradients(model, cfg, params, batch, group_counts, dkey, param_shardings):
   """The per-group route: the gradient of every group's mean loss, stacked.
 
@@ -382,14 +394,17 @@ def group_gradients(model, cfg, params, batch, group_counts, dkey, param_shardin
     group_counts: f32[G], target tokens per group in the global batch.
     dkey: the dropout key, split into one key per unit.
     param_shardings: the params' ``NamedSharding`` pytree; each group's gradient is
-      sharded like its param (the group axis is not sharded).
+      sharded like its param and split over data too (``parallel.group_stack_sharding``;
+      the group axis is not sharded).
 
   Returns:
     (grads: a params-like pytree of f32[G, *param_shape], task sums: ``task_loss_sums``'
     dict of f32[k]).
   """
   unit_task = batch["unit_task"]
-  data = {k: v for k, v in batch.items() if k != "unit_task"}
+  data = {
+    k: _units_layout(v, param_shardings) for k, v in batch.items() if k != "unit_task"
+  }
   unit_scale = safe_div(1.0, group_counts)[unit_task]  # [U]
   num_units = unit_task.shape[0]
   unit_keys = jax.random.split(dkey, num_units)
@@ -402,20 +417,30 @@ def group_gradients(model, cfg, params, batch, group_counts, dkey, param_shardin
   per_unit = jax.vmap(
     jax.grad(unit_objective, has_aux=True),
     in_axes=(None, 0, 0, 0),
-    spmd_axis_name=parallel.BATCH_AXES,
+    spmd_axis_name=parallel.UNIT_AXES,
   )
 
   def chunk(p, units, scales, keys, tasks):
-    with nn.logical_axis_rules(parallel.rules_without_batch(cfg.rules)):
+    with nn.logical_axis_rules(parallel.rules_within_unit(cfg.rules)):
       grads, sums = per_unit(p, units, scales, keys)
+    # Each unit's gradient comes out sharded like its param (FSDP: reduce-scattered
+    # over fsdp layer by layer), the unit axis over data; an all-to-all over data
+    # then gives every device a slice of all units, so that summing them by group is
+    # local (no G x params / fsdp partial sums to all-reduce).
+    grads = jax.tree.map(
+      lambda g, s: jax.lax.with_sharding_constraint(
+        jax.lax.with_sharding_constraint(g, parallel.unit_stack_sharding(s)),
+        parallel.group_stack_sharding(s),
+      ),
+      grads,
+      param_shardings,
+    )
     unit_sums = jax.tree.map(lambda x: x.sum(0), sums)
     return sum_units_by_group(grads, tasks, cfg.num_groups), unit_sums
 
   def constrain(grads):
     return jax.tree.map(
-      lambda g, s: jax.lax.with_sharding_constraint(
-        g, jax.sharding.NamedSharding(s.mesh, jax.sharding.PartitionSpec(None, *s.spec))
-      ),
+      lambda g, s: jax.lax.with_sharding_constraint(g, parallel.group_stack_sharding(s)),
       grads,
       param_shardings,
     )
@@ -535,6 +560,15 @@ def make_train_step(
       task_losses=group_losses,
       task_present=present,
       key=mkey,
+    )
+    # The stacks are split over data too (``parallel.group_stack_sharding``); the
+    # combined gradient is gathered into the params' sharding once, here.
+    grads = jax.tree.map(
+      lambda g, s: jax.lax.with_sharding_constraint(
+        jax.lax.with_sharding_constraint(g, parallel.group_split_sharding(s)), s
+      ),
+      grads,
+      param_shardings,
     )
     metrics.update(
       group_grad_norm=info["grad_norm"],
