@@ -5,7 +5,7 @@ cursor position c is ``examples[permutation(seed, task, epoch)[c % n]]`` with
 ``epoch = c // n``, computable without reading anything before it. The cost is
 memory: one int32 per token of this host's shard of each task (GLUE is ~50 MB, the
 demo well under 10 MB); corpora that do not fit in host memory are out of scope for
-this reader (see README, "Data").
+this reader.
 
 Layout of one feature (a ragged list of token sequences, stored flat):
 
