@@ -271,7 +271,8 @@ def aggregate(
 def _cell(e: Optional[Estimate], spec: str, mark: str = "", bold: bool = False) -> str:
   if e is None:
     return "n/a"
-  text = format(e.mean, spec)
+  digits = int(spec.rstrip("f")[-1])
+  text = format(round(e.mean, digits) + 0.0, spec)  # + 0.0: never "-0.00"
   if e.se is not None:
     text += f" ± {e.se:{spec.lstrip('+')}}"
   text += mark
