@@ -47,7 +47,8 @@ def test_the_demo_conflict_is_the_one_negative_gradient_cosine(tmp_path):
   cos = {k[len("grad_cos/") :]: v for k, v in last.items() if k.startswith("grad_cos/")}
   assert len(cos) == 28  # 8 tasks
   pair = cos.pop("demo_sentiment/demo_verdict")
-  # Measured: -0.53 at step 150 (-0.9 by step 1500); every other pair |cos| < 0.05.
+  # Measured: -0.53 at step 150 of a 300-step run, -0.9 by step 1500 of the demo; every
+  # other pair within ±0.04 from step 200 on.
   assert pair < -0.25, pair
   assert min(cos.values()) > -0.05, min(cos.items(), key=lambda kv: kv[1])
   # Clipped, the loss falls from one log step to the next (it used to rise, unclipped).
