@@ -5,35 +5,42 @@ Importing this module registers the tasks below and three mixtures as plain
 seeds (no files, no downloads), so every machine sees the same examples; validation
 inputs never occur in the train split of the same task.
 
-| task             | train  | valid | example (inputs -> targets)                 | teaches              |
-|------------------|--------|-------|---------------------------------------------|----------------------|
-| demo_sort        | 50,000 | 1,000 | "sort: 42 7 19" -> "7 19 42"                | ordering numbers     |
-| demo_copy        | 20,000 |   500 | "rewrite: cat red owl" -> "cat red owl"     | copying              |
-| demo_reverse     | 20,000 |   500 | "rewrite: cat red owl" -> "owl red cat"     | reversing; CONFLICTS |
-| demo_sentiment   |  8,000 |   500 | "review: the soup was not good" -> "negative" | classification     |
-| demo_min         |  5,000 |   500 | "min: 42 7 19" -> "7"                       | smallest; helps sort |
-| demo_max         |  5,000 |   500 | "max: 42 7 19" -> "42"                      | largest; helps sort  |
-| demo_count       |  2,000 |   200 | "count: 42 7 19" -> "3"                     | counting (smallest)  |
+| task           | train  | valid | example (inputs -> targets)                     | teaches                |
+|----------------|--------|-------|-------------------------------------------------|------------------------|
+| demo_sort      | 50,000 | 1,000 | "sort: 42 7 19" -> "7 19 42"                    | ordering numbers       |
+| demo_copy      | 20,000 |   500 | "copy: cat red owl" -> "cat red owl"            | copying                |
+| demo_reverse   | 20,000 |   500 | "reverse: cat red owl" -> "owl red cat"         | reversing              |
+| demo_sentiment |  8,000 |   500 | "review: the soup was not good" -> "negative"   | classification         |
+| demo_verdict   |  8,000 |   500 | "review: the soup was not good" -> "bad"        | other words; CONFLICTS |
+| demo_min       |  5,000 |   500 | "min: 42 7 19" -> "7"                           | smallest; helps sort   |
+| demo_max       |  5,000 |   500 | "max: 42 7 19" -> "42"                          | largest; helps sort    |
+| demo_count     |  2,000 |   200 | "count: 42 7 19" -> "3"                         | counting (smallest)    |
 
-``demo_copy`` and ``demo_reverse`` conflict on purpose: their inputs are the *same
-strings* (same generator, same seed) with different targets, so no model can satisfy
-both and their gradients pull against each other; that is what gradient surgery methods
-are for. ``demo_sort``, ``demo_min``, ``demo_max`` and ``demo_count`` read the same kind of
-input (3 to 8 numbers below 100) and help each other. Exact match scores the generative
-tasks; accuracy scores ``demo_sentiment`` and ``demo_count``. With the shipped vocabulary
-(``mtx.data.vocab``) inputs are at most 18 tokens (12 outside demo_sentiment) and targets
-at most 8, before EOS, so ``{"inputs": 24, "targets": 16}`` never truncates.
+``demo_sentiment`` and ``demo_verdict`` conflict on purpose: their inputs are the *same
+strings*, prefix included (same generator, same seed), with the same judgement in other
+words ("positive"/"negative" against "good"/"bad"), as when two datasets label one thing
+with different label sets. The model cannot tell the two tasks apart: both learn the
+polarity (they help each other there), but no model can satisfy both label sets, and
+once the polarity is learned their gradients point against each other on the label
+words, which ``grad_cos/demo_sentiment/demo_verdict`` shows (README, "The demo"). ``demo_copy`` and
+``demo_reverse`` read the same words (2 to 4 of them, same seed) behind their own
+prefixes: both can be learned, they only compete for the small model's capacity.
+``demo_sort``, ``demo_min``, ``demo_max`` and ``demo_count`` read the same kind of input (3 to
+8 numbers below 100) and help each other. Exact match scores the generative tasks;
+accuracy scores ``demo_sentiment``, ``demo_verdict`` and ``demo_count``. With the shipped
+vocabulary (``mtx.data.vocab``) inputs are at most 18 tokens (11 outside the reviews) and
+targets at most 8, before EOS, so ``{"inputs": 24, "targets": 16}`` never truncates.
 
 Mixtures (rates keep seqio's meaning: relative numbers of examples):
 
 | mixture       | tasks                            | rate                                          |
 |---------------|----------------------------------|-----------------------------------------------|
-| demo          | all seven                        | examples-proportional, capped at 10,000       |
-| demo_conflict | demo_copy, demo_reverse          | equal (1.0 each)                              |
+| demo          | all eight                        | examples-proportional, capped at 10,000       |
+| demo_conflict | demo_sentiment, demo_verdict     | equal (1.0 each)                              |
 | demo_helpful  | demo_sort, demo_min, demo_max    | examples-proportional, capped at 10,000       |
 
-With the cap, ``demo`` draws sort, copy and reverse at 10,000 each, sentiment at 8,000,
-min and max at 5,000 each and count at 2,000 (out of 50,000 in total).
+With the cap, ``demo`` draws sort, copy and reverse at 10,000 each, sentiment and verdict
+at 8,000 each, min and max at 5,000 each and count at 2,000 (out of 58,000 in total).
 
 Re-importing (or ``importlib.reload``) replaces the registrations instead of failing.
 ``demo_texts`` gives the same text to ``tools/train_vocab.py`` for the shipped vocabulary.
@@ -160,21 +167,21 @@ def _count(rng: random.Random) -> Example:
   return f"count: {_join(xs)}", str(len(xs))
 
 
-def _rewrite_input(rng: random.Random) -> List[str]:
-  return [rng.choice(_WORDS) for _ in range(rng.randint(3, 7))]
+def _words(rng: random.Random) -> List[str]:
+  return [rng.choice(_WORDS) for _ in range(rng.randint(2, 4))]
 
 
 def _copy(rng: random.Random) -> Example:
-  words = _rewrite_input(rng)
-  return f"rewrite: {_join(words)}", _join(words)
+  words = _words(rng)
+  return f"copy: {_join(words)}", _join(words)
 
 
 def _reverse(rng: random.Random) -> Example:
-  words = _rewrite_input(rng)
-  return f"rewrite: {_join(words)}", _join(reversed(words))
+  words = _words(rng)
+  return f"reverse: {_join(words)}", _join(reversed(words))
 
 
-def _sentiment(rng: random.Random) -> Example:
+def _review(rng: random.Random) -> Tuple[str, bool]:
   positive = rng.random() < 0.5
   negated = rng.random() < 0.3
   # A negated positive word reads negative and vice versa.
@@ -184,16 +191,28 @@ def _sentiment(rng: random.Random) -> Example:
   text += rng.choice(words)
   if not negated and rng.random() < 0.4:
     text += f" and {rng.choice(_ADVERBS)}{rng.choice(words)}"
-  return f"review: {text}", "positive" if positive else "negative"
+  return f"review: {text}", positive
+
+
+def _sentiment(rng: random.Random) -> Example:
+  text, positive = _review(rng)
+  return text, "positive" if positive else "negative"
+
+
+def _verdict(rng: random.Random) -> Example:
+  text, positive = _review(rng)  # the same reviews and labels, in other words
+  return text, "good" if positive else "bad"
 
 
 # name -> (generator, train size, validation size, seed, metric fns). The seed belongs to
-# the generator's input stream: demo_copy and demo_reverse share 1001 on purpose.
+# the generator's input stream: demo_sentiment and demo_verdict share 1002 on purpose (the
+# same inputs), and so do demo_copy and demo_reverse (1001).
 _TASKS: Dict[str, Tuple[Callable[[random.Random], Example], int, int, int, tuple]] = {
   "demo_sort": (_sort, 50_000, 1_000, 1000, (metrics.exact_match,)),
   "demo_copy": (_copy, 20_000, 500, 1001, (metrics.exact_match,)),
   "demo_reverse": (_reverse, 20_000, 500, 1001, (metrics.exact_match,)),
   "demo_sentiment": (_sentiment, 8_000, 500, 1002, (metrics.accuracy,)),
+  "demo_verdict": (_verdict, 8_000, 500, 1002, (metrics.accuracy,)),
   "demo_min": (_min, 5_000, 500, 1003, (metrics.exact_match,)),
   "demo_max": (_max, 5_000, 500, 1004, (metrics.exact_match,)),
   "demo_count": (_count, 2_000, 200, 1005, (metrics.accuracy,)),
@@ -288,7 +307,7 @@ def register() -> None:
     )
   proportional = functools.partial(seqio.mixing_rate_num_examples, maximum=RATE_CAP)
   _replace_mixture("demo", TASK_NAMES, proportional)
-  _replace_mixture("demo_conflict", ("demo_copy", "demo_reverse"), 1.0)
+  _replace_mixture("demo_conflict", ("demo_sentiment", "demo_verdict"), 1.0)
   _replace_mixture("demo_helpful", ("demo_sort", "demo_min", "demo_max"), proportional)
 
 

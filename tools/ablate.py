@@ -1,28 +1,35 @@
-"""Runs every multi-task method on the demo mixture and writes one markdown table.
+"""Runs every multi-task method on the demo mixture, on several seeds, into one table.
 
-    python tools/ablate.py --out /tmp/ablate                    # every method, ~35 min
-    python tools/ablate.py --out /tmp/ablate --methods sum,pcgrad,nash_mtl --steps 600
+    python tools/ablate.py --out /tmp/ablate                    # 15 methods x 3 seeds
+    python tools/ablate.py --out /tmp/ablate --methods sum,pcgrad,nash_mtl --seeds 5
     python tools/ablate.py --out /tmp/ablate --resume           # after an interruption
     python tools/ablate.py --out /tmp/ablate --table_only       # just rebuild the table
 
-Each method is one gin file, ``gin_configs/mtl/<method>.gin``: the run is
-``mtx train --gin_file=gin_configs/demo.gin --gin_file=gin_configs/mtl/<method>.gin``
-with the same ``--steps`` for all, in its own MODEL_DIR ``<out>/<method>``, followed by
-``mtx eval`` of the final checkpoint (skipped when the trainer already wrote
-``eval/step_<steps>.json`` itself). Extra ``--gin.NAME=VALUE`` flags go to every run.
-``static_weights`` is left out unless named (its file needs one weight per task).
+Each method is one gin file, ``gin_configs/mtl/<method>.gin``: a run is
+``mtx train --gin_file=gin_configs/demo.gin --gin_file=gin_configs/mtl/<method>.gin
+--gin.train.seed=<seed>`` with the same ``--steps`` for all, in its own MODEL_DIR
+``<out>/<method>/seed_<seed>``, followed by ``mtx eval`` of the final checkpoint
+(skipped when the trainer already wrote ``eval/step_<steps>.json`` itself). The seeds
+are 0..N-1 (``--seeds N``); ``train.seed`` sets the initialization and, with
+``train.data_seed`` left at None, the data order. The runs go seed by seed (every method
+on seed 0, then on seed 1, ...), so an interrupted ablation has whole seeds. Extra
+``--gin.NAME=VALUE`` flags go to every run. ``static_weights`` is left out unless named
+(its file needs one weight per task).
 
-The table (``<out>/ablation.md``, also printed) has one row per method: each task's
-primary eval metric (the first metric of its first metric_fn, in percent), their mean,
-Delta-m% against the baseline run (``--baseline``, default ``sum``: the mean over tasks
-of the sign-adjusted relative change, Maninis et al. 2019), and the median training
-step time (``timing/step_s`` in metrics.jsonl). The best value of a column is bold.
+The table (``<out>/ablation.md``, also printed) has one row per method: the number of
+seeds, each task's primary eval metric (the first metric of its first metric_fn, in
+percent), their mean, Delta-m% against the baseline (``--baseline``, default ``sum``:
+the mean over tasks of the sign-adjusted relative change, Maninis et al. 2019, of each
+seed against the baseline's seed-mean), each as mean ± standard error over the seeds,
+and the median training step time (``timing/step_s`` in metrics.jsonl). A value better
+or worse than the baseline's by more than 2 standard errors of the difference is marked
+▲ or ▼; no mark means within noise. A column's best is bold only when it beats every
+other row beyond noise, so a single seed (no standard error) is never bold or marked.
 
-``--resume`` skips methods whose ``eval/step_<steps>.json`` exists and lets unfinished
-ones continue from their last checkpoint; without it an existing non-empty run
-directory is an error, so that a finished ablation is never overwritten by accident.
-The default ``--steps`` is chosen so that the 15 default methods take about 30-40
-minutes on a 2-core CPU.
+``--resume`` skips (method, seed) runs whose ``eval/step_<steps>.json`` exists and lets
+unfinished ones continue from their last checkpoint, so raising ``--seeds`` later runs
+only the new seeds; without it an existing non-empty run directory is an error, so that
+a finished ablation is never overwritten by accident.
 """
 
 import argparse
@@ -62,8 +69,9 @@ ORDER = (
 NEEDS_SETTINGS = ("static_weights",)  # left out of the default list
 # Metric names where smaller is better (as mtx.eval.summary); percentages are not.
 LOWER_IS_BETTER = frozenset({"loss", "perplexity", "ter", "wer", "cer"})
-DEFAULT_STEPS = 1200
-DEFAULT_EVAL_EXAMPLES = 200
+DEFAULT_STEPS = 600
+DEFAULT_SEEDS = 3
+DEFAULT_EVAL_EXAMPLES = 0  # all: ~4,700 demo examples, a few seconds
 
 
 class AblateError(Exception):
@@ -173,82 +181,207 @@ def _fmt(x: Optional[float], spec: str) -> str:
   return "n/a" if x is None else format(x, spec)
 
 
+@dataclasses.dataclass(frozen=True)
+class Estimate:
+  """A mean over seeds and its standard error (None with fewer than two seeds).
+
+  >>> e = estimate([40.0, 44.0, 48.0])
+  >>> (e.mean, e.se, e.n)
+  (44.0, 2.309401076758503, 3)
+  """
+
+  mean: float
+  se: Optional[float]
+  n: int
+
+
+def estimate(values: Sequence[float]) -> Optional[Estimate]:
+  """Mean and standard error (sample sd / sqrt(n)) of ``values``; None if empty."""
+  values = [float(v) for v in values if v is not None]
+  if not values:
+    return None
+  n = len(values)
+  se = statistics.stdev(values) / math.sqrt(n) if n > 1 else None
+  return Estimate(statistics.fmean(values), se, n)
+
+
+def beyond_noise(a: Optional[Estimate], b: Optional[Estimate], z: float = 2.0) -> bool:
+  """Whether ``a`` and ``b`` differ by more than ``z`` standard errors of the difference.
+
+  The difference of two independent means has SE sqrt(se_a^2 + se_b^2). Without a
+  standard error on both sides (a single seed) nothing is beyond noise.
+  """
+  if a is None or b is None or a.se is None or b.se is None:
+    return False
+  return abs(a.mean - b.mean) > z * math.hypot(a.se, b.se)
+
+
+@dataclasses.dataclass
+class MethodResult:
+  """One table row: a method's estimates over its seeds.
+
+  Attributes:
+    tasks: task -> the primary metric over seeds.
+    mean_primary: the mean primary metric over seeds.
+    delta_m: Delta-m% over seeds (each seed against the baseline's seed-mean).
+    step_s: the median over seeds of each run's median step time.
+    seeds: how many seeds had an evaluation.
+  """
+
+  tasks: Dict[str, Estimate]
+  mean_primary: Optional[Estimate]
+  delta_m: Optional[Estimate]
+  step_s: Optional[float]
+  seeds: int
+
+
+def mean_summary(summaries: Sequence[RunSummary]) -> Optional[RunSummary]:
+  """One RunSummary holding each task's mean over ``summaries`` (Delta-m's reference)."""
+  if not summaries:
+    return None
+  values: Dict[str, List[float]] = {}
+  names: Dict[str, str] = {}
+  for s in summaries:
+    for task, (metric, value) in s.primary.items():
+      names.setdefault(task, metric)
+      values.setdefault(task, []).append(value)
+  primary = {t: (names[t], statistics.fmean(v)) for t, v in values.items()}
+  return RunSummary(step=summaries[0].step, primary=primary, step_s=None)
+
+
+def aggregate(
+  summaries: Sequence[RunSummary], base: Optional[RunSummary]
+) -> Optional[MethodResult]:
+  """A method's row from its seeds' summaries; ``base`` is the baseline's seed-mean."""
+  if not summaries:
+    return None
+  tasks = sorted({t for s in summaries for t in s.primary})
+  times = [s.step_s for s in summaries if s.step_s is not None]
+  return MethodResult(
+    tasks={
+      t: estimate([s.primary[t][1] for s in summaries if t in s.primary]) for t in tasks
+    },
+    mean_primary=estimate([mean_primary(s) for s in summaries]),
+    delta_m=estimate([delta_m(s, base) for s in summaries]) if base else None,
+    step_s=statistics.median(times) if times else None,
+    seeds=len(summaries),
+  )
+
+
+def _cell(e: Optional[Estimate], spec: str, mark: str = "", bold: bool = False) -> str:
+  if e is None:
+    return "n/a"
+  digits = int(spec.rstrip("f")[-1])
+  text = format(round(e.mean, digits) + 0.0, spec)  # + 0.0: never "-0.00"
+  if e.se is not None:
+    text += f" ± {e.se:{spec.lstrip('+')}}"
+  text += mark
+  return f"**{text}**" if bold else text
+
+
+def _best(column: Sequence[Optional[Estimate]], lower: bool) -> Optional[int]:
+  """Index of a column's best value, only when it beats every other beyond noise."""
+  present = [(i, e) for i, e in enumerate(column) if e is not None]
+  if len(present) < 2:
+    return None
+  order = sorted(present, key=lambda p: p[1].mean, reverse=not lower)
+  best_i, best = order[0]
+  return best_i if all(beyond_noise(best, e) for _, e in order[1:]) else None
+
+
+def _marks(
+  column: Sequence[Optional[Estimate]], base_row: Optional[int], lower: bool
+) -> List[str]:
+  """' ▲' / ' ▼' where a row is better / worse than the baseline beyond noise."""
+  if base_row is None or column[base_row] is None:
+    return [""] * len(column)
+  base = column[base_row]
+  marks = []
+  for i, e in enumerate(column):
+    if i == base_row or not beyond_noise(e, base):
+      marks.append("")
+    else:
+      marks.append(" ▲" if (e.mean < base.mean) == lower else " ▼")
+  return marks
+
+
 def build_table(
-  runs: Sequence[Tuple[str, Optional[RunSummary]]],
+  runs: Sequence[Tuple[str, Sequence[RunSummary]]],
   baseline: str = "sum",
   notes: Sequence[str] = (),
 ) -> str:
-  """The markdown table of an ablation.
+  """The markdown table of an ablation over seeds.
 
   Args:
-    runs: (method name, its summary or None if it has no evaluation), in row order.
-    baseline: the method Delta-m% is measured against.
+    runs: (method name, the summaries of its evaluated seeds, maybe none), in row order.
+    baseline: the method Delta-m% and the ▲/▼ marks are measured against.
     notes: lines printed above the table (e.g. the command that made it).
 
   Returns:
-    Markdown: notes, the table, and a legend naming each task's primary metric.
+    Markdown: notes, the table (mean ± standard error over seeds; ▲/▼ where a
+    method differs from the baseline by more than 2 SE of the difference; bold only
+    for a best that beats every other row beyond noise), and a legend.
   """
-  done = {name: s for name, s in runs if s is not None}
-  tasks = sorted({t for s in done.values() for t in s.primary})
-  base = done.get(baseline)
-  rows = []
-  for name, s in runs:
-    if s is None:
-      rows.append((name, [None] * len(tasks), None, None, None))
-      continue
-    values = [s.primary[t][1] if t in s.primary else None for t in tasks]
-    dm = delta_m(s, base) if base is not None else None
-    rows.append((name, values, mean_primary(s), dm, s.step_s))
-
-  def best(column, lower=False):
-    """The column's best value, or None when there is nothing to single out."""
-    present = [v for v in column if v is not None]
-    if len(set(present)) < 2:
-      return None
-    return min(present) if lower else max(present)
-
-  metric_of = {
-    t: next(s.primary[t][0] for s in done.values() if t in s.primary) for t in tasks
-  }
-  best_task = [
-    best([r[1][i] for r in rows], metric_of[t] in LOWER_IS_BETTER)
-    for i, t in enumerate(tasks)
+  base = mean_summary(dict(runs).get(baseline, ()))
+  results = [(name, aggregate(list(ss), base)) for name, ss in runs]
+  done = [(name, r) for name, r in results if r is not None]
+  tasks = sorted({t for _, r in done for t in r.tasks})
+  metric_of = {}
+  for _, ss in runs:
+    for s in ss:
+      for t, (m, _) in s.primary.items():
+        metric_of.setdefault(t, m)
+  base_row = next((i for i, (n, _) in enumerate(done) if n == baseline), None)
+  columns = [
+    ([r.tasks.get(t) for _, r in done], metric_of[t] in LOWER_IS_BETTER) for t in tasks
   ]
-  best_mean = best([r[2] for r in rows])
-  best_dm = best([r[3] for r in rows])
-  best_time = best([r[4] for r in rows], lower=True)
-
-  def cell(v, b, spec):
-    text = _fmt(v, spec)
-    return f"**{text}**" if v is not None and b is not None and v == b else text
-
-  header = ["method"] + tasks + ["mean primary", f"Δm% vs {baseline}", "step (s)"]
+  columns += [
+    ([r.mean_primary for _, r in done], False),
+    ([r.delta_m for _, r in done], False),
+  ]
+  specs = [".1f"] * len(tasks) + [".2f", "+.2f"]
+  cells = [[] for _ in done]
+  for (column, lower), spec in zip(columns, specs):
+    best, marks = _best(column, lower), _marks(column, base_row, lower)
+    for i, e in enumerate(column):
+      cells[i].append(_cell(e, spec, marks[i], bold=i == best))
+  header = (
+    ["method", "seeds"] + tasks + ["mean primary", f"Δm% vs {baseline}", "step (s)"]
+  )
   out = list(notes) + ([""] if notes else [])
   out.append("| " + " | ".join(header) + " |")
   out.append("|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|")
-  for name, values, mean, dm, step_s in rows:
-    if name not in done:
+  rows = iter(zip(done, cells))
+  for name, r in results:
+    if r is None:
       out.append(
         "| " + " | ".join([f"{name} (no eval)"] + ["—"] * (len(header) - 1)) + " |"
       )
       continue
-    cells = [name] + [cell(v, b, ".1f") for v, b in zip(values, best_task)]
-    cells += [
-      cell(mean, best_mean, ".2f"),
-      cell(dm, best_dm, "+.2f"),
-      cell(step_s, best_time, ".3f"),
-    ]
-    out.append("| " + " | ".join(cells) + " |")
-  if tasks:
-    out.append("")
+    _, row_cells = next(rows)
     out.append(
-      "Task columns: each task's primary metric on its eval split ("
-      + ", ".join(f"{t}: {metric_of[t]}" for t in tasks)
-      + "). "
-      f"Δm%: mean relative change per task vs `{baseline}`, sign-adjusted "
-      "(Maninis et al. 2019). Step: median seconds per training step."
+      "| " + " | ".join([name, str(r.seeds)] + row_cells + [_fmt(r.step_s, ".3f")]) + " |"
     )
+  if tasks:
+    out += ["", _legend(tasks, metric_of, baseline, done)]
   return "\n".join(out) + "\n"
+
+
+def _legend(tasks, metric_of, baseline: str, done) -> str:
+  seeds = sorted({r.seeds for _, r in done})
+  text = (
+    "Task columns: each task's primary metric on its eval split ("
+    + ", ".join(f"{t}: {metric_of[t]}" for t in tasks)
+    + "). Cells: mean ± standard error over seeds. "
+    f"Δm%: mean relative change per task vs `{baseline}`'s seed-mean, sign-adjusted "
+    "(Maninis et al. 2019), one value per seed. "
+    f"▲/▼: better/worse than `{baseline}` by more than 2 standard errors of the "
+    "difference; no mark: within noise. Bold: a column's best only when it beats every "
+    "other row beyond noise. Step: median seconds per training step."
+  )
+  if seeds and seeds[0] < 2:
+    text += " A single seed has no noise estimate: nothing is marked or bold for it."
+  return text
 
 
 # ------------------------------------------------------------------ the runs
@@ -279,8 +412,19 @@ def _resolve_gin(path: str) -> str:
   return os.path.abspath(path) if os.path.exists(path) else path
 
 
-def commands(method: str, run_dir: str, args, extra: Sequence[str]) -> Tuple[list, list]:
-  """The ``mtx train`` and ``mtx eval`` command lines of one method."""
+def run_dir_of(out: str, method: str, seed: int) -> str:
+  """``<out>/<method>/seed_<seed>``: one MODEL_DIR per (method, seed)."""
+  return os.path.join(os.path.abspath(out), method, f"seed_{seed}")
+
+
+def commands(
+  method: str, seed: int, run_dir: str, args, extra: Sequence[str]
+) -> Tuple[list, list]:
+  """The ``mtx train`` and ``mtx eval`` command lines of one (method, seed).
+
+  ``train.seed`` sets the initialization, dropout and (``train.data_seed`` being None)
+  the data order; evaluation is deterministic.
+  """
   gin_files = [f"--gin_file={_resolve_gin(f)}" for f in args.gin_file]
   gin_files.append(f"--gin_file={os.path.join(MTL_DIR, method + '.gin')}")
   if os.path.exists(EVAL_GIN):
@@ -292,6 +436,7 @@ def commands(method: str, run_dir: str, args, extra: Sequence[str]) -> Tuple[lis
     f"--gin.LOG_PERIOD={log_period}",
     # A few checkpoints, so that --resume continues an interrupted run.
     f"--gin.CHECKPOINT_PERIOD={max(1, args.steps // 4)}",
+    f"--gin.train.seed={seed}",
   ]
   if os.path.exists(EVAL_GIN):
     common.append(f"--gin.EVAL_MAX_EXAMPLES={args.eval_max_examples or None}")
@@ -306,20 +451,28 @@ def finished(run_dir: str, steps: int) -> bool:
   return os.path.exists(os.path.join(run_dir, "eval", f"step_{steps}.json"))
 
 
-def run_method(method: str, args, extra: Sequence[str]) -> Optional[str]:
-  """Trains and evaluates one method; returns an error line, or None on success."""
-  run_dir = os.path.join(os.path.abspath(args.out), method)
+def _subprocess_env() -> Dict[str, str]:
+  """The environment of the runs: this checkout first on PYTHONPATH (its mtx, mixtures)."""
+  env = dict(os.environ)
+  env["PYTHONPATH"] = os.pathsep.join(p for p in (REPO, env.get("PYTHONPATH", "")) if p)
+  return env
+
+
+def run_method(method: str, seed: int, args, extra: Sequence[str]) -> Optional[str]:
+  """Trains and evaluates one (method, seed); returns an error line, or None."""
+  run_dir = run_dir_of(args.out, method, seed)
+  label = f"{method} seed {seed}"
   if finished(run_dir, args.steps) and args.resume:
-    print(f"[ablate] {method}: done already, skipped (--resume)", flush=True)
+    print(f"[ablate] {label}: done already, skipped (--resume)", flush=True)
     return None
   if os.path.isdir(run_dir) and os.listdir(run_dir) and not args.resume:
     raise AblateError(
       f"{run_dir} already holds a run; pass --resume to reuse it or choose another --out."
     )
   os.makedirs(run_dir, exist_ok=True)
-  log_path = os.path.join(os.path.abspath(args.out), "logs", f"{method}.log")
+  log_path = os.path.join(os.path.abspath(args.out), "logs", f"{method}-seed_{seed}.log")
   os.makedirs(os.path.dirname(log_path), exist_ok=True)
-  train, evaluate = commands(method, run_dir, args, extra)
+  train, evaluate = commands(method, seed, run_dir, args, extra)
   t0 = time.time()
   with open(log_path, "a", encoding="utf-8") as log:
     for what, cmd in (("train", train), ("eval", evaluate)):
@@ -328,14 +481,31 @@ def run_method(method: str, args, extra: Sequence[str]) -> Optional[str]:
       log.write("$ " + " ".join(cmd) + "\n")
       log.flush()
       status = subprocess.run(
-        cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, check=False
+        cmd,
+        cwd=REPO,
+        env=_subprocess_env(),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        check=False,
       ).returncode
       if status != 0:
         return f"{what} failed with status {status}; see {log_path}"
   if not finished(run_dir, args.steps):
     return f"no eval/step_{args.steps}.json was written; see {log_path}"
-  print(f"[ablate] {method}: done in {time.time() - t0:.0f} s", flush=True)
+  print(f"[ablate] {label}: done in {time.time() - t0:.0f} s", flush=True)
   return None
+
+
+def collect(out: str, method: str) -> List[RunSummary]:
+  """The summaries of every evaluated ``<out>/<method>/seed_*`` run, by seed."""
+  d = os.path.join(os.path.abspath(out), method)
+  if not os.path.isdir(d):
+    return []
+  seeds = sorted(
+    int(m.group(1)) for m in map(re.compile(r"^seed_(\d+)$").match, os.listdir(d)) if m
+  )
+  found = [summarize(os.path.join(d, f"seed_{s}")) for s in seeds]
+  return [s for s in found if s is not None]
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -375,6 +545,12 @@ def _parser() -> argparse.ArgumentParser:
     default=0,
     help="steps between metrics lines (default steps/10, at most 100)",
   )
+  p.add_argument(
+    "--seeds",
+    type=int,
+    default=DEFAULT_SEEDS,
+    help="seeds per method, train.seed = 0..N-1 (default %(default)s)",
+  )
   p.add_argument("--baseline", default="sum", help="the Delta-m baseline method")
   p.add_argument(
     "--resume",
@@ -390,6 +566,24 @@ def _parser() -> argparse.ArgumentParser:
   return p
 
 
+def _notes(args, extra: Sequence[str]) -> List[str]:
+  gin_names = " ".join(
+    f"--gin_file={os.path.relpath(f, REPO) if os.path.isabs(f) else f}"
+    for f in args.gin_file
+  )
+  return [
+    f"Ablation: {args.steps} steps per run from `{gin_names}` + "
+    f"`gin_configs/mtl/<method>.gin`, seeds (`train.seed`) 0..{args.seeds - 1}"
+    + (
+      f", eval on the first {args.eval_max_examples} examples of each task"
+      if args.eval_max_examples
+      else ", eval on every example"
+    )
+    + (f", extra flags `{' '.join(extra)}`" if extra else "")
+    + "."
+  ]
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
   argv = list(sys.argv[1:] if argv is None else argv)
   extra = [a for a in argv if a.startswith("--gin.")]
@@ -397,44 +591,33 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   try:
     if args.steps <= 0:
       raise AblateError(f"--steps must be positive (got {args.steps}).")
+    if args.seeds <= 0:
+      raise AblateError(f"--seeds must be positive (got {args.seeds}).")
     args.gin_file = args.gin_file or [os.path.join(REPO, "gin_configs", "demo.gin")]
     methods = choose_methods(args.methods)
     if args.baseline not in methods:
       print(
         f"[ablate] note: the baseline '{args.baseline}' is not among the methods; "
-        "Delta-m% is left out unless its run exists in --out.",
+        "Delta-m% is left out unless its runs exist in --out.",
         flush=True,
       )
     errors = {}
     if not args.table_only:
-      for method in methods:
-        error = run_method(method, args, extra)
-        if error:
-          errors[method] = error
-          print(f"[ablate] {method}: {error}", file=sys.stderr, flush=True)
+      # Seed-major: after every full pass over the methods the table is comparable.
+      for seed in range(args.seeds):
+        for method in methods:
+          error = run_method(method, seed, args, extra)
+          if error:
+            errors[(method, seed)] = error
+            print(f"[ablate] {method} seed {seed}: {error}", file=sys.stderr, flush=True)
     out = os.path.abspath(args.out)
     names = methods if args.baseline in methods else [args.baseline] + methods
     runs = [
-      (m, summarize(os.path.join(out, m)))
+      (m, collect(out, m))
       for m in names
       if m in methods or os.path.isdir(os.path.join(out, m))
     ]
-    gin_names = " ".join(
-      f"--gin_file={os.path.relpath(f, REPO) if os.path.isabs(f) else f}"
-      for f in args.gin_file
-    )
-    notes = [
-      f"Ablation: {args.steps} steps per method from `{gin_names}` + "
-      "`gin_configs/mtl/<method>.gin`"
-      + (
-        f", eval on the first {args.eval_max_examples} examples of each task"
-        if args.eval_max_examples
-        else ", eval on every example"
-      )
-      + (f", extra flags `{' '.join(extra)}`" if extra else "")
-      + "."
-    ]
-    table = build_table(runs, args.baseline, notes)
+    table = build_table(runs, args.baseline, _notes(args, extra))
     os.makedirs(out, exist_ok=True)
     path = os.path.join(out, "ablation.md")
     tmp = path + ".tmp"
