@@ -97,6 +97,7 @@ def test_unknown_variant_exits_2(bench, capsys):
   assert "pcgard" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_naive_route_equals_vmap_route(bench):
   """jacrev of the task-loss vector gives the per-task gradients of vmap + segment-sum."""
   mesh = parallel.make_mesh({"data": 2}, jax.devices()[:2])

@@ -117,6 +117,7 @@ def test_nonfinite_step_is_skipped_counted_and_never_saved(tmp_path, method):
     )
 
 
+@pytest.mark.slow
 def test_nonfinite_stop_names_step_and_task_and_saves_nothing_after(tmp_path):
   with pytest.raises(
     loop.NonFiniteStepError,

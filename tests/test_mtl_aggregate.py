@@ -45,6 +45,7 @@ def _flat(tree, keys=("b", "w")):
   return np.concatenate([np.ravel(tree[k]) for k in keys if k in tree])
 
 
+@pytest.mark.slow
 def test_aggregate_equals_chain_and_its_weights_reproduce_the_update():
   grads = _grads()
   params = jax.tree_util.tree_map(lambda g: jnp.zeros(g.shape[1:]), grads)

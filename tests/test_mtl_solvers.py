@@ -391,6 +391,7 @@ def test_absent_and_zero_gradient_tasks(method):
 # ------------------------------------------------- reports and fallbacks
 
 
+@pytest.mark.slow
 def test_aggregate_reports_the_solve_and_masked_forwards_it():
   jac = _family("conflicting", 4, 0, n=10)
   grads = {"w": jnp.asarray(jac[:, :6], jnp.float32), "b": jnp.asarray(jac[:, 6:])}

@@ -62,7 +62,10 @@ def _final_params(model_dir):
   return jax.tree.map(np.asarray, tree["params"])
 
 
-@pytest.mark.parametrize("method", ["sum", "pcgrad"])
+# The sum variant runs with the slow tests (suite time); PCGrad covers the sharded route.
+@pytest.mark.parametrize(
+  "method", [pytest.param("sum", marks=pytest.mark.slow), "pcgrad"]
+)
 def test_sharded_mesh_matches_one_device(tmp_path, method):
   assert len(jax.devices()) == 8, "conftest sets 8 fake CPU devices"
   transforms = (mtl.pcgrad(),) if method == "pcgrad" else ()
@@ -822,7 +825,10 @@ def test_mtl_gin_file_trains(tmp_path, method):
     assert "mtl/weight/tiny_copy" in rows[-1]
 
 
-@pytest.mark.parametrize("method", ["sum", "pcgrad"])
+# The sum variant runs with the slow tests (suite time).
+@pytest.mark.parametrize(
+  "method", [pytest.param("sum", marks=pytest.mark.slow), "pcgrad"]
+)
 def test_gradient_accumulation_matches_one_batch(tmp_path, method):
   transforms = (mtl.pcgrad(),) if method == "pcgrad" else ()
   one = _train(tmp_path / "one", jax.devices()[:1], transforms=transforms, units=4)
