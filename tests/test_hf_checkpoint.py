@@ -376,6 +376,14 @@ def _truncated_shard(tmp_path):
   return d
 
 
+def _missing_key(tmp_path):
+  d = _copy(tmp_path, V1_0)
+  config = json.loads((d / "config.json").read_text())
+  del config["d_kv"]
+  (d / "config.json").write_text(json.dumps(config))
+  return d
+
+
 def _small_embedding(tmp_path):
   """A consistent checkpoint whose embedding (768 rows) is smaller than its vocabulary
   (709 pieces + 100 extra ids)."""
@@ -401,6 +409,7 @@ _BAD = [
     [],
     r"DenseReluDense.wi.weight is \[64, 32\].*\[96, 32\]",
   ),
+  ("config_missing_key", _missing_key, [], "config.json lacks d_kv"),
   ("missing_shard", _missing_shard, [], "model-00002-of-00003.safetensors is missing"),
   (
     "truncated_shard",
@@ -491,3 +500,30 @@ def test_finetune_one_step_from_t5x(tmp_path):
   assert _cli(*args) == 0
   last = json.loads((model_dir / "metrics.jsonl").read_text().splitlines()[-1])
   assert last["step"] == 1 and np.isfinite(last["loss/hf_copy"])
+
+
+def test_export_into_a_run_or_onto_a_file_is_refused(finetuned, tmp_path, capsys):
+  """A Hugging Face directory inside MODEL_DIR would shadow its checkpoints."""
+  a_file = tmp_path / "a_file"
+  a_file.write_text("x")
+  for export_dir, pattern in ((finetuned, "holds an mtx run"), (a_file, "is a file")):
+    before = sorted(os.listdir(finetuned))
+    gin.clear_config()
+    with pytest.raises(SystemExit) as e:
+      cli.main(_run_args("export", finetuned, f"--gin.EXPORT_DIR='{export_dir}'"))
+    gin.clear_config()
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and pattern in err and "\n" not in err, err
+    assert sorted(os.listdir(finetuned)) == before
+
+
+def test_eval_of_another_checkpoint_into_a_training_run_is_refused(finetuned, capsys):
+  """Its results would overwrite the run's own eval/step_N.json and metrics.jsonl."""
+  before = sorted(os.listdir(finetuned))
+  gin.clear_config()
+  with pytest.raises(SystemExit) as e:
+    cli.main(_run_args("eval", finetuned, f"--gin.EVAL_CHECKPOINT_PATH='{V1_1}'"))
+  gin.clear_config()
+  err = capsys.readouterr().err.strip()
+  assert e.value.code == 2 and "holds checkpoints of its own run" in err, err
+  assert sorted(os.listdir(finetuned)) == before

@@ -71,7 +71,7 @@ NEEDS_SETTINGS = ("static_weights",)  # left out of the default list
 LOWER_IS_BETTER = frozenset({"loss", "perplexity", "ter", "wer", "cer"})
 DEFAULT_STEPS = 600
 DEFAULT_SEEDS = 3
-DEFAULT_EVAL_EXAMPLES = 0  # all: ~4,700 demo examples, a few seconds
+DEFAULT_EVAL_EXAMPLES = 0  # all: ~4,200 demo examples, a few seconds
 
 
 class AblateError(Exception):

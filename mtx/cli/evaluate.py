@@ -22,6 +22,7 @@ import jax
 from mtx import parallel, paths
 from mtx.data import pipeline as data_pipeline
 from mtx.data import registry
+from mtx.errors import UserError
 from mtx.eval import results
 from mtx.eval.evaluator import EvalOptions, Evaluator
 from mtx.model import T5Config
@@ -63,6 +64,19 @@ def find_checkpoint_step(model_dir: str, step: Optional[int] = None) -> int:
   return int(state_dir.parent.name)
 
 
+def _check_results_dir(model_dir: str, checkpoint_path: Optional[str]) -> None:
+  """Another checkpoint's results must not land among a training run's own (its
+  eval/step_N.json and metrics.jsonl)."""
+  if not checkpoint_path or checkpoint_path == model_dir or not os.path.isdir(model_dir):
+    return
+  if any(e.isdigit() for e in os.listdir(model_dir)):
+    raise UserError(
+      f"EVAL_CHECKPOINT_PATH {checkpoint_path} would write its results into MODEL_DIR "
+      f"{model_dir}, which holds checkpoints of its own run; set MODEL_DIR to another "
+      "directory for these results."
+    )
+
+
 def evaluate(
   *,
   model_dir: str,
@@ -76,6 +90,7 @@ def evaluate(
   checkpoint_path: Optional[str] = None,
   initial_checkpoint_path: Optional[str] = None,
   mesh_shape: Optional[Mapping[str, int]] = None,
+  dcn_mesh_shape: Optional[Mapping[str, int]] = None,
   logical_axis_rules: Sequence = parallel.DEFAULT_RULES,
   tensorboard: bool = True,
   print_table: bool = True,
@@ -90,7 +105,8 @@ def evaluate(
     model_dir: the run to evaluate (results are written there too); a run still
       training may be evaluated (this takes no lock).
     mixture_or_task_name, task_feature_lengths, mixture_or_task_module,
-      vocabulary_path, model_config, mesh_shape, logical_axis_rules: as for training.
+      vocabulary_path, model_config, mesh_shape, dcn_mesh_shape, logical_axis_rules: as
+      for training.
     options: what and how to evaluate (``EvalOptions``).
     checkpoint_step: the step to evaluate; None = the newest finished checkpoint.
     checkpoint_path: evaluate this checkpoint instead of MODEL_DIR's (results still go
@@ -118,12 +134,13 @@ def evaluate(
   if options.baseline_dir:  # Fail before the slow part.
     results.read_results(options.baseline_dir)
   source = checkpoint_path or model_dir
+  _check_results_dir(model_dir, checkpoint_path)
   if pretrained.is_pretrained(checkpoint_path, "EVAL_CHECKPOINT_PATH"):
     step, params_path = 0, checkpoint_path
   else:
     step = find_checkpoint_step(source, checkpoint_step)
     params_path = os.path.join(source, str(step))
-  mesh = parallel.make_mesh(mesh_shape, devices)
+  mesh = parallel.make_mesh(mesh_shape, devices, dcn_mesh_shape)
   rules = tuple(logical_axis_rules)
   model, params, shardings = params_lib.load_trained(
     model_config,

@@ -25,7 +25,7 @@ from jax.experimental import multihost_utils
 
 from mtx import parallel, paths
 from mtx.data import registry, vocab
-from mtx.errors import UserError
+from mtx.errors import UserError, check_int
 from mtx.model import T5Config
 from mtx.runtime import hf, pretrained
 from mtx.runtime import params as params_lib
@@ -75,6 +75,22 @@ def _vocab_size(
   return vocab.get_vocabulary(vocabulary_path).vocab_size
 
 
+def _check_export_dir(export_dir: str, source: Optional[str]) -> None:
+  """Refuses an EXPORT_DIR that would hide a checkpoint or is not a directory."""
+  if os.path.exists(export_dir) and not os.path.isdir(export_dir):
+    raise UserError(
+      f"EXPORT_DIR {export_dir} is a file; set it to a directory (new or a previous "
+      "export)."
+    )
+  if export_dir == source or (
+    os.path.isdir(export_dir) and pretrained.is_mtx_checkpoint(export_dir)
+  ):
+    raise UserError(
+      f"EXPORT_DIR {export_dir} holds an mtx run; a Hugging Face directory there would "
+      "shadow its checkpoints, so set EXPORT_DIR to another directory."
+    )
+
+
 def export(
   *,
   model_dir: Optional[str],
@@ -113,6 +129,9 @@ def export(
     )
   source = checkpoint_path or model_dir
   what = "EXPORT_CHECKPOINT_PATH" if checkpoint_path else "MODEL_DIR"
+  _check_export_dir(export_dir, source)
+  if checkpoint_step is not None:
+    check_int("EXPORT_CHECKPOINT_STEP", checkpoint_step, minimum=0)
   model_config, vocabulary_path = pretrained.resolve_run(
     source, initial_checkpoint_path, model_config, vocabulary_path, what
   )

@@ -11,6 +11,7 @@ know (a user's own) are left to gin's full parse.
 """
 
 import inspect
+import io
 import json
 import os
 import re
@@ -157,5 +158,9 @@ if __name__ == "__main__":
   # lazy: registering the configurables imports JAX and TF; only to regenerate.
   from mtx.cli import configurables  # pylint: disable=g-import-not-at-top
 
-  with open(MANIFEST, "w", encoding="utf-8") as manifest_file:
-    write_manifest(configurables.NAMES, manifest_file)
+  # lazy: as above.
+  from mtx.runtime import metrics_writer  # pylint: disable=g-import-not-at-top
+
+  text = io.StringIO()
+  write_manifest(configurables.NAMES, text)  # all of it, before the file is replaced
+  metrics_writer.write_atomically(MANIFEST, text.getvalue())

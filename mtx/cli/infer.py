@@ -523,6 +523,7 @@ def infer(
   seed: int = 0,
   num_return: int = 1,
   mesh_shape: Optional[Mapping[str, int]] = None,
+  dcn_mesh_shape: Optional[Mapping[str, int]] = None,
   logical_axis_rules: Sequence = parallel.DEFAULT_RULES,
   show_progress: Optional[bool] = None,
   devices: Optional[Sequence[jax.Device]] = None,
@@ -536,7 +537,8 @@ def infer(
     model_dir: the trained run (its newest checkpoint is used); a run still training
       may be read (this takes no lock).
     mixture_or_task_name, task_feature_lengths, mixture_or_task_module,
-      vocabulary_path, model_config, mesh_shape, logical_axis_rules: as for training.
+      vocabulary_path, model_config, mesh_shape, dcn_mesh_shape, logical_axis_rules: as
+      for training.
     input_path: the inputs (INFER_INPUT); '-' reads stdin.
     output_path: the JSONL to write ('-': stdout); None =
       MODEL_DIR/infer/<input name>.<task>.jsonl.
@@ -630,7 +632,7 @@ def infer(
     else ([], [])
   )
 
-  mesh = parallel.make_mesh(mesh_shape, devices)
+  mesh = parallel.make_mesh(mesh_shape, devices, dcn_mesh_shape)
   rules = tuple(logical_axis_rules)
   path, what = _checkpoint_path(model_dir, checkpoint_path, checkpoint_step)
   model, params, shardings = params_lib.load_trained(

@@ -87,7 +87,7 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument(
     "command",
     choices=sorted(COMMANDS),
-    help="train | eval | infer | compile (the macros each requires: below)",
+    help="train | eval | infer | compile | export (the macros each requires: below)",
   )
   p.add_argument(
     "--gin_file", action="append", default=[], help="a gin file (repeatable)"
@@ -476,7 +476,6 @@ def _exit_now(status: int) -> None:
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
   argv = sys.argv[1:] if argv is None else argv
-  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
   try:
     status = run(argv)
   except UserError as e:

@@ -69,6 +69,10 @@ def is_hf_dir(path: str) -> bool:
   return os.path.isdir(path) and os.path.isfile(os.path.join(path, CONFIG))
 
 
+# config.json keys that define the architecture and have no default in transformers' T5.
+REQUIRED_KEYS = ("vocab_size", "d_model", "num_heads", "d_kv", "d_ff", "num_layers")
+
+
 def read_config(path: str, what: str) -> dict:
   """config.json of the directory ``path``, checked to be a T5 this mtx runs."""
   file = os.path.join(path, CONFIG)
@@ -83,6 +87,12 @@ def read_config(path: str, what: str) -> dict:
       f"{what} {path} is a {arch} (model_type {config.get('model_type')!r}), which mtx "
       f"cannot load; it loads {', '.join(ARCHITECTURES)} (model_type t5 or mt5: T5 "
       "v1.0 and v1.1, Flan-T5, mT5, ByT5)."
+    )
+  missing = [k for k in REQUIRED_KEYS if k not in config]
+  if missing:
+    raise UserError(
+      f"{what} {path}: {CONFIG} lacks {', '.join(missing)}; use the config.json that "
+      "came with the weights."
     )
   proj = config.get("feed_forward_proj", "relu")
   if proj not in ACTIVATIONS:
@@ -398,22 +408,34 @@ def export(
   tensors = {}
   for name, (hf_name, kind) in name_map(config).items():
     tensors[hf_name] = np.ascontiguousarray(to_hf(np.asarray(params[name]), kind))
-  os.makedirs(out_dir, exist_ok=True)
-  written = []
-  blob = safetensors.numpy.save(tensors, metadata={"format": "pt"})
-  for file, content in (
-    (WEIGHTS, blob),
+  # Everything is read before the first write, so a bad input writes nothing.
+  files = [
+    (WEIGHTS, safetensors.numpy.save(tensors, metadata={"format": "pt"})),
     (
       CONFIG,
       json.dumps(hf_config(config, dropout_rate), indent=2, sort_keys=True) + "\n",
     ),
-  ):
+  ]
+  if spiece_path:
+    try:
+      with open(spiece_path, "rb") as f:
+        files.append((SPIECE, f.read()))
+    except OSError as e:
+      raise UserError(
+        f"The vocabulary {spiece_path} cannot be read ({e.strerror}); export needs it "
+        "to write spiece.model."
+      ) from e
+  try:
+    os.makedirs(out_dir, exist_ok=True)
+  except OSError as e:
+    raise UserError(
+      f"EXPORT_DIR {out_dir} cannot be created ({e.strerror}); choose a writable "
+      "directory."
+    ) from e
+  written = []
+  for file, content in files:
     metrics_writer.write_atomically(os.path.join(out_dir, file), content)
     written.append(os.path.join(out_dir, file))
-  if spiece_path:
-    with open(spiece_path, "rb") as f:
-      metrics_writer.write_atomically(os.path.join(out_dir, SPIECE), f.read())
-    written.append(os.path.join(out_dir, SPIECE))
   return written
 
 

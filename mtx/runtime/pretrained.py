@@ -32,22 +32,6 @@ from mtx.errors import UserError
 from mtx.model import T5Config
 from mtx.runtime import checkpoint, hf, t5x
 
-# T5Config fields that describe the architecture (a checkpoint defines them); the others
-# (dropout_rate, dtype, remat_policy, scan_layers) stay gin's.
-ARCHITECTURE_FIELDS = (
-  "vocab_size",
-  "emb_dim",
-  "num_heads",
-  "head_dim",
-  "mlp_dim",
-  "num_encoder_layers",
-  "num_decoder_layers",
-  "relative_attention_num_buckets",
-  "relative_attention_max_distance",
-  "mlp_activations",
-  "logits_via_embedding",
-)
-
 
 class Reader(Protocol):
   """A checkpoint's params, by mtx's unscanned names, read lazily.
@@ -81,11 +65,13 @@ def open_reader(path: str, what: str) -> Optional[Reader]:
     UserError: ``path`` is none of the formats (names them), or a damaged one.
   """
   path = os.fspath(path)
-  if hf.is_hf_dir(path):
-    return hf.HfReader(path, what)
   if t5x.is_t5x_checkpoint(path):
     return t5x.open_t5x(path, what)
-  if os.path.isdir(path) and not _is_mtx_checkpoint(path):
+  if os.path.isdir(path) and is_mtx_checkpoint(path):
+    return None  # an mtx run wins, even over a Hugging Face export put inside it
+  if hf.is_hf_dir(path):
+    return hf.HfReader(path, what)
+  if os.path.isdir(path):
     raise UserError(
       f"{what} {path} is neither an mtx checkpoint (a MODEL_DIR or step directory), "
       "nor a Hugging Face model directory (config.json and model.safetensors), nor a "
@@ -104,7 +90,7 @@ def is_pretrained(path: Optional[str], what: str) -> bool:
   return reader is not None
 
 
-def _is_mtx_checkpoint(path: str) -> bool:
+def is_mtx_checkpoint(path: str) -> bool:
   """A MODEL_DIR (numbered step dirs), a step dir, or a step's state dir."""
   entries = os.listdir(path)
   markers = ("state", "config.gin", "metrics.jsonl", "_METADATA", "_CHECKPOINT_METADATA")
