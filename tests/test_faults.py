@@ -167,7 +167,12 @@ def _fail_checkpoint_step(monkeypatch, step):
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 @pytest.mark.parametrize(
-  "what", ["metrics", pytest.param("checkpoint", marks=pytest.mark.slow)]
+  "what",
+  # Both run with the slow tests (default suite time), as does the read-only case below.
+  [
+    pytest.param("metrics", marks=pytest.mark.slow),
+    pytest.param("checkpoint", marks=pytest.mark.slow),
+  ],
 )
 def test_disk_full_mid_run_is_one_sentence_and_keeps_the_checkpoint(
   tmp_path, monkeypatch, what
