@@ -24,36 +24,21 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 import tiny_mixture  # noqa: F401  (registers the 'tiny' mixture)
-from loop_helpers import TINY, loop_train
+from loop_helpers import loop_train, tiny_train
 
 from mtx import mtl
 from mtx.cli import main as cli
 from mtx.errors import UserError
 from mtx.runtime import checkpoint, metrics_writer
 from mtx.runtime import lock as lock_lib
-from mtx.train import loop, optim
+from mtx.train import loop
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(TESTS)
 
 
 def _train(model_dir, steps, **kw):
-  kw.setdefault("log_period", 1)
-  kw.setdefault("checkpoint_period", 0)
-  return loop_train(
-    model_dir=str(model_dir),
-    mixture_or_task_name="tiny",
-    task_feature_lengths={"inputs": 16, "targets": 16},
-    train_steps=steps,
-    batch_size=8,
-    model_config=TINY,
-    optimizer_fn=lambda learning_rate: optim.make_optimizer("adamw", learning_rate),
-    learning_rate=1e-3,
-    devices=jax.devices()[:1],
-    print_param_table=False,
-    tensorboard=False,
-    **kw,
-  )
+  return tiny_train(model_dir, steps, devices=jax.devices()[:1], **kw)
 
 
 def _saved_state(model_dir, step):

@@ -12,32 +12,18 @@ import jax
 import numpy as np
 import pytest
 import tiny_mixture  # noqa: F401  (registers the 'tiny' mixture)
-from loop_helpers import TINY, loop_train
+from loop_helpers import tiny_train
 
 from mtx import tf_logs
 from mtx.runtime import metrics_writer, model_info, progress
-from mtx.train import loop, optim
+from mtx.train import loop
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(TESTS)
 
 
 def _train(model_dir, steps, log_period, **kw):
-  return loop_train(
-    model_dir=str(model_dir),
-    mixture_or_task_name="tiny",
-    task_feature_lengths={"inputs": 16, "targets": 16},
-    train_steps=steps,
-    batch_size=8,
-    model_config=TINY,
-    optimizer_fn=lambda learning_rate: optim.make_optimizer("adamw", learning_rate),
-    learning_rate=1e-3,
-    log_period=log_period,
-    checkpoint_period=0,
-    print_param_table=False,
-    tensorboard=False,
-    **kw,
-  )
+  return tiny_train(model_dir, steps, log_period=log_period, **kw)
 
 
 def _progress_lines(caplog):
