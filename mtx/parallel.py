@@ -41,11 +41,14 @@ DEFAULT_RULES = (
   ("activation_embed", None),
   ("activation_heads", "tensor"),
   ("activation_kv", None),
+  ("activation_kv_heads", "tensor"),
   ("activation_mlp", "tensor"),
   ("activation_vocab", "tensor"),
   ("vocab", "tensor"),
   ("embed", "fsdp"),
   ("heads", "tensor"),
+  # Llama's grouped-query key/value heads (fewer than "heads"), split like them.
+  ("kv_heads", "tensor"),
   ("kv", None),
   ("mlp", "tensor"),
   ("relpos_buckets", None),
@@ -74,9 +77,14 @@ def rules_within_unit(rules: Sequence) -> tuple:
 def unit_stack_sharding(param_sharding: NamedSharding) -> NamedSharding:
   """The sharding of a per-unit stack [units, *param]: the param's, the unit axis over
   ``UNIT_AXES`` (unsharded if the param already uses one of them)."""
-  used = {a for part in param_sharding.spec if part for a in _axes_of(part)}
+  return NamedSharding(param_sharding.mesh, unit_stack_spec(param_sharding.spec))
+
+
+def unit_stack_spec(param_spec: P) -> P:
+  """``unit_stack_sharding``'s PartitionSpec for a param's."""
+  used = {a for part in param_spec if part for a in _axes_of(part)}
   lead = None if used & set(UNIT_AXES) else UNIT_AXES
-  return NamedSharding(param_sharding.mesh, P(lead, *param_sharding.spec))
+  return P(lead, *param_spec)
 
 
 def group_stack_sharding(param_sharding: NamedSharding) -> NamedSharding:
@@ -89,14 +97,20 @@ def group_stack_sharding(param_sharding: NamedSharding) -> NamedSharding:
   Gram matrix is then a sum of local dots (k x k all-reduced), and the combined
   gradient is all-gathered over data once, into the params' own sharding.
   """
-  spec = list(param_sharding.spec)
+  return NamedSharding(param_sharding.mesh, group_stack_spec(param_sharding.spec))
+
+
+def group_stack_spec(param_spec: P) -> P:
+  """``group_stack_sharding``'s PartitionSpec for a param's: [None, *param_spec] with
+  the dimension sharded over "fsdp" split over ``UNIT_AXES`` too."""
+  spec = list(param_spec)
   used = {a for part in spec if part for a in _axes_of(part)}
   extra = tuple(a for a in UNIT_AXES if a not in used)
   for i, part in enumerate(spec):
     if part and "fsdp" in _axes_of(part) and extra:
       spec[i] = _axes_of(part) + extra
       break
-  return NamedSharding(param_sharding.mesh, P(None, *spec))
+  return P(None, *spec)
 
 
 def group_split_sharding(param_sharding: NamedSharding) -> NamedSharding:

@@ -68,18 +68,26 @@ class _QuietTensorFlowFinder(importlib.abc.MetaPathFinder):
     del path, target
     if fullname != "tensorflow":
       return None
-    sys.meta_path.remove(self)  # once; and so that find_spec below finds the real one
-    spec = importlib.util.find_spec(fullname)
+    # The real spec, looked up without this finder. The finder stays until TF is
+    # loaded: a probe such as etils.epath's ``find_spec("tensorflow")`` (is TF
+    # installed?) is not the import, which must still be filtered.
+    index = sys.meta_path.index(self)
+    sys.meta_path.remove(self)
+    try:
+      spec = importlib.util.find_spec(fullname)
+    finally:
+      sys.meta_path.insert(index, self)
     if spec is not None and spec.loader is not None:
-      spec.loader = _QuietLoader(spec.loader)
+      spec.loader = _QuietLoader(spec.loader, self)
     return spec
 
 
 class _QuietLoader(importlib.abc.Loader):
   """Delegates to TF's own loader; runs the module with fd 2 caught and filtered."""
 
-  def __init__(self, loader):
+  def __init__(self, loader, finder):
     self._loader = loader
+    self._finder = finder
 
   def __getattr__(self, name):  # get_resource_reader, is_package, ...
     return getattr(self._loader, name)
@@ -88,6 +96,8 @@ class _QuietLoader(importlib.abc.Loader):
     return self._loader.create_module(spec)
 
   def exec_module(self, module):
+    if self._finder in sys.meta_path:
+      sys.meta_path.remove(self._finder)  # TF loads once: the finder's work is done
     with filtered_stderr():
       self._loader.exec_module(module)
 

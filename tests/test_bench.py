@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from mtx import parallel
+from mtx.model import LlamaConfig
 from mtx.train import flops as flops_lib
 from mtx.train import step as step_lib
 
@@ -74,6 +75,8 @@ def test_smoke_every_variant(bench, tmp_path, capsys):
   xla = {v: r["xla_flops"] for v, r in row["variants"].items()}
   assert xla["pcgrad_vmap"] / xla["plain"] < 1.25  # + Gram, combination, diagnostics
   assert xla["pcgrad_naive"] / xla["plain"] > 1.4
+  # The Gramian route: two forward and backward passes (Gram, then weighted), ~2x.
+  assert 1.6 < xla["pcgrad_gramian"] / xla["plain"] < 2.4
 
 
 def test_analytic_flops_match_xla(bench):
@@ -181,3 +184,53 @@ def test_analytic_flops_formula():
   fwd = flops_lib.t5_forward_flops(c, 16, 32, 16)
   assert fwd["total"] == pytest.approx(0.6837e9, rel=1e-3)
   assert flops_lib.t5_train_step_flops(c, 32, 32, 16) == pytest.approx(6 * fwd["total"])
+
+
+def test_perf_metrics_divide_model_flops_by_time_devices_and_the_peak():
+  assert flops_lib.peak_tflops("NVIDIA H200") == 989.0
+  assert flops_lib.peak_tflops("TPU v5 lite") == 197.0
+  assert flops_lib.peak_tflops("cpu") is None
+  assert flops_lib.peak_tflops("cpu", 2.0) == 2.0
+  out = flops_lib.perf_metrics(8e12, 2.0, 4, 10.0)
+  assert out == {"perf/tflops_per_device": 1.0, "perf/mfu": 0.1}
+  assert "perf/mfu" not in flops_lib.perf_metrics(8e12, 2.0, 4, None)
+
+
+def test_llama_flops_equal_a_hand_count():
+  """llama_forward_flops' worked example, counted term by term (E 32, H 4 of width 8
+  sharing K 2 key/value heads, M 64, 2 layers, V 256; 2 rows of 10 tokens)."""
+  config = LlamaConfig(
+    vocab_size=256,
+    emb_dim=32,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=8,
+    mlp_dim=64,
+    num_layers=2,
+  )
+  q, kv, out, mlp = 32 * 32, 2 * 32 * 16, 32 * 32, 3 * 32 * 64  # multiply-adds / token
+  attention, logits = 2 * 10 * 32, 32 * 256  # scores + values over the row; logits
+  per_token = 2 * (2 * (q + kv + out + mlp + attention) + logits)
+  assert per_token == 55_808
+  got = flops_lib.llama_forward_flops(config, batch_size=2, length=10)
+  assert got["total"] == 20 * per_token == 1_116_160
+  assert got["attention"] == 2 * 2 * 20 * attention
+  # A decoder-only row is inputs + targets long: 4 + 6 here.
+  assert flops_lib.train_step_flops(config, 2, 4, 6) == 3 * 1_116_160
+
+
+def test_analytic_flops_of_a_llama_match_xla(bench):
+  """The decoder-only count agrees with XLA's on tools/bench.py's llama_tiny step."""
+  mesh = parallel.make_mesh(None, jax.devices()[:1])
+  config = bench.model_config("llama_tiny", vocab_size=256)
+  assert isinstance(config, LlamaConfig)
+  setup = bench.make_setup(
+    bench.step_settings(config, "adafactor"), mesh, (32, 16), num_tasks=2, batch_size=16
+  )
+  assert setup.batch_np["decoder_input_tokens"].shape[-1] == 48  # prefix-LM rows
+  build = bench.build_step(setup.data, setup.settings, mesh, "plain")
+  lowered, _, _, _ = bench.lower_variant(setup, build)
+  cost = lowered.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  analytic = flops_lib.train_step_flops(config, 16, 32, 16)
+  assert 0.95 < cost["flops"] / analytic < 1.15

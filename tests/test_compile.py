@@ -43,11 +43,13 @@ def test_tiny_step_compiles_on_a_mesh_and_does_not_fit_a_tiny_device(
       "--gin.COMPILE_NUM_DEVICES=8",
       MESH,
       "--gin.COMPILE_DEVICE_MEMORY_GIB=0.0001",
+      # 'auto' would take the Gramian route: the stacks exceed a quarter of 0.1 MiB.
+      "--gin.train.task_grads_route='stacks'",
     ]
   )
   out, err = capsys.readouterr()
   assert "8 devices (mesh data=2, fsdp=2, tensor=2)" in out
-  assert "per-task gradients over 2 groups" in out
+  assert "per-task route 'stacks' over 2 groups" in out
   for row in (
     "parameters",
     "optimizer state",
@@ -170,3 +172,28 @@ def test_base_model_compiles_without_allocating_its_parameters():
   # Python, TensorFlow and JAX take ~0.9 GiB; had the state been allocated, the peak
   # would be above that plus state_gib.
   assert 0 < peak / 2**30 < state_gib, (peak, out)
+
+
+@pytest.mark.slow  # four compiles of the tiny step on 8 devices
+def test_compare_routes_prints_plain_stacks_and_gramian(clean_gin, capsys, monkeypatch):
+  """COMPILE_COMPARE_ROUTES: the run's route and the memory of the other two steps;
+  the Gramian route holds no per-task gradient stacks."""
+  monkeypatch.syspath_prepend(TESTS)
+  status = cli.run(
+    [
+      "compile",
+      "--gin_file=tests/tiny.gin",
+      "--gin_file=runs/compile.gin",
+      "--gin_file=mtl/pcgrad.gin",
+      "--gin.COMPILE_NUM_DEVICES=8",
+      MESH,
+      "--gin.COMPILE_COMPARE_ROUTES=True",
+      "--gin.train.task_grads_route='gramian'",
+    ]
+  )
+  out = capsys.readouterr().out
+  assert status == 0
+  assert "per-task route 'gramian' over 2 groups" in out
+  assert "per-task gradients (0 x params / data)" in out
+  for route in ("gramian (this run)", "plain (sum of losses)", "stacks"):
+    assert f"  route {route}: " in out and "per device" in out, route

@@ -5,16 +5,19 @@ import json
 import math
 import os
 import re
+import uuid
 
 import gin
 import pytest
 import seqio
 import tiny_mixture  # noqa: F401  (registers the 'tiny' mixture)
 
+from mtx import paths
 from mtx.cli import infer as infer_lib
 from mtx.cli import main as cli
 from mtx.errors import UserError
 from mtx.runtime import lock as lock_lib
+from mtx.runtime import metrics_writer
 
 TINY_GIN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tiny.gin")
 
@@ -345,3 +348,43 @@ def test_glue_inputs_as_source_fields_or_as_text():
   assert short == [tokens[0][:5] + [1]]
   with pytest.raises(UserError, match="no field 'sentence2'"):
     infer_lib.preprocess(task, [{"sentence1": "x", "label": -1}], "task", 64, 8)
+
+
+def test_infer_and_eval_read_and_write_a_remote_filesystem(trained, capsys):
+  """INFER_INPUT, INFER_OUTPUT and an eval's MODEL_DIR on a fake remote (fsspec's
+  memory://, no network) go through mtx.paths: the predictions, eval/step_N.json,
+  metrics.jsonl and inference_eval/ land there, whole."""
+  remote = f"memory://bucket-{uuid.uuid4().hex[:8]}"
+  paths.write_atomically(f"{remote}/in.txt", "abc\nhg\n")
+  assert (
+    _cli(
+      *_infer_args(
+        trained,
+        "--gin.INFER_TASK='tiny_copy'",
+        f"--gin.INFER_INPUT='{remote}/in.txt'",
+        f"--gin.INFER_OUTPUT='{remote}/out/predictions.jsonl'",
+      )
+    )
+    == 0
+  )
+  rows = [
+    json.loads(x)
+    for x in paths.read_text(f"{remote}/out/predictions.jsonl").split("\n")
+    if x
+  ]
+  assert [r["inputs"] for r in rows] == ["abc", "hg"]
+  run = f"{remote}/eval-run"
+  code = _cli(
+    "eval",
+    f"--gin_file={TINY_GIN}",
+    "--gin_file=runs/eval.gin",
+    f"--gin.MODEL_DIR='{run}'",
+    f"--gin.EVAL_CHECKPOINT_PATH='{trained}'",
+    "--gin.EVAL_MAX_EXAMPLES=8",
+    "--gin.EVAL_BATCH_SIZE=8",
+    "--gin_bindings=evaluate.tensorboard = False",
+  )
+  assert code == 0, capsys.readouterr().err
+  assert paths.listdir(run) == ["eval", "inference_eval", "metrics.jsonl"]
+  assert json.loads(paths.read_text(f"{run}/eval/step_2.json"))["step"] == 2
+  assert [r["step"] for r in metrics_writer.read_metrics(run)] == [2]

@@ -102,10 +102,13 @@ def test_the_bar_advances_every_step_and_clears_for_a_log_line():
 
 
 def test_tensorflow_start_up_notices_are_not_printed():
+  """Also after a probe for TF that is not its import (etils.epath's, through
+  mtx.paths, asks ``find_spec("tensorflow")``)."""
   env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
   env["PYTHONPATH"] = REPO
   code = (
-    "import mtx.data.materialize, mtx.runtime.metrics_writer, sys;"
+    "import sys, mtx.paths; mtx.paths.exists('/');"
+    "import mtx.data.materialize, mtx.runtime.metrics_writer;"
     "import tensorflow as tf; tf.constant(1);"
     "print('kept', file=sys.stderr)"
   )
@@ -202,3 +205,12 @@ def test_model_info_summarizes_parameters_bytes_and_shardings(tmp_path):
   assert text[0] == line[len("Model: ") : line.index("; table")]
   assert any(row.startswith("mlp/wi") and "('fsdp', 'tensor')" in row for row in text)
   assert text[-1] == "total parameters: 6,176"
+
+
+def test_model_info_counts_no_array_sharded_over_axes_of_size_one(tmp_path):
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape(1, 1), ("fsdp", "tensor"))
+  params = {"dense": {"kernel": jax.ShapeDtypeStruct((64, 32), np.float32)}}
+  spec = jax.sharding.PartitionSpec("fsdp", "tensor")
+  shardings = {"dense": {"kernel": jax.sharding.NamedSharding(mesh, spec)}}
+  line = model_info.summary(params, shardings)
+  assert line.endswith("8.0 KiB per device; 0 of 1 arrays sharded")

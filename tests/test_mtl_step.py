@@ -41,6 +41,7 @@ def _train(model_dir, devices, mesh_shape=None, transforms=(), steps=4, **kw):
   return [r for r in metrics_writer.read_metrics(str(model_dir)) if "loss" in r]
 
 
+@pytest.mark.slow  # default-suite time; TAG and the weights are logged in CI's slow step
 def test_aggregator_weights_and_tag_affinity_are_logged(tmp_path):
   rows = _train(
     tmp_path / "run",

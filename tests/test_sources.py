@@ -156,9 +156,24 @@ def test_missing_file_and_empty_glob(tmp_path):
   assert pattern in msg and "matches no file" in msg and "validation" in msg
 
 
-def test_remote_paths_are_refused():
-  msg = _error(lambda: sources.textline_source({"train": "gs://bucket/data.txt"}))
-  assert "gs://bucket/data.txt" in msg and "remote" in msg
+def test_data_files_on_a_remote_filesystem_are_read_like_local_ones(tmp_path):
+  from mtx import paths
+
+  paths.write_atomically("memory://srcs/a-0.tsv", "x\ty\n")
+  paths.write_atomically("memory://srcs/a-1.tsv", "u\tv\nw\tz\n")
+  _write(tmp_path / "a-0.tsv", "x\ty\n")
+  _write(tmp_path / "a-1.tsv", "u\tv\nw\tz\n")
+  remote = sources.tsv_source({"train": "memory://srcs/a-*.tsv"})
+  local = sources.tsv_source({"train": str(tmp_path / "a-*.tsv")})
+  assert remote.list_shards("train") == ["memory://srcs/a-0.tsv", "memory://srcs/a-1.tsv"]
+  assert remote.num_input_examples("train") == local.num_input_examples("train") == 3
+  read = lambda src: [
+    {k: v.decode() for k, v in ex.items()}
+    for ex in src.get_dataset("train", shuffle=False).as_numpy_iterator()
+  ]
+  assert read(remote) == read(local)
+  msg = _error(lambda: sources.textline_source({"train": "nofs://bucket/data.txt"}))
+  assert "nofs://" in msg and "no filesystem" in msg
 
 
 def test_empty_split_and_unknown_split(tmp_path):

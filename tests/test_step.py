@@ -136,7 +136,7 @@ def assert_trees_close(got, want, rtol=RTOL):
 
 @pytest.mark.parametrize(
   "group_of_task",
-  [(0, 0, 1), (0, 1, 2)],
+  [pytest.param((0, 0, 1), marks=pytest.mark.slow), (0, 1, 2)],  # suite time
   ids=["two_groups_of_three_tasks", "three_groups_one_absent"],
 )
 def test_group_gradients_equal_per_group_grad_of_mean_loss(tiny, group_of_task):

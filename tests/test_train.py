@@ -62,10 +62,10 @@ def _final_params(model_dir):
   return jax.tree.map(np.asarray, tree["params"])
 
 
-# The sum variant runs with the slow tests (suite time); PCGrad covers the sharded route.
-@pytest.mark.parametrize(
-  "method", [pytest.param("sum", marks=pytest.mark.slow), "pcgrad"]
-)
+# Both run with the slow tests (default-suite time); test_step's PCGrad step on a
+# (data, fsdp, tensor) mesh checks the sharded route in the default suite.
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["sum", "pcgrad"])
 def test_sharded_mesh_matches_one_device(tmp_path, method):
   assert len(jax.devices()) == 8, "conftest sets 8 fake CPU devices"
   transforms = (mtl.pcgrad(),) if method == "pcgrad" else ()
@@ -119,8 +119,11 @@ def test_per_task_losses_are_reported_and_fall(tmp_path):
     "learning_rate",
     "timing/step_s",
     "timing/tokens_per_s",
+    "perf/tflops_per_device",
   ):
     assert key in rows[-1], key
+  assert rows[-1]["perf/tflops_per_device"] > 0
+  assert "perf/mfu" not in rows[-1]  # a CPU has no peak in flops.PEAK_TFLOPS
   assert rows[-1]["loss/tiny_copy"] < 0.8 * rows[0]["loss/tiny_copy"]
   assert result.step == 30
 
@@ -189,6 +192,7 @@ def _logged_steps(model_dir):
   return len(metrics_writer.read_metrics(str(model_dir)))
 
 
+@pytest.mark.slow  # default-suite time; test_faults checks SIGINT in the default suite
 def test_sigterm_saves_and_exits_zero(tmp_path):
   env = dict(os.environ, PYTHONPATH=TESTS)
   model_dir = tmp_path / "term"
@@ -759,6 +763,7 @@ def test_paths_are_made_absolute_where_settings_are_built(tmp_path, monkeypatch)
   assert EvalOptions(baseline_dir="base").baseline_dir == str(tmp_path / "base")
 
 
+@pytest.mark.slow  # default-suite time (the test above checks the paths fast)
 def test_a_relative_model_dir_checkpoints_and_resumes_through_tilde(
   tmp_path, monkeypatch, capsys, caplog
 ):
@@ -786,7 +791,7 @@ def test_a_relative_model_dir_checkpoints_and_resumes_through_tilde(
 
 # ---- every mtl method trains from its gin file, inside the jitted step -------------------
 MTL_FILES = sorted(f[:-4] for f in os.listdir(os.path.join(REPO, "gin_configs", "mtl")))
-FAST_MTL = {"pcgrad", "uncertainty", "famo"}
+FAST_MTL = {"pcgrad", "uncertainty"}  # the rest run with the slow tests (suite time)
 
 
 @pytest.mark.parametrize(
@@ -794,20 +799,35 @@ FAST_MTL = {"pcgrad", "uncertainty", "famo"}
   [pytest.param(m, marks=() if m in FAST_MTL else pytest.mark.slow) for m in MTL_FILES],
 )
 def test_mtl_gin_file_trains(tmp_path, method):
+  _check_mtl_gin_file_trains(tmp_path, "tests/tiny.gin", method)
+
+
+@pytest.mark.slow  # ~20 s a method on 2 cores (a compilation each), 6 min in all
+@pytest.mark.parametrize("method", MTL_FILES + ["tag"])
+def test_mtl_gin_file_and_tag_train_a_decoder_only_model(tmp_path, method):
+  """Every mtl method (and TAG affinity) trains a Llama as it trains a T5: the
+  decoder-only batch keeps task identity through the per-task route."""
+  _check_mtl_gin_file_trains(tmp_path, "tests/llama.gin", method)
+
+
+def _check_mtl_gin_file_trains(tmp_path, model_gin: str, method: str) -> None:
+  """Three steps of ``model_gin`` with ``mtl/<method>.gin`` (``tag``: the sum with TAG
+  affinity every step): finite losses, and the method's own metrics logged."""
   import gin
 
   from mtx.cli import main as cli
 
   gin.clear_config()
-  extra = (
-    ["--gin.mtl.static_weights.weights=[1.0, 0.5]"] if method == "static_weights" else []
-  )
+  extra = {
+    "static_weights": ["--gin.mtl.static_weights.weights=[1.0, 0.5]"],
+    "tag": ["--gin.train.tag_affinity_period=1"],
+  }.get(method, [])
   try:
     code = cli.run(
       [
         "train",
-        "--gin_file=tests/tiny.gin",
-        f"--gin_file=mtl/{method}.gin",
+        f"--gin_file={model_gin}",
+        f"--gin_file=mtl/{'sum' if method == 'tag' else method}.gin",
         f"--gin.MODEL_DIR='{tmp_path}'",
         "--gin.TRAIN_STEPS=3",
         "--gin.CHECKPOINT_PERIOD=0",
@@ -819,10 +839,27 @@ def test_mtl_gin_file_trains(tmp_path, method):
   assert code == 0
   rows = metrics_writer.read_metrics(str(tmp_path))
   assert len(rows) == 3 and all(np.isfinite(r["loss"]) for r in rows)
-  if method not in ("sum", "mean", "static_weights", "uncertainty", "dwa", "rlw", "famo"):
+  assert all(np.isfinite(r["loss/tiny_copy"]) for r in rows)
+  # The model's FLOPs are counted (perf/ from the second logged step: timed steps).
+  perf = [r["perf/tflops_per_device"] for r in rows if "perf/tflops_per_device" in r]
+  assert perf and all(p > 0 for p in perf)
+  if method == "tag":
+    assert all(np.isfinite(r[f"tag/{a}/{b}"]) for r in rows for a, b in _TAG_PAIRS)
+  elif method not in (
+    "sum",
+    "mean",
+    "static_weights",
+    "uncertainty",
+    "dwa",
+    "rlw",
+    "famo",
+  ):
     assert "grad_cos/tiny_copy/tiny_rev" in rows[-1] and "conflict_frac" in rows[-1]
   else:
     assert "mtl/weight/tiny_copy" in rows[-1]
+
+
+_TAG_PAIRS = (("tiny_copy", "tiny_rev"), ("tiny_rev", "tiny_copy"))
 
 
 # The sum variant runs with the slow tests (suite time).

@@ -58,9 +58,9 @@ def test_non_sentencepiece_file_is_refused(tmp_path):
     vocab.get_vocabulary(str(path))
 
 
-def test_remote_path_is_refused():
-  with pytest.raises(UserError, match="gs://bucket/spiece.model is remote"):
-    vocab.get_vocabulary("gs://bucket/spiece.model")
+def test_a_vocabulary_on_a_filesystem_seqio_cannot_read_is_refused():
+  with pytest.raises(UserError, match="memory://bucket/spiece.model is on memory://"):
+    vocab.get_vocabulary("memory://bucket/spiece.model")
 
 
 def test_train_vocab_tool_is_deterministic(tmp_path):

@@ -63,7 +63,10 @@ def _fields(cls) -> frozenset:
 
 
 def compile_train(
-  num_devices: int = 0, device_memory_gib: float = 0.0, num_processes: int = 1
+  num_devices: int = 0,
+  device_memory_gib: float = 0.0,
+  num_processes: int = 1,
+  compare_routes: bool = False,
 ) -> compile_lib.CompileReport:
   """``mtx compile`` (gin_configs/runs/compile.gin).
 
@@ -74,6 +77,9 @@ def compile_train(
       skips the fit check.
     num_processes: processes of the target run (hosts), which default UNITS must be a
       multiple of (COMPILE_NUM_PROCESSES).
+    compare_routes: for a per-task method, also compile the plain step and both
+      per-task routes ('stacks', 'gramian'; ``train.task_grads_route``) and print the
+      memory of each (COMPILE_COMPARE_ROUTES).
   """
   compile_lib.use_fake_devices(num_devices)
   data_names = _fields(settings_lib.DataSettings)
@@ -93,7 +99,39 @@ def compile_train(
     **{k: v for k, v in bindings.items() if k in step_names}
   )
   registry.import_modules(data.mixture_or_task_module, data.vocabulary_path)
+  memory = int(device_memory_gib * compile_lib.GIB) or None
+  shards = data.data_shards or num_processes
   build = build_lib.build_train_step(
-    data, settings, num_shards=data.data_shards or num_processes
+    data, settings, num_shards=shards, device_memory=memory
   )
-  return compile_lib.compile_step(build, device_memory_gib)
+  report = compile_lib.compile_step(build, device_memory_gib)
+  if compare_routes and build.task_grads:
+    report.routes = _other_routes(data, settings, shards, memory, build, report.total)
+  return report
+
+
+def _other_routes(data, settings, shards, memory, build, total) -> dict:
+  """``CompileReport.routes``: the total bytes per device of this run's route
+  (``total``), of the plain step (the same run summing the task losses) and of the
+  other per-task route."""
+  route = build.step_config.task_grads_route
+  out = {f"{route} (this run)": (total, "")}
+  variants = {
+    "plain (sum of losses)": dataclasses.replace(
+      settings, mtl_transforms=(), tag_affinity_period=0
+    ),
+    "stacks": dataclasses.replace(settings, task_grads_route="stacks"),
+    "gramian": dataclasses.replace(settings, task_grads_route="gramian"),
+  }
+  for name, variant in variants.items():
+    if name == route:
+      continue
+    try:
+      other = build_lib.build_train_step(
+        data, variant, num_shards=shards, device_memory=memory, mesh=build.mesh
+      )
+    except UserError as e:
+      out[name] = (None, f"not applicable ({e})")
+      continue
+    out[name] = (compile_lib.compile_step(other).total, "")
+  return out

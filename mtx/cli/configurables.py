@@ -9,6 +9,7 @@ Names as gin files use them:
   mtl.*                   multi-task methods (gin_configs/mtl/*.gin), e.g.
                           ``train.mtl_transforms = [@mtl.uncertainty_weighting, @mtl.pcgrad]``
   eval.EvalOptions.*      evaluation (gin_configs/runs/eval.gin)
+  decoder_only.PrefixLM.*  a decoder-only model's rows (runs/train.gin; train, eval, infer)
   evaluate.*, infer.*, compile_train.*, export.*  the other commands
                           (runs/{eval,infer,compile,export}.gin)
 Each command of the CLI (``mtx.cli.main.COMMANDS``) calls one configurable registered here.
@@ -21,19 +22,22 @@ from mtx.cli import compile as compile_command
 from mtx.cli import evaluate as eval_command
 from mtx.cli import export as export_command
 from mtx.cli import infer as infer_command
+from mtx.data import decoder_only
 from mtx.eval.evaluator import EvalOptions
-from mtx.model import T5Config
+from mtx.model import LlamaConfig, T5Config
 from mtx.train import optim
 from mtx.train.settings import TrainConfig
 
 gin.external_configurable(TrainConfig, name="train")
 gin.external_configurable(T5Config, name="T5Config", module="model")
+gin.external_configurable(LlamaConfig, name="LlamaConfig", module="model")
 gin.external_configurable(optim.make_optimizer, name="make_optimizer", module="optim")
 gin.external_configurable(optim.learning_rate_fn, name="learning_rate_fn", module="optim")
 for _name, _fn in sorted(mtl.METHODS.items()):
   gin.external_configurable(_fn, name=_name, module="mtl")
 gin.external_configurable(mtl.masked, name="masked", module="mtl")
 gin.external_configurable(EvalOptions, name="EvalOptions", module="eval")
+gin.external_configurable(decoder_only.PrefixLM, name="PrefixLM", module="decoder_only")
 gin.external_configurable(eval_command.evaluate, name="evaluate")
 gin.external_configurable(compile_command.compile_train, name="compile_train")
 gin.external_configurable(infer_command.infer, name="infer")
@@ -44,11 +48,13 @@ gin.external_configurable(export_command.export, name="export")
 NAMES = (
   "train",
   "model.T5Config",
+  "model.LlamaConfig",
   "optim.make_optimizer",
   "optim.learning_rate_fn",
   *(f"mtl.{name}" for name in sorted(mtl.METHODS)),
   "mtl.masked",
   "eval.EvalOptions",
+  "decoder_only.PrefixLM",
   "evaluate",
   "compile_train",
   "infer",

@@ -20,8 +20,8 @@ from typing import Mapping, Optional, Sequence
 import jax
 
 from mtx import parallel, paths
+from mtx.data import decoder_only, registry
 from mtx.data import pipeline as data_pipeline
-from mtx.data import registry
 from mtx.errors import UserError
 from mtx.eval import results
 from mtx.eval.evaluator import EvalOptions, Evaluator
@@ -58,7 +58,7 @@ def find_checkpoint_step(model_dir: str, step: Optional[int] = None) -> int:
   Raises:
     UserError: no finished checkpoint (or not that step) in ``model_dir``.
   """
-  path = model_dir if step is None else os.path.join(model_dir, str(int(step)))
+  path = model_dir if step is None else paths.join(model_dir, str(int(step)))
   what = "MODEL_DIR" if step is None else "EVAL_CHECKPOINT_STEP"
   state_dir = checkpoint.find_state_dir(path, what)
   return int(state_dir.parent.name)
@@ -67,14 +67,20 @@ def find_checkpoint_step(model_dir: str, step: Optional[int] = None) -> int:
 def _check_results_dir(model_dir: str, checkpoint_path: Optional[str]) -> None:
   """Another checkpoint's results must not land among a training run's own (its
   eval/step_N.json and metrics.jsonl)."""
-  if not checkpoint_path or checkpoint_path == model_dir or not os.path.isdir(model_dir):
+  if not checkpoint_path or checkpoint_path == model_dir or not paths.isdir(model_dir):
     return
-  if any(e.isdigit() for e in os.listdir(model_dir)):
+  if any(e.isdigit() for e in paths.listdir(model_dir)):
     raise UserError(
       f"EVAL_CHECKPOINT_PATH {checkpoint_path} would write its results into MODEL_DIR "
       f"{model_dir}, which holds checkpoints of its own run; set MODEL_DIR to another "
       "directory for these results."
     )
+
+
+def _check_paths(checkpoint_path: Optional[str], model_dir: str) -> None:
+  """A bucket that cannot be read or written fails now, in one sentence."""
+  paths.check_reachable("EVAL_CHECKPOINT_PATH", checkpoint_path)
+  paths.check_reachable("MODEL_DIR", model_dir, write=True)
 
 
 def evaluate(
@@ -86,6 +92,7 @@ def evaluate(
   vocabulary_path: Optional[str] = None,
   model_config: T5Config = T5Config(),
   options: EvalOptions = EvalOptions(),
+  prefix_lm: decoder_only.PrefixLM = decoder_only.PrefixLM(),
   checkpoint_step: Optional[int] = None,
   checkpoint_path: Optional[str] = None,
   initial_checkpoint_path: Optional[str] = None,
@@ -108,6 +115,8 @@ def evaluate(
       vocabulary_path, model_config, mesh_shape, dcn_mesh_shape, logical_axis_rules: as
       for training.
     options: what and how to evaluate (``EvalOptions``).
+    prefix_lm: a decoder-only model's rows and prompts, as for training
+      (``train.prefix_lm``); unused by T5.
     checkpoint_step: the step to evaluate; None = the newest finished checkpoint.
     checkpoint_path: evaluate this checkpoint instead of MODEL_DIR's (results still go
       to MODEL_DIR): another MODEL_DIR, or a Hugging Face model directory (step 0; its
@@ -119,8 +128,11 @@ def evaluate(
     devices: the devices of the mesh (default all).
     predictor: a stand-in for ``mtx.infer.predict.Predictor`` (tests).
   """
+  # long: the command's steps in order (resolve the run, find the checkpoint, load it,
+  # evaluate, write), each a call; the formatter's one argument per line makes it long.
   model_dir, vocabulary_path = paths.absolute(model_dir), paths.absolute(vocabulary_path)
   checkpoint_path = paths.absolute(checkpoint_path)
+  _check_paths(checkpoint_path, model_dir)
   model_config, vocabulary_path = pretrained.resolve_run(
     checkpoint_path,
     paths.absolute(initial_checkpoint_path),
@@ -139,7 +151,7 @@ def evaluate(
     step, params_path = 0, checkpoint_path
   else:
     step = find_checkpoint_step(source, checkpoint_step)
-    params_path = os.path.join(source, str(step))
+    params_path = paths.join(source, str(step))
   mesh = parallel.make_mesh(mesh_shape, devices, dcn_mesh_shape)
   rules = tuple(logical_axis_rules)
   model, params, shardings = params_lib.load_trained(
@@ -162,6 +174,7 @@ def evaluate(
     options,
     predictor=predictor,
     model_dir=model_dir,
+    prefix_lm=prefix_lm,
   )
   try:
     result = evaluator.evaluate(params, step)

@@ -14,7 +14,6 @@ the same tensors, bit for bit.
 
 import dataclasses
 import logging
-import os
 import re
 import time
 from typing import Optional, Sequence
@@ -42,7 +41,7 @@ class ExportResult:
   seconds: float
 
   def __str__(self) -> str:
-    names = ", ".join(os.path.basename(f) for f in self.files)
+    names = ", ".join(paths.basename(f) for f in self.files)
     return f"Exported {names} to {self.directory}."
 
 
@@ -77,13 +76,13 @@ def _vocab_size(
 
 def _check_export_dir(export_dir: str, source: Optional[str]) -> None:
   """Refuses an EXPORT_DIR that would hide a checkpoint or is not a directory."""
-  if os.path.exists(export_dir) and not os.path.isdir(export_dir):
+  if paths.exists(export_dir) and not paths.isdir(export_dir):
     raise UserError(
       f"EXPORT_DIR {export_dir} is a file; set it to a directory (new or a previous "
       "export)."
     )
   if export_dir == source or (
-    os.path.isdir(export_dir) and pretrained.is_mtx_checkpoint(export_dir)
+    paths.isdir(export_dir) and pretrained.is_mtx_checkpoint(export_dir)
   ):
     raise UserError(
       f"EXPORT_DIR {export_dir} holds an mtx run; a Hugging Face directory there would "
@@ -127,6 +126,7 @@ def export(
       "EXPORT_DIR is not set; set it to the directory to write, e.g. "
       "--gin.EXPORT_DIR=\"'/tmp/my-t5'\"."
     )
+  paths.check_reachable("EXPORT_DIR", export_dir, write=True)
   source = checkpoint_path or model_dir
   what = "EXPORT_CHECKPOINT_PATH" if checkpoint_path else "MODEL_DIR"
   _check_export_dir(export_dir, source)
@@ -136,7 +136,7 @@ def export(
     source, initial_checkpoint_path, model_config, vocabulary_path, what
   )
   if checkpoint_step is not None and not pretrained.is_pretrained(source, what):
-    source = os.path.join(source, str(int(checkpoint_step)))
+    source = paths.join(source, str(int(checkpoint_step)))
   size = _vocab_size(
     model_config, vocabulary_path, mixture_or_task_name, mixture_or_task_module
   )

@@ -21,6 +21,7 @@ from typing import Iterable, Optional, Sequence
 import gin
 from gin import config_parser
 
+from mtx import paths
 from mtx.errors import UserError, close_names
 
 MANIFEST = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configurables.json")
@@ -55,8 +56,8 @@ def _manifest() -> dict:
 
 def _find(filename: str, search_paths: Sequence[str]) -> Optional[str]:
   for prefix in [""] + list(search_paths):
-    path = os.path.join(prefix, filename)
-    if os.path.isfile(path):
+    path = paths.join(prefix, filename) if prefix else filename
+    if paths.isfile(path):
       return path
   return None
 
@@ -70,9 +71,9 @@ def _statements(source, where: str, search_paths: Sequence[str], seen: set) -> l
       out.append((where, statement))
     elif isinstance(statement, config_parser.IncludeStatement):
       path = _find(statement.filename, search_paths)
-      if path and os.path.abspath(path) not in seen:
-        seen.add(os.path.abspath(path))
-        with open(path, encoding="utf-8") as f:
+      if path and paths.absolute(path) not in seen:
+        seen.add(paths.absolute(path))
+        with paths.open_file(path, "r") as f:
           out += _statements(f, f"Gin file {path}", search_paths, seen)
   return out
 
@@ -104,8 +105,8 @@ def check(
   for f in gin_files:
     path = _find(f, search_paths)
     if path:
-      seen.add(os.path.abspath(path))
-      with open(path, encoding="utf-8") as fh:
+      seen.add(paths.absolute(path))
+      with paths.open_file(path, "r") as fh:
         found += _statements(fh, f"Gin file {f}", search_paths, seen)
   for name, value in flag_bindings:
     found += _statements(f"{name} = {value}", f"--gin.{name}={value}", search_paths, seen)

@@ -42,14 +42,14 @@ import seqio
 import tensorflow as tf
 
 from mtx import parallel, paths
+from mtx.data import chat_template, decoder_only, registry
 from mtx.data import pipeline as data_pipeline
-from mtx.data import registry
 from mtx.errors import UserError, check_int, close_names
 from mtx.infer import decoding
 from mtx.infer.predict import Predictor
-from mtx.model import T5Config
-from mtx.runtime import metrics_writer, pretrained
+from mtx.model import LlamaConfig, T5Config
 from mtx.runtime import params as params_lib
+from mtx.runtime import pretrained
 from mtx.runtime import progress as progress_lib
 
 log = logging.getLogger("mtx")
@@ -104,12 +104,12 @@ def read_records(
     text = (stdin if stdin is not None else sys.stdin).read()
     where = "stdin"
   else:
-    if os.path.isdir(path):
+    if paths.isdir(path):
       raise UserError(
         f"INFER_INPUT {path} is a directory; point it at a text or JSONL file of "
         "inputs (or '-' for stdin)."
       )
-    if not os.path.isfile(path):
+    if not paths.isfile(path):
       raise UserError(
         f"INFER_INPUT {path} does not exist; point it at a text or JSONL "
         "file of inputs (or '-' for stdin)."
@@ -149,8 +149,7 @@ def read_records(
 
 def _read_utf8(path: str) -> str:
   """The file's text; a UserError naming the first line that is not UTF-8."""
-  with open(path, "rb") as f:
-    data = f.read()
+  data = paths.read_bytes(path)
   try:
     return data.decode("utf-8")
   except UnicodeDecodeError as e:
@@ -161,16 +160,23 @@ def _read_utf8(path: str) -> str:
     ) from e
 
 
+def _same_path(a: str, b: str) -> bool:
+  """Whether two paths name one file (symlinks resolved locally; URLs compared)."""
+  if paths.is_remote(a) or paths.is_remote(b):
+    return a.rstrip("/") == b.rstrip("/")
+  return os.path.realpath(a) == os.path.realpath(b)
+
+
 def check_output_path(output_path: str, input_path: str) -> None:
   """Refuses an INFER_OUTPUT that is a directory or the input itself."""
   if output_path == "-":
     return
-  if os.path.isdir(output_path):
+  if paths.isdir(output_path):
     raise UserError(
       f"INFER_OUTPUT {output_path} is a directory; name a file in it, e.g. "
-      f"{os.path.join(output_path, 'predictions.jsonl')} (or '-' for stdout)."
+      f"{paths.join(output_path, 'predictions.jsonl')} (or '-' for stdout)."
     )
-  if input_path != "-" and os.path.realpath(output_path) == os.path.realpath(input_path):
+  if input_path != "-" and _same_path(output_path, input_path):
     raise UserError(
       f"INFER_OUTPUT {output_path} is INFER_INPUT too, which the predictions would "
       "overwrite; choose another output file."
@@ -406,13 +412,14 @@ def write_jsonl(
     stream.flush()
     return
   try:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    paths.makedirs(paths.dirname(paths.absolute(path)))
   except OSError as e:
     raise UserError(
       f"INFER_OUTPUT {path} cannot be written ({e.strerror}); choose a writable path."
     ) from e
-  # Temp file, fsync, rename; a failed write is one sentence (WriteError, a UserError).
-  metrics_writer.write_atomically(path, text)
+  # Temp file, fsync, rename (one upload on object stores); a failed write is one
+  # sentence (WriteError, a UserError).
+  paths.write_atomically(path, text)
 
 
 class _InputsProgress(progress_lib.Progress):
@@ -467,10 +474,8 @@ def _find_task(
 
 
 def _default_output(model_dir: str, input_path: str, task_name: str) -> str:
-  stem = (
-    "stdin" if input_path == "-" else os.path.splitext(os.path.basename(input_path))[0]
-  )
-  return os.path.join(model_dir, "infer", f"{stem}.{task_name}.jsonl")
+  stem = "stdin" if input_path == "-" else os.path.splitext(paths.basename(input_path))[0]
+  return paths.join(model_dir, "infer", f"{stem}.{task_name}.jsonl")
 
 
 def _checkpoint_path(
@@ -480,7 +485,7 @@ def _checkpoint_path(
   path = checkpoint_path or model_dir
   what = "INFER_CHECKPOINT_PATH" if checkpoint_path else "MODEL_DIR"
   if checkpoint_step is not None:
-    path = os.path.join(path, str(int(checkpoint_step)))
+    path = paths.join(path, str(int(checkpoint_step)))
     what = f"INFER_CHECKPOINT_STEP {checkpoint_step} in {what}"
   return path, what
 
@@ -496,6 +501,16 @@ def _predict(predictor: Predictor, params, tokens: list, show_progress) -> tuple
     bar.close()
 
 
+def _chat_template(
+  model_config, prefix_lm: decoder_only.PrefixLM, feature: seqio.Feature
+) -> Optional[chat_template.TokenTemplate]:
+  """The prompts' chat template (``decoder_only.PrefixLM.chat_template``, a decoder-only
+  model only), or None."""
+  if isinstance(model_config, LlamaConfig) and prefix_lm.chat_template:
+    return chat_template.TokenTemplate.for_vocabulary(feature.vocabulary)
+  return None
+
+
 def infer(
   *,
   model_dir: str,
@@ -509,6 +524,7 @@ def infer(
   mixture_or_task_module: Optional[str] = None,
   vocabulary_path: Optional[str] = None,
   model_config: T5Config = T5Config(),
+  prefix_lm: decoder_only.PrefixLM = decoder_only.PrefixLM(),
   checkpoint_path: Optional[str] = None,
   checkpoint_step: Optional[int] = None,
   initial_checkpoint_path: Optional[str] = None,
@@ -539,6 +555,8 @@ def infer(
     mixture_or_task_name, task_feature_lengths, mixture_or_task_module,
       vocabulary_path, model_config, mesh_shape, dcn_mesh_shape, logical_axis_rules: as
       for training.
+    prefix_lm: a decoder-only model's prompts, as for training (``train.prefix_lm``:
+      start token, prompt attention); unused by T5.
     input_path: the inputs (INFER_INPUT); '-' reads stdin.
     output_path: the JSONL to write ('-': stdout); None =
       MODEL_DIR/infer/<input name>.<task>.jsonl.
@@ -581,6 +599,11 @@ def infer(
       "INFER_INPUT is not set; set it to a text or JSONL file of inputs "
       "(or '-' for stdin), e.g. --gin.INFER_INPUT=\"'inputs.txt'\"."
     )
+  if input_path != "-":
+    paths.check_reachable("INFER_INPUT", input_path)
+  if output_path and output_path != "-":
+    paths.check_reachable("INFER_OUTPUT", paths.dirname(output_path), write=True)
+  paths.check_reachable("INFER_CHECKPOINT_PATH", checkpoint_path or model_dir)
   for name, value, minimum in (
     ("INFER_BATCH_SIZE", batch_size, 1),
     ("INFER_NUM_BEAMS", num_beams, 1),
@@ -632,6 +655,10 @@ def infer(
     else ([], [])
   )
 
+  chat = _chat_template(model_config, prefix_lm, task.output_features["targets"])
+  if chat is not None:
+    tokens = [chat.prompt(t, inputs_length) for t in tokens]
+
   mesh = parallel.make_mesh(mesh_shape, devices, dcn_mesh_shape)
   rules = tuple(logical_axis_rules)
   path, what = _checkpoint_path(model_dir, checkpoint_path, checkpoint_step)
@@ -660,8 +687,12 @@ def infer(
     decode=decode,
     eos_id=vocabulary.eos_id,
     vocab_size=vocabulary.vocab_size,
+    start_id=prefix_lm.for_vocabulary(vocabulary).start_id,
+    prefix_lm=prefix_lm.bidirectional_inputs,
   )
   ids, scores = _predict(predictor, params, tokens, show_progress)
+  if chat is not None:  # the end of the assistant's turn is no answer
+    ids = [[chat.strip(y) for y in x] if num_return > 1 else chat.strip(x) for x in ids]
   predictions = [
     [_text(vocabulary.decode(y)) for y in x]
     if num_return > 1

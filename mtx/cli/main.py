@@ -26,6 +26,7 @@ from typing import Optional, Sequence
 import gin
 
 import gin_configs
+from mtx import paths as paths_lib
 from mtx.cli import gin_check
 from mtx.errors import UserError, close_names
 
@@ -196,7 +197,22 @@ def parse_gin(
 _SEARCH_PATHS_ADDED = []  # gin keeps its search paths for the process: add each once
 
 
+def _read_gin_urls() -> None:
+  """Lets gin read ``--gin_file=gs://...`` (and its includes) through ``mtx.paths``,
+  as T5X lets it through gfile; local files keep gin's own reader."""
+  if not _URL_READER_ADDED:
+    gin.config.register_file_reader(
+      lambda path: paths_lib.open_file(path, "r"),
+      lambda path: paths_lib.is_remote(path) and paths_lib.isfile(path),
+    )
+    _URL_READER_ADDED.append(True)
+
+
+_URL_READER_ADDED = []  # gin keeps its file readers for the process: add ours once
+
+
 def _add_search_paths(search_paths: Sequence[str]) -> list:
+  _read_gin_urls()
   paths = list(dict.fromkeys(search_paths))
   for path in paths:
     if path not in _SEARCH_PATHS_ADDED:
@@ -232,7 +248,10 @@ def _parse_files(
       "gin_configs/runs/train.gin."
     )
   for f in gin_files:
-    if not any(os.path.isfile(os.path.join(p, f)) for p in [""] + list(search_paths)):
+    if not any(
+      paths_lib.isfile(paths_lib.join(p, f)) if p else paths_lib.isfile(f)
+      for p in [""] + list(search_paths)
+    ):
       raise UserError(
         f"Gin file {f} was not found here or in the search paths "
         f"{list(search_paths)}{close_names(f, _gin_files_known(search_paths))}; check "
@@ -474,8 +493,21 @@ def _exit_now(status: int) -> None:
   os._exit(status)
 
 
+def import_from_working_directory() -> None:
+  """Puts the working directory first on ``sys.path``, as ``python -m`` does.
+
+  A console script's ``sys.path`` starts with the script's own directory (the venv's
+  ``bin/``), not the working directory, so ``MIXTURE_OR_TASK_MODULE='my_tasks'`` would
+  not find ``./my_tasks.py``; with this it does, as the README's example runs it.
+  """
+  cwd = os.getcwd()
+  if cwd not in sys.path and "" not in sys.path:
+    sys.path.insert(0, cwd)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> None:
   argv = sys.argv[1:] if argv is None else argv
+  import_from_working_directory()
   try:
     status = run(argv)
   except UserError as e:

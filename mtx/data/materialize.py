@@ -24,7 +24,7 @@ import numpy as np
 import seqio
 import tensorflow as tf
 
-from mtx import tf_logs
+from mtx import paths, tf_logs
 from mtx.errors import UserError
 
 # The input pipeline must never take an accelerator from JAX (and TF's CUDA probing on
@@ -133,12 +133,13 @@ def _trim(seqs: Ragged, max_len: int, eos_id: Optional[int]) -> tuple:
   return Ragged(tokens, offsets), over
 
 
-def source_files(task: seqio.Task, split: str) -> list:
-  """The files of a file-based seqio source's split ([] for other sources)."""
+def source_files(task: seqio.Task, split: str, limit: Optional[int] = 100) -> list:
+  """The files of a seqio ``FileDataSource``'s split, sorted ([] for other sources).
+  ``limit`` caps the list (enough to name a file); None lists them all."""
   if not isinstance(task.source, seqio.FileDataSource):
     return []
   try:
-    return sorted(task.source.list_shards(split))[:100]
+    return sorted(task.source.list_shards(split))[:limit]
   except Exception:  # pylint: disable=broad-except  # only to name a file
     return []
 
@@ -146,8 +147,11 @@ def source_files(task: seqio.Task, split: str) -> list:
 def _lines(path: str, limit: int = 100_000):
   """(line number, text) of a text file's first ``limit`` lines ([] if unreadable)."""
   try:
-    with open(path, encoding="utf-8", errors="replace") as f:
-      return [(i, line.rstrip("\n")) for i, line in zip(range(1, limit + 1), f)]
+    with paths.open_file(path, "rb") as f:
+      return [
+        (i, line.decode("utf-8", errors="replace").rstrip("\n"))
+        for i, line in zip(range(1, limit + 1), f)
+      ]
   except OSError:
     return []
 
@@ -188,7 +192,7 @@ def warn_header_lines(task: seqio.Task, split: str) -> None:
     )
 
 
-def _read_error(task: seqio.Task, split: str, error: Exception) -> UserError:
+def read_error(task: seqio.Task, split: str, error: Exception) -> UserError:
   """A TensorFlow error while running a task's preprocessors, in one sentence naming
   the task and its file (and the line without a tab, for TSV-like files)."""
   text = " ".join(str(error).split())
@@ -246,7 +250,7 @@ def read_task(
     try:
       data = _read(_dataset(task, split, dict(feature_lengths), shard_info))
     except tf.errors.OpError as e2:
-      raise _read_error(task, split, e2) from e2
+      raise read_error(task, split, e2) from e2
     num_truncated = -1
   keep = data["targets"].lengths() > 0  # An empty target teaches nothing; skip it.
   if not keep.all():

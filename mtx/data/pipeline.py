@@ -36,6 +36,13 @@ start of ``s * units/S`` units (computed by a dry run of its scheduler), so that
 shards stand at successive points of the group sequence instead of all choosing the
 same group in the same step: the global batch holds the mixture's groups even when
 each shard builds fewer units than there are groups.
+
+**Streamed tasks.** A task too big for memory is read by a ``streaming.TaskReader``
+instead of ``materialize.read_task`` (``StreamOptions`` choose which; one mixture may
+hold both kinds). The scheduler, packing and task ids are the same; a reader serves
+the cursors in order and its own position (a few ints and a tf.data iterator
+checkpoint) joins the shard's cursors in ``get_state``, so resume stays exact and
+reads nothing before the saved position.
 """
 
 import dataclasses
@@ -43,8 +50,9 @@ import logging
 from typing import Callable, Mapping, Optional, Sequence
 
 import numpy as np
+import seqio
 
-from mtx.data import materialize, mixing, packing, registry
+from mtx.data import materialize, mixing, packing, registry, streaming
 from mtx.errors import UserError
 
 
@@ -179,26 +187,42 @@ class _Shard:
   def __init__(
     self,
     index: int,
-    examples: Sequence[materialize.TaskExamples],
+    examples: Sequence,
     rates: np.ndarray,
     group_of_task: Sequence[int],
     seed: int,
+    example_fn: Optional[Callable] = None,
   ):
     self.index = index
-    self.examples = list(examples)
+    self.examples = list(examples)  # materialize.TaskExamples or streaming.TaskReader
+    self._example_fn = example_fn  # (inputs, targets) -> (inputs, targets), or None
     self.scheduler = _StaggeredScheduler(rates, group_of_task)
     self.streams = [
-      mixing.TaskStream(ex.name, len(ex), seed, index) for ex in self.examples
+      None if _streamed(ex) else mixing.TaskStream(ex.name, len(ex), seed, index)
+      for ex in self.examples
     ]
+
+  def readers(self) -> list:
+    """The streamed tasks' readers of this shard."""
+    return [ex for ex in self.examples if _streamed(ex)]
+
+  def example(self, t: int, cursor: int) -> tuple:
+    """(inputs, targets) of task ``t`` at stream position ``cursor``, through the
+    pipeline's ``example_fn``."""
+    ex = self.examples[t]
+    if self.streams[t] is None:
+      pair = ex.example(cursor)
+    else:
+      i = self.streams[t].index(cursor)
+      pair = ex.inputs.get(i), ex.targets.get(i)
+    return pair if self._example_fn is None else self._example_fn(*pair)
 
   def fill(self, packer: packing.UnitPacker, group: Optional[int]) -> None:
     """Adds examples (of ``group``, or any task) until the next one does not fit."""
     sched = self.scheduler
     while True:
       t = sched.next_task(group)
-      ex = self.examples[t]
-      i = self.streams[t].index(int(sched.cursors[t]))
-      if not packer.try_add(t, ex.inputs.get(i), ex.targets.get(i)):
+      if not packer.try_add(t, *self.example(t, int(sched.cursors[t]))):
         return
       sched.cursors[t] += 1
 
@@ -220,6 +244,7 @@ class _Shard:
   def dry_run(self, units: int, layout: Layout) -> np.ndarray:
     """Examples per task that choosing ``units`` units consumes (state restored)."""
     saved = self.scheduler.cursors.copy()
+    positions = [r.state() for r in self.readers()]
     scratch = packing.empty_rows(
       layout.rows_per_unit, layout.inputs_length, layout.targets_length
     )
@@ -228,6 +253,8 @@ class _Shard:
       self.units(scratch, np.zeros([1], np.int32), layout)
     consumed = self.scheduler.cursors - saved
     self.scheduler.cursors = saved
+    for reader, position in zip(self.readers(), positions):
+      reader.restore(position)
     return consumed
 
 
@@ -245,6 +272,9 @@ class Pipeline:
     process_index, process_count: with a plain list of examples, its shard index and
       the number of shards.
     num_shards: the number of shards when ``examples`` is a mapping.
+    example_fn: ``(inputs, targets) -> (inputs, targets)`` applied to every example
+      before packing, within the feature lengths (a chat template,
+      ``mtx.data.chat_template``); None = the examples as read.
   """
 
   def __init__(
@@ -258,6 +288,7 @@ class Pipeline:
     process_count: int = 1,
     *,
     num_shards: Optional[int] = None,
+    example_fn: Optional[Callable] = None,
   ):
     if not isinstance(examples, Mapping):
       examples, num_shards = {process_index: examples}, process_count
@@ -268,7 +299,7 @@ class Pipeline:
     self.num_shards = num_shards
     self.rates = np.asarray(rates)
     self.shards = [
-      _Shard(i, examples[i], self.rates, spec.group_of_task, seed)
+      _Shard(i, examples[i], self.rates, spec.group_of_task, seed, example_fn)
       for i in sorted(examples)
     ]
     if len(self.shards) == 1:
@@ -310,6 +341,7 @@ class Pipeline:
         str(s.index): {
           "cursors": {n: int(c) for n, c in zip(names, s.scheduler.cursors)},
           "examples": {n: len(ex) for n, ex in zip(names, s.examples)},
+          "streams": {r.name: r.state() for r in s.readers()},
         }
         for s in self.shards
       },
@@ -339,8 +371,11 @@ class Pipeline:
       str(s.index) in shards for s in self.shards
     ):
       for s in self.shards:
-        saved = shards[str(s.index)]["cursors"]
-        s.scheduler.cursors = np.array([int(saved[n]) for n in names], np.int64)
+        saved = shards[str(s.index)]
+        s.scheduler.cursors = np.array(
+          [int(saved["cursors"][n]) for n in names], np.int64
+        )
+        _restore_readers(s, saved.get("streams", {}))
       return
     if len(shards) != state["num_shards"]:
       logging.warning(
@@ -366,6 +401,7 @@ class Pipeline:
       s.scheduler.cursors = totals // self.num_shards + (
         s.index < totals % self.num_shards
       )
+      _restore_readers(s, {})
 
   def epochs(self) -> dict:
     """Completed passes over each task's data (this process's shards), as a float."""
@@ -413,6 +449,34 @@ class Pipeline:
     return out
 
 
+def _streamed(example_source) -> bool:
+  return isinstance(example_source, streaming.TaskReader)
+
+
+def _restore_readers(shard: _Shard, saved: Mapping) -> None:
+  """Puts the shard's readers at their saved positions; a reader without one (the
+  task did not stream, or the shards changed) starts its epoch order afresh at the
+  shard's cursor."""
+  for t, ex in enumerate(shard.examples):
+    if not _streamed(ex):
+      continue
+    cursor = int(shard.scheduler.cursors[t])
+    # A reader stands at the scheduler's cursor (the example it peeked did not fit)
+    # or one before it (its last example fitted and another task's did not).
+    if ex.name in saved and cursor - 1 <= int(saved[ex.name]["cursor"]) <= cursor:
+      ex.restore(saved[ex.name])
+      continue
+    if cursor:
+      logging.warning(
+        "Task %s streams and the checkpoint holds no stream position for it in "
+        "shard %d: its reading order restarts (same cursor and epoch count, not "
+        "the same examples).",
+        ex.name,
+        shard.index,
+      )
+    ex.restore(ex.start_state(cursor))
+
+
 def merge_states(states: Sequence[Mapping]) -> dict:
   """One data position from every process's ``get_state`` (shards united).
 
@@ -429,6 +493,30 @@ def merge_states(states: Sequence[Mapping]) -> dict:
       num_shards = len(states)
     batches = max(batches, int(st.get("batches", 0)))
   return {"batches": batches, "num_shards": num_shards or 1, "shards": merged}
+
+
+def _streamed_counts(
+  spec: registry.MixtureSpec, split: str, stream: streaming.StreamOptions, rate_fn: str
+) -> dict:
+  """``{name: example count or None}`` of the tasks that stream; rates from example
+  counts need every streamed task's count (never read)."""
+  if stream.cache_dirs:  # before asking tasks for their cache
+    seqio.add_global_cache_dirs(list(stream.cache_dirs))
+  streaming.check_patterns(spec.task_names, stream)
+  streamed = {
+    t.name: streaming.example_count(t, split, stream.use_cached)
+    for t in spec.tasks
+    if streaming.should_stream(t, split, stream)
+  }
+  unknown = sorted(n for n, c in streamed.items() if c is None)
+  if unknown and rate_fn in ("examples_proportional", "temperature"):
+    raise UserError(
+      f"Task(s) {', '.join(unknown)} stream and their example counts are unknown, "
+      f"which rate_fn '{rate_fn}' needs; cache them (seqio_cache_tasks writes the "
+      "counts), give their source num_input_examples, or set train.rate_fn = "
+      "'mixture' with explicit rates."
+    )
+  return streamed
 
 
 def _global_counts(
@@ -458,6 +546,8 @@ def load(
   process_count: int = 1,
   num_shards: Optional[int] = None,
   allgather: Optional[Callable] = None,
+  stream: Optional[streaming.StreamOptions] = None,
+  example_fn: Optional[Callable] = None,
 ) -> Pipeline:
   """Resolves ``name``, reads this process's shards of every task, returns a Pipeline.
 
@@ -468,6 +558,9 @@ def load(
     num_shards: data shards (a multiple of ``process_count``; default one per process).
     allgather: with several processes, ``multihost_utils.process_allgather`` (called
       once by every process): rates then use every shard's example counts.
+    stream: which tasks stream (``streaming.StreamOptions``); None = the defaults
+      (tasks whose files exceed 1 GiB).
+    example_fn: see ``Pipeline``.
   Other arguments: see ``mixing.compute_rates`` and ``materialize.read_task``.
   """
   lengths = check_feature_lengths(feature_lengths)
@@ -480,19 +573,41 @@ def load(
   num_shards = process_count if num_shards is None else num_shards
   check_layout(layout, num_shards)  # before the (slow) read, not only in Pipeline
   spec = registry.resolve(name, task_groups)
+  stream = streaming.StreamOptions() if stream is None else stream
+  streamed = _streamed_counts(spec, split, stream, rate_fn)
   examples = {
-    s: [materialize.read_task(t, split, lengths, s, num_shards) for t in spec.tasks]
+    s: [
+      streaming.TaskReader(
+        t, split, lengths, s, num_shards, seed, stream, streamed[t.name]
+      )
+      if t.name in streamed
+      else materialize.read_task(t, split, lengths, s, num_shards)
+      for t in spec.tasks
+    ]
     for s in shard_ids
   }
-  local = np.sum([[len(e) for e in exs] for exs in examples.values()], axis=0)
+  local = np.sum(
+    [[0 if _streamed(e) else len(e) for e in exs] for exs in examples.values()],
+    axis=0,
+  )
   logging.info(
-    "Data shard(s) %s of %d read here: %s examples.",
+    "Data shard(s) %s of %d read here: %s examples; streamed: %s.",
     list(shard_ids),
     num_shards,
-    dict(zip(spec.task_names, local.tolist())),
+    {n: int(c) for n, c in zip(spec.task_names, local) if n not in streamed},
+    streamed or "none",
   )
   counts = _global_counts(local, process_index, allgather)
+  counts = np.array(
+    [
+      streamed.get(n) or 0 if n in streamed else c
+      for n, c in zip(spec.task_names, counts)
+    ],
+    np.int64,
+  )
   rates = mixing.compute_rates(
     rate_fn, spec.seqio_rates, counts, rate_maximum, rate_temperature
   )
-  return Pipeline(spec, examples, rates, layout, seed, num_shards=num_shards)
+  return Pipeline(
+    spec, examples, rates, layout, seed, num_shards=num_shards, example_fn=example_fn
+  )

@@ -1,10 +1,11 @@
-"""seqio DataSources over local TSV, JSON Lines and plain-text files, checked line by line.
+"""seqio DataSources over TSV, JSON Lines and plain-text files, checked line by line.
 
-The files are local, so each source reads a whole split into memory in Python the first
+The files are local or on any path ``mtx.paths`` reaches (``gs://...``); each source
+reads a whole split into memory in Python the first
 time the split is used (``num_input_examples`` or ``get_dataset``; call ``validate()`` to
 check every split at once). Every line is checked before a single example is handed to
 seqio, and each mistake becomes a ``UserError`` naming ``file:line``: a missing file or a
-glob with no match (checked on construction), a remote path, bytes that are not UTF-8, a
+glob with no match (checked on construction), bytes that are not UTF-8, a
 wrong number of TSV columns, a line that is not a JSON object or lacks a field, and a
 split with no examples. Blank lines are skipped in every format.
 
@@ -37,6 +38,7 @@ import numpy as np
 import seqio
 import tensorflow as tf
 
+from mtx import paths
 from mtx.errors import UserError, close_names
 
 FunctionDataSource = seqio.FunctionDataSource
@@ -51,26 +53,17 @@ def _resolve(split: str, patterns: FilePatterns) -> Tuple[str, ...]:
     patterns = [patterns]
   files = []
   for pattern in patterns:
-    pattern = os.fspath(pattern)
-    if "://" in pattern:
-      raise UserError(
-        f"File pattern {pattern} for split '{split}' is remote but mtx "
-        f"reads data only from local files; copy the data to a local "
-        f"directory and point the source there."
-      )
-    matches = sorted(
-      p for p in glob.glob(os.path.expanduser(pattern)) if os.path.isfile(p)
-    )
-    if not matches and os.path.isdir(pattern):
+    pattern = paths.absolute(os.fspath(pattern))
+    matches = paths.glob(pattern)
+    if not matches and paths.isdir(pattern):
       raise UserError(
         f"File pattern {pattern} for split '{split}' is a directory; name "
-        f"its files, e.g. {os.path.join(pattern, '*.tsv')}."
+        f"its files, e.g. {paths.join(pattern, '*.tsv')}."
       )
     if not matches:
       what = "matches no file" if glob.has_magic(pattern) else "does not exist"
       raise UserError(
-        f"File pattern {pattern} for split '{split}' {what}; check the "
-        f"path (relative paths start at {os.getcwd()})."
+        f"File pattern {pattern} for split '{split}' {what}; check the path."
       )
     files.extend(matches)
   if not files:
@@ -81,8 +74,7 @@ def _resolve(split: str, patterns: FilePatterns) -> Tuple[str, ...]:
 def _read_lines(path: str) -> List[Tuple[int, str]]:
   """Returns the (1-based line number, text) pairs of a file's non-blank lines."""
   try:
-    with open(path, "rb") as f:
-      data = f.read()
+    data = paths.read_bytes(path)
   except OSError as e:
     raise UserError(
       f"Data file {path} cannot be read ({e.strerror}); fix its "

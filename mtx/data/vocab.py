@@ -18,6 +18,8 @@ from typing import Iterator, Optional
 import sentencepiece as spm
 import seqio
 
+from mtx import paths
+from mtx.data import hf_tokenizer
 from mtx.errors import UserError
 
 DEFAULT_SPM_PATH = os.path.join(os.path.dirname(__file__), "assets", "mtx_demo.model")
@@ -53,28 +55,23 @@ def get_vocabulary(path: Optional[str] = None, extra_ids: int = 0) -> seqio.Voca
     A loaded ``seqio.SentencePieceVocabulary``.
 
   Raises:
-    UserError: the path is remote, missing, unreadable, not a SentencePiece model, or its
+    UserError: the path is on a filesystem seqio cannot read, missing, unreadable, not a SentencePiece model, or its
       pad/eos ids are not T5's 0 and 1.
   """
   if path is None:
     path = default_path()
-  path = os.fspath(path)
-  if os.path.isdir(path) and os.path.isfile(os.path.join(path, "config.json")):
+  path = paths.absolute(os.fspath(path))
+  if paths.isdir(path) and paths.isfile(paths.join(path, "config.json")):
     return _hf_vocabulary(path)
-  if "://" in path:
-    raise UserError(
-      f"Vocabulary path {path} is remote but mtx reads vocabularies only "
-      f"from local files; copy the model to a local path and pass that."
-    )
-  if not os.path.isfile(path):
+  _check_gfile_scheme(path)
+  if not paths.isfile(path):
     raise UserError(f"Vocabulary file {path} does not exist; {_FIX}.")
   if extra_ids < 0:
     raise UserError(
       f"extra_ids={extra_ids} for vocabulary {path} is negative; pass 0 or more."
     )
   try:
-    with open(path, "rb") as f:
-      proto = f.read()
+    proto = paths.read_bytes(path)
   except OSError as e:
     raise UserError(
       f"Vocabulary file {path} cannot be read ({e.strerror}); "
@@ -99,22 +96,62 @@ def get_vocabulary(path: Optional[str] = None, extra_ids: int = 0) -> seqio.Voca
 
 
 def _hf_vocabulary(directory: str) -> seqio.Vocabulary:
-  """A Hugging Face T5 directory's vocabulary: its spiece.model with T5's 100 extra ids
-  (T5, Flan-T5, mT5), or bytes when it has none and is a ByT5 (vocab_size 384)."""
-  spm = os.path.join(directory, "spiece.model")
-  if os.path.isfile(spm):
+  """A Hugging Face directory's vocabulary: a T5's spiece.model with T5's 100 extra ids
+  (T5, Flan-T5, mT5), bytes when it has none and is a ByT5 (vocab_size 384), or a Llama
+  family's tokenizer.model (SentencePiece, its own ids) or tokenizer.json."""
+  spm = paths.join(directory, "spiece.model")
+  if paths.isfile(spm):
     return get_vocabulary(spm, extra_ids=T5_EXTRA_IDS)
   try:
-    with open(os.path.join(directory, "config.json")) as f:
-      vocab_size = json.load(f).get("vocab_size")
+    config = json.loads(paths.read_text(paths.join(directory, "config.json")))
   except (OSError, ValueError):
-    vocab_size = None
-  if vocab_size == BYT5_VOCAB_SIZE:
+    config = {}
+  if paths.isfile(paths.join(directory, "tokenizer.model")):
+    return _llama_sentencepiece(paths.join(directory, "tokenizer.model"))
+  if paths.isfile(paths.join(directory, "tokenizer.json")):
+    return hf_tokenizer.TokenizersVocabulary(
+      paths.join(directory, "tokenizer.json"),
+      eos_id=_first_id(config.get("eos_token_id")),
+      bos_id=_first_id(config.get("bos_token_id")),
+    )
+  if config.get("vocab_size") == BYT5_VOCAB_SIZE:
     return seqio.ByteVocabulary(extra_ids=BYT5_VOCAB_SIZE - 259)  # 3 special + 256 bytes
   raise UserError(
-    f"Hugging Face directory {directory} has no spiece.model (and is not a ByT5); "
-    "copy the model's spiece.model there, or set VOCABULARY to it."
+    f"Hugging Face directory {directory} has no spiece.model, tokenizer.model or "
+    "tokenizer.json (and is not a ByT5); copy the model's tokenizer file there, or set "
+    "VOCABULARY to it."
   )
+
+
+def _first_id(value) -> Optional[int]:
+  """config.json's eos/bos_token_id: an int, a list of ints (the first counts) or null."""
+  if isinstance(value, list):
+    value = value[0] if value else None
+  return None if value is None else int(value)
+
+
+def _check_gfile_scheme(path: str) -> None:
+  if paths.scheme(path) not in (None, "gs"):
+    raise UserError(
+      f"Vocabulary path {path} is on {paths.scheme(path)}:// but seqio reads "
+      f"SentencePiece models with TensorFlow's gfile (local paths and gs:// only); "
+      f"copy the model to a local or gs:// path and pass that."
+    )
+
+
+def _llama_sentencepiece(path: str) -> seqio.Vocabulary:
+  """A Llama-family tokenizer.model: SentencePiece with the model's own special ids
+  (Llama 2: unk 0, bos 1, eos 2), so T5's pad/eos check does not apply."""
+  _check_gfile_scheme(path)
+  vocabulary = seqio.SentencePieceVocabulary(path)
+  try:
+    vocabulary.tokenizer  # pylint: disable=pointless-statement  # Loads the model now.
+  except Exception as e:  # pylint: disable=broad-except  # sentencepiece's own errors
+    raise UserError(
+      f"Vocabulary file {path} is not a SentencePiece model; use the tokenizer.model "
+      "that came with the checkpoint."
+    ) from e
+  return vocabulary
 
 
 def default_path() -> str:

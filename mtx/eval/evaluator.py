@@ -41,13 +41,14 @@ import numpy as np
 import seqio
 
 from mtx import parallel, paths
+from mtx.data import chat_template, decoder_only
 from mtx.data import pipeline as data_pipeline
 from mtx.errors import UserError, check_int
 from mtx.eval import predictions, results
 from mtx.eval.results import LOSS, NUM_EXAMPLES, EvalResult
 from mtx.infer import decoding
 from mtx.infer.predict import Predictor
-from mtx.model import losses
+from mtx.model import Llama, losses
 
 log = logging.getLogger("mtx")
 
@@ -177,24 +178,79 @@ def _used_lengths(all_arrays) -> dict:
   }
 
 
+def _decoder_only_options(model, prefix_lm, vocabulary) -> tuple:
+  """(``PrefixLM`` with its start token, the chat template or None): a decoder-only
+  model reads inputs + targets rows made as in training."""
+  prefix_lm = (prefix_lm or decoder_only.PrefixLM()).for_vocabulary(vocabulary)
+  chat = None
+  if isinstance(model, Llama) and prefix_lm.chat_template:
+    chat = chat_template.TokenTemplate.for_vocabulary(vocabulary)
+  return prefix_lm, chat
+
+
+def _chat_rows(
+  arrays: dict, chat: Optional[chat_template.TokenTemplate], lengths: Mapping[str, int]
+) -> dict:
+  """Unpacked rows with every example rendered by the chat template (as training
+  renders them, ``mtx.data.chat_template``); the rows as they are when ``chat`` is None.
+
+  Shapes: int32 [N, Li] inputs and [N, Lt] targets in and out (``lengths``).
+  """
+  if chat is None:
+    return arrays
+
+  def stack(rows, length):
+    out = np.zeros([len(rows), length], np.int32)
+    for i, row in enumerate(rows):
+      out[i, : len(row)] = row
+    return out
+
+  inputs = [
+    chat.prompt(_trim(r), lengths["inputs"]) for r in arrays["encoder_input_tokens"]
+  ]
+  targets = [
+    chat.answer(_trim(r), lengths["targets"]) for r in arrays["decoder_target_tokens"]
+  ]
+  out = dict(arrays)
+  out["encoder_input_tokens"] = stack(inputs, lengths["inputs"])
+  out["decoder_target_tokens"] = stack(targets, lengths["targets"])
+  out["decoder_input_tokens"] = np.pad(
+    out["decoder_target_tokens"][:, :-1], ((0, 0), (1, 0))
+  )
+  out["decoder_loss_weights"] = (out["decoder_target_tokens"] != 0).astype(np.int32)
+  return out
+
+
 def _trim(row: np.ndarray) -> list:
   """Token ids up to the last nonzero one (drops the feature converter's padding)."""
   nonzero = np.flatnonzero(row)
   return row[: nonzero[-1] + 1].tolist() if nonzero.size else []
 
 
+def _loss_features(model: nn.Module) -> tuple:
+  """The features ``make_loss_fn(model)`` reads."""
+  if isinstance(model, Llama):
+    return decoder_only.MODEL_FEATURES + ("decoder_target_tokens", "decoder_loss_weights")
+  return _MODEL_FEATURES
+
+
 def make_loss_fn(model: nn.Module):
   """``fn(params, batch) -> (loss_sum f32[], token_count f32[])``, teacher-forced.
 
   ``batch`` holds the unpacked model features, each int32 [B, L]: encoder_input_tokens,
-  decoder_input_tokens, decoder_target_tokens, decoder_loss_weights. Rows whose
-  weights are all 0 (batch padding) add nothing.
+  decoder_input_tokens, decoder_target_tokens, decoder_loss_weights; for a decoder-only
+  ``Llama``, ``mtx.data.decoder_only``'s features instead (``_loss_features``). Rows
+  whose weights are all 0 (batch padding) add nothing.
   """
 
   def fn(params, batch):
-    logits = model.apply(
-      {"params": params}, batch["encoder_input_tokens"], batch["decoder_input_tokens"]
-    )
+    if isinstance(model, Llama):
+      inputs = {k: batch[k] for k in decoder_only.MODEL_FEATURES}
+      logits = model.apply({"params": params}, **inputs)
+    else:
+      logits = model.apply(
+        {"params": params}, batch["encoder_input_tokens"], batch["decoder_input_tokens"]
+      )
     token_loss = losses.cross_entropy(logits, batch["decoder_target_tokens"])
     weights = batch["decoder_loss_weights"].astype(jnp.float32)
     # An all-padding row may give non-finite logits; 0 * NaN would still be NaN.
@@ -247,6 +303,8 @@ class Evaluator:
       the options.
     model_dir: the run's MODEL_DIR: predictions go to its ``inference_eval/`` unless
       ``options.output_dir`` says otherwise (None and no output_dir: not written).
+    prefix_lm: a decoder-only model's rows and prompts, as training made them
+      (``decoder_only.PrefixLM``); None = its defaults. Unused by T5.
   """
 
   def __init__(
@@ -261,6 +319,7 @@ class Evaluator:
     *,
     predictor: Any = None,
     model_dir: Optional[str] = None,
+    prefix_lm: Optional[decoder_only.PrefixLM] = None,
   ):
     self.options = options
     self._model, self._mesh, self._rules = model, mesh, tuple(rules)
@@ -293,9 +352,13 @@ class Evaluator:
     )
     scored = {t.name for t in self._seqio.eval_tasks}
     self._metric_tasks = tuple(n for n in self.task_names if n in scored)
+    vocabulary = tasks[0].output_features["targets"].vocabulary
+    self._prefix_lm, self._chat = _decoder_only_options(model, prefix_lm, vocabulary)
     # task -> its examples as unpacked model features, [N, L] arrays.
     self._arrays = {
-      t.name: self._read_examples(t, t.name in scored)
+      t.name: _chat_rows(
+        self._read_examples(t, t.name in scored), self._chat, self.lengths
+      )
       for t in tasks
       if t.name in self.task_names
     }
@@ -305,7 +368,6 @@ class Evaluator:
     for arrays in self._arrays.values():
       for k in _MODEL_FEATURES:
         arrays[k] = arrays[k][:, : self.shapes[_length_key(k)]]
-    vocabulary = tasks[0].output_features["targets"].vocabulary
     self._eos_id = vocabulary.eos_id
     self._predictor = predictor
     if self._predictor is None and self._metric_tasks:
@@ -314,7 +376,7 @@ class Evaluator:
     # Traced under the mesh and rules, so the model's activation constraints hold.
     self._loss_fn = jax.jit(
       parallel.traced_in_mesh(make_loss_fn(model), mesh, self._rules),
-      in_shardings=(param_shardings, {k: rows for k in _MODEL_FEATURES}),
+      in_shardings=(param_shardings, {k: rows for k in _loss_features(model)}),
     )
     log.info(
       "Eval data for %d tasks of '%s' (%s) read in %.1f s.",
@@ -350,6 +412,8 @@ class Evaluator:
       decode=o.decode,
       eos_id=self._eos_id,
       vocab_size=vocab_size,
+      start_id=self._prefix_lm.start_id,
+      prefix_lm=self._prefix_lm.bidirectional_inputs,
     )
 
   def num_examples(self, task_name: str) -> int:
@@ -375,6 +439,8 @@ class Evaluator:
       outputs = self._predictor.predict(params, inputs) if inputs else []
       out = []
       for index, ids in zip(arrays["index"], outputs):
+        if self._chat is not None:  # the end of the assistant's turn is no answer
+          ids = self._chat.strip(ids)
         # EOS, then padding: seqio decodes up to the first EOS, and stacks the
         # outputs into one 2-D array, so every row needs the same width.
         ids = list(ids)[: width - 1] + [self._eos_id]
@@ -404,9 +470,11 @@ class Evaluator:
       return float("nan")
     total, count = 0.0, 0.0
     sharding = parallel.batch_sharding(self._mesh, 2)
+    if isinstance(self._model, Llama):
+      arrays = decoder_only.from_unpacked(arrays, self._prefix_lm)
     for start in range(0, n, self.batch_size):
       batch = {}
-      for k in _MODEL_FEATURES:
+      for k in _loss_features(self._model):
         rows = arrays[k][start : start + self.batch_size]
         pad = self.batch_size - len(rows)
         if pad:

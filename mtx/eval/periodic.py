@@ -15,6 +15,7 @@ a bad eval setting fails at once).
 import time
 from typing import Mapping, Optional, Sequence
 
+from mtx.data.decoder_only import PrefixLM
 from mtx.eval import results
 from mtx.eval.evaluator import EvalOptions, Evaluator
 from mtx.runtime import progress
@@ -36,6 +37,7 @@ class PeriodicEval:
     options: Optional[EvalOptions] = None,
     *,
     predictor=None,
+    prefix_lm: Optional[PrefixLM] = None,
   ):
     self.period = int(period)
     self.model_dir = model_dir
@@ -52,6 +54,7 @@ class PeriodicEval:
         self.options,
         predictor=predictor,
         model_dir=model_dir,
+        prefix_lm=prefix_lm,
       )
 
   def due(self, step: int, last: bool = False) -> bool:

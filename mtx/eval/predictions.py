@@ -10,19 +10,18 @@ The directory is ``MODEL_DIR/inference_eval`` unless ``EVAL_OUTPUT_DIR`` names a
 ids); ``target`` and ``prediction`` are what the task's metrics compared (after its
 ``postprocess_fn``); ``output`` is the decoded text before postprocessing, and ``score``
 the log-likelihood of the target where a metric asked for it. Written by process 0
-through ``metrics_writer.write_atomically``: a reader sees a whole file or none. The
+through ``mtx.paths.write_atomically``: a reader sees a whole file or none. The
 step is zero-padded to 6 digits (``demo_sort-001000.jsonl``), so files sort by step.
 """
 
 import json
-import os
 from typing import Any, Mapping, Optional, Sequence
 
 import jax
 import numpy as np
 import seqio
 
-from mtx.runtime import metrics_writer
+from mtx import paths
 
 PREDICTIONS_DIR = "inference_eval"
 
@@ -31,12 +30,12 @@ def output_dir(model_dir: Optional[str], setting: Optional[str]) -> Optional[str
   """Where predictions go: ``setting`` (EVAL_OUTPUT_DIR) if given, '' for nowhere
   (None), else ``MODEL_DIR/inference_eval`` (None without a MODEL_DIR)."""
   if setting is not None:
-    return os.path.abspath(os.path.expanduser(setting)) if setting else None
-  return os.path.join(model_dir, PREDICTIONS_DIR) if model_dir else None
+    return paths.absolute(setting) if setting else None
+  return paths.join(model_dir, PREDICTIONS_DIR) if model_dir else None
 
 
 def path(directory: str, task_name: str, step: int) -> str:
-  return os.path.join(directory, f"{task_name}-{int(step):06d}.jsonl")
+  return paths.join(directory, f"{task_name}-{int(step):06d}.jsonl")
 
 
 def _plain(value: Any) -> Any:
@@ -101,10 +100,10 @@ class PredictionsLogger(seqio.Logger):
     features = getattr(task, "output_features", {}) or {}
     vocabulary = features["inputs"].vocabulary if "inputs" in features else None
     try:
-      os.makedirs(self.output_dir, exist_ok=True)
+      paths.makedirs(self.output_dir)
     except OSError as e:
-      raise metrics_writer.write_error(self.output_dir, e) from e
-    metrics_writer.write_atomically(
+      raise paths.write_error(self.output_dir, e) from e
+    paths.write_atomically(
       path(self.output_dir, task_name, step if step is not None else -1),
       lines(examples, list(targets or []), inferences, vocabulary),
     )

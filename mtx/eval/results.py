@@ -16,15 +16,14 @@ metrics.jsonl (``read_results`` turns them back into floats). The same numbers g
 import dataclasses
 import json
 import math
-import os
 import re
 from typing import Any, Optional
 
 import jax
 
+from mtx import paths
 from mtx.errors import UserError
 from mtx.eval import summary
-from mtx.runtime import metrics_writer
 
 EVAL_DIR = "eval"
 LOSS = "loss"  # the teacher-forced per-task loss among the metrics
@@ -70,16 +69,16 @@ def _decode(value: Any) -> Any:
 
 
 def result_path(model_dir: str, step: int) -> str:
-  return os.path.join(model_dir, EVAL_DIR, f"step_{int(step)}.json")
+  return paths.join(model_dir, EVAL_DIR, f"step_{int(step)}.json")
 
 
 def eval_steps(model_dir: str) -> list:
   """Steps with a results file in ``model_dir/eval``, oldest first."""
-  directory = os.path.join(model_dir, EVAL_DIR)
-  if not os.path.isdir(directory):
+  directory = paths.join(model_dir, EVAL_DIR)
+  if not paths.isdir(directory):
     return []
   return sorted(
-    int(m.group(1)) for m in map(_STEP_FILE.match, os.listdir(directory)) if m
+    int(m.group(1)) for m in map(_STEP_FILE.match, paths.listdir(directory)) if m
   )
 
 
@@ -91,10 +90,10 @@ def read_results(
   Raises:
     UserError: nothing to read (``what`` names the setting that gave ``path``).
   """
-  if os.path.isfile(path):
+  if paths.isfile(path):
     file = path
   else:
-    if not os.path.isdir(path):
+    if not paths.isdir(path):
       raise UserError(f"{what} {path} does not exist; point it at a run's MODEL_DIR.")
     steps = eval_steps(path)
     if not steps or (step is not None and step not in steps):
@@ -106,8 +105,7 @@ def read_results(
       )
     file = result_path(path, step if step is not None else steps[-1])
   try:
-    with open(file, encoding="utf-8") as f:
-      return _decode(json.load(f))
+    return _decode(json.loads(paths.read_text(file)))
   except (OSError, ValueError) as e:
     raise UserError(
       f"{what}: {file} is not a readable eval result ({e}); run "
@@ -165,11 +163,10 @@ def write_results(
   if jax.process_index() != 0:
     return record
   path = result_path(model_dir, result.step)
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  # Unique temp file, fsync, rename; a full disk is a one-line WriteError (a UserError).
-  metrics_writer.write_atomically(
-    path, json.dumps(_encode(record), indent=1, allow_nan=False)
-  )
+  paths.makedirs(paths.dirname(path))
+  # Unique temp file, fsync, rename (one upload on object stores); a full disk is a
+  # one-line WriteError (a UserError).
+  paths.write_atomically(path, json.dumps(_encode(record), indent=1, allow_nan=False))
   if writer is not None:
     writer.write(result.step, scalars(record))
     writer.flush()

@@ -29,7 +29,8 @@ import jax
 import jax.numpy as jnp
 
 from mtx.errors import UserError
-from mtx.model import init_cache
+from mtx.model import Llama, init_cache
+from mtx.model import llama as llama_lib
 
 Array = jax.Array
 StepFn = Callable[[Array, Any], tuple[Array, Any]]
@@ -444,6 +445,89 @@ def model_step_fn(
   return step
 
 
+def left_align(prompts: Array, start_id: int) -> tuple[Array, Array, Array]:
+  """Right-padded prompts as a decoder-only model's left-padded prefill chunk.
+
+  Each row becomes ``[padding..., start_id, prompt...]``: its real tokens end in the
+  last column, so that every row's next token comes from the same slot. A prompt's
+  length is up to its last nonzero id (trailing zeros are padding).
+
+  Example (start_id 9): [[5, 6, 1], [7, 1, 0]] -> tokens [[9, 5, 6, 1], [0, 9, 7, 1]],
+  real [[1, 1, 1, 1], [0, 1, 1, 1]], positions [[0, 1, 2, 3], [0, 0, 1, 2]].
+
+  Args:
+    prompts: int32 [N, Lp], right-padded with 0.
+    start_id: the token before each prompt (training's ``decoder_only.PrefixLM``).
+
+  Returns:
+    (tokens int32 [N, Lp + 1], real bool [N, Lp + 1], positions int32 [N, Lp + 1]).
+  """
+  n, width = prompts.shape
+  columns = jnp.arange(width + 1)
+  nonzero = jnp.where(prompts != 0, jnp.arange(1, width + 1), 0)
+  lengths = jnp.max(nonzero, axis=1) + 1  # with the start token
+  shift = (width + 1) - lengths  # padding columns on the left
+  with_start = jnp.concatenate([jnp.full((n, 1), start_id, jnp.int32), prompts], axis=1)
+  source = columns[None, :] - shift[:, None]
+  real = source >= 0
+  tokens = jnp.where(real, jnp.take_along_axis(with_start, jnp.maximum(source, 0), 1), 0)
+  return tokens.astype(jnp.int32), real, jnp.maximum(source, 0).astype(jnp.int32)
+
+
+def decoder_only_step_fn(
+  model,
+  params: Any,
+  prompts: Array,
+  max_decode_length: int,
+  vocab_size: int = 0,
+  start_id: int = 0,
+  prefix_lm: bool = True,
+) -> tuple[StepFn, Any]:
+  """(``step_fn``, its initial state) for a decoder-only ``mtx.model.Llama``.
+
+  The prompts are prefilled in one call (left-aligned by ``left_align``; with
+  ``prefix_lm`` they attend to each other both ways, as the inputs did in training).
+  The prefill's last logits are the first step's output, so the state carries them:
+  ``(model cache, pending log-probs [N, V], first)``, and the first ``step_fn`` call
+  returns them instead of running the model (its token is ignored).
+  """
+  tokens, real, positions = left_align(prompts, start_id)
+  cache = llama_lib.init_cache(
+    model.config, tokens.shape[0], tokens.shape[1] + max_decode_length
+  )
+  logits, mutated = model.apply(
+    {"params": params, "cache": cache},
+    tokens,
+    real.astype(jnp.int32),
+    positions,
+    real.astype(jnp.int32) if prefix_lm else None,
+    decode=True,
+    mutable=["cache"],
+  )
+  first = allowed_tokens_mask(logits[:, -1, :].astype(jnp.float32), vocab_size)
+  pending = jax.nn.log_softmax(first, axis=-1)
+
+  def step(token: Array, state: Any) -> tuple[Array, Any]:
+    model_cache, pending, is_first = state
+
+    def run(_):
+      logits, mutated = model.apply(
+        {"params": params, "cache": model_cache},
+        token[:, None],
+        decode=True,
+        mutable=["cache"],
+      )
+      logits = allowed_tokens_mask(logits[:, 0, :].astype(jnp.float32), vocab_size)
+      return jax.nn.log_softmax(logits, axis=-1), constrain_cache(mutated["cache"])
+
+    log_probs, model_cache = jax.lax.cond(
+      is_first, lambda _: (pending, model_cache), run, None
+    )
+    return log_probs, (model_cache, pending, jnp.zeros((), jnp.bool_))
+
+  return step, (constrain_cache(mutated["cache"]), pending, jnp.ones((), jnp.bool_))
+
+
 def _n_best(n: int, finished_set: tuple, alive_set: tuple) -> tuple[Array, Array]:
   """The n best of each example's K finished and K alive beams: finished ones first
   (best first), then alive ones (best first). Shapes: [B, K, L] and [B, K] each ->
@@ -473,13 +557,17 @@ def decode(
   eos_id: int = 1,
   vocab_size: int = 0,
   num_return: int = 1,
+  start_id: int = 0,
+  prefix_lm: bool = True,
 ) -> tuple[Array, Array]:
-  """Decodes a batch with ``model`` (an ``mtx.model.T5``) and its key/value cache.
+  """Decodes a batch with ``model`` (an ``mtx.model.T5``, or a decoder-only
+  ``mtx.model.Llama`` that continues the inputs) and its key/value cache.
 
   Args:
-    model: the T5 module.
+    model: the T5 or Llama module.
     params: its parameters.
-    encoder_input_tokens: int32 [B, L_in]; 0 is padding.
+    encoder_input_tokens: int32 [B, L_in]; 0 is padding (a Llama's prompts,
+      right-padded).
     max_decode_length: L, the most tokens emitted per row.
     method: "greedy", "sample" (temperature / top-k) or "beam".
     num_beams: K for beam search.
@@ -491,6 +579,8 @@ def decode(
     vocab_size: when > 0, ids at or above it are never emitted. Id 0 (padding)
       never is either.
     num_return: beam search only: the n best per row (``beam_search``).
+    start_id, prefix_lm: a Llama only: the token before each prompt and whether the
+      prompt attends both ways (as ``mtx.data.decoder_only.PrefixLM`` trained it).
 
   Returns:
     (tokens int32 [B, L] with 0 after EOS, scores float32 [B]: summed log-prob,
@@ -499,14 +589,23 @@ def decode(
   if method not in METHODS:
     raise ValueError(f"Unknown decoding method {method!r}; use one of {METHODS}.")
   batch_size = encoder_input_tokens.shape[0]
-  encoded = model.apply({"params": params}, encoder_input_tokens, method=model.encode)
-  rows = batch_size * (num_beams if method == "beam" else 1)
-  if method == "beam":
-    encoded, encoder_input_tokens = expand_beams(
-      (encoded, encoder_input_tokens), num_beams
+  if isinstance(model, Llama):
+    # The prompt is the inputs; the model continues it (decoder_only_step_fn).
+    prompts = encoder_input_tokens
+    if method == "beam":
+      prompts = expand_beams(prompts, num_beams)
+    step, cache = decoder_only_step_fn(
+      model, params, prompts, max_decode_length, vocab_size, start_id, prefix_lm
     )
-  cache = constrain_cache(init_cache(model.config, rows, max_decode_length))
-  step = model_step_fn(model, params, encoded, encoder_input_tokens, vocab_size)
+  else:
+    encoded = model.apply({"params": params}, encoder_input_tokens, method=model.encode)
+    rows = batch_size * (num_beams if method == "beam" else 1)
+    if method == "beam":
+      encoded, encoder_input_tokens = expand_beams(
+        (encoded, encoder_input_tokens), num_beams
+      )
+    cache = constrain_cache(init_cache(model.config, rows, max_decode_length))
+    step = model_step_fn(model, params, encoded, encoder_input_tokens, vocab_size)
   if method == "beam":
     return beam_search(
       step,

@@ -23,7 +23,9 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from mtx import parallel
+from mtx.errors import UserError
 from mtx.infer import decoding
+from mtx.model import Llama
 
 Array = jax.Array
 
@@ -67,6 +69,11 @@ def sequence_log_probs(
   decoding may emit (``decoding.allowed_tokens_mask``), so that the score of a
   decoded sequence is the score decoding reported.
   """
+  if isinstance(model, Llama):
+    raise UserError(
+      "Score metrics (rank classification) are not available for decoder-only models "
+      "yet; evaluate tasks with predict metrics, or a T5."
+    )
   decoder_inputs = jnp.pad(targets[:, :-1], ((0, 0), (1, 0)))
   logits = model.apply({"params": params}, encoder_input_tokens, decoder_inputs)
   logits = decoding.allowed_tokens_mask(logits.astype(jnp.float32), vocab_size)
@@ -93,6 +100,10 @@ class Predictor:
     eos_id: the end-of-sequence token.
     vocab_size: when > 0, ids at or above it (the trainer's vocabulary padding) are
       never emitted and not counted by ``score``.
+    start_id: a decoder-only model's token before each prompt
+      (``mtx.data.decoder_only.start_id``, as in training); unused by T5.
+    prefix_lm: a decoder-only model's prompt attends both ways (training's
+      ``decoder_only.PrefixLM.bidirectional_inputs``); unused by T5.
   """
 
   def __init__(
@@ -108,6 +119,8 @@ class Predictor:
     decode: decoding.DecodeOptions = decoding.DecodeOptions(),
     eos_id: int = 1,
     vocab_size: int = 0,
+    start_id: int = 0,
+    prefix_lm: bool = True,
   ):
     decode.check(batch_size)
     dp = parallel.data_parallel_size(mesh)
@@ -135,6 +148,8 @@ class Predictor:
       eos_id=self.eos_id,
       vocab_size=vocab_size,
       num_return=self.num_return,
+      start_id=start_id,
+      prefix_lm=prefix_lm,
     )
 
     def decode_fn(params, tokens, key):

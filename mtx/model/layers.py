@@ -1,4 +1,5 @@
-"""Building blocks of the T5 model: norm, embedding, attention, MLP, masks.
+"""Building blocks shared by the T5 and Llama models: norm, embedding, attention, MLP,
+masks, and the layer loop (unrolled or scanned, rematerialized).
 
 Conventions shared by every module here:
 
@@ -9,7 +10,8 @@ Conventions shared by every module here:
   point of use, so the optimizer always sees float32 master weights.
 * Shapes in docstrings: B batch, Lq / Lk query / key length, E embed, H heads,
   D head dim, M mlp dim, V vocab.
-* No biases anywhere (T5 v1.0 and v1.1).
+* No biases in these blocks (T5 v1.0 and v1.1; Llama's optional attention biases live in
+  ``mtx.model.llama``).
 """
 
 import math
@@ -19,12 +21,55 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mtx.errors import UserError
+from mtx.model import taps
+
 Array = jax.Array
 DType = Any
 
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+REMAT_POLICIES = {
+  # Save the outputs of weight matmuls (no batch dims), recompute the rest
+  # (norms, activations, attention softmax) in the backward pass.
+  "minimal": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+  # Save only each layer's input; recompute the whole layer.
+  "full": jax.checkpoint_policies.nothing_saveable,
+}
+
 # Attention logits of masked pairs. Logits are float32, so a large finite value is
 # safe (no inf - inf = nan when a whole row is masked, e.g. a padding query).
-_MASKED_LOGIT = -1e10
+MASKED_LOGIT = -1e10
+
+
+def check_config(config: Any, sizes: Sequence[str]) -> None:
+  """The checks every model config shares: vocab_size set, a known dtype and remat
+  policy, the ``sizes`` fields positive, dropout in [0, 1). Names the config's class.
+
+  Raises:
+    UserError: the first setting the model cannot run with.
+  """
+  name = type(config).__name__
+  if config.vocab_size <= 0:
+    raise UserError(
+      f"{name}.vocab_size is {config.vocab_size}; set it to the vocabulary size (the "
+      "trainer does this from the task vocabulary) before building the model."
+    )
+  if config.dtype not in DTYPES:
+    raise UserError(f"{name}.dtype is {config.dtype!r}; use one of {sorted(DTYPES)}.")
+  if config.remat_policy != "none" and config.remat_policy not in REMAT_POLICIES:
+    raise UserError(
+      f"{name}.remat_policy is {config.remat_policy!r}; use one of "
+      f"{['none'] + sorted(REMAT_POLICIES)}."
+    )
+  for field in sizes:
+    if getattr(config, field) <= 0:
+      raise UserError(
+        f"{name}.{field} is {getattr(config, field)}; it must be a positive integer."
+      )
+  if not 0.0 <= config.dropout_rate < 1.0:
+    raise UserError(
+      f"{name}.dropout_rate is {config.dropout_rate}; it must be in [0, 1)."
+    )
 
 
 def constrain(x: Array, names: Sequence[str]) -> Array:
@@ -37,18 +82,22 @@ def constrain(x: Array, names: Sequence[str]) -> Array:
   return nn.with_logical_constraint(x, tuple(names))
 
 
-def _param(
+def param(
   module: nn.Module, name: str, init, shape: Sequence[int], names: Sequence[str]
 ) -> Array:
-  """A float32 parameter with logical axis names."""
-  return module.param(
+  """A float32 parameter with logical axis names, tapped for the unit Gram matrix when
+  the model is applied with a ``taps.GRAM_PROBE`` collection (``mtx.model.taps``)."""
+  w = module.param(
     name, nn.with_logical_partitioning(init, tuple(names)), tuple(shape), jnp.float32
   )
+  if module.has_variable(taps.GRAM_PROBE, name):
+    w = taps.tap(w, module.get_variable(taps.GRAM_PROBE, name), tuple(names))
+  return w
 
 
 # Initializers as in T5X's T5 v1.1 configs. Fan-in is given per axis so that
 # multi-axis kernels ([E, H, D] and [H, D, E]) see the fan-in of the flat matrix.
-def _fan_in_normal(in_axis, out_axis, truncated: bool = False):
+def fan_in_normal(in_axis, out_axis, truncated: bool = False):
   return nn.initializers.variance_scaling(
     1.0,
     "fan_in",
@@ -70,7 +119,7 @@ class RMSNorm(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
-    scale = _param(self, "scale", nn.initializers.ones, (x.shape[-1],), ("embed",))
+    scale = param(self, "scale", nn.initializers.ones, (x.shape[-1],), ("embed",))
     x32 = x.astype(jnp.float32)
     mean_sq = jnp.mean(jnp.square(x32), axis=-1, keepdims=True)
     y = (x32 * jax.lax.rsqrt(mean_sq + self.epsilon)).astype(self.dtype)
@@ -84,17 +133,20 @@ class Embed(nn.Module):
     vocab_size: V.
     features: E.
     dtype: activation dtype of the returned embeddings.
+    stddev: of the initial embedding (T5: 1; Llama, whose tied logits are not
+      rescaled, 1/sqrt(E) so that they start near unit size).
   """
 
   vocab_size: int
   features: int
   dtype: DType = jnp.float32
+  stddev: float = 1.0
 
   def setup(self):
-    self.embedding = _param(
+    self.embedding = param(
       self,
       "embedding",
-      nn.initializers.normal(stddev=1.0),
+      nn.initializers.normal(stddev=self.stddev),
       (self.vocab_size, self.features),
       ("vocab", "embed"),
     )
@@ -186,7 +238,7 @@ class RelativePositionBias(nn.Module):
     equals that of the example alone whatever its offset in the row; the leading 1
     broadcasts over the batch.
     """
-    table = _param(
+    table = param(
       self,
       "rel_embedding",
       nn.initializers.variance_scaling(1.0, "fan_avg", "uniform"),
@@ -260,14 +312,14 @@ class MultiHeadAttention(nn.Module):
     """
     emb = inputs_q.shape[-1]
     h, d = self.num_heads, self.head_dim
-    kv_init = _fan_in_normal(0, (1, 2))
+    kv_init = fan_in_normal(0, (1, 2))
     depth_scale = math.sqrt(d)
 
     def query_init(*args):
       return kv_init(*args) / depth_scale
 
     def project(name, init, x):
-      kernel = _param(self, name, init, (emb, h, d), ("embed", "heads", "kv"))
+      kernel = param(self, name, init, (emb, h, d), ("embed", "heads", "kv"))
       y = jnp.einsum("ble,ehd->blhd", x, kernel.astype(self.dtype))
       return constrain(
         y, ("activation_batch", "activation_length", "activation_heads", "activation_kv")
@@ -305,7 +357,7 @@ class MultiHeadAttention(nn.Module):
     logits = jnp.einsum("bqhd,bkhd->bhqk", query, key, preferred_element_type=jnp.float32)
     if bias is not None:
       logits = logits + bias
-    logits = jnp.where(mask, logits, _MASKED_LOGIT)
+    logits = jnp.where(mask, logits, MASKED_LOGIT)
     weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
     weights = nn.Dropout(self.dropout_rate)(
       weights, deterministic=not self.enable_dropout
@@ -314,8 +366,8 @@ class MultiHeadAttention(nn.Module):
     out = constrain(
       out, ("activation_batch", "activation_length", "activation_heads", "activation_kv")
     )
-    out_kernel = _param(
-      self, "out", _fan_in_normal((0, 1), 2), (h, d, emb), ("heads", "kv", "embed")
+    out_kernel = param(
+      self, "out", fan_in_normal((0, 1), 2), (h, d, emb), ("heads", "kv", "embed")
     )
     out = jnp.einsum("bqhd,hde->bqe", out, out_kernel.astype(self.dtype))
     return constrain(out, ("activation_batch", "activation_length", "activation_embed"))
@@ -326,6 +378,8 @@ ACTIVATIONS = {
   # ``gelu_new`` (T5 v1.1's "gated-gelu") do.
   "gelu": lambda x: nn.gelu(x, approximate=True),
   "relu": nn.relu,
+  # SiLU (swish) gates Llama's MLP: ("silu", "linear") is SwiGLU.
+  "silu": nn.silu,
   "linear": lambda x: x,
 }
 
@@ -355,15 +409,15 @@ class MlpBlock(nn.Module):
   def __call__(self, x: Array) -> Array:
     """[B, L, E] -> [B, L, E], in dtype."""
     emb = x.shape[-1]
-    init = _fan_in_normal(0, 1, truncated=True)
+    init = fan_in_normal(0, 1, truncated=True)
     names = (
       ["wi"]
       if len(self.activations) == 1
       else [f"wi_{i}" for i in range(len(self.activations))]
     )
     # Created in this order (wi..., wo): each param's init key depends on it.
-    wis = [_param(self, n, init, (emb, self.mlp_dim), ("embed", "mlp")) for n in names]
-    wo = _param(self, "wo", init, (self.mlp_dim, emb), ("mlp", "embed"))
+    wis = [param(self, n, init, (emb, self.mlp_dim), ("embed", "mlp")) for n in names]
+    wo = param(self, "wo", init, (self.mlp_dim, emb), ("mlp", "embed"))
     hidden = None
     for activation, wi in zip(self.activations, wis):
       h = ACTIVATIONS[activation](x @ wi.astype(self.dtype))
@@ -391,10 +445,10 @@ class VocabProjection(nn.Module):
   @nn.compact
   def __call__(self, x: Array) -> Array:
     """[B, L, E] -> float32 [B, L, V]."""
-    kernel = _param(
+    kernel = param(
       self,
       "kernel",
-      _fan_in_normal(0, 1, truncated=True),
+      fan_in_normal(0, 1, truncated=True),
       (x.shape[-1], self.vocab_size),
       ("embed", "vocab"),
     )
@@ -460,3 +514,49 @@ def cross_attention_mask(
   if query_segment_ids is not None:
     mask &= query_segment_ids[:, None, :, None] == key_segment_ids[:, None, None, :]
   return mask
+
+
+def run_layers(
+  layer_cls,
+  num_layers: int,
+  config: Any,
+  layer_kwargs: dict[str, Any],
+  remat: bool,
+  x: Array,
+  *args: Array,
+) -> Array:
+  """Applies ``num_layers`` layers, unrolled or scanned, optionally rematerialized.
+
+  ``config`` is the model's frozen config (``T5Config``, ``LlamaConfig``): it needs
+  ``remat_policy`` and ``scan_layers``, and each layer gets it as ``config=``. A layer
+  returns ``(x, None)`` (scan's carry and per-layer output).
+
+  Must be called from inside a compact method: the layers become children of the
+  calling stack, named ``layers_0``.. (unrolled) or ``layers`` (scanned).
+  """
+  if remat and config.remat_policy != "none":
+    # Under scan, CSE across iterations cannot happen, and prevent_cse would only
+    # block optimizations (as the flax docs advise).
+    layer_cls = nn.remat(
+      layer_cls,
+      policy=REMAT_POLICIES[config.remat_policy],
+      prevent_cse=not config.scan_layers,
+    )
+  if config.scan_layers:
+    scanned = nn.scan(
+      layer_cls,
+      # Params stack on a leading layer axis. The cache stacks on axis 1 so that
+      # its batch axis stays first (beam search gathers along axis 0).
+      variable_axes={"params": 0, "cache": 1},
+      split_rngs={"params": True, "dropout": True},
+      # Gram probes (mtx.model.taps) are one per parameter, shared by all layers.
+      variable_broadcast=taps.GRAM_PROBE,
+      in_axes=(nn.broadcast,) * len(args),
+      length=num_layers,
+      metadata_params={nn.PARTITION_NAME: "layers"},
+    )
+    x, _ = scanned(config=config, name="layers", **layer_kwargs)(x, *args)
+    return x
+  for i in range(num_layers):
+    x, _ = layer_cls(config=config, name=f"layers_{i}", **layer_kwargs)(x, *args)
+  return x

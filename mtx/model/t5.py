@@ -58,14 +58,6 @@ from mtx.model import layers
 
 Array = jax.Array
 
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-_REMAT_POLICIES = {
-  # Save the outputs of weight matmuls (no batch dims), recompute the rest
-  # (norms, activations, attention softmax) in the backward pass.
-  "minimal": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-  # Save only each layer's input; recompute the whole layer.
-  "full": jax.checkpoint_policies.nothing_saveable,
-}
 _EMBED_AXES = ("activation_batch", "activation_length", "activation_embed")
 
 
@@ -120,36 +112,22 @@ class T5Config:
 
   @property
   def activation_dtype(self) -> Any:
-    return _DTYPES[self.dtype]
+    return layers.DTYPES[self.dtype]
 
 
 def _validate_config(config: T5Config) -> None:
   """Raises UserError for settings the model cannot run with."""
-  if config.vocab_size <= 0:
-    raise UserError(
-      f"T5Config.vocab_size is {config.vocab_size}; set it to the vocabulary "
-      "size (the trainer does this from the task vocabulary) before building "
-      "the model."
-    )
-  if config.dtype not in _DTYPES:
-    raise UserError(f"T5Config.dtype is {config.dtype!r}; use one of {sorted(_DTYPES)}.")
-  if config.remat_policy != "none" and config.remat_policy not in _REMAT_POLICIES:
-    raise UserError(
-      f"T5Config.remat_policy is {config.remat_policy!r}; use one of "
-      f"{['none'] + sorted(_REMAT_POLICIES)}."
-    )
-  for name in (
-    "emb_dim",
-    "num_heads",
-    "head_dim",
-    "mlp_dim",
-    "num_encoder_layers",
-    "num_decoder_layers",
-  ):
-    if getattr(config, name) <= 0:
-      raise UserError(
-        f"T5Config.{name} is {getattr(config, name)}; it must be a positive integer."
-      )
+  layers.check_config(
+    config,
+    (
+      "emb_dim",
+      "num_heads",
+      "head_dim",
+      "mlp_dim",
+      "num_encoder_layers",
+      "num_decoder_layers",
+    ),
+  )
   buckets = config.relative_attention_num_buckets
   distance = config.relative_attention_max_distance
   if buckets < 4 or distance <= buckets // 2:
@@ -163,10 +141,6 @@ def _validate_config(config: T5Config) -> None:
     raise UserError(
       f"T5Config.mlp_activations is {activations}; use one or more of "
       f"{sorted(layers.ACTIVATIONS)}, e.g. ('gelu', 'linear') or ('relu',)."
-    )
-  if not 0.0 <= config.dropout_rate < 1.0:
-    raise UserError(
-      f"T5Config.dropout_rate is {config.dropout_rate}; it must be in [0, 1)."
     )
 
 
@@ -291,46 +265,6 @@ class DecoderLayer(nn.Module):
     return layers.constrain(y, _EMBED_AXES), None
 
 
-def _run_layers(
-  layer_cls,
-  num_layers: int,
-  config: T5Config,
-  layer_kwargs: dict[str, Any],
-  remat: bool,
-  x: Array,
-  *args: Array,
-) -> Array:
-  """Applies ``num_layers`` layers, unrolled or scanned, optionally rematerialized.
-
-  Must be called from inside a compact method: the layers become children of the
-  calling stack, named ``layers_0``.. (unrolled) or ``layers`` (scanned).
-  """
-  if remat and config.remat_policy != "none":
-    # Under scan, CSE across iterations cannot happen, and prevent_cse would only
-    # block optimizations (as the flax docs advise).
-    layer_cls = nn.remat(
-      layer_cls,
-      policy=_REMAT_POLICIES[config.remat_policy],
-      prevent_cse=not config.scan_layers,
-    )
-  if config.scan_layers:
-    scanned = nn.scan(
-      layer_cls,
-      # Params stack on a leading layer axis. The cache stacks on axis 1 so that
-      # its batch axis stays first (beam search gathers along axis 0).
-      variable_axes={"params": 0, "cache": 1},
-      split_rngs={"params": True, "dropout": True},
-      in_axes=(nn.broadcast,) * len(args),
-      length=num_layers,
-      metadata_params={nn.PARTITION_NAME: "layers"},
-    )
-    x, _ = scanned(config=config, name="layers", **layer_kwargs)(x, *args)
-    return x
-  for i in range(num_layers):
-    x, _ = layer_cls(config=config, name=f"layers_{i}", **layer_kwargs)(x, *args)
-  return x
-
-
 class Encoder(nn.Module):
   """Encoder stack: dropout, layers, final norm, dropout."""
 
@@ -350,7 +284,7 @@ class Encoder(nn.Module):
       name="relpos_bias",
     )(positions, positions)
     x = _dropout(cfg, enable_dropout, x)
-    x = _run_layers(
+    x = layers.run_layers(
       EncoderLayer,
       cfg.num_encoder_layers,
       cfg,
@@ -454,7 +388,7 @@ class Decoder(nn.Module):
       "max_decode_length": max_decode_length or 0,
     }
     # Remat only pays off when there is a backward pass; decoding has none.
-    y = _run_layers(
+    y = layers.run_layers(
       DecoderLayer,
       cfg.num_decoder_layers,
       cfg,

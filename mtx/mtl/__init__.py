@@ -34,7 +34,9 @@ protocol.
 In the trainer: ``combined_weights`` (one gradient of ``sum_t w_t L_t``) or
 ``aggregate`` (per-task gradients: the chain's update with one shared Gram
 matrix, the task weights it applied, and the gradient diagnostics);
-``tag_affinity`` measures TAG's inter-task affinity (Fifty et al. 2021).
+``aggregate_gram`` and ``finish_chain`` (the Gramian route: the same chain from the
+task gradients' Gram matrix alone, for aggregators with ``coefficients``; see
+``gram_route_refusal``); ``tag_affinity`` measures TAG's inter-task affinity (Fifty et al. 2021).
 """
 
 from mtx.mtl.affinity import affinity_metrics, tag_affinity
@@ -60,13 +62,17 @@ from mtx.mtl.base import (
   EmptyState,
   Weighting,
   aggregate,
+  aggregate_gram,
   aggregator_transform,
   build,
   combine,
   combined_weights,
   diagnostics,
   ensure_aggregator,
+  finish_chain,
   gram,
+  gram_diagnostics,
+  gram_route_refusal,
   kind,
   masked,
   mean_tasks,

@@ -343,11 +343,28 @@ def nash_mtl(
   ):
     del params, task_losses, key
     k = base.num_tasks_of(updates)
+    c, new_state, stats = solve(
+      lambda: base.gram(updates) if gram_matrix is None else gram_matrix,
+      k,
+      state,
+      task_present,
+    )
+    return base.combine(updates, c), new_state, c, stats
+
+  def coefficients_fn(
+    gram_matrix, state, *, task_losses=None, task_present=None, key=None
+  ):
+    del task_losses, key
+    return solve(lambda: gram_matrix, gram_matrix.shape[0], state, task_present)
+
+  def solve(gram_fn, k, state, task_present):
+    """(c, new state, stats); ``gram_fn()`` gives the Gram matrix, called only when
+    the coefficients are solved again."""
     _check_k("nash_mtl", num_tasks, k)
     p = base.presence(task_present, k)
 
     def fresh(_):
-      g = base.mask_gram(base.gram(updates) if gram_matrix is None else gram_matrix, p)
+      g = base.mask_gram(gram_fn(), p)
       alpha, stats = solvers.nash_weights(
         g, p, state.weights, max_iter=max_iter, tol=tol, normalize=normalize
       )
@@ -362,14 +379,9 @@ def nash_mtl(
     else:
       alpha, stats = jax.lax.cond(state.count % update_every == 0, fresh, reuse, None)
     c = jnp.where(p, alpha, 0.0)
-    return (
-      base.combine(updates, c),
-      NashMTLState(weights=alpha, count=state.count + 1),
-      c,
-      stats,
-    )
+    return c, NashMTLState(weights=alpha, count=state.count + 1), stats
 
-  return base.Aggregator(init_fn, aggregate_fn)
+  return base.Aggregator(init_fn, aggregate_fn, coefficients=coefficients_fn)
 
 
 # -------------------------------------------------------------- Aligned-MTL
@@ -505,9 +517,6 @@ def gradnorm(
     k = base.num_tasks_of(updates)
     _check_k("gradnorm", num_tasks, k)
     p = base.presence(task_present, k)
-    pf = p.astype(jnp.float32)
-    losses = jnp.where(p, base.losses_of(task_losses, k, "gradnorm"), 1.0)
-
     m = base.leaf_mask(mask, updates)
     keep_leaves = jax.tree_util.tree_leaves(m)
     if not any(keep_leaves):
@@ -524,6 +533,23 @@ def gradnorm(
           sq = sq + jnp.sum(
             jnp.square(g.astype(jnp.float32)), axis=tuple(range(1, g.ndim))
           )
+    c, new_state = step(sq, state, task_losses, p)
+    return base.combine(updates, c), new_state, c
+
+  def coefficients_fn(
+    gram_matrix, state, *, task_losses=None, task_present=None, key=None
+  ):
+    del key
+    k = gram_matrix.shape[0]
+    _check_k("gradnorm", num_tasks, k)
+    p = base.presence(task_present, k)
+    return step(jnp.diag(gram_matrix), state, task_losses, p)
+
+  def step(sq, state, task_losses, p):
+    """(c, new state) from the squared gradient norms f32[k] on the masked params."""
+    k = sq.shape[0]
+    pf = p.astype(jnp.float32)
+    losses = jnp.where(p, base.losses_of(task_losses, k, "gradnorm"), 1.0)
     norms = jnp.where(p, jnp.sqrt(jnp.maximum(sq, 0.0)), 0.0)
 
     first = p & ~state.has_initial
@@ -548,15 +574,14 @@ def gradnorm(
     new_w = jnp.where(p, new_w * old_sum / jnp.maximum(new_sum, 1e-12), w)
 
     c = jnp.where(p, w, 0.0)
-    return (
-      base.combine(updates, c),
-      GradNormState(
-        weights=new_w,
-        initial_losses=initial,
-        has_initial=state.has_initial | p,
-        opt_state=opt_state,
-      ),
-      c,
+    return c, GradNormState(
+      weights=new_w,
+      initial_losses=initial,
+      has_initial=state.has_initial | p,
+      opt_state=opt_state,
     )
 
-  return base.Aggregator(init_fn, aggregate_fn)
+  # With a mask the norms are those of some parameters: not in the Gram matrix.
+  return base.Aggregator(
+    init_fn, aggregate_fn, coefficients=coefficients_fn if mask is None else None
+  )

@@ -194,15 +194,23 @@ class Aggregator(_TypedTransform):
     weights: None, or for an aggregator whose ``c`` is gradient-free (sum,
       mean) a ``Weighting``'s weights function giving ``c`` (it enables the
       one-gradient route; see ``needs_task_grads``).
+    coefficients: None, or for an aggregator whose ``c`` depends on the task
+      gradients through their Gram matrix only (PCGrad, MGDA, CAGrad, IMTL-G,
+      GradVac, Nash-MTL, Aligned-MTL, UPGrad, GradNorm without a mask, sum,
+      mean): ``(gram_matrix f32[k, k], state, *, task_losses, task_present,
+      key) -> (c, new_state)`` or ``(c, new_state, stats)``, the same ``c`` and
+      state ``aggregate`` gives for gradients with that Gram matrix. It enables
+      the Gramian route (``aggregate_gram``), which never holds k gradients.
   """
 
-  _attrs = ("aggregate", "weights")
+  _attrs = ("aggregate", "weights", "coefficients")
 
   def __new__(
     cls,
     init: Callable[[PyTree], Any],
     aggregate: Callable[..., tuple[PyTree, Any, Optional[jax.Array]]],
     weights: Optional[Callable[..., tuple[jax.Array, Any]]] = None,
+    coefficients: Optional[Callable[..., tuple]] = None,
     update: Optional[Callable[..., Any]] = None,
   ):
     """``update`` is derived from ``aggregate``; pass one only to restore a copy."""
@@ -211,6 +219,7 @@ class Aggregator(_TypedTransform):
     self = super().__new__(cls, init, update)
     self.aggregate = aggregate
     self.weights = weights
+    self.coefficients = coefficients
     return self
 
 
@@ -558,6 +567,125 @@ def _run_chain(
   return out, tuple(new_states), w, stats
 
 
+def gram_route_refusal(
+  transforms: Sequence[optax.GradientTransformation],
+) -> Optional[str]:
+  """Why the Gramian route cannot run ``transforms`` exactly (one sentence), or None.
+
+  That route knows the task gradients through their Gram matrix only, so the chain's
+  aggregator needs a ``coefficients`` function (``Aggregator``). ``masked`` (a Gram
+  matrix of some parameters), GradNorm with a mask, and aggregators built without
+  ``coefficients`` need the gradients themselves.
+  """
+  transforms = tuple(transforms)
+  first = _check_order(transforms, "mtl transform")
+  if first is None:
+    return "the mtl transforms have no aggregator (the trainer appends sum_tasks)."
+  if transforms[first].coefficients is None:
+    return (
+      f"mtl transform {first} (the aggregator) needs the per-task gradients "
+      "themselves, not only their Gram matrix (mtl.masked, gradnorm with a mask, "
+      "or an aggregator without coefficients)."
+    )
+  return None
+
+
+def aggregate_gram(
+  transforms: Sequence[optax.GradientTransformation],
+  states,
+  gram_matrix: jax.Array,
+  *,
+  task_losses=None,
+  task_present=None,
+  key=None,
+):
+  """``aggregate`` for task gradients known only by their Gram matrix f32[k, k].
+
+  Runs the weightings and the aggregator's ``coefficients`` exactly as ``aggregate``
+  runs them on gradients with that Gram matrix (the weightings rescale it by
+  ``outer(w, w)``), and returns the coefficients of the combination instead of the
+  combination: the caller takes ``sum_i weights_i g_i`` itself (the trainer: one
+  backward pass of ``sum_i weights_i L_i``) and then runs ``finish_chain``.
+
+      G f32[k, k]  ->  info['weights'] f32[k], grad_norm, grad_cos, conflict_frac
+
+  Args:
+    transforms, states: as for ``aggregate``; ``gram_route_refusal(transforms)``
+      must be None.
+    gram_matrix: the Gram matrix of the task gradients, f32[k, k].
+    task_losses, task_present, key: as for ``aggregate``.
+
+  Returns:
+    ``(weights f32[k], new_states, info)``: ``aggregate``'s task weights, its new
+    states (the plain optax transforms after the aggregator keep theirs until
+    ``finish_chain``), and ``info`` with ``aggregate``'s diagnostics and solve report.
+  """
+  transforms, states = tuple(transforms), tuple(states)
+  refusal = gram_route_refusal(transforms)
+  if refusal is not None:
+    raise UserError(f"The Gramian route cannot run these mtl transforms: {refusal}")
+  k = gram_matrix.shape[0]
+  p = presence(task_present, k)
+  g = gram_matrix
+  w = jnp.ones((k,), jnp.float32)
+  new_states, stats = [], None
+  for t, s in zip(transforms, states):
+    if isinstance(t, Weighting):
+      wt, s = t.weights(s, task_losses=task_losses, task_present=p, key=key)
+      if wt.shape != (k,):
+        raise UserError(
+          f"A weighting produced weights of shape {wt.shape} for {k} tasks; set its "
+          f"num_tasks to {k}."
+        )
+      g = g * wt[:, None] * wt[None, :]
+      w = w * wt
+    elif isinstance(t, Aggregator):
+      c, s, *rest = t.coefficients(g, s, task_losses=task_losses, task_present=p, key=key)
+      stats = rest[0] if rest else None
+      w = w * c
+    new_states.append(s)
+  info = gram_diagnostics(gram_matrix, p)
+  info["weights"] = w
+  if stats is not None:
+    info["solver_residual"] = jnp.asarray(stats.residual, jnp.float32)
+    info["solver_iterations"] = jnp.asarray(stats.iterations, jnp.int32)
+    info["solver_failed"] = jnp.asarray(stats.failed, bool)
+  return w, tuple(new_states), info
+
+
+def finish_chain(
+  transforms: Sequence[optax.GradientTransformation],
+  states,
+  updates: PyTree,
+  params: PyTree = None,
+  *,
+  task_losses=None,
+  task_present=None,
+  key=None,
+  **extra_args,
+):
+  """The plain optax transforms after the aggregator, on the combined gradient.
+
+  The Gramian route's last step (``aggregate_gram``): ``updates`` is the combination
+  ``sum_i weights_i g_i``, shaped like params. Returns ``(updates, new_states)``, the
+  states of the transforms up to the aggregator passed through.
+  """
+  transforms, states = tuple(transforms), tuple(states)
+  first = _check_order(transforms, "mtl transform")
+  new_states = list(states)
+  for i in range(first + 1, len(transforms)):
+    updates, new_states[i] = optax.with_extra_args_support(transforms[i]).update(
+      updates,
+      states[i],
+      params,
+      task_losses=task_losses,
+      task_present=task_present,
+      key=key,
+      **extra_args,
+    )
+  return updates, tuple(new_states)
+
+
 def _is_transform(item) -> bool:
   return hasattr(item, "init") and hasattr(item, "update")
 
@@ -702,8 +830,17 @@ def diagnostics(
     fewer than two tasks are present).
   """
   k = num_tasks_of(per_task_grads)
+  return gram_diagnostics(
+    gram(per_task_grads) if gram_matrix is None else gram_matrix,
+    presence(task_present, k),
+  )
+
+
+def gram_diagnostics(gram_matrix: jax.Array, task_present=None) -> dict[str, jax.Array]:
+  """``diagnostics`` from the Gram matrix f32[k, k] of the task gradients alone."""
+  k = gram_matrix.shape[0]
   p = presence(task_present, k)
-  g = mask_gram(gram(per_task_grads) if gram_matrix is None else gram_matrix, p)
+  g = mask_gram(gram_matrix, p)
   norm = jnp.sqrt(jnp.maximum(jnp.diag(g), 0.0))
   denom = norm[:, None] * norm[None, :]
   cos = jnp.where(denom > 0, g / jnp.where(denom > 0, denom, 1.0), 0.0)
@@ -888,6 +1025,15 @@ def gram_aggregator(
     The aggregator transform (it reuses a Gram matrix passed by ``aggregate``).
   """
 
+  def coefficients_fn(
+    gram_matrix, state, *, task_losses=None, task_present=None, key=None
+  ):
+    p = presence(task_present, gram_matrix.shape[0])
+    c, new_state, *stats = solve(
+      mask_gram(gram_matrix, p), p, state, key=key, task_losses=task_losses
+    )
+    return (jnp.where(p, c, 0.0), new_state, *stats)
+
   def aggregate_fn(
     updates,
     state,
@@ -899,13 +1045,13 @@ def gram_aggregator(
     key=None,
   ):
     del params
-    p = presence(task_present, num_tasks_of(updates))
-    g = mask_gram(gram(updates) if gram_matrix is None else gram_matrix, p)
-    c, new_state, *stats = solve(g, p, state, key=key, task_losses=task_losses)
-    c = jnp.where(p, c, 0.0)
+    g = gram(updates) if gram_matrix is None else gram_matrix
+    c, new_state, *stats = coefficients_fn(
+      g, state, task_losses=task_losses, task_present=task_present, key=key
+    )
     return (combine(updates, c), new_state, c, *stats)
 
-  return Aggregator(init_fn, aggregate_fn)
+  return Aggregator(init_fn, aggregate_fn, coefficients=coefficients_fn)
 
 
 class EmptyState(NamedTuple):
@@ -953,7 +1099,15 @@ def _fixed_aggregator(weights) -> Aggregator:
     c = weights(presence(task_present, num_tasks_of(updates)))
     return combine(updates, c), state, c
 
-  return Aggregator(init_empty, aggregate_fn, _fixed_weights(weights))
+  def coefficients_fn(
+    gram_matrix, state, *, task_losses=None, task_present=None, key=None
+  ):
+    del task_losses, key
+    return weights(presence(task_present, gram_matrix.shape[0])), state
+
+  return Aggregator(
+    init_empty, aggregate_fn, _fixed_weights(weights), coefficients=coefficients_fn
+  )
 
 
 def sum_tasks() -> Aggregator:

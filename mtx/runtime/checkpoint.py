@@ -60,6 +60,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 from jax.experimental import multihost_utils
 
+from mtx import paths
 from mtx.errors import UserError
 
 STATE_ITEM = "state"
@@ -120,6 +121,7 @@ class Checkpointer:
         "or pass None to keep them all."
       )
     _check_writable(directory)
+    paths.check_checkpoint_dir("MODEL_DIR", directory)
     self.directory = epath.Path(directory)
     self.save_period = int(save_period)
     preservation = (
@@ -474,8 +476,9 @@ def _finite_flags(leaves: list) -> list:
 
 def _check_writable(directory: str) -> None:
   """Raises UserError unless ``directory`` exists (or can be made) and takes files."""
-  if "://" in directory:
-    return  # Remote storage: orbax reports its own errors on first write.
+  if paths.is_remote(directory):
+    # The CLI checked it (mtx.paths.check_reachable); orbax reports its own errors.
+    return
   try:
     os.makedirs(directory, exist_ok=True)
     fd, probe = tempfile.mkstemp(prefix=".mtx-write-probe-", dir=directory)
@@ -584,6 +587,7 @@ def _all_processes_agree(ok: bool) -> bool:
 
 def find_state_dir(path: str, what: str) -> epath.Path:
   """The ``state`` item directory that ``path`` names or contains (newest step)."""
+  paths.check_checkpoint_dir(what, path)  # orbax reads local paths and gs:// only
   root = epath.Path(path)
   if not root.exists() and root.name.isdigit() and root.parent.is_dir():
     raise UserError(_missing_step(root, what))

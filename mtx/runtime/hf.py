@@ -1,4 +1,9 @@
-"""Hugging Face T5 directories in and out: config.json, safetensors, spiece.model.
+"""Hugging Face directories in and out: config.json, safetensors, the tokenizer.
+
+T5 (below) and the Llama family (``LlamaForCausalLM``, ``Qwen2ForCausalLM``,
+``MistralForCausalLM``: ``mtx.runtime.hf_llama`` has their config and weight names, and
+their tokenizer is ``tokenizer.model`` or ``tokenizer.json``) share the reader and the
+writer here.
 
 A Hugging Face T5 directory (``google/flan-t5-small`` downloaded by the user; mtx never
 touches the network) holds::
@@ -26,12 +31,13 @@ width, E d_model, M d_ff, V vocabulary; ``e``/``d`` = encoder/decoder, i the blo
 (``encoder.embed_tokens``, ``decoder.embed_tokens``, a tied ``lm_head``) are ignored.
 
 Reading is lazy: ``safetensors.safe_open(..., framework="numpy")`` reads headers only,
-and ``get_slice`` reads just the rows and columns a device needs. float32, bfloat16 and
+and ``get_slice`` reads just the rows and columns a device needs (on ``gs://`` and other
+URLs, ``mtx.runtime.safetensors_io`` reads the header and then ranges of rows). float32, bfloat16 and
 float16 files are read (safetensors hands bfloat16 to numpy as ml_dtypes' bfloat16).
 """
 
+import dataclasses
 import json
-import os
 from typing import Optional
 
 import ml_dtypes  # noqa: F401  # registers numpy's "bfloat16", which safetensors asks for
@@ -39,14 +45,18 @@ import numpy as np
 import safetensors
 import safetensors.numpy
 
+from mtx import paths
 from mtx.errors import UserError
-from mtx.model import T5Config
-from mtx.runtime import metrics_writer
+from mtx.model import LlamaConfig, T5Config
+from mtx.runtime import hf_llama, safetensors_io
 
 CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
 INDEX = "model.safetensors.index.json"
 SPIECE = "spiece.model"
+# The Llama family's tokenizer: SentencePiece, or the `tokenizers` library's JSON.
+TOKENIZER_MODEL = "tokenizer.model"
+TOKENIZER_JSON = "tokenizer.json"
 ARCHITECTURES = ("T5ForConditionalGeneration", "MT5ForConditionalGeneration")
 MODEL_TYPES = ("t5", "mt5")
 # feed_forward_proj <-> T5Config.mlp_activations ("gated-gelu" is HF's gelu_new, the tanh
@@ -66,7 +76,7 @@ _IGNORED = (
 
 
 def is_hf_dir(path: str) -> bool:
-  return os.path.isdir(path) and os.path.isfile(os.path.join(path, CONFIG))
+  return paths.isdir(path) and paths.isfile(paths.join(path, CONFIG))
 
 
 # config.json keys that define the architecture and have no default in transformers' T5.
@@ -74,19 +84,22 @@ REQUIRED_KEYS = ("vocab_size", "d_model", "num_heads", "d_kv", "d_ff", "num_laye
 
 
 def read_config(path: str, what: str) -> dict:
-  """config.json of the directory ``path``, checked to be a T5 this mtx runs."""
-  file = os.path.join(path, CONFIG)
+  """config.json of the directory ``path``, checked to be a T5 or Llama-family model
+  this mtx runs (the Llama family's fields are checked by ``hf_llama``)."""
+  file = paths.join(path, CONFIG)
   try:
-    with open(file) as f:
-      config = json.load(f)
+    config = json.loads(paths.read_text(file))
   except (OSError, ValueError) as e:
     raise UserError(f"{what} {path}: {CONFIG} cannot be read as JSON ({e}).") from e
   arch = (config.get("architectures") or ["?"])[0]
+  if hf_llama.is_llama_family(config):
+    return config
   if arch not in ARCHITECTURES or config.get("model_type") not in MODEL_TYPES:
     raise UserError(
       f"{what} {path} is a {arch} (model_type {config.get('model_type')!r}), which mtx "
       f"cannot load; it loads {', '.join(ARCHITECTURES)} (model_type t5 or mt5: T5 "
-      "v1.0 and v1.1, Flan-T5, mT5, ByT5)."
+      "v1.0 and v1.1, Flan-T5, mT5, ByT5) and "
+      f"{', '.join(hf_llama.ARCHITECTURES)}."
     )
   missing = [k for k in REQUIRED_KEYS if k not in config]
   if missing:
@@ -165,7 +178,7 @@ def name_map(config: T5Config) -> dict[str, tuple[str, str]]:
   """mtx unscanned name -> (HF name, layout kind), for the model ``config`` describes.
 
   Kinds: "same" (no change), "t" (2-D transpose), "in_heads" ([H*D, E] -> [E, H, D]),
-  "out_heads" ([E, H*D] -> [H, D, E]).
+  "out_heads" ([E, H*D] -> [H, D, E]), "split_heads" ([H*D] -> [H, D], Llama's biases).
   """
   names = {"token_embedder/embedding": ("shared.weight", "same")}
   wis = (
@@ -220,6 +233,8 @@ def hf_shape(mtx_shape: tuple, kind: str) -> tuple:
   if kind == "in_heads":
     e, h, d = mtx_shape
     return (h * d, e)
+  if kind == "split_heads":
+    return (mtx_shape[0] * mtx_shape[1],)
   e, (h, d) = mtx_shape[2], mtx_shape[:2]
   return (e, h * d)
 
@@ -233,6 +248,8 @@ def to_hf(array: np.ndarray, kind: str) -> np.ndarray:
   if kind == "in_heads":
     e, h, d = array.shape
     return array.reshape(e, h * d).T
+  if kind == "split_heads":
+    return array.reshape(-1)
   h, d, e = array.shape
   return array.reshape(h * d, e).T
 
@@ -269,29 +286,38 @@ def mtx_shapes(config: T5Config) -> dict[str, tuple]:
 
 
 class HfReader:
-  """``mtx.runtime.pretrained.Reader`` of a Hugging Face T5 directory."""
+  """``mtx.runtime.pretrained.Reader`` of a Hugging Face T5 or Llama-family directory."""
 
   def __init__(self, path: str, what: str):
     self.path, self.what = path, what
     self.config = read_config(path, what)
-    self.t5_config = T5Config(**model_config_fields(self.config))
+    self.llama = hf_llama.is_llama_family(self.config)
+    if self.llama:
+      self._fields = hf_llama.model_config_fields(self.config, f"{what} {path}")
+      llama_config = LlamaConfig(**self._fields)
+      self._map = hf_llama.name_map(llama_config)
+      self._shapes = hf_llama.mtx_shapes(llama_config)
+      self._ignored = lambda hf_name: hf_llama.is_ignored(hf_name, llama_config)
+    else:
+      self._fields = model_config_fields(self.config)
+      t5_config = T5Config(**self._fields)
+      self._map = name_map(t5_config)
+      self._shapes = mtx_shapes(t5_config)
+      self._ignored = lambda hf_name: hf_name in _IGNORED or hf_name == "lm_head.weight"
     self._files = {}  # shard file name -> safe_open handle
     self._where = self._weight_files()  # HF name -> shard file name
-    self._map = name_map(self.t5_config)
-    self._shapes = mtx_shapes(self.t5_config)
     self._check_tensors()
 
   def _weight_files(self) -> dict[str, str]:
-    index = os.path.join(self.path, INDEX)
-    if os.path.isfile(index):
+    index = paths.join(self.path, INDEX)
+    if paths.isfile(index):
       try:
-        with open(index) as f:
-          weight_map = json.load(f)["weight_map"]
+        weight_map = json.loads(paths.read_text(index))["weight_map"]
       except (OSError, ValueError, KeyError) as e:
         raise UserError(
           f"{self.what} {self.path}: {INDEX} is not a safetensors index ({e})."
         ) from e
-    elif os.path.isfile(os.path.join(self.path, WEIGHTS)):
+    elif paths.isfile(paths.join(self.path, WEIGHTS)):
       weight_map = {k: WEIGHTS for k in self._open(WEIGHTS).keys()}
     else:
       raise UserError(
@@ -304,14 +330,14 @@ class HfReader:
 
   def _open(self, file: str):
     if file not in self._files:
-      full = os.path.join(self.path, file)
-      if not os.path.isfile(full):
+      full = paths.join(self.path, file)
+      if not paths.isfile(full):
         raise UserError(
           f"{self.what} {self.path}: the weights file {file} is missing; download "
           "the whole model directory again."
         )
       try:
-        self._files[file] = safetensors.safe_open(full, framework="numpy")
+        self._files[file] = safetensors_io.open_safetensors(full)
       except Exception as e:  # pylint: disable=broad-except  # the library's own errors
         raise UserError(
           f"{self.what} {self.path}: the weights file {file} is damaged or truncated "
@@ -324,12 +350,11 @@ class HfReader:
     mtx reads; nothing else is there."""
     wanted = {hf_name: mtx_name for mtx_name, (hf_name, _) in self._map.items()}
     for hf_name in sorted(self._where):
-      if (
-        hf_name not in wanted and hf_name not in _IGNORED and hf_name != "lm_head.weight"
-      ):
+      if hf_name not in wanted and not self._ignored(hf_name):
+        model = "Llama" if self.llama else "T5"
         raise UserError(
-          f"{self.what} {self.path} has a weight {hf_name} that mtx's T5 does not "
-          "have; it loads T5 v1.0/v1.1-style models only."
+          f"{self.what} {self.path} has a weight {hf_name} that mtx's {model} does not "
+          "have; use a checkpoint whose config.json describes its weights."
         )
     for hf_name, mtx_name in sorted(wanted.items()):
       if hf_name not in self._where:
@@ -370,6 +395,11 @@ class HfReader:
       block = piece[index]
     elif kind == "t":
       block = piece[tuple(reversed(index))].T
+    elif kind == "split_heads":  # [H*D] entries h*D + d
+      h, d = index
+      hd = shape[1]
+      block = piece[h.start * hd : h.stop * hd]
+      block = block.reshape(h.stop - h.start, hd)[:, d]
     elif kind == "in_heads":  # [H*D, E] rows h*D + d
       e, h, d = index
       hd = shape[2]
@@ -383,11 +413,17 @@ class HfReader:
     return np.ascontiguousarray(block, dtype=np.float32)
 
   def model_config(self) -> dict:
-    return model_config_fields(self.config)
+    """``T5Config`` fields, or ``LlamaConfig`` fields (see ``config_type``)."""
+    return dict(self._fields)
+
+  def config_type(self) -> type:
+    """The config class ``model_config``'s fields belong to."""
+    return LlamaConfig if self.llama else T5Config
 
   def vocabulary_path(self) -> str | None:
     """The directory itself: ``mtx.data.vocab.get_vocabulary`` reads a HF directory's
-    spiece.model with T5's 100 extra ids (or bytes, for ByT5)."""
+    spiece.model with T5's 100 extra ids (or bytes, for ByT5), or a Llama family's
+    tokenizer.model or tokenizer.json."""
     return self.path
 
   def close(self) -> None:
@@ -396,37 +432,48 @@ class HfReader:
 
 def export(
   params: dict[str, np.ndarray],
-  config: T5Config,
+  config: T5Config | LlamaConfig,
   out_dir: str,
   spiece_path: Optional[str] = None,
   dropout_rate: Optional[float] = None,
 ) -> list[str]:
-  """Writes ``params`` (unscanned mtx name -> float32 array) as a HF T5 directory.
+  """Writes ``params`` (unscanned mtx name -> float32 array) as a HF directory: a T5, or
+  for a ``LlamaConfig`` a Llama / Qwen2 / Mistral (``hf_llama.hf_config``).
 
+  ``spiece_path`` is the tokenizer file to copy: spiece.model for T5; for the Llama
+  family a SentencePiece model (written as tokenizer.model) or a tokenizer.json.
   Each file goes through mtx's one atomic writer. Returns the paths written.
   """
+  llama = isinstance(config, LlamaConfig)
   tensors = {}
-  for name, (hf_name, kind) in name_map(config).items():
+  names = hf_llama.name_map(config) if llama else name_map(config)
+  for name, (hf_name, kind) in names.items():
     tensors[hf_name] = np.ascontiguousarray(to_hf(np.asarray(params[name]), kind))
+  if llama:
+    if dropout_rate is not None:
+      config = dataclasses.replace(config, dropout_rate=dropout_rate)
+    config_json = hf_llama.hf_config(config)
+  else:
+    config_json = hf_config(config, dropout_rate)
   # Everything is read before the first write, so a bad input writes nothing.
   files = [
     (WEIGHTS, safetensors.numpy.save(tensors, metadata={"format": "pt"})),
-    (
-      CONFIG,
-      json.dumps(hf_config(config, dropout_rate), indent=2, sort_keys=True) + "\n",
-    ),
+    (CONFIG, json.dumps(config_json, indent=2, sort_keys=True) + "\n"),
   ]
   if spiece_path:
+    if not llama:
+      target = SPIECE
+    else:
+      target = TOKENIZER_JSON if spiece_path.endswith(".json") else TOKENIZER_MODEL
     try:
-      with open(spiece_path, "rb") as f:
-        files.append((SPIECE, f.read()))
-    except OSError as e:
+      files.append((target, paths.read_bytes(spiece_path)))
+    except Exception as e:  # pylint: disable=broad-except  # gfile/fsspec raise their own.
       raise UserError(
-        f"The vocabulary {spiece_path} cannot be read ({e.strerror}); export needs it "
-        "to write spiece.model."
+        f"The vocabulary {spiece_path} cannot be read ({getattr(e, 'strerror', e)}); "
+        "export needs it to write spiece.model."
       ) from e
   try:
-    os.makedirs(out_dir, exist_ok=True)
+    paths.makedirs(out_dir)
   except OSError as e:
     raise UserError(
       f"EXPORT_DIR {out_dir} cannot be created ({e.strerror}); choose a writable "
@@ -434,16 +481,19 @@ def export(
     ) from e
   written = []
   for file, content in files:
-    metrics_writer.write_atomically(os.path.join(out_dir, file), content)
-    written.append(os.path.join(out_dir, file))
+    paths.write_atomically(paths.join(out_dir, file), content)
+    written.append(paths.join(out_dir, file))
   return written
 
 
 def spiece_of(vocabulary_path: Optional[str]) -> Optional[str]:
-  """The SentencePiece file behind a vocabulary path (a .model or a HF directory)."""
+  """The tokenizer file behind a vocabulary path (a .model or .json file, or a HF
+  directory's spiece.model, tokenizer.model or tokenizer.json, in that order)."""
   if not vocabulary_path:
     return None
-  if os.path.isdir(vocabulary_path):
-    spm = os.path.join(vocabulary_path, SPIECE)
-    return spm if os.path.isfile(spm) else None
+  if paths.isdir(vocabulary_path):
+    for name in (SPIECE, TOKENIZER_MODEL, TOKENIZER_JSON):
+      if paths.isfile(paths.join(vocabulary_path, name)):
+        return paths.join(vocabulary_path, name)
+    return None
   return vocabulary_path

@@ -18,7 +18,10 @@ fails if a lock file exists), so a reader never sees part of it.
 Where the file system has no ``flock`` (some network or FUSE mounts), a lock file is
 stale when its host is this host and its pid is not running; one of another host is
 taken as held. Where it has no hard links, or MODEL_DIR is a URL (``gs://``), nothing
-is locked (with a warning). ``mtx eval`` and ``mtx infer`` only read a run and take
+is locked (with a warning): an object store offers no lock that dies with its holder
+(GCS's create-if-absent precondition would leave a dead run's lock object behind for
+a person to delete, and ``mtx.paths`` does not reach preconditions), so there one
+training per MODEL_DIR is the job scheduler's to ensure. ``mtx eval`` and ``mtx infer`` only read a run and take
 no lock. On several hosts, process 0 holds the lock for the run.
 """
 
@@ -33,6 +36,7 @@ import sys
 import tempfile
 from typing import Optional
 
+from mtx import paths
 from mtx.errors import UserError
 
 LOCK_FILE = ".mtx.lock"
@@ -64,7 +68,7 @@ class ModelDirLock:
     """
     self.model_dir = model_dir
     self.path = os.path.join(model_dir, LOCK_FILE)
-    self.enabled = enabled and "://" not in model_dir
+    self.enabled = enabled and not paths.is_remote(model_dir)
     self._fd: Optional[int] = None
     self._created: list = []  # Directories acquire made, deepest first.
     if enabled and not self.enabled:

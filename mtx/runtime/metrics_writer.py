@@ -14,11 +14,17 @@ of files written before). Each line goes out in one
 ``write`` on a file opened for appending, so a killed run leaves at most one partial
 last line, which ``read_metrics`` skips and the next ``MetricsWriter`` removes.
 
+On an object store (``gs://`` MODEL_DIR), which cannot append, the writer keeps the
+file's content and uploads it whole at each logged step (``mtx.paths.write_atomically``:
+one upload, so the object is the old or the new one; a killed run loses no line it had
+written). A run of N logged steps of b bytes uploads about b*N^2/2 bytes in all: 10,000
+lines of 1 KB is 50 GB, so log every 100 steps or more there (or train to a local
+MODEL_DIR and copy).
+
 Failed writes (a full disk, a file system gone read-only) raise ``WriteError``, a
 ``UserError`` naming the file. Whole files of a run (``config.gin``, ``tasks.json``)
-are written with ``write_atomically``: a temporary file in the same directory,
-fsynced, then renamed over the old one, so a reader sees the old or the new file,
-never part of one.
+are written with ``mtx.paths.write_atomically`` (temp file, fsync, rename locally; one
+whole upload on object stores), so a reader sees the old or the new file, never part of one.
 
 TensorBoard events go to ``MODEL_DIR/tensorboard`` (view them with ``pip install
 "mtx[tensorboard]"`` and ``tensorboard --logdir MODEL_DIR/tensorboard``), written by
@@ -31,11 +37,9 @@ import json
 import logging
 import math
 import os
-import tempfile
 from typing import Any, Mapping
 
-from mtx import tf_logs
-from mtx.errors import UserError
+from mtx import paths, tf_logs
 
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
@@ -43,48 +47,11 @@ TENSORBOARD_DIR = "tensorboard"
 _NON_FINITE = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
 
 
-class WriteError(UserError):
-  """A run output (metrics, TensorBoard, config.gin, tasks.json) could not be written."""
-
-
-def write_error(path: str, error: BaseException) -> WriteError:
-  """A one-sentence ``WriteError`` for a failed write of ``path``."""
-  reason = getattr(error, "strerror", None) or " ".join(str(error).split())[:200]
-  hint = (
-    "free some space"
-    if getattr(error, "errno", None) == errno.ENOSPC
-    else "make it writable (or free some space)"
-  )
-  return WriteError(
-    f"Could not write {path} ({reason}); {hint}, then run the same command again: "
-    "training resumes from the newest checkpoint."
-  )
-
-
-def write_atomically(path: str, text: str | bytes) -> None:
-  """Replaces ``path`` with ``text`` (str as UTF-8) atomically: temp file, fsync, rename.
-
-  Raises:
-    WriteError: the directory does not take the file (full, read-only, missing).
-  """
-  directory = os.path.dirname(os.path.abspath(path))
-  tmp = None
-  try:
-    # A unique name (O_EXCL), so that hosts sharing a file system never collide.
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.tmp-", dir=directory)
-    with os.fdopen(fd, "wb") as f:
-      f.write(text.encode("utf-8") if isinstance(text, str) else text)
-      f.flush()
-      os.fsync(f.fileno())
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
-    _fsync_directory(directory)  # The rename itself survives a power cut too.
-  except BaseException as e:
-    if tmp is not None and os.path.exists(tmp):
-      os.remove(tmp)
-    if isinstance(e, OSError):
-      raise write_error(path, e) from e
-    raise
+# The one atomic writer and its error live in the filesystem layer; these names stay
+# for the callers that knew them here.
+WriteError = paths.WriteError
+write_error = paths.write_error
+write_atomically = paths.write_atomically
 
 
 class MetricsWriter:
@@ -100,19 +67,34 @@ class MetricsWriter:
   def __init__(
     self, model_dir: str, *, tensorboard: bool = True, is_primary: bool = True
   ):
-    self._path = os.path.join(model_dir, METRICS_FILE)
+    self._path = paths.join(model_dir, METRICS_FILE)
     self._fd = None
+    self._remote = None  # The whole content, on an object store (no append there).
     self._tb_writer = None
     if not is_primary:
       return
     try:
-      os.makedirs(model_dir, exist_ok=True)
-      _drop_partial_last_line(self._path)
-      self._fd = os.open(self._path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    except OSError as e:
+      if paths.is_remote(model_dir):
+        self._remote = _complete_lines(
+          paths.read_bytes(self._path) if paths.exists(self._path) else b""
+        )
+      else:
+        os.makedirs(model_dir, exist_ok=True)
+        _drop_partial_last_line(self._path)
+        self._fd = os.open(self._path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    except paths.WriteError:
+      raise
+    except Exception as e:  # pylint: disable=broad-except  # gfile/fsspec raise their own.
       raise write_error(self._path, e) from e
     if tensorboard:
-      self._tb_dir = os.path.join(model_dir, TENSORBOARD_DIR)
+      # TensorFlow's summary writer reaches gs:// itself (gfile), and no other URL.
+      self._tb_dir = paths.join(model_dir, TENSORBOARD_DIR)
+      if paths.scheme(model_dir) not in (None, "gs"):
+        raise paths.WriteError(
+          f"TensorBoard events cannot be written to {self._tb_dir}: TensorFlow writes "
+          "local paths and gs:// only; turn TensorBoard off (train.tensorboard = False, "
+          "evaluate.tensorboard = False) or use a local or gs:// MODEL_DIR."
+        )
       try:
         self._tb_writer = _tensorboard_writer(self._tb_dir)
       except Exception as e:  # pylint: disable=broad-except  # TF raises its own types.
@@ -125,7 +107,7 @@ class MetricsWriter:
       step: the training step these values belong to.
       scalars: name -> number (Python, NumPy or 0-d JAX values); ints stay ints.
     """
-    if self._fd is None:
+    if self._fd is None and self._remote is None:
       return
     record = {"step": int(step)}
     for name, value in scalars.items():
@@ -142,6 +124,10 @@ class MetricsWriter:
 
   def _append(self, data: bytes) -> None:
     """Appends ``data``; a short write (a nearly full disk) is continued or raises."""
+    if self._remote is not None:
+      paths.write_atomically(self._path, self._remote + data)
+      self._remote += data  # Only once the upload holds it.
+      return
     while data:
       n = os.write(self._fd, data)
       if n <= 0:
@@ -165,6 +151,7 @@ class MetricsWriter:
         self._tensorboard("close")
     finally:
       self._tb_writer = None
+      self._remote = None
       if self._fd is not None:
         os.close(self._fd)
         self._fd = None
@@ -182,12 +169,10 @@ def read_metrics(model_dir: str) -> list[dict[str, Any]]:
   A partial last line (a run killed mid-write) is skipped; ``null`` comes back as NaN
   (and the "NaN", "Infinity" and "-Infinity" strings of older files as floats).
   """
-  path = os.path.join(model_dir, METRICS_FILE)
-  if not os.path.exists(path):
+  path = paths.join(model_dir, METRICS_FILE)
+  if not paths.exists(path):
     return []
-  with open(path, "rb") as f:
-    data = f.read()
-  lines = data.split(b"\n")
+  lines = paths.read_bytes(path).split(b"\n")
   records = []
   for i, line in enumerate(lines):
     if not line.strip():
@@ -207,15 +192,14 @@ def truncate_after(model_dir: str, step: int) -> None:
   """Drops the entries of ``metrics.jsonl`` with ``"step" > step``, atomically.
 
   Used on resume from a checkpoint at ``step``, so that steps about to be trained again
-  are not logged twice. The file is rewritten to a temporary file and moved into place
-  with ``os.replace``, so a crash leaves either the old or the new file. Call it on the
+  are not logged twice. The file is rewritten with ``mtx.paths.write_atomically``, so a
+  crash leaves either the old or the new file (on object stores too). Call it on the
   primary host only, before opening a ``MetricsWriter``.
   """
-  path = os.path.join(model_dir, METRICS_FILE)
-  if not os.path.exists(path):
+  path = paths.join(model_dir, METRICS_FILE)
+  if not paths.exists(path):
     return
-  with open(path, "rb") as f:
-    lines = f.read().split(b"\n")
+  lines = paths.read_bytes(path).split(b"\n")
   kept = []
   for line in lines:
     try:
@@ -227,17 +211,13 @@ def truncate_after(model_dir: str, step: int) -> None:
   write_atomically(path, b"".join(kept))
 
 
-def _fsync_directory(directory: str) -> None:
-  try:
-    fd = os.open(directory, os.O_RDONLY)
-  except OSError:
-    return  # Some platforms and file systems do not open directories.
-  try:
-    os.fsync(fd)
-  except OSError:
-    pass
-  finally:
-    os.close(fd)
+def _complete_lines(data: bytes) -> bytes:
+  """``data`` up to its last newline: a partial last line is dropped before appending.
+
+  >>> _complete_lines(b'{"step": 1}\\n{"st')
+  b'{"step": 1}\\n'
+  """
+  return data[: data.rfind(b"\n") + 1]
 
 
 def _to_number(value):

@@ -9,13 +9,12 @@ unscanned T5-base) is for reading when needed, so it goes to a file; the log get
 
 import collections
 import math
-import os
 from typing import Any
 
 import jax
 from jax.sharding import NamedSharding
 
-from mtx.runtime import metrics_writer
+from mtx import paths
 from mtx.runtime import params as params_lib
 
 MODEL_INFO_FILE = "model-info.txt"
@@ -43,7 +42,14 @@ def summary(params_abstract: Any, shardings: Any) -> str:
     shape = leaf.shape
     if isinstance(sharding, NamedSharding):
       shape = sharding.shard_shape(leaf.shape)
-      used = {a for entry in sharding.spec if entry for a in _names(entry)}
+      # An axis of size 1 splits nothing: a one-device mesh shards no array.
+      used = {
+        a
+        for entry in sharding.spec
+        if entry
+        for a in _names(entry)
+        if sharding.mesh.shape[a] > 1
+      }
       if used:
         sharded += 1
         axes.update(used)
@@ -62,8 +68,8 @@ def _names(entry) -> tuple:
 
 def write(model_dir: str, params_abstract: Any, shardings: Any) -> str:
   """Writes ``MODEL_DIR/model-info.txt`` (atomically) and returns the log's line."""
-  path = os.path.join(model_dir, MODEL_INFO_FILE)
+  path = paths.join(model_dir, MODEL_INFO_FILE)
   line = summary(params_abstract, shardings)
   text = f"{line}\n\n{params_lib.param_table(params_abstract, shardings)}\n"
-  metrics_writer.write_atomically(path, text)
+  paths.write_atomically(path, text)
   return f"Model: {line}; table in {path}."

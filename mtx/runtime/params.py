@@ -14,7 +14,7 @@ import numpy as np
 from jax.sharding import NamedSharding
 
 from mtx.errors import UserError
-from mtx.model import T5
+from mtx.model import T5, Llama, LlamaConfig
 from mtx.runtime import pretrained
 
 
@@ -32,11 +32,30 @@ def dummy_batch(batch_size: int, inputs_length: int, targets_length: int) -> dic
   )
 
 
+def make_model(config) -> nn.Module:
+  """The model a config describes: ``Llama`` for a ``LlamaConfig``, else ``T5``."""
+  return Llama(config) if isinstance(config, LlamaConfig) else T5(config)
+
+
+def dummy_inputs(model: nn.Module, inputs_length: int, targets_length: int) -> dict:
+  """Keyword inputs of one row that trace ``model``'s params: ``dummy_batch`` for T5;
+  for the decoder-only ``Llama``, one row of inputs + targets (prefix-LM features)."""
+  if not isinstance(model, Llama):
+    return dummy_batch(1, inputs_length, targets_length)
+  tokens = jnp.ones([1, inputs_length + targets_length], jnp.int32)
+  return dict(
+    decoder_input_tokens=tokens,
+    decoder_segment_ids=tokens,
+    decoder_positions=tokens * 0,
+    decoder_causal_attention=tokens,
+  )
+
+
 def abstract_params(model: nn.Module, inputs_length: int, targets_length: int):
   """Returns (boxed abstract params with logical names, unboxed ShapeDtypeStructs)."""
 
   def init(key):
-    return model.init(key, **dummy_batch(1, inputs_length, targets_length))["params"]
+    return model.init(key, **dummy_inputs(model, inputs_length, targets_length))["params"]
 
   boxed = jax.eval_shape(init, jax.random.key(0))
   return boxed, nn.unbox(boxed)
@@ -55,7 +74,7 @@ def init_params(
 
   def init(key):
     return nn.unbox(
-      model.init(key, **dummy_batch(1, inputs_length, targets_length))["params"]
+      model.init(key, **dummy_inputs(model, inputs_length, targets_length))["params"]
     )
 
   return jax.jit(init, out_shardings=shardings)(jax.random.key(seed))
@@ -87,7 +106,7 @@ def resolve_model_config(config, vocab_size: int, multiple: int = 128):
   if config.vocab_size:
     if config.vocab_size < vocab_size:
       raise UserError(
-        f"T5Config.vocab_size {config.vocab_size} is smaller than the vocabulary "
+        f"{type(config).__name__}.vocab_size {config.vocab_size} is smaller than the vocabulary "
         f"({vocab_size} ids); set it to at least {vocab_size}, or to 0 to follow "
         "the vocabulary."
       )
@@ -109,7 +128,8 @@ def load_trained(
   """A trained model and its params, sharded on ``mesh``, for eval/inference.
 
   Args:
-    model_config: the run's ``T5Config`` (vocab_size 0 = from the vocabulary).
+    model_config: the run's ``T5Config`` or ``LlamaConfig`` (vocab_size 0 = from the
+      vocabulary).
     vocab_size: the vocabulary's size (before padding).
     mesh, rules: where the params go, by their logical axis names.
     path: a MODEL_DIR (newest finished step), a step directory, or its state dir;
@@ -119,9 +139,9 @@ def load_trained(
     what: how errors name ``path``.
 
   Returns:
-    (model: T5, params: pytree of sharded arrays, param_shardings).
+    (model: T5 or Llama, params: pytree of sharded arrays, param_shardings).
   """
-  model = T5(resolve_model_config(model_config, vocab_size))
+  model = make_model(resolve_model_config(model_config, vocab_size))
   boxed, abstract = abstract_params(model, inputs_length, targets_length)
   shardings = param_shardings(boxed, mesh, rules)
   target = jax.tree.map(

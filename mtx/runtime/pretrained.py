@@ -27,6 +27,7 @@ from typing import Any, Optional, Protocol
 import jax
 import numpy as np
 
+from mtx import paths
 from mtx.data import vocab
 from mtx.errors import UserError
 from mtx.model import T5Config
@@ -49,7 +50,9 @@ class Reader(Protocol):
     """The param ``name`` (or its ``index`` slice, in mtx's layout) as float32."""
 
   def model_config(self) -> dict | None:
-    """The ``T5Config`` fields the checkpoint defines; None if it defines none."""
+    """The model config fields the checkpoint defines; None if it defines none. They
+    are ``T5Config``'s unless the reader has a ``config_type()`` that says otherwise
+    (a Hugging Face Llama directory: ``LlamaConfig``)."""
 
   def vocabulary_path(self) -> str | None:
     """A path ``mtx.data.vocab.get_vocabulary`` loads, or None (no vocabulary)."""
@@ -67,11 +70,11 @@ def open_reader(path: str, what: str) -> Optional[Reader]:
   path = os.fspath(path)
   if t5x.is_t5x_checkpoint(path):
     return t5x.open_t5x(path, what)
-  if os.path.isdir(path) and is_mtx_checkpoint(path):
+  if paths.isdir(path) and is_mtx_checkpoint(path):
     return None  # an mtx run wins, even over a Hugging Face export put inside it
   if hf.is_hf_dir(path):
     return hf.HfReader(path, what)
-  if os.path.isdir(path):
+  if paths.isdir(path):
     raise UserError(
       f"{what} {path} is neither an mtx checkpoint (a MODEL_DIR or step directory), "
       "nor a Hugging Face model directory (config.json and model.safetensors), nor a "
@@ -92,26 +95,37 @@ def is_pretrained(path: Optional[str], what: str) -> bool:
 
 def is_mtx_checkpoint(path: str) -> bool:
   """A MODEL_DIR (numbered step dirs), a step dir, or a step's state dir."""
-  entries = os.listdir(path)
+  entries = paths.listdir(path)
   markers = ("state", "config.gin", "metrics.jsonl", "_METADATA", "_CHECKPOINT_METADATA")
   return (
     any(e.split(".")[0].isdigit() for e in entries)  # steps, finished or not
     or any(e in entries for e in markers)
-    or os.path.basename(os.path.normpath(path)) == "state"
+    or paths.basename(path) == "state"
   )
 
 
-def merge_model_config(defined: dict, config: T5Config, path: str, what: str) -> T5Config:
+# Settings of the run rather than of the architecture: they carry over when a checkpoint
+# of another model family replaces gin's config.
+RUN_FIELDS = ("dtype", "remat_policy", "scan_layers", "dropout_rate")
+
+
+def merge_model_config(
+  defined: dict, config: Any, path: str, what: str, config_type: type = T5Config
+) -> Any:
   """``config`` with the checkpoint's ``defined`` fields; refuses contradicting gin.
 
-  A gin field counts as set when it differs from ``T5Config()``'s default.
+  A gin field counts as set when it differs from the config class's default. When the
+  checkpoint is of another family (``config_type``, e.g. ``LlamaConfig`` while gin
+  set a ``T5Config``), the checkpoint's family wins and only ``RUN_FIELDS`` carry over.
   """
-  default = T5Config()
+  if not isinstance(config, config_type):
+    config = config_type(**{f: getattr(config, f) for f in RUN_FIELDS})
+  default = config_type()
   for field, value in defined.items():
     mine = getattr(config, field)
     if mine != getattr(default, field) and mine != value:
       raise UserError(
-        f"model.T5Config.{field} = {mine!r} contradicts {what} {path}, which has "
+        f"model.{config_type.__name__}.{field} = {mine!r} contradicts {what} {path}, which has "
         f"{field} = {value!r}; drop that gin setting (the checkpoint defines the model)."
       )
   return dataclasses.replace(config, **defined)
@@ -119,10 +133,10 @@ def merge_model_config(defined: dict, config: T5Config, path: str, what: str) ->
 
 def resolve(
   path: Optional[str],
-  model_config: T5Config,
+  model_config: Any,
   vocabulary_path: Optional[str],
   what: str,
-) -> tuple[T5Config, Optional[str]]:
+) -> tuple[Any, Optional[str]]:
   """(model config, vocabulary path) for a run starting from or reading ``path``.
 
   For an mtx checkpoint (or no path) both come back unchanged. For a pretrained one, the
@@ -137,7 +151,8 @@ def resolve(
   try:
     defined = reader.model_config()
     if defined is not None:
-      model_config = merge_model_config(defined, model_config, path, what)
+      config_type = reader.config_type() if hasattr(reader, "config_type") else T5Config
+      model_config = merge_model_config(defined, model_config, path, what, config_type)
     own = reader.vocabulary_path() if hasattr(reader, "vocabulary_path") else None
   finally:
     reader.close()
@@ -151,10 +166,10 @@ def resolve(
 def resolve_run(
   path: Optional[str],
   initial_checkpoint_path: Optional[str],
-  model_config: T5Config,
+  model_config: Any,
   vocabulary_path: Optional[str],
   what: str,
-) -> tuple[T5Config, Optional[str]]:
+) -> tuple[Any, Optional[str]]:
   """(model config, vocabulary path) for reading ``path`` (eval, infer, export): those of
   ``path`` if it is pretrained, else those of the pretrained checkpoint the run started
   from (its INITIAL_CHECKPOINT_PATH), else gin's."""

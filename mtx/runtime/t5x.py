@@ -60,6 +60,7 @@ import numpy as np
 import tensorstore as ts
 from flax import serialization
 
+from mtx import paths
 from mtx.errors import UserError, close_names
 
 SUPPORTED_VERSIONS = (2, 3)
@@ -86,36 +87,36 @@ def _is_spec(leaf: Any) -> bool:
 
 def _newest_step_dir(model_dir: str) -> str | None:
   steps = []
-  for entry in os.listdir(model_dir):
+  for entry in paths.listdir(model_dir):
     m = _STEP_DIR.fullmatch(entry)
-    if m and os.path.isdir(os.path.join(model_dir, entry)):
+    if m and paths.isdir(paths.join(model_dir, entry)):
       steps.append((int(m.group(1)), entry))
-  return os.path.join(model_dir, max(steps)[1]) if steps else None
+  return paths.join(model_dir, max(steps)[1]) if steps else None
 
 
 def _step_dir(path: str) -> str | None:
   """The checkpoint_N directory ``path`` names (it, its msgpack file, or a model dir)."""
-  path = os.path.abspath(os.fspath(path))
-  if os.path.isfile(path):
-    return os.path.dirname(path) if os.path.basename(path) == "checkpoint" else None
-  if not os.path.isdir(path):
+  path = paths.absolute(os.fspath(path))
+  if paths.isfile(path):
+    return paths.dirname(path) if paths.basename(path) == "checkpoint" else None
+  if not paths.isdir(path):
     return None
-  if os.path.isfile(os.path.join(path, "checkpoint")) or _is_orbax_step(path):
+  if paths.isfile(paths.join(path, "checkpoint")) or _is_orbax_step(path):
     return path
   return _newest_step_dir(path)
 
 
 def _is_orbax_step(step_dir: str) -> bool:
   """T5X's orbax layout: checkpoint_N/state/ (orbax's PyTreeCheckpointHandler, OCDBT)."""
-  return _STEP_DIR.fullmatch(os.path.basename(step_dir)) is not None and os.path.isdir(
-    os.path.join(step_dir, "state")
+  return _STEP_DIR.fullmatch(paths.basename(step_dir)) is not None and paths.isdir(
+    paths.join(step_dir, "state")
   )
 
 
 def _has_t5x_keys(msgpack_file: str) -> bool:
   """The msgpack's top-level map has 'version' and 'optimizer' (T5X's own test)."""
   try:
-    with open(msgpack_file, "rb") as f:
+    with paths.open_file(msgpack_file, "rb") as f:
       unpacker = msgpack.Unpacker(f, raw=False)
       keys = set()
       for _ in range(unpacker.read_map_header()):
@@ -136,11 +137,9 @@ def is_t5x_checkpoint(path: str) -> bool:
   step_dir = _step_dir(path)
   if step_dir is None:
     return False
-  if _is_orbax_step(step_dir) and not os.path.isfile(
-    os.path.join(step_dir, "checkpoint")
-  ):
+  if _is_orbax_step(step_dir) and not paths.isfile(paths.join(step_dir, "checkpoint")):
     return True
-  return _has_t5x_keys(os.path.join(step_dir, "checkpoint"))
+  return _has_t5x_keys(paths.join(step_dir, "checkpoint"))
 
 
 def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
@@ -195,8 +194,7 @@ def _leaf_shape_dtype(leaf: Any) -> tuple[tuple[int, ...], str]:
 
 def _read_msgpack(msgpack_file: str, what: str) -> dict:
   try:
-    with open(msgpack_file, "rb") as f:
-      contents = serialization.msgpack_restore(f.read())
+    contents = serialization.msgpack_restore(paths.read_bytes(msgpack_file))
   except Exception as e:  # msgpack raises ValueError, ExtraData, UnpackValueError, ...
     raise UserError(
       f"{what} {msgpack_file} is not a readable T5X msgpack file ({type(e).__name__}: "
@@ -236,7 +234,7 @@ class T5XReader:
   def __init__(self, step_dir: str, what: str = "INITIAL_CHECKPOINT_PATH"):
     self.path = step_dir
     self._what = what
-    contents = _read_msgpack(os.path.join(step_dir, "checkpoint"), what)
+    contents = _read_msgpack(paths.join(step_dir, "checkpoint"), what)
     version = contents.get("version")
     if version not in SUPPORTED_VERSIONS or not isinstance(
       contents.get("optimizer"), dict
@@ -401,8 +399,8 @@ class T5XReader:
         f"'{p.t5x_name}' is bfloat16 stored as uint16 (T5X before 2021-06), which T5X "
         "itself no longer reads; save the checkpoint again with a current T5X."
       )
-    path = os.path.join(self.path, str(relative).lstrip("/"))
-    if not os.path.isdir(path):
+    path = paths.join(self.path, str(relative).lstrip("/"))
+    if not paths.isdir(path):
       raise self._fail(
         f"the tensorstore array of '{p.t5x_name}' ({path}) is missing; copy the whole "
         "checkpoint directory again."
@@ -412,7 +410,7 @@ class T5XReader:
   def _open(self, p: _Param) -> Any:
     spec = {
       "driver": p.leaf["driver"],
-      "kvstore": {"driver": "file", "path": self._array_dir(p)},
+      "kvstore": _kvstore(self._array_dir(p)),
     }
     try:
       store = ts.open(copy.deepcopy(spec), open=True, read=True).result()
@@ -429,6 +427,25 @@ class T5XReader:
     return store
 
 
+def _kvstore(directory: str) -> dict:
+  """The tensorstore kvstore of an array directory: tensorstore's own GCS driver for
+  ``gs://`` (as orbax does), its file driver locally; it has none for other schemes.
+
+  >>> _kvstore("gs://bucket/t5/checkpoint_100/target.x")
+  {'driver': 'gcs', 'bucket': 'bucket', 'path': 't5/checkpoint_100/target.x/'}
+  """
+  s = paths.scheme(directory)
+  if s is None:
+    return {"driver": "file", "path": directory}
+  if s == "gs":
+    bucket, _, inner = directory.partition("://")[2].partition("/")
+    return {"driver": "gcs", "bucket": bucket, "path": inner.rstrip("/") + "/"}
+  raise UserError(
+    f"{directory}: T5X arrays are read with tensorstore, which reads local paths and "
+    f"gs:// only, not {s}://; copy the checkpoint to one of those."
+  )
+
+
 def open_t5x(path: str, what: str = "INITIAL_CHECKPOINT_PATH") -> T5XReader:
   """A reader of the T5X checkpoint at ``path``: a checkpoint_N directory, its
   ``checkpoint`` msgpack file, or a model directory (its newest checkpoint_N).
@@ -437,14 +454,14 @@ def open_t5x(path: str, what: str = "INITIAL_CHECKPOINT_PATH") -> T5XReader:
   """
   step_dir = _step_dir(path)
   if step_dir is None or not (
-    _is_orbax_step(step_dir) or os.path.isfile(os.path.join(step_dir, "checkpoint"))
+    _is_orbax_step(step_dir) or paths.isfile(paths.join(step_dir, "checkpoint"))
   ):
     raise UserError(
       f"{what} {path} is not a T5X checkpoint (no checkpoint_N directory with a "
       "msgpack 'checkpoint' file); point it at one, or at the model directory holding "
       "them."
     )
-  if not os.path.isfile(os.path.join(step_dir, "checkpoint")):
+  if not paths.isfile(paths.join(step_dir, "checkpoint")):
     raise UserError(
       f"{what} {step_dir} is a T5X checkpoint in orbax's layout (state/, written with "
       "use_orbax=True), which mtx does not read; mtx reads T5X's default layout "

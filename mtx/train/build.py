@@ -7,19 +7,20 @@ compile exactly the same program.
 """
 
 import dataclasses
+import functools
 import logging
 import math
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import jax
 import numpy as np
 import optax
 
 from mtx import mtl, parallel
-from mtx.data import packing, registry
+from mtx.data import chat_template, decoder_only, packing, registry
 from mtx.data import pipeline as data_pipeline
 from mtx.errors import UserError, close_names
-from mtx.model import T5, T5Config
+from mtx.model import LlamaConfig, T5Config
 from mtx.runtime import params as params_lib
 from mtx.train import settings as settings_lib
 from mtx.train import state as state_lib
@@ -66,6 +67,85 @@ def default_units(
   return (roomy or even or fits)[0]
 
 
+# 'auto' takes the Gramian route when the stacks would hold more than this fraction of a
+# device's memory, or, where that is unknown (CPU), more than this many groups.
+AUTO_GRAMIAN_MEMORY_FRACTION = 0.25
+AUTO_GRAMIAN_GROUPS = 16
+
+
+def gramian_refusal(settings: settings_lib.StepSettings, transforms) -> Optional[str]:
+  """Why the Gramian route cannot run these settings (one sentence), or None."""
+  if settings.grad_accum_steps != 1:
+    return (
+      "train.grad_accum_steps > 1 (a Gram matrix of gradients summed over "
+      "microbatches needs the gradients themselves)."
+    )
+  if settings.tag_affinity_period:
+    return "TAG affinity (train.tag_affinity_period) needs the per-group gradients."
+  return mtl.gram_route_refusal(transforms)
+
+
+def choose_task_grads_route(
+  settings: settings_lib.StepSettings,
+  transforms,
+  num_groups: int,
+  stack_bytes: int,
+  device_memory: Optional[int],
+) -> str:
+  """'stacks' or 'gramian' for a per-group run (``train.task_grads_route``).
+
+  'auto' is 'gramian' when that route applies (``gramian_refusal``) and the stacks
+  (``stack_bytes`` per device: groups x params / data) exceed
+  ``AUTO_GRAMIAN_MEMORY_FRACTION`` of ``device_memory``, or, with no known device
+  memory, when there are more than ``AUTO_GRAMIAN_GROUPS`` groups; else 'stacks',
+  which is faster while it fits (one backward pass instead of two).
+
+      >>> choose_task_grads_route(settings, (mtl.pcgrad(),), 32, 40 * 2**30, 95 * 2**30)
+      'gramian'
+
+  Raises:
+    UserError: 'gramian' asked for where it does not apply.
+  """
+  requested = settings.task_grads_route
+  refusal = gramian_refusal(settings, transforms)
+  if requested == "gramian" and refusal is not None:
+    raise UserError(
+      f"train.task_grads_route is 'gramian' but the run has {refusal[0].lower()}"
+      f"{refusal[1:-1]}; set train.task_grads_route to 'auto' or 'stacks'."
+    )
+  if requested != "auto":
+    return requested
+  if refusal is not None:
+    return "stacks"
+  if device_memory:
+    big = stack_bytes > AUTO_GRAMIAN_MEMORY_FRACTION * device_memory
+  else:
+    big = num_groups > AUTO_GRAMIAN_GROUPS
+  return "gramian" if big else "stacks"
+
+
+def device_memory_bytes(mesh) -> Optional[int]:
+  """Memory of one of the mesh's devices, as the device reports it (None on CPU)."""
+  try:
+    stats = mesh.devices.flat[0].memory_stats()
+  except Exception:  # pylint: disable=broad-except  # backends without memory_stats
+    return None
+  return int(stats["bytes_limit"]) if stats and "bytes_limit" in stats else None
+
+
+def stack_bytes_per_device(params_abstract, param_shardings, num_groups: int) -> int:
+  """Bytes per device of the per-group stacks f32[G, *param], laid out as
+  ``parallel.group_stack_sharding`` lays them out (like params, split over data too)."""
+  total = 0
+  for leaf, sharding in zip(
+    jax.tree.leaves(params_abstract), jax.tree.leaves(param_shardings)
+  ):
+    stack = parallel.group_stack_sharding(sharding)
+    shape = stack.shard_shape((num_groups,) + tuple(leaf.shape))
+    total += int(np.prod(shape, dtype=np.int64)) * 4
+  return total
+
+
 def build_transforms(items: Sequence, num_tasks: int) -> tuple:
   """Transforms as given, or built from factories (gin's ``@mtl.pcgrad``) with k tasks.
 
@@ -86,14 +166,41 @@ def _axes(task_major: bool) -> tuple:
   return parallel.UNIT_AXES if task_major else parallel.BATCH_AXES
 
 
-def batch_shardings(layout: data_pipeline.Layout, mesh) -> dict:
-  """NamedShardings of the batch features: rows (or units) over ``batch_axes``."""
+def batch_shardings(
+  layout: data_pipeline.Layout, mesh, features: Sequence[str] = packing.FEATURES
+) -> dict:
+  """NamedShardings of the batch ``features``: rows (or units) over ``batch_axes``."""
   ndim = 3 if layout.task_major else 2
   axes = batch_axes(layout)
-  out = {k: parallel.batch_sharding(mesh, ndim, axes) for k in packing.FEATURES}
+  out = {k: parallel.batch_sharding(mesh, ndim, axes) for k in features}
   if layout.task_major:
     out["unit_task"] = parallel.batch_sharding(mesh, 1, axes)
   return out
+
+
+def batch_converter(
+  model_config, vocabulary, options: decoder_only.PrefixLM = decoder_only.PrefixLM()
+) -> Optional[Callable[[dict], dict]]:
+  """What turns the pipeline's packed rows into the model's batch: None for T5 (they
+  are its batch); for a decoder-only model, ``decoder_only.convert`` to prefix-LM rows
+  by ``options`` (``DataSettings.prefix_lm``), each example starting with
+  ``options.start_id`` or else the vocabulary's BOS (0 when it has none, as in T5X)."""
+  if not isinstance(model_config, LlamaConfig):
+    return None
+  options = options.for_vocabulary(vocabulary)
+  return lambda batch: decoder_only.convert(batch, options)
+
+
+def example_fn(
+  model_config, vocabulary, options: decoder_only.PrefixLM, lengths: Mapping[str, int]
+) -> Optional[Callable]:
+  """``(inputs, targets) -> (inputs, targets)`` of each tokenized example before packing:
+  a decoder-only model's chat template when ``options.chat_template`` is on
+  (``mtx.data.chat_template``, fitted to ``lengths``); else None (the examples as read)."""
+  if not (isinstance(model_config, LlamaConfig) and options.chat_template):
+    return None
+  template = chat_template.TokenTemplate.for_vocabulary(vocabulary)
+  return functools.partial(template.example, lengths=dict(lengths))
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -120,8 +227,8 @@ class StepBuild:
   layout: data_pipeline.Layout
   transforms: tuple
   task_grads: bool
-  model_config: T5Config
-  model: T5
+  model_config: T5Config | LlamaConfig
+  model: Any  # mtx.model.T5 or Llama
   schedule: Callable
   optimizer: optax.GradientTransformation
   mtl_init: Callable
@@ -143,6 +250,16 @@ class StepBuild:
   def batch_block(self) -> tuple:
     """(block, blocks) of the batch this process builds (``parallel.batch_block``)."""
     return parallel.batch_block(self.mesh, axes=self.batch_axes)
+
+  def batch_converter(self) -> Optional[Callable[[dict], dict]]:
+    """The packed rows -> model batch conversion (module ``batch_converter``)."""
+    return batch_converter(self.model_config, self.spec.vocabulary, self.data.prefix_lm)
+
+  def example_fn(self) -> Optional[Callable]:
+    """What the pipeline applies to each example (module ``example_fn``)."""
+    return example_fn(
+      self.model_config, self.spec.vocabulary, self.data.prefix_lm, self.lengths
+    )
 
   @property
   def lengths(self) -> dict:
@@ -182,8 +299,15 @@ class StepBuild:
     lay = self.layout
     lead = (lay.units, lay.rows_per_unit) if lay.task_major else (lay.batch_size,)
     out = {}
-    for name in packing.FEATURES:
-      length = lay.inputs_length if name.startswith("encoder") else lay.targets_length
+    # A decoder-only batch (mtx.data.decoder_only) has rows of inputs + targets.
+    decoder_only_batch = "encoder_input_tokens" not in self.batch_shardings
+    for name in self.batch_shardings:
+      if name == "unit_task":
+        continue
+      if decoder_only_batch:
+        length = lay.inputs_length + lay.targets_length
+      else:
+        length = lay.inputs_length if name.startswith("encoder") else lay.targets_length
       out[name] = jax.ShapeDtypeStruct(
         lead + (length,), np.int32, sharding=self.batch_shardings[name]
       )
@@ -263,6 +387,14 @@ def batch_layout(
   return layout
 
 
+def model_features(model_config) -> tuple:
+  """The batch features the model's step takes: a decoder-only model's prefix-LM rows
+  (``mtx.data.decoder_only``) or an encoder-decoder's (``mtx.data.packing``)."""
+  if isinstance(model_config, LlamaConfig):
+    return decoder_only.FEATURES
+  return packing.FEATURES
+
+
 def build_train_step(
   data: settings_lib.DataSettings,
   settings: settings_lib.StepSettings,
@@ -271,6 +403,7 @@ def build_train_step(
   mesh: Optional[jax.sharding.Mesh] = None,
   devices: Optional[Sequence[jax.Device]] = None,
   group_gradients_fn: Callable = step_lib.group_gradients,
+  device_memory: Optional[int] = None,
 ) -> StepBuild:
   """Builds the jitted train step and its abstract state, reading no data.
 
@@ -284,6 +417,8 @@ def build_train_step(
     devices: the devices of that mesh (default all).
     group_gradients_fn: the per-group route's gradients (``step.make_train_step``);
       benchmarks pass another to compare routes.
+    device_memory: bytes of one target device, for ``train.task_grads_route`` 'auto';
+      None: as the mesh's devices report it (``mtx compile``: COMPILE_DEVICE_MEMORY_GIB).
 
   Raises:
     UserError: settings that do not fit together (batch vs mesh, units, accumulation).
@@ -304,7 +439,7 @@ def build_train_step(
   model_config = params_lib.resolve_model_config(
     settings.model_config, spec.vocabulary.vocab_size
   )
-  model, schedule = T5(model_config), settings.schedule
+  model, schedule = params_lib.make_model(model_config), settings.schedule
   optimizer = settings.optimizer_fn(learning_rate=schedule)
   # Before tracing the model: a bad debug setting fails at once.
   cfg = step_config(settings, spec, task_grads, model_config.dropout_rate > 0)
@@ -312,6 +447,11 @@ def build_train_step(
   params_abstract, p_shardings, abstract_state, s_shardings = _abstract_state(
     model, layout, optimizer, (transforms, spec), settings.seed, mesh, rules
   )
+  if task_grads:
+    stacks = stack_bytes_per_device(params_abstract, p_shardings, spec.num_groups)
+    memory = device_memory or device_memory_bytes(mesh)
+    route = choose_task_grads_route(settings, transforms, spec.num_groups, stacks, memory)
+    cfg = dataclasses.replace(cfg, task_grads_route=route)
   step_fn = step_lib.make_train_step(
     model,
     optimizer,
@@ -321,7 +461,7 @@ def build_train_step(
     learning_rate_fn=schedule,
     group_gradients_fn=group_gradients_fn,
   )
-  b_shardings = batch_shardings(layout, mesh)
+  b_shardings = batch_shardings(layout, mesh, model_features(model_config))
   jit_step = jit_step_fn(step_fn, mesh, rules, s_shardings, b_shardings)
   return StepBuild(
     data=data,

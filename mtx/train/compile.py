@@ -71,6 +71,9 @@ class CompileReport:
   flops: Optional[float]
   flops_note: str = ""
   failure: Optional[str] = None
+  # route name -> (total bytes per device, or None where the route does not apply,
+  # and why); filled by ``mtx compile`` with COMPILE_COMPARE_ROUTES.
+  routes: dict = dataclasses.field(default_factory=dict)
 
   @property
   def total(self) -> int:
@@ -115,6 +118,9 @@ class CompileReport:
       )
     else:
       lines.append("No COMPILE_DEVICE_MEMORY_GIB given: fit not checked.")
+    for route, (total, why) in self.routes.items():
+      shown = f"{total / scale:.3f} {unit} per device" if total is not None else why
+      lines.append(f"  route {route}: {shown}")
     return "\n".join(lines)
 
 
@@ -149,9 +155,11 @@ def memory_breakdown(build: StepBuild, mem) -> dict:
   params = sharded_bytes(state["params"], shard["params"])
   optimizer = sharded_bytes(state["opt_state"], shard["opt_state"])
   mtl_state = sharded_bytes(state["mtl_state"], shard["mtl_state"])
-  groups = build.step_config.num_groups if build.task_grads else 0
+  stacks = build.task_grads and build.step_config.task_grads_route == "stacks"
+  groups = build.step_config.num_groups if stacks else 0
   # Per-task gradients are f32 stacks [G, *param], laid out by
-  # parallel.group_stack_sharding (like params, split over data too).
+  # parallel.group_stack_sharding (like params, split over data too); the Gramian
+  # route holds none.
   task_grads = sharded_bytes(
     jax.tree.map(
       lambda a: jax.ShapeDtypeStruct((groups,) + a.shape, np.float32), state["params"]
@@ -196,12 +204,19 @@ def compile_step(build: StepBuild, device_memory_gib: float = 0.0) -> CompileRep
   nbytes = memory_breakdown(build, compiled.memory_analysis())
   groups, total = nbytes["groups"], nbytes["total"]
   cfg = build.model_config
-  model = (
-    f"T5 emb {cfg.emb_dim} x {cfg.num_encoder_layers}+{cfg.num_decoder_layers} "
-    f"layers, vocab {cfg.vocab_size}"
-  )
+  if hasattr(cfg, "num_kv_heads"):  # a LlamaConfig
+    model = (
+      f"Llama emb {cfg.emb_dim} x {cfg.num_layers} layers, heads {cfg.num_heads} "
+      f"(kv {cfg.num_kv_heads}), vocab {cfg.vocab_size}"
+    )
+  else:
+    model = (
+      f"T5 emb {cfg.emb_dim} x {cfg.num_encoder_layers}+{cfg.num_decoder_layers} "
+      f"layers, vocab {cfg.vocab_size}"
+    )
   route = (
-    f"per-task gradients over {groups} groups, {build.layout.units} units"
+    f"per-task route '{build.step_config.task_grads_route}' over "
+    f"{build.step_config.num_groups} groups, {build.layout.units} units"
     if build.task_grads
     else "one gradient"
   )

@@ -20,7 +20,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from mtx import mtl, parallel
+from mtx import mtl, parallel, paths
 from mtx.data import pipeline as data_pipeline
 from mtx.data import registry
 from mtx.errors import UserError
@@ -29,7 +29,7 @@ from mtx.runtime import checkpoint, metrics_writer, model_info, pretrained, prog
 from mtx.runtime import lock as lock_lib
 from mtx.runtime import params as params_lib
 from mtx.train import build as build_lib
-from mtx.train import resume
+from mtx.train import flops, resume
 from mtx.train import settings as settings_lib
 
 log = logging.getLogger("mtx")
@@ -63,9 +63,15 @@ class Prefetcher:
   """
 
   def __init__(
-    self, pipe: data_pipeline.Pipeline, mesh, depth: int = 2, axes=parallel.BATCH_AXES
+    self,
+    pipe: data_pipeline.Pipeline,
+    mesh,
+    depth: int = 2,
+    axes=parallel.BATCH_AXES,
+    convert: Optional[Callable[[dict], dict]] = None,
   ):
     self._pipe, self._mesh, self._axes = pipe, mesh, axes
+    self._convert = convert  # the model's batch from packed rows (build.batch_converter)
     self._queue = queue.Queue(maxsize=depth)
     self._stop = threading.Event()
     self._thread = threading.Thread(target=self._run, daemon=True)
@@ -83,6 +89,8 @@ class Prefetcher:
     try:
       while not self._stop.is_set():
         local = self._pipe.next_batch()
+        if self._convert is not None:
+          local = self._convert(local)
         state = self._pipe.get_state()
         self._put((parallel.host_to_global(local, self._mesh, self._axes), state, None))
     except Exception as e:  # pylint: disable=broad-except
@@ -327,12 +335,20 @@ def train(
   """
   lock = lock_lib.ModelDirLock(config.model_dir, enabled=jax.process_index() == 0)
   try:  # release() is a no-op for a lock not held
+    _on_process_0(lambda: _check_paths(config))
     _on_process_0(lock.acquire)
     with _StopSignals() as stop:
       job, train_state, start_step = _start(config, devices, operative_config)
       return _run(job, train_state, start_step, stop)
   finally:
     lock.release()
+
+
+def _check_paths(config: settings_lib.TrainConfig) -> None:
+  """A bucket that cannot be reached fails now, in one sentence, before any build."""
+  paths.check_reachable("MODEL_DIR", config.model_dir, write=True)
+  paths.check_reachable("INITIAL_CHECKPOINT_PATH", config.initial_checkpoint_path)
+  paths.check_reachable("VOCABULARY", config.vocabulary_path)
 
 
 def _on_process_0(fn: Callable[[], object]) -> None:
@@ -382,6 +398,7 @@ def _start(
     data.mixture_or_task_name,
     build.lengths,
     run.eval_options,
+    prefix_lm=data.prefix_lm,
   )
   ckpt = checkpoint.Checkpointer(
     run.model_dir,
@@ -468,9 +485,7 @@ def _first_step_done(job, start_step: int):
   _write_model_info(run, job.build)
   if job.operative_config is not None:  # after tracing: it is complete now
     _write_config(run.model_dir, job.operative_config())
-  if jax.process_index() == 0 and os.path.exists(
-    os.path.join(run.model_dir, "metrics.jsonl")
-  ):
+  if jax.process_index() == 0:
     metrics_writer.truncate_after(run.model_dir, start_step)
   return metrics_writer.MetricsWriter(
     run.model_dir, tensorboard=run.tensorboard, is_primary=jax.process_index() == 0
@@ -496,6 +511,8 @@ def _load_data(
     process_count=blocks,
     num_shards=num_shards,
     allgather=multihost_utils.process_allgather if jax.process_count() > 1 else None,
+    stream=data.stream,
+    example_fn=build.example_fn(),
   )
 
 
@@ -632,9 +649,7 @@ def _write_tasks(model_dir: str, pipe) -> None:
       for i, (ex, g, r) in enumerate(zip(pipe.examples, spec.group_of_task, pipe.rates))
     ],
   }
-  metrics_writer.write_atomically(
-    os.path.join(model_dir, "tasks.json"), json.dumps(info, indent=1)
-  )
+  paths.write_atomically(paths.join(model_dir, "tasks.json"), json.dumps(info, indent=1))
 
 
 def _write_model_info(run: settings_lib.LoopSettings, build: build_lib.StepBuild):
@@ -644,6 +659,12 @@ def _write_model_info(run: settings_lib.LoopSettings, build: build_lib.StepBuild
     return
   line = model_info.write(run.model_dir, build.params_abstract, build.param_shardings)
   progress.log.info("%s", line)
+  if build.task_grads:
+    progress.log.info(
+      "Per-task gradients of %d groups by the '%s' route (train.task_grads_route).",
+      build.step_config.num_groups,
+      build.step_config.task_grads_route,
+    )
   if run.print_param_table:
     print(
       params_lib.param_table(build.params_abstract, build.param_shardings), flush=True
@@ -654,7 +675,7 @@ def _write_config(model_dir: str, text: str) -> None:
   """MODEL_DIR/config.gin: the configuration the run used (process 0)."""
   if jax.process_index() != 0:
     return
-  metrics_writer.write_atomically(os.path.join(model_dir, "config.gin"), text)
+  paths.write_atomically(paths.join(model_dir, "config.gin"), text)
 
 
 def _run(job: _Job, train_state, start_step: int, stop: _StopSignals) -> RunResult:
@@ -672,7 +693,8 @@ def _run(job: _Job, train_state, start_step: int, stop: _StopSignals) -> RunResu
     run.train_steps, start_step, enabled=jax.process_index() == 0 and os.isatty(2)
   )
   _log_resume(job, start_step, job.pipe.get_state())  # before the prefetcher reads on
-  prefetch = Prefetcher(job.pipe, build.mesh, axes=build.batch_axes)
+  convert = build.batch_converter()
+  prefetch = Prefetcher(job.pipe, build.mesh, axes=build.batch_axes, convert=convert)
   step = start_step
   history, last, data_state = [], {}, job.pipe.get_state()
   t0, t0_step = None, step
@@ -770,6 +792,7 @@ def _log(
   if steps > 0:
     scalars["timing/step_s"] = elapsed / steps
     scalars["timing/tokens_per_s"] = tokens / max(elapsed, 1e-9)
+    scalars.update(_perf(job, elapsed / steps))
   for ex in job.pipe.examples:  # Epochs of this host's shard at the trained position.
     scalars[f"data/epochs/{ex.name}"] = data_state["cursors"][ex.name] / len(ex)
   writer.write(step, scalars)
@@ -777,6 +800,17 @@ def _log(
     progress.log.info("%s", progress.log_line(step, job.settings.train_steps, scalars))
   warn_solver_failures(scalars, step)
   return scalars
+
+
+def _perf(job: _Job, step_s: float) -> dict:
+  """``perf/tflops_per_device`` and ``perf/mfu`` (``flops.perf_metrics``) for a step
+  time; ``perf/mfu`` only where the device's peak is known (not on CPU)."""
+  b = job.build
+  step_flops = flops.train_step_flops(
+    b.model_config, b.layout.batch_size, b.layout.inputs_length, b.layout.targets_length
+  )
+  peak = flops.peak_tflops(b.mesh.devices.flat[0].device_kind, job.settings.peak_tflops)
+  return flops.perf_metrics(step_flops, step_s, b.mesh.size, peak)
 
 
 def _log_resume(job: _Job, start_step: int, data_state: dict) -> None:

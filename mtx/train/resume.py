@@ -11,10 +11,10 @@ so that a changed flag is never a surprise:
 """
 
 import json
-import os
 import re
 from typing import Optional, Sequence
 
+from mtx import paths
 from mtx.errors import UserError
 
 TASKS_FILE = "tasks.json"
@@ -22,12 +22,27 @@ CONFIG_FILE = "config.gin"
 
 
 def saved_task_names(model_dir: str) -> Optional[list]:
-  """The task names of MODEL_DIR/tasks.json in id order; None without a readable one."""
+  """The task names of MODEL_DIR/tasks.json in id order; None without one (a run
+  from before tasks.json) or with one that is not mtx's JSON.
+
+  Raises:
+    UserError: tasks.json exists but cannot be read (a permission or a transient
+      remote error), so the task-set check is not skipped in silence.
+  """
+  file = paths.join(model_dir, TASKS_FILE)
+  if not paths.exists(file):
+    return None
   try:
-    with open(os.path.join(model_dir, TASKS_FILE), encoding="utf-8") as f:
-      info = json.load(f)
+    text = paths.read_text(file)
+  except Exception as e:  # pylint: disable=broad-except  # gfile/fsspec raise their own
+    raise UserError(
+      f"{file} exists but cannot be read ({e}); fix its access and restart, so the "
+      "resumed run can be checked against the tasks it was trained on."
+    ) from e
+  try:
+    info = json.loads(text)
     return [t["name"] for t in sorted(info["tasks"], key=lambda t: t["id"])]
-  except (OSError, ValueError, KeyError, TypeError):
+  except (ValueError, KeyError, TypeError):
     return None
 
 
@@ -77,9 +92,8 @@ def changed_settings(model_dir: str, operative_config: str) -> list:
   """['name: old -> new', ...] for the bindings of both MODEL_DIR/config.gin and
   ``operative_config`` whose values differ (sorted by name)."""
   try:
-    with open(os.path.join(model_dir, CONFIG_FILE), encoding="utf-8") as f:
-      before = _bindings(f.read())
-  except OSError:
+    before = _bindings(paths.read_text(paths.join(model_dir, CONFIG_FILE)))
+  except Exception:  # pylint: disable=broad-except  # no file: gfile and fsspec differ.
     return []
   now = _bindings(operative_config)
   return [

@@ -25,12 +25,14 @@ import dataclasses
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 from mtx import parallel, paths
+from mtx.data import decoder_only, streaming
 from mtx.errors import UserError, check_int, close_names
 from mtx.eval.evaluator import EvalOptions
 from mtx.model import T5Config
 from mtx.train import optim
 
 NONFINITE_POLICIES = ("skip", "stop")
+TASK_GRADS_ROUTES = ("auto", "stacks", "gramian")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -51,6 +53,20 @@ class DataSettings:
     split: the seqio split to train on.
     data_seed: the data order's seed; None = StepSettings.seed.
     data_shards: data shards (a multiple of the processes); None = one per process.
+    stream_tasks: task names or fnmatch patterns that stream (``mtx.data.streaming``)
+      instead of being read into memory.
+    stream_above_bytes: other tasks stream when their split's files total more
+      bytes; None = only ``stream_tasks``.
+    stream_window: examples per shuffle window of a streamed task (its memory and
+      resume cost).
+    stream_use_cached: streamed tasks read seqio's cache when they have one (T5X's
+      ``USE_CACHED_TASKS``).
+    stream_on_corrupt: a corrupt record in a stream: "stop" or "skip" (and count).
+    stream_cache_dirs: folders added to seqio's cache directories (where
+      ``seqio_cache_tasks`` wrote cached tasks).
+    prefix_lm: how a decoder-only model's rows are made from the text-to-text
+      examples (prefix-LM attention, loss on targets only; ``decoder_only.PrefixLM``);
+      unused by T5.
   """
 
   mixture_or_task_name: str
@@ -66,6 +82,13 @@ class DataSettings:
   split: str = "train"
   data_seed: Optional[int] = None
   data_shards: Optional[int] = None
+  stream_tasks: Sequence[str] = ()
+  stream_above_bytes: Optional[int] = 1 << 30
+  stream_window: int = 4096
+  stream_use_cached: bool = True
+  stream_on_corrupt: str = "stop"
+  stream_cache_dirs: Sequence[str] = ()
+  prefix_lm: decoder_only.PrefixLM = decoder_only.PrefixLM()
 
   def __post_init__(self):
     _make_absolute(self, "vocabulary_path")
@@ -73,6 +96,19 @@ class DataSettings:
     check_int("UNITS", self.units, 1, optional=True)
     check_int("DATA_SHARDS", self.data_shards, 1, optional=True)
     check_int("train.data_seed", self.data_seed, 0, optional=True)
+    _ = self.stream
+
+  @property
+  def stream(self) -> streaming.StreamOptions:
+    """Which tasks stream and how, as the data layer takes it."""
+    return streaming.StreamOptions(
+      tasks=self.stream_tasks,
+      above_bytes=self.stream_above_bytes,
+      window=self.stream_window,
+      use_cached=self.stream_use_cached,
+      on_corrupt=self.stream_on_corrupt,
+      cache_dirs=self.stream_cache_dirs,
+    )
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -97,6 +133,12 @@ class StepSettings:
     tag_affinity_lr: its lookahead learning rate; None = the schedule's.
     debug_inject_nonfinite_steps, debug_inject_nonfinite_task: a testing aid (the
       named task's loss is +Inf at these steps); empty in real runs.
+    task_grads_route: how a per-task method gets what it needs: "stacks" (one
+      gradient per task group held at once: fastest, memory grows with k),
+      "gramian" (their Gram matrix layer by layer, then one weighted backward pass:
+      memory of a plain step whatever k, about one more backward pass; Gram-based
+      methods only, no grad accumulation or TAG), or "auto"
+      (``build.choose_task_grads_route``).
   """
 
   model_config: T5Config = T5Config()
@@ -114,8 +156,14 @@ class StepSettings:
   tag_affinity_lr: Optional[float] = None
   debug_inject_nonfinite_steps: Sequence[int] = ()
   debug_inject_nonfinite_task: Optional[str] = None
+  task_grads_route: str = "auto"
 
   def __post_init__(self):
+    if self.task_grads_route not in TASK_GRADS_ROUTES:
+      raise UserError(
+        f"train.task_grads_route is {self.task_grads_route!r}; use one of "
+        f"{', '.join(repr(r) for r in TASK_GRADS_ROUTES)}."
+      )
     check_int("train.grad_accum_steps", self.grad_accum_steps, 1)
     check_int("train.tag_affinity_period", self.tag_affinity_period, 0)
     check_int("train.seed", self.seed, 0)
@@ -174,6 +222,8 @@ class LoopSettings:
     print_param_table: also print the parameter table (it is always written to
       MODEL_DIR/model-info.txt, with a one-line summary in the log).
     nonfinite_policy: "skip" or "stop" on a step with a NaN/Inf (runs/train.gin).
+    peak_tflops: one device's peak dense TFLOP/s for ``perf/mfu``; None = from the
+      device kind (``mtx.train.flops.PEAK_TFLOPS``; none for CPUs: no ``perf/mfu``).
   """
 
   model_dir: str
@@ -184,9 +234,16 @@ class LoopSettings:
   tensorboard: bool = True
   print_param_table: bool = False
   nonfinite_policy: str = "skip"
+  peak_tflops: Optional[float] = None
 
   def __post_init__(self):
     _make_absolute(self, "model_dir")
+    paths.check_checkpoint_dir("MODEL_DIR", self.model_dir)
+    if self.peak_tflops is not None and not self.peak_tflops > 0:
+      raise UserError(
+        f"train.peak_tflops is {self.peak_tflops}; give one device's peak TFLOP/s "
+        "(> 0), or None to take it from the device kind."
+      )
     check_int("TRAIN_STEPS", self.train_steps, 1)
     check_int("LOG_PERIOD", self.log_period, 1)
     check_int("EVAL_PERIOD", self.eval_period, 0)

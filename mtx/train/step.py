@@ -61,7 +61,8 @@ import jax.numpy as jnp
 import optax
 
 from mtx import mtl, parallel
-from mtx.model import losses
+from mtx.data import decoder_only
+from mtx.model import losses, taps
 
 # The per-task sums the routes return, one f32[k] each (``losses.token_losses``): the
 # training loss (what the gradient is of) and, for the logs, the plain cross-entropy,
@@ -77,6 +78,16 @@ MODEL_KEYS = (
   "encoder_positions",
   "decoder_positions",
 )
+# What a decoder-only model (``mtx.model.Llama``) reads from a batch without an encoder
+# side; the loss features are the same.
+DECODER_ONLY_KEYS = decoder_only.MODEL_FEATURES
+
+
+def model_inputs(batch: dict) -> dict:
+  """The model's keyword inputs from a batch: ``MODEL_KEYS`` for an encoder-decoder
+  batch, ``DECODER_ONLY_KEYS`` for a decoder-only one (it has no encoder tokens)."""
+  keys = MODEL_KEYS if "encoder_input_tokens" in batch else DECODER_ONLY_KEYS
+  return {k: batch[k] for k in keys}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,6 +109,11 @@ class StepConfig:
       steps the loss weights of task ``inject_nonfinite_task``'s target tokens become
       +Inf, so that task's loss and the gradient are non-finite (a step where the task
       has no tokens is left alone). Empty in real runs, and then not in the program.
+    task_grads_route: how the per-group route gets what the mtl chain needs:
+      "stacks" (``group_gradients``: the gradients, [G, *param]) or "gramian"
+      (``unit_gram`` and ``weighted_gradient``: their Gram matrix, then one weighted
+      backward pass; needs ``grad_accum_steps`` 1 and a chain that
+      ``mtl.gram_route_refusal`` accepts).
   """
 
   num_tasks: int
@@ -112,17 +128,19 @@ class StepConfig:
   tag_affinity_lr: float = 0.0
   inject_nonfinite_steps: tuple = ()
   inject_nonfinite_task: int = 0
+  task_grads_route: str = "stacks"
 
   @property
   def num_groups(self) -> int:
     return max(self.group_of_task) + 1
 
 
-def task_loss_sums(model, cfg: StepConfig, params, batch, key):
+def task_loss_sums(model, cfg: StepConfig, params, batch, key, gram_probe=None):
   """Loss sums and target tokens per task of some packed rows.
 
   Args:
-    model: the ``mtx.model.T5`` module.
+    model: the ``mtx.model.T5`` module, or a decoder-only ``mtx.model.Llama`` (then
+      ``batch`` holds ``mtx.data.decoder_only`` features).
     cfg: the step's settings; uses ``num_tasks``, ``z_loss``, ``label_smoothing`` and
       ``dropout``.
     params: the model's params pytree.
@@ -130,6 +148,8 @@ def task_loss_sums(model, cfg: StepConfig, params, batch, key):
       ``decoder_target_tokens``, ``decoder_loss_weights``, ``decoder_task_ids`` (the
       task id of every target token, -1 on padding; ``mtx.data.packing``).
     key: the dropout PRNG key (unused unless ``cfg.dropout``).
+    gram_probe: None, or one probe per param leaf (``mtx.model.taps``): the model's
+      params are then tapped, so that the probes' gradient holds Gram matrix rows.
 
   Returns:
     (sums, token_counts f32[k]): ``sums`` maps each of ``LOSS_PARTS`` to f32[k]: per
@@ -139,9 +159,12 @@ def task_loss_sums(model, cfg: StepConfig, params, batch, key):
     those weights. A task's mean loss over these rows is
     ``safe_div(sums["loss"], token_counts)``.
   """
+  variables = {"params": params}
+  if gram_probe is not None:
+    variables[taps.GRAM_PROBE] = gram_probe
   logits = model.apply(
-    {"params": params},
-    **{k: batch[k] for k in MODEL_KEYS},
+    variables,
+    **model_inputs(batch),
     enable_dropout=cfg.dropout,
     rngs={"dropout": key},
   )
@@ -468,6 +491,113 @@ def group_gradients(model, cfg, params, batch, group_counts, dkey, param_shardin
   return grads, sums
 
 
+def _unit_inputs(batch, group_counts, dkey, param_shardings):
+  """(unit features in the units layout, scale f32[U] = 1 / (its group's tokens), one
+  dropout key per unit): what both routes give each unit, so that they agree."""
+  unit_task = batch["unit_task"]
+  data = {
+    k: _units_layout(v, param_shardings) for k, v in batch.items() if k != "unit_task"
+  }
+  scale = safe_div(1.0, group_counts)[unit_task]
+  return data, scale, jax.random.split(dkey, unit_task.shape[0])
+
+
+def unit_gram(model, cfg, params, batch, group_counts, dkey, param_shardings):
+  """The Gramian route's first pass: the Gram matrix of the per-unit gradients, f32[U, U].
+
+  ``out[u, v] = <P_u, P_v>`` summed over all params, with P_u the gradient of unit u's
+  loss sum scaled by 1 / (its group's tokens), the per-unit gradient
+  ``group_gradients`` sums by group, but without ever holding P: every param is tapped
+  (``mtx.model.taps``) and ``vmap(grad)`` over units of the probes gives, per unit,
+  its row of P P^T; per layer only that layer's per-unit gradients exist, transiently.
+  The groups' Gram matrix is ``A P P^T A^T`` with the one-hot unit-to-group matrix A
+  [G, U] (``group_gram``).
+
+  Args, like ``group_gradients``'s (``cfg.grad_accum_steps`` must be 1: a Gram matrix
+  of summed microbatch gradients needs cross terms between microbatches, that is,
+  the gradients themselves).
+
+  Returns:
+    (unit Gram f32[U, U], task sums: ``task_loss_sums``' dict of f32[k]).
+  """
+  if cfg.grad_accum_steps != 1:
+    raise ValueError("unit_gram needs grad_accum_steps 1 (see its docstring).")
+  data, unit_scale, unit_keys = _unit_inputs(batch, group_counts, dkey, param_shardings)
+  num_units = unit_scale.shape[0]
+  probe = jax.tree.map(lambda _: jnp.zeros((num_units,), jnp.float32), params)
+
+  def unit_objective(pr, unit, scale, key):
+    sums, _ = task_loss_sums(model, cfg, params, unit, key, gram_probe=pr)
+    return scale * jnp.sum(sums["loss"]), sums
+
+  rows_fn = jax.vmap(
+    jax.grad(unit_objective, has_aux=True),
+    in_axes=(None, 0, 0, 0),
+    spmd_axis_name=parallel.UNIT_AXES,
+  )
+  with nn.logical_axis_rules(parallel.rules_within_unit(cfg.rules)):
+    rows, sums = rows_fn(probe, data, unit_scale, unit_keys)
+  gram = sum(jax.tree.leaves(rows), jnp.zeros((num_units, num_units), jnp.float32))
+  return gram, jax.tree.map(lambda x: x.sum(0), sums)
+
+
+def group_gram(unit_gram_matrix, unit_task, num_groups: int) -> jax.Array:
+  """Unit Gram f32[U, U] -> group Gram f32[G, G]: ``A M A^T``, A [G, U] one-hot.
+
+  With ``unit_task`` [0, 1, 0] the group-0 gradient is P_0 + P_2, so
+  ``out[0, 0] = M[0,0] + M[0,2] + M[2,0] + M[2,2]``.
+  """
+  a = jax.nn.one_hot(unit_task, num_groups, dtype=jnp.float32).T
+  hi = jax.lax.Precision.HIGHEST
+  return jnp.matmul(jnp.matmul(a, unit_gram_matrix, precision=hi), a.T, precision=hi)
+
+
+def weighted_gradient(
+  model, cfg, params, batch, group_counts, group_weights, dkey, param_shardings
+):
+  """The Gramian route's second pass: grad of sum_g w_g L_g over the task-major batch.
+
+  One backward pass (a plain step's cost) of ``sum_u w_{group(u)} scale_u loss_u``,
+  with the same units, scales and dropout keys as ``group_gradients`` and
+  ``unit_gram``, so it equals ``sum_g w_g group_gradients(...)[g]`` exactly (up to
+  float32 summation order), without the stacks.
+
+  Args:
+    model, cfg, params, batch, group_counts, dkey, param_shardings: as for
+      ``group_gradients``.
+    group_weights: f32[G], the coefficients (``mtl.aggregate_gram``).
+
+  Returns:
+    The gradient, shaped and sharded like params.
+  """
+  # The forward pass does not need the weights, so XLA would run it during the first
+  # pass and hold both passes' activations (2x a plain step's temporaries on CPU). The
+  # tokens are made to depend on the weights (+0, or +1 when they are NaN, a step that
+  # is skipped anyway): an optimization_barrier on (params, batch, weights) does the
+  # same, but XLA then keeps both passes' buffers apart (also 2x, measured).
+  late = jnp.isnan(jnp.sum(group_weights)).astype(jnp.int32)
+  batch = dict(batch)
+  for name in ("encoder_input_tokens", "decoder_input_tokens"):
+    if name in batch:  # a decoder-only batch has no encoder side
+      batch[name] = batch[name] + late
+  data, unit_scale, unit_keys = _unit_inputs(batch, group_counts, dkey, param_shardings)
+  coef = group_weights.astype(jnp.float32)[batch["unit_task"]] * unit_scale
+
+  def unit_objective(p, unit, c, key):
+    sums, _ = task_loss_sums(model, cfg, p, unit, key)
+    return c * jnp.sum(sums["loss"])
+
+  def total(p):
+    per_unit = jax.vmap(
+      unit_objective, in_axes=(None, 0, 0, 0), spmd_axis_name=parallel.UNIT_AXES
+    )
+    with nn.logical_axis_rules(parallel.rules_within_unit(cfg.rules)):
+      return jnp.sum(per_unit(p, data, coef, unit_keys))
+
+  grads = jax.grad(total)(params)
+  return jax.tree.map(jax.lax.with_sharding_constraint, grads, param_shardings)
+
+
 def _tag_affinity(
   model, cfg, params, batch, group_counts, group_grads, present, lr, due, key
 ):
@@ -485,6 +615,23 @@ def _tag_affinity(
 
   zeros = jnp.zeros((cfg.num_groups, cfg.num_groups), jnp.float32)
   return jax.lax.cond(due, affinity, lambda _: zeros, None)
+
+
+def _group_metrics(info: dict) -> dict:
+  """The per-group route's metrics from ``mtl.aggregate``'s (or ``aggregate_gram``'s)
+  info: gradient norms, cosines, conflicts, the weights applied, the solve's report."""
+  metrics = dict(
+    group_grad_norm=info["grad_norm"],
+    group_grad_cos=info["grad_cos"],
+    conflict_frac=info["conflict_frac"],
+  )
+  if "weights" in info:
+    metrics["group_weights"] = info["weights"]
+  if "solver_residual" in info:  # the method solved for its weights
+    metrics.update(
+      solver_residual=info["solver_residual"], solver_failed=info["solver_failed"]
+    )
+  return metrics
 
 
 def make_train_step(
@@ -541,12 +688,34 @@ def make_train_step(
     cfg.task_grads and (cfg.tag_affinity_lr > 0 or learning_rate_fn is not None)
   ):
     raise ValueError("TAG affinity needs the per-group route and a learning rate.")
+  gramian = cfg.task_grads and cfg.task_grads_route == "gramian"
+  if gramian and (cfg.tag_affinity_period or cfg.grad_accum_steps != 1):
+    raise ValueError("The Gramian route needs grad_accum_steps 1 and no TAG affinity.")
+
+  def gramian_route(state, batch, group_counts, dkey, mkey):
+    """The Gram matrix, ``mtl.aggregate_gram``, one weighted backward pass and
+    ``mtl.finish_chain``: what ``per_group_route`` returns, without the stacks."""
+    params = state["params"]
+    grams, sums = unit_gram(
+      model, cfg, params, batch, group_counts, dkey, param_shardings
+    )
+    gram = group_gram(grams, batch["unit_task"], cfg.num_groups)
+    present = group_counts > 0
+    group_losses = safe_div(sums["loss"] @ group_matrix(cfg), group_counts)
+    extra = dict(task_losses=group_losses, task_present=present, key=mkey)
+    w, mtl_state, info = mtl.aggregate_gram(transforms, state["mtl_state"], gram, **extra)
+    grads = weighted_gradient(
+      model, cfg, params, batch, group_counts, w, dkey, param_shardings
+    )
+    grads, mtl_state = mtl.finish_chain(transforms, mtl_state, grads, params, **extra)
+    return grads, sums, mtl_state, _group_metrics(info)
 
   def per_group_route(state, batch, group_counts, dkey, mkey):
     """Per-group gradients and ``mtl.aggregate``: (grads, task sums, mtl state,
     metrics), TAG's affinity included when configured."""
+    if gramian:
+      return gramian_route(state, batch, group_counts, dkey, mkey)
     params = state["params"]
-    metrics = {}
     group_grads, sums = group_gradients_fn(
       model, cfg, params, batch, group_counts, dkey, param_shardings
     )
@@ -570,17 +739,7 @@ def make_train_step(
       grads,
       param_shardings,
     )
-    metrics.update(
-      group_grad_norm=info["grad_norm"],
-      group_grad_cos=info["grad_cos"],
-      conflict_frac=info["conflict_frac"],
-    )
-    if "weights" in info:
-      metrics["group_weights"] = info["weights"]
-    if "solver_residual" in info:  # the method solved for its weights
-      metrics.update(
-        solver_residual=info["solver_residual"], solver_failed=info["solver_failed"]
-      )
+    metrics = _group_metrics(info)
     if cfg.tag_affinity_period:
       due = (state["step"] + 1) % cfg.tag_affinity_period == 0
       lr = (

@@ -1,0 +1,173 @@
+"""The Gramian route (``mtx.train.step.unit_gram`` / ``weighted_gradient``) against the
+stacks route (``group_gradients``): the same Gram matrix, the same update.
+
+Tiny T5 on 8 fake CPU devices; the stacks route is the reference (its Gram matrix is
+``mtl.gram`` of the [G, *param] stacks, tests/test_step.py checks the stacks against
+plain ``jax.grad``).
+"""
+
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from test_step import CONFIG, LENGTHS, MODEL_INPUTS, assert_trees_close, task_major_batch
+
+from mtx import mtl, parallel
+from mtx.errors import UserError
+from mtx.model import T5
+from mtx.runtime import params as params_lib
+from mtx.train import build as build_lib
+from mtx.train import settings as settings_lib
+from mtx.train import state as state_lib
+from mtx.train import step
+
+GROUP_OF_TASK = (0, 0, 1)
+POD = {"data": 2, "fsdp": 2, "tensor": 2}
+DEEP = dataclasses.replace(CONFIG, num_encoder_layers=2, num_decoder_layers=2)
+
+
+def _setup(mesh_shape, scan, config=DEEP):
+  devices = jax.devices()[: int(np.prod(list(mesh_shape.values())))]
+  mesh = parallel.make_mesh(mesh_shape, devices)
+  model = T5(dataclasses.replace(config, scan_layers=scan))
+  boxed, abstract = params_lib.abstract_params(model, *LENGTHS)
+  p_shardings = params_lib.param_shardings(boxed, mesh, parallel.DEFAULT_RULES)
+  params = params_lib.init_params(model, 0, *LENGTHS, p_shardings)
+  return mesh, model, abstract, p_shardings, params
+
+
+def _one_step(route, method, scan=True, config=DEEP):
+  """(new params, metrics) of one SGD step with ``method`` on ``route`` on the POD mesh,
+  built as ``build_train_step`` builds it (pod layout, logical rules, jit with
+  shardings)."""
+  mesh, model, abstract, p_shardings, params = _setup(POD, scan, config)
+  batch = task_major_batch(GROUP_OF_TASK, seed=3)
+  cfg = step.StepConfig(
+    num_tasks=len(GROUP_OF_TASK),
+    group_of_task=GROUP_OF_TASK,
+    task_grads=True,
+    z_loss=1e-4,
+    task_grads_route=route,
+  )
+  optimizer = optax.sgd(0.5)
+  transforms = mtl.ensure_aggregator((method,))
+  fn = step.make_train_step(model, optimizer, transforms, cfg, p_shardings)
+  state = state_lib.make_state(params, optimizer, optax.chain(*transforms).init, 0)
+  s_shardings = state_lib.state_shardings(
+    jax.eval_shape(lambda s: s, state), abstract, p_shardings, mesh
+  )
+  b_shardings = {
+    k: parallel.batch_sharding(mesh, v.ndim, parallel.UNIT_AXES) for k, v in batch.items()
+  }
+  jitted = build_lib.jit_step_fn(fn, mesh, cfg.rules, s_shardings, b_shardings)
+  new_state, metrics = jitted(state, jax.device_put(batch, b_shardings))
+  return jax.tree.map(np.asarray, new_state), jax.tree.map(np.asarray, metrics)
+
+
+def _assert_same_step(got, want):
+  assert_trees_close(got[0]["params"], want[0]["params"], rtol=2e-5)
+  for key in ("group_grad_norm", "group_grad_cos", "group_weights", "task_loss_sums"):
+    np.testing.assert_allclose(got[1][key], want[1][key], rtol=2e-5, atol=2e-6)
+  np.testing.assert_allclose(got[1]["grad_norm"], want[1]["grad_norm"], rtol=2e-5)
+  assert got[1]["conflict_frac"] == want[1]["conflict_frac"]
+
+
+# Slow (default-suite time); the model-level check below stays in the default suite.
+@pytest.mark.slow
+def test_pcgrad_gramian_route_gives_the_stacks_update_on_a_pod_mesh():
+  """PCGrad, scanned layers (one per stack: the taps run inside nn.scan's body),
+  (data, fsdp, tensor) = (2, 2, 2): same params after one step, same group gradient
+  norms, cosines and weights."""
+  one_layer = dict(scan=True, config=CONFIG)
+  _assert_same_step(
+    _one_step("gramian", mtl.pcgrad(), **one_layer),
+    _one_step("stacks", mtl.pcgrad(), **one_layer),
+  )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("scan", [False, True])
+@pytest.mark.parametrize(
+  "method",
+  [mtl.mgda, mtl.upgrad, lambda: mtl.nash_mtl(2), mtl.cagrad],
+  ids=["mgda", "upgrad", "nash_mtl", "cagrad"],
+)
+def test_solver_methods_give_the_same_update_on_both_routes(method, scan):
+  _assert_same_step(
+    _one_step("gramian", method(), scan=scan), _one_step("stacks", method(), scan=scan)
+  )
+
+
+@pytest.mark.slow
+def test_unit_gram_equals_the_gram_matrix_of_the_stacks_unscanned_and_scanned():
+  """``group_gram(unit_gram)`` is ``mtl.gram`` of ``group_gradients``' stacks, with and
+  without ``nn.scan`` over layers (taps inside the scan body), on a data=2 x fsdp=2
+  mesh."""
+  for scan in (False, True):
+    mesh, model, _, p_shardings, params = _setup({"data": 2, "fsdp": 2}, scan)
+    batch = task_major_batch(GROUP_OF_TASK, seed=1)
+    cfg = step.StepConfig(
+      num_tasks=3, group_of_task=GROUP_OF_TASK, task_grads=True, z_loss=1e-4
+    )
+
+    def both(p, b, key):
+      counts = step.token_counts(cfg, b) @ step.group_matrix(cfg)
+      stacks, _ = step.group_gradients(model, cfg, p, b, counts, key, p_shardings)
+      units, _ = step.unit_gram(model, cfg, p, b, counts, key, p_shardings)
+      return mtl.gram(stacks), step.group_gram(units, b["unit_task"], cfg.num_groups)
+
+    with mesh, nn.logical_axis_rules(list(cfg.rules)):
+      want, got = jax.jit(both)(params, batch, jax.random.key(0))
+    np.testing.assert_allclose(got, want, rtol=2e-5, atol=1e-6 * np.abs(want).max())
+
+
+def test_the_model_without_gram_probes_is_unchanged_and_taps_leave_logits_alone():
+  """No 'gram_probe' collection: the params are used as before (bit-identical logits);
+  with probes the forward pass is the identity on the params too."""
+  model = T5(CONFIG)
+  rows = {
+    k: v.reshape((-1,) + v.shape[2:]) for k, v in task_major_batch(GROUP_OF_TASK).items()
+  }
+  inputs = {k: rows[k] for k in MODEL_INPUTS}
+  params = model.init(jax.random.key(0), **inputs)["params"]
+  plain = model.apply({"params": params}, **inputs)
+  jaxpr = str(jax.make_jaxpr(lambda p: model.apply({"params": p}, **inputs))(params))
+  assert "custom_vjp" not in jaxpr
+  probe = jax.tree.map(lambda _: jnp.zeros((4,), jnp.float32), params)
+  tapped = model.apply({"params": params, "gram_probe": probe}, **inputs)
+  np.testing.assert_array_equal(np.asarray(tapped), np.asarray(plain))
+
+
+def test_gram_route_refuses_masked_and_takes_the_rest():
+  assert mtl.gram_route_refusal((mtl.masked(mtl.pcgrad(), "encoder/"),)) is not None
+  assert mtl.gram_route_refusal((mtl.gradnorm(2, mask="encoder/"),)) is not None
+  for t in (mtl.pcgrad(), mtl.mgda(), mtl.gradnorm(2), mtl.nash_mtl(2), mtl.sum_tasks()):
+    assert mtl.gram_route_refusal((t,)) is None
+
+
+def test_auto_route_takes_the_gramian_when_the_stacks_would_crowd_the_device():
+  """'auto': stacks while they fit a quarter of the device (or up to 16 groups when the
+  memory is unknown); 'gramian' asked for with grad accumulation is a one-sentence
+  UserError; methods the Gramian route cannot run stay on the stacks."""
+  choose = build_lib.choose_task_grads_route
+  auto = settings_lib.StepSettings()
+  pcgrad = (mtl.pcgrad(),)
+  gib = 2**30
+  assert choose(auto, pcgrad, 32, 40 * gib, 95 * gib) == "gramian"
+  assert choose(auto, pcgrad, 32, 4 * gib, 95 * gib) == "stacks"
+  assert choose(auto, pcgrad, 32, 4 * gib, None) == "gramian"
+  assert choose(auto, pcgrad, 8, 4 * gib, None) == "stacks"
+  masked = (mtl.masked(mtl.pcgrad(), "encoder/"),)
+  assert choose(auto, masked, 32, 40 * gib, 95 * gib) == "stacks"
+  accum = settings_lib.StepSettings(task_grads_route="gramian", grad_accum_steps=2)
+  with pytest.raises(UserError, match="grad_accum_steps > 1") as e:
+    choose(accum, pcgrad, 8, 0, None)
+  assert len(str(e.value).splitlines()) == 1
+  assert (
+    choose(dataclasses.replace(accum, task_grads_route="auto"), pcgrad, 64, 1, None)
+    == "stacks"
+  )
