@@ -298,7 +298,8 @@ def _loss_features(model: nn.Module) -> tuple:
   """The features ``make_loss_fn(model)`` reads."""
   if isinstance(model, Llama):
     return decoder_only.MODEL_FEATURES + ("decoder_target_tokens", "decoder_loss_weights")
-  return _MODEL_FEATURES
+  # T5's encoder masks its padding by id 0 (its texts hold none).
+  return tuple(k for k in _MODEL_FEATURES if k != ENCODER_MASK)
 
 
 def make_loss_fn(model: nn.Module):
