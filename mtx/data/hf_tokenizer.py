@@ -128,7 +128,8 @@ class TokenizersVocabulary(seqio.Vocabulary):
 
 def zero_is_padding(vocabulary) -> bool:
   """Whether ``vocabulary``'s id 0 is padding, never a token of text: True for seqio's
-  SentencePiece and byte vocabularies (T5's pad, which they reserve), False for a
+  SentencePiece and byte vocabularies (T5's pad, which they reserve; a Llama 2
+  tokenizer.model's ``<unk>``, which its byte fallback never produces), False for a
   ``TokenizersVocabulary``, whose id 0 is the tokenizer's first token (Llama 3's and
   Qwen2's "!"), which a model may emit."""
   return not isinstance(vocabulary, TokenizersVocabulary)
