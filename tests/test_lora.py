@@ -1,7 +1,9 @@
 """Tests of mtx.model.lora: LoRA, MultiLoRA and per-task adapters in both model families."""
 
+import ast
 import dataclasses
 import functools
+import pathlib
 
 import flax.linen as nn
 import jax
@@ -55,6 +57,8 @@ VARIANTS = {
     targets=EVERY_KERNEL, rank=2, num_parallel=2, per_task=True, num_adapters=3
   ),
 }
+
+ADAPTERS_GIN = pathlib.Path(__file__).resolve().parents[1] / "gin_configs" / "adapters"
 
 # Compiling dominates on CPU; XLA's backend optimizations buy nothing at this size.
 _jit = functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0})
@@ -468,3 +472,52 @@ def test_lora_off_by_default():
   assert not T5Config().lora.enabled and not LlamaConfig().lora.enabled
   params = _random_params(T5_TINY, _tokens(T5_TINY))
   assert split(params)[0] == {}
+
+
+def _lora_bindings(name: str) -> dict:
+  """model.LoraConfig.* bindings of gin_configs/adapters/<name>, includes first."""
+  bindings = {}
+  for line in (ADAPTERS_GIN / name).read_text().splitlines():
+    line = line.split("#")[0].strip()
+    if line.startswith("include"):
+      bindings.update(_lora_bindings(ast.literal_eval(line.split()[1]).split("/")[-1]))
+    elif line:
+      key, value = (s.strip() for s in line.split("=", 1))
+      assert key.startswith("model.LoraConfig."), (name, line)
+      bindings[key.removeprefix("model.LoraConfig.")] = ast.literal_eval(value)
+  return bindings
+
+
+# The (module, kernel) pairs the example files adapt: q/v of every attention, every MLP kernel.
+GIN_TARGETS = {
+  "t5": {
+    (module, kernel)
+    for module in ("attention", "self_attention", "encoder_decoder_attention")
+    for kernel in ("query", "value")
+  }
+  | {("mlp", "wi_0"), ("mlp", "wi_1"), ("mlp", "wo")},
+  "llama": {
+    ("self_attention", "query"),
+    ("self_attention", "value"),
+    ("mlp", "wi_0"),
+    ("mlp", "wi_1"),
+    ("mlp", "wo"),
+  },
+}
+
+
+@pytest.mark.parametrize("name", ["lora.gin", "lora_per_task.gin"])
+def test_example_gin_files_adapt_attention_q_v_and_the_mlp_of_both_families(name):
+  lora = LoraConfig(**_lora_bindings(name))
+  assert (lora.rank, lora.alpha, lora.shared) == (8, 16.0, True)
+  assert lora.per_task == (name == "lora_per_task.gin")
+  if lora.per_task:
+    lora = dataclasses.replace(lora, num_adapters=2)  # the trainer's part
+  for family, config in FAMILIES.items():
+    config = _with_lora(config, lora)
+    adapted = set()
+    for path in _boxes(config, _tokens(config)):
+      if "_lora_" in path:
+        module, param = path.split("/")[-2:]
+        adapted.add((module, param.split("_lora_")[0]))
+    assert adapted == GIN_TARGETS[family]

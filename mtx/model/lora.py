@@ -287,7 +287,10 @@ def _rebox(like: Any, value: Array) -> Any:
 
 def _outer(a: Array, b: Array, lead: int) -> Array:
   """sum over r of a [*lead, *in, r] b [*lead, r, *out] -> [*lead, *in, *out], f32."""
-  fn = lambda a, b: jnp.tensordot(a, b, axes=1, precision=jax.lax.Precision.HIGHEST)  # noqa: E731
+
+  def fn(a, b):
+    return jnp.tensordot(a, b, axes=1, precision=jax.lax.Precision.HIGHEST)
+
   for _ in range(lead):
     fn = jax.vmap(fn)
   return fn(a, b)
@@ -296,7 +299,10 @@ def _outer(a: Array, b: Array, lead: int) -> Array:
 def _kernel_delta(node: Mapping, name: str, kernel: Array, config: LoraConfig, adapter):
   """s * (the shared adapters' A B + adapter ``adapter``'s), f32 like ``kernel``."""
   total = jnp.zeros(kernel.shape, jnp.float32)
-  f32 = lambda key: _unbox(node[name + key]).astype(jnp.float32)  # noqa: E731
+
+  def f32(suffix):
+    return _unbox(node[name + suffix]).astype(jnp.float32)
+
   if name + SUFFIX_A in node:
     a, b = f32(SUFFIX_A), f32(SUFFIX_B)
     if name + SUFFIX_SCALE in node:  # MultiLoRA: [*layers, n, ...]; scales [*layers, n]
@@ -309,7 +315,7 @@ def _kernel_delta(node: Mapping, name: str, kernel: Array, config: LoraConfig, a
     a, b = f32(SUFFIX_TASK_A), f32(SUFFIX_TASK_B)
     lead = a.ndim + b.ndim - 4 - kernel.ndim  # the layer axis, when scanned
     num = a.shape[lead]
-    if not 0 <= adapter < num:
+    if isinstance(adapter, int) and not 0 <= adapter < num:
       raise ValueError(f"merge: adapter {adapter} is not in [0, {num}).")
     a, b = jnp.take(a, adapter, axis=lead), jnp.take(b, adapter, axis=lead)
     total += _outer(a, b, lead)
@@ -322,9 +328,17 @@ def merge(params: Mapping, config: LoraConfig, adapter: int | None = None) -> di
   The delta is s * (the shared adapter, or MultiLoRA's scaled sum) plus, when the params
   hold per-task adapters and ``adapter`` is given, s * A_adapter B_adapter. ``adapter``
   None applies the shared adapter(s) only (as a model called without adapter ids);
-  it is ignored when there are no per-task adapters. The result has no adapter leaves,
-  so a model built with ``dataclasses.replace(config, targets="")`` runs it with the
-  same logits as the adapted model.
+  it is ignored when there are no per-task adapters; an int, or an int32 scalar under
+  jit. The result has no adapter leaves, so the base model
+  (``dataclasses.replace(model_config, lora=LoraConfig())``) runs it with the logits of
+  the adapted model (given ids ``adapter`` on every token). Leaves may be arrays or boxed
+  (``nn.Partitioned``); the merged kernels are float32.
+
+  >>> a = {"wo": jnp.ones((2, 2)), "wo_lora_a": jnp.ones((2, 1)),
+  ...      "wo_lora_b": jnp.ones((1, 2))}
+  >>> merge(a, LoraConfig(targets="wo", rank=1, alpha=2.0))["wo"]
+  Array([[3., 3.],
+         [3., 3.]], dtype=float32)
   """
   out = {}
   for k, v in params.items():
