@@ -521,3 +521,76 @@ def test_example_gin_files_adapt_attention_q_v_and_the_mlp_of_both_families(name
         module, param = path.split("/")[-2:]
         adapted.add((module, param.split("_lora_")[0]))
     assert adapted == GIN_TARGETS[family]
+
+
+def _unit_loss(config, params, tokens, ids, probe=None):
+  """A scalar of the logits with a gradient everywhere (one unit's rows)."""
+  variables = {"params": params}
+  if probe is not None:
+    variables["gram_probe"] = probe
+  logits = _model(config).apply(variables, tokens, decoder_adapter_ids=ids)
+  return jnp.sum(jax.nn.log_softmax(logits)[..., 3])
+
+
+def test_per_unit_adapter_gradients_on_a_mesh_equal_each_unit_alone():
+  """The trainer's per-task route: vmap(grad) over units of rows of one task each, params
+  unbatched, scanned and rematerialized layers, activations constrained on a (2, 2, 2)
+  mesh by the default rules. Each unit's adapter gradient is its own, computed alone."""
+  config = _with_lora(
+    LLAMA_TINY, VARIANTS["all"], scan_layers=True, remat_policy="minimal", num_layers=1
+  )
+  tokens = _tokens(config, batch=4, length=6).reshape(2, 2, 6)  # [units, rows, length]
+  ids = jnp.broadcast_to(jnp.array([0, 2], jnp.int32)[:, None, None], tokens.shape)
+  adapters, base = split(_random_params(config, tokens[0]))
+
+  def grad(adapters, tokens, ids):  # the adapters' gradient only, the base frozen
+    loss = lambda a: _unit_loss(config, combine(base, a), tokens, ids)  # noqa: E731
+    return jax.grad(loss)(adapters)
+
+  devices = np.array(jax.devices()[:8]).reshape(2, 2, 2)
+  mesh = jax.sharding.Mesh(devices, parallel.MESH_AXES)
+  rules = parallel.rules_within_unit(parallel.DEFAULT_RULES)
+  per_unit_grad = jax.vmap(grad, in_axes=(None, 0, 0), spmd_axis_name=parallel.UNIT_AXES)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    per_unit = _jit(per_unit_grad)(adapters, tokens, ids)
+  alone_grad = _jit(grad)
+  for u in range(2):
+    alone = alone_grad(adapters, tokens[u], ids[u])
+    got = jax.tree.map(lambda x: x[u], per_unit)  # noqa: B023
+    check = functools.partial(np.testing.assert_allclose, rtol=1e-5, atol=1e-5)
+    jax.tree.map(check, got, alone)
+  # Unit 0 (task 0) leaves task 2's adapter alone, and the other way round.
+  task_b = per_unit["decoder"]["layers"]["mlp"]["wo_lora_task_b"]  # [U, layers, T, r, E]
+  assert (
+    float(jnp.abs(task_b[0, :, 2]).max()) == 0.0 < float(jnp.abs(task_b[0, :, 0]).max())
+  )
+  assert (
+    float(jnp.abs(task_b[1, :, 0]).max()) == 0.0 < float(jnp.abs(task_b[1, :, 2]).max())
+  )
+
+
+def test_gram_taps_cover_the_adapters():
+  """The unit Gram matrix (mtx.model.taps) of an adapter leaf, from its probe, equals
+  g g^T of the per-unit gradients of that leaf."""
+  config = _with_lora(LLAMA_TINY, VARIANTS["all"], num_layers=1)
+  tokens = _tokens(config, batch=4, length=5).reshape(2, 2, 5)
+  ids = jnp.broadcast_to(jnp.array([1, 0], jnp.int32)[:, None, None], tokens.shape)
+  params = _random_params(config, tokens[0])
+  probe = jax.tree.map(lambda _: jnp.zeros((2,), jnp.float32), params)
+
+  def probe_grad(tokens, ids):
+    return jax.grad(lambda q: _unit_loss(config, params, tokens, ids, q))(probe)
+
+  gram = _jit(jax.vmap(probe_grad))(tokens, ids)
+  grads = _jit(jax.vmap(jax.grad(functools.partial(_unit_loss, config)), (None, 0, 0)))(
+    params, tokens, ids
+  )
+  attention = "decoder/layers_0/self_attention/"
+  for name in ("query_lora_a", "value_lora_scale", "out_lora_task_b"):
+    g = grads["decoder"]["layers_0"]["self_attention"][name].reshape(2, -1)
+    got = gram["decoder"]["layers_0"]["self_attention"][name]
+    np.testing.assert_allclose(got, g @ g.T, rtol=1e-4, err_msg=attention + name)
+  assert (
+    float(jnp.abs(gram["decoder"]["layers_0"]["self_attention"]["out_lora_task_b"]).max())
+    > 0
+  )
