@@ -1,4 +1,4 @@
-"""Tests of mtx.model.lora: LoRA, MultiLoRA and per-task adapters in both model families."""
+"""Tests of mtx.model.lora: LoRA, MultiLoRA and per-task adapters in both families."""
 
 import ast
 import dataclasses
@@ -488,7 +488,7 @@ def _lora_bindings(name: str) -> dict:
   return bindings
 
 
-# The (module, kernel) pairs the example files adapt: q/v of every attention, every MLP kernel.
+# The (module, kernel) pairs the example files adapt: q/v of every attention, the MLP.
 GIN_TARGETS = {
   "t5": {
     (module, kernel)
@@ -594,3 +594,22 @@ def test_gram_taps_cover_the_adapters():
     float(jnp.abs(gram["decoder"]["layers_0"]["self_attention"]["out_lora_task_b"]).max())
     > 0
   )
+
+
+def test_bfloat16_activations_with_adapters_stay_close_to_float32():
+  config = _with_lora(T5_TINY, VARIANTS["all"])
+  tokens = _tokens(config)
+  params = _random_params(config, tokens)
+  ids = _ids(config, tokens, 1)
+  want = _logits(config, params, tokens, ids)
+  got = _logits(dataclasses.replace(config, dtype="bfloat16"), params, tokens, ids)
+  assert got.dtype == jnp.float32
+  assert float(jnp.max(jnp.abs(got - want))) < 0.05 * float(jnp.max(jnp.abs(want)))
+
+
+def test_adapter_ids_not_shaped_like_the_tokens_are_refused():
+  config = _with_lora(LLAMA_TINY, VARIANTS["per_task"])
+  tokens = _tokens(config)
+  params = _random_params(config, tokens)
+  with pytest.raises(ValueError, match="decoder_adapter_ids must be integer and shaped"):
+    Llama(config).apply({"params": params}, tokens, decoder_adapter_ids=tokens[:, :2])

@@ -12,7 +12,7 @@ Parameters next to K (``scan_layers`` adds a leading 'layers' axis to all of the
     K_lora_a       [*in, r]        (*in names, lora_rank)       shared adapter
     K_lora_b       [r, *out]       (lora_rank, *out names)
     MultiLoRA (num_parallel n > 1): a leading [n] ('lora_parallel') on both, and
-    K_lora_scale   [n]             (lora_parallel)              y += s * sum_i c_i (x A_i) B_i
+    K_lora_scale   [n]             (lora_parallel)    y += s * sum_i c_i (x A_i) B_i
     per_task (num_adapters T):
     K_lora_task_a  [T, *in, r]     (lora_adapters, *in names, lora_rank)
     K_lora_task_b  [T, r, *out]    (lora_adapters, lora_rank, *out names)
@@ -119,7 +119,7 @@ class LoraConfig:
 
 
 def check_config(config: LoraConfig) -> None:
-  """Raises UserError for LoRA settings a model cannot run with (nothing when disabled)."""
+  """Raises UserError for LoRA settings a model cannot run with (none when disabled)."""
   if not config.enabled:
     return
   try:
