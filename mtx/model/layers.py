@@ -5,7 +5,8 @@ Conventions shared by every module here:
 
 * Parameters are created in float32 and carry logical axis names (boxed with
   ``nn.with_logical_partitioning``) from this set: 'vocab', 'embed', 'heads',
-  'kv', 'mlp', 'relpos_buckets' (plus 'layers' added by ``nn.scan``).
+  'kv', 'mlp', 'relpos_buckets' (plus 'layers' added by ``nn.scan``, and the LoRA
+  adapters' 'lora_rank', 'lora_parallel', 'lora_adapters', see ``mtx.model.lora``).
 * Activations run in ``dtype`` (float32 or bfloat16); kernels are cast to it at the
   point of use, so the optimizer always sees float32 master weights.
 * Shapes in docstrings: B batch, Lq / Lk query / key length, E embed, H heads,

@@ -46,6 +46,10 @@ subtrees become one ``layers`` subtree whose leaves have a leading 'layers' axis
     decoder/decoder_norm/scale                       [E]  (embed)
     decoder/logits_dense/kernel                      [E, V]  (embed, vocab)  (untied only)
 
+With ``config.lora`` (``mtx.model.lora``), each kernel its targets match gets LoRA
+adapters next to it (``query_lora_a``, ``query_lora_b``, ...); per-task adapters are
+routed by the per-token ``decoder_adapter_ids``.
+
 Decoding cache (the 'cache' collection; see ``init_cache``)::
 
     decoder/cache_index                              int32 []  next write position

@@ -33,6 +33,10 @@ logical name 'layers')::
     decoder/logits_dense/kernel                   [E, V]  (embed, vocab)  (not with
                                                   logits_via_embedding)
 
+With ``config.lora`` (``mtx.model.lora``), each kernel its targets match gets LoRA
+adapters next to it (``query_lora_a``, ``query_lora_b``, ...); per-task adapters are
+routed by the per-token ``encoder_adapter_ids`` / ``decoder_adapter_ids``.
+
 Decoding cache (the 'cache' collection; see ``init_cache``)::
 
     decoder/cache_index                               int32 []  next write position
