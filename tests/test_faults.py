@@ -368,7 +368,16 @@ def at_exit():
     time.sleep(0.005)
   disk_full("write_metadata_after_commits")
 
+class Callback:
+  def __del__(self):
+    raise RuntimeError("Event loop is closed")
+
+def fails():
+  raise RuntimeError("Event loop is closed")
+
 def parse_gin(*args, parse=cli.parse_gin):
+  Callback()  # Python reports its error as 'unraisable'
+  threading.Thread(target=fails, name="callback").start()
   time.sleep(0.2)  # The threads write a while once the command line has set stderr up.
   return parse(*args)
 
@@ -403,6 +412,8 @@ def test_the_error_sentence_is_whole_and_last_while_threads_log(tmp_path, verbos
   assert background, proc.stderr[-3000:]
   pieces = [line for line in lines if "base_events.py" in line]
   assert pieces and set(pieces) == {'  File "base_events.py", line 806'}, pieces[:3]
+  closed = [line for line in lines if line.startswith("RuntimeError: Event loop is")]
+  assert len(closed) == 2 * verbose  # A thread's error and an unraisable one.
   if verbose:
     assert "Traceback (most recent call last)" in proc.stderr
     assert any("write_metadata_after_commits" in line for line in lines[ours[0] :])
@@ -413,6 +424,15 @@ def test_the_error_sentence_is_whole_and_last_while_threads_log(tmp_path, verbos
       re.match(r"ERROR absl: \[thread=\w+\] raised \(OSError: \[Errno 28\] No sp", b)
       for b in background
     ), background[:3]
+    closed = [line for line in lines if "Event loop is closed" in line]
+    assert len(closed) == 2 and all(
+      re.match(
+        r"ERROR mtx\.cli\.main: Exception (ignored in: .*|in thread callback) "
+        r"\(RuntimeError: Event loop is closed\)$",
+        line,
+      )
+      for line in closed
+    ), closed
 
 
 # ---- kill -9 anywhere ------------------------------------------------------------------------

@@ -474,9 +474,32 @@ class _FoldedTracebacks(logging.StreamHandler):
     super().emit(record)
 
 
+def _log_unraisable(unraisable) -> None:
+  """``sys.unraisablehook``: an error Python can only report (tensorstore's callbacks
+  into a closed event loop, after a failed save) goes to the log, folded like others."""
+  logging.getLogger(__name__).error(
+    "%s: %r",
+    unraisable.err_msg or "Exception ignored in",
+    unraisable.object,
+    exc_info=(unraisable.exc_type, unraisable.exc_value, unraisable.exc_traceback),
+  )
+
+
+def _log_thread_error(args) -> None:
+  """``threading.excepthook``: a thread's uncaught error goes to the log too."""
+  if args.exc_type is SystemExit:
+    return
+  logging.getLogger(__name__).error(
+    "Exception in thread %s",
+    args.thread.name if args.thread is not None else "?",
+    exc_info=(args.exc_type, args.exc_value, args.exc_traceback),
+  )
+
+
 def _setup_logging(verbose: bool) -> None:
   """Logs to stderr, as ``logging.basicConfig`` (so not when the process already logs:
-  tests), through a line-whole ``sys.stderr``; tracebacks fold unless ``verbose``."""
+  tests), through a line-whole ``sys.stderr``; unless ``verbose``, a traceback logged
+  or reported from a background thread takes one line."""
   root = logging.getLogger()
   if isinstance(sys.stderr, _Stderr):  # An earlier command of this process.
     sys.stderr.restart(verbose)
@@ -491,6 +514,8 @@ def _setup_logging(verbose: bool) -> None:
   handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
   root.addHandler(handler)
   root.setLevel(logging.INFO if verbose else logging.WARNING)
+  sys.unraisablehook = sys.__unraisablehook__ if verbose else _log_unraisable
+  threading.excepthook = threading.__excepthook__ if verbose else _log_thread_error
 
 
 def _say_last(line: str) -> None:
