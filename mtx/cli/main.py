@@ -459,7 +459,13 @@ class _Stderr:
 
 
 class _FoldedTracebacks(logging.StreamHandler):
-  """The log on stderr; a logged traceback (a library's) takes its record's one line."""
+  """The log on stderr; a logged traceback (a library's) takes its record's one line,
+  once (tensorstore reports the same closed event loop for each array of a failed
+  save)."""
+
+  def __init__(self):
+    super().__init__()
+    self._folded = set()
 
   def emit(self, record: logging.LogRecord) -> None:
     if record.exc_info:
@@ -468,6 +474,9 @@ class _FoldedTracebacks(logging.StreamHandler):
       text = " ".join(str(error).split())[:300]
       if text and text not in message:
         message = f"{message} ({type(error).__name__}: {text})"
+      if message in self._folded:
+        return
+      self._folded.add(message)
       record = logging.makeLogRecord(record.__dict__)
       record.msg, record.args = message, None
       record.exc_info = record.exc_text = record.stack_info = None
