@@ -10,10 +10,13 @@ gin_configs/), ``--gin.NAME=VALUE`` (one binding; strings need quotes, as in T5X
 ``--num_processes``, ``--process_id`` (passed to ``jax.distributed.initialize``), or
 ``--distributed`` to let JAX detect them (TPU pods, SLURM, Open MPI).
 
-A mistake the user can fix prints one line and exits with status 2. ``mtx train``
-stopped by a signal saves after the current step and exits 0 for SIGTERM (preemption),
-130 for SIGINT (Ctrl-C) and 129 for SIGHUP (a closed terminal), as shells expect; a
-second Ctrl-C aborts at once, without saving, with status 130.
+A mistake the user can fix prints one line and exits with status 2; that line is the
+last on stderr, whole, even when a library's background thread (orbax's checkpoint
+writers on a full disk) logs at the same time, and a traceback a library logs takes one
+line unless ``--verbose``. ``mtx train`` stopped by a signal saves after the current
+step and exits 0 for SIGTERM (preemption), 130 for SIGINT (Ctrl-C) and 129 for SIGHUP
+(a closed terminal), as shells expect; a second Ctrl-C aborts at once, without saving,
+with status 130.
 """
 
 import argparse
@@ -21,6 +24,7 @@ import logging
 import os
 import re
 import sys
+import threading
 from typing import Optional, Sequence
 
 import gin
@@ -401,14 +405,141 @@ def _init_distributed(args) -> None:
     ) from e
 
 
+class _Stderr:
+  """``sys.stderr`` of the command line: whole lines, whichever threads write them.
+
+  Libraries write to stderr from their own threads while mtx reports an error: orbax's
+  checkpoint writers log a traceback each when a full disk fails them, tensorstore's
+  callbacks print theirs, some of it after mtx has printed its sentence. Python writes
+  a traceback in pieces and two threads' writes can interleave, gluing one's text into
+  the other's line; here each thread's text is held until its line is complete (or the
+  thread flushes, as the progress bar does) and a line is written in one go.
+  ``say_last`` writes mtx's last line, after which, unless ``--verbose``, nothing more
+  is written: the sentence is whole, on a line of its own, and last.
+  """
+
+  def __init__(self, stream, verbose: bool):
+    self.stream, self.verbose = stream, verbose
+    self._lock = threading.RLock()  # A signal handler may log while a write runs.
+    self._partial: dict[int, str] = {}  # thread id -> the start of its next line
+    self._said_last = False
+
+  def write(self, text: str) -> int:
+    with self._lock:
+      thread = threading.get_ident()
+      lines, newline, rest = (self._partial.pop(thread, "") + text).rpartition("\n")
+      if rest:
+        self._partial[thread] = rest
+      if newline:
+        self._emit(lines + newline)
+    return len(text)
+
+  def flush(self) -> None:
+    with self._lock:
+      self._emit(self._partial.pop(threading.get_ident(), ""))
+      self.stream.flush()
+
+  def restart(self, verbose: bool) -> None:
+    """For another command of this process (tests): writes go through again."""
+    with self._lock:
+      self.verbose, self._said_last = verbose, False
+
+  def say_last(self, line: str) -> None:
+    with self._lock:
+      self._emit(line + "\n")
+      self.stream.flush()
+      self._said_last = not self.verbose
+
+  def _emit(self, text: str) -> None:
+    if text and not self._said_last:
+      self.stream.write(text)
+
+  def __getattr__(self, name: str):  # fileno, isatty, encoding, ...
+    return getattr(self.stream, name)
+
+
+class _FoldedTracebacks(logging.StreamHandler):
+  """The log on stderr; a logged traceback (a library's) takes its record's one line,
+  once (tensorstore reports the same closed event loop for each array of a failed
+  save)."""
+
+  def __init__(self):
+    super().__init__()
+    self._folded = set()
+
+  def emit(self, record: logging.LogRecord) -> None:
+    if record.exc_info:
+      error = record.exc_info[1]
+      message = record.getMessage()
+      text = " ".join(str(error).split())[:300]
+      if text and text not in message:
+        message = f"{message} ({type(error).__name__}: {text})"
+      if message in self._folded:
+        return
+      self._folded.add(message)
+      record = logging.makeLogRecord(record.__dict__)
+      record.msg, record.args = message, None
+      record.exc_info = record.exc_text = record.stack_info = None
+    super().emit(record)
+
+
+def _log_unraisable(unraisable) -> None:
+  """``sys.unraisablehook``: an error Python can only report (tensorstore's callbacks
+  into a closed event loop, after a failed save) goes to the log, folded like others."""
+  logging.getLogger(__name__).error(
+    "%s: %r",
+    unraisable.err_msg or "Exception ignored in",
+    unraisable.object,
+    exc_info=(unraisable.exc_type, unraisable.exc_value, unraisable.exc_traceback),
+  )
+
+
+def _log_thread_error(args) -> None:
+  """``threading.excepthook``: a thread's uncaught error goes to the log too."""
+  if args.exc_type is SystemExit:
+    return
+  logging.getLogger(__name__).error(
+    "Exception in thread %s",
+    args.thread.name if args.thread is not None else "?",
+    exc_info=(args.exc_type, args.exc_value, args.exc_traceback),
+  )
+
+
+def _setup_logging(verbose: bool) -> None:
+  """Logs to stderr, as ``logging.basicConfig`` (so not when the process already logs:
+  tests), through a line-whole ``sys.stderr``; unless ``verbose``, a traceback logged
+  or reported from a background thread takes one line."""
+  root = logging.getLogger()
+  if isinstance(sys.stderr, _Stderr):  # An earlier command of this process.
+    sys.stderr.restart(verbose)
+  elif root.handlers:
+    return
+  else:
+    sys.stderr = _Stderr(sys.stderr, verbose)
+  for handler in root.handlers[:]:
+    if isinstance(handler, logging.StreamHandler) and handler.stream is sys.stderr:
+      root.removeHandler(handler)
+  handler = logging.StreamHandler() if verbose else _FoldedTracebacks()
+  handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+  root.addHandler(handler)
+  root.setLevel(logging.INFO if verbose else logging.WARNING)
+  sys.unraisablehook = sys.__unraisablehook__ if verbose else _log_unraisable
+  threading.excepthook = threading.__excepthook__ if verbose else _log_thread_error
+
+
+def _say_last(line: str) -> None:
+  """Prints mtx's last line to stderr: whole, on its own line, after every log line."""
+  if isinstance(sys.stderr, _Stderr):
+    sys.stderr.say_last(line)
+  else:
+    print(line, file=sys.stderr, flush=True)
+
+
 def run(argv: Sequence[str]) -> int:
   """Runs a command; returns the exit status."""
   rest, flag_bindings = split_gin_flags(argv)
   args = _parser().parse_args(rest)
-  logging.basicConfig(
-    level=logging.INFO if args.verbose else logging.WARNING,
-    format="%(levelname)s %(name)s: %(message)s",
-  )
+  _setup_logging(args.verbose)
   for noisy in ("absl", "orbax", "tensorflow", "jax._src"):
     logging.getLogger(noisy).setLevel(logging.ERROR)
   # gin tries each search path in turn and logs every miss at ERROR: not an error here.
@@ -456,7 +587,7 @@ def run(argv: Sequence[str]) -> int:
   print(_summary(args.command, result), file=to, flush=True)
   failure = getattr(result, "failure", None)  # e.g. `mtx compile`: does not fit
   if failure:
-    print(f"mtx: error: {failure}", file=sys.stderr, flush=True)
+    _say_last(f"mtx: error: {failure}")
     return 1
   return SIGNAL_STATUS.get(getattr(result, "signal", None), 0)
 
@@ -512,16 +643,14 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     status = run(argv)
   except UserError as e:
     # gin appends "In call to configurable ..." lines; the first line is the sentence.
-    print(f"mtx: error: {str(e).splitlines()[0]}", file=sys.stderr, flush=True)
+    _say_last(f"mtx: error: {str(e).splitlines()[0]}")
     status = 2
   except KeyboardInterrupt:
     # A second Ctrl-C of `mtx train` (the first one saves and stops), or a first one
     # of the other commands. A save cut short is never taken for a checkpoint.
-    print(
+    _say_last(
       "mtx: aborted by Ctrl-C without saving; a training's newest checkpoint is "
-      "intact, and the same command run again resumes from it.",
-      file=sys.stderr,
-      flush=True,
+      "intact, and the same command run again resumes from it."
     )
     _exit_now(ABORT_STATUS)
   sys.exit(status)

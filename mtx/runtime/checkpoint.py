@@ -42,7 +42,12 @@ disk, a directory gone read-only) raises ``CheckpointWriteError`` from ``save``,
 or ``close`` (an asynchronous save fails in the background and is reported by the next
 of these), naming the step and the newest intact one. Orbax deletes old steps only after
 a new one is committed, so the steps already on disk stay restorable, and the cut-short
-``<step>.orbax-checkpoint-tmp`` directory goes like any other temporary one.
+``<step>.orbax-checkpoint-tmp`` directory goes like any other temporary one. Orbax reports
+a failed save as soon as its first write fails, while the save's other writer threads
+(say, the one writing ``state/_sharding``) still run and log their own errors when they
+fail too; ``close`` returns only once every thread the save started has ended, so that
+those threads write nothing into a temporary directory that a new save of the step may
+be filling, and their logs come before the caller reports the error.
 """
 
 import errno
@@ -51,6 +56,8 @@ import logging
 import os
 import re
 import tempfile
+import threading
+import time
 from typing import Any
 
 import jax
@@ -67,6 +74,9 @@ STATE_ITEM = "state"
 DATA_STATE_ITEM = "data_state"
 _COMMIT_FILE = "commit_success.txt"
 _CORRUPT_SUFFIX = ".corrupt"
+# How long ``close`` waits for the writer threads of a failed save to end (they fail
+# fast on a full disk; a slow remote write may take minutes, as it would at exit).
+_SAVE_THREADS_TIMEOUT_S = 600.0
 # How tensorstore and orbax word an OS error in the exceptions they raise.
 _IO_ERROR = re.compile(
   r"No space left|Read-only file system|Permission denied|"
@@ -143,6 +153,7 @@ class Checkpointer:
       self.directory, item_names=(STATE_ITEM, DATA_STATE_ITEM), options=options
     )
     self._pending = None  # The step of a save that may still be running.
+    self._save_threads: list[threading.Thread] = []  # Those the last save started.
 
   def latest_step(self) -> int | None:
     """The newest committed step, or None; ``restore`` may still find it damaged."""
@@ -203,6 +214,7 @@ class Checkpointer:
       }
     )
     self._pending = step
+    before = set(threading.enumerate())
     try:
       started = self._manager.save(step, args=args, force=True)
     except Exception as e:  # pylint: disable=broad-except
@@ -211,6 +223,10 @@ class Checkpointer:
       if error is None:
         raise
       raise error from e
+    finally:
+      self._save_threads = [
+        t for t in threading.enumerate() if t not in before and not t.daemon
+      ]
     if not started:
       self._pending = None
     return started
@@ -337,11 +353,36 @@ class Checkpointer:
       raise error from e
 
   def close(self) -> None:
-    """Waits for pending saves and releases orbax's threads (raises like ``wait``)."""
+    """Waits for pending saves and releases orbax's threads (raises like ``wait``).
+
+    Returns (or raises) only once every thread the last save started has ended, failed
+    saves included (see the module docstring).
+    """
     try:
       self.wait()
     finally:
-      self._manager.close()
+      try:
+        self._manager.close()
+      finally:
+        self._join_save_threads()
+
+  def _join_save_threads(self) -> None:
+    """Waits for the threads of the last save, which outlive ``wait`` when it failed."""
+    threads, self._save_threads = self._save_threads, []
+    deadline = time.monotonic() + _SAVE_THREADS_TIMEOUT_S
+    for thread in threads:
+      try:
+        thread.join(max(0.0, deadline - time.monotonic()))
+      except Exception:  # pylint: disable=broad-except
+        pass  # Orbax's writer threads re-raise their error: the failed save's, reported.
+    running = [t.name for t in threads if t.is_alive()]
+    if running:
+      logging.warning(
+        "Checkpoint writer threads %s in %s still run after %.0f s; leaving them.",
+        ", ".join(running),
+        self.directory,
+        _SAVE_THREADS_TIMEOUT_S,
+      )
 
   def _newest_intact(self) -> str:
     """'the newest intact checkpoint is step N' (or that there is none), for errors."""
