@@ -29,7 +29,7 @@ from mtx.runtime import checkpoint, metrics_writer, model_info, pretrained, prog
 from mtx.runtime import lock as lock_lib
 from mtx.runtime import params as params_lib
 from mtx.train import build as build_lib
-from mtx.train import flops, resume
+from mtx.train import flops, freeze, resume
 from mtx.train import settings as settings_lib
 
 log = logging.getLogger("mtx")
@@ -659,6 +659,16 @@ def _write_model_info(run: settings_lib.LoopSettings, build: build_lib.StepBuild
     return
   line = model_info.write(run.model_dir, build.params_abstract, build.param_shardings)
   progress.log.info("%s", line)
+  pattern = build.settings.trainable_params
+  if pattern is not None:
+    total, trainable = freeze.counts(build.params_abstract, pattern)
+    progress.log.info(
+      "Training %s of the %s parameters (train.trainable_params %r); the rest are "
+      "frozen.",
+      f"{trainable:,}",
+      f"{total:,}",
+      pattern,
+    )
   if build.task_grads:
     progress.log.info(
       "Per-task gradients of %d groups by the '%s' route (train.task_grads_route).",

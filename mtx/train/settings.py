@@ -29,7 +29,7 @@ from mtx.data import decoder_only, streaming
 from mtx.errors import UserError, check_int, close_names
 from mtx.eval.evaluator import EvalOptions
 from mtx.model import T5Config
-from mtx.train import optim
+from mtx.train import freeze, optim
 
 NONFINITE_POLICIES = ("skip", "stop")
 TASK_GRADS_ROUTES = ("auto", "stacks", "gramian")
@@ -139,6 +139,10 @@ class StepSettings:
       memory of a plain step whatever k, about one more backward pass; Gram-based
       methods only, no grad accumulation or TAG), or "auto"
       (``build.choose_task_grads_route``).
+    trainable_params: a regex ``re.search``-ed on each param's '/'-joined path
+      (``decoder/layers_0/attention/query/kernel``): only matching params are trained;
+      the others are frozen (no gradient, no optimizer or mtl state, never changed;
+      ``mtx.train.freeze``). None = every param trains.
   """
 
   model_config: T5Config = T5Config()
@@ -157,8 +161,11 @@ class StepSettings:
   debug_inject_nonfinite_steps: Sequence[int] = ()
   debug_inject_nonfinite_task: Optional[str] = None
   task_grads_route: str = "auto"
+  trainable_params: Optional[str] = None
 
   def __post_init__(self):
+    if self.trainable_params is not None:
+      freeze.compile_pattern(self.trainable_params)  # a bad regex fails now
     if self.task_grads_route not in TASK_GRADS_ROUTES:
       raise UserError(
         f"train.task_grads_route is {self.task_grads_route!r}; use one of "
