@@ -83,6 +83,7 @@ def frozen_run(tmp_path_factory):
   return model_dir, initial
 
 
+@pytest.mark.slow  # a training run (the step's own test below is in the default suite)
 def test_a_pcgrad_run_leaves_frozen_params_bit_identical_and_trains_the_rest(frozen_run):
   model_dir, initial = frozen_run
   final = _leaves(_final_state(model_dir)["params"])
@@ -96,6 +97,7 @@ def test_a_pcgrad_run_leaves_frozen_params_bit_identical_and_trains_the_rest(fro
       np.testing.assert_array_equal(value, initial[name], err_msg=name)
 
 
+@pytest.mark.slow  # the same run
 def test_optimizer_state_holds_only_the_trainable_params(frozen_run):
   model_dir, initial = frozen_run
   state = _final_state(model_dir)
@@ -111,6 +113,7 @@ def test_optimizer_state_holds_only_the_trainable_params(frozen_run):
   )
 
 
+@pytest.mark.slow  # two more runs
 def test_resume_with_frozen_params_is_exact(frozen_run, tmp_path):
   """2 steps, then the same command to 4: the state equals the 4-step run's bit for
   bit (params, optimizer and mtl state)."""
@@ -171,12 +174,15 @@ def _cos(a, b) -> float:
   return float(dot / (optax.global_norm(a) * optax.global_norm(b)))
 
 
-@pytest.mark.parametrize("route", ["stacks", "gramian"])
+@pytest.mark.parametrize(
+  "route",
+  ["stacks", pytest.param("gramian", marks=pytest.mark.slow)],  # suite time
+)
 def test_pcgrad_over_the_trainable_params_equals_pcgrad_by_hand(route):
-  """One SGD(1) step: the update of the trainable params is mtx.mtl's PCGrad of the
-  per-task gradients of the trainable params (jax.grad of each task's mean loss, the
-  frozen params held fixed), the logged cosine is theirs, and the frozen params are
-  unchanged."""
+  """One SGD step (rate 1): the update of the trainable params is mtx.mtl's PCGrad of
+  the per-task gradients of the trainable params (jax.grad of each task's mean loss,
+  the frozen params held fixed), the logged cosine is theirs, the frozen params are
+  unchanged and the optimizer's state (a momentum trace) is the trainable ones'."""
   mesh = parallel.make_mesh({"data": 1}, jax.devices()[:1])
   model = T5(CONFIG)
   boxed, abstract = params_lib.abstract_params(model, *LENGTHS)
@@ -191,7 +197,7 @@ def test_pcgrad_over_the_trainable_params_equals_pcgrad_by_hand(route):
     trainable_params=PATTERN,
   )
   transforms = mtl.ensure_aggregator((mtl.pcgrad(),))
-  optimizer = optax.sgd(1.0)
+  optimizer = optax.sgd(1.0, momentum=0.9)  # a first step is p - g; state: a trace
   fn = step.make_train_step(model, optimizer, transforms, cfg, p_shardings)
   state = state_lib.make_state(
     params, optimizer, optax.chain(*transforms).init, 0, PATTERN
@@ -237,6 +243,8 @@ def test_pcgrad_over_the_trainable_params_equals_pcgrad_by_hand(route):
     np.testing.assert_allclose(value, w, rtol=1e-5, atol=1e-5 * np.abs(w).max())
   for name, value in _leaves(new_frozen).items():
     np.testing.assert_array_equal(value, _leaves(frozen)[name], err_msg=name)
+  traces = _leaves(new_state["opt_state"])
+  assert sorted(name.split("trace/")[-1] for name in traces) == sorted(_leaves(want))
 
 
 def test_compile_reports_trainable_params_their_stacks_and_optimizer_state():
