@@ -53,6 +53,11 @@ DEFAULT_RULES = (
   ("mlp", "tensor"),
   ("relpos_buckets", None),
   ("layers", None),
+  # LoRA adapters' own axes (mtx.model.lora) are small: replicated. Their other axes
+  # carry the adapted kernel's names, so they are sharded like the kernel.
+  ("lora_rank", None),
+  ("lora_adapters", None),
+  ("lora_parallel", None),
 )
 
 

@@ -106,20 +106,22 @@ def test_table_over_seeds_marks_noise_and_bolds_only_a_clear_best(tmp_path):
   assert [len(ss) for _, ss in runs] == [3, 3, 3, 1, 0]
   lines = ablate.build_table(runs, "sum", ["made by a test"]).splitlines()
   assert lines[0] == "made by a test"
-  assert lines[2] == "| method | seeds | a | b | mean primary | Δm% vs sum | step (s) |"
+  assert lines[2] == (
+    "| method | seeds | a | b | mean primary | Δm% vs sum | step (s) | peak RSS (MiB) |"
+  )
   assert lines[4] == (
-    "| sum | 3 | 42.0 ± 1.2 | 80.0 ± 0.0 | 61.00 ± 0.58 | +0.00 ± 1.37 | 0.100 |"
+    "| sum | 3 | 42.0 ± 1.2 | 80.0 ± 0.0 | 61.00 ± 0.58 | +0.00 ± 1.37 | 0.100 | n/a |"
   )
   # a: +18, beyond noise: better (▲); b: worse (▼); Delta-m = ((60-42)/42 - 10/80)/2.
   # Not bold: famo's single seed scores higher and has no noise estimate.
   assert lines[5] == (
-    "| pcgrad | 3 | 60.0 ± 1.2 ▲ | 70.0 ± 0.0 ▼ | 65.00 ± 0.58 ▲ | +15.18 ± 1.37 ▲ | 0.100 |"
+    "| pcgrad | 3 | 60.0 ± 1.2 ▲ | 70.0 ± 0.0 ▼ | 65.00 ± 0.58 ▲ | +15.18 ± 1.37 ▲ | 0.100 | n/a |"
   )
   assert lines[6] == (
-    "| mgda | 3 | 43.0 ± 2.6 | 80.0 ± 0.0 | 61.50 ± 1.32 | +1.19 ± 3.15 | 0.100 |"
+    "| mgda | 3 | 43.0 ± 2.6 | 80.0 ± 0.0 | 61.50 ± 1.32 | +1.19 ± 3.15 | 0.100 | n/a |"
   )
   # The single seed's 90 and 99 are the largest values, yet not bold: no noise estimate.
-  assert lines[7] == "| famo | 1 | 90.0 | 99.0 | 94.50 | +69.02 | 0.100 |"
+  assert lines[7] == "| famo | 1 | 90.0 | 99.0 | 94.50 | +69.02 | 0.100 | n/a |"
   assert lines[8].startswith("| nash_mtl (no eval) | — |")
   assert "within noise" in lines[10] and "single seed" in lines[10]
   # Without the single seed, pcgrad's a and mean primary beat every other row beyond
@@ -127,7 +129,7 @@ def test_table_over_seeds_marks_noise_and_bolds_only_a_clear_best(tmp_path):
   # (sum and mgda, 80): not bold.
   lines = ablate.build_table(runs[:3], "sum").splitlines()
   assert lines[2] == (
-    "| sum | 3 | 42.0 ± 1.2 | 80.0 ± 0.0 | 61.00 ± 0.58 | +0.00 ± 1.37 | 0.100 |"
+    "| sum | 3 | 42.0 ± 1.2 | 80.0 ± 0.0 | 61.00 ± 0.58 | +0.00 ± 1.37 | 0.100 | n/a |"
   )
   assert lines[3].startswith(
     "| pcgrad | 3 | **60.0 ± 1.2 ▲** | 70.0 ± 0.0 ▼ | **65.00 ± 0.58 ▲** | "
@@ -224,3 +226,36 @@ def test_smoke_two_methods_on_the_tiny_mixture(tmp_path, monkeypatch, capsys):
   assert ablate.main(args + ["--resume"]) == 0  # nothing left to run
   assert capsys.readouterr().out.count("skipped (--resume)") == 4
   assert (tmp_path / "ablation.md").read_text() == table
+
+
+def test_a_method_with_more_gin_files_is_its_own_row_with_its_peak_memory(tmp_path):
+  fake = tmp_path / "fake_python"
+  fake.write_text(
+    _FAKE_MTX
+    + "if sys.argv[3] == 'train':\n"
+    + "  files = [a for a in sys.argv if a.startswith('--gin_file=')]\n"
+    + "  with open(os.path.join(run_dir, 'files'), 'w') as f:\n"
+    + "    f.write('\\n'.join(files))\n"
+  )
+  fake.chmod(0o755)
+  out = tmp_path / "out"
+  args = ["--out", str(out), "--steps", "7", "--seeds", "1", "--python", str(fake)]
+  assert ablate.main(args + ["--methods", "sum,sum+models/llama_tiny"]) == 0
+  run = out / "sum+models.llama_tiny" / "seed_0"
+  files = (run / "files").read_text().split("\n")
+  i = next(i for i, f in enumerate(files) if f.endswith("gin_configs/mtl/sum.gin"))
+  assert files[i + 1].endswith("gin_configs/models/llama_tiny.gin")
+  assert "models/llama_tiny" not in (out / "sum" / "seed_0" / "files").read_text()
+  peak = json.loads((run / ablate.RUN_INFO).read_text())["peak_mib"]
+  assert 1 < peak < 10_000  # a small Python process, in MiB
+  table = (out / "ablation.md").read_text()
+  assert "| sum+models/llama_tiny | 1 | 10.0 |" in table and "peak RSS (MiB)" in table
+  row = next(r for r in table.splitlines() if r.startswith("| sum+models/llama_tiny"))
+  assert row.rstrip(" |").split("| ")[-1] == f"{peak:.0f}"
+
+
+def test_a_method_naming_a_missing_gin_file_is_one_line(tmp_path, capsys):
+  args = ["--out", str(tmp_path), "--methods", "sum,pcgrad+adapters/nothing"]
+  assert ablate.main(args) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and "gin_configs/adapters/nothing.gin" in err[0]

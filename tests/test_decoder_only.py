@@ -88,13 +88,15 @@ def test_an_example_without_targets_is_one_sentence():
 
 
 def test_unpacked_rows_convert_like_the_same_examples_packed():
-  """Evaluation's unpacked rows (one example each, trailing padding) give what the
-  packer's rows of the same examples give."""
-  examples = [([3, 4, 1], [5, 1]), ([6, 1], [7, 8, 9, 1])]
+  """Evaluation's unpacked rows (one example each, trailing padding, extents by mask)
+  give what the packer's rows of the same examples give; a token 0 ending the inputs
+  or the targets (a tokenizer.json's real id 0, no EOS) is kept."""
+  examples = [([3, 4, 1], [5, 1]), ([6, 1], [7, 8, 9, 1]), ([6, 0], [7, 0])]
   unpacked = {
-    "encoder_input_tokens": np.array([[3, 4, 1, 0], [6, 1, 0, 0]], np.int32),
-    "decoder_target_tokens": np.array([[5, 1, 0, 0], [7, 8, 9, 1]], np.int32),
-    "decoder_loss_weights": np.array([[1, 1, 0, 0], [1, 1, 1, 1]], np.int32),
+    "encoder_input_tokens": np.array([[3, 4, 1, 0], [6, 1, 0, 0], [6, 0, 0, 0]]),
+    "encoder_input_mask": np.array([[1, 1, 1, 0], [1, 1, 0, 0], [1, 1, 0, 0]]),
+    "decoder_target_tokens": np.array([[5, 1, 0, 0], [7, 8, 9, 1], [7, 0, 0, 0]]),
+    "decoder_loss_weights": np.array([[1, 1, 0, 0], [1, 1, 1, 1], [1, 1, 0, 0]]),
   }
   got = decoder_only.from_unpacked(unpacked)
   for row, (inputs, targets) in enumerate(examples):
@@ -103,6 +105,9 @@ def test_unpacked_rows_convert_like_the_same_examples_packed():
     )
     for key in decoder_only.FEATURES:
       np.testing.assert_array_equal(got[key][row], want[key][0], err_msg=key)
+  # The last example's 0s are its tokens: 2 inputs, then 2 targets with a loss.
+  assert got["decoder_target_tokens"][2, :4].tolist() == [6, 0, 7, 0]
+  assert got["decoder_loss_weights"][2].tolist() == [0, 0, 1, 1, 0, 0, 0, 0]
 
 
 class _Vocabulary:  # what PrefixLM.for_vocabulary reads of a vocabulary

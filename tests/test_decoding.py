@@ -7,12 +7,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import zero_token
 
 from mtx import parallel
 from mtx.infer import decoding
 from mtx.infer.decoding import DecodeOptions
-from mtx.infer.predict import Predictor, fit_length, sequence_log_probs
-from mtx.model import T5, T5Config
+from mtx.infer.predict import (
+  Predictor,
+  decoding_pad_id,
+  fit_length,
+  sequence_log_probs,
+  strip_output,
+)
+from mtx.model import T5, Llama, T5Config
 from mtx.runtime import params as params_lib
 
 TINY = T5Config(
@@ -309,3 +316,84 @@ def test_predictions_on_a_mesh_equal_one_device(method):
       )
   assert results[0][0] == results[1][0]
   np.testing.assert_allclose(results[0][1], results[1][1], rtol=1e-5, atol=1e-5)
+
+
+# ---- id 0: T5's padding, but a real token of a tokenizer.json (Llama 3, Qwen2) ---------
+
+
+def test_left_align_takes_the_prompt_lengths_so_a_final_0_is_a_token():
+  prompts = jnp.array([[5, 6, 0], [0, 1, 0]], jnp.int32)  # "5 6 0" and "0 1"
+  tokens, real, positions = decoding.left_align(prompts, 9, jnp.array([3, 2]))
+  assert tokens.tolist() == [[9, 5, 6, 0], [0, 9, 0, 1]]  # the docstring's example
+  assert real.astype(int).tolist() == [[1, 1, 1, 1], [0, 1, 1, 1]]
+  assert positions.tolist() == [[0, 1, 2, 3], [0, 0, 1, 2]]
+  # Where 0 pads (T5's vocabularies), the lengths are the nonzero ids'.
+  assert decoding.nonzero_lengths(jnp.array([[5, 6, 1], [7, 1, 0]])).tolist() == [3, 2]
+
+
+def test_id_0_is_emitted_and_kept_only_where_it_is_a_token(tmp_path):
+  logits = jnp.zeros([1, 14])
+  allowed = decoding.allowed_tokens_mask(logits, 12) > decoding.NEG_INF
+  assert allowed[0].tolist() == [False] + [True] * 11 + [False] * 2
+  allowed = decoding.allowed_tokens_mask(logits, 12, pad_id=None) > decoding.NEG_INF
+  assert allowed[0].tolist() == [True] * 12 + [False] * 2
+  # Outputs end at EOS; the 0s after it are filler, those before it tokens.
+  assert strip_output([4, 0, 1, 0, 0], EOS, pad_id=None) == [4, 0]
+  assert strip_output([4, 0, 0], EOS, pad_id=None) == [4, 0, 0]
+  assert strip_output([4, 1, 0], EOS) == [4]
+  # Which: a decoder-only model on a tokenizer.json; T5 never, whatever its vocabulary.
+  vocabulary = zero_token.vocabulary(tmp_path)
+  assert decoding_pad_id(Llama(zero_token.CONFIG), vocabulary) is None
+  assert decoding_pad_id(T5(TINY), vocabulary) == 0
+
+
+def _llama_predictor(pad_id):
+  model = Llama(zero_token.CONFIG)
+  mesh = parallel.make_mesh({"data": 1}, jax.devices()[:1])
+  boxed, _ = params_lib.abstract_params(model, 4, 3)
+  shardings = params_lib.param_shardings(boxed, mesh, parallel.DEFAULT_RULES)
+  predictor = Predictor(
+    model,
+    mesh,
+    parallel.DEFAULT_RULES,
+    shardings,
+    batch_size=2,
+    inputs_length=4,
+    max_decode_length=3,
+    eos_id=zero_token.EOS,
+    vocab_size=len(zero_token.WORDS),
+    start_id=zero_token.BOS,
+    pad_id=pad_id,
+  )
+  return predictor, shardings
+
+
+def test_a_decoder_only_model_reads_and_emits_id_0_where_it_is_a_token():
+  predictor, shardings = _llama_predictor(pad_id=None)
+  params = jax.device_put(zero_token.params(), shardings)
+  # "a !" and "a" in one batch: the prompt's final 0 is a token, so they differ.
+  outputs, scores = predictor.predict_with_scores(params, [[4, 0], [4]])
+  assert scores[0] != pytest.approx(scores[1], abs=1e-4)
+  # Every logit equal: greedy takes the lowest id it may emit, 0, to the end.
+  flat = jax.device_put(zero_token.params(flat_logits=True), shardings)
+  assert predictor.predict(flat, [[4, 0], [4]]) == [[0, 0, 0], [0, 0, 0]]
+
+
+def test_t5_never_emits_id_0():
+  """The same all-equal logits make T5 emit its lowest allowed id, EOS (1), never 0."""
+  params = jax.tree.map(lambda x: x, _params())
+  norm = params["decoder"]["decoder_norm"]
+  norm["scale"] = jnp.zeros_like(norm["scale"])
+  tokens, _ = _decode(params, _inputs(), method="greedy", max_decode_length=6)
+  assert np.all(np.asarray(tokens)[:, 0] == EOS)
+
+
+def test_a_scored_target_ending_in_0_scores_its_0():
+  """``score`` counts a target's own trailing 0 (by its length); T5's log p(0) is that
+  of an id it never emits."""
+  params, enc = _params(), _inputs()
+  score = jax.jit(functools.partial(sequence_log_probs, T5(TINY)))
+  targets = jnp.zeros((6, 6), jnp.int32).at[:, 0].set(7)  # "7" then a 0 or padding
+  with_0 = score(params, enc, targets, target_lengths=jnp.full((6,), 2))
+  without = score(params, enc, targets, target_lengths=jnp.full((6,), 1))
+  np.testing.assert_array_less(with_0, without + decoding.NEG_INF / 2)

@@ -5,16 +5,20 @@ import os
 
 import gin
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
+import tensorflow as tf
 import tiny_mixture
+import zero_token
 
 from mtx import parallel
 from mtx.cli import main as cli
+from mtx.data import decoder_only
 from mtx.errors import UserError
 from mtx.eval import metrics, predictions, results, summary
-from mtx.eval.evaluator import EvalOptions, Evaluator
-from mtx.model import T5, T5Config
+from mtx.eval.evaluator import EvalOptions, Evaluator, UnpackedFeatureConverter
+from mtx.model import T5, Llama, T5Config
 from mtx.runtime import metrics_writer
 from mtx.runtime import params as params_lib
 
@@ -155,6 +159,77 @@ def test_evaluator_scores_per_task_and_computes_the_loss_on_a_mesh(tmp_path):
     assert [(r["input"], r["target"], r["prediction"]) for r in rows] == [
       (w, fn(w), w) for w in words
     ]
+
+
+def test_unpacked_feature_converter_marks_examples_by_length_as_its_docstring_shows():
+  example = {"inputs": [5, 0, 1], "targets": [7, 0]}  # 0 is a token here, not padding
+  ds = tf.data.Dataset.from_tensors(
+    {k: tf.constant(v, tf.int32) for k, v in example.items()}
+  )
+  out = next(
+    UnpackedFeatureConverter()(ds, {"inputs": 5, "targets": 4}).as_numpy_iterator()
+  )
+  assert {k: v.tolist() for k, v in out.items()} == {
+    "encoder_input_tokens": [5, 0, 1, 0, 0],
+    "encoder_input_mask": [1, 1, 1, 0, 0],
+    "decoder_target_tokens": [7, 0, 0, 0],
+    "decoder_loss_weights": [1, 1, 0, 0],
+    "decoder_input_tokens": [0, 7, 0, 0],
+  }
+
+
+class _RecordingCopyPredictor(_CopyPredictor):
+  def __init__(self):
+    self.inputs = []
+
+  def predict(self, params, inputs):
+    self.inputs += inputs
+    return super().predict(params, inputs)
+
+
+def test_a_decoder_only_evaluation_keeps_a_token_0_ending_inputs_and_targets(tmp_path):
+  """On a tokenizer.json whose id 0 is "!" (Llama 3's, Qwen2's), examples ending in "!"
+  keep it: in the prompts predicted, in the targets compared and in the loss."""
+  texts = ["a b !", "c !", "! d", "e"]  # no EOS
+  ids = [[4, 5, 0], [6, 0], [0, 7], [8]]
+  zero_token.register_copy_task("zero_copy", zero_token.vocabulary(tmp_path), texts)
+  model = Llama(zero_token.CONFIG)
+  mesh = parallel.make_mesh({"data": 1}, jax.devices()[:1])
+  boxed, _ = params_lib.abstract_params(model, 8, 8)
+  shardings = params_lib.param_shardings(boxed, mesh, parallel.DEFAULT_RULES)
+  params = jax.device_put(zero_token.params(), shardings)
+  predictor = _RecordingCopyPredictor()
+  evaluator = Evaluator(
+    model,
+    mesh,
+    parallel.DEFAULT_RULES,
+    shardings,
+    "zero_copy",
+    {"inputs": 8, "targets": 8},
+    EvalOptions(batch_size=4, output_dir=str(tmp_path / "preds")),
+    predictor=predictor,
+    prefix_lm=decoder_only.PrefixLM(bidirectional_inputs=False),
+  )
+  assert evaluator.shapes == {"inputs": 3, "targets": 3}
+  result = evaluator.evaluate(params, step=1).tasks["zero_copy"]
+  assert predictor.inputs == ids
+  assert result["exact_match"] == 100.0
+  rows = [json.loads(r) for r in (tmp_path / "preds" / "zero_copy-000001.jsonl").open()]
+  assert [r["prediction"] for r in rows] == texts
+  # The loss by hand: each example one causal sequence BOS + inputs + targets, scored
+  # on its targets (their final 0 too).
+  seqs = [[zero_token.BOS] + x + x for x in ids]
+  tokens = np.zeros([len(seqs), 7], np.int32)
+  for i, seq in enumerate(seqs):
+    tokens[i, : len(seq)] = seq
+  logits = np.asarray(model.apply({"params": params}, jnp.asarray(tokens[:, :-1])))
+  log_probs = jax.nn.log_softmax(logits.astype(np.float64), axis=-1)
+  losses = [
+    -log_probs[i, t, seqs[i][t + 1]]
+    for i, x in enumerate(ids)
+    for t in range(len(x), 2 * len(x))
+  ]
+  assert result["loss"] == pytest.approx(float(np.mean(losses)), rel=1e-5)
 
 
 # ---- `mtx eval` --------------------------------------------------------------------------

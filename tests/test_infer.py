@@ -11,6 +11,7 @@ import gin
 import pytest
 import seqio
 import tiny_mixture  # noqa: F401  (registers the 'tiny' mixture)
+import zero_token
 
 from mtx import paths
 from mtx.cli import infer as infer_lib
@@ -388,3 +389,28 @@ def test_infer_and_eval_read_and_write_a_remote_filesystem(trained, capsys):
   assert paths.listdir(run) == ["eval", "inference_eval", "metrics.jsonl"]
   assert json.loads(paths.read_text(f"{run}/eval/step_2.json"))["step"] == 2
   assert [r["step"] for r in metrics_writer.read_metrics(run)] == [2]
+
+
+def test_a_llama_on_a_tokenizer_json_emits_id_0_and_infer_writes_its_text(tmp_path):
+  """A decoder-only model whose vocabulary's id 0 is a token ("!", as in Llama 3's and
+  Qwen2's tokenizer.json) may emit it: with every logit equal, greedy decoding takes the
+  lowest id, 0, and the prediction is its text (a T5 would take EOS: test_decoding)."""
+  hf_dir = zero_token.write_hf_dir(tmp_path / "hf", zero_token.params(flat_logits=True))
+  (tmp_path / "in.txt").write_text("a b !\nc\n")
+  out = tmp_path / "out.jsonl"
+  status = _cli(
+    "infer",
+    "--gin_file=tests/hf.gin",
+    f"--gin.MODEL_DIR='{tmp_path / 'run'}'",
+    "--gin.INITIAL_CHECKPOINT_PATH=None",
+    f"--gin.INFER_CHECKPOINT_PATH='{hf_dir}'",
+    f"--gin.INFER_INPUT='{tmp_path / 'in.txt'}'",
+    f"--gin.INFER_OUTPUT='{out}'",
+    "--gin.INFER_TASK='hf_copy'",
+    "--gin.INFER_MAX_DECODE_LENGTH=3",
+  )
+  assert status == 0
+  assert [(r["inputs"], r["prediction"]) for r in _read(out)] == [
+    ("a b !", "! ! !"),
+    ("c", "! ! !"),
+  ]

@@ -4,6 +4,11 @@
     python tools/ablate.py --out /tmp/ablate --methods sum,pcgrad,nash_mtl --seeds 5
     python tools/ablate.py --out /tmp/ablate --resume           # after an interruption
     python tools/ablate.py --out /tmp/ablate --table_only       # just rebuild the table
+    python tools/ablate.py --out /tmp/lora --methods sum,pcgrad,sum+adapters/lora,pcgrad+adapters/lora
+
+A method may name more gin files after ``+`` (``pcgrad+adapters/lora``: the method's file
+plus ``gin_configs/adapters/lora.gin``), so one table compares a method across settings
+(full fine-tuning against adapters, say); its runs go to ``<out>/pcgrad+adapters.lora``.
 
 Each method is one gin file, ``gin_configs/mtl/<method>.gin``: a run is
 ``mtx train --gin_file=gin_configs/demo.gin --gin_file=gin_configs/mtl/<method>.gin
@@ -21,9 +26,10 @@ seeds, each task's primary eval metric (the first metric of its first metric_fn,
 percent), their mean, Delta-m% against the baseline (``--baseline``, default ``sum``:
 the mean over tasks of the sign-adjusted relative change, Maninis et al. 2019, of each
 seed against the baseline's seed-mean), each as mean ± standard error over the seeds,
-and the median training step time (``timing/step_s`` in metrics.jsonl). A value better
-or worse than the baseline's by more than 2 standard errors of the difference is marked
-▲ or ▼; no mark means within noise. A column's best is bold only when it beats every
+the median training step time (``timing/step_s`` in metrics.jsonl) and the training
+process's peak resident memory (its ``ru_maxrss``; on CPU the device memory is host
+memory). A value better or worse than the baseline's by more than 2 standard errors of
+the difference is marked ▲ or ▼; no mark means within noise. A column's best is bold only when it beats every
 other row beyond noise, so a single seed (no standard error) is never bold or marked.
 
 ``--resume`` skips (method, seed) runs whose ``eval/step_<steps>.json`` exists and lets
@@ -89,11 +95,13 @@ class RunSummary:
     step: the evaluated step.
     primary: task -> (primary metric name, value).
     step_s: median seconds per training step, or None if never logged.
+    peak_mib: the training process's peak resident memory (MiB), or None.
   """
 
   step: int
   primary: Dict[str, Tuple[str, float]]
   step_s: Optional[float]
+  peak_mib: Optional[float] = None
 
 
 def newest_eval(run_dir: str) -> Optional[str]:
@@ -148,7 +156,21 @@ def summarize(run_dir: str) -> Optional[RunSummary]:
     step=int(record.get("step", -1)),
     primary=primary,
     step_s=statistics.median(times) if times else None,
+    peak_mib=read_peak_mib(run_dir),
   )
+
+
+RUN_INFO = "ablate_run.json"  # written next to the run by this tool: {"peak_mib": ...}
+
+
+def read_peak_mib(run_dir: str) -> Optional[float]:
+  """The peak resident memory this tool recorded for the run's training, or None."""
+  try:
+    with open(os.path.join(run_dir, RUN_INFO), encoding="utf-8") as f:
+      value = json.load(f).get("peak_mib")
+  except (OSError, ValueError, AttributeError):
+    return None
+  return float(value) if isinstance(value, (int, float)) else None
 
 
 def mean_primary(s: RunSummary) -> Optional[float]:
@@ -226,6 +248,7 @@ class MethodResult:
     delta_m: Delta-m% over seeds (each seed against the baseline's seed-mean).
     step_s: the median over seeds of each run's median step time.
     seeds: how many seeds had an evaluation.
+    peak_mib: the largest peak resident memory over seeds (MiB), or None.
   """
 
   tasks: Dict[str, Estimate]
@@ -233,6 +256,7 @@ class MethodResult:
   delta_m: Optional[Estimate]
   step_s: Optional[float]
   seeds: int
+  peak_mib: Optional[float] = None
 
 
 def mean_summary(summaries: Sequence[RunSummary]) -> Optional[RunSummary]:
@@ -257,6 +281,7 @@ def aggregate(
     return None
   tasks = sorted({t for s in summaries for t in s.primary})
   times = [s.step_s for s in summaries if s.step_s is not None]
+  peaks = [s.peak_mib for s in summaries if s.peak_mib is not None]
   return MethodResult(
     tasks={
       t: estimate([s.primary[t][1] for s in summaries if t in s.primary]) for t in tasks
@@ -264,6 +289,7 @@ def aggregate(
     mean_primary=estimate([mean_primary(s) for s in summaries]),
     delta_m=estimate([delta_m(s, base) for s in summaries]) if base else None,
     step_s=statistics.median(times) if times else None,
+    peak_mib=max(peaks) if peaks else None,
     seeds=len(summaries),
   )
 
@@ -346,7 +372,9 @@ def build_table(
     for i, e in enumerate(column):
       cells[i].append(_cell(e, spec, marks[i], bold=i == best))
   header = (
-    ["method", "seeds"] + tasks + ["mean primary", f"Δm% vs {baseline}", "step (s)"]
+    ["method", "seeds"]
+    + tasks
+    + ["mean primary", f"Δm% vs {baseline}", "step (s)", "peak RSS (MiB)"]
   )
   out = list(notes) + ([""] if notes else [])
   out.append("| " + " | ".join(header) + " |")
@@ -360,7 +388,13 @@ def build_table(
       continue
     _, row_cells = next(rows)
     out.append(
-      "| " + " | ".join([name, str(r.seeds)] + row_cells + [_fmt(r.step_s, ".3f")]) + " |"
+      "| "
+      + " | ".join(
+        [name, str(r.seeds)]
+        + row_cells
+        + [_fmt(r.step_s, ".3f"), _fmt(r.peak_mib, ".0f")]
+      )
+      + " |"
     )
   if tasks:
     out += ["", _legend(tasks, metric_of, baseline, done)]
@@ -377,7 +411,8 @@ def _legend(tasks, metric_of, baseline: str, done) -> str:
     "(Maninis et al. 2019), one value per seed. "
     f"▲/▼: better/worse than `{baseline}` by more than 2 standard errors of the "
     "difference; no mark: within noise. Bold: a column's best only when it beats every "
-    "other row beyond noise. Step: median seconds per training step."
+    "other row beyond noise. Step: median seconds per training step. Peak RSS: the "
+    "training process's peak resident memory, the largest over seeds."
   )
   if seeds and seeds[0] < 2:
     text += " A single seed has no noise estimate: nothing is marked or bold for it."
@@ -392,18 +427,38 @@ def available_methods() -> List[str]:
   return [m for m in ORDER if m in names] + [m for m in names if m not in ORDER]
 
 
+GIN_DIR = os.path.join(REPO, "gin_configs")
+
+
+def method_gin_files(method: str) -> List[str]:
+  """The gin files of a ``--methods`` entry: ``pcgrad+adapters/lora`` is
+  gin_configs/mtl/pcgrad.gin then gin_configs/adapters/lora.gin."""
+  name, *more = method.split("+")
+  return [os.path.join(MTL_DIR, name + ".gin")] + [
+    os.path.join(GIN_DIR, m + ".gin") for m in more
+  ]
+
+
 def choose_methods(spec: Optional[str]) -> List[str]:
   """``--methods`` as a list (default: every gin file but those needing settings)."""
   known = available_methods()
   if not spec:
     return [m for m in known if m not in NEEDS_SETTINGS]
   methods = [m.strip() for m in spec.split(",") if m.strip()]
-  unknown = [m for m in methods if m not in known]
+  unknown = [m for m in methods if m.split("+")[0] not in known]
   if unknown:
     raise AblateError(
       f"Unknown method(s) {', '.join(unknown)} in --methods; choose from "
       f"{', '.join(known)} (the files in gin_configs/mtl/)."
     )
+  for m in methods:
+    missing = [f for f in method_gin_files(m)[1:] if not os.path.exists(f)]
+    if missing:
+      raise AblateError(
+        f"--methods entry {m!r} names {os.path.relpath(missing[0], REPO)}, which does "
+        "not exist; after '+' give gin files under gin_configs/ without '.gin' "
+        "(e.g. pcgrad+adapters/lora)."
+      )
   return methods
 
 
@@ -413,8 +468,14 @@ def _resolve_gin(path: str) -> str:
 
 
 def run_dir_of(out: str, method: str, seed: int) -> str:
-  """``<out>/<method>/seed_<seed>``: one MODEL_DIR per (method, seed)."""
-  return os.path.join(os.path.abspath(out), method, f"seed_{seed}")
+  """``<out>/<method>/seed_<seed>``: one MODEL_DIR per (method, seed) ('/' in a
+  method's gin names becomes '.')."""
+  return os.path.join(os.path.abspath(out), method_dir(method), f"seed_{seed}")
+
+
+def method_dir(method: str) -> str:
+  """The folder name of a method's runs (``pcgrad+adapters/lora``: pcgrad+adapters.lora)."""
+  return method.replace("/", ".")
 
 
 def commands(
@@ -426,7 +487,7 @@ def commands(
   the data order; evaluation is deterministic.
   """
   gin_files = [f"--gin_file={_resolve_gin(f)}" for f in args.gin_file]
-  gin_files.append(f"--gin_file={os.path.join(MTL_DIR, method + '.gin')}")
+  gin_files += [f"--gin_file={f}" for f in method_gin_files(method)]
   if os.path.exists(EVAL_GIN):
     gin_files.append(f"--gin_file={EVAL_GIN}")
   log_period = args.log_period or max(1, min(100, args.steps // 10))
@@ -470,7 +531,9 @@ def run_method(method: str, seed: int, args, extra: Sequence[str]) -> Optional[s
       f"{run_dir} already holds a run; pass --resume to reuse it or choose another --out."
     )
   os.makedirs(run_dir, exist_ok=True)
-  log_path = os.path.join(os.path.abspath(args.out), "logs", f"{method}-seed_{seed}.log")
+  log_path = os.path.join(
+    os.path.abspath(args.out), "logs", f"{method_dir(method)}-seed_{seed}.log"
+  )
   os.makedirs(os.path.dirname(log_path), exist_ok=True)
   train, evaluate = commands(method, seed, run_dir, args, extra)
   t0 = time.time()
@@ -480,14 +543,9 @@ def run_method(method: str, seed: int, args, extra: Sequence[str]) -> Optional[s
         break  # the trainer evaluated its last step itself
       log.write("$ " + " ".join(cmd) + "\n")
       log.flush()
-      status = subprocess.run(
-        cmd,
-        cwd=REPO,
-        env=_subprocess_env(),
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        check=False,
-      ).returncode
+      status, peak_mib = run_measured(cmd, log)
+      if what == "train":
+        write_text(os.path.join(run_dir, RUN_INFO), json.dumps({"peak_mib": peak_mib}))
       if status != 0:
         return f"{what} failed with status {status}; see {log_path}"
   if not finished(run_dir, args.steps):
@@ -496,9 +554,28 @@ def run_method(method: str, seed: int, args, extra: Sequence[str]) -> Optional[s
   return None
 
 
+def run_measured(cmd: Sequence[str], log) -> Tuple[int, float]:
+  """Runs ``cmd`` from the repository, output to ``log``: (exit status, the process's
+  peak resident memory in MiB, from ``os.wait4``'s rusage, children included)."""
+  proc = subprocess.Popen(
+    list(cmd), cwd=REPO, env=_subprocess_env(), stdout=log, stderr=subprocess.STDOUT
+  )
+  _, status, usage = os.wait4(proc.pid, 0)
+  proc.returncode = os.waitstatus_to_exitcode(status)
+  return proc.returncode, usage.ru_maxrss / 1024.0  # KiB on Linux
+
+
+def write_text(path: str, text: str) -> None:
+  """Writes a file whole or not at all (temp file + rename)."""
+  tmp = path + ".tmp"
+  with open(tmp, "w", encoding="utf-8") as f:
+    f.write(text)
+  os.replace(tmp, path)
+
+
 def collect(out: str, method: str) -> List[RunSummary]:
   """The summaries of every evaluated ``<out>/<method>/seed_*`` run, by seed."""
-  d = os.path.join(os.path.abspath(out), method)
+  d = os.path.join(os.path.abspath(out), method_dir(method))
   if not os.path.isdir(d):
     return []
   seeds = sorted(
@@ -615,15 +692,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     runs = [
       (m, collect(out, m))
       for m in names
-      if m in methods or os.path.isdir(os.path.join(out, m))
+      if m in methods or os.path.isdir(os.path.join(out, method_dir(m)))
     ]
     table = build_table(runs, args.baseline, _notes(args, extra))
     os.makedirs(out, exist_ok=True)
     path = os.path.join(out, "ablation.md")
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-      f.write(table)
-    os.replace(tmp, path)
+    write_text(path, table)
     print(table, flush=True)
     print(f"[ablate] wrote {path}", flush=True)
     return 1 if errors else 0

@@ -4,6 +4,7 @@ Names as gin files use them:
   train.*                 mtx.train.settings.TrainConfig (the run: data, step, checkpoints,
                           logging; gin_configs/runs/train.gin)
   model.T5Config.*        model size and options (gin_configs/models/*.gin)
+  model.LoraConfig.*      LoRA adapters (gin_configs/adapters/*.gin)
   optim.make_optimizer.*  optimizer (Adafactor or AdamW, clipping, weight decay)
   optim.learning_rate_fn.*  schedule (rsqrt, warmup_cosine, constant)
   mtl.*                   multi-task methods (gin_configs/mtl/*.gin), e.g.
@@ -24,13 +25,14 @@ from mtx.cli import export as export_command
 from mtx.cli import infer as infer_command
 from mtx.data import decoder_only
 from mtx.eval.evaluator import EvalOptions
-from mtx.model import LlamaConfig, T5Config
+from mtx.model import LlamaConfig, LoraConfig, T5Config
 from mtx.train import optim
 from mtx.train.settings import TrainConfig
 
 gin.external_configurable(TrainConfig, name="train")
 gin.external_configurable(T5Config, name="T5Config", module="model")
 gin.external_configurable(LlamaConfig, name="LlamaConfig", module="model")
+gin.external_configurable(LoraConfig, name="LoraConfig", module="model")
 gin.external_configurable(optim.make_optimizer, name="make_optimizer", module="optim")
 gin.external_configurable(optim.learning_rate_fn, name="learning_rate_fn", module="optim")
 for _name, _fn in sorted(mtl.METHODS.items()):
@@ -49,6 +51,7 @@ NAMES = (
   "train",
   "model.T5Config",
   "model.LlamaConfig",
+  "model.LoraConfig",
   "optim.make_optimizer",
   "optim.learning_rate_fn",
   *(f"mtl.{name}" for name in sorted(mtl.METHODS)),

@@ -46,7 +46,7 @@ from mtx.data import chat_template, decoder_only, registry
 from mtx.data import pipeline as data_pipeline
 from mtx.errors import UserError, check_int, close_names
 from mtx.infer import decoding
-from mtx.infer.predict import Predictor
+from mtx.infer.predict import Predictor, decoding_pad_id
 from mtx.model import LlamaConfig, T5Config
 from mtx.runtime import params as params_lib
 from mtx.runtime import pretrained
@@ -689,6 +689,7 @@ def infer(
     vocab_size=vocabulary.vocab_size,
     start_id=prefix_lm.for_vocabulary(vocabulary).start_id,
     prefix_lm=prefix_lm.bidirectional_inputs,
+    pad_id=decoding_pad_id(model, vocabulary),
   )
   ids, scores = _predict(predictor, params, tokens, show_progress)
   if chat is not None:  # the end of the assistant's turn is no answer

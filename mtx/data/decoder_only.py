@@ -215,31 +215,31 @@ def convert(batch: Dict[str, np.ndarray], options: PrefixLM = PrefixLM()) -> dic
 
 
 def from_unpacked(arrays: Dict[str, np.ndarray], options: PrefixLM = PrefixLM()) -> dict:
-  """``convert`` of unpacked rows (seqio's ``EncDecFeatureConverter(pack=False)``: one
-  example per row, no segment ids), as evaluation reads them.
+  """``convert`` of unpacked rows (one example per row, no segment ids, as evaluation
+  reads them: ``mtx.eval.evaluator.UnpackedFeatureConverter``).
 
-  An example's inputs end at the row's last nonzero input id; its targets are the
-  positions with a loss weight. Its task id is 0 (evaluation goes task by task).
+  An example's inputs are where ``encoder_input_mask`` is 1 and its targets where
+  ``decoder_loss_weights`` is: never read off the ids, since id 0 may be a real token
+  (Llama 3's and Qwen2's ``tokenizer.json``). Its task id is 0 (evaluation goes task
+  by task).
 
   Args:
-    arrays: int32 ``encoder_input_tokens`` [N, Li], ``decoder_target_tokens`` and
-      ``decoder_loss_weights`` [N, Lt].
+    arrays: int32 ``encoder_input_tokens`` and ``encoder_input_mask`` [N, Li],
+      ``decoder_target_tokens`` and ``decoder_loss_weights`` [N, Lt].
 
   Returns:
     ``FEATURES``, int32 [N, Li + Lt].
   """
   inputs = np.asarray(arrays["encoder_input_tokens"])
-  weights = np.asarray(arrays["decoder_loss_weights"])
-  n_in = np.max(np.where(inputs != 0, np.arange(1, inputs.shape[1] + 1), 0), axis=1)
-  enc_real = np.arange(inputs.shape[1])[None, :] < n_in[:, None]
-  dec_real = weights > 0
+  enc_real = np.asarray(arrays["encoder_input_mask"]) > 0
+  dec_real = np.asarray(arrays["decoder_loss_weights"]) > 0
   packed = {
     "encoder_input_tokens": np.where(enc_real, inputs, 0),
     "encoder_segment_ids": enc_real.astype(np.int32),
     "encoder_positions": np.where(enc_real, np.arange(inputs.shape[1]), 0),
     "decoder_target_tokens": np.where(dec_real, arrays["decoder_target_tokens"], 0),
     "decoder_segment_ids": dec_real.astype(np.int32),
-    "decoder_positions": np.where(dec_real, np.arange(weights.shape[1]), 0),
+    "decoder_positions": np.where(dec_real, np.arange(dec_real.shape[1]), 0),
     "decoder_loss_weights": dec_real.astype(np.int32),
     "decoder_task_ids": np.where(dec_real, 0, -1),
   }

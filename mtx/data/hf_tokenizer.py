@@ -11,8 +11,10 @@ the wrapper offers both; the TensorFlow side calls the Rust tokenizer through
 'copy: hello world'
 
 Ids are the tokenizer's own: no ids are reserved or shifted (seqio's ``pad_id`` 0 is the
-tokenizer's id 0; decoder-only batches mark padding with segment ids and loss weights,
-not with the token id).
+tokenizer's id 0, a real token: Llama 3's and Qwen2's "!"). So mtx never reads padding
+off a 0 in these ids: decoder-only batches mark it with segment ids and loss weights,
+evaluation rows with lengths and masks, and decoding may emit id 0 and ends each
+output at EOS (``zero_is_padding``).
 """
 
 import os
@@ -122,3 +124,12 @@ class TokenizersVocabulary(seqio.Vocabulary):
 
   def __hash__(self) -> int:
     return hash((self._path, self._eos_id, self._bos_id))
+
+
+def zero_is_padding(vocabulary) -> bool:
+  """Whether ``vocabulary``'s id 0 is padding, never a token of text: True for seqio's
+  SentencePiece and byte vocabularies (T5's pad, which they reserve; a Llama 2
+  tokenizer.model's ``<unk>``, which its byte fallback never produces), False for a
+  ``TokenizersVocabulary``, whose id 0 is the tokenizer's first token (Llama 3's and
+  Qwen2's "!"), which a model may emit."""
+  return not isinstance(vocabulary, TokenizersVocabulary)

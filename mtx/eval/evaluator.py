@@ -11,7 +11,8 @@ called as often as wanted, during training or on a checkpoint::
 For each leaf task of the mixture that has the eval split:
 
 - **metrics**: seqio's ``Evaluator`` (as T5X uses it) feeds the task's examples,
-  converted by ``seqio.EncDecFeatureConverter(pack=False)``, to a predict function
+  converted by ``UnpackedFeatureConverter`` (seqio's ``EncDecFeatureConverter(pack=False)``
+  with each example's length kept, so a real token 0 is not padding), to a predict function
   (greedy or sampled or beam decoding by ``mtx.infer.predict.Predictor``) and a score
   function (log-likelihood of the targets), decodes and postprocesses the outputs with
   the task's ``postprocess_fn`` and applies its ``metric_fns``. Tasks without
@@ -39,6 +40,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import seqio
+import tensorflow as tf
 
 from mtx import parallel, paths
 from mtx.data import chat_template, decoder_only
@@ -47,17 +49,76 @@ from mtx.errors import UserError, check_int
 from mtx.eval import predictions, results
 from mtx.eval.results import LOSS, NUM_EXAMPLES, EvalResult
 from mtx.infer import decoding
-from mtx.infer.predict import Predictor
+from mtx.infer.predict import Predictor, decoding_pad_id
 from mtx.model import Llama, losses
 
 log = logging.getLogger("mtx")
 
+ENCODER_MASK = "encoder_input_mask"
 _MODEL_FEATURES = (
   "encoder_input_tokens",
+  ENCODER_MASK,
   "decoder_input_tokens",
   "decoder_target_tokens",
   "decoder_loss_weights",
 )
+
+
+class UnpackedFeatureConverter(seqio.EncDecFeatureConverter):
+  """seqio's unpacked encoder-decoder features (``EncDecFeatureConverter(pack=False)``)
+  with each example's extent marked by its length, not by id 0.
+
+  seqio pads with 0 and weighs the targets where they are not 0: a target ending in a
+  real token 0 (a ``tokenizer.json`` vocabulary's, e.g. Llama 3's "!") would lose it,
+  and inputs ending in one could not be told from their padding. Here the lengths are
+  noted before padding: ``decoder_loss_weights`` is 1 on every target token and
+  ``encoder_input_mask`` on every input token. Inputs [5, 0, 1] and targets [7, 0], at
+  lengths {"inputs": 5, "targets": 4}::
+
+      encoder_input_tokens [5, 0, 1, 0, 0]    decoder_target_tokens [7, 0, 0, 0]
+      encoder_input_mask   [1, 1, 1, 0, 0]    decoder_loss_weights  [1, 1, 0, 0]
+                                              decoder_input_tokens  [0, 7, 0, 0]
+
+  With T5's vocabularies, whose texts hold no 0, the features are seqio's and the mask.
+  """
+
+  MODEL_FEATURES = {
+    **seqio.EncDecFeatureConverter.MODEL_FEATURES,
+    ENCODER_MASK: seqio.FeatureConverter.FeatureSpec(dtype=tf.int32),
+  }
+  _MASKS = {"inputs": "inputs_mask", "targets": "targets_mask"}
+
+  def __init__(self):
+    super().__init__(pack=False)
+
+  def _convert_features(self, ds, task_feature_lengths):
+    """seqio's hook: trims and pads the examples and their masks, then converts."""
+
+    def with_masks(ex):
+      ones = {m: tf.ones_like(ex[k], tf.int32) for k, m in self._MASKS.items()}
+      return {**ex, **ones}
+
+    lengths = dict(task_feature_lengths)
+    lengths.update({m: task_feature_lengths[k] for k, m in self._MASKS.items()})
+    ds = seqio.utils.trim_and_pad_dataset(ds.map(with_masks), lengths)
+
+    def convert(ex):
+      return {
+        "encoder_input_tokens": ex["inputs"],
+        ENCODER_MASK: ex["inputs_mask"],
+        "decoder_target_tokens": ex["targets"],
+        "decoder_input_tokens": seqio.utils.make_autoregressive_inputs(
+          ex["targets"], bos_id=self.bos_id
+        ),
+        "decoder_loss_weights": ex["targets_mask"],
+      }
+
+    return ds.map(convert, num_parallel_calls=tf.data.AUTOTUNE)
+
+  def get_model_feature_lengths(self, task_feature_lengths):
+    lengths = dict(super().get_model_feature_lengths(task_feature_lengths))
+    lengths[ENCODER_MASK] = task_feature_lengths["inputs"]
+    return lengths
 
 
 @dataclasses.dataclass(frozen=True)
@@ -162,19 +223,16 @@ def _to_numpy(dataset, with_index: bool, lengths: Mapping[str, int]) -> dict:
 
 
 def _used_lengths(all_arrays) -> dict:
-  """{"inputs": longest encoder input, "targets": longest target} over all examples."""
+  """{"inputs": longest encoder input, "targets": longest target} over all examples
+  (by their masks, ``UnpackedFeatureConverter``), at least 1."""
 
-  def longest(matrix):
-    if matrix is None or not matrix.size:
-      return 1
-    nonzero = matrix != 0
-    last = matrix.shape[1] - np.argmax(nonzero[:, ::-1], axis=1)
-    return int(np.max(np.where(nonzero.any(axis=1), last, 1)))
+  def longest(mask):
+    return max(1, int(np.max(np.sum(mask != 0, axis=1), initial=0)))
 
   all_arrays = list(all_arrays)
   return {
-    "inputs": max(longest(a["encoder_input_tokens"]) for a in all_arrays),
-    "targets": max(longest(a["decoder_target_tokens"]) for a in all_arrays),
+    "inputs": max(longest(a[ENCODER_MASK]) for a in all_arrays),
+    "targets": max(longest(a["decoder_loss_weights"]) for a in all_arrays),
   }
 
 
@@ -198,40 +256,50 @@ def _chat_rows(
   """
   if chat is None:
     return arrays
-
-  def stack(rows, length):
-    out = np.zeros([len(rows), length], np.int32)
-    for i, row in enumerate(rows):
-      out[i, : len(row)] = row
-    return out
-
-  inputs = [
-    chat.prompt(_trim(r), lengths["inputs"]) for r in arrays["encoder_input_tokens"]
-  ]
-  targets = [
-    chat.answer(_trim(r), lengths["targets"]) for r in arrays["decoder_target_tokens"]
-  ]
+  inputs = [chat.prompt(r, lengths["inputs"]) for r in unpadded(arrays, "inputs")]
+  targets = [chat.answer(r, lengths["targets"]) for r in unpadded(arrays, "targets")]
   out = dict(arrays)
-  out["encoder_input_tokens"] = stack(inputs, lengths["inputs"])
-  out["decoder_target_tokens"] = stack(targets, lengths["targets"])
+  out["encoder_input_tokens"], out[ENCODER_MASK] = _stack(inputs, lengths["inputs"])
+  out["decoder_target_tokens"], out["decoder_loss_weights"] = _stack(
+    targets, lengths["targets"]
+  )
   out["decoder_input_tokens"] = np.pad(
     out["decoder_target_tokens"][:, :-1], ((0, 0), (1, 0))
   )
-  out["decoder_loss_weights"] = (out["decoder_target_tokens"] != 0).astype(np.int32)
   return out
 
 
-def _trim(row: np.ndarray) -> list:
-  """Token ids up to the last nonzero one (drops the feature converter's padding)."""
-  nonzero = np.flatnonzero(row)
-  return row[: nonzero[-1] + 1].tolist() if nonzero.size else []
+def _stack(rows: Sequence, length: int) -> tuple:
+  """(int32 [N, length] rows padded with 0, int32 [N, length] mask of their ids)."""
+  tokens = np.zeros([len(rows), length], np.int32)
+  mask = np.zeros([len(rows), length], np.int32)
+  for i, row in enumerate(rows):
+    tokens[i, : len(row)], mask[i, : len(row)] = row, 1
+  return tokens, mask
+
+
+def unpadded(arrays: Mapping[str, np.ndarray], side: str) -> list:
+  """Each example's ids of ``side`` ("inputs" or "targets") as a list, padding dropped
+  by the rows' masks (``UnpackedFeatureConverter``), a token 0 kept.
+
+  >>> unpadded({"decoder_target_tokens": np.array([[7, 0, 0]]),
+  ...           "decoder_loss_weights": np.array([[1, 1, 0]])}, "targets")
+  [[7, 0]]
+  """
+  if side == "inputs":
+    tokens, mask = arrays["encoder_input_tokens"], arrays[ENCODER_MASK]
+  else:
+    tokens, mask = arrays["decoder_target_tokens"], arrays["decoder_loss_weights"]
+  lengths = np.sum(np.asarray(mask) != 0, axis=1)
+  return [row[:n].tolist() for row, n in zip(np.asarray(tokens), lengths)]
 
 
 def _loss_features(model: nn.Module) -> tuple:
   """The features ``make_loss_fn(model)`` reads."""
   if isinstance(model, Llama):
     return decoder_only.MODEL_FEATURES + ("decoder_target_tokens", "decoder_loss_weights")
-  return _MODEL_FEATURES
+  # T5's encoder masks its padding by id 0 (its texts hold none).
+  return tuple(k for k in _MODEL_FEATURES if k != ENCODER_MASK)
 
 
 def make_loss_fn(model: nn.Module):
@@ -341,7 +409,7 @@ class Evaluator:
     self.predictions_dir = predictions.output_dir(model_dir, options.output_dir)
     self._seqio = seqio.Evaluator(
       name,
-      seqio.EncDecFeatureConverter(pack=False),
+      UnpackedFeatureConverter(),
       eval_split=split,
       sequence_length=self.lengths,
       num_examples=options.max_examples,
@@ -371,7 +439,7 @@ class Evaluator:
     self._eos_id = vocabulary.eos_id
     self._predictor = predictor
     if self._predictor is None and self._metric_tasks:
-      self._predictor = self._make_predictor(param_shardings, vocabulary.vocab_size)
+      self._predictor = self._make_predictor(param_shardings, vocabulary)
     rows = parallel.batch_sharding(mesh, 2)
     # Traced under the mesh and rules, so the model's activation constraints hold.
     self._loss_fn = jax.jit(
@@ -396,10 +464,10 @@ class Evaluator:
     )
     if self.options.max_examples:
       ds = ds.take(self.options.max_examples)
-    converted = seqio.EncDecFeatureConverter(pack=False)(ds, self.lengths)
+    converted = UnpackedFeatureConverter()(ds, self.lengths)
     return _to_numpy(converted, False, self.lengths)
 
-  def _make_predictor(self, param_shardings, vocab_size: int):
+  def _make_predictor(self, param_shardings, vocabulary):
     o = self.options
     return Predictor(
       self._model,
@@ -411,9 +479,10 @@ class Evaluator:
       max_decode_length=self.shapes["targets"],
       decode=o.decode,
       eos_id=self._eos_id,
-      vocab_size=vocab_size,
+      vocab_size=vocabulary.vocab_size,
       start_id=self._prefix_lm.start_id,
       prefix_lm=self._prefix_lm.bidirectional_inputs,
+      pad_id=decoding_pad_id(self._model, vocabulary),
     )
 
   def num_examples(self, task_name: str) -> int:
@@ -435,7 +504,7 @@ class Evaluator:
     def predict(dataset, model_feature_shapes=None):
       del model_feature_shapes
       arrays = self._examples(dataset)
-      inputs = [_trim(row) for row in arrays["encoder_input_tokens"]]
+      inputs = unpadded(arrays, "inputs")
       outputs = self._predictor.predict(params, inputs) if inputs else []
       out = []
       for index, ids in zip(arrays["index"], outputs):
@@ -455,8 +524,7 @@ class Evaluator:
     def score(dataset, model_feature_shapes=None):
       del model_feature_shapes
       arrays = self._examples(dataset)
-      inputs = [_trim(row) for row in arrays["encoder_input_tokens"]]
-      targets = [_trim(row) for row in arrays["decoder_target_tokens"]]
+      inputs, targets = unpadded(arrays, "inputs"), unpadded(arrays, "targets")
       scores = self._predictor.score(params, inputs, targets) if inputs else []
       return [(int(i), float(s)) for i, s in zip(arrays["index"], scores)]
 

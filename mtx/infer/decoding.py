@@ -19,6 +19,14 @@ Example (B = 2, max_decode_length = 5, EOS = 1)::
 
     tokens = [[37, 12, 1, 0, 0],     # "37 12" then EOS
               [ 8,  8, 8, 8, 8]]     # no EOS within 5 tokens
+
+A row's output ends at its first EOS (or runs the whole length): the 0s after EOS are
+filler, and readers stop at EOS (``mtx.infer.predict.strip_output``), never at a 0. Id
+0 is T5's padding and decoder start, which its model never emits (``pad_id=0``, the
+default); where id 0 is a real token (a decoder-only model with a ``tokenizer.json``
+vocabulary, e.g. Llama 3's and Qwen2's), ``pad_id=None`` lets decoding emit it, and the
+prompts' lengths come with them (``input_lengths``) instead of being read off their
+zeros.
 """
 
 import dataclasses
@@ -386,15 +394,23 @@ def beam_search(
 # The T5 model's step.
 
 
-def allowed_tokens_mask(logits: Array, vocab_size: int = 0) -> Array:
+def allowed_tokens_mask(
+  logits: Array, vocab_size: int = 0, pad_id: Optional[int] = 0
+) -> Array:
   """Logits with the ids a model must never emit set to NEG_INF.
 
-  Id 0 is padding (and the decoder's start token): training never targets it, and
-  the outputs use it for "after EOS". Ids at or above ``vocab_size`` (when > 0) are
-  the padding the trainer adds to round the embedding up.
+  ``pad_id`` is padding, never a token: T5's 0 (also its decoder's start token), which
+  training never targets; None where every id is a token (a ``tokenizer.json``
+  vocabulary's id 0, ``mtx.infer.predict.decoding_pad_id``). Ids at or above
+  ``vocab_size`` (when > 0) are the padding the trainer adds to round the embedding up.
+
+  >>> allowed_tokens_mask(jnp.zeros([1, 4]), vocab_size=3)[0].tolist()
+  [-10000000.0, 0.0, 0.0, -10000000.0]
+  >>> allowed_tokens_mask(jnp.zeros([1, 4]), vocab_size=3, pad_id=None)[0].tolist()
+  [0.0, 0.0, 0.0, -10000000.0]
   """
   ids = jnp.arange(logits.shape[-1])
-  allowed = ids > 0
+  allowed = ids != pad_id if pad_id is not None else jnp.ones_like(ids, jnp.bool_)
   if 0 < vocab_size < logits.shape[-1]:
     allowed = allowed & (ids < vocab_size)
   return jnp.where(allowed, logits, NEG_INF)
@@ -425,8 +441,8 @@ def model_step_fn(
     params: its parameters.
     encoded: [N, Le, E] encoder output (one row per decoded row).
     encoder_input_tokens: int32 [N, Le], for the cross-attention padding mask.
-    vocab_size: when > 0, ids at or above it are never emitted; id 0 never is
-      (``allowed_tokens_mask``).
+    vocab_size: when > 0, ids at or above it are never emitted; id 0, T5's padding
+      and start token, never is (``allowed_tokens_mask``).
   """
 
   def step(tokens: Array, cache: Any) -> tuple[Array, Any]:
@@ -445,27 +461,38 @@ def model_step_fn(
   return step
 
 
-def left_align(prompts: Array, start_id: int) -> tuple[Array, Array, Array]:
+def nonzero_lengths(prompts: Array) -> Array:
+  """int32 [N]: each row's length up to its last nonzero id, for rows padded with 0
+  where 0 is no token (T5's padding): [[5, 6, 1], [7, 1, 0]] -> [3, 2]."""
+  width = prompts.shape[1]
+  return jnp.max(jnp.where(prompts != 0, jnp.arange(1, width + 1), 0), axis=1)
+
+
+def left_align(
+  prompts: Array, start_id: int, lengths: Array
+) -> tuple[Array, Array, Array]:
   """Right-padded prompts as a decoder-only model's left-padded prefill chunk.
 
   Each row becomes ``[padding..., start_id, prompt...]``: its real tokens end in the
-  last column, so that every row's next token comes from the same slot. A prompt's
-  length is up to its last nonzero id (trailing zeros are padding).
+  last column, so that every row's next token comes from the same slot. A prompt is its
+  first ``lengths`` ids, whatever they are (id 0 may be a real token, as in Llama 3's
+  and Qwen2's vocabularies).
 
-  Example (start_id 9): [[5, 6, 1], [7, 1, 0]] -> tokens [[9, 5, 6, 1], [0, 9, 7, 1]],
-  real [[1, 1, 1, 1], [0, 1, 1, 1]], positions [[0, 1, 2, 3], [0, 0, 1, 2]].
+  Example (start_id 9, lengths [3, 2]): [[5, 6, 0], [0, 1, 0]] -> tokens
+  [[9, 5, 6, 0], [0, 9, 0, 1]], real [[1, 1, 1, 1], [0, 1, 1, 1]], positions
+  [[0, 1, 2, 3], [0, 0, 1, 2]].
 
   Args:
-    prompts: int32 [N, Lp], right-padded with 0.
+    prompts: int32 [N, Lp], right-padded.
     start_id: the token before each prompt (training's ``decoder_only.PrefixLM``).
+    lengths: int32 [N], each prompt's length (``nonzero_lengths`` where 0 pads).
 
   Returns:
     (tokens int32 [N, Lp + 1], real bool [N, Lp + 1], positions int32 [N, Lp + 1]).
   """
   n, width = prompts.shape
   columns = jnp.arange(width + 1)
-  nonzero = jnp.where(prompts != 0, jnp.arange(1, width + 1), 0)
-  lengths = jnp.max(nonzero, axis=1) + 1  # with the start token
+  lengths = jnp.clip(jnp.asarray(lengths, jnp.int32), 0, width) + 1  # with the start
   shift = (width + 1) - lengths  # padding columns on the left
   with_start = jnp.concatenate([jnp.full((n, 1), start_id, jnp.int32), prompts], axis=1)
   source = columns[None, :] - shift[:, None]
@@ -482,16 +509,21 @@ def decoder_only_step_fn(
   vocab_size: int = 0,
   start_id: int = 0,
   prefix_lm: bool = True,
+  *,
+  lengths: Array,
+  pad_id: Optional[int] = 0,
 ) -> tuple[StepFn, Any]:
   """(``step_fn``, its initial state) for a decoder-only ``mtx.model.Llama``.
 
-  The prompts are prefilled in one call (left-aligned by ``left_align``; with
-  ``prefix_lm`` they attend to each other both ways, as the inputs did in training).
+  The prompts (int32 [N, Lp], each the first ``lengths`` ids of its row) are prefilled
+  in one call (left-aligned by ``left_align``; with ``prefix_lm`` they attend to each
+  other both ways, as the inputs did in training). ``pad_id`` is never emitted
+  (``allowed_tokens_mask``; None: every id below ``vocab_size`` may be).
   The prefill's last logits are the first step's output, so the state carries them:
   ``(model cache, pending log-probs [N, V], first)``, and the first ``step_fn`` call
   returns them instead of running the model (its token is ignored).
   """
-  tokens, real, positions = left_align(prompts, start_id)
+  tokens, real, positions = left_align(prompts, start_id, lengths)
   cache = llama_lib.init_cache(
     model.config, tokens.shape[0], tokens.shape[1] + max_decode_length
   )
@@ -504,7 +536,7 @@ def decoder_only_step_fn(
     decode=True,
     mutable=["cache"],
   )
-  first = allowed_tokens_mask(logits[:, -1, :].astype(jnp.float32), vocab_size)
+  first = allowed_tokens_mask(logits[:, -1, :].astype(jnp.float32), vocab_size, pad_id)
   pending = jax.nn.log_softmax(first, axis=-1)
 
   def step(token: Array, state: Any) -> tuple[Array, Any]:
@@ -517,7 +549,9 @@ def decoder_only_step_fn(
         decode=True,
         mutable=["cache"],
       )
-      logits = allowed_tokens_mask(logits[:, 0, :].astype(jnp.float32), vocab_size)
+      logits = allowed_tokens_mask(
+        logits[:, 0, :].astype(jnp.float32), vocab_size, pad_id
+      )
       return jax.nn.log_softmax(logits, axis=-1), constrain_cache(mutated["cache"])
 
     log_probs, model_cache = jax.lax.cond(
@@ -559,6 +593,8 @@ def decode(
   num_return: int = 1,
   start_id: int = 0,
   prefix_lm: bool = True,
+  input_lengths: Optional[Array] = None,
+  pad_id: Optional[int] = 0,
 ) -> tuple[Array, Array]:
   """Decodes a batch with ``model`` (an ``mtx.model.T5``, or a decoder-only
   ``mtx.model.Llama`` that continues the inputs) and its key/value cache.
@@ -567,7 +603,7 @@ def decode(
     model: the T5 or Llama module.
     params: its parameters.
     encoder_input_tokens: int32 [B, L_in]; 0 is padding (a Llama's prompts,
-      right-padded).
+      right-padded: see ``input_lengths``).
     max_decode_length: L, the most tokens emitted per row.
     method: "greedy", "sample" (temperature / top-k) or "beam".
     num_beams: K for beam search.
@@ -576,11 +612,15 @@ def decode(
     top_k: sample among the k most likely tokens (0: all, 1: greedy).
     key: PRNG key for sampling.
     eos_id: the end-of-sequence token.
-    vocab_size: when > 0, ids at or above it are never emitted. Id 0 (padding)
-      never is either.
+    vocab_size: when > 0, ids at or above it are never emitted.
     num_return: beam search only: the n best per row (``beam_search``).
     start_id, prefix_lm: a Llama only: the token before each prompt and whether the
       prompt attends both ways (as ``mtx.data.decoder_only.PrefixLM`` trained it).
+    input_lengths: a Llama only: int32 [B], each prompt's length; None = up to its
+      last nonzero id (``nonzero_lengths``: only where 0 pads, i.e. ``pad_id`` 0).
+    pad_id: the id never emitted (``allowed_tokens_mask``): 0, T5's padding and
+      start token (always so for a T5); None where id 0 is a real token (a Llama with
+      a ``tokenizer.json`` vocabulary; ``mtx.infer.predict.decoding_pad_id``).
 
   Returns:
     (tokens int32 [B, L] with 0 after EOS, scores float32 [B]: summed log-prob,
@@ -591,11 +631,25 @@ def decode(
   batch_size = encoder_input_tokens.shape[0]
   if isinstance(model, Llama):
     # The prompt is the inputs; the model continues it (decoder_only_step_fn).
-    prompts = encoder_input_tokens
+    if input_lengths is None:
+      if pad_id is None:
+        raise ValueError(
+          "Where id 0 is a token (pad_id None), pass the prompts' input_lengths."
+        )
+      input_lengths = nonzero_lengths(encoder_input_tokens)
+    prompts, lengths = encoder_input_tokens, input_lengths
     if method == "beam":
-      prompts = expand_beams(prompts, num_beams)
+      prompts, lengths = expand_beams((prompts, lengths), num_beams)
     step, cache = decoder_only_step_fn(
-      model, params, prompts, max_decode_length, vocab_size, start_id, prefix_lm
+      model,
+      params,
+      prompts,
+      max_decode_length,
+      vocab_size,
+      start_id,
+      prefix_lm,
+      lengths=lengths,
+      pad_id=pad_id,
     )
   else:
     encoded = model.apply({"params": params}, encoder_input_tokens, method=model.encode)

@@ -5,7 +5,8 @@ Conventions shared by every module here:
 
 * Parameters are created in float32 and carry logical axis names (boxed with
   ``nn.with_logical_partitioning``) from this set: 'vocab', 'embed', 'heads',
-  'kv', 'mlp', 'relpos_buckets' (plus 'layers' added by ``nn.scan``).
+  'kv', 'mlp', 'relpos_buckets' (plus 'layers' added by ``nn.scan``, and the LoRA
+  adapters' 'lora_rank', 'lora_parallel', 'lora_adapters', see ``mtx.model.lora``).
 * Activations run in ``dtype`` (float32 or bfloat16); kernels are cast to it at the
   point of use, so the optimizer always sees float32 master weights.
 * Shapes in docstrings: B batch, Lq / Lk query / key length, E embed, H heads,
@@ -14,14 +15,18 @@ Conventions shared by every module here:
   ``mtx.model.llama``).
 """
 
+import dataclasses
+import functools
 import math
 from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from flax import traverse_util
 
 from mtx.errors import UserError
+from mtx.model import lora as lora_lib
 from mtx.model import taps
 
 Array = jax.Array
@@ -70,6 +75,39 @@ def check_config(config: Any, sizes: Sequence[str]) -> None:
     raise UserError(
       f"{name}.dropout_rate is {config.dropout_rate}; it must be in [0, 1)."
     )
+  lora_lib.check_config(config.lora)
+
+
+@functools.lru_cache(maxsize=None)
+def _param_paths(model_cls: type, config: Any, num_inputs: int) -> tuple[str, ...]:
+  """Every param path of ``model_cls(config)``, from an abstract init (nothing runs)."""
+  model = model_cls(config, parent=None)
+  tokens = (jnp.ones((1, 1), jnp.int32),) * num_inputs
+  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), *tokens))
+  flat = traverse_util.flatten_dict(dict(shapes["params"]), sep="/")
+  return tuple(flat)
+
+
+def check_lora_targets(model_cls: type, config: Any, num_inputs: int) -> None:
+  """Raises UserError when ``config.lora.targets`` adapts no kernel of the model, or
+  its embedding or vocabulary projection (``lora.check_targets``). The model's param
+  paths come from an abstract init, once per config; ``num_inputs`` is the number of
+  token arrays ``model_cls.__call__`` needs."""
+  if not config.lora.enabled:
+    return
+  base = dataclasses.replace(config, lora=lora_lib.LoraConfig())
+  lora_lib.check_targets(config.lora, _param_paths(model_cls, base, num_inputs))
+
+
+def check_adapter_ids(name: str, ids: Array | None, tokens: Array) -> None:
+  """Raises ValueError unless ``ids`` is None or integer and shaped like ``tokens``."""
+  if ids is not None and (
+    ids.shape != tokens.shape or not jnp.issubdtype(ids.dtype, jnp.integer)
+  ):
+    raise ValueError(
+      f"{name} must be integer and shaped like the tokens {list(tokens.shape)}; got "
+      f"{ids.dtype}{list(ids.shape)}."
+    )
 
 
 def constrain(x: Array, names: Sequence[str]) -> Array:
@@ -93,6 +131,90 @@ def param(
   if module.has_variable(taps.GRAM_PROBE, name):
     w = taps.tap(w, module.get_variable(taps.GRAM_PROBE, name), tuple(names))
   return w
+
+
+def adapt(
+  module: nn.Module,
+  name: str,
+  x: Array,
+  y: Array,
+  kernel_shape: Sequence[int],
+  kernel_names: Sequence[str],
+  num_in: int,
+  config: lora_lib.LoraConfig,
+  adapter_ids: Array | None = None,
+) -> Array:
+  """``y`` (= x K for the kernel ``name`` of ``module``) plus its LoRA delta, when
+  ``config.targets`` matches the kernel's path; else ``y`` unchanged.
+
+  Creates the adapters next to K (names, shapes, logical axes and init in
+  ``mtx.model.lora``) through ``param``, so Gram taps cover them; call it after the
+  module's base params are created, so that their init keys do not depend on LoRA.
+
+  Args:
+    module: the module that owns K (its ``path`` and the param name form K's path).
+    name: K's param name.
+    x: [B, L, *in] in the activation dtype.
+    y: [B, L, *out], x K.
+    kernel_shape: K's shape, (*in, *out).
+    kernel_names: K's logical axis names.
+    num_in: the number of K's input axes (contracted with x's last ones).
+    config: the model's LoRA settings.
+    adapter_ids: int32 [B, L] per-token adapter ids (-1 none) or None (shared only).
+
+  Returns:
+    y + s * (x A) B (+ the per-task adapters' deltas), in y's dtype.
+  """
+  if not config.targets_kernel("/".join(module.path + (name,))):
+    return y
+  in_shape, out_shape = tuple(kernel_shape[:num_in]), tuple(kernel_shape[num_in:])
+  in_names, out_names = tuple(kernel_names[:num_in]), tuple(kernel_names[num_in:])
+  r, rank_axis = config.rank, lora_lib.RANK_AXIS
+  a_init = lora_lib.kaiming_uniform(math.prod(in_shape))
+  a_names, b_names = in_names + (rank_axis,), (rank_axis,) + out_names
+  total = jnp.zeros((), x.dtype)
+  if config.shared and config.num_parallel == 1:
+    a = param(module, name + lora_lib.SUFFIX_A, a_init, in_shape + (r,), a_names)
+    b = param(
+      module, name + lora_lib.SUFFIX_B, nn.initializers.zeros, (r,) + out_shape, b_names
+    )
+    total = total + lora_lib.delta(x, num_in, a, b)
+  elif config.shared:  # MultiLoRA: n parallel adapters, scales start at 0.
+    n, axis = config.num_parallel, (lora_lib.PARALLEL_AXIS,)
+    a = param(
+      module, name + lora_lib.SUFFIX_A, a_init, (n,) + in_shape + (r,), axis + a_names
+    )
+    b = param(
+      module,
+      name + lora_lib.SUFFIX_B,
+      lora_lib.kaiming_uniform(r),
+      (n, r) + out_shape,
+      axis + b_names,
+    )
+    scales = param(
+      module, name + lora_lib.SUFFIX_SCALE, nn.initializers.zeros, (n,), axis
+    )
+    total = total + lora_lib.delta(x, num_in, a, b, scales)
+  if config.per_task:
+    t, axis = config.num_adapters, (lora_lib.ADAPTERS_AXIS,)
+    a = param(
+      module,
+      name + lora_lib.SUFFIX_TASK_A,
+      a_init,
+      (t,) + in_shape + (r,),
+      axis + a_names,
+    )
+    b = param(
+      module,
+      name + lora_lib.SUFFIX_TASK_B,
+      nn.initializers.zeros,
+      (t, r) + out_shape,
+      axis + b_names,
+    )
+    if adapter_ids is not None:
+      weights = lora_lib.task_weights(adapter_ids, t)
+      total = total + lora_lib.delta(x, num_in, a, b, weights)
+  return y + (config.scale * total).astype(y.dtype)
 
 
 # Initializers as in T5X's T5 v1.1 configs. Fan-in is given per axis so that
@@ -276,6 +398,7 @@ class MultiHeadAttention(nn.Module):
       token; otherwise (cache being created) the cache is zero-filled with
       ``max_decode_length`` positions and the call attends like training.
     max_decode_length: cache length when the cache is created.
+    lora: LoRA adapters of the query/key/value/out kernels its targets match.
   """
 
   num_heads: int
@@ -286,6 +409,7 @@ class MultiHeadAttention(nn.Module):
   decode: bool = False
   decode_step: bool = False
   max_decode_length: int = 0
+  lora: lora_lib.LoraConfig = lora_lib.LoraConfig()
 
   @nn.compact
   def __call__(
@@ -295,6 +419,8 @@ class MultiHeadAttention(nn.Module):
     mask: Array,
     bias: Array | None = None,
     decode_index: Array | None = None,
+    q_adapter_ids: Array | None = None,
+    kv_adapter_ids: Array | None = None,
   ) -> Array:
     """Attends from queries to keys/values.
 
@@ -306,6 +432,9 @@ class MultiHeadAttention(nn.Module):
       bias: float32 broadcastable to [B, H, Lq, Lk'] or None.
       decode_index: int32 scalar, the position the new token is written to in a
         decode step; ignored otherwise.
+      q_adapter_ids: int32 [B, Lq] LoRA adapter ids of the queries' tokens (for the
+        query and out kernels), or None (``mtx.model.lora``).
+      kv_adapter_ids: int32 [B, Lk], the same for the key/value kernels.
 
     Returns:
       [B, Lq, E] in dtype.
@@ -318,16 +447,27 @@ class MultiHeadAttention(nn.Module):
     def query_init(*args):
       return kv_init(*args) / depth_scale
 
-    def project(name, init, x):
-      kernel = param(self, name, init, (emb, h, d), ("embed", "heads", "kv"))
-      y = jnp.einsum("ble,ehd->blhd", x, kernel.astype(self.dtype))
+    # Every base kernel first, in a fixed order (their init keys depend on it), then
+    # any LoRA adapters as each kernel is used.
+    qkv_names = ("embed", "heads", "kv")
+    kernels = {
+      "query": param(self, "query", query_init, (emb, h, d), qkv_names),
+      "key": param(self, "key", kv_init, (emb, h, d), qkv_names),
+      "value": param(self, "value", kv_init, (emb, h, d), qkv_names),
+    }
+    out_names = ("heads", "kv", "embed")
+    out_kernel = param(self, "out", fan_in_normal((0, 1), 2), (h, d, emb), out_names)
+
+    def project(name, x, adapter_ids):
+      y = jnp.einsum("ble,ehd->blhd", x, kernels[name].astype(self.dtype))
+      y = adapt(self, name, x, y, (emb, h, d), qkv_names, 1, self.lora, adapter_ids)
       return constrain(
         y, ("activation_batch", "activation_length", "activation_heads", "activation_kv")
       )
 
-    query = project("query", query_init, inputs_q)
-    key = project("key", kv_init, inputs_kv)
-    value = project("value", kv_init, inputs_kv)
+    query = project("query", inputs_q, q_adapter_ids)
+    key = project("key", inputs_kv, kv_adapter_ids)
+    value = project("value", inputs_kv, kv_adapter_ids)
 
     if self.decode:
       batch = inputs_kv.shape[0]
@@ -366,10 +506,11 @@ class MultiHeadAttention(nn.Module):
     out = constrain(
       out, ("activation_batch", "activation_length", "activation_heads", "activation_kv")
     )
-    out_kernel = param(
-      self, "out", fan_in_normal((0, 1), 2), (h, d, emb), ("heads", "kv", "embed")
+    heads_out = out
+    out = jnp.einsum("bqhd,hde->bqe", heads_out, out_kernel.astype(self.dtype))
+    out = adapt(
+      self, "out", heads_out, out, (h, d, emb), out_names, 2, self.lora, q_adapter_ids
     )
-    out = jnp.einsum("bqhd,hde->bqe", out, out_kernel.astype(self.dtype))
     return constrain(out, ("activation_batch", "activation_length", "activation_embed"))
 
 
@@ -397,6 +538,7 @@ class MlpBlock(nn.Module):
     dtype: activation dtype.
     dropout_rate: dropout on the hidden activations.
     enable_dropout: whether dropout is applied (needs rng 'dropout').
+    lora: LoRA adapters of the wi.../wo kernels its targets match.
   """
 
   mlp_dim: int
@@ -404,10 +546,12 @@ class MlpBlock(nn.Module):
   dtype: DType = jnp.float32
   dropout_rate: float = 0.0
   enable_dropout: bool = False
+  lora: lora_lib.LoraConfig = lora_lib.LoraConfig()
 
   @nn.compact
-  def __call__(self, x: Array) -> Array:
-    """[B, L, E] -> [B, L, E], in dtype."""
+  def __call__(self, x: Array, adapter_ids: Array | None = None) -> Array:
+    """[B, L, E] -> [B, L, E], in dtype; ``adapter_ids`` int32 [B, L] or None route
+    the per-task LoRA adapters (``mtx.model.lora``)."""
     emb = x.shape[-1]
     init = fan_in_normal(0, 1, truncated=True)
     names = (
@@ -419,14 +563,29 @@ class MlpBlock(nn.Module):
     wis = [param(self, n, init, (emb, self.mlp_dim), ("embed", "mlp")) for n in names]
     wo = param(self, "wo", init, (self.mlp_dim, emb), ("mlp", "embed"))
     hidden = None
-    for activation, wi in zip(self.activations, wis):
-      h = ACTIVATIONS[activation](x @ wi.astype(self.dtype))
+    for activation, name, wi in zip(self.activations, names, wis):
+      h = x @ wi.astype(self.dtype)
+      h = adapt(
+        self, name, x, h, (emb, self.mlp_dim), ("embed", "mlp"), 1, self.lora, adapter_ids
+      )
+      h = ACTIVATIONS[activation](h)
       hidden = h if hidden is None else hidden * h
     hidden = constrain(
       hidden, ("activation_batch", "activation_length", "activation_mlp")
     )
     hidden = nn.Dropout(self.dropout_rate)(hidden, deterministic=not self.enable_dropout)
     out = hidden @ wo.astype(self.dtype)
+    out = adapt(
+      self,
+      "wo",
+      hidden,
+      out,
+      (self.mlp_dim, emb),
+      ("mlp", "embed"),
+      1,
+      self.lora,
+      adapter_ids,
+    )
     return constrain(out, ("activation_batch", "activation_length", "activation_embed"))
 
 

@@ -46,6 +46,10 @@ subtrees become one ``layers`` subtree whose leaves have a leading 'layers' axis
     decoder/decoder_norm/scale                       [E]  (embed)
     decoder/logits_dense/kernel                      [E, V]  (embed, vocab)  (untied only)
 
+With ``config.lora`` (``mtx.model.lora``), each kernel its targets match gets LoRA
+adapters next to it (``query_lora_a``, ``query_lora_b``, ...); per-task adapters are
+routed by the per-token ``decoder_adapter_ids``.
+
 Decoding cache (the 'cache' collection; see ``init_cache``)::
 
     decoder/cache_index                              int32 []  next write position
@@ -76,6 +80,7 @@ import numpy as np
 
 from mtx.errors import UserError
 from mtx.model import layers
+from mtx.model import lora as lora_lib
 
 Array = jax.Array
 
@@ -133,6 +138,8 @@ class LlamaConfig:
       RoPE, attention softmax, norms' statistics and logits are computed in float32.
     remat_policy: "none", "minimal" or "full" (see ``mtx.model.layers.REMAT_POLICIES``).
     scan_layers: run the layers with ``nn.scan``; params get a leading 'layers' axis.
+    lora: LoRA adapters (``mtx.model.lora``; off by default), gin
+      ``model.LlamaConfig.lora = @model.LoraConfig()``.
   """
 
   vocab_size: int = 0
@@ -157,6 +164,7 @@ class LlamaConfig:
   dtype: str = "float32"
   remat_policy: str = "none"
   scan_layers: bool = False
+  lora: lora_lib.LoraConfig = lora_lib.LoraConfig()
 
   @property
   def activation_dtype(self) -> Any:
@@ -297,32 +305,59 @@ class Attention(nn.Module):
 
   @nn.compact
   def __call__(
-    self, x: Array, mask: Array, cos: Array, sin: Array, decode_index: Array
+    self,
+    x: Array,
+    mask: Array,
+    cos: Array,
+    sin: Array,
+    decode_index: Array,
+    adapter_ids: Array | None = None,
   ) -> Array:
     """x [B, L, E], mask bool [B, 1, L, Lk], cos/sin f32 [B, L, D/2] -> [B, L, E].
 
     Lk is L, or L_max in a decode step; ``decode_index`` (int32 []) is where the
-    chunk's keys are written in a decode step, and ignored otherwise.
+    chunk's keys are written in a decode step, and ignored otherwise;
+    ``adapter_ids`` int32 [B, L] or None route the per-task LoRA adapters.
     """
     cfg, dtype = self.config, self.config.activation_dtype
     emb, h, k, d = x.shape[-1], cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     init = layers.fan_in_normal(0, (1, 2))
-
-    def project(name, heads, heads_axis, axes):
-      kernel = layers.param(
-        self, name, init, (emb, heads, d), ("embed", heads_axis, "kv")
-      )
-      y = jnp.einsum("ble,ehd->blhd", x, kernel.astype(dtype))
+    projections = {
+      "query": (h, "heads", _HEAD_AXES),
+      "key": (k, "kv_heads", _KV_AXES),
+      "value": (k, "kv_heads", _KV_AXES),
+    }
+    # Every base param first, in a fixed order (their init keys depend on it), then any
+    # LoRA adapters as each kernel is used.
+    kernels, biases = {}, {}
+    for name, (heads, heads_axis, _) in projections.items():
+      names = ("embed", heads_axis, "kv")
+      kernels[name] = layers.param(self, name, init, (emb, heads, d), names)
       if cfg.qkv_bias:
-        bias = layers.param(
+        biases[name] = layers.param(
           self, f"{name}_bias", nn.initializers.zeros, (heads, d), (heads_axis, "kv")
         )
-        y = y + bias.astype(dtype)
+    out_names = ("heads", "kv", "embed")
+    out_kernel = layers.param(
+      self, "out", layers.fan_in_normal((0, 1), 2), (h, d, emb), out_names
+    )
+    if cfg.out_bias:
+      biases["out"] = layers.param(
+        self, "out_bias", nn.initializers.zeros, (emb,), ("embed",)
+      )
+
+    def project(name):
+      heads, heads_axis, axes = projections[name]
+      y = jnp.einsum("ble,ehd->blhd", x, kernels[name].astype(dtype))
+      shape, names = (emb, heads, d), ("embed", heads_axis, "kv")
+      y = layers.adapt(self, name, x, y, shape, names, 1, cfg.lora, adapter_ids)
+      if cfg.qkv_bias:
+        y = y + biases[name].astype(dtype)
       return layers.constrain(y, axes)
 
-    query = apply_rope(project("query", h, "heads", _HEAD_AXES), cos, sin)
-    key = apply_rope(project("key", k, "kv_heads", _KV_AXES), cos, sin)
-    value = project("value", k, "kv_heads", _KV_AXES)
+    query = apply_rope(project("query"), cos, sin)
+    key = apply_rope(project("key"), cos, sin)
+    value = project("value")
 
     if self.decode:
       shape = (x.shape[0], self.max_decode_length or x.shape[1], k, d)
@@ -347,14 +382,13 @@ class Attention(nn.Module):
     weights = jax.nn.softmax(logits, axis=-1).astype(dtype)
     weights = nn.Dropout(cfg.dropout_rate)(weights, deterministic=not self.enable_dropout)
     out = jnp.einsum("bkgqs,bskd->bqkgd", weights, value).reshape(x.shape[:2] + (h, d))
-    out = layers.constrain(out, _HEAD_AXES)
-    out_kernel = layers.param(
-      self, "out", layers.fan_in_normal((0, 1), 2), (h, d, emb), ("heads", "kv", "embed")
+    heads_out = layers.constrain(out, _HEAD_AXES)
+    out = jnp.einsum("bqhd,hde->bqe", heads_out, out_kernel.astype(dtype))
+    out = layers.adapt(
+      self, "out", heads_out, out, (h, d, emb), out_names, 2, cfg.lora, adapter_ids
     )
-    out = jnp.einsum("bqhd,hde->bqe", out, out_kernel.astype(dtype))
     if cfg.out_bias:
-      bias = layers.param(self, "out_bias", nn.initializers.zeros, (emb,), ("embed",))
-      out = out + bias.astype(dtype)
+      out = out + biases["out"].astype(dtype)
     return layers.constrain(out, _EMBED_AXES)
 
 
@@ -376,7 +410,13 @@ class DecoderLayer(nn.Module):
 
   @nn.compact
   def __call__(
-    self, x: Array, mask: Array, cos: Array, sin: Array, decode_index: Array
+    self,
+    x: Array,
+    mask: Array,
+    cos: Array,
+    sin: Array,
+    decode_index: Array,
+    adapter_ids: Array | None,
   ) -> tuple[Array, None]:
     """x [B, L, E] -> ([B, L, E], None); the other arguments as ``Attention``'s."""
     cfg, dtype = self.config, self.config.activation_dtype
@@ -388,7 +428,7 @@ class DecoderLayer(nn.Module):
       self.decode_step,
       self.max_decode_length,
       name="self_attention",
-    )(h, mask, cos, sin, decode_index)
+    )(h, mask, cos, sin, decode_index, adapter_ids)
     x = x + _dropout(cfg, self.enable_dropout, h)
     h = layers.RMSNorm(dtype, cfg.norm_epsilon, name="pre_mlp_layer_norm")(x)
     h = layers.MlpBlock(
@@ -397,8 +437,9 @@ class DecoderLayer(nn.Module):
       dtype=dtype,
       dropout_rate=cfg.dropout_rate,
       enable_dropout=self.enable_dropout,
+      lora=cfg.lora,
       name="mlp",
-    )(h)
+    )(h, adapter_ids)
     x = x + _dropout(cfg, self.enable_dropout, h)
     return layers.constrain(x, _EMBED_AXES), None
 
@@ -450,6 +491,7 @@ class Decoder(nn.Module):
     segment_ids: Array | None,
     positions: Array | None,
     prefix: Array | None,
+    adapter_ids: Array | None = None,
     *,
     enable_dropout: bool = False,
     decode: bool = False,
@@ -510,6 +552,7 @@ class Decoder(nn.Module):
       cos,
       sin,
       index,
+      adapter_ids,
     )
     x = layers.RMSNorm(cfg.activation_dtype, cfg.norm_epsilon, name="decoder_norm")(x)
     if decode_step:
@@ -539,6 +582,7 @@ class Llama(nn.Module):
 
   def setup(self):
     validate_config(self.config)
+    layers.check_lora_targets(Llama, self.config, 1)
     cfg = self.config
     self.token_embedder = layers.Embed(
       cfg.vocab_size, cfg.emb_dim, cfg.activation_dtype, stddev=cfg.emb_dim**-0.5
@@ -551,6 +595,7 @@ class Llama(nn.Module):
     decoder_segment_ids: Array | None = None,
     decoder_positions: Array | None = None,
     decoder_causal_attention: Array | None = None,
+    decoder_adapter_ids: Array | None = None,
     *,
     enable_dropout: bool = False,
     decode: bool = False,
@@ -568,6 +613,9 @@ class Llama(nn.Module):
       decoder_causal_attention: int or bool [B, L] or None: 1 on each example's
         inputs, which attend to each other bidirectionally (prefix-LM); None is a
         causal LM.
+      decoder_adapter_ids: int32 [B, L] or None: each token's per-task LoRA adapter
+        (>= 0: that adapter, -1: none, e.g. padding; in a decode step the chunk's).
+        None applies the shared adapter only (``mtx.model.lora``).
       enable_dropout: apply dropout (needs rng 'dropout').
       decode: incremental decoding with the 'cache' collection (apply with
         ``mutable=['cache']``; see the module docstring). Segment ids then only mark
@@ -581,6 +629,9 @@ class Llama(nn.Module):
         "decoder_input_tokens must be integer [batch, length]; got "
         f"{decoder_input_tokens.dtype}{list(decoder_input_tokens.shape)}."
       )
+    layers.check_adapter_ids(
+      "decoder_adapter_ids", decoder_adapter_ids, decoder_input_tokens
+    )
     prefix = None if decoder_causal_attention is None else decoder_causal_attention > 0
     x = self.token_embedder(decoder_input_tokens)
     y = self.decoder(
@@ -588,6 +639,7 @@ class Llama(nn.Module):
       decoder_segment_ids,
       decoder_positions,
       prefix,
+      decoder_adapter_ids,
       enable_dropout=enable_dropout,
       decode=decode,
       max_decode_length=max_decode_length,

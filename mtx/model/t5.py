@@ -33,6 +33,10 @@ logical name 'layers')::
     decoder/logits_dense/kernel                   [E, V]  (embed, vocab)  (not with
                                                   logits_via_embedding)
 
+With ``config.lora`` (``mtx.model.lora``), each kernel its targets match gets LoRA
+adapters next to it (``query_lora_a``, ``query_lora_b``, ...); per-task adapters are
+routed by the per-token ``encoder_adapter_ids`` / ``decoder_adapter_ids``.
+
 Decoding cache (the 'cache' collection; see ``init_cache``)::
 
     decoder/cache_index                               int32 []  next write position
@@ -55,6 +59,7 @@ import jax.numpy as jnp
 
 from mtx.errors import UserError
 from mtx.model import layers
+from mtx.model import lora as lora_lib
 
 Array = jax.Array
 
@@ -88,6 +93,8 @@ class T5Config:
       ("gelu", "linear") is v1.1's gated GELU, ("relu",) is v1.0's.
     logits_via_embedding: logits from the input embedding, scaled by 1/sqrt(E)
       (T5 v1.0, tied embeddings) instead of a separate ``logits_dense``.
+    lora: LoRA adapters (``mtx.model.lora``; off by default), gin
+      ``model.T5Config.lora = @model.LoraConfig()``.
   """
 
   vocab_size: int = 0
@@ -105,6 +112,7 @@ class T5Config:
   scan_layers: bool = False
   mlp_activations: tuple = ("gelu", "linear")
   logits_via_embedding: bool = False
+  lora: lora_lib.LoraConfig = lora_lib.LoraConfig()
 
   def __post_init__(self):
     # gin gives lists; a tuple keeps the config hashable (jit static arguments).
@@ -164,6 +172,7 @@ def _attention(
     dtype=config.activation_dtype,
     dropout_rate=config.dropout_rate,
     enable_dropout=enable_dropout,
+    lora=config.lora,
     name=name,
     **kwargs,
   )
@@ -176,6 +185,7 @@ def _mlp(config: T5Config, enable_dropout: bool) -> layers.MlpBlock:
     dtype=config.activation_dtype,
     dropout_rate=config.dropout_rate,
     enable_dropout=enable_dropout,
+    lora=config.lora,
     name="mlp",
   )
 
@@ -191,14 +201,19 @@ class EncoderLayer(nn.Module):
   enable_dropout: bool = False
 
   @nn.compact
-  def __call__(self, x: Array, mask: Array, bias: Array) -> tuple[Array, None]:
-    """x [B, L, E], mask bool [B, 1, L, L], bias f32 [1, H, L, L] -> [B, L, E]."""
+  def __call__(
+    self, x: Array, mask: Array, bias: Array, adapter_ids: Array | None
+  ) -> tuple[Array, None]:
+    """x [B, L, E], mask bool [B, 1, L, L], bias f32 [1, H, L, L], adapter_ids int32
+    [B, L] or None -> [B, L, E]."""
     cfg, dtype = self.config, self.config.activation_dtype
     h = layers.RMSNorm(dtype, name="pre_attention_layer_norm")(x)
-    h = _attention(cfg, self.enable_dropout, "attention")(h, h, mask, bias)
+    h = _attention(cfg, self.enable_dropout, "attention")(
+      h, h, mask, bias, None, adapter_ids, adapter_ids
+    )
     x = x + _dropout(cfg, self.enable_dropout, h)
     h = layers.RMSNorm(dtype, name="pre_mlp_layer_norm")(x)
-    h = _mlp(cfg, self.enable_dropout)(h)
+    h = _mlp(cfg, self.enable_dropout)(h, adapter_ids)
     x = x + _dropout(cfg, self.enable_dropout, h)
     return layers.constrain(x, _EMBED_AXES), None
 
@@ -229,6 +244,8 @@ class DecoderLayer(nn.Module):
     cross_mask: Array,
     bias: Array,
     decode_index: Array,
+    adapter_ids: Array | None,
+    encoder_adapter_ids: Array | None,
   ) -> tuple[Array, None]:
     """Runs one decoder layer.
 
@@ -239,6 +256,9 @@ class DecoderLayer(nn.Module):
       cross_mask: bool, broadcastable to [B, 1, Ld, Le].
       bias: float32 [1, H, Ld, Ld] ([1, H, 1, L_max] in a step).
       decode_index: int32 [] cache write position (used only in a decode step).
+      adapter_ids: int32 [B, Ld] LoRA adapter ids of the decoder tokens, or None.
+      encoder_adapter_ids: int32 [B, Le], the encoder tokens' (cross-attention's key
+        and value kernels), or None.
 
     Returns:
       ([B, Ld, E], None).
@@ -252,15 +272,15 @@ class DecoderLayer(nn.Module):
       decode=self.decode,
       decode_step=self.decode_step,
       max_decode_length=self.max_decode_length,
-    )(h, h, self_mask, bias, decode_index)
+    )(h, h, self_mask, bias, decode_index, adapter_ids, adapter_ids)
     y = y + _dropout(cfg, self.enable_dropout, h)
     h = layers.RMSNorm(dtype, name="pre_cross_attention_layer_norm")(y)
     h = _attention(cfg, self.enable_dropout, "encoder_decoder_attention")(
-      h, encoded, cross_mask
+      h, encoded, cross_mask, None, None, adapter_ids, encoder_adapter_ids
     )
     y = y + _dropout(cfg, self.enable_dropout, h)
     h = layers.RMSNorm(dtype, name="pre_mlp_layer_norm")(y)
-    h = _mlp(cfg, self.enable_dropout)(h)
+    h = _mlp(cfg, self.enable_dropout)(h, adapter_ids)
     y = y + _dropout(cfg, self.enable_dropout, h)
     return layers.constrain(y, _EMBED_AXES), None
 
@@ -271,8 +291,16 @@ class Encoder(nn.Module):
   config: T5Config
 
   @nn.compact
-  def __call__(self, x: Array, mask: Array, *, enable_dropout: bool = False) -> Array:
-    """Embedded inputs [B, L, E], mask bool [B, 1, L, L] -> [B, L, E] in dtype."""
+  def __call__(
+    self,
+    x: Array,
+    mask: Array,
+    adapter_ids: Array | None = None,
+    *,
+    enable_dropout: bool = False,
+  ) -> Array:
+    """Embedded inputs [B, L, E], mask bool [B, 1, L, L], LoRA adapter ids int32 [B, L]
+    or None -> [B, L, E] in dtype."""
     cfg = self.config
     length = x.shape[1]
     positions = jnp.arange(length, dtype=jnp.int32)
@@ -293,6 +321,7 @@ class Encoder(nn.Module):
       x,
       mask,
       bias,
+      adapter_ids,
     )
     x = layers.RMSNorm(cfg.activation_dtype, name="encoder_norm")(x)
     x = _dropout(cfg, enable_dropout, x)
@@ -322,6 +351,8 @@ class Decoder(nn.Module):
     encoded: Array,
     cross_mask: Array,
     decoder_segment_ids: Array | None = None,
+    adapter_ids: Array | None = None,
+    encoder_adapter_ids: Array | None = None,
     *,
     enable_dropout: bool = False,
     decode: bool = False,
@@ -337,6 +368,8 @@ class Decoder(nn.Module):
       encoded: [B, Le, E] encoder output.
       cross_mask: bool, broadcastable to [B, 1, Ld, Le].
       decoder_segment_ids: int32 [B, Ld] or None (see ``T5.decode``).
+      adapter_ids: int32 [B, Ld] LoRA adapter ids or None (see ``T5.decode``).
+      encoder_adapter_ids: int32 [B, Le] or None, the encoder tokens'.
       enable_dropout: apply dropout.
       decode: use the 'cache' collection (see module docstring).
       max_decode_length: cache length when the cache is created.
@@ -400,6 +433,8 @@ class Decoder(nn.Module):
       cross_mask,
       bias,
       index,
+      adapter_ids,
+      encoder_adapter_ids,
     )
     y = layers.RMSNorm(cfg.activation_dtype, name="decoder_norm")(y)
     y = _dropout(cfg, enable_dropout, y)
@@ -428,6 +463,7 @@ class T5(nn.Module):
 
   def setup(self):
     _validate_config(self.config)
+    layers.check_lora_targets(T5, self.config, 2)
     cfg = self.config
     self.token_embedder = layers.Embed(cfg.vocab_size, cfg.emb_dim, cfg.activation_dtype)
     self.encoder = Encoder(cfg)
@@ -437,6 +473,7 @@ class T5(nn.Module):
     self,
     encoder_input_tokens: Array,
     encoder_segment_ids: Array | None = None,
+    encoder_adapter_ids: Array | None = None,
     *,
     enable_dropout: bool = False,
   ) -> Array:
@@ -447,6 +484,8 @@ class T5(nn.Module):
       encoder_segment_ids: int32 [B, Le] or None. Attention is allowed between
         equal nonzero segment ids; None treats each row as one example whose
         padding is where tokens are 0.
+      encoder_adapter_ids: int32 [B, Le] or None: each token's per-task LoRA adapter
+        (-1: none; ``mtx.model.lora``). None applies the shared adapter only.
       enable_dropout: apply dropout (needs rng 'dropout').
 
     Returns:
@@ -455,8 +494,11 @@ class T5(nn.Module):
     _check_tokens("encoder_input_tokens", encoder_input_tokens)
     valid = _encoder_valid(encoder_input_tokens, encoder_segment_ids)
     mask = layers.self_attention_mask(valid, encoder_segment_ids)
+    layers.check_adapter_ids(
+      "encoder_adapter_ids", encoder_adapter_ids, encoder_input_tokens
+    )
     x = self.token_embedder(encoder_input_tokens)
-    return self.encoder(x, mask, enable_dropout=enable_dropout)
+    return self.encoder(x, mask, encoder_adapter_ids, enable_dropout=enable_dropout)
 
   def decode(
     self,
@@ -465,6 +507,8 @@ class T5(nn.Module):
     decoder_input_tokens: Array,
     encoder_segment_ids: Array | None = None,
     decoder_segment_ids: Array | None = None,
+    encoder_adapter_ids: Array | None = None,
+    decoder_adapter_ids: Array | None = None,
     *,
     enable_dropout: bool = False,
     decode: bool = False,
@@ -492,6 +536,10 @@ class T5(nn.Module):
       encoder_segment_ids: int32 [B, Le] or None.
       decoder_segment_ids: int32 [B, Ld] or None; given together with the
         encoder ones for packed rows; not allowed with ``decode=True``.
+      encoder_adapter_ids: int32 [B, Le] or None, as ``encode``'s: they route the
+        cross-attention's key/value adapters.
+      decoder_adapter_ids: int32 [B, Ld] (a decode step: [B, 1]) or None, the decoder
+        tokens' adapters (self-attention, cross-attention's query/out, MLP).
       enable_dropout: apply dropout (needs rng 'dropout').
       decode: incremental decoding with the 'cache' collection.
       max_decode_length: cache length when the cache is created.
@@ -518,12 +566,20 @@ class T5(nn.Module):
       cross_mask = layers.cross_attention_mask(
         decoder_segment_ids > 0, enc_valid, decoder_segment_ids, encoder_segment_ids
       )
+    layers.check_adapter_ids(
+      "encoder_adapter_ids", encoder_adapter_ids, encoder_input_tokens
+    )
+    layers.check_adapter_ids(
+      "decoder_adapter_ids", decoder_adapter_ids, decoder_input_tokens
+    )
     y = self.token_embedder(decoder_input_tokens)
     y = self.decoder(
       y,
       encoded,
       cross_mask,
       decoder_segment_ids,
+      decoder_adapter_ids,
+      encoder_adapter_ids,
       enable_dropout=enable_dropout,
       decode=decode,
       max_decode_length=max_decode_length,
@@ -541,6 +597,8 @@ class T5(nn.Module):
     decoder_segment_ids: Array | None = None,
     encoder_positions: Array | None = None,
     decoder_positions: Array | None = None,
+    encoder_adapter_ids: Array | None = None,
+    decoder_adapter_ids: Array | None = None,
     *,
     enable_dropout: bool = False,
     decode: bool = False,
@@ -551,10 +609,17 @@ class T5(nn.Module):
     in each packed segment) are accepted for the packed-batch interface but not
     needed: relative position biases only use position differences, which
     within a segment equal those of ``arange`` (as in T5X).
+
+    ``encoder_adapter_ids`` / ``decoder_adapter_ids`` (int32 [B, Le] / [B, Ld], or
+    None) route per-task LoRA adapters token by token: >= 0 selects that adapter, -1
+    none (padding). Without them only the shared adapter applies (``mtx.model.lora``).
     """
     del encoder_positions, decoder_positions  # See docstring.
     encoded = self.encode(
-      encoder_input_tokens, encoder_segment_ids, enable_dropout=enable_dropout
+      encoder_input_tokens,
+      encoder_segment_ids,
+      encoder_adapter_ids,
+      enable_dropout=enable_dropout,
     )
     return self.decode(
       encoded,
@@ -562,6 +627,8 @@ class T5(nn.Module):
       decoder_input_tokens,
       encoder_segment_ids,
       decoder_segment_ids,
+      encoder_adapter_ids,
+      decoder_adapter_ids,
       enable_dropout=enable_dropout,
       decode=decode,
     )
