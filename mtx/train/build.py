@@ -22,7 +22,7 @@ from mtx.data import pipeline as data_pipeline
 from mtx.errors import UserError, close_names
 from mtx.model import LlamaConfig, T5Config
 from mtx.runtime import params as params_lib
-from mtx.train import freeze
+from mtx.train import adapters, freeze
 from mtx.train import settings as settings_lib
 from mtx.train import state as state_lib
 from mtx.train import step as step_lib
@@ -461,13 +461,11 @@ def build_train_step(
   layout = batch_layout(
     data, settings.grad_accum_steps, spec.num_groups, task_grads, mesh, num_shards
   )
-  model_config = params_lib.resolve_model_config(
-    settings.model_config, spec.vocabulary.vocab_size
-  )
+  model_config, settings = run_model_config(settings, spec)
   model, schedule = params_lib.make_model(model_config), settings.schedule
   optimizer = settings.optimizer_fn(learning_rate=schedule)
   # Before tracing the model: a bad debug setting fails at once.
-  cfg = step_config(settings, spec, task_grads, model_config.dropout_rate > 0)
+  cfg = step_config(settings, spec, task_grads, model_config)
   rules = tuple(settings.logical_axis_rules)
   params_abstract, p_shardings, abstract_state, s_shardings, stacks = _abstract_state(
     model, layout, optimizer, (transforms, spec), settings, mesh
@@ -578,13 +576,27 @@ def _abstract_state(
   return params_abstract, p_shardings, abstract_state, s_shardings, stacks
 
 
+def run_model_config(settings: settings_lib.StepSettings, spec: registry.MixtureSpec):
+  """(the model config the run builds, the settings it runs): vocab_size from the
+  vocabulary when 0; for a LoRA model, one per-task adapter per task group and the
+  adapters as the default trainable params (``mtx.train.adapters``)."""
+  model_config = params_lib.resolve_model_config(
+    settings.model_config, spec.vocabulary.vocab_size
+  )
+  model_config = adapters.attach(model_config, spec.num_groups)
+  pattern = adapters.trainable_pattern(settings.trainable_params, model_config)
+  return model_config, dataclasses.replace(
+    settings, model_config=model_config, trainable_params=pattern
+  )
+
+
 def step_config(
   settings: settings_lib.StepSettings,
   spec: registry.MixtureSpec,
   task_grads: bool,
-  dropout: bool,
+  model_config,
 ) -> step_lib.StepConfig:
-  """The jitted step's static settings for a resolved mixture."""
+  """The jitted step's static settings for a resolved mixture and model."""
   return step_lib.StepConfig(
     num_tasks=spec.num_tasks,
     group_of_task=spec.group_of_task,
@@ -592,7 +604,7 @@ def step_config(
     grad_accum_steps=settings.grad_accum_steps,
     z_loss=settings.z_loss,
     label_smoothing=settings.label_smoothing,
-    dropout=dropout,
+    dropout=model_config.dropout_rate > 0,
     rules=tuple(settings.logical_axis_rules),
     tag_affinity_period=settings.tag_affinity_period,
     tag_affinity_lr=settings.tag_affinity_lr or 0.0,
@@ -601,6 +613,7 @@ def step_config(
       spec, settings.debug_inject_nonfinite_steps, settings.debug_inject_nonfinite_task
     ),
     trainable_params=settings.trainable_params,
+    adapter_ids=adapters.per_task(model_config),
   )
 
 

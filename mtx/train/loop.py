@@ -13,7 +13,7 @@ import queue
 import signal
 import threading
 import time
-from typing import Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import flax.linen as nn
 import jax
@@ -25,11 +25,12 @@ from mtx.data import pipeline as data_pipeline
 from mtx.data import registry
 from mtx.errors import UserError
 from mtx.eval import periodic as eval_periodic
+from mtx.model import lora
 from mtx.runtime import checkpoint, metrics_writer, model_info, pretrained, progress
 from mtx.runtime import lock as lock_lib
 from mtx.runtime import params as params_lib
 from mtx.train import build as build_lib
-from mtx.train import flops, freeze, resume
+from mtx.train import adapters, flops, freeze, resume
 from mtx.train import settings as settings_lib
 
 log = logging.getLogger("mtx")
@@ -535,13 +536,28 @@ def _restore_or_init(
   with build.mesh:
     params = None
     if initial_checkpoint_path:
-      params = pretrained.load(
-        initial_checkpoint_path,
-        build.sharded_state()["params"],
-        build.model_config.scan_layers,
-        "INITIAL_CHECKPOINT_PATH",
-      )
+      params = initial_params(build, initial_checkpoint_path)
     return 0, build.init_state(params)
+
+
+def initial_params(build: build_lib.StepBuild, path: str) -> Any:
+  """The params a run starts from, read from INITIAL_CHECKPOINT_PATH ``path`` (an mtx
+  run, Hugging Face or T5X). A LoRA model reads its base only (the checkpoint has no
+  adapters) and its adapters get their fresh init (``adapters.init_adapters``, the
+  values a run from scratch would start them with)."""
+  target = build.sharded_state()["params"]
+  scanned, what = build.model_config.scan_layers, "INITIAL_CHECKPOINT_PATH"
+  if not adapters.enabled(build.model_config):
+    return pretrained.load(path, target, scanned, what)
+  adapter_target, base_target = lora.split(target)
+  base = pretrained.load(path, base_target, scanned, what)
+  fresh = adapters.init_adapters(
+    build.model,
+    build.settings.seed,
+    (build.layout.inputs_length, build.layout.targets_length),
+    jax.tree.map(lambda a: a.sharding, adapter_target),
+  )
+  return lora.combine(base, fresh)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

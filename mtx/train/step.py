@@ -70,7 +70,7 @@ import optax
 from mtx import mtl, parallel
 from mtx.data import decoder_only
 from mtx.model import losses, taps
-from mtx.train import freeze
+from mtx.train import adapter_ids, freeze
 
 # The per-task sums the routes return, one f32[k] each (``losses.token_losses``): the
 # training loss (what the gradient is of) and, for the logs, the plain cross-entropy,
@@ -126,6 +126,8 @@ class StepConfig:
       paths: only the params it matches are differentiated and updated; the others
       are frozen (``mtx.train.freeze``; the opt and mtl states cover the trainable
       ones only).
+    adapter_ids: the model has per-task LoRA adapters: it gets per-token adapter ids,
+      each token's task group (``mtx.train.adapter_ids``).
   """
 
   num_tasks: int
@@ -142,6 +144,7 @@ class StepConfig:
   inject_nonfinite_task: int = 0
   task_grads_route: str = "stacks"
   trainable_params: Optional[str] = None
+  adapter_ids: bool = False
 
   @property
   def num_groups(self) -> int:
@@ -175,9 +178,12 @@ def task_loss_sums(model, cfg: StepConfig, params, batch, key, gram_probe=None):
   variables = {"params": params}
   if gram_probe is not None:
     variables[taps.GRAM_PROBE] = gram_probe
+  inputs = model_inputs(batch)
+  if cfg.adapter_ids:  # per-task adapters: each token's task group picks its adapter
+    inputs.update(adapter_ids.batch_adapter_ids(batch, cfg.group_of_task))
   logits = model.apply(
     variables,
-    **model_inputs(batch),
+    **inputs,
     enable_dropout=cfg.dropout,
     rngs={"dropout": key},
   )
