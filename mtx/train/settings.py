@@ -200,15 +200,20 @@ class CheckpointSettings:
     keep_checkpoints: how many to keep.
     async_checkpoint: write in the background while training goes on.
     initial_checkpoint_path: another run's MODEL_DIR (or step dir) to start from.
+    adapters_path: LoRA adapters saved alone (``mtx export`` with
+      EXPORT_ADAPTERS_ONLY: adapters.safetensors + lora.json) to start the adapters
+      from, on top of the base (fresh, or INITIAL_CHECKPOINT_PATH's); None = fresh
+      adapters. Unused when the run resumes from its own checkpoint.
   """
 
   checkpoint_period: int = 1000
   keep_checkpoints: int = 3
   async_checkpoint: bool = True
   initial_checkpoint_path: Optional[str] = None
+  adapters_path: Optional[str] = None
 
   def __post_init__(self):
-    _make_absolute(self, "initial_checkpoint_path")
+    _make_absolute(self, "initial_checkpoint_path", "adapters_path")
     check_int("CHECKPOINT_PERIOD", self.checkpoint_period, 0)
     check_int("train.keep_checkpoints", self.keep_checkpoints, 1, optional=True)
 
@@ -283,7 +288,9 @@ class TrainConfig(LoopSettings, CheckpointSettings, StepSettings, DataSettings):
   def __post_init__(self):
     # Paths are absolute from here on: a relative MODEL_DIR means the same directory
     # to every part of the run, whatever the working directory.
-    _make_absolute(self, "model_dir", "initial_checkpoint_path", "vocabulary_path")
+    _make_absolute(
+      self, "model_dir", "initial_checkpoint_path", "vocabulary_path", "adapters_path"
+    )
     # Building each group checks its values now, before any work.
     _ = (self.data, self.step, self.checkpoint, self.loop)
 
