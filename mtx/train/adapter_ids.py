@@ -26,7 +26,8 @@ def decoder_adapter_ids(task_ids, group_of_task: tuple):
   """int32 [..., L]: the group of each token's task (``group_of_task[task]``), -1 where
   the task id is -1 (padding)."""
   groups = jnp.asarray(group_of_task, jnp.int32)
-  return jnp.where(task_ids >= 0, groups[jnp.maximum(task_ids, 0)], -1).astype(jnp.int32)
+  task_ids = jnp.asarray(task_ids, jnp.int32)
+  return jnp.where(task_ids >= 0, groups[jnp.maximum(task_ids, 0)], -1)
 
 
 def encoder_adapter_ids(encoder_segment_ids, decoder_segment_ids, decoder_ids):
@@ -43,8 +44,9 @@ def encoder_adapter_ids(encoder_segment_ids, decoder_segment_ids, decoder_ids):
     decoder_ids: int32 [..., Ld], the decoder tokens' adapter ids.
   """
   num_segments = encoder_segment_ids.shape[-1] + 1  # ids 0..Le
-  segments = jnp.arange(num_segments, dtype=decoder_segment_ids.dtype)
-  hit = (decoder_segment_ids[..., :, None] == segments) & (segments > 0)  # [..., Ld, S]
+  segments = jnp.arange(num_segments, dtype=jnp.int32)
+  dec_segments = jnp.asarray(decoder_segment_ids, jnp.int32)[..., :, None]
+  hit = (dec_segments == segments) & (segments > 0)  # [..., Ld, S]
   table = jnp.max(jnp.where(hit, decoder_ids[..., :, None], -1), axis=-2)  # [..., S]
   return jnp.take_along_axis(table, encoder_segment_ids.astype(jnp.int32), axis=-1)
 

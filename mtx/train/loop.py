@@ -26,11 +26,18 @@ from mtx.data import registry
 from mtx.errors import UserError
 from mtx.eval import periodic as eval_periodic
 from mtx.model import lora
-from mtx.runtime import checkpoint, metrics_writer, model_info, pretrained, progress
+from mtx.runtime import (
+  adapters_io,
+  checkpoint,
+  metrics_writer,
+  model_info,
+  pretrained,
+  progress,
+)
 from mtx.runtime import lock as lock_lib
 from mtx.runtime import params as params_lib
-from mtx.train import build as build_lib
 from mtx.train import adapters, flops, freeze, resume
+from mtx.train import build as build_lib
 from mtx.train import settings as settings_lib
 
 log = logging.getLogger("mtx")
@@ -409,9 +416,7 @@ def _start(
   )
   try:
     _check_resume(run, ckpt, pipe, operative_config)
-    start_step, train_state = _restore_or_init(
-      build, ckpt, pipe, config.checkpoint.initial_checkpoint_path
-    )
+    start_step, train_state = _restore_or_init(build, ckpt, pipe, config.checkpoint)
     _check_steps_left(run, start_step)
   except BaseException:
     _close_all((evaluation.close, ckpt.close), failed=True)
@@ -521,10 +526,11 @@ def _restore_or_init(
   build: build_lib.StepBuild,
   ckpt: checkpoint.Checkpointer,
   pipe: data_pipeline.Pipeline,
-  initial_checkpoint_path: Optional[str],
+  settings: settings_lib.CheckpointSettings,
 ) -> tuple:
   """(start step, train state): MODEL_DIR's newest checkpoint (and the data position),
-  or step 0 from ``initial_checkpoint_path``'s params or a fresh init."""
+  or step 0 from INITIAL_CHECKPOINT_PATH's params or a fresh init, with the adapters
+  of ``train.adapters_path`` when set."""
   restored = ckpt.restore(build.sharded_state())
   if restored is not None:
     start_step, train_state, data_state = restored
@@ -535,8 +541,11 @@ def _restore_or_init(
     return start_step, train_state
   with build.mesh:
     params = None
-    if initial_checkpoint_path:
-      params = initial_params(build, initial_checkpoint_path)
+    if settings.initial_checkpoint_path:
+      params = initial_params(build, settings.initial_checkpoint_path)
+    if settings.adapters_path:
+      params = build.init_params() if params is None else params
+      params = adapters_io.replace_adapters(params, settings.adapters_path)
     return 0, build.init_state(params)
 
 
