@@ -27,6 +27,7 @@ import safetensors.numpy
 from mtx import paths
 from mtx.errors import UserError
 from mtx.model import LoraConfig, lora
+from mtx.runtime import params as params_lib
 from mtx.runtime import safetensors_io
 
 ADAPTERS_FILE = "adapters.safetensors"
@@ -147,3 +148,24 @@ def with_num_adapters(model_config, path: Optional[str]):
     model_config,
     lora=dataclasses.replace(cfg, num_adapters=max(adapters.values()) + 1),
   )
+
+
+def for_task(model, params: Any, shardings: Any, task: Optional[str], run: Optional[str]):
+  """(model, params, shardings) to decode or score ``task`` with: for a LoRA model, the
+  base architecture with the shared adapter and ``task``'s own (per-task adapters: the
+  run at ``run``'s map, ``task_adapters``) merged into its kernels (``lora.merge``), so
+  decoding code runs unchanged; any other model as given."""
+  config = model.config
+  if not (getattr(config, "lora", None) and config.lora.enabled):
+    return model, params, shardings
+  adapter = None
+  if config.lora.per_task and task is not None:
+    adapters = task_adapters(run) or {}
+    if task not in adapters:
+      raise UserError(
+        f"Task {task!r} has no per-task adapter in the run at {run} (its tasks: "
+        f"{', '.join(sorted(adapters)) or 'none found'}); name one of its tasks."
+      )
+    adapter = adapters[task]
+  base = params_lib.make_model(dataclasses.replace(config, lora=LoraConfig()))
+  return base, lora.merge(params, config.lora, adapter), lora.split(shardings)[1]

@@ -297,12 +297,16 @@ class StepBuild:
 
   def init_params(self) -> Any:
     """Fresh params (``settings.seed``), initialised directly into their shardings."""
+    settings = self.settings
     return params_lib.init_params(
       self.model,
-      self.settings.seed,
+      settings.seed,
       self.layout.inputs_length,
       self.layout.targets_length,
       self.param_shardings,
+      cast=lambda p: freeze.cast_frozen(
+        p, settings.trainable_params, settings.frozen_dtype
+      ),
     )
 
   def init_state(self, params: Any = None) -> dict:
@@ -561,6 +565,7 @@ def _abstract_state(
   )
   pattern = settings.trainable_params
   freeze.check(params_abstract, pattern)
+  params_abstract = freeze.cast_frozen(params_abstract, pattern, settings.frozen_dtype)
   p_shardings = params_lib.param_shardings(
     boxed, mesh, tuple(settings.logical_axis_rules)
   )

@@ -117,6 +117,26 @@ class FrozenBase:
     return getattr(self.model, name)
 
 
+FROZEN_DTYPES = ("float32", "bfloat16")
+
+
+def cast_frozen(tree: Any, pattern: Optional[str], dtype: Optional[str]) -> Any:
+  """``tree`` (arrays or ShapeDtypeStructs) with its frozen leaves in ``dtype``
+  (``train.frozen_dtype``: a bfloat16 base takes half the memory; it is only read,
+  cast to the activation dtype where it is used); unchanged when ``dtype`` or
+  ``pattern`` is None."""
+  if dtype is None or pattern is None:
+    return tree
+  trainable_part, frozen = split(tree, pattern)
+
+  def cast(x):
+    if isinstance(x, jax.ShapeDtypeStruct):
+      return jax.ShapeDtypeStruct(x.shape, dtype, sharding=x.sharding)
+    return x.astype(dtype)
+
+  return merge(trainable_part, jax.tree.map(cast, frozen))
+
+
 def counts(params_abstract: Any, pattern: Optional[str]) -> tuple:
   """(total, trainable) parameter counts."""
   total = _count(params_abstract)
