@@ -14,7 +14,9 @@ import tiny_mixture  # noqa: F401  # registers the "tiny" mixture
 from loop_helpers import TINY, loop_train
 
 from mtx import mtl
+from mtx.cli import evaluate as evaluate_lib
 from mtx.cli import export as export_lib
+from mtx.eval.evaluator import EvalOptions
 from mtx.model import LoraConfig, lora
 from mtx.runtime import adapters_io
 from mtx.runtime import params as params_lib
@@ -213,3 +215,49 @@ def test_initial_checkpoint_gives_the_base_and_adapters_keep_their_init(
   assert any(  # the merged kernels differ from the run's base: the adapters are in them
     not np.array_equal(params[n], v) for n, v in _leaves(base).items()
   )
+
+
+@pytest.mark.slow  # the module's training run
+def test_for_task_merges_that_tasks_adapter_for_eval_and_infer(lora_run):
+  """What eval and infer decode with: tiny_rev's model is the base with the shared and
+  tiny_rev's adapters merged in (the unmerged model's logits with adapter 1 on every
+  token); tiny_copy's differs."""
+  model_dir, build, _ = lora_run
+  trained = _final_state(model_dir)["params"]
+  rows = dict(params_lib.dummy_batch(2, 16, 16))
+  rng = np.random.default_rng(1)
+  rows["encoder_input_tokens"] = rng.integers(1, 200, (2, 16))
+  rows["decoder_input_tokens"] = rng.integers(1, 200, (2, 16))
+  ids = {k: np.full((2, 16), 1, np.int32) for k in ADAPTER_IDS}
+  want = _logits(build.model, trained, rows, ids)
+  model, params, shardings = adapters_io.for_task(
+    build.model, trained, build.param_shardings, "tiny_rev", str(model_dir)
+  )
+  assert not model.config.lora.enabled
+  assert jax.tree.structure(shardings) == jax.tree.structure(params)
+  got = _logits(model, params, rows)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+  _, copy_params, _ = adapters_io.for_task(
+    build.model, trained, build.param_shardings, "tiny_copy", str(model_dir)
+  )
+  assert not np.allclose(_logits(model, copy_params, rows), want)
+
+
+ADAPTER_IDS = ("encoder_adapter_ids", "decoder_adapter_ids")
+
+
+@pytest.mark.slow  # the module's training run, and decoding
+def test_mtx_eval_scores_each_task_with_its_own_adapter(lora_run):
+  model_dir, _, _ = lora_run
+  report = evaluate_lib.evaluate(
+    model_dir=str(model_dir),
+    mixture_or_task_name="tiny",
+    task_feature_lengths=LENGTHS,
+    model_config=CONFIG,
+    options=EvalOptions(max_examples=8, batch_size=8),
+    print_table=False,
+  )
+  assert report.step == 3
+  with open(report.path) as f:
+    text = f.read()
+  assert "tiny_copy" in text and "tiny_rev" in text
