@@ -114,6 +114,8 @@ class FrozenBase:
     return self.model.apply(variables, *args, **kwargs)
 
   def __getattr__(self, name: str):
+    if name in ("model", "frozen"):  # not set yet (a copy being built): no recursion
+      raise AttributeError(name)
     return getattr(self.model, name)
 
 

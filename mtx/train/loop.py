@@ -356,6 +356,7 @@ def _check_paths(config: settings_lib.TrainConfig) -> None:
   """A bucket that cannot be reached fails now, in one sentence, before any build."""
   paths.check_reachable("MODEL_DIR", config.model_dir, write=True)
   paths.check_reachable("INITIAL_CHECKPOINT_PATH", config.initial_checkpoint_path)
+  paths.check_reachable("train.adapters_path", config.adapters_path)
   paths.check_reachable("VOCABULARY", config.vocabulary_path)
 
 
