@@ -26,7 +26,7 @@ from mtx.errors import UserError
 from mtx.eval import results
 from mtx.eval.evaluator import EvalOptions, Evaluator
 from mtx.model import T5Config
-from mtx.runtime import checkpoint, metrics_writer, pretrained
+from mtx.runtime import adapters_io, checkpoint, metrics_writer, pretrained
 from mtx.runtime import params as params_lib
 
 log = logging.getLogger("mtx")
@@ -81,6 +81,21 @@ def _check_paths(checkpoint_path: Optional[str], model_dir: str) -> None:
   """A bucket that cannot be read or written fails now, in one sentence."""
   paths.check_reachable("EVAL_CHECKPOINT_PATH", checkpoint_path)
   paths.check_reachable("MODEL_DIR", model_dir, write=True)
+
+
+def _each_task(run, model_config, task_names) -> results.EvalResult:
+  """``run(None)``, or for per-task LoRA adapters ``run(task)`` for each task (each
+  scored with its own adapter merged in), combined into one result."""
+  lora = getattr(model_config, "lora", None)
+  if not (lora and lora.enabled and lora.per_task):
+    return run(None)
+  parts = [run(name) for name in task_names]
+  return dataclasses.replace(
+    parts[0],
+    tasks=dict(sorted((k, v) for r in parts for k, v in r.tasks.items())),
+    primary={k: v for r in parts for k, v in r.primary.items()},
+    seconds=sum(r.seconds for r in parts),
+  )
 
 
 def evaluate(
@@ -154,6 +169,7 @@ def evaluate(
     params_path = paths.join(source, str(step))
   mesh = parallel.make_mesh(mesh_shape, devices, dcn_mesh_shape)
   rules = tuple(logical_axis_rules)
+  model_config = adapters_io.with_num_adapters(model_config, params_path)
   model, params, shardings = params_lib.load_trained(
     model_config,
     spec.vocabulary.vocab_size,
@@ -164,22 +180,29 @@ def evaluate(
     lengths["targets"],
     what="EVAL_CHECKPOINT_PATH" if checkpoint_path else "MODEL_DIR",
   )
-  evaluator = Evaluator(
-    model,
-    mesh,
-    rules,
-    shardings,
-    mixture_or_task_name,
-    lengths,
-    options,
-    predictor=predictor,
-    model_dir=model_dir,
-    prefix_lm=prefix_lm,
-  )
-  try:
-    result = evaluator.evaluate(params, step)
-  finally:
-    evaluator.close()
+
+  def run(task: Optional[str]) -> results.EvalResult:
+    """Evaluates ``task`` (None: the whole mixture) with its adapters merged in (LoRA;
+    ``adapters_io.for_task``)."""
+    m, p, s = adapters_io.for_task(model, params, shardings, task, params_path)
+    evaluator = Evaluator(
+      m,
+      mesh,
+      rules,
+      s,
+      task or mixture_or_task_name,
+      lengths,
+      options,
+      predictor=predictor,
+      model_dir=model_dir,
+      prefix_lm=prefix_lm,
+    )
+    try:
+      return evaluator.evaluate(p, step)
+    finally:
+      evaluator.close()
+
+  result = _each_task(run, model.config, spec.task_names)
   writer = metrics_writer.MetricsWriter(
     model_dir, tensorboard=tensorboard, is_primary=jax.process_index() == 0
   )

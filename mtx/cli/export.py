@@ -25,8 +25,8 @@ from jax.experimental import multihost_utils
 from mtx import parallel, paths
 from mtx.data import registry, vocab
 from mtx.errors import UserError, check_int
-from mtx.model import T5Config
-from mtx.runtime import hf, pretrained
+from mtx.model import LoraConfig, T5Config, lora
+from mtx.runtime import adapters_io, hf, pretrained
 from mtx.runtime import params as params_lib
 
 log = logging.getLogger("mtx")
@@ -90,6 +90,21 @@ def _check_export_dir(export_dir: str, source: Optional[str]) -> None:
     )
 
 
+def _task_adapter(task: Optional[str], source: str, config: LoraConfig) -> Optional[int]:
+  """The per-task adapter of EXPORT_TASK ``task`` in the run at ``source`` (None: no
+  task, or no per-task adapters)."""
+  if task is None or not config.per_task:
+    return None
+  adapters = adapters_io.task_adapters(source) or {}
+  if task not in adapters:
+    raise UserError(
+      f"EXPORT_TASK {task!r} is not a task of the run at {source} (its tasks: "
+      f"{', '.join(sorted(adapters)) or 'none found'}); name one of them, or None to "
+      "merge the shared adapter only."
+    )
+  return adapters[task]
+
+
 def export(
   *,
   model_dir: Optional[str],
@@ -102,6 +117,8 @@ def export(
   mixture_or_task_name: Optional[str] = None,
   mixture_or_task_module: Optional[str] = None,
   devices: Optional[Sequence[jax.Device]] = None,
+  adapters_only: bool = False,
+  task: Optional[str] = None,
 ) -> ExportResult:
   """Writes a checkpoint as a Hugging Face T5 directory; see the module docstring.
 
@@ -115,6 +132,14 @@ def export(
     vocabulary_path, model_config, mixture_or_task_name, mixture_or_task_module: the
       run's, as for training (they give the vocabulary size and the file to copy).
     devices: the devices to load on (default all).
+    adapters_only: a LoRA run: write its adapters alone (``adapters.safetensors`` and
+      ``lora.json``, ``mtx.runtime.adapters_io``) instead of the merged model
+      (EXPORT_ADAPTERS_ONLY).
+    task: a run with per-task adapters: merge this task's adapter (and the shared one)
+      into the exported model (EXPORT_TASK); None: the shared adapter only.
+
+  A LoRA model is exported merged (``mtx.model.merge``: K + s A B in float32), as the
+  base architecture, which transformers loads with the adapted model's logits.
   """
   start = time.time()
   model_dir, export_dir = paths.absolute(model_dir), paths.absolute(export_dir)
@@ -141,14 +166,23 @@ def export(
     model_config, vocabulary_path, mixture_or_task_name, mixture_or_task_module
   )
   mesh = parallel.make_mesh(None, devices)
+  model_config = adapters_io.with_num_adapters(model_config, source)
   model, params, _ = params_lib.load_trained(
     model_config, size, mesh, parallel.DEFAULT_RULES, source, what=what
   )
-  arrays = _host_arrays(params, model.config.scan_layers)
+  config, files = model.config, ()
+  if adapters_only:
+    if jax.process_index() == 0:
+      files = adapters_io.save(export_dir, lora.split(params)[0], config.lora)
+    return ExportResult(export_dir, files, time.time() - start)
+  if config.lora.enabled:  # merged into the base kernels: the base architecture
+    adapter = _task_adapter(task, source, config.lora)
+    params = lora.merge(params, config.lora, adapter)
+    config = dataclasses.replace(config, lora=LoraConfig())
+  arrays = _host_arrays(params, config.scan_layers)
   spiece = hf.spiece_of(vocabulary_path or vocab.default_path())
-  files = ()
   if jax.process_index() == 0:
-    files = tuple(hf.export(arrays, model.config, export_dir, spiece))
+    files = tuple(hf.export(arrays, config, export_dir, spiece))
   seconds = time.time() - start
   log.info("Exported %s to %s in %.1f s.", source, export_dir, seconds)
   return ExportResult(export_dir, files, seconds)

@@ -48,8 +48,8 @@ from mtx.errors import UserError, check_int, close_names
 from mtx.infer import decoding
 from mtx.infer.predict import Predictor, decoding_pad_id
 from mtx.model import LlamaConfig, T5Config
+from mtx.runtime import adapters_io, pretrained
 from mtx.runtime import params as params_lib
-from mtx.runtime import pretrained
 from mtx.runtime import progress as progress_lib
 
 log = logging.getLogger("mtx")
@@ -662,6 +662,7 @@ def infer(
   mesh = parallel.make_mesh(mesh_shape, devices, dcn_mesh_shape)
   rules = tuple(logical_axis_rules)
   path, what = _checkpoint_path(model_dir, checkpoint_path, checkpoint_step)
+  model_config = adapters_io.with_num_adapters(model_config, path)  # per-task LoRA
   model, params, shardings = params_lib.load_trained(
     model_config,
     spec.vocabulary.vocab_size,
@@ -671,6 +672,10 @@ def infer(
     inputs_length,
     max_decode_length,
     what=what,
+  )
+  # LoRA: INFER_TASK's adapter (and the shared one) merged into the base kernels.
+  model, params, shardings = adapters_io.for_task(
+    model, params, shardings, task.name, path
   )
   vocabulary = task.output_features["targets"].vocabulary
   dp = parallel.data_parallel_size(mesh)

@@ -5,7 +5,7 @@ optimizers or the train state.
 """
 
 import dataclasses
-from typing import Any, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import flax.linen as nn
 import jax
@@ -68,14 +68,21 @@ def param_shardings(boxed_params, mesh, rules: Sequence) -> Any:
 
 
 def init_params(
-  model: nn.Module, seed: int, inputs_length: int, targets_length: int, shardings
+  model: nn.Module,
+  seed: int,
+  inputs_length: int,
+  targets_length: int,
+  shardings,
+  cast: Optional[Callable[[Any], Any]] = None,
 ) -> Any:
-  """Initialises params directly into their shardings (no host-side full copy)."""
+  """Initialises params directly into their shardings (no host-side full copy);
+  ``cast`` (params -> params, say frozen ones to bfloat16) runs inside the same jit."""
 
   def init(key):
-    return nn.unbox(
+    params = nn.unbox(
       model.init(key, **dummy_inputs(model, inputs_length, targets_length))["params"]
     )
+    return params if cast is None else cast(params)
 
   return jax.jit(init, out_shardings=shardings)(jax.random.key(seed))
 

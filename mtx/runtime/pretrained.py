@@ -105,8 +105,9 @@ def is_mtx_checkpoint(path: str) -> bool:
 
 
 # Settings of the run rather than of the architecture: they carry over when a checkpoint
-# of another model family replaces gin's config.
-RUN_FIELDS = ("dtype", "remat_policy", "scan_layers", "dropout_rate")
+# of another model family replaces gin's config (LoRA adapters too: a checkpoint never
+# defines them).
+RUN_FIELDS = ("dtype", "remat_policy", "scan_layers", "dropout_rate", "lora")
 
 
 def merge_model_config(

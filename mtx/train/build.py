@@ -22,6 +22,7 @@ from mtx.data import pipeline as data_pipeline
 from mtx.errors import UserError, close_names
 from mtx.model import LlamaConfig, T5Config
 from mtx.runtime import params as params_lib
+from mtx.train import adapters, freeze
 from mtx.train import settings as settings_lib
 from mtx.train import state as state_lib
 from mtx.train import step as step_lib
@@ -133,12 +134,19 @@ def device_memory_bytes(mesh) -> Optional[int]:
   return int(stats["bytes_limit"]) if stats and "bytes_limit" in stats else None
 
 
-def stack_bytes_per_device(params_abstract, param_shardings, num_groups: int) -> int:
-  """Bytes per device of the per-group stacks f32[G, *param], laid out as
+def stack_bytes_per_device(
+  params_abstract,
+  param_shardings,
+  num_groups: int,
+  trainable_params: Optional[str] = None,
+) -> int:
+  """Bytes per device of the per-group stacks f32[G, *param] of the trainable params
+  (all, or those ``trainable_params`` matches), laid out as
   ``parallel.group_stack_sharding`` lays them out (like params, split over data too)."""
   total = 0
   for leaf, sharding in zip(
-    jax.tree.leaves(params_abstract), jax.tree.leaves(param_shardings)
+    jax.tree.leaves(freeze.trainable(params_abstract, trainable_params)),
+    jax.tree.leaves(freeze.trainable(param_shardings, trainable_params)),
   ):
     stack = parallel.group_stack_sharding(sharding)
     shape = stack.shard_shape((num_groups,) + tuple(leaf.shape))
@@ -268,16 +276,37 @@ class StepBuild:
 
   def make_state(self, params) -> dict:
     """The full train state around ``params`` (jit it with ``state_shardings``)."""
-    return state_lib.make_state(params, self.optimizer, self.mtl_init, self.settings.seed)
+    return state_lib.make_state(
+      params,
+      self.optimizer,
+      self.mtl_init,
+      self.settings.seed,
+      self.settings.trainable_params,
+    )
+
+  @property
+  def trainable_abstract(self) -> Any:
+    """The trainable params' ShapeDtypeStructs (all params without
+    ``train.trainable_params``; ``mtx.train.freeze``)."""
+    return freeze.trainable(self.params_abstract, self.settings.trainable_params)
+
+  @property
+  def trainable_shardings(self) -> Any:
+    """The trainable params' shardings (per-task stacks are laid out like them)."""
+    return freeze.trainable(self.param_shardings, self.settings.trainable_params)
 
   def init_params(self) -> Any:
     """Fresh params (``settings.seed``), initialised directly into their shardings."""
+    settings = self.settings
     return params_lib.init_params(
       self.model,
-      self.settings.seed,
+      settings.seed,
       self.layout.inputs_length,
       self.layout.targets_length,
       self.param_shardings,
+      cast=lambda p: freeze.cast_frozen(
+        p, settings.trainable_params, settings.frozen_dtype
+      ),
     )
 
   def init_state(self, params: Any = None) -> dict:
@@ -436,19 +465,16 @@ def build_train_step(
   layout = batch_layout(
     data, settings.grad_accum_steps, spec.num_groups, task_grads, mesh, num_shards
   )
-  model_config = params_lib.resolve_model_config(
-    settings.model_config, spec.vocabulary.vocab_size
-  )
+  model_config, settings = run_model_config(settings, spec)
   model, schedule = params_lib.make_model(model_config), settings.schedule
   optimizer = settings.optimizer_fn(learning_rate=schedule)
   # Before tracing the model: a bad debug setting fails at once.
-  cfg = step_config(settings, spec, task_grads, model_config.dropout_rate > 0)
+  cfg = step_config(settings, spec, task_grads, model_config)
   rules = tuple(settings.logical_axis_rules)
-  params_abstract, p_shardings, abstract_state, s_shardings = _abstract_state(
-    model, layout, optimizer, (transforms, spec), settings.seed, mesh, rules
+  params_abstract, p_shardings, abstract_state, s_shardings, stacks = _abstract_state(
+    model, layout, optimizer, (transforms, spec), settings, mesh
   )
   if task_grads:
-    stacks = stack_bytes_per_device(params_abstract, p_shardings, spec.num_groups)
     memory = device_memory or device_memory_bytes(mesh)
     route = choose_task_grads_route(settings, transforms, spec.num_groups, stacks, memory)
     cfg = dataclasses.replace(cfg, task_grads_route=route)
@@ -524,34 +550,58 @@ def check_task_counts(transforms: Sequence, mtl_state: Sequence, spec) -> None:
 
 
 def _abstract_state(
-  model, layout, optimizer, mtl_and_spec, seed: int, mesh, rules
+  model, layout, optimizer, mtl_and_spec, settings: settings_lib.StepSettings, mesh
 ) -> tuple:
   """(params ShapeDtypeStructs, their shardings, the abstract train state, its
-  shardings), traced without allocating anything. ``mtl_and_spec`` is (the mtl transforms,
-  the MixtureSpec); their task counts are checked here (``check_task_counts``)."""
+  shardings, the bytes per device of per-group gradient stacks of the trainable params,
+  ``stack_bytes_per_device``), traced without allocating anything. ``mtl_and_spec`` is
+  (the mtl transforms, the MixtureSpec); their task counts are checked here
+  (``check_task_counts``), and ``train.trainable_params`` against the params
+  (``freeze.check``)."""
   transforms, spec = mtl_and_spec
   mtl_init = optax.chain(*transforms).init
   boxed, params_abstract = params_lib.abstract_params(
     model, layout.inputs_length, layout.targets_length
   )
-  p_shardings = params_lib.param_shardings(boxed, mesh, rules)
+  pattern = settings.trainable_params
+  freeze.check(params_abstract, pattern)
+  params_abstract = freeze.cast_frozen(params_abstract, pattern, settings.frozen_dtype)
+  p_shardings = params_lib.param_shardings(
+    boxed, mesh, tuple(settings.logical_axis_rules)
+  )
   abstract_state = jax.eval_shape(
-    lambda p: state_lib.make_state(p, optimizer, mtl_init, seed), params_abstract
+    lambda p: state_lib.make_state(p, optimizer, mtl_init, settings.seed, pattern),
+    params_abstract,
   )
   check_task_counts(transforms, abstract_state["mtl_state"], spec)
   s_shardings = state_lib.state_shardings(
-    abstract_state, params_abstract, p_shardings, mesh
+    abstract_state, params_abstract, p_shardings, mesh, pattern
   )
-  return params_abstract, p_shardings, abstract_state, s_shardings
+  stacks = stack_bytes_per_device(params_abstract, p_shardings, spec.num_groups, pattern)
+  return params_abstract, p_shardings, abstract_state, s_shardings, stacks
+
+
+def run_model_config(settings: settings_lib.StepSettings, spec: registry.MixtureSpec):
+  """(the model config the run builds, the settings it runs): vocab_size from the
+  vocabulary when 0; for a LoRA model, one per-task adapter per task group and the
+  adapters as the default trainable params (``mtx.train.adapters``)."""
+  model_config = params_lib.resolve_model_config(
+    settings.model_config, spec.vocabulary.vocab_size
+  )
+  model_config = adapters.attach(model_config, spec.num_groups)
+  pattern = adapters.trainable_pattern(settings.trainable_params, model_config)
+  return model_config, dataclasses.replace(
+    settings, model_config=model_config, trainable_params=pattern
+  )
 
 
 def step_config(
   settings: settings_lib.StepSettings,
   spec: registry.MixtureSpec,
   task_grads: bool,
-  dropout: bool,
+  model_config,
 ) -> step_lib.StepConfig:
-  """The jitted step's static settings for a resolved mixture."""
+  """The jitted step's static settings for a resolved mixture and model."""
   return step_lib.StepConfig(
     num_tasks=spec.num_tasks,
     group_of_task=spec.group_of_task,
@@ -559,7 +609,7 @@ def step_config(
     grad_accum_steps=settings.grad_accum_steps,
     z_loss=settings.z_loss,
     label_smoothing=settings.label_smoothing,
-    dropout=dropout,
+    dropout=model_config.dropout_rate > 0,
     rules=tuple(settings.logical_axis_rules),
     tag_affinity_period=settings.tag_affinity_period,
     tag_affinity_lr=settings.tag_affinity_lr or 0.0,
@@ -567,6 +617,8 @@ def step_config(
     inject_nonfinite_task=_inject_task_id(
       spec, settings.debug_inject_nonfinite_steps, settings.debug_inject_nonfinite_task
     ),
+    trainable_params=settings.trainable_params,
+    adapter_ids=adapters.per_task(model_config),
   )
 
 

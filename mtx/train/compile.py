@@ -31,7 +31,7 @@ import numpy as np
 
 from mtx import parallel
 from mtx.errors import UserError
-from mtx.runtime import params as params_lib
+from mtx.train import freeze
 from mtx.train.build import StepBuild
 
 log = logging.getLogger("mtx")
@@ -71,6 +71,8 @@ class CompileReport:
   flops: Optional[float]
   flops_note: str = ""
   failure: Optional[str] = None
+  # Parameters trained (``train.trainable_params``); None: all of them.
+  num_trainable: Optional[int] = None
   # route name -> (total bytes per device, or None where the route does not apply,
   # and why); filled by ``mtx compile`` with COMPILE_COMPARE_ROUTES.
   routes: dict = dataclasses.field(default_factory=dict)
@@ -85,12 +87,13 @@ class CompileReport:
 
   def __str__(self) -> str:
     b = self.bytes
+    trained = "params" if self.num_trainable is None else "trainable params"
     rows = [
       ("parameters", b["params"]),
       ("optimizer state", b["optimizer"]),
       ("mtl state", b["mtl"]),
       ("batch", b["batch"]),
-      (f"per-task gradients ({b['groups']} x params / data)", b["task_grads"]),
+      (f"per-task gradients ({b['groups']} x {trained} / data)", b["task_grads"]),
       ("other activations/temporaries", b["other_temp"]),
       ("outputs not aliased to inputs", b["unaliased_output"]),
       ("generated code", b["code"]),
@@ -99,9 +102,14 @@ class CompileReport:
     width = max(len(r[0]) for r in rows)
     mesh = ", ".join(f"{k}={v}" for k, v in self.mesh_shape.items())
     unit, scale = column_unit(b["total"])  # one unit for the column: rows compare
+    frozen = (
+      ""
+      if self.num_trainable is None
+      else f" ({self.num_trainable:,} trainable, the rest frozen)"
+    )
     lines = [
       f"Compiled the train step for {self.num_devices} devices (mesh {mesh}), "
-      f"{self.model}, {self.num_params:,} parameters, {self.route}.",
+      f"{self.model}, {self.num_params:,} parameters{frozen}, {self.route}.",
       "Memory per device (XLA's analysis of the CPU compile):",
     ]
     lines += [f"  {name:<{width}}  {n / scale:>10.3f} {unit}" for name, n in rows]
@@ -149,8 +157,9 @@ def _flops(compiled) -> Optional[float]:
 
 def memory_breakdown(build: StepBuild, mem) -> dict:
   """Bytes per device of the compiled step (``mem``: XLA's ``memory_analysis()``), split
-  into params, optimizer and mtl state, batch, per-task gradients, other temporaries,
-  outputs not aliased to inputs and code; ``groups`` is the number of task groups."""
+  into params, optimizer and mtl state, batch, per-task gradients (of the trainable
+  params), other temporaries, outputs not aliased to inputs and code; ``groups`` is the
+  number of task groups."""
   state, shard = build.abstract_state, build.state_shardings
   params = sharded_bytes(state["params"], shard["params"])
   optimizer = sharded_bytes(state["opt_state"], shard["opt_state"])
@@ -162,9 +171,10 @@ def memory_breakdown(build: StepBuild, mem) -> dict:
   # route holds none.
   task_grads = sharded_bytes(
     jax.tree.map(
-      lambda a: jax.ShapeDtypeStruct((groups,) + a.shape, np.float32), state["params"]
+      lambda a: jax.ShapeDtypeStruct((groups,) + a.shape, np.float32),
+      build.trainable_abstract,
     ),
-    jax.tree.map(parallel.group_stack_sharding, shard["params"]),
+    jax.tree.map(parallel.group_stack_sharding, build.trainable_shardings),
   )
   temp = int(mem.temp_size_in_bytes)
   unaliased = max(int(mem.output_size_in_bytes) - int(mem.alias_size_in_bytes), 0)
@@ -220,10 +230,14 @@ def compile_step(build: StepBuild, device_memory_gib: float = 0.0) -> CompileRep
     if build.task_grads
     else "one gradient"
   )
+  total_params, trainable = freeze.counts(
+    build.params_abstract, build.settings.trainable_params
+  )
   report = CompileReport(
     mesh_shape=dict(build.mesh.shape),
     num_devices=build.mesh.size,
-    num_params=params_lib.count_params(build.params_abstract),
+    num_params=total_params,
+    num_trainable=None if build.settings.trainable_params is None else trainable,
     model=model,
     route=route,
     bytes=nbytes,

@@ -13,7 +13,7 @@ import queue
 import signal
 import threading
 import time
-from typing import Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import flax.linen as nn
 import jax
@@ -25,11 +25,19 @@ from mtx.data import pipeline as data_pipeline
 from mtx.data import registry
 from mtx.errors import UserError
 from mtx.eval import periodic as eval_periodic
-from mtx.runtime import checkpoint, metrics_writer, model_info, pretrained, progress
+from mtx.model import lora
+from mtx.runtime import (
+  adapters_io,
+  checkpoint,
+  metrics_writer,
+  model_info,
+  pretrained,
+  progress,
+)
 from mtx.runtime import lock as lock_lib
 from mtx.runtime import params as params_lib
+from mtx.train import adapters, flops, freeze, resume
 from mtx.train import build as build_lib
-from mtx.train import flops, resume
 from mtx.train import settings as settings_lib
 
 log = logging.getLogger("mtx")
@@ -348,6 +356,7 @@ def _check_paths(config: settings_lib.TrainConfig) -> None:
   """A bucket that cannot be reached fails now, in one sentence, before any build."""
   paths.check_reachable("MODEL_DIR", config.model_dir, write=True)
   paths.check_reachable("INITIAL_CHECKPOINT_PATH", config.initial_checkpoint_path)
+  paths.check_reachable("train.adapters_path", config.adapters_path)
   paths.check_reachable("VOCABULARY", config.vocabulary_path)
 
 
@@ -408,9 +417,7 @@ def _start(
   )
   try:
     _check_resume(run, ckpt, pipe, operative_config)
-    start_step, train_state = _restore_or_init(
-      build, ckpt, pipe, config.checkpoint.initial_checkpoint_path
-    )
+    start_step, train_state = _restore_or_init(build, ckpt, pipe, config.checkpoint)
     _check_steps_left(run, start_step)
   except BaseException:
     _close_all((evaluation.close, ckpt.close), failed=True)
@@ -520,10 +527,11 @@ def _restore_or_init(
   build: build_lib.StepBuild,
   ckpt: checkpoint.Checkpointer,
   pipe: data_pipeline.Pipeline,
-  initial_checkpoint_path: Optional[str],
+  settings: settings_lib.CheckpointSettings,
 ) -> tuple:
   """(start step, train state): MODEL_DIR's newest checkpoint (and the data position),
-  or step 0 from ``initial_checkpoint_path``'s params or a fresh init."""
+  or step 0 from INITIAL_CHECKPOINT_PATH's params or a fresh init, with the adapters
+  of ``train.adapters_path`` when set."""
   restored = ckpt.restore(build.sharded_state())
   if restored is not None:
     start_step, train_state, data_state = restored
@@ -534,14 +542,32 @@ def _restore_or_init(
     return start_step, train_state
   with build.mesh:
     params = None
-    if initial_checkpoint_path:
-      params = pretrained.load(
-        initial_checkpoint_path,
-        build.sharded_state()["params"],
-        build.model_config.scan_layers,
-        "INITIAL_CHECKPOINT_PATH",
-      )
+    if settings.initial_checkpoint_path:
+      params = initial_params(build, settings.initial_checkpoint_path)
+    if settings.adapters_path:
+      params = build.init_params() if params is None else params
+      params = adapters_io.replace_adapters(params, settings.adapters_path)
     return 0, build.init_state(params)
+
+
+def initial_params(build: build_lib.StepBuild, path: str) -> Any:
+  """The params a run starts from, read from INITIAL_CHECKPOINT_PATH ``path`` (an mtx
+  run, Hugging Face or T5X). A LoRA model reads its base only (the checkpoint has no
+  adapters) and its adapters get their fresh init (``adapters.init_adapters``, the
+  values a run from scratch would start them with)."""
+  target = build.sharded_state()["params"]
+  scanned, what = build.model_config.scan_layers, "INITIAL_CHECKPOINT_PATH"
+  if not adapters.enabled(build.model_config):
+    return pretrained.load(path, target, scanned, what)
+  adapter_target, base_target = lora.split(target)
+  base = pretrained.load(path, base_target, scanned, what)
+  fresh = adapters.init_adapters(
+    build.model,
+    build.settings.seed,
+    (build.layout.inputs_length, build.layout.targets_length),
+    jax.tree.map(lambda a: a.sharding, adapter_target),
+  )
+  return lora.combine(base, fresh)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -659,6 +685,16 @@ def _write_model_info(run: settings_lib.LoopSettings, build: build_lib.StepBuild
     return
   line = model_info.write(run.model_dir, build.params_abstract, build.param_shardings)
   progress.log.info("%s", line)
+  pattern = build.settings.trainable_params
+  if pattern is not None:
+    total, trainable = freeze.counts(build.params_abstract, pattern)
+    progress.log.info(
+      "Training %s of the %s parameters (train.trainable_params %r); the rest are "
+      "frozen.",
+      f"{trainable:,}",
+      f"{total:,}",
+      pattern,
+    )
   if build.task_grads:
     progress.log.info(
       "Per-task gradients of %d groups by the '%s' route (train.task_grads_route).",

@@ -29,7 +29,7 @@ from mtx.data import decoder_only, streaming
 from mtx.errors import UserError, check_int, close_names
 from mtx.eval.evaluator import EvalOptions
 from mtx.model import T5Config
-from mtx.train import optim
+from mtx.train import freeze, optim
 
 NONFINITE_POLICIES = ("skip", "stop")
 TASK_GRADS_ROUTES = ("auto", "stacks", "gramian")
@@ -139,6 +139,13 @@ class StepSettings:
       memory of a plain step whatever k, about one more backward pass; Gram-based
       methods only, no grad accumulation or TAG), or "auto"
       (``build.choose_task_grads_route``).
+    trainable_params: a regex ``re.search``-ed on each param's '/'-joined path
+      (``decoder/layers_0/attention/query/kernel``): only matching params are trained;
+      the others are frozen (no gradient, no optimizer or mtl state, never changed;
+      ``mtx.train.freeze``). None = every param trains (a LoRA model: its adapters).
+    frozen_dtype: the dtype the frozen params are stored in (state, checkpoints):
+      "bfloat16" halves the frozen base's memory (an 8B LoRA base: 16 instead of 32
+      GB); None keeps float32. The trainable params stay float32.
   """
 
   model_config: T5Config = T5Config()
@@ -157,8 +164,17 @@ class StepSettings:
   debug_inject_nonfinite_steps: Sequence[int] = ()
   debug_inject_nonfinite_task: Optional[str] = None
   task_grads_route: str = "auto"
+  trainable_params: Optional[str] = None
+  frozen_dtype: Optional[str] = None
 
   def __post_init__(self):
+    if self.frozen_dtype not in (None,) + freeze.FROZEN_DTYPES:
+      raise UserError(
+        f"train.frozen_dtype is {self.frozen_dtype!r}; use 'bfloat16' (half the "
+        "frozen params' memory), 'float32' or None."
+      )
+    if self.trainable_params is not None:
+      freeze.compile_pattern(self.trainable_params)  # a bad regex fails now
     if self.task_grads_route not in TASK_GRADS_ROUTES:
       raise UserError(
         f"train.task_grads_route is {self.task_grads_route!r}; use one of "
@@ -193,15 +209,20 @@ class CheckpointSettings:
     keep_checkpoints: how many to keep.
     async_checkpoint: write in the background while training goes on.
     initial_checkpoint_path: another run's MODEL_DIR (or step dir) to start from.
+    adapters_path: LoRA adapters saved alone (``mtx export`` with
+      EXPORT_ADAPTERS_ONLY: adapters.safetensors + lora.json) to start the adapters
+      from, on top of the base (fresh, or INITIAL_CHECKPOINT_PATH's); None = fresh
+      adapters. Unused when the run resumes from its own checkpoint.
   """
 
   checkpoint_period: int = 1000
   keep_checkpoints: int = 3
   async_checkpoint: bool = True
   initial_checkpoint_path: Optional[str] = None
+  adapters_path: Optional[str] = None
 
   def __post_init__(self):
-    _make_absolute(self, "initial_checkpoint_path")
+    _make_absolute(self, "initial_checkpoint_path", "adapters_path")
     check_int("CHECKPOINT_PERIOD", self.checkpoint_period, 0)
     check_int("train.keep_checkpoints", self.keep_checkpoints, 1, optional=True)
 
@@ -276,7 +297,9 @@ class TrainConfig(LoopSettings, CheckpointSettings, StepSettings, DataSettings):
   def __post_init__(self):
     # Paths are absolute from here on: a relative MODEL_DIR means the same directory
     # to every part of the run, whatever the working directory.
-    _make_absolute(self, "model_dir", "initial_checkpoint_path", "vocabulary_path")
+    _make_absolute(
+      self, "model_dir", "initial_checkpoint_path", "vocabulary_path", "adapters_path"
+    )
     # Building each group checks its values now, before any work.
     _ = (self.data, self.step, self.checkpoint, self.loop)
 

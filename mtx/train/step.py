@@ -25,6 +25,13 @@ On the per-group route ``mtl.aggregate`` runs the mtl chain with one Gram matrix
 by the method and the diagnostics, and reports the task weights the method applied; TAG's
 inter-task affinity (``tag_affinity_period``) is measured there too, every N steps.
 
+Frozen params. With ``StepConfig.trainable_params`` (a regex on param paths) the step
+splits the params (``mtx.train.freeze``): every route, the mtl transforms and the
+optimizer see the trainable subtree only, and the model is a ``freeze.FrozenBase`` that
+merges the frozen subtree (closed over, never differentiated) back in. Per-task stacks,
+Gram probes and surgery thus cover the trainable params only (adapters, say), and the
+frozen ones leave the step bit-identical. Without it the program is the plain one.
+
 Non-finite steps. A step whose task losses, gradient or update hold a NaN or an Inf
 changes nothing: params, optimizer and mtl state keep their old values (a select, fused
 into the update), while ``step`` still advances and ``nonfinite_steps`` counts it. The
@@ -63,6 +70,7 @@ import optax
 from mtx import mtl, parallel
 from mtx.data import decoder_only
 from mtx.model import losses, taps
+from mtx.train import adapter_ids, freeze
 
 # The per-task sums the routes return, one f32[k] each (``losses.token_losses``): the
 # training loss (what the gradient is of) and, for the logs, the plain cross-entropy,
@@ -114,6 +122,12 @@ class StepConfig:
       (``unit_gram`` and ``weighted_gradient``: their Gram matrix, then one weighted
       backward pass; needs ``grad_accum_steps`` 1 and a chain that
       ``mtl.gram_route_refusal`` accepts).
+    trainable_params: None (every param trains), or a regex on the '/'-joined param
+      paths: only the params it matches are differentiated and updated; the others
+      are frozen (``mtx.train.freeze``; the opt and mtl states cover the trainable
+      ones only).
+    adapter_ids: the model has per-task LoRA adapters: it gets per-token adapter ids,
+      each token's task group (``mtx.train.adapter_ids``).
   """
 
   num_tasks: int
@@ -129,6 +143,8 @@ class StepConfig:
   inject_nonfinite_steps: tuple = ()
   inject_nonfinite_task: int = 0
   task_grads_route: str = "stacks"
+  trainable_params: Optional[str] = None
+  adapter_ids: bool = False
 
   @property
   def num_groups(self) -> int:
@@ -162,9 +178,12 @@ def task_loss_sums(model, cfg: StepConfig, params, batch, key, gram_probe=None):
   variables = {"params": params}
   if gram_probe is not None:
     variables[taps.GRAM_PROBE] = gram_probe
+  inputs = model_inputs(batch)
+  if cfg.adapter_ids:  # per-task adapters: each token's task group picks its adapter
+    inputs.update(adapter_ids.batch_adapter_ids(batch, cfg.group_of_task))
   logits = model.apply(
     variables,
-    **model_inputs(batch),
+    **inputs,
     enable_dropout=cfg.dropout,
     rngs={"dropout": key},
   )
@@ -654,8 +673,8 @@ def make_train_step(
     transforms: the mtl transforms, aggregator included (``mtl.ensure_aggregator``);
       ``cfg.task_grads`` says which route they need (``mtl.needs_task_grads``).
     cfg: the step's static settings.
-    param_shardings: the params' ``NamedSharding`` pytree (per-group gradients are
-      sharded like it).
+    param_shardings: the (whole) params' ``NamedSharding`` pytree (per-group
+      gradients are sharded like its trainable subtree).
     learning_rate_fn: step -> learning rate; TAG's lookahead uses it when
       ``cfg.tag_affinity_lr`` is 0.
     group_gradients_fn: the per-group route's gradients, with ``group_gradients``'
@@ -664,7 +683,10 @@ def make_train_step(
 
   ``state`` is ``{"step", "params", "opt_state", "mtl_state", "rng",
   "nonfinite_steps"}`` (``mtx.train.state.make_state``; the last is the int32[] count
-  of skipped steps, see the module docstring). ``batch`` is flat [B, length] on the
+  of skipped steps, see the module docstring). With ``cfg.trainable_params`` the
+  optimizer and mtl states are those of the trainable subtree
+  (``freeze.trainable(params, pattern)``), and the frozen params pass through
+  unchanged. ``batch`` is flat [B, length] on the
   one-gradient route and task-major [U, B/U, length] plus ``unit_task`` on the
   per-group route (``mtx.data.pipeline``).
 
@@ -692,32 +714,31 @@ def make_train_step(
   if gramian and (cfg.tag_affinity_period or cfg.grad_accum_steps != 1):
     raise ValueError("The Gramian route needs grad_accum_steps 1 and no TAG affinity.")
 
-  def gramian_route(state, batch, group_counts, dkey, mkey):
+  # With frozen params the routes see the trainable subtree only (its shardings too)
+  # and a model that merges the frozen one back in (``freeze.FrozenBase``).
+  pattern = cfg.trainable_params
+  shardings = freeze.trainable(param_shardings, pattern)
+
+  def gramian_route(net, params, state, batch, group_counts, dkey, mkey):
     """The Gram matrix, ``mtl.aggregate_gram``, one weighted backward pass and
     ``mtl.finish_chain``: what ``per_group_route`` returns, without the stacks."""
-    params = state["params"]
-    grams, sums = unit_gram(
-      model, cfg, params, batch, group_counts, dkey, param_shardings
-    )
+    grams, sums = unit_gram(net, cfg, params, batch, group_counts, dkey, shardings)
     gram = group_gram(grams, batch["unit_task"], cfg.num_groups)
     present = group_counts > 0
     group_losses = safe_div(sums["loss"] @ group_matrix(cfg), group_counts)
     extra = dict(task_losses=group_losses, task_present=present, key=mkey)
     w, mtl_state, info = mtl.aggregate_gram(transforms, state["mtl_state"], gram, **extra)
-    grads = weighted_gradient(
-      model, cfg, params, batch, group_counts, w, dkey, param_shardings
-    )
+    grads = weighted_gradient(net, cfg, params, batch, group_counts, w, dkey, shardings)
     grads, mtl_state = mtl.finish_chain(transforms, mtl_state, grads, params, **extra)
     return grads, sums, mtl_state, _group_metrics(info)
 
-  def per_group_route(state, batch, group_counts, dkey, mkey):
+  def per_group_route(net, params, state, batch, group_counts, dkey, mkey):
     """Per-group gradients and ``mtl.aggregate``: (grads, task sums, mtl state,
     metrics), TAG's affinity included when configured."""
     if gramian:
-      return gramian_route(state, batch, group_counts, dkey, mkey)
-    params = state["params"]
+      return gramian_route(net, params, state, batch, group_counts, dkey, mkey)
     group_grads, sums = group_gradients_fn(
-      model, cfg, params, batch, group_counts, dkey, param_shardings
+      net, cfg, params, batch, group_counts, dkey, shardings
     )
     present = group_counts > 0
     group_losses = safe_div(sums["loss"] @ group_matrix(cfg), group_counts)
@@ -737,7 +758,7 @@ def make_train_step(
         jax.lax.with_sharding_constraint(g, parallel.group_split_sharding(s)), s
       ),
       grads,
-      param_shardings,
+      shardings,
     )
     metrics = _group_metrics(info)
     if cfg.tag_affinity_period:
@@ -748,13 +769,16 @@ def make_train_step(
         else learning_rate_fn(state["step"])
       )
       metrics["tag_affinity"] = _tag_affinity(
-        model, cfg, params, batch, group_counts, group_grads, present, lr, due, dkey
+        net, cfg, params, batch, group_counts, group_grads, present, lr, due, dkey
       )
       metrics["tag_due"] = due
     return grads, sums, mtl_state, metrics
 
   def step(state, batch):
-    params = state["params"]
+    params, net, frozen = state["params"], model, None
+    if pattern is not None:  # differentiate the trainable subtree only
+      params, frozen = freeze.split(params, pattern)
+      net = freeze.FrozenBase(model, frozen)
     base = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
     dkey, mkey = jax.random.split(base)
     counts = token_counts(cfg, batch)  # target tokens per task in the global batch
@@ -763,11 +787,11 @@ def make_train_step(
       batch = _inject_nonfinite(cfg, batch, state["step"] + 1)
     if cfg.task_grads:
       grads, sums, mtl_state, metrics = per_group_route(
-        state, batch, group_counts, dkey, mkey
+        net, params, state, batch, group_counts, dkey, mkey
       )
     else:
       grads, sums, w, mtl_state = one_gradient(
-        model,
+        net,
         cfg,
         transforms,
         params,
@@ -792,10 +816,11 @@ def make_train_step(
       grad_norm=grad_norm,
       nonfinite=jnp.logical_not(ok),
     )
-    new_state = dict(
-      state,
-      step=state["step"] + 1,
-      params=_keep_if(ok, new_params, params),
+    new_state = dict(state, step=state["step"] + 1)
+    new_params = _keep_if(ok, new_params, params)
+    new_state.update(
+      # The frozen leaves go out as they came in (the donated buffers, unchanged).
+      params=new_params if frozen is None else freeze.merge(new_params, frozen),
       opt_state=_keep_if(ok, opt_state, state["opt_state"]),
       mtl_state=_keep_if(ok, mtl_state, state["mtl_state"]),
     )
