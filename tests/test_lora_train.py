@@ -16,7 +16,8 @@ from loop_helpers import TINY, loop_train
 from mtx import mtl
 from mtx.cli import evaluate as evaluate_lib
 from mtx.cli import export as export_lib
-from mtx.eval.evaluator import EvalOptions
+from mtx.eval import results as results_lib
+from mtx.eval.evaluator import EvalOptions, Evaluator
 from mtx.model import LoraConfig, lora
 from mtx.runtime import adapters_io
 from mtx.runtime import params as params_lib
@@ -26,6 +27,7 @@ from mtx.train import build as build_lib
 LORA = LoraConfig(targets="attention/(query|value)$|mlp/wo$", rank=4, per_task=True)
 CONFIG = dataclasses.replace(TINY, lora=LORA)
 LENGTHS = {"inputs": 16, "targets": 16}
+EVAL_OPTIONS = EvalOptions(max_examples=8, batch_size=8)
 
 
 def test_adapter_ids_of_the_packing_worked_example():
@@ -86,6 +88,8 @@ def lora_run(tmp_path_factory):
     learning_rate=1e-2,
     log_period=1,
     checkpoint_period=0,
+    eval_period=3,
+    eval_options=EVAL_OPTIONS,
     print_param_table=False,
     tensorboard=False,
   )
@@ -247,17 +251,40 @@ ADAPTER_IDS = ("encoder_adapter_ids", "decoder_adapter_ids")
 
 
 @pytest.mark.slow  # the module's training run, and decoding
-def test_mtx_eval_scores_each_task_with_its_own_adapter(lora_run):
-  model_dir, _, _ = lora_run
+def test_mtx_eval_and_eval_in_training_score_each_task_with_its_own_adapter(lora_run):
+  """The trainer's periodic eval (task -> adapter from the mixture's groups) and
+  ``mtx eval`` (from the run's tasks.json) give the same per-task results; scoring a
+  task with the other task's adapter gives another loss, so the adapter matters."""
+  model_dir, build, _ = lora_run
+  in_training = results_lib.read_results(str(model_dir), 3)
   report = evaluate_lib.evaluate(
     model_dir=str(model_dir),
     mixture_or_task_name="tiny",
     task_feature_lengths=LENGTHS,
     model_config=CONFIG,
-    options=EvalOptions(max_examples=8, batch_size=8),
+    options=EVAL_OPTIONS,
     print_table=False,
   )
   assert report.step == 3
-  with open(report.path) as f:
-    text = f.read()
-  assert "tiny_copy" in text and "tiny_rev" in text
+  after = results_lib.read_results(str(model_dir), 3)
+  assert sorted(after["tasks"]) == ["tiny_copy", "tiny_rev"]
+  for task, values in after["tasks"].items():
+    for metric, value in values.items():
+      assert in_training["tasks"][task][metric] == pytest.approx(value, rel=1e-5), (
+        task,
+        metric,
+      )
+  params = _final_state(model_dir)["params"]
+  model = params_lib.make_model(build.model_config)
+  base, merged, shardings = adapters_io.merged(model, params, build.param_shardings, 1)
+  with build.mesh:
+    evaluator = Evaluator(
+      base, build.mesh, build.rules, shardings, "tiny_copy", LENGTHS, EVAL_OPTIONS
+    )
+    try:
+      other = evaluator.evaluate(merged, 3)  # tiny_copy with tiny_rev's adapter
+    finally:
+      evaluator.close()
+  assert other.tasks["tiny_copy"]["loss"] != pytest.approx(
+    after["tasks"]["tiny_copy"]["loss"], rel=1e-4
+  )

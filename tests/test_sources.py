@@ -216,7 +216,7 @@ def test_eval_names_the_tasks_without_the_eval_split(tmp_path, caplog):
   tsv_tasks.register_tsv("train_only", tmp_path / "t.tsv", [("a", "b")])
   tsv_tasks.register_mixture("with_train_only", [("tiny_copy", 1.0), ("train_only", 1.0)])
   with caplog.at_level("WARNING", logger="mtx"):
-    tasks = evaluator._eval_tasks("with_train_only", "validation")  # pylint: disable=protected-access
+    tasks = evaluator.eval_tasks("with_train_only", "validation")
   assert sorted(t.name for t in tasks) == ["tiny_copy", "train_only"]
   assert "leaves out task(s) train_only: they have no 'validation' split" in caplog.text
   seqio.MixtureRegistry.remove("with_train_only")

@@ -89,13 +89,7 @@ def _each_task(run, model_config, task_names) -> results.EvalResult:
   lora = getattr(model_config, "lora", None)
   if not (lora and lora.enabled and lora.per_task):
     return run(None)
-  parts = [run(name) for name in task_names]
-  return dataclasses.replace(
-    parts[0],
-    tasks=dict(sorted((k, v) for r in parts for k, v in r.tasks.items())),
-    primary={k: v for r in parts for k, v in r.primary.items()},
-    seconds=sum(r.seconds for r in parts),
-  )
+  return results.combine([run(name) for name in task_names])
 
 
 def evaluate(

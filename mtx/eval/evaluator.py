@@ -328,7 +328,7 @@ def make_loss_fn(model: nn.Module):
   return fn
 
 
-def _eval_tasks(name: str, split: str) -> list:
+def eval_tasks(name: str, split: str) -> list:
   """The leaf tasks of ``name``; a UserError unless it is registered and some task has
   ``split``."""
   try:
@@ -404,7 +404,7 @@ class Evaluator:
       results.read_results(options.baseline_dir)
     start = time.time()
     split = options.split
-    tasks = _eval_tasks(name, split)
+    tasks = eval_tasks(name, split)
     self.task_names = tuple(sorted(t.name for t in tasks if split in t.splits))
     self.predictions_dir = predictions.output_dir(model_dir, options.output_dir)
     self._seqio = seqio.Evaluator(

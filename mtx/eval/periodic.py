@@ -9,7 +9,10 @@
     periodic.close()
 
 The eval data is read once, when the object is built (before training starts, so that
-a bad eval setting fails at once).
+a bad eval setting fails at once). A model with per-task LoRA adapters
+(``LoraConfig.per_task``) is scored task by task, each task with its own adapter merged
+into the base kernels (``task_adapters``: task name -> adapter id), as ``mtx eval``
+scores it; one evaluator per task, each reading its task's data once.
 """
 
 import time
@@ -17,8 +20,8 @@ from typing import Mapping, Optional, Sequence
 
 from mtx.data.decoder_only import PrefixLM
 from mtx.eval import results
-from mtx.eval.evaluator import EvalOptions, Evaluator
-from mtx.runtime import progress
+from mtx.eval.evaluator import EvalOptions, Evaluator, eval_tasks
+from mtx.runtime import adapters_io, progress
 
 
 class PeriodicEval:
@@ -38,23 +41,44 @@ class PeriodicEval:
     *,
     predictor=None,
     prefix_lm: Optional[PrefixLM] = None,
+    task_adapters: Optional[Mapping[str, int]] = None,
   ):
     self.period = int(period)
     self.model_dir = model_dir
     self.options = options or EvalOptions()
-    self._evaluator = None
-    if self.period > 0:
-      self._evaluator = Evaluator(
-        model,
-        mesh,
-        rules,
-        param_shardings,
-        mixture_or_task_name,
-        task_feature_lengths,
-        self.options,
-        predictor=predictor,
-        model_dir=model_dir,
-        prefix_lm=prefix_lm,
+    self._model, self._shardings = model, param_shardings
+    lora = getattr(model.config, "lora", None)
+    per_task = bool(lora and lora.enabled and lora.per_task)
+    # name -> (evaluator, per-task adapter id or None); one entry None for the mixture.
+    self._evaluators = {}
+    if self.period <= 0:
+      return
+    if per_task and not task_adapters:
+      raise ValueError("PeriodicEval: per-task adapters need task_adapters.")
+    m, s = model, param_shardings
+    if per_task:
+      m, s = adapters_io.without_adapters(model, param_shardings)
+    names = [None]
+    if per_task:  # The tasks with the split (the others are left out, with a warning).
+      split = self.options.split
+      names = [
+        t.name for t in eval_tasks(mixture_or_task_name, split) if split in t.splits
+      ]
+    for name in names:
+      self._evaluators[name] = (
+        Evaluator(
+          m,
+          mesh,
+          rules,
+          s,
+          name or mixture_or_task_name,
+          task_feature_lengths,
+          self.options,
+          predictor=predictor,
+          model_dir=model_dir,
+          prefix_lm=prefix_lm,
+        ),
+        task_adapters[name] if per_task else None,
       )
 
   def due(self, step: int, last: bool = False) -> bool:
@@ -64,7 +88,13 @@ class PeriodicEval:
   def __call__(self, params, step: int, writer) -> dict:
     """Evaluates ``params``, writes the results (process 0) and returns their object."""
     start = time.time()
-    result = self._evaluator.evaluate(params, step)
+    parts = []
+    for evaluator, adapter in self._evaluators.values():
+      p = params
+      if adapter is not None:
+        _, p, _ = adapters_io.merged(self._model, params, self._shardings, adapter)
+      parts.append(evaluator.evaluate(p, step))
+    result = results.combine(parts)
     record = results.write_results(
       self.model_dir, result, writer, self.options.baseline_dir
     )
@@ -80,5 +110,5 @@ class PeriodicEval:
     return record
 
   def close(self) -> None:
-    if self._evaluator is not None:
-      self._evaluator.close()
+    for evaluator, _ in self._evaluators.values():
+      evaluator.close()

@@ -17,7 +17,7 @@ import dataclasses
 import json
 import math
 import re
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import jax
 
@@ -50,6 +50,18 @@ class EvalResult:
   tasks: dict
   primary: dict
   seconds: float = 0.0
+
+
+def combine(parts: Sequence[EvalResult]) -> EvalResult:
+  """One result of evaluations of the same step on disjoint tasks (each task scored
+  apart, e.g. with its own LoRA adapter merged in): their tasks and primary metrics,
+  the seconds summed."""
+  return dataclasses.replace(
+    parts[0],
+    tasks=dict(sorted((k, v) for r in parts for k, v in r.tasks.items())),
+    primary={k: v for r in parts for k, v in r.primary.items()},
+    seconds=sum(r.seconds for r in parts),
+  )
 
 
 def _encode(value: Any) -> Any:

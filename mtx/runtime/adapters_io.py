@@ -167,5 +167,18 @@ def for_task(model, params: Any, shardings: Any, task: Optional[str], run: Optio
         f"{', '.join(sorted(adapters)) or 'none found'}); name one of its tasks."
       )
     adapter = adapters[task]
-  base = params_lib.make_model(dataclasses.replace(config, lora=LoraConfig()))
-  return base, lora.merge(params, config.lora, adapter), lora.split(shardings)[1]
+  return merged(model, params, shardings, adapter)
+
+
+def merged(model, params: Any, shardings: Any, adapter: Optional[int]):
+  """(the base model, params with the shared adapter and per-task adapter ``adapter``
+  (None: none) merged into its kernels, their shardings) of a LoRA ``model``."""
+  base, base_shardings = without_adapters(model, shardings)
+  return base, lora.merge(params, model.config.lora, adapter), base_shardings
+
+
+def without_adapters(model, shardings: Any) -> tuple:
+  """(the model without LoRA, the shardings of its params) of a LoRA ``model``: what
+  runs merged params (``merged``)."""
+  base = params_lib.make_model(dataclasses.replace(model.config, lora=LoraConfig()))
+  return base, lora.split(shardings)[1]

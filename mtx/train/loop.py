@@ -408,6 +408,9 @@ def _start(
     build.lengths,
     run.eval_options,
     prefix_lm=data.prefix_lm,
+    task_adapters={
+      t: build.spec.group_of_task[i] for i, t in enumerate(build.spec.task_names)
+    },
   )
   ckpt = checkpoint.Checkpointer(
     run.model_dir,
