@@ -1,37 +1,43 @@
-"""Writes the LoRA reference fixture of tests/test_lora_export.py (issue #17; run once).
+"""Writes the LoRA reference fixtures of tests/test_lora_export.py (issue #17; run once).
 
 Runs with mtx's venv and calls a second Python that has torch and transformers (mtx
 never imports them) through a subprocess:
 
     python tools/make_lora_fixture.py --ref_python /work/venv-ref/bin/python
+    python tools/make_lora_fixture.py --ref_python /work/venv-ref/bin/python \
+      --family llama
 
-1. mtx: reads the base tests/fixtures/hf_t5_v1_1 with mtx's importer, builds the same
-   model with ``LORA`` (per-task adapters, T = 2, and a shared one; rank 4, alpha 8;
-   attention q/v/out and every MLP kernel), sets every adapter leaf to seeded random
-   normal values (std ``ADAPTER_STD``, so that the delta moves the logits visibly) and
-   saves them with ``mtx.runtime.adapters_io.save`` to tests/fixtures/lora_t5/
-   (adapters.safetensors, lora.json).
+For each family (``FIXTURES_BY_FAMILY``; T5: the base tests/fixtures/hf_t5_v1_1,
+attention q/v/out and every MLP kernel; Llama: hf_llama, attention q/k/v/out and every
+MLP kernel; both with per-task adapters, T = 2, and a shared one, rank 4, alpha 8):
+
+1. mtx: reads the base with mtx's importer, builds the same model with the LoRA
+   config, sets every adapter leaf to seeded random normal values (std
+   ``ADAPTER_STD``, so that the delta moves the logits by ~0.4 where they are ~1) and
+   saves them with ``mtx.runtime.adapters_io.save`` to tests/fixtures/lora_t5/ (or
+   lora_llama/): adapters.safetensors, lora.json.
 2. reference (``REFERENCE_SCRIPT``, in the other Python): loads the base with
    ``transformers`` in float32, adds to each targeted Hugging Face weight
    ``alpha / rank * (A B)^T`` of the shared adapter and of per-task adapter
    ``ADAPTER`` -- its own name and layout mapping, not mtx's ``merge`` nor its exporter
    (mtx kernels are [*in, *out], e.g. query [E, H, D], out [H, D, E], wi_0 [E, M]; HF's
    weights [out, in] with heads flattened as (H, D)) -- and writes its float32 logits on
-   the padded inputs of tests/fixtures/hf_reference.npz to
-   tests/fixtures/lora_t5_reference.npz.
+   the inputs of tests/fixtures/hf_reference.npz (T5: padded encoder and decoder ids) or
+   hf_llama_reference.npz (Llama) to tests/fixtures/lora_t5_reference.npz (or
+   lora_llama_reference.npz), with those inputs.
 
-``--check_export DIR`` instead loads an ``mtx export`` directory (the merged LoRA model)
-with transformers and prints the largest |logits - reference|. Measured on 2026-12-01
-for the export of the fixture (adapter 1 and the shared one merged):
-max |logits - reference| = 1.1e-06 (max |logit| 0.99; tests/test_lora_export.py asks
-1e-5 of it). transformers 5.24 warns that the config "specifies to tie shared.weight
-to lm_head.weight" for the base fixture and the export alike; both say
-tie_word_embeddings false and it leaves them untied.
+``--check_export DIR`` instead loads an ``mtx export`` directory (the merged LoRA model,
+EXPORT_TASK giving adapter 1) with transformers and prints the largest
+|logits - reference|. Measured on 2026-12-01 on the exports tests/test_lora_export.py
+makes from the fixtures: T5 1.1e-06 (max |logit| 0.99), Llama 7.8e-07 (max |logit|
+1.36); the test asks 1e-5 of max |logit|. transformers 5.24 warns, for the base
+fixtures and the exports alike, that the T5 config "specifies to tie shared.weight to
+lm_head.weight" (both say tie_word_embeddings false and it leaves them untied) and that
+hf_llama's original_max_position_embeddings is not below max_position_embeddings.
 """
 
 import argparse
 import dataclasses
-import json
 import os
 import subprocess
 import sys
@@ -47,18 +53,46 @@ from mtx.runtime import params as params_lib
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 FIXTURES = os.path.join(HERE, "..", "tests", "fixtures")
-BASE = "hf_t5_v1_1"
-ADAPTERS_DIR = "lora_t5"
-REFERENCE = "lora_t5_reference.npz"
-INPUTS = "hf_reference.npz"  # its encoder_ids and decoder_ids (tools/make_hf_fixtures.py)
-LORA = LoraConfig(
-  targets="attention/(query|value|out)$|mlp/w",
-  rank=4,
-  alpha=8.0,
-  per_task=True,
-  num_adapters=2,
-  shared=True,
-)
+
+
+@dataclasses.dataclass(frozen=True)
+class Fixture:
+  """One family's fixture: its base, its adapters and reference, and their inputs."""
+
+  base: str  # a Hugging Face directory of tests/fixtures
+  adapters: str  # the folder adapters_io.save writes
+  reference: str  # the reference's npz
+  inputs: str  # the npz of tools/make_hf_fixtures.py whose ids are used
+  input_keys: tuple
+  lora: LoraConfig
+
+
+def _lora(targets: str) -> LoraConfig:
+  return LoraConfig(
+    targets=targets, rank=4, alpha=8.0, per_task=True, num_adapters=2, shared=True
+  )
+
+
+FIXTURES_BY_FAMILY = {
+  "t5": Fixture(
+    base="hf_t5_v1_1",
+    adapters="lora_t5",
+    reference="lora_t5_reference.npz",
+    inputs="hf_reference.npz",
+    input_keys=("encoder_ids", "decoder_ids"),
+    lora=_lora("attention/(query|value|out)$|mlp/w"),
+  ),
+  # mtx's Llama importer does not permute q/k (RoPE is rotate-half in both), so every
+  # attention kernel can be adapted; "llama3" RoPE scaling and grouped-query attention.
+  "llama": Fixture(
+    base="hf_llama",
+    adapters="lora_llama",
+    reference="lora_llama_reference.npz",
+    inputs="hf_llama_reference.npz",
+    input_keys=("ids",),
+    lora=_lora("attention/(query|key|value|out)$|mlp/w"),
+  ),
+}
 ADAPTER = 1  # the per-task adapter the reference applies (with the shared one)
 ADAPTER_STD = 0.05
 SEED = 17
@@ -80,22 +114,33 @@ PROJECTION = {"query": "q", "key": "k", "value": "v", "out": "o"}
 NAME = re.compile(r"^(encoder|decoder)/layers_(\d+)/(\w+)/(\w+?)_lora_(a|task_a)$")
 
 
-def hf_name(stack, layer, module, kernel):
-  """mtx "encoder/layers_0/attention/query" -> HF "encoder.block.0.layer.0...q.weight"."""
+LLAMA_MLP = {"wi_0": "gate_proj", "wi_1": "up_proj", "wo": "down_proj"}
+
+
+def hf_name(family, stack, layer, module, kernel):
+  """mtx "encoder/layers_0/attention/query" -> HF "encoder.block.0.layer.0...q.weight";
+  Llama's "decoder/layers_0/self_attention/query" -> "model.layers.0.self_attn.q_proj...".
+  """
+  if family == "llama":
+    if module == "mlp":
+      return f"model.layers.{layer}.mlp.{LLAMA_MLP[kernel]}.weight"
+    assert module == "self_attention", module
+    return f"model.layers.{layer}.self_attn.{PROJECTION[kernel]}_proj.weight"
   block = f"{stack}.block.{layer}.layer"
-  if module == "mlp":  # T5's MLP is the last sub-layer: 1 in the encoder, 2 in the decoder
+  if module == "mlp":  # the last sub-layer: 1 in the encoder, 2 in the decoder
     return f"{block}.{1 if stack == 'encoder' else 2}.DenseReluDense.{kernel}.weight"
   index, hf_module = ATTENTION[module]
   return f"{block}.{index}.{hf_module}.{PROJECTION[kernel]}.weight"
 
 
-def deltas(adapters, scale, adapter):
+def deltas(family, adapters, scale, adapter):
   """HF weight name -> scale * (A B)^T, summed over the shared and per-task adapter."""
   out = {}
   for name, a in adapters.items():
-    match = NAME.match(name)
-    if not match:
+    if name.endswith("_b"):
       continue
+    match = NAME.match(name)
+    assert match, f"an adapter name the reference cannot map: {name}"
     stack, layer, module, kernel, kind = match.groups()
     b = adapters[name[: -len("a")] + "b"]
     if kind == "task_a":  # [T, *in, r] and [T, r, *out]: adapter `adapter`'s
@@ -103,13 +148,16 @@ def deltas(adapters, scale, adapter):
     rank = a.shape[-1]
     # [*in, r] @ [r, *out] -> [in, out] with heads flattened (H, D); HF is [out, in].
     delta = (torch.tensor(a).reshape(-1, rank) @ torch.tensor(b).reshape(rank, -1)).T
-    key = hf_name(stack, layer, module, kernel)
+    key = hf_name(family, stack, layer, module, kernel)
     out[key] = out.get(key, 0) + scale * delta.double()
   return out
 
 
-def logits(model, inputs):
+def logits(family, model, inputs):
   with torch.no_grad():
+    if family == "llama":
+      ids = torch.tensor(inputs["ids"].astype(np.int64))
+      return model(input_ids=ids).logits.float().numpy()
     encoder_ids = torch.tensor(inputs["encoder_ids"].astype(np.int64))
     return model(
       input_ids=encoder_ids,
@@ -118,32 +166,36 @@ def logits(model, inputs):
     ).logits.float().numpy()
 
 
-def load(directory):
-  cls = transformers.T5ForConditionalGeneration
+def load(family, directory):
+  if family == "llama":
+    cls = transformers.AutoModelForCausalLM
+  else:
+    cls = transformers.T5ForConditionalGeneration
   return cls.from_pretrained(directory, dtype=torch.float32).eval()
 
 
-def main(mode, *args):
+def main(mode, family, *args):
   if mode == "make":
     base, adapters_dir, inputs_path, out, adapter = args
     with open(f"{adapters_dir}/lora.json") as f:
       config = json.load(f)
     adapters = safetensors.numpy.load_file(f"{adapters_dir}/adapters.safetensors")
-    model = load(base)
+    model = load(family, base)
     weights = dict(model.named_parameters())
+    scale = config["alpha"] / config["rank"]
     with torch.no_grad():
-      changes = deltas(adapters, config["alpha"] / config["rank"], int(adapter))
+      changes = deltas(family, adapters, scale, int(adapter))
       for key, delta in changes.items():
         assert weights[key].shape == delta.shape, (key, weights[key].shape, delta.shape)
         weights[key].copy_((weights[key].double() + delta).float())
     inputs = dict(np.load(inputs_path))
-    result = logits(model, inputs)
+    result = logits(family, model, inputs)
     np.savez(out, logits=result, **inputs)
     print(f"{len(changes)} weights adapted; max |logit| {np.abs(result).max():.3f}")
   else:
     directory, reference = args
     want = np.load(reference)
-    got = logits(load(directory), dict(want))
+    got = logits(family, load(family, directory), dict(want))
     print(f"max |logits - reference| = {np.abs(got - want['logits']).max():.3e} "
           f"(max |logit| {np.abs(want['logits']).max():.3f})")
 
@@ -191,26 +243,29 @@ def _reference(ref_python: str, *args: str) -> None:
 def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--ref_python", required=True, help="a Python with transformers")
+  parser.add_argument("--family", choices=sorted(FIXTURES_BY_FAMILY), default="t5")
   parser.add_argument("--out", default=FIXTURES)
   parser.add_argument("--check_export", default=None, help="an mtx export directory")
   args = parser.parse_args(argv)
-  reference = os.path.join(args.out, REFERENCE)
+  fixture = FIXTURES_BY_FAMILY[args.family]
+  reference = os.path.join(args.out, fixture.reference)
   if args.check_export:
-    _reference(args.ref_python, "check", args.check_export, reference)
+    _reference(args.ref_python, "check", args.family, args.check_export, reference)
     return
-  base_dir = os.path.join(FIXTURES, BASE)
-  _, _, abstract = lora_model(base_dir, LORA)
-  adapters_dir = os.path.join(args.out, ADAPTERS_DIR)
-  adapters_io.save(adapters_dir, random_adapters(abstract, SEED, ADAPTER_STD), LORA)
+  base_dir = os.path.join(FIXTURES, fixture.base)
+  _, _, abstract = lora_model(base_dir, fixture.lora)
+  adapters_dir = os.path.join(args.out, fixture.adapters)
+  adapters = random_adapters(abstract, SEED, ADAPTER_STD)
+  adapters_io.save(adapters_dir, adapters, fixture.lora)
   with tempfile.TemporaryDirectory() as tmp:
     inputs = os.path.join(tmp, "inputs.npz")
-    given = np.load(os.path.join(FIXTURES, INPUTS))
-    np.savez(inputs, encoder_ids=given["encoder_ids"], decoder_ids=given["decoder_ids"])
+    given = np.load(os.path.join(FIXTURES, fixture.inputs))
+    np.savez(inputs, **{k: given[k] for k in fixture.input_keys})
     _reference(
-      args.ref_python, "make", base_dir, adapters_dir, inputs, reference, str(ADAPTER)
+      args.ref_python,
+      *("make", args.family, base_dir, adapters_dir, inputs, reference, str(ADAPTER)),
     )
-  with open(os.path.join(adapters_dir, adapters_io.CONFIG_FILE)) as f:
-    print(f"Wrote {adapters_dir} ({json.load(f)}) and {reference}.")
+  print(f"Wrote {adapters_dir} and {reference}.")
 
 
 if __name__ == "__main__":
