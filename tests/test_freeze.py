@@ -3,7 +3,9 @@ stay bit-identical and get no optimizer state, surgery covers the trainable ones
 (checked against PCGrad by hand), resume is exact, and a pattern that freezes
 everything is a one-sentence error."""
 
+import dataclasses
 import os
+import re
 
 import gin
 import jax
@@ -19,7 +21,7 @@ from mtx import mtl, parallel
 from mtx.cli import main as cli
 from mtx.data import packing
 from mtx.errors import UserError
-from mtx.model import T5, T5Config
+from mtx.model import T5, LoraConfig, T5Config
 from mtx.runtime import params as params_lib
 from mtx.train import build as build_lib
 from mtx.train import compile as compile_lib
@@ -159,10 +161,10 @@ def _task_major_batch(seed: int) -> dict:
   return out
 
 
-def _task_mean_loss(model, params, rows, task):
+def _task_mean_loss(model, params, rows, task, adapter_ids=None):
   """Task ``task``'s mean cross-entropy over its target tokens, written out here."""
   inputs = {k: rows[k] for k in step.MODEL_KEYS}
-  logits = model.apply({"params": params}, **inputs)
+  logits = model.apply({"params": params}, **inputs, **(adapter_ids or {}))
   target = jnp.take_along_axis(logits, rows["decoder_target_tokens"][..., None], -1)
   loss = jax.nn.logsumexp(logits, axis=-1) - target[..., 0]
   mask = (rows["decoder_task_ids"] == task) * rows["decoder_loss_weights"]
@@ -183,27 +185,79 @@ def test_pcgrad_over_the_trainable_params_equals_pcgrad_by_hand(route):
   the per-task gradients of the trainable params (jax.grad of each task's mean loss,
   the frozen params held fixed), the logged cosine is theirs, the frozen params are
   unchanged and the optimizer's state (a momentum trace) is the trainable ones'."""
+  _check_pcgrad_by_hand(T5(CONFIG), PATTERN, route, adapters=False)
+
+
+# Per-task LoRA adapters (one per task, plus a shared one) on the attention and MLP.
+LORA = LoraConfig(
+  targets="attention/(query|value|out)$|mlp/w", rank=4, per_task=True, num_adapters=2
+)
+
+
+def test_pcgrad_over_lora_adapters_equals_pcgrad_by_hand():
+  """Issue 17's test: the same with LoRA, the adapters the trainable params (random, so
+  that both factors get gradients) and each token routed to its task's adapter; the
+  reference's adapter ids come from the units' tasks, not from mtx.train.adapter_ids."""
+  model = T5(dataclasses.replace(CONFIG, lora=LORA))
+  # The adapters' gradients are products through two random factors, summed over units
+  # in another order than by hand: float32 rounding reaches ~2e-5 of the largest entry
+  # (a wrong adapter or a missed projection moves entries by far more).
+  _check_pcgrad_by_hand(model, "_lora_", "stacks", adapters=True, tol=1e-4)
+
+
+def _unit_adapter_ids(batch: dict) -> dict:
+  """Every real token of unit u uses adapter UNIT_GROUPS[u] (tasks are their own
+  groups), -1 on padding; flattened to rows like the batch."""
+  task = np.asarray(UNIT_GROUPS)[:, None, None]
+  out = {}
+  for side in ("encoder", "decoder"):
+    seg = batch[f"{side}_segment_ids"]
+    ids = np.where(seg > 0, task, -1).astype(np.int32)
+    out[f"{side}_adapter_ids"] = ids.reshape((-1,) + ids.shape[2:])
+  return out
+
+
+def _randomized_adapters(params, pattern: str):
+  """The adapters (leaves matching ``pattern``) set to seeded random values."""
+  leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
+  rng = np.random.default_rng(7)
+  out = []
+  for path, leaf in leaves:
+    if re.search(pattern, freeze.path_str(path)):
+      leaf = jax.device_put(
+        rng.normal(0.0, 0.2, leaf.shape).astype(np.float32), leaf.sharding
+      )
+    out.append(leaf)
+  return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def _check_pcgrad_by_hand(
+  model, pattern: str, route: str, adapters: bool, tol: float = 1e-5
+):
+  # long: one step through mtx, then the same by hand, then the comparisons.
   mesh = parallel.make_mesh({"data": 1}, jax.devices()[:1])
-  model = T5(CONFIG)
   boxed, abstract = params_lib.abstract_params(model, *LENGTHS)
   p_shardings = params_lib.param_shardings(boxed, mesh, parallel.DEFAULT_RULES)
   params = params_lib.init_params(model, 0, *LENGTHS, p_shardings)
+  if adapters:
+    params = _randomized_adapters(params, pattern)
   before = jax.tree.map(np.asarray, params)
   cfg = step.StepConfig(
     num_tasks=2,
     group_of_task=(0, 1),
     task_grads=True,
     task_grads_route=route,
-    trainable_params=PATTERN,
+    trainable_params=pattern,
+    adapter_ids=adapters,
   )
   transforms = mtl.ensure_aggregator((mtl.pcgrad(),))
   optimizer = optax.sgd(1.0, momentum=0.9)  # a first step is p - g; state: a trace
   fn = step.make_train_step(model, optimizer, transforms, cfg, p_shardings)
   state = state_lib.make_state(
-    params, optimizer, optax.chain(*transforms).init, 0, PATTERN
+    params, optimizer, optax.chain(*transforms).init, 0, pattern
   )
   s_shardings = state_lib.state_shardings(
-    jax.eval_shape(lambda s: s, state), abstract, p_shardings, mesh, PATTERN
+    jax.eval_shape(lambda s: s, state), abstract, p_shardings, mesh, pattern
   )
   batch = _task_major_batch(seed=2)  # one where the tasks conflict
   b_shardings = {
@@ -213,11 +267,14 @@ def test_pcgrad_over_the_trainable_params_equals_pcgrad_by_hand(route):
   new_state, metrics = jitted(state, jax.device_put(batch, b_shardings))
 
   # By hand: per-task gradients of the trainable params, then mtx.mtl's PCGrad.
-  trainable, frozen = freeze.split(before, PATTERN)
+  trainable, frozen = freeze.split(before, pattern)
   rows = {k: v.reshape((-1,) + v.shape[2:]) for k, v in batch.items() if k != "unit_task"}
+  ids = _unit_adapter_ids(batch) if adapters else {}
   grads = [
     jax.jit(
-      jax.grad(lambda t, i=i: _task_mean_loss(model, freeze.merge(t, frozen), rows, i))
+      jax.grad(
+        lambda t, i=i: _task_mean_loss(model, freeze.merge(t, frozen), rows, i, ids)
+      )
     )(trainable)
     for i in range(2)
   ]
@@ -235,16 +292,18 @@ def test_pcgrad_over_the_trainable_params_equals_pcgrad_by_hand(route):
   assert cos < 0, "the batch should make the tasks conflict, so that PCGrad projects"
   np.testing.assert_allclose(metrics["group_grad_cos"][0, 1], cos, rtol=1e-4)
   new_trainable, new_frozen = freeze.split(
-    jax.tree.map(np.asarray, new_state["params"]), PATTERN
+    jax.tree.map(np.asarray, new_state["params"]), pattern
   )
   want = jax.tree.map(lambda p, g: p - g, trainable, combined)
   for name, value in _leaves(new_trainable).items():
     w = _leaves(want)[name]
-    np.testing.assert_allclose(value, w, rtol=1e-5, atol=1e-5 * np.abs(w).max())
+    np.testing.assert_allclose(value, w, rtol=tol, atol=tol * np.abs(w).max())
   for name, value in _leaves(new_frozen).items():
     np.testing.assert_array_equal(value, _leaves(frozen)[name], err_msg=name)
   traces = _leaves(new_state["opt_state"])
   assert sorted(name.split("trace/")[-1] for name in traces) == sorted(_leaves(want))
+  if adapters:  # the trainable params are exactly the adapters, each one updated
+    assert _leaves(want) and all("_lora_" in n for n in _leaves(want))
 
 
 def test_compile_reports_trainable_params_their_stacks_and_optimizer_state():
