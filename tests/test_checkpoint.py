@@ -256,14 +256,30 @@ def test_load_params_from_run_dir_and_step_dir(tmp_path):
   )
 
 
+def test_load_params_casts_floats_and_leaves_out_lora_adapters(tmp_path):
+  """A run's bfloat16 params (``train.frozen_dtype``) load into a float32 model and back;
+  a LoRA run's adapters are left out when the model has none (its base alone)."""
+  state = _state(1)
+  state["params"]["enc"]["w_lora_a"] = jnp.ones((4, 2))
+  ckpt = checkpoint.Checkpointer(str(tmp_path), save_period=1)
+  ckpt.save(1, state, {}, force=True)
+  ckpt.close()
+  want = _state(1)["params"]
+  as_f32 = dict(want, emb=jnp.zeros((5, 3), jnp.float32))
+  got = checkpoint.load_params(str(tmp_path), _abstract(as_f32))
+  assert got["emb"].dtype == jnp.float32 and "w_lora_a" not in got["enc"]
+  np.testing.assert_array_equal(np.asarray(got["emb"]), np.ones((5, 3), np.float32))
+  _assert_same(got["enc"], want["enc"])
+
+
 def test_load_params_is_strict(tmp_path):
   _save_steps(str(tmp_path), [1]).close()
   params = _state()["params"]
   wrong_shape = dict(params, enc={"w": jnp.zeros((4, 5)), "scale": jnp.ones(3)})
   with pytest.raises(UserError, match=r"'params/enc/w' has shape \(4, 3\).*\(4, 5\)"):
     checkpoint.load_params(str(tmp_path), _abstract(wrong_shape))
-  wrong_dtype = dict(params, emb=jnp.zeros((5, 3), jnp.float32))
-  with pytest.raises(UserError, match=r"'params/emb'.*bfloat16.*float32"):
+  wrong_dtype = dict(params, emb=jnp.zeros((5, 3), jnp.int32))
+  with pytest.raises(UserError, match=r"'params/emb'.*bfloat16.*int32"):
     checkpoint.load_params(str(tmp_path), _abstract(wrong_dtype))
   extra = dict(params, dec=jnp.zeros(2))
   with pytest.raises(UserError, match=r"'params/dec' \(shape \(2,\)\) is missing"):

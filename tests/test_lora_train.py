@@ -16,12 +16,14 @@ from loop_helpers import TINY, loop_train
 from mtx import mtl
 from mtx.cli import evaluate as evaluate_lib
 from mtx.cli import export as export_lib
+from mtx.errors import UserError
+from mtx.eval import periodic as eval_periodic
 from mtx.eval import results as results_lib
 from mtx.eval.evaluator import EvalOptions, Evaluator
 from mtx.model import LoraConfig, lora
 from mtx.runtime import adapters_io
 from mtx.runtime import params as params_lib
-from mtx.train import adapter_ids, freeze, loop, optim, settings
+from mtx.train import adapter_ids, adapters, freeze, loop, optim, settings
 from mtx.train import build as build_lib
 
 LORA = LoraConfig(targets="attention/(query|value)$|mlp/wo$", rank=4, per_task=True)
@@ -288,3 +290,26 @@ def test_mtx_eval_and_eval_in_training_score_each_task_with_its_own_adapter(lora
   assert other.tasks["tiny_copy"]["loss"] != pytest.approx(
     after["tasks"]["tiny_copy"]["loss"], rel=1e-4
   )
+
+
+def test_per_task_adapters_refuse_a_count_or_an_eval_task_that_does_not_fit():
+  """num_adapters set to another number than the task groups, and an eval task with no
+  adapter, are one-sentence errors; EVAL_MIXTURE_OR_TASK_NAME picks the eval tasks."""
+  with pytest.raises(UserError, match="num_adapters is 3 but the mixture has 2"):
+    adapters.attach(
+      dataclasses.replace(TINY, lora=dataclasses.replace(LORA, num_adapters=3)), 2
+    )
+  assert adapters.attach(CONFIG, 2).lora.num_adapters == 2
+  options = EvalOptions()
+  assert eval_periodic.per_task_names(
+    "tiny", options, {"tiny_copy": 0, "tiny_rev": 1}
+  ) == [
+    "tiny_copy",
+    "tiny_rev",
+  ]
+  only_rev = dataclasses.replace(options, mixture_or_task_name="tiny_rev")
+  assert eval_periodic.per_task_names(
+    "tiny", only_rev, {"tiny_copy": 0, "tiny_rev": 1}
+  ) == ["tiny_rev"]
+  with pytest.raises(UserError, match="tiny_rev of 'tiny' have no per-task adapter"):
+    eval_periodic.per_task_names("tiny", options, {"tiny_copy": 0})

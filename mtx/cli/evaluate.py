@@ -23,6 +23,7 @@ from mtx import parallel, paths
 from mtx.data import decoder_only, registry
 from mtx.data import pipeline as data_pipeline
 from mtx.errors import UserError
+from mtx.eval import periodic as eval_periodic
 from mtx.eval import results
 from mtx.eval.evaluator import EvalOptions, Evaluator
 from mtx.model import T5Config
@@ -83,13 +84,13 @@ def _check_paths(checkpoint_path: Optional[str], model_dir: str) -> None:
   paths.check_reachable("MODEL_DIR", model_dir, write=True)
 
 
-def _each_task(run, model_config, task_names) -> results.EvalResult:
-  """``run(None)``, or for per-task LoRA adapters ``run(task)`` for each task (each
-  scored with its own adapter merged in), combined into one result."""
+def _each_task(run, model_config, names) -> results.EvalResult:
+  """``run(None)``, or for per-task LoRA adapters ``run(task)`` for each of ``names()``
+  (each scored with its own adapter merged in), combined into one result."""
   lora = getattr(model_config, "lora", None)
   if not (lora and lora.enabled and lora.per_task):
     return run(None)
-  return results.combine([run(name) for name in task_names])
+  return results.combine([run(name) for name in names()])
 
 
 def evaluate(
@@ -186,7 +187,8 @@ def evaluate(
       s,
       task or mixture_or_task_name,
       lengths,
-      options,
+      # One task at a time: EVAL_MIXTURE_OR_TASK_NAME chose the tasks already.
+      dataclasses.replace(options, mixture_or_task_name=None) if task else options,
       predictor=predictor,
       model_dir=model_dir,
       prefix_lm=prefix_lm,
@@ -196,7 +198,13 @@ def evaluate(
     finally:
       evaluator.close()
 
-  result = _each_task(run, model.config, spec.task_names)
+  result = _each_task(
+    run,
+    model.config,
+    lambda: eval_periodic.per_task_names(
+      mixture_or_task_name, options, adapters_io.task_adapters(params_path) or {}
+    ),
+  )
   writer = metrics_writer.MetricsWriter(
     model_dir, tensorboard=tensorboard, is_primary=jax.process_index() == 0
   )

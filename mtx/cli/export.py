@@ -93,6 +93,12 @@ def _check_export_dir(export_dir: str, source: Optional[str]) -> None:
 def _task_adapter(task: Optional[str], source: str, config: LoraConfig) -> Optional[int]:
   """The per-task adapter of EXPORT_TASK ``task`` in the run at ``source`` (None: no
   task, or no per-task adapters)."""
+  if config.per_task and not config.shared and task is None:
+    raise UserError(
+      f"The run at {source} has per-task adapters and no shared one, so there is "
+      "nothing to merge without a task; set EXPORT_TASK to one of its tasks (or "
+      "EXPORT_ADAPTERS_ONLY=True for all of them)."
+    )
   if task is None or not config.per_task:
     return None
   adapters = adapters_io.task_adapters(source) or {}

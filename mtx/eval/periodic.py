@@ -15,13 +15,38 @@ into the base kernels (``task_adapters``: task name -> adapter id), as ``mtx eva
 scores it; one evaluator per task, each reading its task's data once.
 """
 
+import dataclasses
 import time
 from typing import Mapping, Optional, Sequence
 
 from mtx.data.decoder_only import PrefixLM
+from mtx.errors import UserError
 from mtx.eval import results
 from mtx.eval.evaluator import EvalOptions, Evaluator, eval_tasks
 from mtx.runtime import adapters_io, progress
+
+
+def per_task_names(
+  mixture_or_task_name: str, options: EvalOptions, task_adapters: Mapping[str, int]
+) -> list:
+  """The tasks a model with per-task adapters is evaluated on, one at a time: those of
+  the eval mixture (``EVAL_MIXTURE_OR_TASK_NAME``, else the run's) with the eval split
+  (the others are left out, with a warning).
+
+  Raises:
+    UserError: an eval task has no adapter in ``task_adapters`` (task -> adapter id).
+  """
+  split = options.split
+  name = options.mixture_or_task_name or mixture_or_task_name
+  names = [t.name for t in eval_tasks(name, split) if split in t.splits]
+  missing = [n for n in names if n not in task_adapters]
+  if missing:
+    raise UserError(
+      f"Eval task(s) {', '.join(missing)} of '{name}' have no per-task adapter (the "
+      f"model's tasks: {', '.join(sorted(task_adapters))}); evaluate the tasks it was "
+      "trained on (EVAL_MIXTURE_OR_TASK_NAME)."
+    )
+  return names
 
 
 class PeriodicEval:
@@ -58,12 +83,10 @@ class PeriodicEval:
     m, s = model, param_shardings
     if per_task:
       m, s = adapters_io.without_adapters(model, param_shardings)
-    names = [None]
-    if per_task:  # The tasks with the split (the others are left out, with a warning).
-      split = self.options.split
-      names = [
-        t.name for t in eval_tasks(mixture_or_task_name, split) if split in t.splits
-      ]
+    names, options = [None], self.options
+    if per_task:  # One task each, whatever EVAL_MIXTURE_OR_TASK_NAME names.
+      names = per_task_names(mixture_or_task_name, self.options, task_adapters)
+      options = dataclasses.replace(self.options, mixture_or_task_name=None)
     for name in names:
       self._evaluators[name] = (
         Evaluator(
@@ -73,7 +96,7 @@ class PeriodicEval:
           s,
           name or mixture_or_task_name,
           task_feature_lengths,
-          self.options,
+          options,
           predictor=predictor,
           model_dir=model_dir,
           prefix_lm=prefix_lm,

@@ -69,10 +69,13 @@ from jax.experimental import multihost_utils
 
 from mtx import paths
 from mtx.errors import UserError
+from mtx.model import lora
 
 STATE_ITEM = "state"
 DATA_STATE_ITEM = "data_state"
 _COMMIT_FILE = "commit_success.txt"
+# In the names of LoRA adapter params (``mtx.model.lora.MARK``).
+ADAPTER_MARK = lora.MARK
 _CORRUPT_SUFFIX = ".corrupt"
 # How long ``close`` waits for the writer threads of a failed save to end (they fail
 # fast on a full disk; a slow remote write may take minutes, as it would at exit).
@@ -449,7 +452,9 @@ def load_params(
       "a checkpoint written by mtx."
     )
   abstract_params = _with_default_sharding(abstract_params)
-  mismatch = _first_mismatch(on_disk["params"], abstract_params, prefix="params/")
+  mismatch = _first_mismatch(
+    on_disk["params"], abstract_params, prefix="params/", params_only=True
+  )
   if mismatch:
     raise UserError(
       f"{what} {path} does not fit the model: {mismatch}; use a "
@@ -575,8 +580,15 @@ def _shape_dtype(leaf) -> tuple[tuple[int, ...], np.dtype | None]:
   return shape, (np.dtype(dtype) if dtype is not None else None)
 
 
-def _first_mismatch(on_disk, abstract, prefix: str = "") -> str | None:
-  """Describes the first leaf whose path, shape or dtype differs, or returns None."""
+def _first_mismatch(
+  on_disk, abstract, prefix: str = "", params_only: bool = False
+) -> str | None:
+  """Describes the first leaf whose path, shape or dtype differs, or returns None.
+
+  ``params_only`` (params read into a model, not a run resumed): a floating dtype may
+  differ (restore casts: a run's bfloat16 frozen params, ``train.frozen_dtype``, read as
+  float32 and back), and LoRA adapter leaves the model does not have are left out (a
+  LoRA run's base read by a model without adapters)."""
   disk_leaves = {
     prefix + _path_str(p): leaf
     for p, leaf in jax.tree_util.tree_flatten_with_path(on_disk)[0]
@@ -590,14 +602,26 @@ def _first_mismatch(on_disk, abstract, prefix: str = "") -> str | None:
     if name not in disk_leaves:
       return f"{name!r} (shape {want_shape}) is missing from the checkpoint"
     disk_shape, disk_dtype = _shape_dtype(disk_leaves[name])
+    cast = (
+      params_only
+      and disk_dtype is not None
+      and want_dtype is not None
+      and jnp.issubdtype(disk_dtype, jnp.floating)
+      and jnp.issubdtype(want_dtype, jnp.floating)
+    )
     if disk_shape != want_shape or (
-      disk_dtype is not None and want_dtype is not None and disk_dtype != want_dtype
+      disk_dtype is not None
+      and want_dtype is not None
+      and disk_dtype != want_dtype
+      and not cast
     ):
       return (
         f"{name!r} has shape {disk_shape} and dtype {disk_dtype} in the "
         f"checkpoint but shape {want_shape} and dtype {want_dtype} here"
       )
   extra = sorted(set(disk_leaves) - set(want_leaves))
+  if params_only:
+    extra = [name for name in extra if ADAPTER_MARK not in name]
   if extra:
     shape, _ = _shape_dtype(disk_leaves[extra[0]])
     return f"the checkpoint has {extra[0]!r} (shape {shape}), which is not expected here"

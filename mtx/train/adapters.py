@@ -25,6 +25,7 @@ from typing import Any, Optional
 import flax.linen as nn
 import jax
 
+from mtx.errors import UserError
 from mtx.model import lora
 from mtx.runtime import params as params_lib
 
@@ -43,10 +44,21 @@ def per_task(model_config) -> bool:
 
 
 def attach(model_config, num_groups: int):
-  """``model_config`` with ``lora.num_adapters`` = ``num_groups`` for per-task adapters
-  (left as set when already positive); unchanged otherwise."""
-  if not per_task(model_config) or model_config.lora.num_adapters > 0:
+  """``model_config`` with ``lora.num_adapters`` = ``num_groups`` for per-task adapters;
+  unchanged otherwise.
+
+  Raises:
+    UserError: ``num_adapters`` was set to another number (a group would go without
+      its adapter, or an adapter would never train).
+  """
+  if not per_task(model_config):
     return model_config
+  if model_config.lora.num_adapters not in (0, num_groups):
+    raise UserError(
+      f"model.LoraConfig.num_adapters is {model_config.lora.num_adapters} but the "
+      f"mixture has {num_groups} task groups, one adapter each; leave num_adapters at "
+      "0 (the trainer sets it) or set train.task_groups to that many groups."
+    )
   return dataclasses.replace(
     model_config, lora=dataclasses.replace(model_config.lora, num_adapters=num_groups)
   )
