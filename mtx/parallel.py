@@ -13,6 +13,12 @@ differently: units over ``UNIT_AXES`` ("data") only, the rows of a unit over the
 batch axes ("fsdp"), so that every per-unit gradient is computed FSDP-style by one data
 group and held sharded like the params (``unit_stack_sharding``): per device
 ``units / data`` x params / (fsdp x tensor), not one whole gradient per device.
+
+The Gramian route (``mtx.train.step.unit_gram``) spreads its units over all the batch
+axes (``SPREAD_UNIT_AXES``): each device runs whole units, as a plain FSDP step runs
+whole rows, so that no unit's rows are padded over fsdp devices (pure FSDP: 512 rows
+in 8 units for 256 devices), and its per-unit gradients live one layer at a time.
+The unit axes in effect travel with the logical rules (``rules_within_unit``).
 """
 
 import functools
@@ -34,6 +40,9 @@ log = logging.getLogger("mtx")
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
 UNIT_AXES = ("data",)
+SPREAD_UNIT_AXES = BATCH_AXES
+# The logical name under which ``rules_within_unit`` records the unit axes.
+UNITS = "units"
 
 DEFAULT_RULES = (
   ("activation_batch", BATCH_AXES),
@@ -61,38 +70,66 @@ DEFAULT_RULES = (
 )
 
 
-def rules_within_unit(rules: Sequence) -> tuple:
-  """The rules inside ``vmap(spmd_axis_name=UNIT_AXES)`` over units: a unit's rows
+def rules_within_unit(rules: Sequence, unit_axes: Sequence[str] = UNIT_AXES) -> tuple:
+  """The rules inside ``vmap(spmd_axis_name=unit_axes)`` over units: a unit's rows
   (activation_batch) take the batch axes the unit axis does not ("fsdp"), so that the
-  unit axis and the rows never claim the same mesh axis.
+  unit axis and the rows never claim the same mesh axis; ``UNITS`` records the unit
+  axes (``unit_axes_in``).
 
-      (("activation_batch", ("data", "fsdp")), ...)  ->  (("activation_batch", ("fsdp",)), ...)
+      (("activation_batch", ("data", "fsdp")), ...)
+        ->  (("activation_batch", ("fsdp",)), ..., ("units", ("data",)))
   """
+  unit_axes = tuple(unit_axes)
 
   def within(axes):
     axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
-    kept = tuple(a for a in axes if a not in UNIT_AXES)
+    kept = tuple(a for a in axes if a not in unit_axes)
     return kept or None
 
-  return tuple(
-    (name, within(axes) if name == "activation_batch" else axes) for name, axes in rules
+  kept = tuple(
+    (name, within(axes) if name == "activation_batch" else axes)
+    for name, axes in rules
+    if name != UNITS
+  )
+  return kept + ((UNITS, unit_axes),)
+
+
+def unit_axes_in(rules: Sequence) -> tuple:
+  """The unit axes ``rules_within_unit`` recorded in ``rules`` (``UNIT_AXES`` if none)."""
+  return tuple(dict(rules).get(UNITS) or UNIT_AXES)
+
+
+def unit_stack_sharding(
+  param_sharding: NamedSharding, unit_axes: Sequence[str] = UNIT_AXES
+) -> NamedSharding:
+  """The sharding of a per-unit stack [units, *param]: ``unit_stack_spec``'s."""
+  return NamedSharding(
+    param_sharding.mesh, unit_stack_spec(param_sharding.spec, unit_axes)
   )
 
 
-def unit_stack_sharding(param_sharding: NamedSharding) -> NamedSharding:
-  """The sharding of a per-unit stack [units, *param]: the param's, the unit axis over
-  ``UNIT_AXES`` (unsharded if the param already uses one of them)."""
-  return NamedSharding(param_sharding.mesh, unit_stack_spec(param_sharding.spec))
+def unit_stack_spec(param_spec: P, unit_axes: Sequence[str] = UNIT_AXES) -> P:
+  """How per-unit gradients [units, *param] come out of ``vmap`` over units: the unit
+  axis over ``unit_axes``, the param's dimensions over the param's axes but those
+  (the units hold them, so within a unit that dimension is whole).
+
+      P("fsdp", "tensor"), units over data         -> P(("data",), "fsdp", "tensor")
+      P("fsdp", "tensor"), units over data x fsdp  -> P(("data", "fsdp"), None, "tensor")
+  """
+  unit_axes = tuple(unit_axes)
+
+  def without(part):
+    if not part or not set(_axes_of(part)) & set(unit_axes):
+      return part
+    kept = tuple(a for a in _axes_of(part) if a not in unit_axes)
+    return kept or None
+
+  return P(unit_axes, *(without(part) for part in param_spec))
 
 
-def unit_stack_spec(param_spec: P) -> P:
-  """``unit_stack_sharding``'s PartitionSpec for a param's."""
-  used = {a for part in param_spec if part for a in _axes_of(part)}
-  lead = None if used & set(UNIT_AXES) else UNIT_AXES
-  return P(lead, *param_spec)
-
-
-def group_stack_sharding(param_sharding: NamedSharding) -> NamedSharding:
+def group_stack_sharding(
+  param_sharding: NamedSharding, unit_axes: Sequence[str] = UNIT_AXES
+) -> NamedSharding:
   """The sharding of a per-group gradient stack [G, *param]: the param's, with the
   dimension it shards over "fsdp" split over the data axis too (ZeRO-2 style).
 
@@ -102,15 +139,17 @@ def group_stack_sharding(param_sharding: NamedSharding) -> NamedSharding:
   Gram matrix is then a sum of local dots (k x k all-reduced), and the combined
   gradient is all-gathered over data once, into the params' own sharding.
   """
-  return NamedSharding(param_sharding.mesh, group_stack_spec(param_sharding.spec))
+  return NamedSharding(
+    param_sharding.mesh, group_stack_spec(param_sharding.spec, unit_axes)
+  )
 
 
-def group_stack_spec(param_spec: P) -> P:
+def group_stack_spec(param_spec: P, unit_axes: Sequence[str] = UNIT_AXES) -> P:
   """``group_stack_sharding``'s PartitionSpec for a param's: [None, *param_spec] with
-  the dimension sharded over "fsdp" split over ``UNIT_AXES`` too."""
+  the dimension sharded over "fsdp" split over the unit axes it does not use too."""
   spec = list(param_spec)
   used = {a for part in spec if part for a in _axes_of(part)}
-  extra = tuple(a for a in UNIT_AXES if a not in used)
+  extra = tuple(a for a in unit_axes if a not in used)
   for i, part in enumerate(spec):
     if part and "fsdp" in _axes_of(part) and extra:
       spec[i] = _axes_of(part) + extra
@@ -118,18 +157,21 @@ def group_stack_spec(param_spec: P) -> P:
   return P(None, *spec)
 
 
-def group_split_sharding(param_sharding: NamedSharding) -> NamedSharding:
+def group_split_sharding(
+  param_sharding: NamedSharding, unit_axes: Sequence[str] = UNIT_AXES
+) -> NamedSharding:
   """A param's sharding split over data as ``group_stack_sharding``'s stacks are: what
   their combination ``sum_i c_i g_i`` is computed in, before one all-gather."""
-  stack = group_stack_sharding(param_sharding)
+  stack = group_stack_sharding(param_sharding, unit_axes)
   return NamedSharding(stack.mesh, P(*stack.spec[1:]))
 
 
-def unit_batch_spec(ndim: int) -> P:
-  """Task-major features [units, rows, ...] inside the step: units over ``UNIT_AXES``,
+def unit_batch_spec(ndim: int, unit_axes: Sequence[str] = UNIT_AXES) -> P:
+  """Task-major features [units, rows, ...] inside the step: units over ``unit_axes``,
   rows over the other batch axes (padded by XLA when they do not divide)."""
-  rows = tuple(a for a in BATCH_AXES if a not in UNIT_AXES)
-  return P(UNIT_AXES, rows, *([None] * (ndim - 2)))
+  unit_axes = tuple(unit_axes)
+  rows = tuple(a for a in BATCH_AXES if a not in unit_axes) or None
+  return P(unit_axes, rows, *([None] * (ndim - 2)))
 
 
 def _axes_of(part) -> tuple:

@@ -40,10 +40,14 @@ def _setup(mesh_shape, scan, config=DEEP):
   return mesh, model, abstract, p_shardings, params
 
 
-def _one_step(route, method, scan=True, config=DEEP):
+def _one_step(route, method, scan=True, config=DEEP, unit_axes=None):
   """(new params, metrics) of one SGD step with ``method`` on ``route`` on the POD mesh,
   built as ``build_train_step`` builds it (pod layout, logical rules, jit with
-  shardings)."""
+  shardings): the Gramian route's units over data x fsdp, the stacks' over data,
+  unless ``unit_axes`` says otherwise."""
+  if unit_axes is None:
+    spread = route == "gramian"
+    unit_axes = parallel.SPREAD_UNIT_AXES if spread else parallel.UNIT_AXES
   mesh, model, abstract, p_shardings, params = _setup(POD, scan, config)
   batch = task_major_batch(GROUP_OF_TASK, seed=3)
   cfg = step.StepConfig(
@@ -52,6 +56,7 @@ def _one_step(route, method, scan=True, config=DEEP):
     task_grads=True,
     z_loss=1e-4,
     task_grads_route=route,
+    unit_axes=unit_axes,
   )
   optimizer = optax.sgd(0.5)
   transforms = mtl.ensure_aggregator((method,))
@@ -61,7 +66,7 @@ def _one_step(route, method, scan=True, config=DEEP):
     jax.eval_shape(lambda s: s, state), abstract, p_shardings, mesh
   )
   b_shardings = {
-    k: parallel.batch_sharding(mesh, v.ndim, parallel.UNIT_AXES) for k, v in batch.items()
+    k: parallel.batch_sharding(mesh, v.ndim, unit_axes) for k, v in batch.items()
   }
   jitted = build_lib.jit_step_fn(fn, mesh, cfg.rules, s_shardings, b_shardings)
   new_state, metrics = jitted(state, jax.device_put(batch, b_shardings))
@@ -81,10 +86,23 @@ def _assert_same_step(got, want):
 def test_pcgrad_gramian_route_gives_the_stacks_update_on_a_pod_mesh():
   """PCGrad, scanned layers (one per stack: the taps run inside nn.scan's body),
   (data, fsdp, tensor) = (2, 2, 2): same params after one step, same group gradient
-  norms, cosines and weights."""
+  norms, cosines and weights. The Gramian route runs whole units per device (4 units
+  over data x fsdp, as ``build_train_step`` lays them out), the stacks route units
+  over data with their rows over fsdp."""
   one_layer = dict(scan=True, config=CONFIG)
   _assert_same_step(
     _one_step("gramian", mtl.pcgrad(), **one_layer),
+    _one_step("stacks", mtl.pcgrad(), **one_layer),
+  )
+
+
+@pytest.mark.slow
+def test_gramian_route_with_units_over_data_only_gives_the_same_update():
+  """The Gramian route in the stacks route's layout (units over data, rows over fsdp)
+  is the same update too: the taps follow the unit axes in the rules."""
+  one_layer = dict(scan=True, config=CONFIG)
+  _assert_same_step(
+    _one_step("gramian", mtl.pcgrad(), unit_axes=parallel.UNIT_AXES, **one_layer),
     _one_step("stacks", mtl.pcgrad(), **one_layer),
   )
 
@@ -137,7 +155,7 @@ def test_the_model_without_gram_probes_is_unchanged_and_taps_leave_logits_alone(
   plain = model.apply({"params": params}, **inputs)
   jaxpr = str(jax.make_jaxpr(lambda p: model.apply({"params": p}, **inputs))(params))
   assert "custom_vjp" not in jaxpr
-  probe = jax.tree.map(lambda _: jnp.zeros((4,), jnp.float32), params)
+  probe = jax.tree.map(lambda _: jnp.zeros((4,), jnp.float32), nn.unbox(params))
   tapped = model.apply({"params": params, "gram_probe": probe}, **inputs)
   np.testing.assert_array_equal(np.asarray(tapped), np.asarray(plain))
 
@@ -161,8 +179,12 @@ def test_auto_route_takes_the_gramian_when_the_stacks_would_crowd_the_device():
   assert choose(auto, pcgrad, 32, 4 * gib, 95 * gib) == "stacks"
   assert choose(auto, pcgrad, 32, 4 * gib, None) == "gramian"
   assert choose(auto, pcgrad, 8, 4 * gib, None) == "stacks"
+  # Units that the stacks route would pad over fsdp devices: the Gramian route.
+  assert choose(auto, pcgrad, 8, 1 * gib, 95 * gib, padding=4.0) == "gramian"
+  assert choose(auto, pcgrad, 8, 1 * gib, 95 * gib, padding=1.0) == "stacks"
   masked = (mtl.masked(mtl.pcgrad(), "encoder/"),)
   assert choose(auto, masked, 32, 40 * gib, 95 * gib) == "stacks"
+  assert choose(auto, masked, 8, 1 * gib, 95 * gib, padding=4.0) == "stacks"
   accum = settings_lib.StepSettings(task_grads_route="gramian", grad_accum_steps=2)
   with pytest.raises(UserError, match="grad_accum_steps > 1") as e:
     choose(accum, pcgrad, 8, 0, None)
@@ -171,3 +193,37 @@ def test_auto_route_takes_the_gramian_when_the_stacks_would_crowd_the_device():
     choose(dataclasses.replace(accum, task_grads_route="auto"), pcgrad, 64, 1, None)
     == "stacks"
   )
+
+
+def test_pure_fsdp_mesh_takes_the_gramian_route_with_whole_units_per_device():
+  """data=1 x fsdp=8, batch 8: the stacks route's units (one per group, rows over 8
+  fsdp devices) would be padded, so 'auto' takes the Gramian route and spreads its
+  units over data x fsdp (8 units of one row, one per device); asked for, the stacks
+  route keeps units over data (and pads them, with a warning)."""
+  import tiny_mixture  # noqa: F401  # lazy: registers the "tiny" mixture
+
+  data = settings_lib.DataSettings(
+    mixture_or_task_name="tiny",
+    task_feature_lengths={"inputs": 16, "targets": 16},
+    batch_size=8,
+  )
+  mesh = parallel.make_mesh({"data": 1, "fsdp": 8, "tensor": 1}, jax.devices()[:8])
+
+  def build(route):
+    step_settings = settings_lib.StepSettings(
+      model_config=dataclasses.replace(CONFIG, vocab_size=0),
+      mtl_transforms=(mtl.pcgrad,),
+      task_grads_route=route,
+    )
+    return build_lib.build_train_step(data, step_settings, mesh=mesh)
+
+  auto = build("auto")
+  assert auto.step_config.task_grads_route == "gramian"
+  assert auto.step_config.unit_axes == parallel.SPREAD_UNIT_AXES
+  assert (auto.layout.units, auto.layout.rows_per_unit) == (8, 1)
+  assert auto.batch_axes == ("data", "fsdp")
+  assert build_lib.unit_padding(auto.layout, mesh) == 8.0  # were they over data only
+  stacks = build("stacks")
+  assert stacks.step_config.unit_axes == parallel.UNIT_AXES
+  assert stacks.batch_axes == ("data",)
+  assert build_lib.unit_padding(stacks.layout, mesh) > 1

@@ -9,10 +9,11 @@ the cotangent of W into a contribution to the cotangent of ``probe``:
     forward:   tap(W, probe) = W                      probe f32[U] (zeros)
     backward:  ct_W [U, *W.shape] per unit (under jax.vmap over units)
                -> ct_probe [U, U] = sum over W's dims of ct_W[u] * ct_W[v]
-               -> ct_W for W itself: zero (the params are not differentiated)
+               -> ct_W for W itself: passed through (summed over units by vmap)
 
-Under ``jax.vmap(jax.grad(f, argnums=probe))`` over units, with W unbatched, the
-cotangent that reaches a tap is batched over units: unit u's gradient of that use of W.
+Under ``jax.vmap(jax.grad(f, argnums=probe))`` over units, with W unbatched (or the VJP
+of a ``vmap`` over units with one probe row per unit, ``mtx.train.step.gramian_gradient``),
+the cotangent that reaches a tap is batched over units: unit u's gradient of that use of W.
 ``gram_rows`` is a ``jax.custom_batching.custom_vmap`` function, so its batching rule
 sees the whole unit axis and returns ``ct ct^T``; each unit gets its row. Summed over
 all taps (the gradient of the probe accumulates over every use, over the iterations of
@@ -51,11 +52,14 @@ def _spread(ct: jax.Array, names: tuple) -> jax.Array:
   spec = nn.logical_to_mesh_axes(names)
   if spec is None:
     return ct
-  # First the layout the per-unit gradients come out in (units over data, the rest like
-  # the param), then an all-to-all over data, as the stacks route does; asked for the
+  # The unit axes in effect (data, or every batch axis for spread units) come with the
+  # rules inside the vmap over units (``parallel.rules_within_unit``).
+  unit_axes = parallel.unit_axes_in(nn.get_logical_axis_rules())
+  # First the layout the per-unit gradients come out in (units over their axes, the
+  # rest like the param), then an all-to-all, as the stacks route does; asked for the
   # second alone, XLA's partitioner replicated whole cotangents (14.8 GiB of the 22.6).
-  ct = jax.lax.with_sharding_constraint(ct, parallel.unit_stack_spec(spec))
-  return jax.lax.with_sharding_constraint(ct, parallel.group_stack_spec(spec))
+  ct = jax.lax.with_sharding_constraint(ct, parallel.unit_stack_spec(spec, unit_axes))
+  return jax.lax.with_sharding_constraint(ct, parallel.group_stack_spec(spec, unit_axes))
 
 
 @functools.lru_cache(maxsize=None)
@@ -74,9 +78,7 @@ def gram_rows(names: tuple):
   @rows.def_vmap
   def _rows_vmap(axis_size, in_batched, ct, probe):
     """ct [U, *shape] (batched over units) -> [U, U] = ct ct^T, batched on axis 0."""
-    ct_batched, probe_batched = in_batched
-    if probe_batched:
-      raise ValueError("gram_rows: the probe must not be batched over units.")
+    ct_batched, _ = in_batched  # a probe row per unit, or one probe shared by all
     if not ct_batched:  # the same cotangent for every unit
       ct = jnp.broadcast_to(ct, (axis_size,) + ct.shape)
     ct = _spread(ct, names)
@@ -97,19 +99,28 @@ def gram_rows(names: tuple):
 def tap(w: jax.Array, probe: jax.Array, names: tuple) -> jax.Array:
   """The identity on ``w`` (a param with logical axes ``names``); its backward pass
   sends the Gram rows of ``w``'s cotangent to ``probe`` (module docstring)."""
-  del probe
-  return w
+  return _batched_like(w, probe)
+
+
+def _batched_like(w, probe):
+  """``w``, batched over units when the probe is (one probe row per unit, under
+  ``vmap``): + 0 x the probe's sum. Then a VJP taken outside the ``vmap``
+  (``mtx.train.step.gramian_gradient``) brings each unit's own cotangent to the tap,
+  not their sum (an unbatched ``w``'s cotangent is summed over units before it gets
+  here). Per device that is one copy of the (gathered) param per local unit."""
+  return w + (0.0 * jnp.sum(probe)).astype(w.dtype)
 
 
 def _tap_fwd(w, probe, names):
   del names
-  return w, probe
+  return _batched_like(w, probe), probe
 
 
 def _tap_bwd(names, probe, ct):
-  # None: no cotangent for the param itself (the Gram pass differentiates the probes
-  # only), so no per-unit param gradient is kept.
-  return None, gram_rows(names)(ct, probe)
+  # The param's own cotangent passes through: a VJP that asks for it (the Gramian
+  # route's weighted pass) gets the gradient; one that does not (the Gram pass) has
+  # it dropped, and XLA removes its computation.
+  return ct, gram_rows(names)(ct, probe)
 
 
 tap.defvjp(_tap_fwd, _tap_bwd)

@@ -92,14 +92,18 @@ def choose_task_grads_route(
   num_groups: int,
   stack_bytes: int,
   device_memory: Optional[int],
+  padding: float = 1.0,
 ) -> str:
   """'stacks' or 'gramian' for a per-group run (``train.task_grads_route``).
 
-  'auto' is 'gramian' when that route applies (``gramian_refusal``) and the stacks
-  (``stack_bytes`` per device: groups x params / data) exceed
-  ``AUTO_GRAMIAN_MEMORY_FRACTION`` of ``device_memory``, or, with no known device
-  memory, when there are more than ``AUTO_GRAMIAN_GROUPS`` groups; else 'stacks',
-  which is faster while it fits (one backward pass instead of two).
+  'auto' is 'gramian' when that route applies (``gramian_refusal``) and either the
+  stacks route's units would be padded (``padding`` > 1, ``unit_padding``: fewer rows
+  per unit than fsdp devices, as on a pure FSDP mesh; the Gramian route runs whole
+  units per device, ``parallel.SPREAD_UNIT_AXES``), or the stacks (``stack_bytes``
+  per device: groups x params / data) exceed ``AUTO_GRAMIAN_MEMORY_FRACTION`` of
+  ``device_memory``, or, with no known device memory, there are more than
+  ``AUTO_GRAMIAN_GROUPS`` groups; else 'stacks', which is faster while it fits (one
+  backward pass instead of two).
 
       >>> choose_task_grads_route(settings, (mtl.pcgrad(),), 32, 40 * 2**30, 95 * 2**30)
       'gramian'
@@ -118,6 +122,8 @@ def choose_task_grads_route(
     return requested
   if refusal is not None:
     return "stacks"
+  if padding > 1:
+    return "gramian"
   if device_memory:
     big = stack_bytes > AUTO_GRAMIAN_MEMORY_FRACTION * device_memory
   else:
@@ -163,23 +169,28 @@ def build_transforms(items: Sequence, num_tasks: int) -> tuple:
   return tuple(mtl.build(item, num_tasks) for item in items)
 
 
-def batch_axes(layout: data_pipeline.Layout) -> tuple:
+def batch_axes(
+  layout: data_pipeline.Layout, unit_axes: Sequence[str] = parallel.UNIT_AXES
+) -> tuple:
   """The mesh axes the batch's leading axis is split over: rows over the data axes,
-  task-major units over ``parallel.UNIT_AXES`` (their rows are split over fsdp in the
-  step, ``mtx.train.step.group_gradients``)."""
-  return _axes(layout.task_major)
+  task-major units over ``unit_axes`` (``StepConfig.unit_axes``: data, their rows then
+  split over fsdp in the step, or every batch axis on the Gramian route)."""
+  return _axes(layout.task_major, unit_axes)
 
 
-def _axes(task_major: bool) -> tuple:
-  return parallel.UNIT_AXES if task_major else parallel.BATCH_AXES
+def _axes(task_major: bool, unit_axes: Sequence[str] = parallel.UNIT_AXES) -> tuple:
+  return tuple(unit_axes) if task_major else parallel.BATCH_AXES
 
 
 def batch_shardings(
-  layout: data_pipeline.Layout, mesh, features: Sequence[str] = packing.FEATURES
+  layout: data_pipeline.Layout,
+  mesh,
+  features: Sequence[str] = packing.FEATURES,
+  unit_axes: Sequence[str] = parallel.UNIT_AXES,
 ) -> dict:
   """NamedShardings of the batch ``features``: rows (or units) over ``batch_axes``."""
   ndim = 3 if layout.task_major else 2
-  axes = batch_axes(layout)
+  axes = batch_axes(layout, unit_axes)
   out = {k: parallel.batch_sharding(mesh, ndim, axes) for k in features}
   if layout.task_major:
     out["unit_task"] = parallel.batch_sharding(mesh, 1, axes)
@@ -253,7 +264,7 @@ class StepBuild:
   @property
   def batch_axes(self) -> tuple:
     """The mesh axes the batch's leading axis is split over (``batch_axes``)."""
-    return batch_axes(self.layout)
+    return batch_axes(self.layout, self.step_config.unit_axes)
 
   def batch_block(self) -> tuple:
     """(block, blocks) of the batch this process builds (``parallel.batch_block``)."""
@@ -354,12 +365,13 @@ def batch_layout(
   task_grads: bool,
   mesh,
   num_shards: int,
+  unit_axes: Sequence[str] = parallel.UNIT_AXES,
 ) -> data_pipeline.Layout:
   """The global batch layout: flat [B, L], or task-major [U, B/U, L] for the per-group
-  route (default UNITS: ``default_units``). Raises UserError when the batch, units,
-  accumulation and mesh do not fit together."""
+  route, units over ``unit_axes`` (default UNITS: ``default_units``). Raises UserError
+  when the batch, units, accumulation and mesh do not fit together."""
   dp = parallel.data_parallel_size(mesh)
-  unit_dp = math.prod(mesh.shape[a] for a in parallel.UNIT_AXES)
+  unit_dp = math.prod(mesh.shape[a] for a in unit_axes)
   batch_size, units = data.batch_size, data.units
   lengths = data_pipeline.check_feature_lengths(data.task_feature_lengths)
   if batch_size % dp:
@@ -386,8 +398,8 @@ def batch_layout(
     )
   if task_grads and (num_units % unit_dp or num_units % grad_accum_steps):
     raise UserError(
-      f"UNITS {num_units} must be a multiple of the mesh's data axis ({unit_dp}; "
-      "units are split over it, their rows over fsdp) and of train.grad_accum_steps "
+      f"UNITS {num_units} must be a multiple of the mesh's {' x '.join(unit_axes)} "
+      f"axes ({unit_dp}; units are split over them) and of train.grad_accum_steps "
       f"{grad_accum_steps} (each microbatch holds UNITS / grad_accum_steps units); set "
       f"UNITS to a multiple of {math.lcm(unit_dp, grad_accum_steps)} (or leave it None, "
       "automatic), or change train.grad_accum_steps."
@@ -401,19 +413,56 @@ def batch_layout(
     batch_size, num_units, lengths["inputs"], lengths["targets"]
   )
   data_pipeline.check_layout(layout, num_shards)
-  rows_over = dp // unit_dp
-  if task_grads and layout.rows_per_unit % rows_over:
-    log.warning(
-      "Each of the %d units has %d rows for the %d fsdp devices that share it, so XLA "
-      "pads them (up to %.1fx the FLOPs and activations of the plain step); give the "
-      "mesh a data axis of at least the number of task groups (%d), or raise BATCH_SIZE.",
-      num_units,
-      layout.rows_per_unit,
-      rows_over,
-      math.ceil(layout.rows_per_unit / rows_over) * rows_over / layout.rows_per_unit,
-      num_groups,
-    )
   return layout
+
+
+def unit_padding(layout: data_pipeline.Layout, mesh) -> float:
+  """How many times over XLA pads the stacks route's units: their rows are split over
+  the batch axes the units do not take (fsdp), and a unit with fewer rows than that,
+  or rows that do not divide, is padded. 1.0 when even (or flat)."""
+  if not layout.task_major:
+    return 1.0
+  unit_dp = math.prod(mesh.shape[a] for a in parallel.UNIT_AXES)
+  rows_over = parallel.data_parallel_size(mesh) // unit_dp
+  rows = layout.rows_per_unit
+  return math.ceil(rows / rows_over) * rows_over / rows
+
+
+def _units_for_route(data, settings, spec, task_grads, mesh, num_shards, plan) -> tuple:
+  """(layout, unit axes, data shards) for the route: the Gramian route spreads its
+  units over every batch axis (``parallel.SPREAD_UNIT_AXES``), so its default UNITS
+  and shards are recounted; the stacks route keeps the units over data, warned when
+  they are padded. ``plan`` is (route, the stacks layout, the shards asked for)."""
+  route, layout, shards_asked = plan
+  if route != "gramian":
+    padding = unit_padding(layout, mesh)
+    if task_grads and padding > 1:
+      log.warning(
+        "Each of the %d units has %d rows for the %d fsdp devices that share it, so XLA "
+        "pads them (%.1fx the FLOPs and activations of the plain step); give the mesh a "
+        "data axis of at least the number of task groups (%d), raise BATCH_SIZE, or "
+        "take the Gramian route (train.task_grads_route), which runs whole units per "
+        "device.",
+        layout.units,
+        layout.rows_per_unit,
+        mesh.shape["fsdp"],
+        padding,
+        spec.num_groups,
+      )
+    num_shards = shards_asked or parallel.batch_block(mesh, axes=_axes(task_grads))[1]
+    return layout, parallel.UNIT_AXES, num_shards
+  unit_axes = parallel.SPREAD_UNIT_AXES
+  num_shards = shards_asked or parallel.batch_block(mesh, axes=unit_axes)[1]
+  layout = batch_layout(
+    data,
+    settings.grad_accum_steps,
+    spec.num_groups,
+    task_grads,
+    mesh,
+    num_shards,
+    unit_axes,
+  )
+  return layout, unit_axes, num_shards
 
 
 def model_features(model_config) -> tuple:
@@ -452,6 +501,8 @@ def build_train_step(
   Raises:
     UserError: settings that do not fit together (batch vs mesh, units, accumulation).
   """
+  # long: the build's steps in order (mesh, mixture, layout, model, state, route and
+  # units, step, jit); each is one call, and splitting them would pass them all along.
   if mesh is None:
     mesh = parallel.make_mesh(settings.mesh_shape, devices, settings.dcn_mesh_shape)
   spec = registry.resolve(data.mixture_or_task_name, data.task_groups)
@@ -460,7 +511,9 @@ def build_train_step(
   )
   # TAG's lookahead needs per-group gradients, so it takes the per-group route.
   task_grads = mtl.needs_task_grads(transforms) or settings.tag_affinity_period > 0
-  # Default: one shard per block of processes holding distinct batch rows.
+  # Default: one shard per block of processes holding distinct batch rows (of the
+  # stacks route's units first; the Gramian route's are recounted below).
+  shards_asked = num_shards
   num_shards = num_shards or parallel.batch_block(mesh, axes=_axes(task_grads))[1]
   layout = batch_layout(
     data, settings.grad_accum_steps, spec.num_groups, task_grads, mesh, num_shards
@@ -474,10 +527,18 @@ def build_train_step(
   params_abstract, p_shardings, abstract_state, s_shardings, stacks = _abstract_state(
     model, layout, optimizer, (transforms, spec), settings, mesh
   )
+  route = None
   if task_grads:
     memory = device_memory or device_memory_bytes(mesh)
-    route = choose_task_grads_route(settings, transforms, spec.num_groups, stacks, memory)
-    cfg = dataclasses.replace(cfg, task_grads_route=route)
+    padding = unit_padding(layout, mesh)
+    route = choose_task_grads_route(
+      settings, transforms, spec.num_groups, stacks, memory, padding
+    )
+  layout, unit_axes, num_shards = _units_for_route(
+    data, settings, spec, task_grads, mesh, num_shards, (route, layout, shards_asked)
+  )
+  if task_grads:
+    cfg = dataclasses.replace(cfg, task_grads_route=route, unit_axes=unit_axes)
   step_fn = step_lib.make_train_step(
     model,
     optimizer,
@@ -487,7 +548,7 @@ def build_train_step(
     learning_rate_fn=schedule,
     group_gradients_fn=group_gradients_fn,
   )
-  b_shardings = batch_shardings(layout, mesh, model_features(model_config))
+  b_shardings = batch_shardings(layout, mesh, model_features(model_config), cfg.unit_axes)
   jit_step = jit_step_fn(step_fn, mesh, rules, s_shardings, b_shardings)
   return StepBuild(
     data=data,

@@ -226,7 +226,8 @@ def compile_step(build: StepBuild, device_memory_gib: float = 0.0) -> CompileRep
     )
   route = (
     f"per-task route '{build.step_config.task_grads_route}' over "
-    f"{build.step_config.num_groups} groups, {build.layout.units} units"
+    f"{build.step_config.num_groups} groups, {build.layout.units} units over "
+    f"{' x '.join(build.step_config.unit_axes)}"
     if build.task_grads
     else "one gradient"
   )

@@ -700,9 +700,12 @@ def _write_model_info(run: settings_lib.LoopSettings, build: build_lib.StepBuild
     )
   if build.task_grads:
     progress.log.info(
-      "Per-task gradients of %d groups by the '%s' route (train.task_grads_route).",
+      "Per-task gradients of %d groups by the '%s' route (train.task_grads_route), "
+      "%d units over %s.",
       build.step_config.num_groups,
       build.step_config.task_grads_route,
+      build.layout.units,
+      " x ".join(build.step_config.unit_axes),
     )
   if run.print_param_table:
     print(

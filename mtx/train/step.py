@@ -128,6 +128,9 @@ class StepConfig:
       ones only).
     adapter_ids: the model has per-task LoRA adapters: it gets per-token adapter ids,
       each token's task group (``mtx.train.adapter_ids``).
+    unit_axes: the mesh axes the task-major units are split over: "data"
+      (``parallel.UNIT_AXES``, their rows over fsdp), or every batch axis
+      (``parallel.SPREAD_UNIT_AXES``, whole units per device: the Gramian route's).
   """
 
   num_tasks: int
@@ -145,6 +148,7 @@ class StepConfig:
   task_grads_route: str = "stacks"
   trainable_params: Optional[str] = None
   adapter_ids: bool = False
+  unit_axes: tuple = parallel.UNIT_AXES
 
   @property
   def num_groups(self) -> int:
@@ -400,12 +404,13 @@ def sum_units_by_group(per_unit, unit_task, num_groups: int):
   )
 
 
-def _units_layout(x, param_shardings):
+def _units_layout(x, param_shardings, unit_axes):
   """Task-major features [U, R, ...] laid out for the per-unit gradients: units over
-  the data axis, each unit's rows over fsdp (``parallel.unit_batch_spec``). The batch
-  arrives with units over data only, so this is a local slice, no communication."""
+  ``unit_axes``, each unit's rows over the other batch axes (fsdp, or none;
+  ``parallel.unit_batch_spec``). The batch arrives with units over ``unit_axes``, so
+  this is a local slice, no communication."""
   mesh = jax.tree.leaves(param_shardings)[0].mesh
-  sharding = jax.sharding.NamedSharding(mesh, parallel.unit_batch_spec(x.ndim))
+  sharding = jax.sharding.NamedSharding(mesh, parallel.unit_batch_spec(x.ndim, unit_axes))
   return jax.lax.with_sharding_constraint(x, sharding)
 
 
@@ -443,13 +448,10 @@ def group_gradients(model, cfg, params, batch, group_counts, dkey, param_shardin
     (grads: a params-like pytree of f32[G, *param_shape], task sums: ``task_loss_sums``'
     dict of f32[k]).
   """
-  unit_task = batch["unit_task"]
-  data = {
-    k: _units_layout(v, param_shardings) for k, v in batch.items() if k != "unit_task"
-  }
-  unit_scale = safe_div(1.0, group_counts)[unit_task]  # [U]
-  num_units = unit_task.shape[0]
-  unit_keys = jax.random.split(dkey, num_units)
+  data, unit_scale, unit_keys = _unit_inputs(
+    cfg, batch, group_counts, dkey, param_shardings
+  )
+  unit_task, unit_axes = batch["unit_task"], cfg.unit_axes
   m = cfg.grad_accum_steps
 
   def unit_objective(p, unit, scale, key):
@@ -459,11 +461,11 @@ def group_gradients(model, cfg, params, batch, group_counts, dkey, param_shardin
   per_unit = jax.vmap(
     jax.grad(unit_objective, has_aux=True),
     in_axes=(None, 0, 0, 0),
-    spmd_axis_name=parallel.UNIT_AXES,
+    spmd_axis_name=unit_axes,
   )
 
   def chunk(p, units, scales, keys, tasks):
-    with nn.logical_axis_rules(parallel.rules_within_unit(cfg.rules)):
+    with nn.logical_axis_rules(parallel.rules_within_unit(cfg.rules, unit_axes)):
       grads, sums = per_unit(p, units, scales, keys)
     # Each unit's gradient comes out sharded like its param (FSDP: reduce-scattered
     # over fsdp layer by layer), the unit axis over data; an all-to-all over data
@@ -471,8 +473,8 @@ def group_gradients(model, cfg, params, batch, group_counts, dkey, param_shardin
     # local (no G x params / fsdp partial sums to all-reduce).
     grads = jax.tree.map(
       lambda g, s: jax.lax.with_sharding_constraint(
-        jax.lax.with_sharding_constraint(g, parallel.unit_stack_sharding(s)),
-        parallel.group_stack_sharding(s),
+        jax.lax.with_sharding_constraint(g, parallel.unit_stack_sharding(s, unit_axes)),
+        parallel.group_stack_sharding(s, unit_axes),
       ),
       grads,
       param_shardings,
@@ -482,7 +484,9 @@ def group_gradients(model, cfg, params, batch, group_counts, dkey, param_shardin
 
   def constrain(grads):
     return jax.tree.map(
-      lambda g, s: jax.lax.with_sharding_constraint(g, parallel.group_stack_sharding(s)),
+      lambda g, s: jax.lax.with_sharding_constraint(
+        g, parallel.group_stack_sharding(s, unit_axes)
+      ),
       grads,
       param_shardings,
     )
@@ -510,12 +514,14 @@ def group_gradients(model, cfg, params, batch, group_counts, dkey, param_shardin
   return grads, sums
 
 
-def _unit_inputs(batch, group_counts, dkey, param_shardings):
+def _unit_inputs(cfg, batch, group_counts, dkey, param_shardings):
   """(unit features in the units layout, scale f32[U] = 1 / (its group's tokens), one
   dropout key per unit): what both routes give each unit, so that they agree."""
   unit_task = batch["unit_task"]
   data = {
-    k: _units_layout(v, param_shardings) for k, v in batch.items() if k != "unit_task"
+    k: _units_layout(v, param_shardings, cfg.unit_axes)
+    for k, v in batch.items()
+    if k != "unit_task"
   }
   scale = safe_div(1.0, group_counts)[unit_task]
   return data, scale, jax.random.split(dkey, unit_task.shape[0])
@@ -541,7 +547,9 @@ def unit_gram(model, cfg, params, batch, group_counts, dkey, param_shardings):
   """
   if cfg.grad_accum_steps != 1:
     raise ValueError("unit_gram needs grad_accum_steps 1 (see its docstring).")
-  data, unit_scale, unit_keys = _unit_inputs(batch, group_counts, dkey, param_shardings)
+  data, unit_scale, unit_keys = _unit_inputs(
+    cfg, batch, group_counts, dkey, param_shardings
+  )
   num_units = unit_scale.shape[0]
   probe = jax.tree.map(lambda _: jnp.zeros((num_units,), jnp.float32), params)
 
@@ -552,9 +560,9 @@ def unit_gram(model, cfg, params, batch, group_counts, dkey, param_shardings):
   rows_fn = jax.vmap(
     jax.grad(unit_objective, has_aux=True),
     in_axes=(None, 0, 0, 0),
-    spmd_axis_name=parallel.UNIT_AXES,
+    spmd_axis_name=cfg.unit_axes,
   )
-  with nn.logical_axis_rules(parallel.rules_within_unit(cfg.rules)):
+  with nn.logical_axis_rules(parallel.rules_within_unit(cfg.rules, cfg.unit_axes)):
     rows, sums = rows_fn(probe, data, unit_scale, unit_keys)
   gram = sum(jax.tree.leaves(rows), jnp.zeros((num_units, num_units), jnp.float32))
   return gram, jax.tree.map(lambda x: x.sum(0), sums)
@@ -571,50 +579,63 @@ def group_gram(unit_gram_matrix, unit_task, num_groups: int) -> jax.Array:
   return jnp.matmul(jnp.matmul(a, unit_gram_matrix, precision=hi), a.T, precision=hi)
 
 
-def weighted_gradient(
-  model, cfg, params, batch, group_counts, group_weights, dkey, param_shardings
+def gramian_gradient(
+  model, cfg, params, batch, group_counts, dkey, param_shardings, weights_fn
 ):
-  """The Gramian route's second pass: grad of sum_g w_g L_g over the task-major batch.
+  """The Gramian route: one forward pass over the units, two backward passes through it.
 
-  One backward pass (a plain step's cost) of ``sum_u w_{group(u)} scale_u loss_u``,
-  with the same units, scales and dropout keys as ``group_gradients`` and
-  ``unit_gram``, so it equals ``sum_g w_g group_gradients(...)[g]`` exactly (up to
-  float32 summation order), without the stacks.
+  The forward pass is ``vmap`` over units of each unit's loss sum, with every param
+  tapped (``mtx.model.taps``; one probe row f32[U] per unit and param). Its VJP is
+  then taken twice, with the same residuals:
+
+  1. with cotangent ``scale`` (1 / the unit's group tokens): the probes' cotangents
+     are the rows of P P^T, the unit Gram matrix (``unit_gram``'s), P the per-unit
+     gradients, which exist only one layer at a time; the params' cotangent is unused
+     and XLA drops its computation;
+  2. with cotangent ``w[group(u)] * scale_u``, w = ``weights_fn(unit Gram, task sums)``
+     (the method's coefficients): the params' cotangent is
+     ``sum_g w_g grad L_g``, the combined gradient; the probes' is dropped.
+
+  So the route costs one forward and two backward passes (about 1.7x a plain step's
+  FLOPs) and holds one set of activations, and it equals ``sum_g w_g
+  group_gradients(...)[g]`` to float32 summation order (same units, scales and
+  dropout keys).
 
   Args:
     model, cfg, params, batch, group_counts, dkey, param_shardings: as for
-      ``group_gradients``.
-    group_weights: f32[G], the coefficients (``mtl.aggregate_gram``).
+      ``group_gradients`` (``cfg.grad_accum_steps`` must be 1, ``unit_gram``).
+    weights_fn: (unit Gram f32[U, U], task sums) -> (w f32[G], aux), traced inside.
 
   Returns:
-    The gradient, shaped and sharded like params.
+    (the gradient, shaped and sharded like params; task sums: ``task_loss_sums``'
+    dict of f32[k]; aux).
   """
-  # The forward pass does not need the weights, so XLA would run it during the first
-  # pass and hold both passes' activations (2x a plain step's temporaries on CPU). The
-  # tokens are made to depend on the weights (+0, or +1 when they are NaN, a step that
-  # is skipped anyway): an optimization_barrier on (params, batch, weights) does the
-  # same, but XLA then keeps both passes' buffers apart (also 2x, measured).
-  late = jnp.isnan(jnp.sum(group_weights)).astype(jnp.int32)
-  batch = dict(batch)
-  for name in ("encoder_input_tokens", "decoder_input_tokens"):
-    if name in batch:  # a decoder-only batch has no encoder side
-      batch[name] = batch[name] + late
-  data, unit_scale, unit_keys = _unit_inputs(batch, group_counts, dkey, param_shardings)
-  coef = group_weights.astype(jnp.float32)[batch["unit_task"]] * unit_scale
+  if cfg.grad_accum_steps != 1:
+    raise ValueError("gramian_gradient needs grad_accum_steps 1 (see unit_gram).")
+  data, unit_scale, unit_keys = _unit_inputs(
+    cfg, batch, group_counts, dkey, param_shardings
+  )
+  num_units = unit_scale.shape[0]
+  probes = jax.tree.map(lambda _: jnp.zeros((num_units, num_units), jnp.float32), params)
 
-  def unit_objective(p, unit, c, key):
-    sums, _ = task_loss_sums(model, cfg, p, unit, key)
-    return c * jnp.sum(sums["loss"])
+  def unit_loss(pr, p, unit, key):
+    sums, _ = task_loss_sums(model, cfg, p, unit, key, gram_probe=pr)
+    return jnp.sum(sums["loss"]), sums
 
-  def total(p):
-    per_unit = jax.vmap(
-      unit_objective, in_axes=(None, 0, 0, 0), spmd_axis_name=parallel.UNIT_AXES
+  per_unit = jax.vmap(unit_loss, in_axes=(0, None, 0, 0), spmd_axis_name=cfg.unit_axes)
+  # The taps' backward passes are traced when vjp_fn is called: inside the rules too.
+  with nn.logical_axis_rules(parallel.rules_within_unit(cfg.rules, cfg.unit_axes)):
+    _, vjp_fn, sums = jax.vjp(
+      lambda pr, p: per_unit(pr, p, data, unit_keys), probes, params, has_aux=True
     )
-    with nn.logical_axis_rules(parallel.rules_within_unit(cfg.rules)):
-      return jnp.sum(per_unit(p, data, coef, unit_keys))
-
-  grads = jax.grad(total)(params)
-  return jax.tree.map(jax.lax.with_sharding_constraint, grads, param_shardings)
+    sums = jax.tree.map(lambda x: x.sum(0), sums)
+    rows, _ = vjp_fn(unit_scale)
+    gram = sum(jax.tree.leaves(rows), jnp.zeros((num_units, num_units), jnp.float32))
+    w, aux = weights_fn(gram, sums)
+    coef = w.astype(jnp.float32)[batch["unit_task"]] * unit_scale
+    _, grads = vjp_fn(coef)
+  grads = jax.tree.map(jax.lax.with_sharding_constraint, grads, param_shardings)
+  return grads, sums, aux
 
 
 def _tag_affinity(
@@ -720,16 +741,28 @@ def make_train_step(
   shardings = freeze.trainable(param_shardings, pattern)
 
   def gramian_route(net, params, state, batch, group_counts, dkey, mkey):
-    """The Gram matrix, ``mtl.aggregate_gram``, one weighted backward pass and
-    ``mtl.finish_chain``: what ``per_group_route`` returns, without the stacks."""
-    grams, sums = unit_gram(net, cfg, params, batch, group_counts, dkey, shardings)
-    gram = group_gram(grams, batch["unit_task"], cfg.num_groups)
+    """The Gram matrix, ``mtl.aggregate_gram``, the weighted backward pass and
+    ``mtl.finish_chain`` (``gramian_gradient``): what ``per_group_route`` returns,
+    without the stacks."""
     present = group_counts > 0
-    group_losses = safe_div(sums["loss"] @ group_matrix(cfg), group_counts)
-    extra = dict(task_losses=group_losses, task_present=present, key=mkey)
-    w, mtl_state, info = mtl.aggregate_gram(transforms, state["mtl_state"], gram, **extra)
-    grads = weighted_gradient(net, cfg, params, batch, group_counts, w, dkey, shardings)
-    grads, mtl_state = mtl.finish_chain(transforms, mtl_state, grads, params, **extra)
+
+    def extra_of(sums):
+      group_losses = safe_div(sums["loss"] @ group_matrix(cfg), group_counts)
+      return dict(task_losses=group_losses, task_present=present, key=mkey)
+
+    def weights(unit_gram_matrix, sums):
+      gram = group_gram(unit_gram_matrix, batch["unit_task"], cfg.num_groups)
+      w, mtl_state, info = mtl.aggregate_gram(
+        transforms, state["mtl_state"], gram, **extra_of(sums)
+      )
+      return w, (mtl_state, info)
+
+    grads, sums, (mtl_state, info) = gramian_gradient(
+      net, cfg, params, batch, group_counts, dkey, shardings, weights
+    )
+    grads, mtl_state = mtl.finish_chain(
+      transforms, mtl_state, grads, params, **extra_of(sums)
+    )
     return grads, sums, mtl_state, _group_metrics(info)
 
   def per_group_route(net, params, state, batch, group_counts, dkey, mkey):
@@ -755,7 +788,10 @@ def make_train_step(
     # combined gradient is gathered into the params' sharding once, here.
     grads = jax.tree.map(
       lambda g, s: jax.lax.with_sharding_constraint(
-        jax.lax.with_sharding_constraint(g, parallel.group_split_sharding(s)), s
+        jax.lax.with_sharding_constraint(
+          g, parallel.group_split_sharding(s, cfg.unit_axes)
+        ),
+        s,
       ),
       grads,
       shardings,
