@@ -256,9 +256,10 @@ def test_load_params_from_run_dir_and_step_dir(tmp_path):
   )
 
 
-def test_load_params_casts_floats_and_leaves_out_lora_adapters(tmp_path):
+def test_load_params_casts_floats_and_leaves_out_lora_adapters_only_when_asked(tmp_path):
   """A run's bfloat16 params (``train.frozen_dtype``) load into a float32 model and back;
-  a LoRA run's adapters are left out when the model has none (its base alone)."""
+  a LoRA run's adapters are left out when the model has none only with skip_adapters
+  (its base read on purpose), and refused otherwise (they would be dropped silently)."""
   state = _state(1)
   state["params"]["enc"]["w_lora_a"] = jnp.ones((4, 2))
   ckpt = checkpoint.Checkpointer(str(tmp_path), save_period=1)
@@ -266,7 +267,9 @@ def test_load_params_casts_floats_and_leaves_out_lora_adapters(tmp_path):
   ckpt.close()
   want = _state(1)["params"]
   as_f32 = dict(want, emb=jnp.zeros((5, 3), jnp.float32))
-  got = checkpoint.load_params(str(tmp_path), _abstract(as_f32))
+  with pytest.raises(UserError, match=r"holds LoRA adapters .*'enc/w_lora_a'.*lora\.gin"):
+    checkpoint.load_params(str(tmp_path), _abstract(as_f32))
+  got = checkpoint.load_params(str(tmp_path), _abstract(as_f32), skip_adapters=True)
   assert got["emb"].dtype == jnp.float32 and "w_lora_a" not in got["enc"]
   np.testing.assert_array_equal(np.asarray(got["emb"]), np.ones((5, 3), np.float32))
   _assert_same(got["enc"], want["enc"])

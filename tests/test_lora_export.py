@@ -61,7 +61,7 @@ def adapted(request):
     config = LoraConfig(**json.load(f))
   base = os.path.join(FIXTURES, fixture.base)
   model, params, abstract = make_lora_fixture.lora_model(base, config)
-  adapters = adapters_io.load(adapters_dir, abstract, "the fixture")
+  adapters = adapters_io.load(adapters_dir, abstract, config, what="the fixture")
   reference = np.load(os.path.join(FIXTURES, fixture.reference))
   return Adapted(request.param, base, model, lora.combine(params, adapters), reference)
 

@@ -187,7 +187,11 @@ def test_adapters_save_alone_and_load_onto_a_base(lora_run, tmp_path):
   assert len(result.files) == 2
   trained = _leaves(_final_state(model_dir)["params"])
   with build.mesh:
-    loaded = _leaves(adapters_io.replace_adapters(initial, out))
+    loaded = _leaves(
+      adapters_io.replace_adapters(
+        initial, out, build.model_config.lora, build.spec.group_names
+      )
+    )
   for name, value in loaded.items():
     want = trained[name] if "_lora_" in name else np.asarray(_leaves(initial)[name])
     np.testing.assert_array_equal(value, want, err_msg=name)

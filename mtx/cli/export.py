@@ -90,16 +90,40 @@ def _check_export_dir(export_dir: str, source: Optional[str]) -> None:
     )
 
 
-def _task_adapter(task: Optional[str], source: str, config: LoraConfig) -> Optional[int]:
+def _task_adapter(
+  task: Optional[str], source: str, config: Optional[LoraConfig], adapters_only: bool
+) -> Optional[int]:
   """The per-task adapter of EXPORT_TASK ``task`` in the run at ``source`` (None: no
-  task, or no per-task adapters)."""
+  task, or no per-task adapters); refuses an EXPORT_TASK that would be ignored (no
+  LoRA, a shared adapter only, EXPORT_ADAPTERS_ONLY) and one a run needs but lacks."""
+  enabled = config is not None and config.enabled
+  if task is not None and adapters_only:
+    raise UserError(
+      f"EXPORT_TASK is {task!r} but EXPORT_ADAPTERS_ONLY = True writes every adapter "
+      "unmerged, so no task is picked; set EXPORT_TASK = None for the adapters, or "
+      "EXPORT_ADAPTERS_ONLY = False for the model merged with that task's adapter."
+    )
+  if task is not None and not enabled:
+    raise UserError(
+      f"EXPORT_TASK is {task!r} but the model of {source} has no LoRA adapters "
+      "(model.LoraConfig.targets is unset), so there is no task adapter to merge; set "
+      "EXPORT_TASK = None, or give the run's LoRA gin file if it trained adapters."
+    )
+  if task is not None and not config.per_task:
+    raise UserError(
+      f"EXPORT_TASK is {task!r} but the LoRA of {source} has only a shared adapter "
+      "(model.LoraConfig.per_task = False), which is merged for every task; set "
+      "EXPORT_TASK = None, or give the run's model.LoraConfig if it had per-task ones."
+    )
+  if adapters_only or not enabled:
+    return None
   if config.per_task and not config.shared and task is None:
     raise UserError(
       f"The run at {source} has per-task adapters and no shared one, so there is "
       "nothing to merge without a task; set EXPORT_TASK to one of its tasks (or "
       "EXPORT_ADAPTERS_ONLY=True for all of them)."
     )
-  if task is None or not config.per_task:
+  if task is None:
     return None
   adapters = adapters_io.task_adapters(source) or {}
   if task not in adapters:
@@ -142,7 +166,8 @@ def export(
       ``lora.json``, ``mtx.runtime.adapters_io``) instead of the merged model
       (EXPORT_ADAPTERS_ONLY).
     task: a run with per-task adapters: merge this task's adapter (and the shared one)
-      into the exported model (EXPORT_TASK); None: the shared adapter only.
+      into the exported model (EXPORT_TASK); None: the shared adapter only. Refused
+      where it cannot apply (no LoRA, a shared adapter only, ``adapters_only``).
 
   A LoRA model is exported merged (``mtx.model.merge``: K + s A B in float32), as the
   base architecture, which transformers loads with the adapted model's logits.
@@ -173,16 +198,20 @@ def export(
   )
   mesh = parallel.make_mesh(None, devices)
   model_config = adapters_io.with_num_adapters(model_config, source)
+  # Before the slow part: an EXPORT_TASK that does not apply is refused.
+  adapter = _task_adapter(
+    task, source, getattr(model_config, "lora", None), adapters_only
+  )
   model, params, _ = params_lib.load_trained(
     model_config, size, mesh, parallel.DEFAULT_RULES, source, what=what
   )
   config, files = model.config, ()
   if adapters_only:
+    groups = adapters_io.task_groups(source) if config.lora.per_task else None
     if jax.process_index() == 0:
-      files = adapters_io.save(export_dir, lora.split(params)[0], config.lora)
+      files = adapters_io.save(export_dir, lora.split(params)[0], config.lora, groups)
     return ExportResult(export_dir, files, time.time() - start)
   if config.lora.enabled:  # merged into the base kernels: the base architecture
-    adapter = _task_adapter(task, source, config.lora)
     params = lora.merge(params, config.lora, adapter)
     config = dataclasses.replace(config, lora=LoraConfig())
   arrays = _host_arrays(params, config.scan_layers)

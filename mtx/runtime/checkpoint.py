@@ -421,22 +421,32 @@ class Checkpointer:
 
 
 def load_params(
-  path: str, abstract_params: Any, what: str = "INITIAL_CHECKPOINT_PATH"
+  path: str,
+  abstract_params: Any,
+  what: str = "INITIAL_CHECKPOINT_PATH",
+  skip_adapters: bool = False,
 ) -> Any:
   """Loads only the params of a run's checkpoint (fine-tuning, eval, inference).
+
+  Floating params are cast to the model's dtype (a run's bfloat16 frozen params,
+  ``train.frozen_dtype``, read as float32 and back).
 
   Args:
     path: that run's MODEL_DIR (its newest committed step is used), one step directory
       in it (``MODEL_DIR/1000``), or that step's ``state`` directory.
     abstract_params: the model's params as ``jax.ShapeDtypeStruct`` with shardings.
     what: how error messages name ``path`` (the setting the user gave it with).
+    skip_adapters: leave out the LoRA adapters of the checkpoint that the model lacks
+      (a LoRA run's base read on purpose, for a new run's fresh adapters). False: such
+      adapters are refused, since reading without them would silently drop them.
 
   Returns:
     The params, placed on ``abstract_params``' shardings.
 
   Raises:
     UserError: ``path`` holds no checkpoint, or its params differ from the model's in
-      tree, shape or dtype (the message names the first differing parameter).
+      tree, shape or dtype (the message names the first differing parameter), or hold
+      LoRA adapters the model lacks and ``skip_adapters`` is False.
   """
   item_dir = find_state_dir(path, what)
   try:
@@ -452,6 +462,8 @@ def load_params(
       "a checkpoint written by mtx."
     )
   abstract_params = _with_default_sharding(abstract_params)
+  if not skip_adapters:
+    _check_no_extra_adapters(on_disk["params"], abstract_params, path, what)
   mismatch = _first_mismatch(
     on_disk["params"], abstract_params, prefix="params/", params_only=True
   )
@@ -479,6 +491,27 @@ def load_params(
   finally:
     checkpointer.close()
   return restored["params"]
+
+
+def _check_no_extra_adapters(on_disk, abstract, path: str, what: str) -> None:
+  """Raises UserError if ``on_disk`` (a checkpoint's params) holds LoRA adapter leaves
+  that ``abstract`` (the model's params) lacks: a LoRA run read without its LoRA
+  settings would silently give the un-adapted base."""
+  want = {_path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(abstract)[0]}
+  extra = sorted(
+    name
+    for name in (
+      _path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(on_disk)[0]
+    )
+    if ADAPTER_MARK in name and name not in want
+  )
+  if extra:
+    raise UserError(
+      f"{what} {path} holds LoRA adapters this model lacks (e.g. {extra[0]!r}), so "
+      "reading it would silently drop them; give the run's LoRA settings (e.g. "
+      "--gin_file=adapters/lora.gin with the run's model.LoraConfig bindings), or export "
+      "it merged (mtx export, with EXPORT_TASK for a per-task adapter) and read that."
+    )
 
 
 def _io_reason(error: BaseException) -> str | None:
@@ -588,7 +621,8 @@ def _first_mismatch(
   ``params_only`` (params read into a model, not a run resumed): a floating dtype may
   differ (restore casts: a run's bfloat16 frozen params, ``train.frozen_dtype``, read as
   float32 and back), and LoRA adapter leaves the model does not have are left out (a
-  LoRA run's base read by a model without adapters)."""
+  LoRA run's base read on purpose; ``load_params`` refuses them unless asked to skip
+  them)."""
   disk_leaves = {
     prefix + _path_str(p): leaf
     for p, leaf in jax.tree_util.tree_flatten_with_path(on_disk)[0]

@@ -191,11 +191,19 @@ def _check_vocabulary_fits(vocabulary_path: str, vocab_size: int, path, what) ->
     )
 
 
-def load(path: str, abstract_params: Any, scanned: bool, what: str) -> Any:
-  """Params from any checkpoint ``path``: mtx's orbax, or a pretrained format."""
+def load(
+  path: str, abstract_params: Any, scanned: bool, what: str, skip_adapters: bool = False
+) -> Any:
+  """Params from any checkpoint ``path``: mtx's orbax, or a pretrained format.
+
+  ``skip_adapters``: an mtx LoRA run's adapters that the model lacks are left out (its
+  base read on purpose) instead of refused (``checkpoint.load_params``); pretrained
+  formats hold no adapters."""
   reader = open_reader(path, what)
   if reader is None:
-    return checkpoint.load_params(path, abstract_params, what=what)
+    return checkpoint.load_params(
+      path, abstract_params, what=what, skip_adapters=skip_adapters
+    )
   try:
     return load_params(reader, abstract_params, scanned, what)
   finally:

@@ -549,21 +549,27 @@ def _restore_or_init(
       params = initial_params(build, settings.initial_checkpoint_path)
     if settings.adapters_path:
       params = build.init_params() if params is None else params
-      params = adapters_io.replace_adapters(params, settings.adapters_path)
+      params = adapters_io.replace_adapters(
+        params,
+        settings.adapters_path,
+        build.model_config.lora,
+        build.spec.group_names,
+      )
     return 0, build.init_state(params)
 
 
 def initial_params(build: build_lib.StepBuild, path: str) -> Any:
   """The params a run starts from, read from INITIAL_CHECKPOINT_PATH ``path`` (an mtx
-  run, Hugging Face or T5X). A LoRA model reads its base only (the checkpoint has no
-  adapters) and its adapters get their fresh init (``adapters.init_adapters``, the
-  values a run from scratch would start them with)."""
+  run, Hugging Face or T5X). A LoRA model reads its base only (a LoRA run's adapters
+  are left out) and its adapters get their fresh init (``adapters.init_adapters``, the
+  values a run from scratch would start them with). A model without adapters refuses
+  a LoRA run (it would drop the adapters; start from its merged export instead)."""
   target = build.sharded_state()["params"]
   scanned, what = build.model_config.scan_layers, "INITIAL_CHECKPOINT_PATH"
   if not adapters.enabled(build.model_config):
     return pretrained.load(path, target, scanned, what)
   adapter_target, base_target = lora.split(target)
-  base = pretrained.load(path, base_target, scanned, what)
+  base = pretrained.load(path, base_target, scanned, what, skip_adapters=True)
   fresh = adapters.init_adapters(
     build.model,
     build.settings.seed,

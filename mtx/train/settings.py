@@ -212,7 +212,8 @@ class CheckpointSettings:
     adapters_path: LoRA adapters saved alone (``mtx export`` with
       EXPORT_ADAPTERS_ONLY: adapters.safetensors + lora.json) to start the adapters
       from, on top of the base (fresh, or INITIAL_CHECKPOINT_PATH's); None = fresh
-      adapters. Unused when the run resumes from its own checkpoint.
+      adapters. Refused when lora.json's LoraConfig, or (per-task) task groups, differ
+      from the run's. Unused when the run resumes from its own checkpoint.
   """
 
   checkpoint_period: int = 1000
