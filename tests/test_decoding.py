@@ -293,7 +293,10 @@ def _predictor(mesh, method):
   return predictor, params
 
 
-@pytest.mark.parametrize("method", ["greedy", "beam"])
+@pytest.mark.parametrize(
+  "method",
+  ["greedy", pytest.param("beam", marks=pytest.mark.slow)],  # suite time
+)
 def test_predictions_on_a_mesh_equal_one_device(method):
   rng = np.random.default_rng(5)
   # Five inputs in batches of four (the last one padded), one longer than the encoder.

@@ -782,6 +782,7 @@ def test_a_model_dir_in_use_is_refused_naming_the_holder_and_left_untouched(tmp_
   assert _logged_steps(tmp_path) == [1, 2]
 
 
+@pytest.mark.slow  # suite time; the lock held by a live run stays in the default suite
 def test_a_stale_lock_does_not_block_and_a_refused_fresh_dir_leaves_nothing(tmp_path):
   """A lock file left by a process killed with -9 (its kernel lock died with it), or
   one naming a pid of this host that is not running, is replaced; the lock is released

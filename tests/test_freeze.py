@@ -194,6 +194,7 @@ LORA = LoraConfig(
 )
 
 
+@pytest.mark.slow  # suite time; the trainable-params PCGrad check below stays in the default suite
 def test_pcgrad_over_lora_adapters_equals_pcgrad_by_hand():
   """Issue 17's test: the same with LoRA, the adapters the trainable params (random, so
   that both factors get gradients) and each token routed to its task's adapter; the

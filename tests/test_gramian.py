@@ -18,7 +18,7 @@ from test_step import CONFIG, LENGTHS, MODEL_INPUTS, assert_trees_close, task_ma
 
 from mtx import mtl, parallel
 from mtx.errors import UserError
-from mtx.model import T5
+from mtx.model import T5, layers
 from mtx.runtime import params as params_lib
 from mtx.train import build as build_lib
 from mtx.train import settings as settings_lib
@@ -94,6 +94,29 @@ def test_pcgrad_gramian_route_gives_the_stacks_update_on_a_pod_mesh():
     _one_step("gramian", mtl.pcgrad(), **one_layer),
     _one_step("stacks", mtl.pcgrad(), **one_layer),
   )
+
+
+@pytest.mark.slow
+def test_gramian_route_with_minimal_remat_gives_the_same_update():
+  """Remat 'minimal' (weight matmuls saved, the rest recomputed in both backward
+  passes through the one forward pass) changes nothing in the update."""
+  remat = dict(scan=True, config=dataclasses.replace(CONFIG, remat_policy="minimal"))
+  _assert_same_step(
+    _one_step("gramian", mtl.pcgrad(), **remat),
+    _one_step("stacks", mtl.pcgrad(), **remat),
+  )
+
+
+def test_minimal_remat_saves_weight_matmuls_with_a_unit_axis_not_attention():
+  """The Gramian route's per-unit weights (``taps``) give weight matmuls a unit batch
+  dimension; 'minimal' still saves them (so that route keeps the plain step's
+  activations: T5-XXL on 1 x 256, 8.48 GiB against 8.42), and never attention's."""
+  policy = layers.REMAT_POLICIES["minimal"]
+  dot = jax.lax.dot_general_p
+  assert policy(dot, dimension_numbers=(((2,), (0,)), ((), ())))  # x @ W
+  assert policy(dot, dimension_numbers=(((3,), (1,)), ((0,), (0,))))  # per unit
+  assert not policy(dot, dimension_numbers=(((3,), (3,)), ((0, 2), (0, 2))))  # bqhd,bkhd
+  assert not policy(jax.lax.exp_p)
 
 
 @pytest.mark.slow

@@ -113,6 +113,7 @@ def _build(model_config):
   return build_lib.build_train_step(data, step)
 
 
+@pytest.mark.slow  # a training run (suite time)
 def test_a_lora_run_as_initial_checkpoint_gives_a_lora_model_its_base_only(lora_run):
   """INITIAL_CHECKPOINT_PATH of a LoRA run: a LoRA model reads its base, its adapters
   keep their fresh init; a model without adapters is refused (it would drop them)."""
@@ -168,6 +169,7 @@ def test_saved_adapters_record_their_groups_and_refuse_another_config_or_groups(
     adapters_io.load(out, abstract, dataclasses.replace(config, num_adapters=3), None)
 
 
+@pytest.mark.slow  # a training run (suite time)
 def test_the_trainer_refuses_adapters_saved_for_other_task_groups(lora_run, tmp_path):
   """train.adapters_path of adapters saved for groups (tiny_copy, tiny_rev), in a run
   whose train.task_groups are (a, b): refused before the first step."""

@@ -172,6 +172,7 @@ def test_group_gradients_equal_per_group_grad_of_mean_loss(tiny, group_of_task):
   assert np.abs(leaf[0]).max() > 0 and not np.allclose(leaf[0], leaf[1])
 
 
+@pytest.mark.slow  # suite time; test_train checks accumulation end to end in the default suite
 def test_group_gradients_with_two_microbatches_equal_one(tiny):
   group_of_task = (0, 0, 1)
   batch = task_major_batch(group_of_task, seed=1)
@@ -339,10 +340,24 @@ def test_pod_layout_shardings():
   assert parallel.unit_stack_sharding(kernel).spec == P(("data",), "fsdp", "tensor")
   assert parallel.group_stack_sharding(kernel).spec == P(None, ("fsdp", "data"), "tensor")
   assert parallel.group_split_sharding(kernel).spec == P(("fsdp", "data"), "tensor")
+  # A param on the unit axis is whole within a unit: units over data, the param not.
   on_data = jax.sharding.NamedSharding(mesh, P("data"))
-  assert parallel.unit_stack_sharding(on_data).spec == P(None, "data")
+  assert parallel.unit_stack_sharding(on_data).spec == P(("data",), None)
   rules = dict(parallel.rules_within_unit(parallel.DEFAULT_RULES))
   assert rules["activation_batch"] == ("fsdp",)
+  assert parallel.unit_axes_in(tuple(rules.items())) == ("data",)
+  # The Gramian route's units, spread over data x fsdp: whole units per device.
+  spread = parallel.SPREAD_UNIT_AXES
+  assert parallel.unit_batch_spec(3, spread) == P(("data", "fsdp"), None, None)
+  assert parallel.unit_stack_sharding(kernel, spread).spec == P(
+    ("data", "fsdp"), None, "tensor"
+  )
+  assert parallel.group_stack_sharding(kernel, spread).spec == P(
+    None, ("fsdp", "data"), "tensor"
+  )
+  rules = parallel.rules_within_unit(parallel.DEFAULT_RULES, spread)
+  assert dict(rules)["activation_batch"] is None
+  assert parallel.unit_axes_in(rules) == spread
   # Default units: a multiple of the data axis whose rows divide evenly over fsdp.
   assert build_lib.default_units(7, 512, 16, 1, rows_over=16) == 16
   assert build_lib.default_units(3, 64, 2, 1, rows_over=8) == 4

@@ -21,9 +21,10 @@ variant's mtl transforms: jitted with the state and batch shardings and donation
     famo          mtl.famo: one gradient, weights from the losses (O(1) in k)
     pcgrad_vmap   mtl.pcgrad on per-task gradients from vmap(grad) over task-major units
                   and a segment-sum (the 'stacks' route, ``step.group_gradients``)
-    pcgrad_gramian  mtl.pcgrad on the 'gramian' route: the unit Gram matrix through the
-                  model's Gram taps (``step.unit_gram``), then one backward pass of the
-                  losses weighted by PCGrad's coefficients (``step.weighted_gradient``)
+    pcgrad_gramian  mtl.pcgrad on the 'gramian' route (``step.gramian_gradient``): one
+                  forward pass, a backward pass for the unit Gram matrix through the
+                  model's Gram taps, then one of the losses weighted by PCGrad's
+                  coefficients through the same forward
     pcgrad_naive  mtl.pcgrad on per-task gradients from ``jax.jacrev`` of the task-loss
                   vector: one forward and one backward pass per task over the whole
                   batch, what other libraries do; the reference to beat (passed to the

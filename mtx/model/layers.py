@@ -33,10 +33,24 @@ Array = jax.Array
 DType = Any
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def _weight_matmuls_saveable(prim, *_, **params) -> bool:
+  """A remat policy: save the outputs of weight matmuls, dot_generals with no batch
+  dimension or one, the unit axis the Gramian route's per-unit weights add
+  (``mtx.model.taps``); attention's matmuls have two or more (batch, heads) and are
+  recomputed. Without Gram probes it saves what
+  ``jax.checkpoint_policies.dots_with_no_batch_dims_saveable`` saves."""
+  if prim is not jax.lax.dot_general_p:
+    return False
+  _, (lhs_batch, _) = params["dimension_numbers"]
+  return len(lhs_batch) <= 1
+
+
 REMAT_POLICIES = {
-  # Save the outputs of weight matmuls (no batch dims), recompute the rest
-  # (norms, activations, attention softmax) in the backward pass.
-  "minimal": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+  # Save the outputs of weight matmuls, recompute the rest (norms, activations,
+  # attention softmax) in the backward pass.
+  "minimal": _weight_matmuls_saveable,
   # Save only each layer's input; recompute the whole layer.
   "full": jax.checkpoint_policies.nothing_saveable,
 }

@@ -13,6 +13,9 @@ Two routes, chosen once from the mtl transforms (``mtx.mtl.needs_task_grads``):
   over the data axis too. On a mesh the units go over "data" and each unit's rows over
   "fsdp" (``parallel.unit_batch_spec``), so a unit's gradient is computed FSDP-style by
   one data group; the stacks never hold a whole gradient per device (issue 15).
+  On the Gramian route (``task_grads_route``) the units are spread over data x fsdp
+  instead (``StepConfig.unit_axes``): each device runs whole units, so none is padded
+  on a pure FSDP mesh, and only the Gram matrix of the unit gradients is formed.
 
 Group loss L_g = (sum of token losses of group g) / (its target tokens in the global
 batch), so a group's weight does not depend on how many units it got this step.
@@ -52,6 +55,9 @@ apart:
     one_gradient        the one-gradient route
     group_gradients     the per-group route: f32[G, *param], one gradient per group
     sum_units_by_group  its per-unit gradients summed by group
+    gramian_gradient    the Gramian route: the unit Gram matrix, the method's weights
+                        from it, and their weighted gradient, without the stacks
+    unit_gram           the unit Gram matrix alone (a check of the taps)
     make_train_step     the whole step; ``group_gradients_fn`` replaces the per-group
                         route (tools/bench.py passes ``jax.jacrev``'s, to compare)
 
@@ -119,9 +125,9 @@ class StepConfig:
       has no tokens is left alone). Empty in real runs, and then not in the program.
     task_grads_route: how the per-group route gets what the mtl chain needs:
       "stacks" (``group_gradients``: the gradients, [G, *param]) or "gramian"
-      (``unit_gram`` and ``weighted_gradient``: their Gram matrix, then one weighted
-      backward pass; needs ``grad_accum_steps`` 1 and a chain that
-      ``mtl.gram_route_refusal`` accepts).
+      (``gramian_gradient``: their Gram matrix from one backward pass, then a
+      weighted backward pass through the same forward; needs ``grad_accum_steps`` 1
+      and a chain that ``mtl.gram_route_refusal`` accepts).
     trainable_params: None (every param trains), or a regex on the '/'-joined param
       paths: only the params it matches are differentiated and updated; the others
       are frozen (``mtx.train.freeze``; the opt and mtl states cover the trainable
