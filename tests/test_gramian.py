@@ -222,7 +222,8 @@ def test_pure_fsdp_mesh_takes_the_gramian_route_with_whole_units_per_device():
   """data=1 x fsdp=8, batch 8: the stacks route's units (one per group, rows over 8
   fsdp devices) would be padded, so 'auto' takes the Gramian route and spreads its
   units over data x fsdp (8 units of one row, one per device); asked for, the stacks
-  route keeps units over data (and pads them, with a warning)."""
+  route keeps units over data (and pads them, with a warning), and so does the
+  Gramian route when a set UNITS does not divide over the devices."""
   import tiny_mixture  # noqa: F401  # lazy: registers the "tiny" mixture
 
   data = settings_lib.DataSettings(
@@ -232,13 +233,13 @@ def test_pure_fsdp_mesh_takes_the_gramian_route_with_whole_units_per_device():
   )
   mesh = parallel.make_mesh({"data": 1, "fsdp": 8, "tensor": 1}, jax.devices()[:8])
 
-  def build(route):
+  def build(route, run_data=data):
     step_settings = settings_lib.StepSettings(
       model_config=dataclasses.replace(CONFIG, vocab_size=0),
       mtl_transforms=(mtl.pcgrad,),
       task_grads_route=route,
     )
-    return build_lib.build_train_step(data, step_settings, mesh=mesh)
+    return build_lib.build_train_step(run_data, step_settings, mesh=mesh)
 
   auto = build("auto")
   assert auto.step_config.task_grads_route == "gramian"
@@ -250,3 +251,7 @@ def test_pure_fsdp_mesh_takes_the_gramian_route_with_whole_units_per_device():
   assert stacks.step_config.unit_axes == parallel.UNIT_AXES
   assert stacks.batch_axes == ("data",)
   assert build_lib.unit_padding(stacks.layout, mesh) > 1
+  # A UNITS that cannot give each device whole units: the Gramian route over data.
+  two = build("gramian", dataclasses.replace(data, units=2))
+  assert two.step_config.unit_axes == parallel.UNIT_AXES
+  assert two.layout.units == 2

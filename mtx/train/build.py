@@ -431,8 +431,9 @@ def unit_padding(layout: data_pipeline.Layout, mesh) -> float:
 def _units_for_route(data, settings, spec, task_grads, mesh, num_shards, plan) -> tuple:
   """(layout, unit axes, data shards) for the route: the Gramian route spreads its
   units over every batch axis (``parallel.SPREAD_UNIT_AXES``), so its default UNITS
-  and shards are recounted; the stacks route keeps the units over data, warned when
-  they are padded. ``plan`` is (route, the stacks layout, the shards asked for)."""
+  and shards are recounted (unless a set UNITS does not divide over them); the stacks
+  route keeps the units over data, warned when they are padded. ``plan`` is (route,
+  the stacks layout, the shards asked for)."""
   route, layout, shards_asked = plan
   if route != "gramian":
     padding = unit_padding(layout, mesh)
@@ -452,6 +453,17 @@ def _units_for_route(data, settings, spec, task_grads, mesh, num_shards, plan) -
     num_shards = shards_asked or parallel.batch_block(mesh, axes=_axes(task_grads))[1]
     return layout, parallel.UNIT_AXES, num_shards
   unit_axes = parallel.SPREAD_UNIT_AXES
+  if data.units is not None and data.units % parallel.data_parallel_size(mesh):
+    # The user's UNITS cannot give every device whole units: keep them over data (the
+    # taps follow the unit axes, so the route is the same, padded like the stacks).
+    log.info(
+      "UNITS %d is not a multiple of the %d data x fsdp devices, so the Gramian route "
+      "keeps its units over data (leave UNITS None to spread them).",
+      data.units,
+      parallel.data_parallel_size(mesh),
+    )
+    num_shards = shards_asked or parallel.batch_block(mesh, axes=_axes(task_grads))[1]
+    return layout, parallel.UNIT_AXES, num_shards
   num_shards = shards_asked or parallel.batch_block(mesh, axes=unit_axes)[1]
   layout = batch_layout(
     data,
