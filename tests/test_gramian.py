@@ -166,6 +166,38 @@ def test_unit_gram_equals_the_gram_matrix_of_the_stacks_unscanned_and_scanned():
     np.testing.assert_allclose(got, want, rtol=2e-5, atol=1e-6 * np.abs(want).max())
 
 
+def test_one_forward_two_backward_passes_give_the_gram_matrix_and_weighted_gradient():
+  """``gramian_gradient`` with whole units per device (4 units on data=2 x fsdp=2,
+  spread): its unit Gram matrix is ``mtl.gram`` of the stacks' per-unit sums, and its
+  gradient for weights w is ``sum_g w_g`` of the stacks, per leaf."""
+  mesh, model, _, p_shardings, params = _setup({"data": 2, "fsdp": 2}, True, CONFIG)
+  batch = task_major_batch(GROUP_OF_TASK, seed=2)
+  cfg = step.StepConfig(
+    num_tasks=3,
+    group_of_task=GROUP_OF_TASK,
+    task_grads=True,
+    z_loss=1e-4,
+    unit_axes=parallel.SPREAD_UNIT_AXES,
+  )
+  w = jnp.asarray([0.7, 1.3])
+
+  def both(p, b, key):
+    counts = step.token_counts(cfg, b) @ step.group_matrix(cfg)
+    stacks, _ = step.group_gradients(model, cfg, p, b, counts, key, p_shardings)
+    grads, _, gram = step.gramian_gradient(
+      model, cfg, p, b, counts, key, p_shardings, lambda g, sums: (w, g)
+    )
+    want = jax.tree.map(lambda s: jnp.tensordot(w, s, 1), stacks)
+    return grads, want, step.group_gram(gram, b["unit_task"], 2), mtl.gram(stacks)
+
+  with mesh, nn.logical_axis_rules(list(cfg.rules)):
+    grads, want, gram, want_gram = jax.jit(both)(params, batch, jax.random.key(0))
+  assert_trees_close(grads, want, rtol=2e-5)
+  np.testing.assert_allclose(
+    gram, want_gram, rtol=2e-5, atol=1e-6 * np.abs(want_gram).max()
+  )
+
+
 def test_the_model_without_gram_probes_is_unchanged_and_taps_leave_logits_alone():
   """No 'gram_probe' collection: the params are used as before (bit-identical logits);
   with probes the forward pass is the identity on the params too."""

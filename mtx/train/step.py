@@ -66,6 +66,7 @@ tools build and jit the step from a run's settings.
 """
 
 import dataclasses
+import math
 from typing import Any, Callable, Optional, Sequence
 
 import flax.linen as nn
@@ -602,10 +603,14 @@ def gramian_gradient(
      (the method's coefficients): the params' cotangent is
      ``sum_g w_g grad L_g``, the combined gradient; the probes' is dropped.
 
-  So the route costs one forward and two backward passes (about 1.7x a plain step's
-  FLOPs) and holds one set of activations, and it equals ``sum_g w_g
-  group_gradients(...)[g]`` to float32 summation order (same units, scales and
-  dropout keys).
+  So the route costs one forward and two backward passes (1.86x a plain step's FLOPs
+  for T5-XXL with remat 'minimal') and holds one set of activations, and it equals
+  ``sum_g w_g group_gradients(...)[g]`` to float32 summation order (same units,
+  scales and dropout keys). The taps make each weight batched over units in the
+  forward pass, one gathered copy per local unit; with one unit per device (the
+  spread layout on a mesh at least as large as UNITS) that is the plain matmul. With
+  several units per device the two passes each run their own forward pass instead
+  (``unit_gram``, then ``weighted_gradient``): no per-unit weights, 2x the FLOPs.
 
   Args:
     model, cfg, params, batch, group_counts, dkey, param_shardings: as for
@@ -618,6 +623,18 @@ def gramian_gradient(
   """
   if cfg.grad_accum_steps != 1:
     raise ValueError("gramian_gradient needs grad_accum_steps 1 (see unit_gram).")
+  mesh = jax.tree.leaves(param_shardings)[0].mesh
+  num_units = batch["unit_task"].shape[0]
+  if num_units > math.prod(mesh.shape[a] for a in cfg.unit_axes):
+    # Several units per device: per-unit weights would make every weight matmul a
+    # small batched one (T5-small on one CPU device, 8 units: 3.3x the plain step,
+    # against 1.8x with two forward passes), so the two passes keep their own.
+    gram, sums = unit_gram(model, cfg, params, batch, group_counts, dkey, param_shardings)
+    w, aux = weights_fn(gram, sums)
+    grads = weighted_gradient(
+      model, cfg, params, batch, group_counts, w, dkey, param_shardings
+    )
+    return grads, sums, aux
   data, unit_scale, unit_keys = _unit_inputs(
     cfg, batch, group_counts, dkey, param_shardings
   )
@@ -642,6 +659,55 @@ def gramian_gradient(
     _, grads = vjp_fn(coef)
   grads = jax.tree.map(jax.lax.with_sharding_constraint, grads, param_shardings)
   return grads, sums, aux
+
+
+def weighted_gradient(
+  model, cfg, params, batch, group_counts, group_weights, dkey, param_shardings
+):
+  """grad of sum_g w_g L_g over the task-major batch, in a forward pass of its own
+  (``gramian_gradient``'s second pass when devices hold several units each).
+
+  One backward pass (a plain step's cost) of ``sum_u w_{group(u)} scale_u loss_u``,
+  with the same units, scales and dropout keys as ``group_gradients`` and
+  ``unit_gram``, so it equals ``sum_g w_g group_gradients(...)[g]`` exactly (up to
+  float32 summation order), without the stacks.
+
+  Args:
+    model, cfg, params, batch, group_counts, dkey, param_shardings: as for
+      ``group_gradients``.
+    group_weights: f32[G], the coefficients (``mtl.aggregate_gram``).
+
+  Returns:
+    The gradient, shaped and sharded like params.
+  """
+  # The forward pass does not need the weights, so XLA would run it during the first
+  # pass and hold both passes' activations (2x a plain step's temporaries on CPU). The
+  # tokens are made to depend on the weights (+0, or +1 when they are NaN, a step that
+  # is skipped anyway): an optimization_barrier on (params, batch, weights) does the
+  # same, but XLA then keeps both passes' buffers apart (also 2x, measured).
+  late = jnp.isnan(jnp.sum(group_weights)).astype(jnp.int32)
+  batch = dict(batch)
+  for name in ("encoder_input_tokens", "decoder_input_tokens"):
+    if name in batch:  # a decoder-only batch has no encoder side
+      batch[name] = batch[name] + late
+  data, unit_scale, unit_keys = _unit_inputs(
+    cfg, batch, group_counts, dkey, param_shardings
+  )
+  coef = group_weights.astype(jnp.float32)[batch["unit_task"]] * unit_scale
+
+  def unit_objective(p, unit, c, key):
+    sums, _ = task_loss_sums(model, cfg, p, unit, key)
+    return c * jnp.sum(sums["loss"])
+
+  def total(p):
+    per_unit = jax.vmap(
+      unit_objective, in_axes=(None, 0, 0, 0), spmd_axis_name=cfg.unit_axes
+    )
+    with nn.logical_axis_rules(parallel.rules_within_unit(cfg.rules, cfg.unit_axes)):
+      return jnp.sum(per_unit(p, data, coef, unit_keys))
+
+  grads = jax.grad(total)(params)
+  return jax.tree.map(jax.lax.with_sharding_constraint, grads, param_shardings)
 
 
 def _tag_affinity(
