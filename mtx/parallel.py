@@ -14,7 +14,7 @@ batch axes ("fsdp"), so that every per-unit gradient is computed FSDP-style by o
 group and held sharded like the params (``unit_stack_sharding``): per device
 ``units / data`` x params / (fsdp x tensor), not one whole gradient per device.
 
-The Gramian route (``mtx.train.step.unit_gram``) spreads its units over all the batch
+The Gramian route (``mtx.train.step.gramian_gradient``) spreads its units over the batch
 axes (``SPREAD_UNIT_AXES``): each device runs whole units, as a plain FSDP step runs
 whole rows, so that no unit's rows are padded over fsdp devices (pure FSDP: 512 rows
 in 8 units for 256 devices), and its per-unit gradients live one layer at a time.
