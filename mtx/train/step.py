@@ -628,7 +628,8 @@ def gramian_gradient(
   if num_units > math.prod(mesh.shape[a] for a in cfg.unit_axes):
     # Several units per device: per-unit weights would make every weight matmul a
     # small batched one (T5-small on one CPU device, 8 units: 3.3x the plain step,
-    # against 1.8x with two forward passes), so the two passes keep their own.
+    # against 2.2x with two forward passes, tools/bench.py), so each pass keeps its
+    # own forward pass.
     gram, sums = unit_gram(model, cfg, params, batch, group_counts, dkey, param_shardings)
     w, aux = weights_fn(gram, sums)
     grads = weighted_gradient(
